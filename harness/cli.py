@@ -1,0 +1,88 @@
+"""The `harness` command: pack, train, show."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from harness.errors import HarnessError
+
+SHADES = " .:-=+*#%@"
+
+
+def run_guarded(function, args) -> int:
+    """Run a command; a HarnessError becomes one line on stderr and exit status 2."""
+    try:
+        return function(args) or 0
+    except HarnessError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def cmd_pack(args) -> int:
+    from harness.data.download import MIRRORS, download_mnist
+    from harness.data.pack import check_output_dir, pack
+    from harness.data.sources import load_source
+
+    check_output_dir(args.out)  # fail before a download or a long read
+    if args.source == "download":
+        source_dir = download_mnist(args.download_dir, mirrors=args.mirror or MIRRORS)
+        name = "mnist"
+    else:
+        source_dir, name = Path(args.source), args.name
+    dataset = load_source(source_dir, name)
+    manifest = pack(dataset, args.out, shard_size=args.shard_size, block_size=args.block_size)
+    for split, info in manifest["splits"].items():
+        print(f"{split}: {info['samples']:,} images in {len(info['shards'])} shard(s) of blocks of {info['block_size']}")
+    print(f"wrote {args.out}/manifest.json")
+    return 0
+
+
+def cmd_show(args) -> int:
+    from harness.data.stream import ShardSplit
+
+    images, labels = ShardSplit(args.shards, args.split, args.index, args.index + 1).load_all()
+    print(f"{args.split}[{args.index}]  label {int(labels[0])}")
+    for row in images[0]:
+        print("".join(SHADES[int(v) * (len(SHADES) - 1) // 255] * 2 for v in row).rstrip())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from harness.data.pack import DEFAULT_BLOCK_SIZE, DEFAULT_SHARD_SIZE
+    from harness.train import build_parser as build_train_parser
+    from harness.train import run_from_args
+
+    parser = argparse.ArgumentParser(prog="harness", description="Distributed data-parallel MNIST training harness.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    p = commands.add_parser("pack", help="pack a dataset into webdataset shards with a manifest")
+    p.add_argument("--source", required=True, help="a directory of IDX or CSV files, or 'download' for MNIST from the public mirrors")
+    p.add_argument("--out", type=Path, default=Path("shards"), help="output directory (default shards/)")
+    p.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE, help=f"images per shard (default {DEFAULT_SHARD_SIZE})")
+    p.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE, help=f"images per webdataset sample (default {DEFAULT_BLOCK_SIZE})")
+    p.add_argument("--name", help="dataset name for the manifest (default: the source directory's name)")
+    p.add_argument("--download-dir", type=Path, default=Path("data/mnist"), help="where --source download puts the files (default data/mnist)")
+    p.add_argument("--mirror", action="append", help="mirror URL to download from instead of the standard ones (repeatable)")
+    p.set_defaults(function=cmd_pack)
+
+    p = commands.add_parser("train", help="train a model on packed shards")
+    build_train_parser(p)
+    p.set_defaults(function=run_from_args)
+
+    p = commands.add_parser("show", help="print one image of the shards as text art")
+    p.add_argument("--shards", type=Path, default=Path("shards"))
+    p.add_argument("--split", default="train", choices=("train", "test"))
+    p.add_argument("--index", type=int, required=True)
+    p.set_defaults(function=cmd_show)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_guarded(args.function, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

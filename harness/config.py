@@ -1,0 +1,124 @@
+"""Training configuration: one dataclass, presets as TOML files, command-line overrides.
+
+Every field of `TrainConfig` is a `harness train` option (`batch_size` is
+`--batch-size`); a preset file sets some of them, and the command line wins.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from importlib import resources
+
+from harness.errors import HarnessError
+
+CHOICES = {
+    "model": ("lenet", "mlp"),
+    "activation": ("relu", "leaky_relu", "tanh", "sigmoid"),
+    "output_activation": ("", "relu", "leaky_relu", "tanh", "sigmoid"),
+    "loss": ("cross_entropy", "mse"),
+    "normalize": ("standardize", "unit", "unit_minus_pixel_mean", "raw"),
+    "device": ("auto", "cpu", "cuda"),
+}
+
+
+@dataclass
+class TrainConfig:
+    model: str = "lenet"
+    hidden: list[int] = field(default_factory=list)  # MLP hidden layer sizes
+    activation: str = "relu"
+    output_activation: str = ""  # applied after the last layer too (the mathspp MLP does)
+    loss: str = "cross_entropy"  # or "mse" against one-hot targets
+    # standardize: (x/255 - mean)/std; unit: x/255; unit_minus_pixel_mean: x/255 minus the
+    # per-pixel train mean; raw: 0..255 as floats. Statistics come from the manifest.
+    normalize: str = "standardize"
+    epochs: int = 15
+    batch_size: int = 64  # global: each rank takes batch_size / world_size
+    macro_batch: int = 60000  # images moved to the device per transfer
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 0.0
+    lr_decay: float = 1.0  # learning rate multiplied by this after every epoch
+    holdout: int = 0  # validate on the last N training images instead of the test set
+    early_stopping: int = 0  # stop after this many epochs without a better validation loss; 0 = off
+    seed: int = 0
+    device: str = "auto"  # auto: CUDA when present, else CPU
+    threads: int = 0  # CPU threads per rank; 0 = cores / ranks on this node
+    max_steps: int = 0  # stop after this many optimizer steps in all; 0 = no limit
+    log_every: int = 100  # steps between train/loss points
+    eval_batch: int = 2000
+
+    def validate(self) -> None:
+        for name, allowed in CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise HarnessError(f"--{name.replace('_', '-')} '{getattr(self, name)}' is not one of: {', '.join(a or '(none)' for a in allowed)}")
+        if self.model == "mlp" and not self.hidden:
+            raise HarnessError("--hidden is required for the mlp model (e.g. --hidden 500,300)")
+        for name in ("epochs", "batch_size", "macro_batch", "log_every", "eval_batch"):
+            if getattr(self, name) < 1:
+                raise HarnessError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(self, name)})")
+        if self.lr <= 0:
+            raise HarnessError(f"--lr must be positive (got {self.lr})")
+        if self.nesterov and self.momentum <= 0:
+            raise HarnessError("--nesterov needs a positive --momentum")
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def preset_names() -> list[str]:
+    return sorted(p.name.removesuffix(".toml") for p in resources.files("harness.presets").iterdir() if p.name.endswith(".toml"))
+
+
+def load_preset(name: str) -> dict:
+    path = resources.files("harness.presets") / f"{name}.toml"
+    if not path.is_file():
+        raise HarnessError(f"unknown preset '{name}' (choose from {', '.join(preset_names())})")
+    values = tomllib.loads(path.read_text())
+    unknown = set(values) - set(FIELDS)
+    if unknown:
+        raise HarnessError(f"preset {path.name}: unknown field(s) {', '.join(sorted(unknown))}")
+    return values
+
+
+def _parse_bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got '{text}'")
+
+
+def _parse_int_list(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got '{text}'") from None
+
+
+def add_config_options(parser: argparse.ArgumentParser) -> None:
+    """One option per config field; default None means 'keep the preset's value'."""
+    group = parser.add_argument_group("training config (override the preset)")
+    parsers = {int: int, float: float, str: str, bool: _parse_bool, "list[int]": _parse_int_list}
+    defaults = TrainConfig()
+    for name, f in FIELDS.items():
+        kind = f.type if f.type in ("list[int]",) else {"int": int, "float": float, "str": str, "bool": bool}[f.type]
+        group.add_argument(
+            f"--{name.replace('_', '-')}",
+            dest=name,
+            type=parsers[kind],
+            default=None,
+            metavar=name.upper() if kind is not bool else "BOOL",
+            help=f"(default {getattr(defaults, name)!r})",
+        )
+
+
+def build_config(preset: str | None, args: argparse.Namespace) -> TrainConfig:
+    values = load_preset(preset) if preset else {}
+    values.update({name: getattr(args, name) for name in FIELDS if getattr(args, name, None) is not None})
+    config = TrainConfig(**values)
+    config.validate()
+    return config

@@ -1,0 +1,1 @@
+"""Data: reading sources (IDX, CSV, download), packing shards, streaming macro-batches."""

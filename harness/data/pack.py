@@ -1,0 +1,145 @@
+"""Pack a dataset into webdataset tar shards of image blocks, with a manifest.
+
+One webdataset sample is a block of consecutive images: `{key}.images.npy`
+(uint8 [n, 28, 28]), `{key}.labels.npy` (uint8 [n]) and `{key}.meta.json`
+(split and index of the block's first image). Reading one tar member per image
+tops out near 5k images/s; blocks of 1,000 read two orders of magnitude faster.
+
+Packing is deterministic (fixed tar metadata, no timestamps: the same input
+gives byte-identical shards) and atomic: everything is written to a temporary
+directory first, and `manifest.json`, the file that makes a shard set look
+complete, is the last thing to appear in the output directory.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import tarfile
+from pathlib import Path
+
+import numpy as np
+
+from harness import __version__
+from harness.data.manifest import FORMAT_VERSION, MANIFEST_NAME, write_json_atomic
+from harness.data.sources import Dataset, sha256_of
+from harness.errors import HarnessError
+
+DEFAULT_BLOCK_SIZE = 1000
+DEFAULT_SHARD_SIZE = 10000  # images per shard: six train shards and one test shard for MNIST
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, np.ascontiguousarray(array), allow_pickle=False)
+    return buffer.getvalue()
+
+
+def _add_member(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(payload)
+    info.mode = 0o644
+    info.mtime = 0  # fixed metadata keeps shards byte-identical across packs
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    tar.addfile(info, io.BytesIO(payload))
+
+
+def _write_shard(path: Path, split: str, images: np.ndarray, labels: np.ndarray, first: int, block_size: int) -> None:
+    with open(path, "wb") as f, tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for start in range(0, len(images), block_size):
+            index = first + start
+            key = f"{split}-{index:08d}"
+            count = min(block_size, len(images) - start)
+            _add_member(tar, f"{key}.images.npy", _npy_bytes(images[start : start + count]))
+            _add_member(tar, f"{key}.labels.npy", _npy_bytes(labels[start : start + count]))
+            meta = {"split": split, "first": index, "count": count}
+            _add_member(tar, f"{key}.meta.json", json.dumps(meta, sort_keys=True).encode())
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def pixel_statistics(train_images: np.ndarray) -> dict:
+    """Train-set statistics of pixels scaled to [0, 1], for normalisation on the device."""
+    scaled = train_images.reshape(len(train_images), -1).astype(np.float64) / 255.0
+    return {
+        "mean": round(float(scaled.mean()), 8),
+        "std": round(float(scaled.std()), 8),
+        "pixel_mean": [round(float(v), 8) for v in scaled.mean(axis=0)],
+    }
+
+
+def check_output_dir(out_dir: Path) -> None:
+    """Refuse a directory that already holds shards: packing never overwrites good data."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise HarnessError(f"{out_dir}: exists and is not a directory")
+    if not out_dir.is_dir():
+        return
+    if (out_dir / MANIFEST_NAME).exists():
+        raise HarnessError(f"{out_dir}: already holds shards ({MANIFEST_NAME} exists); remove it or pick another --out")
+    leftovers = sorted(p.name for p in out_dir.glob("*.tar"))
+    if leftovers:
+        raise HarnessError(
+            f"{out_dir}: holds tar files but no {MANIFEST_NAME} ({leftovers[0]}...): an interrupted pack? "
+            "remove them or pick another --out"
+        )
+
+
+def pack(
+    dataset: Dataset,
+    out_dir: Path,
+    shard_size: int = DEFAULT_SHARD_SIZE,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+) -> dict:
+    """Write `dataset` as shards plus manifest into `out_dir`; return the manifest."""
+    out_dir = Path(out_dir)
+    if block_size < 1 or shard_size < 1:
+        raise HarnessError(f"--block-size and --shard-size must be positive (got {block_size}, {shard_size})")
+    if shard_size % block_size:
+        raise HarnessError(f"--shard-size {shard_size} must be a multiple of --block-size {block_size}")
+    check_output_dir(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.parent / f".{out_dir.name}.packing-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        splits = {}
+        for split, data in dataset.splits.items():
+            shards = []
+            for shard_no, first in enumerate(range(0, len(data.labels), shard_size)):
+                name = f"{split}-{shard_no:06d}.tar"
+                images = data.images[first : first + shard_size]
+                _write_shard(tmp / name, split, images, data.labels[first : first + shard_size], first, block_size)
+                shards.append(
+                    {"name": name, "samples": len(images), "bytes": (tmp / name).stat().st_size, "sha256": sha256_of(tmp / name)}
+                )
+            splits[split] = {"samples": len(data.labels), "block_size": block_size, "shards": shards}
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "dataset": dataset.name,
+            "packed_by": f"harness {__version__}",
+            "image_shape": list(data.images.shape[1:]),
+            "num_classes": 10,
+            "source": {"kind": dataset.kind, "files": dataset.files},
+            "splits": splits,
+            "train_stats": pixel_statistics(dataset.splits["train"].images),
+        }
+        write_json_atomic(tmp / MANIFEST_NAME, manifest)
+        _publish(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return manifest
+
+
+def _publish(tmp: Path, out_dir: Path) -> None:
+    """Move a finished pack into place; the manifest goes last."""
+    if not out_dir.exists():
+        os.rename(tmp, out_dir)  # one atomic step
+        return
+    # out_dir exists (e.g. the tracked shards/ with its README): move shards in, manifest last.
+    for path in sorted(tmp.iterdir()):
+        if path.name != MANIFEST_NAME:
+            os.replace(path, out_dir / path.name)
+    os.replace(tmp / MANIFEST_NAME, out_dir / MANIFEST_NAME)

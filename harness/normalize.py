@@ -1,0 +1,42 @@
+"""Turn uint8 images into model inputs on the device, and labels into loss targets."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+class Normalizer:
+    """uint8 [b, 28, 28] on the device → float [b, 1, 28, 28], per the config's `normalize` mode.
+
+    The train-set statistics come from the shard manifest, so they are computed
+    once at pack time and are the same on every rank.
+    """
+
+    def __init__(self, mode: str, stats: dict, device: torch.device):
+        self.mode = mode
+        if mode == "standardize":
+            # (x/255 - mean)/std written as one scale and one shift
+            self.scale, self.shift = 1.0 / (255.0 * stats["std"]), stats["mean"] / stats["std"]
+        elif mode == "unit":
+            self.shift, self.scale = 0.0, 1.0 / 255.0
+        elif mode == "raw":
+            self.shift, self.scale = 0.0, 1.0
+        elif mode == "unit_minus_pixel_mean":
+            self.scale = 1.0 / 255.0
+            self.shift = torch.tensor(stats["pixel_mean"], dtype=torch.float32, device=device).reshape(1, 1, 28, 28)
+        else:
+            raise ValueError(f"unknown normalize mode '{mode}'")
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.unsqueeze(1).float().mul_(self.scale)
+        return x if isinstance(self.shift, float) and self.shift == 0.0 else x.sub_(self.shift)
+
+
+def make_loss(name: str, num_classes: int = 10):
+    """cross_entropy on logits, or mse of the outputs against one-hot targets (both batch means)."""
+    if name == "cross_entropy":
+        return F.cross_entropy
+    if name == "mse":
+        return lambda outputs, labels: F.mse_loss(outputs, F.one_hot(labels, num_classes).to(outputs.dtype))
+    raise ValueError(f"unknown loss '{name}'")

@@ -1,0 +1,73 @@
+"""The files a run leaves in RUN_DIR (rank 0 only), and its console lines.
+
+metrics.jsonl  one JSON object per epoch
+summary.json   final metrics, world size, steps, time, parameter checksum
+test_report.json  per-class precision/recall/F1 and the confusion matrix
+events.out.tfevents.*  TensorBoard (see tensorboard.py)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+from harness.data.manifest import write_json_atomic
+from harness.errors import HarnessError
+from harness.evaluate import EvalResult, class_report, format_report
+from harness.tensorboard import TensorBoardLog
+
+log = logging.getLogger("harness")
+
+
+def prepare_run_dir(run_dir: Path) -> Path:
+    run_dir = Path(run_dir)
+    if (run_dir / "metrics.jsonl").exists():
+        raise HarnessError(f"{run_dir}: already holds a run (metrics.jsonl exists); pick a new --run-dir")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise HarnessError(f"{run_dir}: run directory is not writable ({e.strerror})") from None
+    return run_dir
+
+
+class RunOutputs:
+    def __init__(self, run_dir: Path):
+        self.run_dir = prepare_run_dir(run_dir)
+        self.tensorboard = TensorBoardLog(self.run_dir)
+
+    def epoch(self, metrics: dict, epochs: int, model, step: int) -> None:
+        with open(self.run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        self.tensorboard.scalars(step, {"val/loss": metrics["val_loss"], "val/accuracy": metrics["val_accuracy"]})
+        self.tensorboard.weights(model, step)
+        log.info(
+            f"epoch {metrics['epoch']}/{epochs}  train loss {metrics['train_loss']:.4f}  "
+            f"val loss {metrics['val_loss']:.4f}  val acc {100 * metrics['val_accuracy']:.2f}%  "
+            f"{metrics['epoch_seconds']:.1f} s  {metrics['train_samples_per_s']:,.0f} img/s"
+        )
+
+    def finish(self, summary: dict, test: EvalResult, test_set: str) -> None:
+        report = format_report(test.confusion)
+        log.info(f"{test_set}: loss {test.loss:.4f}  accuracy {100 * test.accuracy:.2f}% on {test.samples} images\n{report}")
+        write_json_atomic(
+            self.run_dir / "test_report.json",
+            {"set": test_set, "classes": class_report(test.confusion), "confusion": test.confusion.tolist()},
+        )
+        self.tensorboard.confusion(test.confusion, report, summary["steps"])
+        self.tensorboard.close()
+        write_json_atomic(self.run_dir / "summary.json", summary)
+
+
+def setup_logging(rank: int) -> None:
+    """Rank 0 prints progress; other ranks print only warnings and errors."""
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format="%(message)s" if rank == 0 else f"[rank {rank}] %(levelname)s %(message)s",
+        stream=sys.stdout,
+        force=True,
+    )

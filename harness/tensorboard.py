@@ -1,0 +1,64 @@
+"""TensorBoard output of rank 0: scalars, weight images, confusion matrix.
+
+Event files go directly into the run directory, so `tensorboard --logdir runs/`
+lists one run per directory. torchvision is not a dependency, so the image
+grids are tiled here.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.utils.tensorboard import SummaryWriter
+
+from harness.models import first_layer_weights
+
+
+def tile_grid(weights: torch.Tensor, upscale: int = 1, pad: int = 1) -> torch.Tensor:
+    """[n, c, h, w] filters → one grey [1, H, W] image in [0, 1], each filter scaled on its own.
+
+    Multi-channel filters become one row per output filter, one column per input channel.
+    """
+    n, c, h, w = weights.shape
+    tiles = weights.float().cpu().reshape(n * c, h, w)
+    low = tiles.amin(dim=(1, 2), keepdim=True)
+    high = tiles.amax(dim=(1, 2), keepdim=True)
+    tiles = (tiles - low) / (high - low).clamp_min(1e-12)
+    if upscale > 1:
+        tiles = tiles.repeat_interleave(upscale, 1).repeat_interleave(upscale, 2)
+        h, w = h * upscale, w * upscale
+    columns = c if c > 1 else math.ceil(math.sqrt(n))
+    rows = math.ceil(n * c / columns)
+    grid = torch.zeros(rows * (h + pad) + pad, columns * (w + pad) + pad)
+    for i, tile in enumerate(tiles):
+        r, col = divmod(i, columns)
+        grid[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + col * (w + pad) : pad + col * (w + pad) + w] = tile
+    return grid.unsqueeze(0)
+
+
+def confusion_image(confusion: torch.Tensor, cell: int = 20) -> torch.Tensor:
+    """Row-normalised confusion matrix as a grey [1, H, W] image (bright = many)."""
+    rates = confusion.double() / confusion.sum(dim=1, keepdim=True).clamp_min(1)
+    return rates.float().repeat_interleave(cell, 0).repeat_interleave(cell, 1).unsqueeze(0)
+
+
+class TensorBoardLog:
+    def __init__(self, run_dir):
+        self.writer = SummaryWriter(log_dir=str(run_dir))
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        for tag, value in values.items():
+            self.writer.add_scalar(tag, value, step)
+
+    def weights(self, model: torch.nn.Module, step: int) -> None:
+        for name, weights in first_layer_weights(model):
+            upscale = max(1, 24 // weights.shape[-1])  # 3x3 and 4x4 kernels are too small to see
+            self.writer.add_image(f"weights/{name}", tile_grid(weights, upscale), step)
+
+    def confusion(self, confusion: torch.Tensor, report: str, step: int) -> None:
+        self.writer.add_image("val/confusion_matrix", confusion_image(confusion), step)
+        self.writer.add_text("val/class_report", "    " + report.replace("\n", "\n    "), step)
+
+    def close(self) -> None:
+        self.writer.close()

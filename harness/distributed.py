@@ -53,14 +53,19 @@ class DistContext:
             dist.broadcast(tensor, src=0)
         return tensor
 
-    def all_equal(self, text: str) -> bool:
-        """Whether every rank passed the same string (compared by a digest)."""
+    def gather(self, values: list[int]) -> list[list[int]]:
+        """Every rank's list of ints (the same length on each), in rank order."""
+        mine = torch.tensor(values, dtype=torch.int64, device=self.device)
         if not self.distributed:
-            return True
-        digest = torch.tensor(list(hashlib.sha256(text.encode()).digest()[:8]), dtype=torch.int64, device=self.device)
-        gathered = [torch.empty_like(digest) for _ in range(self.world_size)]
-        dist.all_gather(gathered, digest)
-        return all(torch.equal(g, gathered[0]) for g in gathered)
+            return [mine.tolist()]
+        gathered = [torch.empty_like(mine) for _ in range(self.world_size)]
+        dist.all_gather(gathered, mine)
+        return [g.tolist() for g in gathered]
+
+
+def digest_ints(text: str) -> list[int]:
+    """The first 8 bytes of a SHA-256 as ints, to compare strings across ranks with `gather`."""
+    return list(hashlib.sha256(text.encode()).digest()[:8])
 
 
 def pick_device(requested: str, local_rank: int) -> torch.device:

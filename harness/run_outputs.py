@@ -1,6 +1,7 @@
 """The files a run leaves in RUN_DIR (rank 0 only), and its console lines.
 
 metrics.jsonl  one JSON object per epoch
+model.pt       final weights (a state dict)
 summary.json   final metrics, world size, steps, time, parameter checksum
 test_report.json  per-class precision/recall/F1 and the confusion matrix
 events.out.tfevents.*  TensorBoard (see tensorboard.py)
@@ -10,8 +11,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
+
+import torch
 
 from harness.data.manifest import write_json_atomic
 from harness.errors import HarnessError
@@ -19,6 +23,16 @@ from harness.evaluate import EvalResult, class_report, format_report
 from harness.tensorboard import TensorBoardLog
 
 log = logging.getLogger("harness")
+
+
+def save_atomic(obj, path: Path) -> None:
+    """torch.save to a temporary file, fsync, then rename: never a half-written file under `path`."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def prepare_run_dir(run_dir: Path) -> Path:
@@ -51,7 +65,7 @@ class RunOutputs:
             f"{metrics['epoch_seconds']:.1f} s  {metrics['train_samples_per_s']:,.0f} img/s"
         )
 
-    def finish(self, summary: dict, test: EvalResult, test_set: str) -> None:
+    def finish(self, summary: dict, test: EvalResult, test_set: str, model) -> None:
         report = format_report(test.confusion)
         log.info(f"{test_set}: loss {test.loss:.4f}  accuracy {100 * test.accuracy:.2f}% on {test.samples} images\n{report}")
         write_json_atomic(
@@ -60,6 +74,7 @@ class RunOutputs:
         )
         self.tensorboard.confusion(test.confusion, report, summary["steps"])
         self.tensorboard.close()
+        save_atomic(model.state_dict(), self.run_dir / "model.pt")
         write_json_atomic(self.run_dir / "summary.json", summary)
 
 

@@ -141,8 +141,11 @@ def _train(config: TrainConfig, shard_dir: Path, run_dir: Path, ctx: distributed
             log.info(f"stopping after --max-steps {config.max_steps}")
             break
 
+    # Every rank reports its step count and parameter digest; DDP must have kept them equal.
     checksum = parameter_checksum(model)
-    ranks_agree = ctx.all_equal(checksum)
+    per_rank = ctx.gather([step, *distributed.digest_ints(checksum)])
+    steps_per_rank = [r[0] for r in per_rank]
+    ranks_agree = all(r[1:] == per_rank[0][1:] for r in per_rank)
     if not ranks_agree:
         log.error("ranks ended with different parameters")
     if not ctx.is_main:
@@ -159,6 +162,7 @@ def _train(config: TrainConfig, shard_dir: Path, run_dir: Path, ctx: distributed
         "test_accuracy": test.accuracy,
         "world_size": ctx.world_size,
         "steps": step,
+        "steps_per_rank": steps_per_rank,
         "epochs_run": metrics.get("epoch", 0),
         "total_seconds": time.perf_counter() - started,
         "param_checksum": checksum,
@@ -167,7 +171,7 @@ def _train(config: TrainConfig, shard_dir: Path, run_dir: Path, ctx: distributed
         "device": str(ctx.device),
         "config": vars(config),
     }
-    outputs.finish(summary, test, test_set)
+    outputs.finish(summary, test, test_set, model)
     return summary
 
 

@@ -32,9 +32,17 @@ def seeded_generator(*key: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([int(k) for k in key]))
 
 
+def _every_shard(urls):
+    return urls
+
+
 def read_blocks(path: Path) -> list[tuple[int, np.ndarray, np.ndarray]]:
     """All blocks of one shard as (first index, images, labels), in file order."""
-    dataset = wds.WebDataset(str(path), shardshuffle=False, empty_check=False).decode()
+    # Every rank reads every shard on purpose (see the module docstring), so the
+    # node and worker splitters are the identity.
+    dataset = wds.WebDataset(
+        str(path), shardshuffle=False, empty_check=False, nodesplitter=_every_shard, workersplitter=_every_shard
+    ).decode()
     blocks = []
     for sample in dataset:
         try:

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Data-parallel run under `accelerate launch`, with the config in launch/accelerate.yaml.
+#   launch/accelerate.sh N [PRESET] [extra `harness train` options...]
+# The same config works on a CPU-only machine: accelerate starts N processes through
+# torchrun and the harness picks gloo when there is no CUDA. (accelerate's own --cpu /
+# MULTI_CPU mode needs mpirun and otherwise quietly runs a single process.)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+N=${1:?usage: launch/accelerate.sh N [PRESET] [options...]}
+PRESET=${2:-lenet}
+shift; shift || true
+RUN_DIR=${RUN_DIR:-runs/${PRESET}-acc${N}-$(date +%Y%m%d-%H%M%S)}
+exec accelerate launch --config_file launch/accelerate.yaml --num_processes "$N" \
+  -m harness.train --preset "$PRESET" --shards "${SHARDS:-shards}" --run-dir "$RUN_DIR" "$@"

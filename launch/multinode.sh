@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# One node of a multi-node run, using torchrun's c10d rendezvous. Start it on every node.
+#   launch/multinode.sh NNODES NODE_RANK HOST:PORT NPROC_PER_NODE [PRESET] [options...]
+# Any of the first four may instead come from the environment: NNODES, NODE_RANK,
+# RDZV_ENDPOINT (host:port of node 0), NPROC_PER_NODE. RDZV_ID names the job (default
+# harness); SHARDS and RUN_DIR as in dev.sh (every node needs the shards at that path).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+NNODES=${1:-${NNODES:?number of nodes}}
+NODE_RANK=${2:-${NODE_RANK:?this node's rank}}
+RDZV_ENDPOINT=${3:-${RDZV_ENDPOINT:?host:port of the rendezvous}}
+NPROC_PER_NODE=${4:-${NPROC_PER_NODE:-1}}
+PRESET=${5:-lenet}
+shift $(( $# < 5 ? $# : 5 ))
+RUN_DIR=${RUN_DIR:-runs/${PRESET}-n${NNODES}}
+exec torchrun --nnodes="$NNODES" --node-rank="$NODE_RANK" --nproc-per-node="$NPROC_PER_NODE" \
+  --rdzv-backend=c10d --rdzv-endpoint="$RDZV_ENDPOINT" --rdzv-id="${RDZV_ID:-harness}" \
+  -m harness.train --preset "$PRESET" --shards "${SHARDS:-shards}" --run-dir "$RUN_DIR" "$@"

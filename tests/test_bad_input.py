@@ -1,0 +1,348 @@
+"""Bad input: one clear error naming the file and the problem, exit status 2, nothing damaged.
+
+Most cases call `harness.cli.main` in-process (the function `python -m harness`
+runs; an exception other than HarnessError would escape it and fail the test,
+so "no traceback" is checked too). A few run the real command as a subprocess.
+"""
+
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import run_cli
+from harness.cli import main as cli_main
+from harness.data.pack import pack
+from harness.data.sources import load_source
+
+# --- helpers ---------------------------------------------------------------------------------------
+
+
+def write_idx(path, array, gz: bool = False, magic: bytes | None = None) -> None:
+    array = np.ascontiguousarray(array, dtype=np.uint8)
+    header = (magic or bytes([0, 0, 0x08, array.ndim])) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    data = header + array.tobytes()
+    path.write_bytes(gzip.compress(data, mtime=0) if gz else data)
+
+
+def write_source(directory: Path, n_train: int = 200, n_test: int = 50, gz: bool = True) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    ext = ".gz" if gz else ""
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        write_idx(directory / f"{prefix}-images-idx3-ubyte{ext}", rng.integers(0, 256, (n, 28, 28)), gz)
+        write_idx(directory / f"{prefix}-labels-idx1-ubyte{ext}", rng.integers(0, 10, n), gz)
+    return directory
+
+
+def csv_row(label, pixels=None) -> str:
+    pixels = [0] * 784 if pixels is None else pixels
+    return ",".join(map(str, [label, *pixels]))
+
+
+def write_csv_source(directory: Path, train_lines: list[str], header: bool = True) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    head = [",".join(["label"] + [f"pixel{i}" for i in range(784)])] if header else []
+    (directory / "mnist_train.csv").write_text("\n".join(head + train_lines) + "\n")
+    (directory / "mnist_test.csv").write_text("\n".join(head + [csv_row(3), csv_row(4)]) + "\n")
+    return directory
+
+
+def snapshot(directory: Path) -> dict[str, bytes]:
+    """Every file under `directory` (relative name -> content)."""
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def cli(capsys, *args) -> tuple[int, str, str]:
+    rc = cli_main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def assert_one_error(rc: int, err: str, *fragments: str) -> str:
+    """Exit status 2 and exactly one stderr line `error: ...` that holds every fragment."""
+    assert rc == 2, err
+    assert "Traceback" not in err, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("error: "), err
+    for fragment in fragments:
+        assert fragment in lines[0], f"{fragment!r} not in {lines[0]!r}"
+    return lines[0]
+
+
+def pack_refused(capsys, tmp_path: Path, source: Path, *fragments: str) -> str:
+    """`harness pack` of a bad source: one error, no output dir, no temporary dir, source untouched."""
+    before = snapshot(source)
+    out = tmp_path / "out"
+    rc, stdout, err = cli(capsys, "pack", "--source", source, "--out", out)
+    line = assert_one_error(rc, err, *fragments)
+    assert not out.exists(), "a refused pack must not create the output directory"
+    assert not list(tmp_path.glob(".out.packing-*")), "temporary pack directory left behind"
+    assert snapshot(source) == before
+    assert "wrote" not in stdout
+    return line
+
+
+# --- IDX sources ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("gz", [False, True], ids=["raw", "gzip"])
+def test_wrong_idx_magic(tmp_path, capsys, gz):
+    source = write_source(tmp_path / "src", gz=gz)
+    name = "train-images-idx3-ubyte" + (".gz" if gz else "")
+    # A labels header (0x00000801) where an images header (0x00000803) belongs.
+    write_idx(source / name, np.zeros((200, 28, 28)), gz, magic=b"\x00\x00\x08\x01")
+    line = pack_refused(capsys, tmp_path, source, name, "magic number 2049", "expected 2051")
+    assert str(source / name) in line
+
+
+def test_wrong_magic_with_garbage_file(tmp_path, capsys):
+    source = write_source(tmp_path / "src", gz=False)
+    (source / "t10k-labels-idx1-ubyte").write_bytes(b"PK\x03\x04 this is a zip file, not IDX" * 3)
+    pack_refused(capsys, tmp_path, source, "t10k-labels-idx1-ubyte", "bad IDX magic number")
+
+
+def test_truncated_raw_idx(tmp_path, capsys):
+    source = write_source(tmp_path / "src", gz=False)
+    path = source / "train-images-idx3-ubyte"
+    path.write_bytes(path.read_bytes()[:-1000])
+    pack_refused(capsys, tmp_path, source, "train-images-idx3-ubyte", "truncated", "200x28x28")
+
+
+def test_truncated_gzip_stream(tmp_path, capsys):
+    source = write_source(tmp_path / "src", gz=True)
+    path = source / "train-images-idx3-ubyte.gz"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    pack_refused(capsys, tmp_path, source, "train-images-idx3-ubyte.gz", "gzip data is corrupt or truncated")
+
+
+def test_complete_gzip_of_truncated_idx(tmp_path, capsys):
+    """A valid gzip stream whose IDX content is short is caught by the size check."""
+    source = write_source(tmp_path / "src", gz=True)
+    path = source / "t10k-labels-idx1-ubyte.gz"
+    path.write_bytes(gzip.compress(gzip.decompress(path.read_bytes())[:-7]))
+    pack_refused(capsys, tmp_path, source, "t10k-labels-idx1-ubyte.gz", "truncated")
+
+
+def test_image_label_count_mismatch(tmp_path, capsys):
+    source = write_source(tmp_path / "src", gz=False)
+    write_idx(source / "train-labels-idx1-ubyte", np.zeros(199))
+    pack_refused(capsys, tmp_path, source, "train-images-idx3-ubyte", "200 images", "train-labels-idx1-ubyte", "199 labels")
+
+
+def test_idx_label_out_of_range(tmp_path, capsys):
+    source = write_source(tmp_path / "src", gz=True)
+    labels = np.arange(50) % 10
+    labels[17] = 10
+    write_idx(source / "t10k-labels-idx1-ubyte.gz", labels, gz=True)
+    pack_refused(capsys, tmp_path, source, "t10k-labels-idx1-ubyte.gz", "label 10 at index 17", "outside 0..9")
+
+
+def test_images_not_28x28(tmp_path, capsys):
+    source = write_source(tmp_path / "src", gz=False)
+    write_idx(source / "train-images-idx3-ubyte", np.zeros((200, 28, 27)))
+    pack_refused(capsys, tmp_path, source, "train-images-idx3-ubyte", "28x27", "expected 28x28")
+
+
+def test_missing_labels_file(tmp_path, capsys):
+    source = write_source(tmp_path / "src", gz=True)
+    (source / "train-labels-idx1-ubyte.gz").unlink()
+    pack_refused(capsys, tmp_path, source, "train", "no train labels")
+
+
+def test_raw_and_gzip_copies_are_ambiguous(tmp_path, capsys):
+    source = write_source(tmp_path / "src", gz=True)
+    write_source(source, gz=False)
+    pack_refused(capsys, tmp_path, source, "ambiguous", "train-images-idx3-ubyte, train-images-idx3-ubyte.gz")
+
+
+# --- CSV sources ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("header", [True, False], ids=["header", "no-header"])
+def test_csv_row_with_wrong_field_count(tmp_path, capsys, header):
+    rows = [csv_row(1), csv_row(2), csv_row(3, [0] * 783), csv_row(4)]
+    source = write_csv_source(tmp_path / "src", rows, header)
+    line_no = 3 + int(header)  # file line numbers, header row included
+    pack_refused(capsys, tmp_path, source, "mnist_train.csv", f"line {line_no} has 784 fields", "expected 785")
+
+
+@pytest.mark.parametrize("bad", ["1.5", "abc", ""], ids=["float", "word", "empty"])
+def test_csv_non_integer_field(tmp_path, capsys, bad):
+    pixels = [0] * 784
+    pixels[100] = bad
+    source = write_csv_source(tmp_path / "src", [csv_row(1), csv_row(2, pixels)])  # header on line 1; label is field 1
+    pack_refused(capsys, tmp_path, source, "mnist_train.csv", f"line 3, field 102 ({bad!r}) is not an integer")
+
+
+@pytest.mark.parametrize("label", [10, -1])
+def test_csv_label_out_of_range(tmp_path, capsys, label):
+    source = write_csv_source(tmp_path / "src", [csv_row(1), csv_row(2), csv_row(label)])
+    pack_refused(capsys, tmp_path, source, "mnist_train.csv", f"label {label} at index 2", "outside 0..9")
+
+
+def test_csv_pixel_out_of_range(tmp_path, capsys):
+    pixels = [0] * 784
+    pixels[5] = 256
+    source = write_csv_source(tmp_path / "src", [csv_row(1), csv_row(2, pixels)], header=False)
+    pack_refused(capsys, tmp_path, source, "mnist_train.csv", "line 2", "outside 0..255")
+
+
+# --- the real command --------------------------------------------------------------------------------
+
+
+def test_cli_subprocess_bad_source_exit_2_without_traceback(tmp_path):
+    source = write_source(tmp_path / "src", gz=False)
+    (source / "train-labels-idx1-ubyte").write_bytes(b"\x00\x00\x08")  # 3 bytes: not even a header
+    result = run_cli("pack", "--source", source, "--out", tmp_path / "out", timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert "train-labels-idx1-ubyte" in lines[0] and "too short for an IDX header" in lines[0]
+    assert not (tmp_path / "out").exists()
+
+
+# --- shards ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def shards(tmp_path) -> Path:
+    """A small packed shard set: train 200 images in shards of 80/80/40, test 50."""
+    out = tmp_path / "shards"
+    pack(load_source(write_source(tmp_path / "src")), out, shard_size=80, block_size=20)
+    return out
+
+
+def test_missing_shard(shards, capsys):
+    (shards / "train-000001.tar").unlink()
+    before = snapshot(shards)
+    rc, _, err = cli(capsys, "show", "--shards", shards, "--index", "0")
+    assert_one_error(rc, err, "train-000001.tar", "missing")
+    assert snapshot(shards) == before
+
+
+def test_corrupted_shard_same_size_show(shards, capsys):
+    path = shards / "train-000002.tar"
+    data = bytearray(path.read_bytes())
+    size, at = len(data), len(data) // 3
+    data[at : at + 16] = bytes(b ^ 0xFF for b in data[at : at + 16])  # inside the image data
+    path.write_bytes(bytes(data))
+    assert path.stat().st_size == size
+    before = snapshot(shards)
+    rc, _, err = cli(capsys, "show", "--shards", shards, "--index", "0")
+    assert_one_error(rc, err, "train-000002.tar", "SHA-256", "corrupt")
+    assert snapshot(shards) == before
+
+
+def test_truncated_shard_show(shards, capsys):
+    path = shards / "train-000000.tar"
+    size = path.stat().st_size
+    path.write_bytes(path.read_bytes()[:-512])
+    rc, _, err = cli(capsys, "show", "--shards", shards, "--split", "train", "--index", "5")
+    assert_one_error(rc, err, "train-000000.tar", f"{size - 512} bytes", f"records {size}", "truncated")
+
+
+def test_corrupted_shard_detected_by_train(shards, tmp_path):
+    """`harness train` refuses a shard whose bytes changed, before any training."""
+    path = shards / "train-000001.tar"
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle] ^= 0xFF
+    path.write_bytes(bytes(data))
+    result = run_cli(
+        "train", "--shards", shards, "--run-dir", tmp_path / "run", "--device", "cpu", "--epochs", "1", "--batch-size", "20", timeout=120
+    )
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, result.stderr
+    assert "train-000001.tar" in errors[0] and "SHA-256" in errors[0]
+    assert not (tmp_path / "run" / "summary.json").exists()
+
+
+def test_corrupted_shard_detected_by_show_subprocess(shards):
+    path = shards / "test-000000.tar"
+    path.write_bytes(path.read_bytes()[:1024])
+    result = run_cli("show", "--shards", shards, "--split", "test", "--index", "0", timeout=120)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert "test-000000.tar" in lines[0] and "1024 bytes" in lines[0]
+
+
+def test_missing_manifest(shards, capsys):
+    (shards / "manifest.json").unlink()
+    rc, _, err = cli(capsys, "show", "--shards", shards, "--index", "0")
+    assert_one_error(rc, err, str(shards / "manifest.json"), "manifest not found")
+
+
+def test_shard_directory_missing(tmp_path, capsys):
+    rc, _, err = cli(capsys, "show", "--shards", tmp_path / "nowhere", "--index", "0")
+    assert_one_error(rc, err, "nowhere", "not found")
+
+
+def test_manifest_not_json(shards, capsys):
+    (shards / "manifest.json").write_text('{"format_version": 1, "splits": ')
+    rc, _, err = cli(capsys, "show", "--shards", shards, "--index", "0")
+    assert_one_error(rc, err, "manifest.json", "not valid JSON")
+
+
+def test_index_outside_split(shards, capsys):
+    rc, _, err = cli(capsys, "show", "--shards", shards, "--split", "test", "--index", "50")
+    assert_one_error(rc, err, str(shards), "outside", "50 samples")
+
+
+# --- output directory ----------------------------------------------------------------------------
+
+
+def test_pack_refuses_directory_holding_shards(shards, tmp_path, capsys):
+    before = snapshot(shards)
+    source = write_source(tmp_path / "other", n_train=30, n_test=10)
+    rc, stdout, err = cli(capsys, "pack", "--source", source, "--out", shards, "--shard-size", "10", "--block-size", "10")
+    assert_one_error(rc, err, str(shards), "already holds shards", "manifest.json")
+    assert snapshot(shards) == before  # same files, byte-identical: nothing replaced or added
+    assert not list(tmp_path.glob(".shards.packing-*"))
+
+
+def test_pack_refuses_directory_with_leftover_tar_files(shards, tmp_path, capsys):
+    """Tar files without a manifest (an interrupted pack) are not silently overwritten either."""
+    (shards / "manifest.json").unlink()
+    before = snapshot(shards)
+    rc, _, err = cli(capsys, "pack", "--source", tmp_path / "src", "--out", shards)
+    assert_one_error(rc, err, str(shards), "tar files but no manifest.json")
+    assert snapshot(shards) == before
+
+
+def test_pack_refuses_output_path_that_is_a_file(tmp_path, capsys):
+    target = tmp_path / "shards"
+    target.write_text("precious")
+    rc, _, err = cli(capsys, "pack", "--source", write_source(tmp_path / "src"), "--out", target)
+    assert_one_error(rc, err, str(target), "not a directory")
+    assert target.read_text() == "precious"
+
+
+@pytest.mark.parametrize("shard_size,block_size,problem", [(250, 100, "must be a multiple of"), (0, 100, "must be positive")])
+def test_pack_refuses_bad_sizes(tmp_path, capsys, shard_size, block_size, problem):
+    rc, _, err = cli(
+        capsys, "pack", "--source", write_source(tmp_path / "src"), "--out", tmp_path / "out",
+        "--shard-size", shard_size, "--block-size", block_size,
+    )
+    assert_one_error(rc, err, "--shard-size", problem)
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_source_directory(tmp_path, capsys):
+    rc, _, err = cli(capsys, "pack", "--source", tmp_path / "absent", "--out", tmp_path / "out")
+    assert_one_error(rc, err, "absent", "source directory not found")
+
+
+def test_empty_source_directory(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    rc, _, err = cli(capsys, "pack", "--source", tmp_path / "empty", "--out", tmp_path / "out")
+    assert_one_error(rc, err, "empty", "no train split found")

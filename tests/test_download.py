@@ -1,0 +1,235 @@
+"""MNIST download against a loopback HTTP server that the tests start themselves."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import http.server
+import json
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import run_cli
+from harness.cli import main as cli_main
+from harness.data.download import MNIST_MD5, download_mnist
+from harness.data.sources import load_source
+from harness.errors import HarnessError
+
+NO_PROXY = {"NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost"}
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    timeout = 10  # socket timeout: a stuck client never hangs the server thread
+
+    def do_GET(self):  # noqa: N802 (http.server's naming)
+        server = self.server
+        with server.lock:
+            server.requests.append(self.path)
+        body = server.routes.get(self.path)
+        if body is None:
+            self.send_error(404)
+            return
+        self.send_response(200)
+        self.send_header("Content-Type", "application/octet-stream")
+        if self.path in server.short:
+            # Promise the whole file, send half, hang up: a dropped connection.
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body[: len(body) // 2])
+            self.close_connection = True
+            return
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+class Mirror:
+    """A ThreadingHTTPServer on 127.0.0.1, an ephemeral port; `routes` maps URL paths to bodies."""
+
+    def __init__(self):
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.server.routes, self.server.requests, self.server.short = {}, [], set()
+        self.server.lock = threading.Lock()
+        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        self.thread.start()
+
+    def url(self, prefix: str) -> str:
+        return f"http://127.0.0.1:{self.server.server_port}/{prefix}/"
+
+    def serve(self, prefix: str, files: dict[str, bytes]) -> str:
+        self.server.routes.update({f"/{prefix}/{name}": body for name, body in files.items()})
+        return self.url(prefix)
+
+    @property
+    def requests(self) -> list[str]:
+        with self.server.lock:
+            return list(self.server.requests)
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(timeout=5)
+
+
+@pytest.fixture
+def mirror(monkeypatch):
+    for key, value in NO_PROXY.items():
+        monkeypatch.setenv(key, value)
+    server = Mirror()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+def idx_gz(array) -> bytes:
+    array = np.ascontiguousarray(array, dtype=np.uint8)
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    return gzip.compress(header + array.tobytes(), mtime=0)
+
+
+@pytest.fixture
+def generated():
+    """A small MNIST-like set under the official file names, with its own MD5 table."""
+    rng = np.random.default_rng(3)
+    files = {
+        "train-images-idx3-ubyte.gz": idx_gz(rng.integers(0, 256, (90, 28, 28))),
+        "train-labels-idx1-ubyte.gz": idx_gz(rng.integers(0, 10, 90)),
+        "t10k-images-idx3-ubyte.gz": idx_gz(rng.integers(0, 256, (30, 28, 28))),
+        "t10k-labels-idx1-ubyte.gz": idx_gz(rng.integers(0, 10, 30)),
+    }
+    return files, {name: hashlib.md5(body).hexdigest() for name, body in files.items()}
+
+
+def no_partial_files(directory: Path) -> bool:
+    return not [p.name for p in directory.iterdir() if p.name.startswith(".") or ".part" in p.name]
+
+
+# --- real MNIST through the command ---------------------------------------------------------------
+
+
+def test_pack_source_download_real_mnist(mirror, mnist_dir, tmp_path):
+    url = mirror.serve("mnist", {name: (mnist_dir / name).read_bytes() for name in MNIST_MD5})
+    download_dir, out = tmp_path / "dl", tmp_path / "shards"
+    result = run_cli(
+        "pack", "--source", "download", "--mirror", url, "--download-dir", download_dir, "--out", out,
+        timeout=180, env=NO_PROXY,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "train: 60,000 images" in result.stdout and "test: 10,000 images" in result.stdout
+    assert sorted(mirror.requests) == sorted(f"/mnist/{name}" for name in MNIST_MD5)
+    for name, md5 in MNIST_MD5.items():  # the published MD5s: byte-identical copies
+        assert hashlib.md5((download_dir / name).read_bytes()).hexdigest() == md5
+    assert no_partial_files(download_dir)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["dataset"] == "mnist"
+    assert (manifest["splits"]["train"]["samples"], manifest["splits"]["test"]["samples"]) == (60000, 10000)
+    assert set(manifest["source"]["files"]) == set(MNIST_MD5)
+
+
+# --- download_mnist ------------------------------------------------------------------------------------
+
+
+def test_download_generated_files_with_own_md5_table(mirror, generated, tmp_path):
+    files, md5 = generated
+    url = mirror.serve("m", files)
+    dest = download_mnist(tmp_path / "dl", mirrors=[url], checksums=md5, timeout_s=10)
+    assert dest == tmp_path / "dl"
+    assert {p.name: p.read_bytes() for p in dest.iterdir()} == files
+    assert sorted(mirror.requests) == sorted(f"/m/{name}" for name in files)
+    dataset = load_source(dest)
+    assert (len(dataset.splits["train"].labels), len(dataset.splits["test"].labels)) == (90, 30)
+
+
+def test_first_mirror_404_falls_back_to_second(mirror, generated, tmp_path):
+    files, md5 = generated
+    mirror.serve("good", files)  # nothing is served under /dead/
+    dest = download_mnist(tmp_path / "dl", mirrors=[mirror.url("dead"), mirror.url("good")], checksums=md5, timeout_s=10)
+    assert {p.name: p.read_bytes() for p in dest.iterdir()} == files
+    expected = [path for name in files for path in (f"/dead/{name}", f"/good/{name}")]
+    assert mirror.requests == expected  # in order: the dead mirror first, every time
+
+
+def test_dropped_connection_falls_back_to_second_mirror(mirror, generated, tmp_path):
+    files, md5 = generated
+    mirror.serve("flaky", files)
+    mirror.serve("good", files)
+    mirror.server.short.add("/flaky/train-images-idx3-ubyte.gz")
+    dest = download_mnist(tmp_path / "dl", mirrors=[mirror.url("flaky"), mirror.url("good")], checksums=md5, timeout_s=10)
+    assert (dest / "train-images-idx3-ubyte.gz").read_bytes() == files["train-images-idx3-ubyte.gz"]
+    assert "/good/train-images-idx3-ubyte.gz" in mirror.requests
+    assert no_partial_files(dest)
+
+
+def test_wrong_md5_on_every_mirror(mirror, generated, tmp_path):
+    files, md5 = generated
+    bad_name = "train-labels-idx1-ubyte.gz"
+    md5 = {**md5, bad_name: "0" * 32}
+    mirror.serve("a", files)
+    mirror.serve("b", files)
+    dest = tmp_path / "dl"
+    with pytest.raises(HarnessError) as caught:
+        download_mnist(dest, mirrors=[mirror.url("a"), mirror.url("b")], checksums=md5, timeout_s=10)
+    message = str(caught.value)
+    assert bad_name in message and "MD5" in message and "failed on every mirror" in message
+    assert mirror.url("a") + bad_name in message and mirror.url("b") + bad_name in message
+    assert not (dest / bad_name).exists()
+    assert no_partial_files(dest)
+    assert (dest / "train-images-idx3-ubyte.gz").read_bytes() == files["train-images-idx3-ubyte.gz"]  # the good one before it stays
+
+
+def test_cli_download_with_wrong_md5_exits_2(mirror, generated, tmp_path, capsys):
+    """Through `harness pack`: files that are not the published MNIST fail the published MD5 check."""
+    files, _ = generated
+    url = mirror.serve("fake", files)
+    rc = cli_main(["pack", "--source", "download", "--mirror", url, "--download-dir", str(tmp_path / "dl"), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: download of train-images-idx3-ubyte.gz failed on every mirror")
+    assert "does not match the published f68b3c2dcbeaaa9fbdd348bbdeb94873" in lines[0]
+    assert not (tmp_path / "out").exists()
+    assert not (tmp_path / "dl" / "train-images-idx3-ubyte.gz").exists() and no_partial_files(tmp_path / "dl")
+
+
+def test_all_mirrors_unreachable(mirror, generated, tmp_path):
+    _, md5 = generated
+    with pytest.raises(HarnessError) as caught:
+        download_mnist(tmp_path / "dl", mirrors=[mirror.url("x"), mirror.url("y")], checksums=md5, timeout_s=10)
+    assert "train-images-idx3-ubyte.gz" in str(caught.value) and "404" in str(caught.value)
+    assert no_partial_files(tmp_path / "dl")
+
+
+def test_present_correct_file_is_not_downloaded_again(mirror, generated, tmp_path):
+    files, md5 = generated
+    url = mirror.serve("m", files)
+    dest = tmp_path / "dl"
+    dest.mkdir()
+    (dest / "t10k-images-idx3-ubyte.gz").write_bytes(files["t10k-images-idx3-ubyte.gz"])
+    (dest / "train-labels-idx1-ubyte.gz").write_bytes(b"a stale, wrong file")  # wrong MD5: fetched again
+    download_mnist(dest, mirrors=[url], checksums=md5, timeout_s=10)
+    assert sorted(mirror.requests) == sorted(f"/m/{n}" for n in files if n != "t10k-images-idx3-ubyte.gz")
+    assert {p.name: p.read_bytes() for p in dest.iterdir()} == files
+    # A second run finds everything in place and asks the server for nothing.
+    count = len(mirror.requests)
+    download_mnist(dest, mirrors=[url], checksums=md5, timeout_s=10)
+    assert len(mirror.requests) == count
+
+
+def test_pack_into_existing_shards_refuses_before_downloading(mirror, generated, tmp_path, capsys):
+    files, _ = generated
+    url = mirror.serve("m", files)
+    out = tmp_path / "shards"
+    out.mkdir()
+    (out / "manifest.json").write_text("{}")
+    rc = cli_main(["pack", "--source", "download", "--mirror", url, "--download-dir", str(tmp_path / "dl"), "--out", str(out)])
+    assert rc == 2 and "already holds shards" in capsys.readouterr().err
+    assert mirror.requests == []
+    assert (out / "manifest.json").read_text() == "{}"

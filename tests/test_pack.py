@@ -1,0 +1,246 @@
+"""Packing: deterministic, atomic, a complete manifest, shards that plain webdataset reads."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import webdataset as wds
+
+import harness.data.pack as pack_module
+from harness.cli import main as cli_main
+from harness.data.idx import read_idx
+from harness.data.pack import pack
+from harness.data.sources import load_source
+from harness.data.stream import ShardSplit, read_blocks
+
+MNIST_SHA256 = {
+    "train-images-idx3-ubyte.gz": "440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609",
+    "train-labels-idx1-ubyte.gz": "3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c",
+    "t10k-images-idx3-ubyte.gz": "8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6",
+    "t10k-labels-idx1-ubyte.gz": "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6",
+}
+MNIST_BYTES = {
+    "train-images-idx3-ubyte.gz": 9912422,
+    "train-labels-idx1-ubyte.gz": 28881,
+    "t10k-images-idx3-ubyte.gz": 1648877,
+    "t10k-labels-idx1-ubyte.gz": 4542,
+}
+
+
+def write_idx(path, array, gz: bool = False) -> None:
+    array = np.ascontiguousarray(array, dtype=np.uint8)
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    data = header + array.tobytes()
+    path.write_bytes(gzip.compress(data, mtime=0) if gz else data)
+
+
+@pytest.fixture
+def source(tmp_path) -> Path:
+    """A synthetic IDX source: 530 train and 170 test images."""
+    directory = tmp_path / "src"
+    directory.mkdir()
+    rng = np.random.default_rng(7)
+    for prefix, n in (("train", 530), ("t10k", 170)):
+        write_idx(directory / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)), gz=True)
+        write_idx(directory / f"{prefix}-labels-idx1-ubyte.gz", rng.integers(0, 10, n), gz=True)
+    return directory
+
+
+def files_of(directory: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
+
+
+def temp_dirs(parent: Path) -> list[str]:
+    return sorted(p.name for p in parent.iterdir() if ".packing-" in p.name)
+
+
+# --- determinism -------------------------------------------------------------------------------------
+
+
+def test_pack_is_deterministic(source, tmp_path):
+    pack(load_source(source), tmp_path / "a", shard_size=200, block_size=50)
+    pack(load_source(source), tmp_path / "b", shard_size=200, block_size=50)
+    a, b = files_of(tmp_path / "a"), files_of(tmp_path / "b")
+    assert sorted(a) == ["manifest.json", "test-000000.tar", "train-000000.tar", "train-000001.tar", "train-000002.tar"]
+    assert a == b  # every file byte-identical
+
+
+def test_pack_cli_is_deterministic(source, tmp_path, capsys):
+    for out in ("a", "b"):
+        assert cli_main(["pack", "--source", str(source), "--out", str(tmp_path / out), "--shard-size", "100", "--block-size", "25"]) == 0
+    assert files_of(tmp_path / "a") == files_of(tmp_path / "b")
+    out = capsys.readouterr().out
+    assert "train: 530 images in 6 shard(s) of blocks of 25" in out
+    assert "test: 170 images in 2 shard(s) of blocks of 25" in out
+
+
+# --- atomicity ---------------------------------------------------------------------------------------
+
+
+def test_successful_pack_leaves_no_temporary_directory(source, tmp_path):
+    pack(load_source(source), tmp_path / "out", shard_size=200, block_size=50)
+    assert temp_dirs(tmp_path) == []
+    assert not [p.name for p in (tmp_path / "out").iterdir() if p.name.startswith(".")]
+
+
+def test_pack_into_existing_directory_keeps_unrelated_files(source, tmp_path):
+    out = tmp_path / "shards"
+    out.mkdir()
+    (out / "README.md").write_text("Shards go here; never committed.\n")
+    manifest = pack(load_source(source), out, shard_size=200, block_size=50)
+    assert (out / "README.md").read_text() == "Shards go here; never committed.\n"
+    names = {s["name"] for split in manifest["splits"].values() for s in split["shards"]}
+    assert {p.name for p in out.iterdir()} == names | {"manifest.json", "README.md"}
+    assert temp_dirs(tmp_path) == []
+    images, labels = ShardSplit(out, "train").load_all()  # verifies sizes and SHA-256 too
+    assert len(labels) == 530
+
+
+class Crash(RuntimeError):
+    pass
+
+
+@pytest.fixture
+def crash_on_second_shard(monkeypatch):
+    real = pack_module._write_shard
+    calls = []
+
+    def write_shard(path, *args, **kwargs):
+        calls.append(Path(path).name)
+        if len(calls) == 2:
+            Path(path).write_bytes(b"half a shard")  # as if the crash hit mid-write
+            raise Crash("disk on fire")
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(pack_module, "_write_shard", write_shard)
+    return calls
+
+
+@pytest.mark.parametrize("existing", [False, True], ids=["new-dir", "existing-dir-with-readme"])
+def test_pack_failing_midway_leaves_no_shard_set(source, tmp_path, crash_on_second_shard, monkeypatch, existing):
+    out = tmp_path / "shards"
+    if existing:
+        out.mkdir()
+        (out / "README.md").write_text("keep me\n")
+    with pytest.raises(Crash):
+        pack(load_source(source), out, shard_size=200, block_size=50)
+    assert crash_on_second_shard == ["train-000000.tar", "train-000001.tar"]
+    assert temp_dirs(tmp_path) == []
+    if existing:
+        assert files_of(out) == {"README.md": b"keep me\n"}
+    else:
+        assert not out.exists()
+    assert not list(tmp_path.rglob("manifest.json")) and not list(tmp_path.rglob("*.tar"))
+    # Nothing left blocks a second attempt.
+    monkeypatch.undo()
+    pack(load_source(source), out, shard_size=200, block_size=50)
+    assert (out / "manifest.json").is_file()
+
+
+def test_manifest_is_published_last(source, tmp_path, monkeypatch):
+    """Into an existing directory, the shards move in before manifest.json (which marks the set complete)."""
+    out = tmp_path / "shards"
+    out.mkdir()
+    moved = []
+    real_replace = pack_module.os.replace
+
+    def replace(src, dst):
+        moved.append(Path(dst).name)
+        if Path(dst).name == "manifest.json" and Path(dst).parent == out:
+            assert {p.name for p in out.glob("*.tar")} == {"train-000000.tar", "train-000001.tar", "train-000002.tar", "test-000000.tar"}
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(pack_module.os, "replace", replace)
+    pack(load_source(source), out, shard_size=200, block_size=50)
+    assert moved[-1] == "manifest.json"
+
+
+# --- manifest ----------------------------------------------------------------------------------------
+
+
+def test_real_mnist_manifest(mnist_shards):
+    manifest = json.loads((mnist_shards / "manifest.json").read_text())
+    assert manifest["format_version"] == 1
+    assert manifest["image_shape"] == [28, 28] and manifest["num_classes"] == 10
+    assert manifest["packed_by"].startswith("harness ")
+    train, test = manifest["splits"]["train"], manifest["splits"]["test"]
+    assert (train["samples"], test["samples"]) == (60000, 10000)
+    assert train["block_size"] == test["block_size"] == 1000
+    assert [s["samples"] for s in train["shards"]] == [10000] * 6
+    assert [s["samples"] for s in test["shards"]] == [10000]
+    listed = set()
+    for split in (train, test):
+        for shard in split["shards"]:
+            content = (mnist_shards / shard["name"]).read_bytes()
+            assert shard["bytes"] == len(content)
+            assert shard["sha256"] == hashlib.sha256(content).hexdigest()
+            listed.add(shard["name"])
+    assert {p.name for p in mnist_shards.iterdir()} == listed | {"manifest.json"}
+    assert manifest["source"]["kind"] == "idx"
+    assert {name: f["sha256"] for name, f in manifest["source"]["files"].items()} == MNIST_SHA256
+    assert {name: f["bytes"] for name, f in manifest["source"]["files"].items()} == MNIST_BYTES
+    stats = manifest["train_stats"]
+    assert stats["mean"] == pytest.approx(0.1307, abs=5e-5)
+    assert stats["std"] == pytest.approx(0.3081, abs=5e-5)
+    assert len(stats["pixel_mean"]) == 784
+    assert np.mean(stats["pixel_mean"]) == pytest.approx(stats["mean"], abs=1e-6)
+    assert stats["pixel_mean"][0] == 0.0 and max(stats["pixel_mean"]) > 0.5  # corners blank, centre bright
+
+
+def test_plain_webdataset_reads_a_shard(mnist_shards, mnist_dir):
+    images = read_idx(mnist_dir / "train-images-idx3-ubyte.gz", 3)
+    labels = read_idx(mnist_dir / "train-labels-idx1-ubyte.gz", 1)
+    url = str(mnist_shards / "train-000001.tar")
+    samples = list(wds.WebDataset(url, shardshuffle=False).decode())
+    assert len(samples) == 10
+    for i, sample in enumerate(samples):
+        block_images, block_labels = sample["images.npy"], sample["labels.npy"]
+        assert isinstance(block_images, np.ndarray) and block_images.dtype == np.uint8
+        assert block_images.shape == (1000, 28, 28) and block_labels.shape == (1000,)
+        first = 10000 + 1000 * i
+        assert sample["meta.json"] == {"split": "train", "first": first, "count": 1000}
+        np.testing.assert_array_equal(block_images, images[first : first + 1000])
+        np.testing.assert_array_equal(block_labels, labels[first : first + 1000])
+
+
+def test_shard_and_block_size_options(mnist_dir, tmp_path, capsys):
+    out = tmp_path / "big"
+    rc = cli_main(["pack", "--source", str(mnist_dir), "--out", str(out), "--shard-size", "25000", "--block-size", "500"])
+    stdout = capsys.readouterr().out
+    assert rc == 0
+    assert "train: 60,000 images in 3 shard(s) of blocks of 500" in stdout
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["dataset"] == mnist_dir.resolve().name
+    train = manifest["splits"]["train"]
+    assert train["block_size"] == 500
+    assert [(s["name"], s["samples"]) for s in train["shards"]] == [
+        ("train-000000.tar", 25000), ("train-000001.tar", 25000), ("train-000002.tar", 10000)
+    ]
+    assert [s["samples"] for s in manifest["splits"]["test"]["shards"]] == [10000]
+    blocks = read_blocks(out / "train-000002.tar")
+    assert [first for first, _, _ in blocks] == list(range(50000, 60000, 500))
+    assert all(len(block_labels) == 500 for _, _, block_labels in blocks)
+    assert manifest["train_stats"]["mean"] == pytest.approx(0.1307, abs=5e-5)
+
+
+def test_uneven_last_block(source, tmp_path):
+    """530 = 2 shards of 200 + 130: the last shard ends in a short block."""
+    manifest = pack(load_source(source), tmp_path / "out", shard_size=200, block_size=50)
+    assert [s["samples"] for s in manifest["splits"]["train"]["shards"]] == [200, 200, 130]
+    counts = [len(labels) for _, _, labels in read_blocks(tmp_path / "out" / "train-000002.tar")]
+    assert counts == [50, 50, 30]
+
+
+def test_show_prints_label_of_real_mnist(mnist_shards, capsys):
+    assert cli_main(["show", "--shards", str(mnist_shards), "--index", "0"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["train[0]", "label", "5"]
+    art = lines[1:]
+    assert len(art) == 28 and any(line.strip() for line in art)
+    assert cli_main(["show", "--shards", str(mnist_shards), "--split", "test", "--index", "9999"]) == 0
+    assert capsys.readouterr().out.splitlines()[0].split() == ["test[9999]", "label", "6"]

@@ -1,0 +1,196 @@
+"""Reading sources: IDX (gzip and raw, both naming styles), CSV (with and without header), real MNIST."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+
+import numpy as np
+import pytest
+
+from harness.data.csv_source import read_csv
+from harness.data.idx import read_idx
+from harness.data.pack import pack
+from harness.data.sources import load_source
+from harness.data.stream import ShardSplit
+
+MNIST_TRAIN_HISTOGRAM = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
+MNIST_TEST_HISTOGRAM = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
+MNIST_SHA256 = {
+    "train-images-idx3-ubyte.gz": "440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609",
+    "train-labels-idx1-ubyte.gz": "3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c",
+    "t10k-images-idx3-ubyte.gz": "8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6",
+    "t10k-labels-idx1-ubyte.gz": "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6",
+}
+
+
+def write_idx(path, array, gz: bool = False) -> None:
+    """Write an unsigned-byte IDX file (the layout of the original MNIST distribution)."""
+    array = np.ascontiguousarray(array, dtype=np.uint8)
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    data = header + array.tobytes()
+    path.write_bytes(gzip.compress(data, mtime=0) if gz else data)
+
+
+def random_split(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, (n, 28, 28), dtype=np.uint8), rng.integers(0, 10, n, dtype=np.uint8)
+
+
+def write_idx_dataset(directory, n_train=300, n_test=120, gz=True, sep="-", seed=0):
+    """A synthetic MNIST-like IDX source directory; returns {split: (images, labels)}."""
+    directory.mkdir(parents=True, exist_ok=True)
+    data = {"train": random_split(n_train, seed), "test": random_split(n_test, seed + 1)}
+    ext = ".gz" if gz else ""
+    for split, prefix in (("train", "train"), ("test", "t10k")):
+        images, labels = data[split]
+        write_idx(directory / f"{prefix}-images{sep}idx3-ubyte{ext}", images, gz)
+        write_idx(directory / f"{prefix}-labels{sep}idx1-ubyte{ext}", labels, gz)
+    return data
+
+
+def write_csv(path, images, labels, header: bool) -> None:
+    lines = []
+    if header:
+        lines.append(",".join(["label"] + [f"pixel{i}" for i in range(784)]))
+    for image, label in zip(images, labels):
+        lines.append(",".join(map(str, [int(label), *image.reshape(-1).tolist()])))
+    path.write_text("\n".join(lines) + "\n")
+
+
+# --- IDX -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("gz", [False, True], ids=["raw", "gzip"])
+def test_read_idx_returns_the_array_written(tmp_path, gz):
+    images, labels = random_split(37, seed=3)
+    write_idx(tmp_path / "images", images, gz)
+    write_idx(tmp_path / "labels", labels, gz)
+    assert (tmp_path / "images").read_bytes()[:2] == (b"\x1f\x8b" if gz else b"\x00\x00")
+    got_images, got_labels = read_idx(tmp_path / "images", 3), read_idx(tmp_path / "labels", 1)
+    assert got_images.dtype == np.uint8 and got_images.shape == (37, 28, 28)
+    assert got_labels.dtype == np.uint8 and got_labels.shape == (37,)
+    np.testing.assert_array_equal(got_images, images)
+    np.testing.assert_array_equal(got_labels, labels)
+
+
+@pytest.mark.parametrize("gz", [False, True], ids=["raw", "gzip"])
+@pytest.mark.parametrize("sep", ["-", "."], ids=["train-images-idx3-ubyte", "train-images.idx3-ubyte"])
+def test_load_source_idx_both_naming_styles(tmp_path, gz, sep):
+    source = tmp_path / "src"
+    expected = write_idx_dataset(source, gz=gz, sep=sep, seed=11)
+    dataset = load_source(source)
+    assert dataset.kind == "idx"
+    assert dataset.name == "src"
+    assert set(dataset.splits) == {"train", "test"}
+    for split, (images, labels) in expected.items():
+        np.testing.assert_array_equal(dataset.splits[split].images, images)
+        np.testing.assert_array_equal(dataset.splits[split].labels, labels)
+        assert dataset.splits[split].images.dtype == np.uint8
+    # Every file used is recorded with its checksum and size (they end up in the manifest).
+    ext = ".gz" if gz else ""
+    expected_names = {f"{p}-{k}{sep}idx{d}-ubyte{ext}" for p in ("train", "t10k") for k, d in (("images", 3), ("labels", 1))}
+    assert set(dataset.files) == expected_names
+    for name, info in dataset.files.items():
+        content = (source / name).read_bytes()
+        assert info == {"sha256": hashlib.sha256(content).hexdigest(), "bytes": len(content)}
+
+
+def test_load_source_accepts_test_prefix_and_custom_name(tmp_path):
+    source = tmp_path / "src"
+    source.mkdir()
+    train, test = random_split(50, 1), random_split(20, 2)
+    write_idx(source / "train-images-idx3-ubyte", train[0])
+    write_idx(source / "train-labels-idx1-ubyte", train[1])
+    write_idx(source / "test-images-idx3-ubyte.gz", test[0], gz=True)
+    write_idx(source / "test-labels-idx1-ubyte.gz", test[1], gz=True)
+    dataset = load_source(source, name="my-digits")
+    assert dataset.name == "my-digits"
+    np.testing.assert_array_equal(dataset.splits["test"].images, test[0])
+    np.testing.assert_array_equal(dataset.splits["test"].labels, test[1])
+
+
+# --- CSV -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("header", [False, True], ids=["no-header", "header"])
+def test_read_csv(tmp_path, header):
+    images, labels = random_split(25, seed=5)
+    path = tmp_path / "digits.csv"
+    write_csv(path, images, labels, header)
+    pixels, got_labels = read_csv(path)
+    # The header row (when present) is not a sample; every data row is.
+    assert pixels.shape == (25, 784) and pixels.dtype == np.uint8
+    np.testing.assert_array_equal(pixels, images.reshape(25, 784))
+    np.testing.assert_array_equal(got_labels, labels)
+
+
+@pytest.mark.parametrize(
+    "header,names", [(True, ("mnist_train.csv", "mnist_test.csv")), (False, ("train.csv", "test.csv"))], ids=["mnist_-header", "plain-no-header"]
+)
+def test_load_source_csv(tmp_path, header, names):
+    source = tmp_path / "csvsrc"
+    source.mkdir()
+    train, test = random_split(40, 7), random_split(15, 8)
+    write_csv(source / names[0], *train, header)
+    write_csv(source / names[1], *test, header)
+    dataset = load_source(source)
+    assert dataset.kind == "csv"
+    for split, (images, labels) in (("train", train), ("test", test)):
+        assert dataset.splits[split].images.shape == (len(labels), 28, 28)
+        np.testing.assert_array_equal(dataset.splits[split].images, images)
+        np.testing.assert_array_equal(dataset.splits[split].labels, labels)
+    assert set(dataset.files) == set(names)
+
+
+def test_csv_and_idx_sources_pack_to_identical_shards(tmp_path):
+    """The same data read from IDX or CSV gives the same shard contents."""
+    idx_dir, csv_dir = tmp_path / "idx", tmp_path / "csv"
+    data = write_idx_dataset(idx_dir, n_train=120, n_test=30, seed=21)
+    csv_dir.mkdir()
+    write_csv(csv_dir / "mnist_train.csv", *data["train"], header=True)
+    write_csv(csv_dir / "mnist_test.csv", *data["test"], header=True)
+    a = pack(load_source(idx_dir, "same"), tmp_path / "a", shard_size=50, block_size=10)
+    b = pack(load_source(csv_dir, "same"), tmp_path / "b", shard_size=50, block_size=10)
+    assert a["splits"] == b["splits"]  # same shard names, sizes and SHA-256
+    assert a["source"]["kind"] == "idx" and b["source"]["kind"] == "csv"
+
+
+# --- a synthetic dataset with other content ---------------------------------------------------------
+
+
+def test_synthetic_idx_dataset_packs_and_loads(tmp_path):
+    source = tmp_path / "synthetic"
+    data = write_idx_dataset(source, n_train=730, n_test=210, gz=False, seed=42)
+    manifest = pack(load_source(source), tmp_path / "shards", shard_size=300, block_size=100)
+    assert manifest["dataset"] == "synthetic"
+    assert [s["samples"] for s in manifest["splits"]["train"]["shards"]] == [300, 300, 130]
+    assert [s["samples"] for s in manifest["splits"]["test"]["shards"]] == [210]
+    for split, (images, labels) in data.items():
+        got_images, got_labels = ShardSplit(tmp_path / "shards", split).load_all()
+        np.testing.assert_array_equal(got_images, images)
+        np.testing.assert_array_equal(got_labels, labels)
+    # Statistics come from this data, not from constants for MNIST.
+    scaled = data["train"][0].astype(np.float64) / 255.0
+    stats = manifest["train_stats"]
+    assert stats["mean"] == pytest.approx(scaled.mean(), abs=1e-7)
+    assert stats["std"] == pytest.approx(scaled.std(), abs=1e-7)
+    assert abs(stats["mean"] - 0.1307) > 0.2  # uniform random pixels: mean near 0.5
+    np.testing.assert_allclose(stats["pixel_mean"], scaled.reshape(730, -1).mean(axis=0), atol=1e-7)
+
+
+# --- real MNIST ------------------------------------------------------------------------------------
+
+
+def test_real_mnist_loads(mnist_dir):
+    dataset = load_source(mnist_dir)
+    train, test = dataset.splits["train"], dataset.splits["test"]
+    assert dataset.kind == "idx"
+    assert train.images.shape == (60000, 28, 28) and train.images.dtype == np.uint8
+    assert test.images.shape == (10000, 28, 28) and test.images.dtype == np.uint8
+    assert train.labels.shape == (60000,) and test.labels.shape == (10000,)
+    assert np.bincount(train.labels, minlength=10).tolist() == MNIST_TRAIN_HISTOGRAM
+    assert np.bincount(test.labels, minlength=10).tolist() == MNIST_TEST_HISTOGRAM
+    assert int(train.labels[0]) == 5 and int(test.labels[0]) == 7
+    # The recorded source checksums are those of the official files.
+    assert {name: info["sha256"] for name, info in dataset.files.items()} == MNIST_SHA256

@@ -1,0 +1,205 @@
+"""MacroBatchStream: each sample at most once per epoch, seeded order, world-size independent batches, resume."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from harness.data.pack import pack
+from harness.data.sources import Dataset, Split
+from harness.data.stream import MacroBatchStream, ShardSplit, read_blocks
+from harness.errors import HarnessError
+
+N = 2950  # shards of 800: 800/800/800/550, the last one ending in a 50-image block
+CPU = torch.device("cpu")
+
+
+def make_dataset(n: int, seed: int = 0) -> Dataset:
+    """Random images whose first two pixels encode the sample's index; random labels."""
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+    ids = np.arange(n)
+    images[:, 0, 0], images[:, 0, 1] = ids & 0xFF, ids >> 8
+    labels = rng.integers(0, 10, n, dtype=np.uint8)
+    return Dataset("ids", "idx", {"train": Split(images, labels), "test": Split(images[:100].copy(), labels[:100].copy())})
+
+
+def ids_of(images: torch.Tensor) -> np.ndarray:
+    images = images.numpy()
+    return images[:, 0, 0].astype(np.int64) | (images[:, 0, 1].astype(np.int64) << 8)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Small gathers on 2 cores: ~12 ms each with 2 intra-op threads, ~0.4 ms with 1."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> tuple[Path, np.ndarray]:
+    out = tmp_path_factory.mktemp("stream") / "shards"
+    dataset = make_dataset(N)
+    pack(dataset, out, shard_size=800, block_size=100)
+    return out, dataset.splits["train"].labels
+
+
+def batches(stream: MacroBatchStream, epoch: int, world_size: int = 1, rank: int = 0, start_index: int = 0):
+    """The epoch's global (or one rank's) batches as (ids, labels) numpy arrays, in step order."""
+    out = []
+    for macro in stream.epoch(epoch, start_index):
+        for step in range(macro.steps):
+            images, labels = macro.local_batch(step, rank, world_size)
+            out.append((ids_of(images), labels.numpy()))
+    return out
+
+
+def epoch_ids(stream: MacroBatchStream, epoch: int) -> np.ndarray:
+    return np.concatenate([ids for ids, _ in batches(stream, epoch)])
+
+
+# --- one epoch: each sample at most once -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("global_batch,macro_batch", [(64, 60000), (64, 700), (100, 100), (50, 3000)])
+def test_epoch_uses_each_sample_at_most_once(data, global_batch, macro_batch):
+    shards, labels = data
+    stream = MacroBatchStream(ShardSplit(shards, "train"), global_batch, macro_batch, seed=0, device=CPU)
+    macros = list(stream.epoch(0))
+    assert len(macros) == stream.macro_batches_per_epoch
+    assert sum(m.steps for m in macros) == stream.steps_per_epoch == N // global_batch
+    for m in macros:
+        assert len(m.labels) % global_batch == 0  # macro-batches hold whole global batches
+        assert len(m.labels) <= max(macro_batch, global_batch)
+        assert sorted(m.order.tolist()) == list(range(len(m.labels)))
+    got = batches(stream, 0)
+    assert all(len(ids) == global_batch for ids, _ in got)
+    ids = np.concatenate([i for i, _ in got])
+    assert len(np.unique(ids)) == len(ids)  # no sample twice
+    assert ids.min() >= 0 and ids.max() < N
+    assert 0 <= N - len(ids) < global_batch  # only the remainder is dropped
+    np.testing.assert_array_equal(np.concatenate([lab for _, lab in got]), labels[ids])  # labels stay with their images
+    if N % global_batch == 0:
+        assert sorted(ids.tolist()) == list(range(N))
+
+
+def test_order_is_seeded_by_seed_and_epoch(data):
+    shards, _ = data
+    make = lambda seed: MacroBatchStream(ShardSplit(shards, "train"), 64, 700, seed=seed, device=CPU)  # noqa: E731
+    first = epoch_ids(make(0), 0)
+    np.testing.assert_array_equal(first, epoch_ids(make(0), 0))  # a fresh stream: same (seed, epoch), same order
+    np.testing.assert_array_equal(epoch_ids(make(0), 3), epoch_ids(make(0), 3))
+    stream = make(0)
+    epochs = [epoch_ids(stream, e) for e in range(3)]
+    for a in range(3):
+        for b in range(a + 1, 3):
+            assert not np.array_equal(epochs[a], epochs[b])
+            assert np.mean(epochs[a] == epochs[b]) < 0.05  # reshuffled, not just rotated or swapped
+    assert not np.array_equal(first, epoch_ids(make(1), 0))
+    # With one macro-batch for the whole set, a global batch mixes images from across it.
+    whole = epoch_ids(MacroBatchStream(ShardSplit(shards, "train"), 64, 60000, seed=0, device=CPU), 0)
+    assert np.ptp(whole[:64]) > N // 2
+
+
+@pytest.mark.parametrize("macro_batch", [60000, 700])
+def test_global_batches_do_not_depend_on_world_size(data, macro_batch):
+    shards, _ = data
+    stream = MacroBatchStream(ShardSplit(shards, "train"), 64, macro_batch, seed=5, device=CPU)
+    for macro in stream.epoch(1):
+        for step in range(macro.steps):
+            whole_images, whole_labels = macro.local_batch(step, 0, 1)
+            assert len(whole_labels) == 64
+            for world_size in (1, 2, 4):
+                parts = [macro.local_batch(step, rank, world_size) for rank in range(world_size)]
+                assert all(len(labels) == 64 // world_size for _, labels in parts)
+                assert torch.equal(torch.cat([images for images, _ in parts]), whole_images)
+                assert torch.equal(torch.cat([labels for _, labels in parts]), whole_labels)
+    # Ranks of a 4-process run over a whole epoch: disjoint, and together the 1-process epoch.
+    per_rank = [np.concatenate([ids for ids, _ in batches(stream, 1, 4, r)]) for r in range(4)]
+    assert sum(len(set(p)) for p in per_rank) == len(set(np.concatenate(per_rank)))
+    assert sorted(np.concatenate(per_rank).tolist()) == sorted(epoch_ids(stream, 1).tolist())
+
+
+def test_small_macro_batch_on_real_mnist(mnist_shards):
+    """macro_batch 7000 with batch 64: nine macro-batches of whole global batches, each image at most once."""
+    data = ShardSplit(mnist_shards, "train")
+    source_images, source_labels = data.load_all()
+    source = Counter(zip(source_labels.tolist(), map(bytes, source_images.reshape(60000, -1))))
+    stream = MacroBatchStream(data, 64, 7000, seed=0, device=CPU)
+    macros = list(stream.epoch(0))
+    assert [len(m.labels) for m in macros] == [109 * 64] * 8 + [(937 - 8 * 109) * 64]
+    used = Counter()
+    for m in macros:
+        for label, image in zip(m.labels.tolist(), m.images.numpy().reshape(len(m.labels), -1)):
+            used[(label, bytes(image))] += 1
+    assert sum(used.values()) == 937 * 64 == 59968
+    assert not used - source  # every (label, image) pair used no more often than it occurs in MNIST
+    assert len(source) - len(used) <= 32
+
+
+@pytest.mark.parametrize("start_index", [0, 1, 3, 4])
+def test_resume_from_macro_batch(data, start_index):
+    shards, _ = data
+    full = list(MacroBatchStream(ShardSplit(shards, "train"), 64, 700, seed=2, device=CPU).epoch(4))
+    assert len(full) == 5  # 46 steps: 10+10+10+10+6
+    resumed = list(MacroBatchStream(ShardSplit(shards, "train"), 64, 700, seed=2, device=CPU).epoch(4, start_index=start_index))
+    assert len(resumed) == len(full) - start_index
+    for a, b in zip(full[start_index:], resumed):
+        assert (a.epoch, a.index) == (b.epoch, b.index)
+        assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels) and torch.equal(a.order, b.order)
+
+
+# --- sample ranges (holdout) and uneven shards ------------------------------------------------------------
+
+
+def test_shard_split_range_is_respected(data):
+    shards, labels = data
+    start, stop = 150, 2375  # inside blocks, across shard boundaries
+    train = ShardSplit(shards, "train", start, stop)
+    assert len(train) == stop - start
+    images, got_labels = train.load_all()
+    np.testing.assert_array_equal(ids_of(torch.from_numpy(images)), np.arange(start, stop))
+    np.testing.assert_array_equal(got_labels, labels[start:stop])
+    holdout_images, _ = ShardSplit(shards, "train", stop).load_all()
+    np.testing.assert_array_equal(ids_of(torch.from_numpy(holdout_images)), np.arange(stop, N))
+    for macro_batch in (60000, 500):
+        stream = MacroBatchStream(train, 64, macro_batch, seed=9, device=CPU)
+        ids = epoch_ids(stream, 0)
+        assert len(np.unique(ids)) == len(ids) == (stop - start) // 64 * 64
+        assert ids.min() >= start and ids.max() < stop  # never a holdout image
+        assert ids.min() < start + 200 and ids.max() >= stop - 200  # both ends of the range are used
+    # Resuming inside a range gives the same macro-batches as the full iteration.
+    full = list(MacroBatchStream(train, 64, 500, seed=9, device=CPU).epoch(2))
+    resumed = list(MacroBatchStream(train, 64, 500, seed=9, device=CPU).epoch(2, start_index=3))
+    assert len(full) == 5 and len(resumed) == 2
+    for a, b in zip(full[3:], resumed):
+        assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels) and torch.equal(a.order, b.order)
+
+
+def test_bad_range_and_batch(data):
+    shards, _ = data
+    with pytest.raises(HarnessError, match="outside the train split's 2950 samples"):
+        ShardSplit(shards, "train", 0, N + 1)
+    with pytest.raises(HarnessError, match="larger than the 100 training samples"):
+        MacroBatchStream(ShardSplit(shards, "train", 0, 100), 128, 1000, seed=0, device=CPU)
+
+
+def test_uneven_shards(data):
+    shards, labels = data
+    split = ShardSplit(shards, "train")
+    assert split.shard_counts == [800, 800, 800, 550]
+    assert [len(b[2]) for b in read_blocks(split.paths[-1])] == [100] * 5 + [50]
+    # A batch that divides 2950: every sample exactly once per epoch, on 1 or 2 ranks.
+    stream = MacroBatchStream(split, 50, 600, seed=4, device=CPU)
+    for epoch in (0, 1):
+        ids = epoch_ids(stream, epoch)
+        assert sorted(ids.tolist()) == list(range(N))
+        per_rank = [np.concatenate([i for i, _ in batches(stream, epoch, 2, r)]) for r in range(2)]
+        assert len(per_rank[0]) == len(per_rank[1]) == N // 2  # same number of steps on every rank
+        assert sorted(np.concatenate(per_rank).tolist()) == list(range(N))

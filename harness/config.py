@@ -48,8 +48,11 @@ class TrainConfig:
     device: str = "auto"  # auto: CUDA when present, else CPU
     threads: int = 0  # CPU threads per rank; 0 = cores / ranks on this node
     max_steps: int = 0  # stop after this many optimizer steps in all; 0 = no limit
-    log_every: int = 100  # steps between train/loss points
+    log_every: int = 100  # steps between sync points: train/loss, stop and NaN checks
     eval_batch: int = 2000
+    checkpoint_every: int = 0  # also checkpoint every N steps (rounded up to a sync point); 0 = epoch ends only
+    keep_checkpoints: int = 3
+    timeout: float = 300.0  # seconds any collective may wait before the job fails
 
     def validate(self) -> None:
         for name, allowed in CHOICES.items():
@@ -57,9 +60,11 @@ class TrainConfig:
                 raise HarnessError(f"--{name.replace('_', '-')} '{getattr(self, name)}' is not one of: {', '.join(a or '(none)' for a in allowed)}")
         if self.model == "mlp" and not self.hidden:
             raise HarnessError("--hidden is required for the mlp model (e.g. --hidden 500,300)")
-        for name in ("epochs", "batch_size", "macro_batch", "log_every", "eval_batch"):
+        for name in ("epochs", "batch_size", "macro_batch", "log_every", "eval_batch", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise HarnessError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(self, name)})")
+        if self.timeout <= 0:
+            raise HarnessError(f"--timeout must be positive (got {self.timeout})")
         if self.lr <= 0:
             raise HarnessError(f"--lr must be positive (got {self.lr})")
         if self.nesterov and self.momentum <= 0:
@@ -122,3 +127,13 @@ def build_config(preset: str | None, args: argparse.Namespace) -> TrainConfig:
     config = TrainConfig(**values)
     config.validate()
     return config
+
+
+# Fields that may differ when a run resumes; any other change would make the resumed
+# run a different experiment, so it is refused.
+RESUMABLE_CHANGES = {"epochs", "max_steps", "log_every", "eval_batch", "device", "threads", "checkpoint_every", "keep_checkpoints", "timeout"}
+
+
+def changed_fields(saved: dict, config: TrainConfig) -> list[str]:
+    current = dataclasses.asdict(config)
+    return sorted(k for k in current if k not in RESUMABLE_CHANGES and saved.get(k) != current[k])

@@ -25,6 +25,12 @@ from harness.tensorboard import TensorBoardLog
 log = logging.getLogger("harness")
 
 
+def write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def save_atomic(obj, path: Path) -> None:
     """torch.save to a temporary file, fsync, then rename: never a half-written file under `path`."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -35,24 +41,45 @@ def save_atomic(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def prepare_run_dir(run_dir: Path) -> Path:
+def prepare_run_dir(run_dir: Path, resuming: bool) -> Path:
+    """Create RUN_DIR, or check that an existing one may be used.
+
+    A fresh start in a directory that already holds epoch results would mix two
+    runs, so it is refused; a directory holding only TensorBoard events from a
+    run killed before its first checkpoint is fine (those events are purged).
+    """
     run_dir = Path(run_dir)
-    if (run_dir / "metrics.jsonl").exists():
-        raise HarnessError(f"{run_dir}: already holds a run (metrics.jsonl exists); pick a new --run-dir")
+    if not resuming:
+        for name in ("metrics.jsonl", "summary.json"):
+            if (run_dir / name).exists():
+                raise HarnessError(
+                    f"{run_dir}: already holds a run ({name} exists) and no valid checkpoint to resume from; "
+                    "pick a new --run-dir"
+                )
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         probe = run_dir / ".write-test"
         probe.write_text("")
         probe.unlink()
     except OSError as e:
-        raise HarnessError(f"{run_dir}: run directory is not writable ({e.strerror})") from None
+        raise HarnessError(f"{run_dir}: run directory is not writable ({e.strerror or e})") from None
     return run_dir
 
 
 class RunOutputs:
-    def __init__(self, run_dir: Path):
-        self.run_dir = prepare_run_dir(run_dir)
-        self.tensorboard = TensorBoardLog(self.run_dir)
+    def __init__(self, run_dir: Path, resumed_at: int | None):
+        """`resumed_at`: the step a resumed run continues from; None for a fresh start."""
+        self.run_dir = prepare_run_dir(run_dir, resuming=resumed_at is not None)
+        # TensorBoard hides events at or after purge_step that earlier event files hold,
+        # so steps redone after a resume are not shown twice.
+        self.tensorboard = TensorBoardLog(self.run_dir, purge_step=resumed_at or 0)
+
+    def keep_epochs(self, completed: int) -> None:
+        """Drop metrics lines of epochs after the checkpoint (they will be redone)."""
+        path = self.run_dir / "metrics.jsonl"
+        if path.exists():
+            lines = [line for line in path.read_text().splitlines() if line and json.loads(line)["epoch"] <= completed]
+            write_text_atomic(path, "".join(line + "\n" for line in lines))
 
     def epoch(self, metrics: dict, epochs: int, model, step: int) -> None:
         with open(self.run_dir / "metrics.jsonl", "a") as f:

@@ -44,8 +44,8 @@ def confusion_image(confusion: torch.Tensor, cell: int = 20) -> torch.Tensor:
 
 
 class TensorBoardLog:
-    def __init__(self, run_dir):
-        self.writer = SummaryWriter(log_dir=str(run_dir))
+    def __init__(self, run_dir, purge_step: int = 0):
+        self.writer = SummaryWriter(log_dir=str(run_dir), purge_step=purge_step or None)
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
         for tag, value in values.items():

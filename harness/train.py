@@ -1,14 +1,18 @@
 """The training loop. `python -m harness.train` is the entry point for torchrun.
 
-Each rank: stream the training split as macro-batches, take its slice of every
-global batch, step the (DDP-wrapped) model; rank 0 validates after every
-epoch and writes the run outputs. Read top to bottom; details live in the
-modules it calls.
+Each rank streams the training split as macro-batches, takes its slice of every
+global batch and steps the (DDP-wrapped) model; rank 0 validates after every
+epoch and writes the run outputs. Every `log_every` steps all ranks meet at a sync
+point: one all-reduce carries the loss, any stop signal and any non-finite loss,
+so every rank stops, checkpoints or fails at the same step. The loop's position
+lives in `LoopState`, which goes into every checkpoint, so a run resumes at the
+exact step it stopped at. Details live in the modules it calls.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 import time
@@ -19,15 +23,38 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from harness import distributed
-from harness.config import TrainConfig, add_config_options, build_config
+from harness.checkpoint import load_newest_valid, load_verified, save_checkpoint
+from harness.config import TrainConfig, add_config_options, build_config, changed_fields
 from harness.data.stream import MacroBatchStream, ShardSplit
 from harness.errors import HarnessError
 from harness.evaluate import evaluate
 from harness.models import build_model, parameter_checksum
 from harness.normalize import Normalizer, make_loss
 from harness.run_outputs import RunOutputs, setup_logging
+from harness.stopping import EXIT_STOPPED, Fault, StopRequest
 
 log = logging.getLogger("harness")
+
+
+class Stopped(Exception):
+    """Raised on every rank after a stop signal was honoured and checkpointed."""
+
+
+@dataclasses.dataclass
+class LoopState:
+    """Where training is: the next step to run, and what the epoch has gathered so far."""
+
+    epoch: int = 0  # 0-based epoch in progress (= epochs completed)
+    macro: int = 0  # macro-batch of that epoch in progress
+    step_in_macro: int = 0  # next step inside that macro-batch
+    step: int = 0  # optimizer steps done in all
+    epoch_loss_sum: float = 0.0  # per-rank mean losses, summed over ranks and steps
+    epoch_steps: int = 0
+    epoch_seconds: float = 0.0  # training time of the epoch in progress
+    best_val: float = float("inf")
+    stale_epochs: int = 0
+    finished: bool = False  # early stopping or max_steps ended the run
+    last_metrics: dict = dataclasses.field(default_factory=dict)
 
 
 def load_eval_set(shard_dir: Path, split: str, start: int, stop: int | None, device: torch.device):
@@ -35,20 +62,20 @@ def load_eval_set(shard_dir: Path, split: str, start: int, stop: int | None, dev
     return torch.from_numpy(images).to(device), torch.from_numpy(labels).long().to(device)
 
 
-def train(config: TrainConfig, shard_dir: Path, run_dir: Path) -> dict:
-    ctx = distributed.init_distributed(config.device)
+def train(config: TrainConfig, shard_dir: Path, run_dir: Path, resume: str = "auto") -> dict:
+    ctx = distributed.init_distributed(config.device, config.timeout)
     try:
-        return _train(config, Path(shard_dir), Path(run_dir), ctx)
+        return _train(config, Path(shard_dir), Path(run_dir), ctx, resume)
     finally:
         distributed.shutdown(ctx)
 
 
-def _train(config: TrainConfig, shard_dir: Path, run_dir: Path, ctx: distributed.DistContext) -> dict:
+def _train(config: TrainConfig, shard_dir: Path, run_dir: Path, ctx: distributed.DistContext, resume: str) -> dict:
     setup_logging(ctx.rank)
     if config.batch_size % ctx.world_size:
         raise HarnessError(f"--batch-size {config.batch_size} is not divisible by the world size {ctx.world_size}")
     threads, why = distributed.choose_threads(config.threads, ctx.local_world_size)
-    outputs = RunOutputs(run_dir) if ctx.is_main else None
+    stop_request, fault = StopRequest(), Fault.from_env()
 
     # Data: the training range, and (rank 0) the validation images on the device.
     train_data = ShardSplit(shard_dir, "train")
@@ -68,110 +95,194 @@ def _train(config: TrainConfig, shard_dir: Path, run_dir: Path, ctx: distributed
     normalize = Normalizer(config.normalize, train_data.manifest["train_stats"], ctx.device)
     loss_fn = make_loss(config.loss)
 
+    loop = restore(ctx, run_dir, resume, config, model, optimizer, scheduler)
+    outputs = RunOutputs(run_dir, resumed_at=loop.step if loop.step or loop.epoch else None) if ctx.is_main else None
+    if outputs:
+        outputs.keep_epochs(loop.epoch)
+
+    def checkpoint() -> None:
+        """Rank 0 writes; everyone waits, so no rank runs ahead of a checkpoint being written."""
+        if ctx.is_main:
+            state = {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "loop": dataclasses.asdict(loop),
+                "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if ctx.device.type == "cuda" else []},
+                "config": dataclasses.asdict(config),
+                "world_size": ctx.world_size,
+            }
+            save_checkpoint(run_dir, state, loop.step, loop.epoch, config.keep_checkpoints)
+        ctx.barrier()
+
     log.info(
         f"{sum(p.numel() for p in model.parameters()):,}-parameter {config.model} on {ctx.device}, "
         f"world size {ctx.world_size}, {threads} CPU thread(s) per rank ({why}); "
         f"{n_train:,} training images, {stream.steps_per_epoch} steps of {config.batch_size} per epoch, "
         f"validating on {val_set}"
     )
-    step, best_val, stale_epochs, metrics = 0, float("inf"), 0, {}
     started = time.perf_counter()
     show_bar = ctx.is_main and sys.stderr.isatty()
-    for epoch in range(config.epochs):
-        epoch_started, epoch_steps = time.perf_counter(), 0
-        loss_sum = torch.zeros((), device=ctx.device)
-        window_loss, window_steps, window_started = torch.zeros((), device=ctx.device), 0, time.perf_counter()
+    window = torch.zeros(config.log_every, device=ctx.device)  # per-step losses since the last sync point
+    reached_max = lambda: config.max_steps and loop.step >= config.max_steps  # noqa: E731
+    # Recomputed rather than taken from a checkpoint: a finished run resumed with a
+    # larger --max-steps or --epochs goes on; early stopping stays decided.
+    loop.finished = bool(reached_max()) or bool(config.early_stopping and loop.stale_epochs >= config.early_stopping)
+    while loop.epoch < config.epochs and not loop.finished:
         lr = optimizer.param_groups[0]["lr"]
-        bar = tqdm(total=stream.steps_per_epoch, desc=f"epoch {epoch + 1}/{config.epochs}", leave=False, disable=not show_bar)
-        for macro in stream.epoch(epoch):
-            for i in range(macro.steps):
+        bar = tqdm(total=stream.steps_per_epoch, initial=loop.epoch_steps, desc=f"epoch {loop.epoch + 1}/{config.epochs}", leave=False, disable=not show_bar)
+        n_window, window_started = 0, time.perf_counter()
+        for macro in stream.epoch(loop.epoch, start_index=loop.macro):
+            for i in range(loop.step_in_macro, macro.steps):
+                fault.before_step(loop.step, ctx.rank)
                 images, labels = macro.local_batch(i, ctx.rank, ctx.world_size)
-                loss = loss_fn(trained(normalize(images)), labels)
+                loss = fault.corrupt_loss(loss_fn(trained(normalize(images)), labels), loop.step, ctx.rank)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-                loss_sum += loss.detach()
-                window_loss += loss.detach()
-                step, epoch_steps, window_steps = step + 1, epoch_steps + 1, window_steps + 1
+                window[n_window] = loss.detach()
+                n_window += 1
+                loop.step += 1
+                loop.macro, loop.step_in_macro = (loop.macro + 1, 0) if i + 1 == macro.steps else (loop.macro, i + 1)
                 bar.update()
-                end_of_macro = i == macro.steps - 1
-                if step % config.log_every == 0 or end_of_macro or step == config.max_steps:
-                    # The only host sync of the loop: one all-reduce of the loss every log_every steps.
-                    mean_loss = ctx.sum(window_loss.clone()).item() / (window_steps * ctx.world_size)
+                due_checkpoint = config.checkpoint_every and loop.step % config.checkpoint_every == 0
+                if n_window == config.log_every or loop.step_in_macro == 0 or due_checkpoint or reached_max():
+                    # The loop's only host sync: one all-reduce every log_every steps.
+                    mean_loss, stop = sync_point(ctx, window[:n_window], loop.step - n_window, stop_request)
                     now = time.perf_counter()
+                    loop.epoch_loss_sum += mean_loss * n_window
+                    loop.epoch_steps += n_window
+                    loop.epoch_seconds += now - window_started
                     if ctx.is_main:
-                        rate = window_steps * config.batch_size / (now - window_started)
-                        outputs.tensorboard.scalars(step, {"train/loss": mean_loss, "train/lr": lr, "train/samples_per_s": rate})
+                        rate = n_window * config.batch_size / (now - window_started)
+                        outputs.tensorboard.scalars(loop.step, {"train/loss": mean_loss, "train/lr": lr, "train/samples_per_s": rate})
                         bar.set_postfix(loss=f"{mean_loss:.4f}")
-                    window_loss.zero_()
-                    window_steps, window_started = 0, now
-                if step == config.max_steps:
+                    n_window, window_started = 0, now
+                    if stop or due_checkpoint:
+                        checkpoint()
+                    if stop:
+                        log.warning(f"{stop}: stopped at step {loop.step} and checkpointed; run again to resume")
+                        raise Stopped(stop)
+                if reached_max():
                     break
-            if step == config.max_steps:
+            if reached_max():
                 break
         bar.close()
-        train_seconds = time.perf_counter() - epoch_started
-        train_loss = ctx.sum(loss_sum.clone()).item() / (max(epoch_steps, 1) * ctx.world_size)
 
         # Rank 0 validates while the others wait in the broadcast of its verdict.
         verdict = torch.zeros(2, dtype=torch.float64, device=ctx.device)
         if ctx.is_main:
             result = evaluate(model, val_images, val_labels, normalize, loss_fn, config.eval_batch)
-            improved = result.loss < best_val
-            best_val, stale_epochs = (result.loss, 0) if improved else (best_val, stale_epochs + 1)
-            stop = config.early_stopping and stale_epochs >= config.early_stopping
-            verdict[:] = torch.tensor([result.loss, float(bool(stop))])
-            metrics = {
-                "epoch": epoch + 1,
-                "step": step,
-                "train_loss": train_loss,
+            improved = result.loss < loop.best_val
+            loop.best_val, loop.stale_epochs = (result.loss, 0) if improved else (loop.best_val, loop.stale_epochs + 1)
+            stop_early = config.early_stopping and loop.stale_epochs >= config.early_stopping
+            verdict[:] = torch.tensor([result.loss, float(bool(stop_early))])
+            loop.last_metrics = {
+                "epoch": loop.epoch + 1,  # a partial epoch (--max-steps) too; a resume drops its line
+                "step": loop.step,
+                "train_loss": loop.epoch_loss_sum / max(loop.epoch_steps, 1),
                 "val_loss": result.loss,
                 "val_accuracy": result.accuracy,
                 "lr": lr,
-                "epoch_seconds": train_seconds,
-                "train_samples_per_s": epoch_steps * config.batch_size / train_seconds,
+                "epoch_seconds": loop.epoch_seconds,
+                "train_samples_per_s": loop.epoch_steps * config.batch_size / max(loop.epoch_seconds, 1e-9),
             }
-            outputs.epoch(metrics, config.epochs, model, step)
+            outputs.epoch(loop.last_metrics, config.epochs, model, loop.step)
         ctx.broadcast_from_main(verdict)
-        scheduler.step()
+        if loop.macro == stream.macro_batches_per_epoch:  # the epoch is complete
+            scheduler.step()
+            loop.epoch, loop.macro, loop.step_in_macro = loop.epoch + 1, 0, 0
+            loop.epoch_loss_sum, loop.epoch_steps, loop.epoch_seconds = 0.0, 0, 0.0
         if verdict[1].item():
             log.info(f"early stopping: no better {val_set} loss for {config.early_stopping} epochs")
-            break
-        if step == config.max_steps:
+        if reached_max():
             log.info(f"stopping after --max-steps {config.max_steps}")
-            break
+        loop.finished = bool(verdict[1].item()) or bool(reached_max())
+        checkpoint()
 
+    return finish(ctx, config, model, loop, outputs, shard_dir, n_train, normalize, loss_fn, threads, started)
+
+
+def sync_point(ctx, window: torch.Tensor, first_step: int, stop_request: StopRequest) -> tuple[float, str]:
+    """All ranks: mean loss of the window, and the stop signal if any rank got one.
+
+    A non-finite loss on any rank raises on every rank, naming the first bad step.
+    """
+    nonfinite = ~torch.isfinite(window)
+    bad_step = first_step + int(nonfinite.nonzero()[0, 0]) if nonfinite.any() else 2**62
+    packed = torch.tensor([window.sum().item(), float(stop_request.requested), float(nonfinite.any())], dtype=torch.float64, device=window.device)
+    ctx.sum(packed)
+    if packed[2].item():
+        first_bad = ctx.gather([bad_step])
+        step, rank = min((s[0], r) for r, s in enumerate(first_bad))
+        raise HarnessError(f"loss is NaN or infinite at step {step + 1} on rank {rank}; stopped every rank; the last checkpoint is intact")
+    stop = stop_request.signal_name or ("stop signal on another rank" if packed[1].item() else "")
+    return packed[0].item() / (len(window) * ctx.world_size), stop
+
+
+def restore(ctx, run_dir: Path, resume: str, config: TrainConfig, model, optimizer, scheduler) -> LoopState:
+    """Load the checkpoint to resume from into model, optimizer and scheduler; the loop state to go on from."""
+    found = None
+    if resume == "auto":
+        found = load_newest_valid(run_dir)
+    elif resume != "never":
+        found = (Path(resume), load_verified(Path(resume)))
+    # Every rank must resume from the same checkpoint (RUN_DIR on a shared filesystem).
+    steps = [s[0] for s in ctx.gather([found[1]["loop"]["step"] if found else -1])]
+    if len(set(steps)) > 1:
+        raise HarnessError(f"{run_dir}: ranks found different checkpoints (steps {steps}); RUN_DIR must be on a filesystem every node shares")
+    if not found:
+        return LoopState()
+    path, state = found
+    changed = changed_fields(state["config"], config)
+    if changed:
+        raise HarnessError(
+            f"{path}: was written with a different {', '.join('--' + c.replace('_', '-') for c in changed)}; "
+            "resuming would mix two experiments (use a new --run-dir, or --resume never there)"
+        )
+    if state["world_size"] != ctx.world_size:
+        log.warning(f"resuming a world-size-{state['world_size']} run with world size {ctx.world_size}: the global batches are the same, results equal up to float summation order")
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng"]["torch"])
+    if state["rng"]["cuda"] and ctx.device.type == "cuda":
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    loop = LoopState(**state["loop"])
+    log.info(f"resuming from {path} (epoch {loop.epoch + 1}, step {loop.step})")
+    return loop
+
+
+def finish(ctx, config, model, loop: LoopState, outputs, shard_dir, n_train, normalize, loss_fn, threads, started) -> dict:
     # Every rank reports its step count and parameter digest; DDP must have kept them equal.
     checksum = parameter_checksum(model)
-    per_rank = ctx.gather([step, *distributed.digest_ints(checksum)])
+    per_rank = ctx.gather([loop.step, *distributed.digest_ints(checksum)])
     steps_per_rank = [r[0] for r in per_rank]
     ranks_agree = all(r[1:] == per_rank[0][1:] for r in per_rank)
     if not ranks_agree:
         log.error("ranks ended with different parameters")
     if not ctx.is_main:
         return {}
-    test_set = "test"
-    if config.holdout:
-        test_images, test_labels = load_eval_set(shard_dir, "test", 0, None, ctx.device)
-        test = evaluate(model, test_images, test_labels, normalize, loss_fn, config.eval_batch)
-    else:
-        test = result
+    # Evaluated afresh even when the test set is the validation set: a resumed
+    # finished run has no validation result in this process (1-2 s of work).
+    test_images, test_labels = load_eval_set(shard_dir, "test", 0, None, ctx.device)
+    test = evaluate(model, test_images, test_labels, normalize, loss_fn, config.eval_batch)
     summary = {
-        "final": metrics,
+        "final": loop.last_metrics,
         "test_loss": test.loss,
         "test_accuracy": test.accuracy,
         "world_size": ctx.world_size,
-        "steps": step,
+        "steps": loop.step,
         "steps_per_rank": steps_per_rank,
-        "epochs_run": metrics.get("epoch", 0),
+        "epochs_run": loop.epoch,
         "total_seconds": time.perf_counter() - started,
         "param_checksum": checksum,
         "ranks_identical": ranks_agree,
         "threads_per_rank": threads,
         "device": str(ctx.device),
-        "config": vars(config),
+        "config": dataclasses.asdict(config),
     }
-    outputs.finish(summary, test, test_set, model)
+    outputs.finish(summary, test, "test", model)
     return summary
 
 
@@ -180,13 +291,21 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument("--preset", help="lenet, neupy-mlp, theanets-mlp or mathspp-mlp")
     parser.add_argument("--shards", type=Path, default=Path("shards"), help="shard directory (default shards/)")
     parser.add_argument("--run-dir", type=Path, required=True, help="where metrics, TensorBoard events and checkpoints go")
+    parser.add_argument(
+        "--resume", default="auto",
+        help="auto (default): continue from the newest valid checkpoint in RUN_DIR/checkpoints if any; "
+        "never: start over (refused if RUN_DIR already holds a run); or a checkpoint's path",
+    )
     add_config_options(parser)
     return parser
 
 
 def run_from_args(args: argparse.Namespace) -> int:
     config = build_config(args.preset, args)
-    train(config, args.shards, args.run_dir)
+    try:
+        train(config, args.shards, args.run_dir, args.resume)
+    except Stopped:
+        return EXIT_STOPPED
     return 0
 
 

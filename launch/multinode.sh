@@ -7,12 +7,16 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 NNODES=${1:-${NNODES:?number of nodes}}
-NODE_RANK=${2:-${NODE_RANK:?this node's rank}}
+NODE_RANK=${2:-${NODE_RANK:?rank of this node}}
 RDZV_ENDPOINT=${3:-${RDZV_ENDPOINT:?host:port of the rendezvous}}
 NPROC_PER_NODE=${4:-${NPROC_PER_NODE:-1}}
 PRESET=${5:-lenet}
 shift $(( $# < 5 ? $# : 5 ))
 RUN_DIR=${RUN_DIR:-runs/${PRESET}-n${NNODES}}
+# torchrun shares its rendezvous store with init_process_group by default, and after an
+# elastic restart workers can then read the previous attempt's addresses and fail to
+# connect (pytorch/pytorch#135712); a separate store per attempt avoids that.
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
 exec torchrun --nnodes="$NNODES" --node-rank="$NODE_RANK" --nproc-per-node="$NPROC_PER_NODE" \
   --rdzv-backend=c10d --rdzv-endpoint="$RDZV_ENDPOINT" --rdzv-id="${RDZV_ID:-harness}" \
   -m harness.train --preset "$PRESET" --shards "${SHARDS:-shards}" --run-dir "$RUN_DIR" "$@"

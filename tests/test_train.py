@@ -85,13 +85,16 @@ def test_mlp_run_logs_first_layer_tiles(mnist_shards, tmp_path):
     assert image.width == 23 * 29 + 1
 
 
-def test_existing_run_dir_is_refused(lenet_run, mnist_shards):
+def test_rerunning_a_finished_run_changes_nothing(lenet_run, mnist_shards):
+    """The default --resume auto picks up the final checkpoint: no step is redone."""
     run_dir, _ = lenet_run
-    before = (run_dir / "metrics.jsonl").read_bytes()
-    result = run_cli("train", "--preset", "lenet", "--shards", mnist_shards, "--run-dir", run_dir, "--max-steps", "1")
-    assert result.returncode == 2
-    assert "already holds a run" in result.stderr and str(run_dir) in result.stderr
-    assert (run_dir / "metrics.jsonl").read_bytes() == before
+    before = json.loads((run_dir / "summary.json").read_text())
+    metrics = (run_dir / "metrics.jsonl").read_bytes()
+    result = run_cli("train", "--preset", "lenet", "--shards", mnist_shards, "--run-dir", run_dir, "--epochs", "1", "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    after = json.loads((run_dir / "summary.json").read_text())
+    assert after["param_checksum"] == before["param_checksum"] and after["steps"] == before["steps"]
+    assert (run_dir / "metrics.jsonl").read_bytes() == metrics
 
 
 def test_bad_options_are_clear_errors(mnist_shards, tmp_path):

@@ -1,0 +1,98 @@
+"""Checkpoints in RUN_DIR/checkpoints/: written atomically by rank 0, verified on load.
+
+A checkpoint is two files: `step-NNNNNNNN.pt` (the training state, torch.save) and
+`step-NNNNNNNN.json` (its SHA-256, size, epoch and step). The .pt is written first
+(temporary file, fsync, rename) and the .json after it, so the .json is the commit
+marker: a crash mid-write leaves no .json, and a .pt that was damaged later fails
+its SHA-256 check. Loading falls back to the newest checkpoint that verifies.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from harness.errors import HarnessError
+
+log = logging.getLogger("harness")
+
+CHECKPOINT_DIR = "checkpoints"
+
+
+def _write_atomic(path: Path, payload: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(run_dir: Path, state: dict, step: int, epoch: int, keep: int) -> Path:
+    """Write the state for `step`, then delete all but the newest `keep` checkpoints."""
+    directory = Path(run_dir) / CHECKPOINT_DIR
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    payload = buffer.getvalue()
+    path = directory / f"step-{step:08d}.pt"
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        _write_atomic(path, payload)
+        meta = {"file": path.name, "sha256": hashlib.sha256(payload).hexdigest(), "bytes": len(payload), "step": step, "epoch": epoch}
+        _write_atomic(path.with_suffix(".json"), json.dumps(meta, indent=1).encode())
+        _fsync_dir(directory)
+    except OSError as e:
+        path.unlink(missing_ok=True)  # no marker was written, or it is being removed with its payload
+        path.with_suffix(".json").unlink(missing_ok=True)
+        raise HarnessError(f"{path}: could not write checkpoint ({e.strerror or e}); the previous checkpoints are intact") from None
+    for old in list_checkpoints(run_dir)[keep:]:
+        old.with_suffix(".pt").unlink(missing_ok=True)
+        old.unlink(missing_ok=True)
+    return path
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Commit markers (.json), newest first."""
+    return sorted((Path(run_dir) / CHECKPOINT_DIR).glob("step-*.json"), reverse=True)
+
+
+def load_verified(marker_or_pt: Path) -> dict:
+    """Load one checkpoint, checking it against its marker; HarnessError if it does not verify."""
+    marker = Path(marker_or_pt).with_suffix(".json")
+    path = marker.with_suffix(".pt")
+    try:
+        meta = json.loads(marker.read_text())
+        payload = path.read_bytes()
+    except (OSError, json.JSONDecodeError) as e:
+        raise HarnessError(f"{path}: unreadable checkpoint ({e})") from None
+    if len(payload) != meta["bytes"] or hashlib.sha256(payload).hexdigest() != meta["sha256"]:
+        raise HarnessError(f"{path}: checkpoint is truncated or corrupt (size or SHA-256 differs from {marker.name})")
+    return torch.load(io.BytesIO(payload), weights_only=True)
+
+
+def load_newest_valid(run_dir: Path) -> tuple[Path, dict] | None:
+    """The newest checkpoint that verifies, warning about each newer one that does not."""
+    for marker in list_checkpoints(run_dir):
+        try:
+            return marker.with_suffix(".pt"), load_verified(marker)
+        except HarnessError as e:
+            log.warning(f"skipping checkpoint: {e}")
+    return None

@@ -1,0 +1,252 @@
+"""Checkpoints, exact resume and fault tolerance, with real processes and real signals."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+from harness import checkpoint as ckpt
+from harness.errors import HarnessError
+from harness.stopping import EXIT_STOPPED
+
+ROOT = Path(__file__).resolve().parents[1]
+# 7 macro-batches per epoch (7,000 images each), a sync point every 25 steps and a
+# checkpoint every 50: kills land mid-epoch and mid-macro-batch.
+RUN = ("--preset", "lenet", "--epochs", "1", "--max-steps", "300", "--macro-batch", "7000",
+       "--log-every", "25", "--checkpoint-every", "50", "--threads", "1")
+
+
+def command(shards: Path, run_dir: Path, *extra: str, nproc: int = 1, launcher_args: tuple = ()) -> list[str]:
+    train = ["-m", "harness.train", "--shards", str(shards), "--run-dir", str(run_dir), *RUN, *extra]
+    if nproc == 1 and not launcher_args:
+        return [sys.executable, *train]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *launcher_args, *train]
+
+
+def run(cmd: list[str], env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def checksum(run_dir: Path) -> str:
+    return json.loads((run_dir / "summary.json").read_text())["param_checksum"]
+
+
+def wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+def signal_tree(process: subprocess.Popen, sig: int) -> None:
+    """Signal a process and all its descendants, as Slurm signals every process of a job
+    (torchrun starts its workers in sessions of their own, out of reach of killpg)."""
+    root = psutil.Process(process.pid)
+    for p in [root, *root.children(recursive=True)]:
+        try:
+            p.send_signal(sig)
+        except psutil.NoSuchProcess:
+            pass
+
+
+def start_and_signal(cmd: list[str], run_dir: Path, sig: int) -> subprocess.Popen:
+    """Start a run and signal every process of it once it is past its first checkpoint."""
+    process = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for(lambda: list((run_dir / "checkpoints").glob("step-*.json")) or process.poll() is not None, 240, "a checkpoint")
+        assert process.poll() is None, process.communicate()[0]
+        time.sleep(1.0)  # land between checkpoints
+        signal_tree(process, sig)
+        process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            signal_tree(process, signal.SIGKILL)
+            process.wait()
+    return process
+
+
+@pytest.fixture(scope="module")
+def reference(mnist_shards, tmp_path_factory):
+    """Uninterrupted runs with 1 and 2 processes: the checksums a resumed run must reproduce."""
+    base = tmp_path_factory.mktemp("reference")
+    for nproc in (1, 2):
+        result = run(command(mnist_shards, base / f"w{nproc}", nproc=nproc))
+        assert result.returncode == 0, result.stderr[-3000:]
+    return {nproc: checksum(base / f"w{nproc}") for nproc in (1, 2)}
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_sigkill_then_resume_is_bitwise_exact(mnist_shards, tmp_path, reference, nproc):
+    run_dir = tmp_path / "run"
+    killed = start_and_signal(command(mnist_shards, run_dir, nproc=nproc), run_dir, signal.SIGKILL)
+    assert killed.returncode != 0
+    assert not (run_dir / "summary.json").exists(), "the kill came too late to test anything"
+    result = run(command(mnist_shards, run_dir, nproc=nproc))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resuming from" in result.stdout
+    assert checksum(run_dir) == reference[nproc]
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in metrics] == [1]
+
+
+def sync_points(steps: int = 300, log_every: int = 25, macro_steps: int = 7000 // 64, checkpoint_every: int = 50) -> set[int]:
+    """Steps after which RUN's loop syncs: a full --log-every window, a macro-batch's end, a due checkpoint, the last step."""
+    points, window = set(), 0
+    for step in range(1, steps + 1):
+        window += 1
+        if window == log_every or step % macro_steps == 0 or step % checkpoint_every == 0 or step == steps:
+            points.add(step)
+            window = 0
+    return points
+
+
+def test_sigterm_checkpoints_and_exits_with_the_stop_status(mnist_shards, tmp_path, reference):
+    run_dir = tmp_path / "run"
+    stopped = start_and_signal(command(mnist_shards, run_dir), run_dir, signal.SIGTERM)
+    assert stopped.returncode == EXIT_STOPPED
+    markers = ckpt.list_checkpoints(run_dir)
+    stop_step = json.loads(markers[0].read_text())["step"]
+    assert stop_step in sync_points(), stop_step  # every rank stopped at the same sync point
+    assert stop_step < 300
+    result = run(command(mnist_shards, run_dir))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"step {stop_step})" in result.stdout
+    assert checksum(run_dir) == reference[1]
+
+
+def test_torchrun_elastic_restart_after_a_worker_is_killed(mnist_shards, tmp_path, reference):
+    """Rank 1 SIGKILLs itself before step 120 on the first attempt; torchrun restarts the group,
+    which resumes from the step-100 checkpoint and finishes with the uninterrupted weights."""
+    run_dir = tmp_path / "run"
+    env = {"HARNESS_TEST_FAULT": "kill@120:1", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}  # as launch/torchrun.sh sets it
+    result = run(command(mnist_shards, run_dir, nproc=2, launcher_args=("--max-restarts=1",)), env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps_per_rank"] == [300, 300]
+    assert summary["param_checksum"] == reference[2]
+    assert summary["test_accuracy"] > 0.9
+
+
+def test_truncated_newest_checkpoint_falls_back_to_the_previous(mnist_shards, tmp_path, reference):
+    run_dir = tmp_path / "run"
+    result = run(command(mnist_shards, run_dir, "--max-steps", "150", "--keep-checkpoints", "5"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    newest = ckpt.list_checkpoints(run_dir)[0].with_suffix(".pt")
+    assert newest.name == "step-00000150.pt"
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
+    result = run(command(mnist_shards, run_dir))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "skipping checkpoint" in result.stdout + result.stderr and "step-00000150.pt" in result.stdout + result.stderr
+    assert "step 100)" in result.stdout
+    assert checksum(run_dir) == reference[1]
+
+
+def test_flipped_byte_is_caught_by_the_sha256(tmp_path):
+    state = {"model": {"w": torch.arange(1000.0)}, "loop": {"step": 7}}
+    ckpt.save_checkpoint(tmp_path, state, step=7, epoch=0, keep=3)
+    path = tmp_path / "checkpoints" / "step-00000007.pt"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # inside tensor data: torch.load alone would not notice
+    path.write_bytes(bytes(data))
+    with pytest.raises(HarnessError, match="truncated or corrupt"):
+        ckpt.load_verified(path)
+    assert ckpt.load_newest_valid(tmp_path) is None
+
+
+def test_keep_last_k(tmp_path):
+    for step in range(1, 6):
+        ckpt.save_checkpoint(tmp_path, {"loop": {"step": step}}, step=step, epoch=0, keep=2)
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step-00000005.json", "step-00000004.json"]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
+        "step-00000004.json", "step-00000004.pt", "step-00000005.json", "step-00000005.pt"]
+
+
+def test_disk_full_leaves_no_partial_checkpoint(tmp_path, monkeypatch):
+    ckpt.save_checkpoint(tmp_path, {"loop": {"step": 1}}, step=1, epoch=0, keep=3)
+    real_fsync = os.fsync
+
+    def full_disk(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ckpt.os, "fsync", full_disk)
+    with pytest.raises(HarnessError, match="No space left on device.*previous checkpoints are intact"):
+        ckpt.save_checkpoint(tmp_path, {"loop": {"step": 2}}, step=2, epoch=0, keep=3)
+    monkeypatch.setattr(ckpt.os, "fsync", real_fsync)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-00000001.json", "step-00000001.pt"]
+    assert ckpt.load_newest_valid(tmp_path)[1]["loop"]["step"] == 1
+
+
+def test_nan_on_one_rank_stops_every_rank_naming_the_step(mnist_shards, tmp_path):
+    run_dir = tmp_path / "run"
+    started = time.monotonic()
+    result = run(command(mnist_shards, run_dir, nproc=2), env={"HARNESS_TEST_FAULT": "nan@60:1"}, timeout=240)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "loss is NaN or infinite at step 61 on rank 1" in output
+    assert time.monotonic() - started < 200
+    assert not (run_dir / "summary.json").exists()
+    # The last checkpoint (step 50, before the bad step) is intact and finite.
+    path, state = ckpt.load_newest_valid(run_dir)
+    assert path.name == "step-00000050.pt"
+    assert all(torch.isfinite(t).all() for t in state["model"].values())
+
+
+def test_a_rank_that_exits_early_ends_the_others(mnist_shards, tmp_path):
+    started = time.monotonic()
+    result = run(command(mnist_shards, tmp_path / "run", "--timeout", "30", nproc=2), env={"HARNESS_TEST_FAULT": "exit@40:1"}, timeout=240)
+    assert result.returncode != 0
+    assert time.monotonic() - started < 150
+
+
+def test_a_stuck_rank_fails_the_job_within_the_timeout(mnist_shards, tmp_path):
+    """Rank 1 stays alive but stops stepping: rank 0's next collective times out after
+    --timeout seconds and the job ends with an error instead of waiting forever."""
+    started = time.monotonic()
+    result = run(command(mnist_shards, tmp_path / "run", "--timeout", "15", nproc=2), env={"HARNESS_TEST_FAULT": "hang@40:1"}, timeout=240)
+    elapsed = time.monotonic() - started
+    assert result.returncode != 0
+    assert "timed out" in (result.stdout + result.stderr).lower() or "timeout" in (result.stdout + result.stderr).lower()
+    assert elapsed < 150, elapsed
+
+
+def test_changed_config_is_refused_on_resume(mnist_shards, tmp_path):
+    run_dir = tmp_path / "run"
+    assert run(command(mnist_shards, run_dir, "--max-steps", "50")).returncode == 0
+    result = run(command(mnist_shards, run_dir, "--lr", "0.05"))
+    assert result.returncode == 2
+    assert "different --lr" in result.stderr and "step-00000050.pt" in result.stderr
+
+
+def test_world_size_change_on_resume_continues(mnist_shards, tmp_path, reference):
+    run_dir = tmp_path / "run"
+    assert run(command(mnist_shards, run_dir, "--max-steps", "100")).returncode == 0
+    result = run(command(mnist_shards, run_dir, nproc=2))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resuming a world-size-1 run with world size 2" in result.stdout + result.stderr
+    assert json.loads((run_dir / "summary.json").read_text())["steps_per_rank"] == [300, 300]
+
+
+def test_resume_never_refuses_a_run_dir_with_a_run(mnist_shards, tmp_path):
+    run_dir = tmp_path / "run"
+    assert run(command(mnist_shards, run_dir, "--max-steps", "25")).returncode == 0
+    before = (run_dir / "metrics.jsonl").read_bytes()
+    result = run(command(mnist_shards, run_dir, "--resume", "never"))
+    assert result.returncode == 2 and "already holds a run" in result.stderr
+    assert (run_dir / "metrics.jsonl").read_bytes() == before
+
+
+def test_unwritable_run_dir_is_a_clear_error(mnist_shards, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    result = run(command(mnist_shards, blocker / "run"))
+    assert result.returncode == 2 and "not writable" in result.stderr and str(blocker) in result.stderr

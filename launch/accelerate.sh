@@ -11,4 +11,5 @@ PRESET=${2:-lenet}
 shift; shift || true
 RUN_DIR=${RUN_DIR:-runs/${PRESET}-acc${N}-$(date +%Y%m%d-%H%M%S)}
 exec accelerate launch --config_file launch/accelerate.yaml --num_processes "$N" \
+  ${MAIN_PROCESS_PORT:+--main_process_port "$MAIN_PROCESS_PORT"} \
   -m harness.train --preset "$PRESET" --shards "${SHARDS:-shards}" --run-dir "$RUN_DIR" "$@"

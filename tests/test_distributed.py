@@ -118,34 +118,46 @@ def test_one_ddp_step_equals_one_step_on_the_global_batch(mnist_shards, tmp_path
 
 
 def test_two_torchrun_agents_rendezvous_on_loopback(mnist_shards, tmp_path):
+    """launch/multinode.sh started twice, as on two nodes: c10d rendezvous on 127.0.0.1."""
     endpoint = f"127.0.0.1:{free_port()}"
-    agents = []
-    for node_rank in (0, 1):
-        command = [
-            sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node-rank={node_rank}",
-            "--nproc-per-node=1", "--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}", "--rdzv-id=harness-test",
-            "-m", "harness.train", "--shards", str(mnist_shards), "--run-dir", str(tmp_path / "run"),
-            "--preset", "lenet", "--max-steps", "20", "--threads", "1",
-        ]
-        agents.append(subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    env = {**os.environ, "SHARDS": str(mnist_shards), "RUN_DIR": str(tmp_path / "run"), "RDZV_ID": f"test-{os.getpid()}"}
+    agents = [
+        subprocess.Popen(
+            ["bash", str(ROOT / "launch" / "multinode.sh"), "2", str(node_rank), endpoint, "1", "lenet", "--max-steps", "20", "--threads", "1"],
+            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        for node_rank in (0, 1)
+    ]
     try:
         outputs = [agent.communicate(timeout=TIMEOUT)[0] for agent in agents]
     finally:
         for agent in agents:
             agent.kill()
-    assert [a.returncode for a in agents] == [0, 0], outputs
+    assert [a.returncode for a in agents] == [0, 0], "\n".join(f"--- node {i}:\n{out[-4000:]}" for i, out in enumerate(outputs))
     s = summary(tmp_path / "run")
     assert s["world_size"] == 2 and s["steps_per_rank"] == [20, 20] and s["ranks_identical"]
+
+
+def launch_script(script: str, shards: Path, run_dir: Path, *args: str, env: dict | None = None) -> dict:
+    """Run one of launch/*.sh as the README shows it; the run's summary."""
+    env = {**os.environ, "SHARDS": str(shards), "RUN_DIR": str(run_dir), **(env or {})}
+    result = subprocess.run(["bash", str(ROOT / "launch" / script), *args], capture_output=True, text=True, timeout=TIMEOUT, cwd=ROOT, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return summary(run_dir)
 
 
 def test_accelerate_launch_two_processes(mnist_shards, tmp_path):
-    launcher = [
-        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "launch/accelerate.yaml"),
-        "--num_processes", "2", "--main_process_port", str(free_port()),
-    ]
-    torchrun(2, mnist_shards, tmp_path / "run", "--preset", "lenet", "--max-steps", "20", launcher=launcher)
-    s = summary(tmp_path / "run")
+    s = launch_script("accelerate.sh", mnist_shards, tmp_path / "run", "2", "lenet", "--max-steps", "20", env={"MAIN_PROCESS_PORT": str(free_port())})
     assert s["world_size"] == 2 and s["steps_per_rank"] == [20, 20] and s["ranks_identical"]
+
+
+def test_dev_and_torchrun_launchers(mnist_shards, tmp_path):
+    dev = launch_script("dev.sh", mnist_shards, tmp_path / "dev", "lenet", "--max-steps", "10", "--threads", "1")
+    assert dev["world_size"] == 1 and dev["steps"] == 10
+    two = launch_script("torchrun.sh", mnist_shards, tmp_path / "two", "2", "lenet", "--max-steps", "10", "--threads", "1")
+    assert two["world_size"] == 2 and two["steps_per_rank"] == [10, 10] and two["ranks_identical"]
+    # the same global batches: equal up to float summation order after 10 steps
+    assert max_param_diff(tmp_path / "dev", tmp_path / "two") < 1e-4
 
 
 @pytest.fixture(scope="module")

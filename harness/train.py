@@ -23,6 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from harness import distributed
+from harness.allocator import keep_freed_memory
 from harness.checkpoint import load_newest_valid, load_verified, save_checkpoint
 from harness.config import TrainConfig, add_config_options, build_config, changed_fields
 from harness.data.stream import MacroBatchStream, ShardSplit
@@ -72,6 +73,7 @@ def train(config: TrainConfig, shard_dir: Path, run_dir: Path, resume: str = "au
 
 def _train(config: TrainConfig, shard_dir: Path, run_dir: Path, ctx: distributed.DistContext, resume: str) -> dict:
     setup_logging(ctx.rank)
+    malloc = keep_freed_memory()
     if config.batch_size % ctx.world_size:
         raise HarnessError(f"--batch-size {config.batch_size} is not divisible by the world size {ctx.world_size}")
     threads, why = distributed.choose_threads(config.threads, ctx.local_world_size)
@@ -117,7 +119,7 @@ def _train(config: TrainConfig, shard_dir: Path, run_dir: Path, ctx: distributed
 
     log.info(
         f"{sum(p.numel() for p in model.parameters()):,}-parameter {config.model} on {ctx.device}, "
-        f"world size {ctx.world_size}, {threads} CPU thread(s) per rank ({why}); "
+        f"world size {ctx.world_size}, {threads} CPU thread(s) per rank ({why}), {malloc}; "
         f"{n_train:,} training images, {stream.steps_per_epoch} steps of {config.batch_size} per epoch, "
         f"validating on {val_set}"
     )

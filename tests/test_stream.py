@@ -107,6 +107,28 @@ def test_order_is_seeded_by_seed_and_epoch(data):
     assert np.ptp(whole[:64]) > N // 2
 
 
+def test_one_macro_batch_split_is_read_once_and_reshuffled(data, monkeypatch):
+    """A split that fits one macro-batch keeps its decoded blocks: later epochs read no
+    shard, yet give exactly the order a fresh stream gives them."""
+    shards, _ = data
+    import harness.data.stream as stream_module
+
+    reads = Counter()
+    real_read = stream_module.read_blocks
+    monkeypatch.setattr(stream_module, "read_blocks", lambda path: reads.update([path.name]) or real_read(path))
+    stream = MacroBatchStream(ShardSplit(shards, "train"), 64, 60000, seed=2, device=CPU)
+    epochs = [epoch_ids(stream, e) for e in range(3)]
+    assert set(reads.values()) == {1} and len(reads) == 4  # every shard decoded exactly once
+    for e in range(3):
+        fresh = MacroBatchStream(ShardSplit(shards, "train"), 64, 60000, seed=2, device=CPU)
+        np.testing.assert_array_equal(epochs[e], epoch_ids(fresh, e))
+    assert not np.array_equal(epochs[1], epochs[2])
+    reads.clear()
+    streaming = MacroBatchStream(ShardSplit(shards, "train"), 64, 700, seed=2, device=CPU)
+    epoch_ids(streaming, 0), epoch_ids(streaming, 1)
+    assert min(reads.values()) >= 2  # several macro-batches: shards are streamed, not kept
+
+
 @pytest.mark.parametrize("macro_batch", [60000, 700])
 def test_global_batches_do_not_depend_on_world_size(data, macro_batch):
     shards, _ = data

@@ -132,6 +132,17 @@ class MacroBatchStream:
         self.macro_size = self.macro_steps * global_batch
         self.macro_batches_per_epoch = -(-self.steps_per_epoch // self.macro_steps)
         self._pin = device.type == "cuda"
+        # When one macro-batch holds the whole split, the decoded blocks are already
+        # in memory once per epoch; keeping them saves re-reading the shards every
+        # epoch (~4% of a neupy-mlp epoch on 2 cores). Larger splits stream.
+        self._decoded: dict[int, list] | None = {} if self.macro_batches_per_epoch == 1 else None
+
+    def _shard_blocks(self, shard: int) -> list[tuple[int, np.ndarray, np.ndarray]]:
+        if self._decoded is None:
+            return read_blocks(self.data.paths[shard])
+        if shard not in self._decoded:
+            self._decoded[shard] = read_blocks(self.data.paths[shard])
+        return self._decoded[shard]
 
     def _epoch_blocks(self, epoch: int, skip: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """The epoch's image sequence as blocks, starting `skip` images in."""
@@ -145,7 +156,7 @@ class MacroBatchStream:
             if skip >= used:
                 skip -= used
                 continue
-            blocks = read_blocks(self.data.paths[shard])
+            blocks = self._shard_blocks(shard)
             for b in np.random.default_rng(block_seed).permutation(len(blocks)).tolist():
                 images, labels = self.data.clip(*blocks[b])
                 if skip >= len(labels):

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from harness import checkpoint as ckpt
+from harness.config import load_preset
 from harness.errors import HarnessError
 from harness.stopping import EXIT_STOPPED
 
@@ -99,7 +100,7 @@ def test_sigkill_then_resume_is_bitwise_exact(mnist_shards, tmp_path, reference,
     assert [m["epoch"] for m in metrics] == [1]
 
 
-def sync_points(steps: int = 300, log_every: int = 25, macro_steps: int = 7000 // 64, checkpoint_every: int = 50) -> set[int]:
+def sync_points(steps: int = 300, log_every: int = 25, macro_steps: int = 7000 // load_preset("lenet")["batch_size"], checkpoint_every: int = 50) -> set[int]:
     """Steps after which RUN's loop syncs: a full --log-every window, a macro-batch's end, a due checkpoint, the last step."""
     points, window = set(), 0
     for step in range(1, steps + 1):

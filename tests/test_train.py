@@ -9,6 +9,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from conftest import run_cli
 
+from harness.config import load_preset
+
 SCALAR_TAGS = {"train/loss", "train/lr", "train/samples_per_s", "val/loss", "val/accuracy"}
 METRIC_KEYS = {"epoch", "train_loss", "val_loss", "val_accuracy", "lr", "epoch_seconds", "train_samples_per_s"}
 
@@ -24,13 +26,14 @@ def lenet_run(mnist_shards, tmp_path_factory):
 
 @pytest.mark.slow
 def test_one_lenet_epoch_reaches_98_percent(lenet_run):
-    """The acceptance bar. At lr 0.1 / momentum 0.9 the end of epoch 1 is noisy: seeds 0-3
-    gave 97.91-98.15% here (seed 0, the preset's, 98.07%). The run is deterministic on a
-    given CPU and thread count, so this is stable in CI but sensitive to float order."""
+    """The acceptance bar. At lr 0.1 / momentum 0.9 the end of epoch 1 is sensitive to float
+    summation order (the CPU model, the thread count). With the preset's batch of 100, seeds
+    0-3 on 2 threads and seeds 0-1 on 1 thread gave 98.28-98.58% on an AMD EPYC; batch 64
+    gave 97.79-98.40% there (seed 0: 97.79%), and 98.07% for seed 0 on another CPU."""
     run_dir, result = lenet_run
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["test_accuracy"] >= 0.98, summary
-    assert summary["steps"] == 60000 // 64
+    assert summary["steps"] == 60000 // load_preset("lenet")["batch_size"]
     assert summary["world_size"] == 1
     assert len(summary["param_checksum"]) == 64
     assert "epoch 1/1  train loss" in result.stdout and "val acc" in result.stdout
@@ -54,7 +57,8 @@ def test_tensorboard_reader_finds_every_tag(lenet_run):
     assert SCALAR_TAGS <= set(tags["scalars"]), tags["scalars"]
     assert {"weights/conv1", "weights/conv2", "val/confusion_matrix"} <= set(tags["images"]), tags["images"]
     # train/loss is logged every 100 steps and at the end of each macro-batch.
-    assert len(events.Scalars("train/loss")) == 937 // 100 + 1
+    steps = 60000 // load_preset("lenet")["batch_size"]
+    assert len(events.Scalars("train/loss")) == steps // 100 + (steps % 100 != 0)
     assert events.Scalars("val/accuracy")[-1].value >= 0.98
     conv1 = events.Images("weights/conv1")[-1]
     assert conv1.width > 20 and conv1.height > 20  # 3x3 kernels are upscaled to be visible

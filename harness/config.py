@@ -50,7 +50,7 @@ class TrainConfig:
     max_steps: int = 0  # stop after this many optimizer steps in all; 0 = no limit
     log_every: int = 100  # steps between sync points: train/loss, stop and NaN checks
     eval_batch: int = 2000
-    checkpoint_every: int = 0  # also checkpoint every N steps (rounded up to a sync point); 0 = epoch ends only
+    checkpoint_every: int = 0  # also checkpoint every N steps (each one is a sync point); 0 = epoch ends only
     keep_checkpoints: int = 3
     timeout: float = 300.0  # seconds any collective may wait before the job fails
 

@@ -66,7 +66,13 @@ def load_eval_set(shard_dir: Path, split: str, start: int, stop: int | None, dev
 def train(config: TrainConfig, shard_dir: Path, run_dir: Path, resume: str = "auto") -> dict:
     ctx = distributed.init_distributed(config.device, config.timeout)
     try:
-        return _train(config, Path(shard_dir), Path(run_dir), ctx, resume)
+        summary = _train(config, Path(shard_dir), Path(run_dir), ctx, resume)
+        # The other ranks wait here while rank 0 evaluates the test set and writes the
+        # run files, so every rank tears the process group down together: a rank that
+        # destroyed its gloo group and exited while rank 0 was still busy was seen to
+        # abort ("terminate called without an active exception").
+        ctx.barrier()
+        return summary
     finally:
         distributed.shutdown(ctx)
 

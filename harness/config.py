@@ -24,35 +24,66 @@ CHOICES = {
 }
 
 
+# What each field means; `harness train --help` shows these with the defaults.
+HELP = {
+    "model": "lenet or mlp",
+    "hidden": "MLP hidden layer sizes, e.g. 500,300",
+    "activation": "activation between layers",
+    "output_activation": "also applied after the last layer (the mathspp MLP does); empty = none",
+    "loss": "cross_entropy, or mse against one-hot targets",
+    "normalize": "standardize: (x/255 - mean)/std; unit: x/255; unit_minus_pixel_mean: x/255 minus the "
+    "per-pixel train mean; raw: 0..255 as floats (statistics come from the manifest)",
+    "epochs": "passes over the training set",
+    "batch_size": "global batch: each rank takes batch_size / world_size",
+    "macro_batch": "images moved to the device per transfer",
+    "lr": "learning rate",
+    "momentum": "SGD momentum",
+    "nesterov": "Nesterov momentum",
+    "weight_decay": "L2 weight decay",
+    "lr_decay": "learning rate multiplied by this after every epoch",
+    "holdout": "validate on the last N training images instead of the test set",
+    "early_stopping": "stop after this many epochs without a better validation loss; 0 = off",
+    "seed": "initial weights and data order",
+    "device": "auto (CUDA when present, else CPU), cpu or cuda",
+    "threads": "CPU threads per rank; 0 = usable cores / ranks on this node",
+    "max_steps": "stop after this many optimizer steps in all; 0 = no limit",
+    "log_every": "steps between sync points: train/loss, stop-signal and NaN checks",
+    "eval_batch": "batch size for validation and test",
+    "checkpoint_every": "also checkpoint every N steps; 0 = at epoch ends only",
+    "keep_checkpoints": "how many checkpoints to keep",
+    "timeout": "seconds any collective may wait before the job fails",
+}
+
+
 @dataclass
 class TrainConfig:
+    """One training run's settings (a preset plus command-line overrides); see HELP."""
+
     model: str = "lenet"
-    hidden: list[int] = field(default_factory=list)  # MLP hidden layer sizes
+    hidden: list[int] = field(default_factory=list)
     activation: str = "relu"
-    output_activation: str = ""  # applied after the last layer too (the mathspp MLP does)
-    loss: str = "cross_entropy"  # or "mse" against one-hot targets
-    # standardize: (x/255 - mean)/std; unit: x/255; unit_minus_pixel_mean: x/255 minus the
-    # per-pixel train mean; raw: 0..255 as floats. Statistics come from the manifest.
+    output_activation: str = ""
+    loss: str = "cross_entropy"
     normalize: str = "standardize"
     epochs: int = 15
-    batch_size: int = 64  # global: each rank takes batch_size / world_size
-    macro_batch: int = 60000  # images moved to the device per transfer
+    batch_size: int = 64
+    macro_batch: int = 60000
     lr: float = 0.1
     momentum: float = 0.9
     nesterov: bool = False
     weight_decay: float = 0.0
-    lr_decay: float = 1.0  # learning rate multiplied by this after every epoch
-    holdout: int = 0  # validate on the last N training images instead of the test set
-    early_stopping: int = 0  # stop after this many epochs without a better validation loss; 0 = off
+    lr_decay: float = 1.0
+    holdout: int = 0
+    early_stopping: int = 0
     seed: int = 0
-    device: str = "auto"  # auto: CUDA when present, else CPU
-    threads: int = 0  # CPU threads per rank; 0 = cores / ranks on this node
-    max_steps: int = 0  # stop after this many optimizer steps in all; 0 = no limit
-    log_every: int = 100  # steps between sync points: train/loss, stop and NaN checks
+    device: str = "auto"
+    threads: int = 0
+    max_steps: int = 0
+    log_every: int = 100
     eval_batch: int = 2000
-    checkpoint_every: int = 0  # also checkpoint every N steps (each one is a sync point); 0 = epoch ends only
+    checkpoint_every: int = 0
     keep_checkpoints: int = 3
-    timeout: float = 300.0  # seconds any collective may wait before the job fails
+    timeout: float = 300.0
 
     def validate(self) -> None:
         for name, allowed in CHOICES.items():
@@ -117,7 +148,7 @@ def add_config_options(parser: argparse.ArgumentParser) -> None:
             type=parsers[kind],
             default=None,
             metavar=name.upper() if kind is not bool else "BOOL",
-            help=f"(default {getattr(defaults, name)!r})",
+            help=f"{HELP[name]} (default {getattr(defaults, name)!r})",
         )
 
 

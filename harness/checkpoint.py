@@ -13,37 +13,16 @@ import hashlib
 import io
 import json
 import logging
-import os
 from pathlib import Path
 
 import torch
 
+from harness.atomic import fsync_dir, write_bytes_atomic, write_json_atomic
 from harness.errors import HarnessError
 
 log = logging.getLogger("harness")
 
 CHECKPOINT_DIR = "checkpoints"
-
-
-def _write_atomic(path: Path, payload: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def save_checkpoint(run_dir: Path, state: dict, step: int, epoch: int, keep: int) -> Path:
@@ -55,10 +34,10 @@ def save_checkpoint(run_dir: Path, state: dict, step: int, epoch: int, keep: int
     path = directory / f"step-{step:08d}.pt"
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        _write_atomic(path, payload)
+        write_bytes_atomic(path, payload)
         meta = {"file": path.name, "sha256": hashlib.sha256(payload).hexdigest(), "bytes": len(payload), "step": step, "epoch": epoch}
-        _write_atomic(path.with_suffix(".json"), json.dumps(meta, indent=1).encode())
-        _fsync_dir(directory)
+        write_json_atomic(path.with_suffix(".json"), meta)
+        fsync_dir(directory)
     except OSError as e:
         path.unlink(missing_ok=True)  # no marker was written, or it is being removed with its payload
         path.with_suffix(".json").unlink(missing_ok=True)

@@ -11,34 +11,16 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 
-import torch
 
-from harness.data.manifest import write_json_atomic
+from harness.atomic import torch_save_atomic, write_json_atomic, write_text_atomic
 from harness.errors import HarnessError
 from harness.evaluate import EvalResult, class_report, format_report
 from harness.tensorboard import TensorBoardLog
 
 log = logging.getLogger("harness")
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def save_atomic(obj, path: Path) -> None:
-    """torch.save to a temporary file, fsync, then rename: never a half-written file under `path`."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def prepare_run_dir(run_dir: Path, resuming: bool) -> Path:
@@ -101,7 +83,7 @@ class RunOutputs:
         )
         self.tensorboard.confusion(test.confusion, report, summary["steps"])
         self.tensorboard.close()
-        save_atomic(model.state_dict(), self.run_dir / "model.pt")
+        torch_save_atomic(model.state_dict(), self.run_dir / "model.pt")
         write_json_atomic(self.run_dir / "summary.json", summary)
 
 

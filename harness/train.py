@@ -28,7 +28,7 @@ from harness.checkpoint import load_newest_valid, load_verified, save_checkpoint
 from harness.config import TrainConfig, add_config_options, build_config, changed_fields
 from harness.data.stream import MacroBatchStream, ShardSplit
 from harness.errors import HarnessError
-from harness.evaluate import evaluate
+from harness.evaluate import EvalResult, evaluate
 from harness.models import build_model, parameter_checksum
 from harness.normalize import Normalizer, make_loss
 from harness.run_outputs import RunOutputs, setup_logging
@@ -54,7 +54,6 @@ class LoopState:
     epoch_seconds: float = 0.0  # training time of the epoch in progress
     best_val: float = float("inf")
     stale_epochs: int = 0
-    finished: bool = False  # early stopping or max_steps ended the run
     last_metrics: dict = dataclasses.field(default_factory=dict)
 
 
@@ -104,7 +103,7 @@ def _train(config: TrainConfig, shard_dir: Path, run_dir: Path, ctx: distributed
     loss_fn = make_loss(config.loss)
 
     loop = restore(ctx, run_dir, resume, config, model, optimizer, scheduler)
-    outputs = RunOutputs(run_dir, resumed_at=loop.step if loop.step or loop.epoch else None) if ctx.is_main else None
+    outputs = RunOutputs(run_dir, resumed_at=loop.step or None) if ctx.is_main else None
     if outputs:
         outputs.keep_epochs(loop.epoch)
 
@@ -133,10 +132,11 @@ def _train(config: TrainConfig, shard_dir: Path, run_dir: Path, ctx: distributed
     show_bar = ctx.is_main and sys.stderr.isatty()
     window = torch.zeros(config.log_every, device=ctx.device)  # per-step losses since the last sync point
     reached_max = lambda: config.max_steps and loop.step >= config.max_steps  # noqa: E731
-    # Recomputed rather than taken from a checkpoint: a finished run resumed with a
-    # larger --max-steps or --epochs goes on; early stopping stays decided.
-    loop.finished = bool(reached_max()) or bool(config.early_stopping and loop.stale_epochs >= config.early_stopping)
-    while loop.epoch < config.epochs and not loop.finished:
+    # Derived, not checkpointed: a finished run resumed with a larger --max-steps or
+    # --epochs goes on; early stopping stays decided.
+    finished = bool(reached_max()) or bool(config.early_stopping and loop.stale_epochs >= config.early_stopping)
+    last_eval: tuple[int, EvalResult] | None = None  # (step, result) of rank 0's latest validation
+    while loop.epoch < config.epochs and not finished:
         lr = optimizer.param_groups[0]["lr"]
         bar = tqdm(total=stream.steps_per_epoch, initial=loop.epoch_steps, desc=f"epoch {loop.epoch + 1}/{config.epochs}", leave=False, disable=not show_bar)
         n_window, window_started = 0, time.perf_counter()
@@ -181,6 +181,7 @@ def _train(config: TrainConfig, shard_dir: Path, run_dir: Path, ctx: distributed
         verdict = torch.zeros(2, dtype=torch.float64, device=ctx.device)
         if ctx.is_main:
             result = evaluate(model, val_images, val_labels, normalize, loss_fn, config.eval_batch)
+            last_eval = (loop.step, result)
             improved = result.loss < loop.best_val
             loop.best_val, loop.stale_epochs = (result.loss, 0) if improved else (loop.best_val, loop.stale_epochs + 1)
             stop_early = config.early_stopping and loop.stale_epochs >= config.early_stopping
@@ -205,27 +206,38 @@ def _train(config: TrainConfig, shard_dir: Path, run_dir: Path, ctx: distributed
             log.info(f"early stopping: no better {val_set} loss for {config.early_stopping} epochs")
         if reached_max():
             log.info(f"stopping after --max-steps {config.max_steps}")
-        loop.finished = bool(verdict[1].item()) or bool(reached_max())
+        finished = bool(verdict[1].item()) or bool(reached_max())
         checkpoint()
 
-    return finish(ctx, config, model, loop, outputs, shard_dir, n_train, normalize, loss_fn, threads, started)
+    def test_result() -> EvalResult:
+        """Rank 0's final test-set result: the last validation's when it was on the test
+        set at this step, else a fresh evaluation (holdout runs, a resumed finished run)."""
+        if not config.holdout:
+            if last_eval and last_eval[0] == loop.step:
+                return last_eval[1]
+            return evaluate(model, val_images, val_labels, normalize, loss_fn, config.eval_batch)
+        test_images, test_labels = load_eval_set(shard_dir, "test", 0, None, ctx.device)
+        return evaluate(model, test_images, test_labels, normalize, loss_fn, config.eval_batch)
+
+    return finish(ctx, config, model, loop, outputs, test_result, threads, started)
 
 
 def sync_point(ctx, window: torch.Tensor, first_step: int, stop_request: StopRequest) -> tuple[float, str]:
     """All ranks: mean loss of the window, and the stop signal if any rank got one.
 
-    A non-finite loss on any rank raises on every rank, naming the first bad step.
+    One all-reduce and one device-to-host copy. A non-finite loss on any rank raises
+    on every rank, naming the first bad step.
     """
     nonfinite = ~torch.isfinite(window)
-    bad_step = first_step + int(nonfinite.nonzero()[0, 0]) if nonfinite.any() else 2**62
-    packed = torch.tensor([window.sum().item(), float(stop_request.requested), float(nonfinite.any())], dtype=torch.float64, device=window.device)
-    ctx.sum(packed)
-    if packed[2].item():
-        first_bad = ctx.gather([bad_step])
-        step, rank = min((s[0], r) for r, s in enumerate(first_bad))
+    packed = torch.zeros(3, dtype=torch.float64, device=window.device)
+    packed[0], packed[1], packed[2] = window.sum(), nonfinite.any(), float(stop_request.requested)
+    loss_sum, any_nonfinite, any_stop = ctx.sum(packed).tolist()
+    if any_nonfinite:
+        bad_step = first_step + int(nonfinite.nonzero()[0, 0]) if nonfinite.any() else 2**62
+        step, rank = min((s[0], r) for r, s in enumerate(ctx.gather([bad_step])))
         raise HarnessError(f"loss is NaN or infinite at step {step + 1} on rank {rank}; stopped every rank; the last checkpoint is intact")
-    stop = stop_request.signal_name or ("stop signal on another rank" if packed[1].item() else "")
-    return packed[0].item() / (len(window) * ctx.world_size), stop
+    stop = stop_request.signal_name or ("stop signal on another rank" if any_stop else "")
+    return loss_sum / (len(window) * ctx.world_size), stop
 
 
 def restore(ctx, run_dir: Path, resume: str, config: TrainConfig, model, optimizer, scheduler) -> LoopState:
@@ -261,7 +273,7 @@ def restore(ctx, run_dir: Path, resume: str, config: TrainConfig, model, optimiz
     return loop
 
 
-def finish(ctx, config, model, loop: LoopState, outputs, shard_dir, n_train, normalize, loss_fn, threads, started) -> dict:
+def finish(ctx, config, model, loop: LoopState, outputs, test_result, threads, started) -> dict:
     # Every rank reports its step count and parameter digest; DDP must have kept them equal.
     checksum = parameter_checksum(model)
     per_rank = ctx.gather([loop.step, *distributed.digest_ints(checksum)])
@@ -271,10 +283,7 @@ def finish(ctx, config, model, loop: LoopState, outputs, shard_dir, n_train, nor
         log.error("ranks ended with different parameters")
     if not ctx.is_main:
         return {}
-    # Evaluated afresh even when the test set is the validation set: a resumed
-    # finished run has no validation result in this process (1-2 s of work).
-    test_images, test_labels = load_eval_set(shard_dir, "test", 0, None, ctx.device)
-    test = evaluate(model, test_images, test_labels, normalize, loss_fn, config.eval_batch)
+    test = test_result()
     summary = {
         "final": loop.last_metrics,
         "test_loss": test.loss,

@@ -14,6 +14,7 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from harness import checkpoint as ckpt
 from harness.config import load_preset
@@ -98,6 +99,11 @@ def test_sigkill_then_resume_is_bitwise_exact(mnist_shards, tmp_path, reference,
     assert checksum(run_dir) == reference[nproc]
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in metrics] == [1]
+    # Steps logged before the kill and redone after it are shown once (purge_step).
+    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    events.Reload()
+    steps = [e.step for e in events.Scalars("train/loss")]
+    assert steps == sorted(set(steps)) and steps[-1] == 300, steps
 
 
 def sync_points(steps: int = 300, log_every: int = 25, macro_steps: int = 7000 // load_preset("lenet")["batch_size"], checkpoint_every: int = 50) -> set[int]:
@@ -179,10 +185,10 @@ def test_disk_full_leaves_no_partial_checkpoint(tmp_path, monkeypatch):
     def full_disk(fd):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(ckpt.os, "fsync", full_disk)
+    monkeypatch.setattr(os, "fsync", full_disk)  # every atomic write fsyncs
     with pytest.raises(HarnessError, match="No space left on device.*previous checkpoints are intact"):
         ckpt.save_checkpoint(tmp_path, {"loop": {"step": 2}}, step=2, epoch=0, keep=3)
-    monkeypatch.setattr(ckpt.os, "fsync", real_fsync)
+    monkeypatch.setattr(os, "fsync", real_fsync)
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-00000001.json", "step-00000001.pt"]
     assert ckpt.load_newest_valid(tmp_path)[1]["loop"]["step"] == 1
 

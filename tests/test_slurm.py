@@ -138,3 +138,6 @@ def test_scancel_sigterm_reaches_training_processes(slurm_job_name, mnist_shards
     log = tail(output, 100_000)
     assert re.search(r"Received (15|(Signals\.)?SIGTERM) death signal", log), f"torchrun did not report SIGTERM:\n{log[-4000:]}"
     assert python_processes_with(str(run_dir)) == [], "training processes outlived the job"
+    # The ranks honoured the signal: they stopped at a sync point and rank 0 checkpointed there.
+    assert re.search(r"stopped at step \d+ and checkpointed", log), log[-4000:]
+    assert list((run_dir / "checkpoints").glob("step-*.json")), "no checkpoint after SIGTERM"

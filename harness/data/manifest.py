@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from harness.data.sources import sha256_of
@@ -11,18 +10,6 @@ from harness.errors import HarnessError
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    """Write JSON to a temporary file, fsync, then rename over `path`."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def load_manifest(shard_dir: Path) -> dict:

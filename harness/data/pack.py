@@ -23,7 +23,8 @@ from pathlib import Path
 import numpy as np
 
 from harness import __version__
-from harness.data.manifest import FORMAT_VERSION, MANIFEST_NAME, write_json_atomic
+from harness.atomic import write_json_atomic
+from harness.data.manifest import FORMAT_VERSION, MANIFEST_NAME
 from harness.data.sources import Dataset, sha256_of
 from harness.errors import HarnessError
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from harness.atomic import fsync_dir, write_bytes_atomic, write_json_atomic
+from harness.config import changed_fields
 from harness.errors import HarnessError
 
 log = logging.getLogger("harness")
@@ -75,3 +76,30 @@ def load_newest_valid(run_dir: Path) -> tuple[Path, dict] | None:
         except HarnessError as e:
             log.warning(f"skipping checkpoint: {e}")
     return None
+
+
+def checkpoint_to_resume(ctx, run_dir: Path, resume: str, config) -> tuple[Path, dict] | None:
+    """The checkpoint a run continues from: `resume` is auto (the newest valid one in
+    RUN_DIR), never, or a path. Every rank must find the same one, and it must have been
+    written with the same data, model and optimizer settings."""
+    found = None
+    if resume == "auto":
+        found = load_newest_valid(run_dir)
+    elif resume != "never":
+        found = (Path(resume), load_verified(Path(resume)))
+    # Every rank must resume from the same checkpoint (RUN_DIR on a shared filesystem).
+    steps = [s[0] for s in ctx.gather([found[1]["loop"]["step"] if found else -1])]
+    if len(set(steps)) > 1:
+        raise HarnessError(f"{run_dir}: ranks found different checkpoints (steps {steps}); RUN_DIR must be on a filesystem every node shares")
+    if not found:
+        return None
+    path, state = found
+    changed = changed_fields(state["config"], config)
+    if changed:
+        raise HarnessError(
+            f"{path}: was written with a different {', '.join('--' + c.replace('_', '-') for c in changed)}; "
+            "resuming would mix two experiments (use a new --run-dir, or --resume never there)"
+        )
+    if state["world_size"] != ctx.world_size:
+        log.warning(f"resuming a world-size-{state['world_size']} run with world size {ctx.world_size}: the global batches are the same, results equal up to float summation order")
+    return found

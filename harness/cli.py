@@ -6,18 +6,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from harness.errors import HarnessError
+from harness.errors import run_guarded
 
 SHADES = " .:-=+*#%@"
-
-
-def run_guarded(function, args) -> int:
-    """Run a command; a HarnessError becomes one line on stderr and exit status 2."""
-    try:
-        return function(args) or 0
-    except HarnessError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
 
 
 def cmd_pack(args) -> int:

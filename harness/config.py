@@ -1,7 +1,13 @@
 """Training configuration: one dataclass, presets as TOML files, command-line overrides.
 
 Every field of `TrainConfig` is a `harness train` option (`batch_size` is
-`--batch-size`); a preset file sets some of them, and the command line wins.
+`--batch-size`, a bool `nesterov` is `--nesterov` / `--no-nesterov`), with the help
+text written beside the field. A preset file sets some fields and the command line
+wins. The options are generated with the standard library's argparse from the
+fields' type hints: the `harness` command's subcommands are argparse already, and
+presets must sit between the defaults and the command line, which argparse's
+"None = not given" does directly (tyro or jsonargparse would do the generation too,
+at the price of a second parser style and several dependencies).
 """
 
 from __future__ import annotations
@@ -9,8 +15,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import tomllib
-from dataclasses import dataclass, field
+import types
+import typing
+from dataclasses import dataclass
 from importlib import resources
+from pathlib import Path
 
 from harness.errors import HarnessError
 
@@ -24,76 +33,59 @@ CHOICES = {
 }
 
 
-# What each field means; `harness train --help` shows these with the defaults.
-HELP = {
-    "model": "lenet or mlp",
-    "hidden": "MLP hidden layer sizes, e.g. 500,300",
-    "activation": "activation between layers",
-    "output_activation": "also applied after the last layer (the mathspp MLP does); empty = none",
-    "loss": "cross_entropy, or mse against one-hot targets",
-    "normalize": "standardize: (x/255 - mean)/std; unit: x/255; unit_minus_pixel_mean: x/255 minus the "
-    "per-pixel train mean; raw: 0..255 as floats (statistics come from the manifest)",
-    "epochs": "passes over the training set",
-    "batch_size": "global batch: each rank takes batch_size / world_size",
-    "macro_batch": "images moved to the device per transfer",
-    "lr": "learning rate",
-    "momentum": "SGD momentum",
-    "nesterov": "Nesterov momentum",
-    "weight_decay": "L2 weight decay",
-    "lr_decay": "learning rate multiplied by this after every epoch",
-    "holdout": "validate on the last N training images instead of the test set",
-    "early_stopping": "stop after this many epochs without a better validation loss; 0 = off",
-    "seed": "initial weights and data order",
-    "device": "auto (CUDA when present, else CPU), cpu or cuda",
-    "threads": "CPU threads per rank; 0 = usable cores / ranks on this node",
-    "max_steps": "stop after this many optimizer steps in all; 0 = no limit",
-    "log_every": "steps between sync points: train/loss, stop-signal and NaN checks",
-    "eval_batch": "batch size for validation and test",
-    "checkpoint_every": "also checkpoint every N steps; 0 = at epoch ends only",
-    "keep_checkpoints": "how many checkpoints to keep",
-    "timeout": "seconds any collective may wait before the job fails",
-}
+def option(default, help: str, **kwargs):
+    """A config field with its `--help` text."""
+    if isinstance(default, list):
+        return dataclasses.field(default_factory=lambda: list(default), metadata={"help": help}, **kwargs)
+    return dataclasses.field(default=default, metadata={"help": help}, **kwargs)
 
 
 @dataclass
 class TrainConfig:
-    """One training run's settings (a preset plus command-line overrides); see HELP."""
+    """One training run's settings: a preset plus command-line overrides."""
 
-    model: str = "lenet"
-    hidden: list[int] = field(default_factory=list)
-    activation: str = "relu"
-    output_activation: str = ""
-    loss: str = "cross_entropy"
-    normalize: str = "standardize"
-    epochs: int = 15
-    batch_size: int = 64
-    macro_batch: int = 60000
-    lr: float = 0.1
-    momentum: float = 0.9
-    nesterov: bool = False
-    weight_decay: float = 0.0
-    lr_decay: float = 1.0
-    holdout: int = 0
-    early_stopping: int = 0
-    seed: int = 0
-    device: str = "auto"
-    threads: int = 0
-    max_steps: int = 0
-    log_every: int = 100
-    eval_batch: int = 2000
-    checkpoint_every: int = 0
-    keep_checkpoints: int = 3
-    timeout: float = 300.0
+    # model
+    model: str = option("lenet", "lenet or mlp")
+    hidden: list[int] = option([], "MLP hidden layer sizes, e.g. 500,300")
+    activation: str = option("relu", "activation between layers")
+    output_activation: str = option("", "also applied after the last layer (the mathspp MLP does); empty = none")
+    loss: str = option("cross_entropy", "cross_entropy, or mse against one-hot targets")
+    normalize: str = option(
+        "standardize",
+        "standardize: (x/255 - mean)/std; unit: x/255; unit_minus_pixel_mean: x/255 minus the "
+        "per-pixel train mean; raw: 0..255 as floats (statistics come from the manifest)",
+    )
+    # optimisation
+    epochs: int = option(15, "passes over the training set")
+    batch_size: int = option(64, "global batch: each rank takes batch_size / world_size")
+    macro_batch: int = option(60000, "images moved to the device per transfer")
+    lr: float = option(0.1, "learning rate")
+    momentum: float = option(0.9, "SGD momentum")
+    nesterov: bool = option(False, "Nesterov momentum")
+    weight_decay: float = option(0.0, "L2 weight decay")
+    lr_decay: float = option(1.0, "learning rate multiplied by this after every epoch")
+    holdout: int = option(0, "validate on the last N training images instead of the test set")
+    early_stopping: int = option(0, "stop after this many epochs without a better validation loss; 0 = off")
+    seed: int = option(0, "initial weights and data order")
+    # running
+    device: str = option("auto", "auto (CUDA when present, else CPU), cpu or cuda")
+    threads: int = option(0, "CPU threads per rank; 0 = usable cores / ranks on this node")
+    max_steps: int = option(0, "stop after this many optimizer steps in all; 0 = no limit")
+    log_every: int = option(100, "steps between sync points: train/loss, stop-signal and NaN checks")
+    eval_batch: int = option(2000, "batch size for validation and test")
+    checkpoint_every: int = option(0, "also checkpoint every N steps; 0 = at epoch ends only")
+    keep_checkpoints: int = option(3, "how many checkpoints to keep")
+    timeout: float = option(300.0, "seconds any collective may wait before the job fails")
 
     def validate(self) -> None:
         for name, allowed in CHOICES.items():
             if getattr(self, name) not in allowed:
-                raise HarnessError(f"--{name.replace('_', '-')} '{getattr(self, name)}' is not one of: {', '.join(a or '(none)' for a in allowed)}")
+                raise HarnessError(f"--{flag(name)} '{getattr(self, name)}' is not one of: {', '.join(a or '(none)' for a in allowed)}")
         if self.model == "mlp" and not self.hidden:
             raise HarnessError("--hidden is required for the mlp model (e.g. --hidden 500,300)")
         for name in ("epochs", "batch_size", "macro_batch", "log_every", "eval_batch", "keep_checkpoints"):
             if getattr(self, name) < 1:
-                raise HarnessError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(self, name)})")
+                raise HarnessError(f"--{flag(name)} must be at least 1 (got {getattr(self, name)})")
         if self.timeout <= 0:
             raise HarnessError(f"--timeout must be positive (got {self.timeout})")
         if self.lr <= 0:
@@ -103,6 +95,18 @@ class TrainConfig:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+TYPES = typing.get_type_hints(TrainConfig)
+
+# Fields that may differ when a run resumes; any other change would make the resumed
+# run a different experiment, so it is refused.
+RESUMABLE_CHANGES = {"epochs", "max_steps", "log_every", "eval_batch", "device", "threads", "checkpoint_every", "keep_checkpoints", "timeout"}
+
+
+def flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+# --- presets --------------------------------------------------------------------------------------
 
 
 def preset_names() -> list[str]:
@@ -120,35 +124,54 @@ def load_preset(name: str) -> dict:
     return values
 
 
-def _parse_bool(text: str) -> bool:
-    if text.lower() in ("1", "true", "yes", "on"):
-        return True
-    if text.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got '{text}'")
+# --- command-line options -------------------------------------------------------------------------
 
 
-def _parse_int_list(text: str) -> list[int]:
+def _int_list(text: str) -> list[int]:
     try:
         return [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got '{text}'") from None
 
 
+def _or_none(parse):
+    """Parse a value of an optional field; `none` sets it to None."""
+    return lambda text: None if text.lower() == "none" else parse(text)
+
+
+SCALAR_PARSERS = {int: int, float: float, str: str, Path: Path}
+
+
+def _argparse_kwargs(name: str, hint) -> dict:
+    """argparse keywords for a field typed `hint`: int, float, str, Path, bool, list[int], or X | None."""
+    optional = typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in typing.get_args(hint)
+    base = next(a for a in typing.get_args(hint) if a is not type(None)) if optional else hint
+    if base is bool:
+        return {"action": argparse.BooleanOptionalAction}
+    if base == list[int]:
+        parse, metavar = _int_list, "N,N,..."
+    elif base in SCALAR_PARSERS:
+        parse, metavar = SCALAR_PARSERS[base], name.upper()
+    else:
+        raise TypeError(f"TrainConfig.{name}: no command-line form for type {hint}")
+    if name in CHOICES:
+        metavar = "{" + ",".join(c or "''" for c in CHOICES[name]) + "}"
+    return {"type": _or_none(parse) if optional else parse, "metavar": metavar}
+
+
 def add_config_options(parser: argparse.ArgumentParser) -> None:
-    """One option per config field; default None means 'keep the preset's value'."""
+    """One option per config field; an option not given stays None: 'keep the preset's value'."""
     group = parser.add_argument_group("training config (override the preset)")
-    parsers = {int: int, float: float, str: str, bool: _parse_bool, "list[int]": _parse_int_list}
     defaults = TrainConfig()
-    for name, f in FIELDS.items():
-        kind = f.type if f.type in ("list[int]",) else {"int": int, "float": float, "str": str, "bool": bool}[f.type]
+    for name, field in FIELDS.items():
+        default = getattr(defaults, name)
+        shown = ",".join(map(str, default)) if isinstance(default, list) else default
         group.add_argument(
-            f"--{name.replace('_', '-')}",
+            f"--{flag(name)}",
             dest=name,
-            type=parsers[kind],
             default=None,
-            metavar=name.upper() if kind is not bool else "BOOL",
-            help=f"{HELP[name]} (default {getattr(defaults, name)!r})",
+            help=f"{field.metadata['help']} (default {shown!r})",
+            **_argparse_kwargs(name, TYPES[name]),
         )
 
 
@@ -160,11 +183,7 @@ def build_config(preset: str | None, args: argparse.Namespace) -> TrainConfig:
     return config
 
 
-# Fields that may differ when a run resumes; any other change would make the resumed
-# run a different experiment, so it is refused.
-RESUMABLE_CHANGES = {"epochs", "max_steps", "log_every", "eval_batch", "device", "threads", "checkpoint_every", "keep_checkpoints", "timeout"}
-
-
 def changed_fields(saved: dict, config: TrainConfig) -> list[str]:
+    """Fields whose change would make a resumed run a different experiment."""
     current = dataclasses.asdict(config)
     return sorted(k for k in current if k not in RESUMABLE_CHANGES and saved.get(k) != current[k])

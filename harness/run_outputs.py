@@ -14,7 +14,6 @@ import logging
 import sys
 from pathlib import Path
 
-
 from harness.atomic import torch_save_atomic, write_json_atomic, write_text_atomic
 from harness.errors import HarnessError
 from harness.evaluate import EvalResult, class_report, format_report

@@ -4,9 +4,10 @@ Each rank streams the training split as macro-batches, takes its slice of every
 global batch and steps the (DDP-wrapped) model; rank 0 validates after every
 epoch and writes the run outputs. Every `log_every` steps all ranks meet at a sync
 point: one all-reduce carries the loss, any stop signal and any non-finite loss,
-so every rank stops, checkpoints or fails at the same step. The loop's position
-lives in `LoopState`, which goes into every checkpoint, so a run resumes at the
-exact step it stopped at. Details live in the modules it calls.
+so every rank stops, checkpoints or fails at the same step. Between sync points
+nothing waits for the device. The loop's position lives in `Progress`, and
+`Trainer.state_dict()` (model, optimizer, schedule, position, RNG) is what a
+checkpoint holds, so a run resumes at the exact step it stopped at.
 """
 
 from __future__ import annotations
@@ -24,15 +25,16 @@ from tqdm import tqdm
 
 from harness import distributed
 from harness.allocator import keep_freed_memory
-from harness.checkpoint import load_newest_valid, load_verified, save_checkpoint
-from harness.config import TrainConfig, add_config_options, build_config, changed_fields
-from harness.data.stream import MacroBatchStream, ShardSplit
-from harness.errors import HarnessError
+from harness.checkpoint import checkpoint_to_resume, save_checkpoint
+from harness.config import TrainConfig, add_config_options, build_config
+from harness.data.stream import MacroBatch, MacroBatchStream, ShardSplit
+from harness.errors import HarnessError, run_guarded
 from harness.evaluate import EvalResult, evaluate
 from harness.models import build_model, parameter_checksum
 from harness.normalize import Normalizer, make_loss
 from harness.run_outputs import RunOutputs, setup_logging
-from harness.stopping import EXIT_STOPPED, Fault, StopRequest
+from harness.stopping import EXIT_STOPPED, StopRequest
+from harness.testhooks import Fault, save_rank_weights
 
 log = logging.getLogger("harness")
 
@@ -42,8 +44,8 @@ class Stopped(Exception):
 
 
 @dataclasses.dataclass
-class LoopState:
-    """Where training is: the next step to run, and what the epoch has gathered so far."""
+class Progress:
+    """Where training is, and what the epoch in progress has gathered so far."""
 
     epoch: int = 0  # 0-based epoch in progress (= epochs completed)
     macro: int = 0  # macro-batch of that epoch in progress
@@ -52,177 +54,284 @@ class LoopState:
     epoch_loss_sum: float = 0.0  # per-rank mean losses, summed over ranks and steps
     epoch_steps: int = 0
     epoch_seconds: float = 0.0  # training time of the epoch in progress
-    best_val: float = float("inf")
-    stale_epochs: int = 0
+    best_val: float = float("inf")  # early stopping: best validation loss so far
+    stale_epochs: int = 0  # epochs since it last improved
     last_metrics: dict = dataclasses.field(default_factory=dict)
 
+    def state_dict(self) -> dict:
+        return dataclasses.asdict(self)
 
-def load_eval_set(shard_dir: Path, split: str, start: int, stop: int | None, device: torch.device):
-    images, labels = ShardSplit(shard_dir, split, start, stop).load_all()
-    return torch.from_numpy(images).to(device), torch.from_numpy(labels).long().to(device)
+    def load_state_dict(self, state: dict) -> None:
+        for name, value in state.items():
+            setattr(self, name, value)
+
+    def advance(self, last_in_macro: bool) -> None:
+        self.step += 1
+        self.macro, self.step_in_macro = (self.macro + 1, 0) if last_in_macro else (self.macro, self.step_in_macro + 1)
+
+    def add_window(self, mean_loss: float, steps: int, seconds: float) -> None:
+        self.epoch_loss_sum += mean_loss * steps
+        self.epoch_steps += steps
+        self.epoch_seconds += seconds
+
+    def record_validation(self, loss: float) -> None:
+        self.best_val, self.stale_epochs = (loss, 0) if loss < self.best_val else (self.best_val, self.stale_epochs + 1)
+
+    def next_epoch(self) -> None:
+        self.epoch, self.macro, self.step_in_macro = self.epoch + 1, 0, 0
+        self.epoch_loss_sum, self.epoch_steps, self.epoch_seconds = 0.0, 0, 0.0
 
 
-def train(config: TrainConfig, shard_dir: Path, run_dir: Path, resume: str = "auto") -> dict:
-    ctx = distributed.init_distributed(config.device, config.timeout)
-    try:
-        summary = _train(config, Path(shard_dir), Path(run_dir), ctx, resume)
-        # The other ranks wait here while rank 0 evaluates the test set and writes the
-        # run files, so every rank tears the process group down together: a rank that
-        # destroyed its gloo group and exited while rank 0 was still busy was seen to
-        # abort ("terminate called without an active exception").
-        ctx.barrier()
-        return summary
-    finally:
-        distributed.shutdown(ctx)
+class LossWindow:
+    """Per-step losses since the last sync point, kept on the device (no host sync per step)."""
+
+    def __init__(self, size: int, device: torch.device):
+        self.losses = torch.zeros(size, device=device)
+        self.count, self.started = 0, time.perf_counter()
+
+    def add(self, loss: torch.Tensor) -> None:
+        self.losses[self.count] = loss.detach()
+        self.count += 1
+
+    def restart(self) -> None:
+        self.count, self.started = 0, time.perf_counter()
 
 
-def _train(config: TrainConfig, shard_dir: Path, run_dir: Path, ctx: distributed.DistContext, resume: str) -> dict:
-    setup_logging(ctx.rank)
-    malloc = keep_freed_memory()
-    if config.batch_size % ctx.world_size:
-        raise HarnessError(f"--batch-size {config.batch_size} is not divisible by the world size {ctx.world_size}")
-    threads, why = distributed.choose_threads(config.threads, ctx.local_world_size)
-    stop_request, fault = StopRequest(), Fault.from_env()
+class Trainer:
+    """One rank's training run: built once from the config, then `fit()`."""
 
-    # Data: the training range, and (rank 0) the validation images on the device.
-    train_data = ShardSplit(shard_dir, "train")
-    n_train = len(train_data) - config.holdout
-    if config.holdout:
-        train_data = ShardSplit(shard_dir, "train", 0, n_train, verify=False)  # verified just above
-    stream = MacroBatchStream(train_data, config.batch_size, config.macro_batch, config.seed, ctx.device)
-    val_set = "holdout" if config.holdout else "test"
-    if ctx.is_main:
-        val_images, val_labels = load_eval_set(shard_dir, "train", n_train, None, ctx.device) if config.holdout else load_eval_set(shard_dir, "test", 0, None, ctx.device)
+    def __init__(self, config: TrainConfig, shard_dir: Path, run_dir: Path, ctx: distributed.DistContext, resume: str = "auto"):
+        """`resume`: auto (the newest valid checkpoint in RUN_DIR), never, or a checkpoint's path."""
+        if config.batch_size % ctx.world_size:
+            raise HarnessError(f"--batch-size {config.batch_size} is not divisible by the world size {ctx.world_size}")
+        self.config, self.shard_dir, self.run_dir, self.ctx, self.resume = config, Path(shard_dir), Path(run_dir), ctx, resume
+        self.malloc = keep_freed_memory()
+        self.threads, self.threads_why = distributed.choose_threads(config.threads, ctx.local_world_size)
+        self.stop_request, self.fault = StopRequest(), Fault.from_env()
 
-    torch.manual_seed(config.seed)  # same initial weights on every rank and world size
-    model = build_model(config).to(ctx.device)
-    trained = DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None) if ctx.distributed else model
-    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum, nesterov=config.nesterov, weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=config.lr_decay)
-    normalize = Normalizer(config.normalize, train_data.manifest["train_stats"], ctx.device)
-    loss_fn = make_loss(config.loss)
+        # Data: the training range, and (rank 0) the validation images on the device.
+        train_data = ShardSplit(shard_dir, "train")
+        self.n_train = len(train_data) - config.holdout
+        if config.holdout:
+            train_data = ShardSplit(shard_dir, "train", 0, self.n_train, verify=False)  # verified just above
+        self.stream = MacroBatchStream(train_data, config.batch_size, config.macro_batch, config.seed, ctx.device)
+        self.val_set = "holdout" if config.holdout else "test"
+        if ctx.is_main:
+            self.val_images, self.val_labels = self.load_eval_set("train", self.n_train) if config.holdout else self.load_eval_set("test")
 
-    loop = restore(ctx, run_dir, resume, config, model, optimizer, scheduler)
-    outputs = RunOutputs(run_dir, resumed_at=loop.step or None) if ctx.is_main else None
-    if outputs:
-        outputs.keep_epochs(loop.epoch)
+        # Model, optimizer, schedule; the same initial weights on every rank and world size.
+        torch.manual_seed(config.seed)
+        self.model = build_model(config).to(ctx.device)
+        self.trained = self.model
+        if ctx.distributed:
+            self.trained = DistributedDataParallel(self.model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+        self.optimizer = torch.optim.SGD(
+            self.model.parameters(), lr=config.lr, momentum=config.momentum, nesterov=config.nesterov, weight_decay=config.weight_decay
+        )
+        self.scheduler = torch.optim.lr_scheduler.ExponentialLR(self.optimizer, gamma=config.lr_decay)
+        self.normalize = Normalizer(config.normalize, train_data.manifest["train_stats"], ctx.device)
+        self.loss_fn = make_loss(config.loss)
 
-    def checkpoint() -> None:
+        self.progress = Progress()
+        self.window = LossWindow(config.log_every, ctx.device)
+        self.last_eval: tuple[int, EvalResult] | None = None  # (step, result) of rank 0's latest validation
+        self.restore()
+        self.outputs = RunOutputs(self.run_dir, resumed_at=self.progress.step or None) if ctx.is_main else None
+        if self.outputs:
+            self.outputs.keep_epochs(self.progress.epoch)
+
+    def load_eval_set(self, split: str, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        images, labels = ShardSplit(self.shard_dir, split, start).load_all()
+        return torch.from_numpy(images).to(self.ctx.device), torch.from_numpy(labels).long().to(self.ctx.device)
+
+    # --- state ------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        """Everything a checkpoint holds: resuming from it continues at the exact step."""
+        cuda = self.ctx.device.type == "cuda"
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "loop": self.progress.state_dict(),
+            "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if cuda else []},
+            "config": dataclasses.asdict(self.config),
+            "world_size": self.ctx.world_size,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.progress.load_state_dict(state["loop"])
+        torch.set_rng_state(state["rng"]["torch"])
+        if state["rng"]["cuda"] and self.ctx.device.type == "cuda":
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+
+    def restore(self) -> None:
+        found = checkpoint_to_resume(self.ctx, self.run_dir, self.resume, self.config)
+        if found:
+            path, state = found
+            self.load_state_dict(state)
+            log.info(f"resuming from {path} (epoch {self.progress.epoch + 1}, step {self.progress.step})")
+
+    def checkpoint(self) -> None:
         """Rank 0 writes; everyone waits, so no rank runs ahead of a checkpoint being written."""
-        if ctx.is_main:
-            state = {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "loop": dataclasses.asdict(loop),
-                "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if ctx.device.type == "cuda" else []},
-                "config": dataclasses.asdict(config),
-                "world_size": ctx.world_size,
-            }
-            save_checkpoint(run_dir, state, loop.step, loop.epoch, config.keep_checkpoints)
-        ctx.barrier()
+        if self.ctx.is_main:
+            save_checkpoint(self.run_dir, self.state_dict(), self.progress.step, self.progress.epoch, self.config.keep_checkpoints)
+        self.ctx.barrier()
 
-    log.info(
-        f"{sum(p.numel() for p in model.parameters()):,}-parameter {config.model} on {ctx.device}, "
-        f"world size {ctx.world_size}, {threads} CPU thread(s) per rank ({why}), {malloc}; "
-        f"{n_train:,} training images, {stream.steps_per_epoch} steps of {config.batch_size} per epoch, "
-        f"validating on {val_set}"
-    )
-    started = time.perf_counter()
-    show_bar = ctx.is_main and sys.stderr.isatty()
-    window = torch.zeros(config.log_every, device=ctx.device)  # per-step losses since the last sync point
-    reached_max = lambda: config.max_steps and loop.step >= config.max_steps  # noqa: E731
-    # Derived, not checkpointed: a finished run resumed with a larger --max-steps or
-    # --epochs goes on; early stopping stays decided.
-    finished = bool(reached_max()) or bool(config.early_stopping and loop.stale_epochs >= config.early_stopping)
-    last_eval: tuple[int, EvalResult] | None = None  # (step, result) of rank 0's latest validation
-    while loop.epoch < config.epochs and not finished:
-        lr = optimizer.param_groups[0]["lr"]
-        bar = tqdm(total=stream.steps_per_epoch, initial=loop.epoch_steps, desc=f"epoch {loop.epoch + 1}/{config.epochs}", leave=False, disable=not show_bar)
-        n_window, window_started = 0, time.perf_counter()
-        for macro in stream.epoch(loop.epoch, start_index=loop.macro):
-            for i in range(loop.step_in_macro, macro.steps):
-                fault.before_step(loop.step, ctx.rank)
-                images, labels = macro.local_batch(i, ctx.rank, ctx.world_size)
-                loss = fault.corrupt_loss(loss_fn(trained(normalize(images)), labels), loop.step, ctx.rank)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                window[n_window] = loss.detach()
-                n_window += 1
-                loop.step += 1
-                loop.macro, loop.step_in_macro = (loop.macro + 1, 0) if i + 1 == macro.steps else (loop.macro, i + 1)
-                bar.update()
-                due_checkpoint = config.checkpoint_every and loop.step % config.checkpoint_every == 0
-                if n_window == config.log_every or loop.step_in_macro == 0 or due_checkpoint or reached_max():
-                    # The loop's only host sync: one all-reduce every log_every steps.
-                    mean_loss, stop = sync_point(ctx, window[:n_window], loop.step - n_window, stop_request)
-                    now = time.perf_counter()
-                    loop.epoch_loss_sum += mean_loss * n_window
-                    loop.epoch_steps += n_window
-                    loop.epoch_seconds += now - window_started
-                    if ctx.is_main:
-                        rate = n_window * config.batch_size / (now - window_started)
-                        outputs.tensorboard.scalars(loop.step, {"train/loss": mean_loss, "train/lr": lr, "train/samples_per_s": rate})
-                        bar.set_postfix(loss=f"{mean_loss:.4f}")
-                    n_window, window_started = 0, now
-                    if stop or due_checkpoint:
-                        checkpoint()
-                    if stop:
-                        log.warning(f"{stop}: stopped at step {loop.step} and checkpointed; run again to resume")
-                        raise Stopped(stop)
-                if reached_max():
-                    break
-            if reached_max():
-                break
-        bar.close()
+    # --- the loop ---------------------------------------------------------------------------------
 
-        # Rank 0 validates while the others wait in the broadcast of its verdict.
-        verdict = torch.zeros(2, dtype=torch.float64, device=ctx.device)
-        if ctx.is_main:
-            result = evaluate(model, val_images, val_labels, normalize, loss_fn, config.eval_batch)
-            last_eval = (loop.step, result)
-            improved = result.loss < loop.best_val
-            loop.best_val, loop.stale_epochs = (result.loss, 0) if improved else (loop.best_val, loop.stale_epochs + 1)
-            stop_early = config.early_stopping and loop.stale_epochs >= config.early_stopping
-            verdict[:] = torch.tensor([result.loss, float(bool(stop_early))])
-            loop.last_metrics = {
-                "epoch": loop.epoch + 1,  # a partial epoch (--max-steps) too; a resume drops its line
-                "step": loop.step,
-                "train_loss": loop.epoch_loss_sum / max(loop.epoch_steps, 1),
+    def fit(self) -> dict:
+        self.log_start()
+        started = time.perf_counter()
+        while self.progress.epoch < self.config.epochs and not self.finished():
+            self.train_epoch()
+            self.end_epoch()
+        return self.finish(time.perf_counter() - started)
+
+    def train_epoch(self) -> None:
+        """Steps from the current position to the end of the epoch (or to --max-steps)."""
+        p, show = self.progress, self.ctx.is_main and sys.stderr.isatty()
+        lr = self.optimizer.param_groups[0]["lr"]
+        with tqdm(total=self.stream.steps_per_epoch, initial=p.epoch_steps, desc=f"epoch {p.epoch + 1}/{self.config.epochs}", leave=False, disable=not show) as bar:
+            self.window.restart()
+            for macro in self.stream.epoch(p.epoch, start_index=p.macro):
+                for i in range(p.step_in_macro, macro.steps):
+                    self.train_step(macro, i)
+                    p.advance(last_in_macro=i + 1 == macro.steps)
+                    bar.update()
+                    if self.window.count == self.config.log_every or p.step_in_macro == 0 or self.checkpoint_due() or self.reached_max_steps():
+                        self.sync_point(lr, bar)
+                    if self.reached_max_steps():
+                        return
+
+    def train_step(self, macro: MacroBatch, i: int) -> None:
+        """One optimizer step on this rank's slice of global batch `i`; nothing here waits for the device."""
+        self.fault.before_step(self.progress.step, self.ctx.rank)  # test-only fault injection
+        images, labels = macro.local_batch(i, self.ctx.rank, self.ctx.world_size)
+        loss = self.loss_fn(self.trained(self.normalize(images)), labels)
+        loss = self.fault.corrupt_loss(loss, self.progress.step, self.ctx.rank)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.window.add(loss)
+
+    def sync_point(self, lr: float, bar: tqdm) -> None:
+        """All ranks: log the window's mean loss, fail on a non-finite loss, honour a stop signal."""
+        window, now = self.window, time.perf_counter()
+        mean_loss, stop = agree_at_sync_point(self.ctx, window.losses[: window.count], self.progress.step - window.count, self.stop_request)
+        self.progress.add_window(mean_loss, window.count, now - window.started)
+        if self.ctx.is_main:
+            rate = window.count * self.config.batch_size / (now - window.started)
+            self.outputs.tensorboard.scalars(self.progress.step, {"train/loss": mean_loss, "train/lr": lr, "train/samples_per_s": rate})
+            bar.set_postfix(loss=f"{mean_loss:.4f}")
+        window.restart()
+        if stop or self.checkpoint_due():
+            self.checkpoint()
+        if stop:
+            log.warning(f"{stop}: stopped at step {self.progress.step} and checkpointed; run again to resume")
+            raise Stopped(stop)
+
+    def end_epoch(self) -> None:
+        """Validate (rank 0), decide on early stopping (every rank, from the broadcast loss), checkpoint."""
+        p = self.progress
+        lr = self.optimizer.param_groups[0]["lr"]
+        p.record_validation(self.validate(lr))
+        if p.macro == self.stream.macro_batches_per_epoch:  # the epoch is complete (not cut by --max-steps)
+            self.scheduler.step()
+            p.next_epoch()
+        if self.stopped_early():
+            log.info(f"early stopping: no better {self.val_set} loss for {self.config.early_stopping} epochs")
+        if self.reached_max_steps():
+            log.info(f"stopping after --max-steps {self.config.max_steps}")
+        self.checkpoint()
+
+    def validate(self, lr: float) -> float:
+        """Rank 0 evaluates and writes the epoch's metrics; the others wait for the loss in a broadcast."""
+        p, loss = self.progress, torch.zeros(1, dtype=torch.float64, device=self.ctx.device)
+        if self.ctx.is_main:
+            result = evaluate(self.model, self.val_images, self.val_labels, self.normalize, self.loss_fn, self.config.eval_batch)
+            self.last_eval = (p.step, result)
+            p.last_metrics = {
+                "epoch": p.epoch + 1,  # a partial epoch (--max-steps) too; a resume drops its line
+                "step": p.step,
+                "train_loss": p.epoch_loss_sum / max(p.epoch_steps, 1),
                 "val_loss": result.loss,
                 "val_accuracy": result.accuracy,
                 "lr": lr,
-                "epoch_seconds": loop.epoch_seconds,
-                "train_samples_per_s": loop.epoch_steps * config.batch_size / max(loop.epoch_seconds, 1e-9),
+                "epoch_seconds": p.epoch_seconds,
+                "train_samples_per_s": p.epoch_steps * self.config.batch_size / max(p.epoch_seconds, 1e-9),
             }
-            outputs.epoch(loop.last_metrics, config.epochs, model, loop.step)
-        ctx.broadcast_from_main(verdict)
-        if loop.macro == stream.macro_batches_per_epoch:  # the epoch is complete
-            scheduler.step()
-            loop.epoch, loop.macro, loop.step_in_macro = loop.epoch + 1, 0, 0
-            loop.epoch_loss_sum, loop.epoch_steps, loop.epoch_seconds = 0.0, 0, 0.0
-        if verdict[1].item():
-            log.info(f"early stopping: no better {val_set} loss for {config.early_stopping} epochs")
-        if reached_max():
-            log.info(f"stopping after --max-steps {config.max_steps}")
-        finished = bool(verdict[1].item()) or bool(reached_max())
-        checkpoint()
+            self.outputs.epoch(p.last_metrics, self.config.epochs, self.model, p.step)
+            loss[0] = result.loss
+        return self.ctx.broadcast_from_main(loss).item()
 
-    def test_result() -> EvalResult:
-        """Rank 0's final test-set result: the last validation's when it was on the test
-        set at this step, else a fresh evaluation (holdout runs, a resumed finished run)."""
-        if not config.holdout:
-            if last_eval and last_eval[0] == loop.step:
-                return last_eval[1]
-            return evaluate(model, val_images, val_labels, normalize, loss_fn, config.eval_batch)
-        test_images, test_labels = load_eval_set(shard_dir, "test", 0, None, ctx.device)
-        return evaluate(model, test_images, test_labels, normalize, loss_fn, config.eval_batch)
+    def checkpoint_due(self) -> bool:
+        return bool(self.config.checkpoint_every) and self.progress.step % self.config.checkpoint_every == 0
 
-    return finish(ctx, config, model, loop, outputs, test_result, threads, started)
+    def reached_max_steps(self) -> bool:
+        return bool(self.config.max_steps) and self.progress.step >= self.config.max_steps
+
+    def stopped_early(self) -> bool:
+        return bool(self.config.early_stopping) and self.progress.stale_epochs >= self.config.early_stopping
+
+    def finished(self) -> bool:
+        # Derived, not checkpointed: a finished run resumed with a larger --max-steps or
+        # --epochs goes on; early stopping stays decided.
+        return self.reached_max_steps() or self.stopped_early()
+
+    # --- start and finish -------------------------------------------------------------------------
+
+    def log_start(self) -> None:
+        c = self.config
+        log.info(
+            f"{sum(p.numel() for p in self.model.parameters()):,}-parameter {c.model} on {self.ctx.device}, "
+            f"world size {self.ctx.world_size}, {self.threads} CPU thread(s) per rank ({self.threads_why}), {self.malloc}; "
+            f"{self.n_train:,} training images, {self.stream.steps_per_epoch} steps of {c.batch_size} per epoch, "
+            f"validating on {self.val_set}"
+        )
+
+    def finish(self, seconds: float) -> dict:
+        """Every rank reports its step count and parameter digest; rank 0 tests and writes the summary."""
+        checksum = parameter_checksum(self.model)
+        save_rank_weights(self.model, self.ctx.rank)  # test-only
+        per_rank = self.ctx.gather([self.progress.step, *distributed.digest_ints(checksum)])
+        ranks_agree = all(r[1:] == per_rank[0][1:] for r in per_rank)
+        if not ranks_agree:
+            log.error("ranks ended with different parameters")
+        if not self.ctx.is_main:
+            return {}
+        test = self.test_result()
+        summary = {
+            "final": self.progress.last_metrics,
+            "test_loss": test.loss,
+            "test_accuracy": test.accuracy,
+            "world_size": self.ctx.world_size,
+            "steps": self.progress.step,
+            "steps_per_rank": [r[0] for r in per_rank],
+            "epochs_run": self.progress.epoch,
+            "total_seconds": seconds,
+            "param_checksum": checksum,
+            "ranks_identical": ranks_agree,
+            "threads_per_rank": self.threads,
+            "device": str(self.ctx.device),
+            "config": dataclasses.asdict(self.config),
+        }
+        self.outputs.finish(summary, test, "test", self.model)
+        return summary
+
+    def test_result(self) -> EvalResult:
+        """The test-set result: the last validation's when it was on the test set at this
+        step, else a fresh evaluation (holdout runs, a resumed finished run)."""
+        if not self.config.holdout and self.last_eval and self.last_eval[0] == self.progress.step:
+            return self.last_eval[1]
+        images, labels = (self.val_images, self.val_labels) if not self.config.holdout else self.load_eval_set("test")
+        return evaluate(self.model, images, labels, self.normalize, self.loss_fn, self.config.eval_batch)
 
 
-def sync_point(ctx, window: torch.Tensor, first_step: int, stop_request: StopRequest) -> tuple[float, str]:
+def agree_at_sync_point(ctx, window: torch.Tensor, first_step: int, stop_request: StopRequest) -> tuple[float, str]:
     """All ranks: mean loss of the window, and the stop signal if any rank got one.
 
     One all-reduce and one device-to-host copy. A non-finite loss on any rank raises
@@ -240,67 +349,18 @@ def sync_point(ctx, window: torch.Tensor, first_step: int, stop_request: StopReq
     return loss_sum / (len(window) * ctx.world_size), stop
 
 
-def restore(ctx, run_dir: Path, resume: str, config: TrainConfig, model, optimizer, scheduler) -> LoopState:
-    """Load the checkpoint to resume from into model, optimizer and scheduler; the loop state to go on from."""
-    found = None
-    if resume == "auto":
-        found = load_newest_valid(run_dir)
-    elif resume != "never":
-        found = (Path(resume), load_verified(Path(resume)))
-    # Every rank must resume from the same checkpoint (RUN_DIR on a shared filesystem).
-    steps = [s[0] for s in ctx.gather([found[1]["loop"]["step"] if found else -1])]
-    if len(set(steps)) > 1:
-        raise HarnessError(f"{run_dir}: ranks found different checkpoints (steps {steps}); RUN_DIR must be on a filesystem every node shares")
-    if not found:
-        return LoopState()
-    path, state = found
-    changed = changed_fields(state["config"], config)
-    if changed:
-        raise HarnessError(
-            f"{path}: was written with a different {', '.join('--' + c.replace('_', '-') for c in changed)}; "
-            "resuming would mix two experiments (use a new --run-dir, or --resume never there)"
-        )
-    if state["world_size"] != ctx.world_size:
-        log.warning(f"resuming a world-size-{state['world_size']} run with world size {ctx.world_size}: the global batches are the same, results equal up to float summation order")
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["rng"]["torch"])
-    if state["rng"]["cuda"] and ctx.device.type == "cuda":
-        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-    loop = LoopState(**state["loop"])
-    log.info(f"resuming from {path} (epoch {loop.epoch + 1}, step {loop.step})")
-    return loop
-
-
-def finish(ctx, config, model, loop: LoopState, outputs, test_result, threads, started) -> dict:
-    # Every rank reports its step count and parameter digest; DDP must have kept them equal.
-    checksum = parameter_checksum(model)
-    per_rank = ctx.gather([loop.step, *distributed.digest_ints(checksum)])
-    steps_per_rank = [r[0] for r in per_rank]
-    ranks_agree = all(r[1:] == per_rank[0][1:] for r in per_rank)
-    if not ranks_agree:
-        log.error("ranks ended with different parameters")
-    if not ctx.is_main:
-        return {}
-    test = test_result()
-    summary = {
-        "final": loop.last_metrics,
-        "test_loss": test.loss,
-        "test_accuracy": test.accuracy,
-        "world_size": ctx.world_size,
-        "steps": loop.step,
-        "steps_per_rank": steps_per_rank,
-        "epochs_run": loop.epoch,
-        "total_seconds": time.perf_counter() - started,
-        "param_checksum": checksum,
-        "ranks_identical": ranks_agree,
-        "threads_per_rank": threads,
-        "device": str(ctx.device),
-        "config": dataclasses.asdict(config),
-    }
-    outputs.finish(summary, test, "test", model)
-    return summary
+def train(config: TrainConfig, shard_dir: Path, run_dir: Path, resume: str = "auto") -> dict:
+    """Train on this process's rank (or alone); rank 0's summary, {} on the others."""
+    ctx = distributed.init_distributed(config.device, config.timeout)
+    try:
+        setup_logging(ctx.rank)
+        summary = Trainer(config, shard_dir, run_dir, ctx, resume).fit()
+        # The other ranks wait here while rank 0 evaluates the test set and writes the
+        # run files, so every rank tears the process group down together.
+        ctx.barrier()
+        return summary
+    finally:
+        distributed.shutdown(ctx)
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
@@ -327,10 +387,7 @@ def run_from_args(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from harness.cli import run_guarded
-
-    args = build_parser().parse_args(argv)
-    return run_guarded(run_from_args, args)
+    return run_guarded(run_from_args, build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,64 @@
+"""Hooks for the tests, off unless their environment variables are set.
+
+HARNESS_TEST_FAULT=KIND@STEP[:RANK] injects a fault into one rank (see `Fault`).
+HARNESS_TEST_RANK_WEIGHTS=DIR makes every rank save its final parameters as
+DIR/rank-R.pt, so that a test can compare the ranks' weights itself instead of
+trusting the run's own `ranks_identical`.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+
+@dataclass
+class Fault:
+    """A fault to inject from HARNESS_TEST_FAULT=KIND@STEP[:RANK].
+
+    nan: the loss of that step is NaN; exit: the rank exits with status 1 before that
+    step; hang: the rank sleeps forever before that step (a stuck rank, alive but
+    silent); kill: the rank SIGKILLs itself before that step, on torchrun's first
+    attempt only (so an elastic restart can succeed). Unset, nothing is injected.
+    """
+
+    kind: str = ""
+    step: int = -1
+    rank: int = 0
+
+    @classmethod
+    def from_env(cls) -> "Fault":
+        spec = os.environ.get("HARNESS_TEST_FAULT", "")
+        if not spec:
+            return cls()
+        kind, _, where = spec.partition("@")
+        step, _, rank = where.partition(":")
+        if kind == "kill" and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
+            return cls()
+        return cls(kind, int(step), int(rank or 0))
+
+    def before_step(self, step: int, rank: int) -> None:
+        if step != self.step or rank != self.rank:
+            return
+        if self.kind == "exit":
+            os._exit(1)
+        if self.kind == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        if self.kind == "hang":
+            while True:
+                time.sleep(3600)
+
+    def corrupt_loss(self, loss, step: int, rank: int):
+        return loss * float("nan") if self.kind == "nan" and step == self.step and rank == self.rank else loss
+
+
+def save_rank_weights(model: torch.nn.Module, rank: int) -> None:
+    directory = os.environ.get("HARNESS_TEST_RANK_WEIGHTS")
+    if directory:
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, Path(directory) / f"rank-{rank}.pt")

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from harness.errors import HarnessError
+
 log = logging.getLogger("harness")
 
 DEFAULT_TIMEOUT_S = 300.0
@@ -63,6 +65,31 @@ class DistContext:
         return [g.tolist() for g in gathered]
 
 
+class CommunicationError(HarnessError):
+    """A collective failed because another rank died, stalled or was cut off: not the
+    user's input, so exit status 1, but still one line that says what happened."""
+
+    exit_status = 1
+
+
+def explain_collective_failure(error: BaseException, rank: int, timeout_s: float) -> CommunicationError | None:
+    """One clear error for a collective that failed (gloo and NCCL raise RuntimeErrors
+    naming themselves); None for any other error, which keeps its traceback."""
+    text = str(error).strip()
+    if not (isinstance(error, dist.DistError) or (isinstance(error, RuntimeError) and any(s in text for s in ("gloo", "NCCL", "c10d")))):
+        return None
+    detail = text.splitlines()[0] if text else type(error).__name__
+    if "timed out" in text.lower():
+        return CommunicationError(
+            f"rank {rank}: no answer from another rank within --timeout {timeout_s:g} s ({detail}); "
+            "that rank is stuck or far behind: see its log; the last checkpoint is intact"
+        )
+    return CommunicationError(
+        f"rank {rank}: lost contact with another rank ({detail}); it died or its network failed: "
+        "see its log; the last checkpoint is intact"
+    )
+
+
 def digest_ints(text: str) -> list[int]:
     """The first 8 bytes of a SHA-256 as ints, to compare strings across ranks with `gather`."""
     return list(hashlib.sha256(text.encode()).digest()[:8])
@@ -71,8 +98,6 @@ def digest_ints(text: str) -> list[int]:
 def pick_device(requested: str, local_rank: int) -> torch.device:
     if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
-            from harness.errors import HarnessError
-
             raise HarnessError("--device cuda was asked for but CUDA is not available")
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
@@ -90,6 +115,15 @@ def init_distributed(requested_device: str = "auto", timeout_s: float = DEFAULT_
     )
     ctx.device = pick_device(requested_device, ctx.local_rank)
     if world_size > 1 and not dist.is_initialized():
+        # torch.distributed.nn.functional binds `group.WORLD` as default arguments when it
+        # is first imported, and DDP's constructor imports it (through torch._dynamo).
+        # Imported after init_process_group, it would hold the default group for the life
+        # of the process, so destroy_process_group could not stop the group's gloo worker
+        # threads; one of them, still dropping a tensor's Python object when the interpreter
+        # shut down, aborted the rank ("terminate called without an active exception").
+        # Imported before, it binds None.
+        import torch.distributed.nn  # noqa: F401
+
         backend = "nccl" if ctx.device.type == "cuda" else "gloo"
         dist.init_process_group(
             backend,

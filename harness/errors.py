@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import sys
 
 EXIT_USAGE = 2  # a problem the user can fix: bad input, bad option, unusable directory
@@ -14,11 +15,18 @@ class HarnessError(Exception):
     as one line and exits with status 2 instead of showing a traceback.
     """
 
+    exit_status = EXIT_USAGE
+
 
 def run_guarded(function, args) -> int:
-    """Run a command; a HarnessError becomes one line on stderr and exit status 2."""
+    """Run a command; a HarnessError becomes one line on stderr and its exit status."""
     try:
         return function(args) or 0
     except HarnessError as e:
         print(f"error: {e}", file=sys.stderr)
-        return EXIT_USAGE
+        return e.exit_status
+    finally:
+        # A failed run's exception chain can keep objects alive in reference cycles, among
+        # them a DDP model holding the process group, whose gloo threads must not outlive
+        # the interpreter (see distributed.init_distributed): free them while it is whole.
+        gc.collect()

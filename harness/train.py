@@ -39,6 +39,10 @@ from harness.testhooks import Fault, save_rank_weights
 log = logging.getLogger("harness")
 
 
+class ProgressBar(tqdm):
+    monitor_interval = 0  # tqdm's monitor thread is not needed here; nothing extra left running at exit
+
+
 class Stopped(Exception):
     """Raised on every rank after a stop signal was honoured and checkpointed."""
 
@@ -195,7 +199,7 @@ class Trainer:
         """Steps from the current position to the end of the epoch (or to --max-steps)."""
         p, show = self.progress, self.ctx.is_main and sys.stderr.isatty()
         lr = self.optimizer.param_groups[0]["lr"]
-        with tqdm(total=self.stream.steps_per_epoch, initial=p.epoch_steps, desc=f"epoch {p.epoch + 1}/{self.config.epochs}", leave=False, disable=not show) as bar:
+        with ProgressBar(total=self.stream.steps_per_epoch, initial=p.epoch_steps, desc=f"epoch {p.epoch + 1}/{self.config.epochs}", leave=False, disable=not show) as bar:
             self.window.restart()
             for macro in self.stream.epoch(p.epoch, start_index=p.macro):
                 for i in range(p.step_in_macro, macro.steps):
@@ -218,7 +222,7 @@ class Trainer:
         self.optimizer.step()
         self.window.add(loss)
 
-    def sync_point(self, lr: float, bar: tqdm) -> None:
+    def sync_point(self, lr: float, bar: ProgressBar) -> None:
         """All ranks: log the window's mean loss, fail on a non-finite loss, honour a stop signal."""
         window, now = self.window, time.perf_counter()
         mean_loss, stop = agree_at_sync_point(self.ctx, window.losses[: window.count], self.progress.step - window.count, self.stop_request)
@@ -359,8 +363,13 @@ def train(config: TrainConfig, shard_dir: Path, run_dir: Path, resume: str = "au
         # run files, so every rank tears the process group down together.
         ctx.barrier()
         return summary
+    except (RuntimeError, torch.distributed.DistError) as e:
+        failure = distributed.explain_collective_failure(e, ctx.rank, config.timeout)
+        if failure is None:
+            raise
     finally:
         distributed.shutdown(ctx)
+    raise failure  # outside the except block, so no frame keeps the failed collective's traceback
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:

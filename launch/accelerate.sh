@@ -6,6 +6,7 @@
 # MULTI_CPU mode needs mpirun and otherwise quietly runs a single process.)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source launch/env.sh
 N=${1:?usage: launch/accelerate.sh N [PRESET] [options...]}
 PRESET=${2:-lenet}
 shift; shift || true

@@ -4,7 +4,8 @@
 # Environment: SHARDS (default shards), RUN_DIR (default runs/PRESET-<timestamp>).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source launch/env.sh
 PRESET=${1:-lenet}
 shift || true
 RUN_DIR=${RUN_DIR:-runs/${PRESET}-$(date +%Y%m%d-%H%M%S)}
-exec python -m harness train --preset "$PRESET" --shards "${SHARDS:-shards}" --run-dir "$RUN_DIR" "$@"
+exec python3 -m harness train --preset "$PRESET" --shards "${SHARDS:-shards}" --run-dir "$RUN_DIR" "$@"

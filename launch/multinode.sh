@@ -6,6 +6,7 @@
 # harness); SHARDS and RUN_DIR as in dev.sh (every node needs the shards at that path).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source launch/env.sh
 NNODES=${1:-${NNODES:?number of nodes}}
 NODE_RANK=${2:-${NODE_RANK:?rank of this node}}
 RDZV_ENDPOINT=${3:-${RDZV_ENDPOINT:?host:port of the rendezvous}}

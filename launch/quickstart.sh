@@ -6,8 +6,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash launch/setup.sh
+source launch/env.sh
 if [ ! -f shards/manifest.json ]; then
   if [ -z "${MNIST_DIR:-}" ] && [ -d ../shared/mnist ]; then MNIST_DIR=../shared/mnist; fi
-  python -m harness pack --source "${MNIST_DIR:-download}" --out shards
+  python3 -m harness pack --source "${MNIST_DIR:-download}" --out shards
 fi
 exec bash launch/dev.sh lenet "$@"

@@ -1,9 +1,29 @@
 #!/usr/bin/env bash
-# Install the harness and its dependencies into the current Python environment.
-# torch is pinned first: a bare `torch` requirement with nothing installed pulls a
-# multi-GB CUDA build, and the package itself asks only for a range.
+# Install the harness and its dependencies into a virtual environment.
+#   launch/setup.sh
+# Uses the active virtual environment ($VIRTUAL_ENV) if there is one, else creates .venv
+# here with python3 (Debian and Ubuntu: `apt install python3-venv` first; their system
+# Python refuses pip installs, PEP 668). torch is pinned first: a bare `torch`
+# requirement with nothing installed pulls a multi-GB CUDA build, and the package itself
+# asks only for a range. Running it again only checks that everything is installed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TORCH_VERSION=${TORCH_VERSION:-2.13.0}
-python -m pip install --quiet --disable-pip-version-check "torch==${TORCH_VERSION}"
-python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+if [ -n "${VIRTUAL_ENV:-}" ]; then
+  PYTHON="$VIRTUAL_ENV/bin/python"
+else
+  if [ ! -x .venv/bin/python ]; then
+    command -v python3 >/dev/null || { echo "error: python3 not found: install Python 3.11 or newer" >&2; exit 1; }
+    python3 -m venv .venv || {
+      rm -rf .venv
+      echo "error: python3 -m venv failed: install the venv module (Debian/Ubuntu: apt install python3-venv)" >&2
+      exit 1
+    }
+  fi
+  PYTHON=.venv/bin/python
+fi
+"$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' ||
+  { echo "error: $("$PYTHON" --version) is too old: the harness needs Python 3.11 or newer" >&2; exit 1; }
+pip=("$PYTHON" -m pip install --quiet --disable-pip-version-check)
+"${pip[@]}" "torch==${TORCH_VERSION}"
+"${pip[@]}" -e '.[dev]'

@@ -4,6 +4,7 @@
 # Environment: SHARDS (default shards), RUN_DIR (default runs/PRESET-wN-<timestamp>).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source launch/env.sh
 N=${1:?usage: launch/torchrun.sh N [PRESET] [options...]}
 PRESET=${2:-lenet}
 shift; shift || true

@@ -1,26 +1,25 @@
-"""Shared fixtures: real MNIST (through MNIST_DIR), its packed shards, and a CLI runner."""
+"""Shared fixtures: real MNIST and its packed shards."""
 
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from helpers import mnist_cache_dir, mnist_source
 
 from harness.data.pack import pack
 from harness.data.sources import load_source
+from harness.errors import HarnessError
 
 
 @pytest.fixture(scope="session")
 def mnist_dir() -> Path:
-    value = os.environ.get("MNIST_DIR")
-    if not value:
-        pytest.fail("MNIST_DIR is not set: point it at a directory with the four MNIST IDX files (CI uses ../shared/mnist)")
-    path = Path(value)
-    assert path.is_dir(), f"MNIST_DIR={value} is not a directory"
-    return path
+    """The MNIST IDX files: $MNIST_DIR when set, else downloaded once (MD5-checked) into a cache."""
+    try:
+        return mnist_source(os.environ, mnist_cache_dir(os.environ))
+    except HarnessError as e:
+        pytest.fail(f"no MNIST for the tests: {e}")
 
 
 @pytest.fixture(scope="session")
@@ -29,15 +28,3 @@ def mnist_shards(mnist_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("mnist") / "shards"
     pack(load_source(mnist_dir), out)
     return out
-
-
-def run_cli(*args: str, timeout: float = 600, env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    """Run `python -m harness ARGS` as a user would; output captured as text."""
-    return subprocess.run(
-        [sys.executable, "-m", "harness", *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**os.environ, **(env or {})},
-        cwd=cwd,
-    )

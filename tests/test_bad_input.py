@@ -12,20 +12,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import run_cli, write_idx
 
-from conftest import run_cli
 from harness.cli import main as cli_main
 from harness.data.pack import pack
 from harness.data.sources import load_source
 
 # --- helpers ---------------------------------------------------------------------------------------
-
-
-def write_idx(path, array, gz: bool = False, magic: bytes | None = None) -> None:
-    array = np.ascontiguousarray(array, dtype=np.uint8)
-    header = (magic or bytes([0, 0, 0x08, array.ndim])) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
-    data = header + array.tobytes()
-    path.write_bytes(gzip.compress(data, mtime=0) if gz else data)
 
 
 def write_source(directory: Path, n_train: int = 200, n_test: int = 50, gz: bool = True) -> Path:

@@ -7,13 +7,13 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import psutil
 import pytest
 import torch
+from helpers import ROOT, free_port, run, train_command
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from harness import checkpoint as ckpt
@@ -21,7 +21,6 @@ from harness.config import load_preset
 from harness.errors import HarnessError
 from harness.stopping import EXIT_STOPPED
 
-ROOT = Path(__file__).resolve().parents[1]
 # 7 macro-batches per epoch (7,000 images each), a sync point every 25 steps and a
 # checkpoint every 50: kills land mid-epoch and mid-macro-batch.
 RUN = ("--preset", "lenet", "--epochs", "1", "--max-steps", "300", "--macro-batch", "7000",
@@ -29,14 +28,7 @@ RUN = ("--preset", "lenet", "--epochs", "1", "--max-steps", "300", "--macro-batc
 
 
 def command(shards: Path, run_dir: Path, *extra: str, nproc: int = 1, launcher_args: tuple = ()) -> list[str]:
-    train = ["-m", "harness.train", "--shards", str(shards), "--run-dir", str(run_dir), *RUN, *extra]
-    if nproc == 1 and not launcher_args:
-        return [sys.executable, *train]
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *launcher_args, *train]
-
-
-def run(cmd: list[str], env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
+    return train_command(shards, run_dir, *RUN, *extra, nproc=nproc, launcher_args=launcher_args)
 
 
 def checksum(run_dir: Path) -> str:
@@ -209,21 +201,59 @@ def test_nan_on_one_rank_stops_every_rank_naming_the_step(mnist_shards, tmp_path
 
 
 def test_a_rank_that_exits_early_ends_the_others(mnist_shards, tmp_path):
+    """Rank 1 exits before step 40 under its own torchrun agent, as on another node, so no
+    launcher kills rank 0 for it: rank 0 must notice by itself, at its next collective, and
+    end with one clear error at once, not after --timeout (600 s here)."""
+    endpoint = f"127.0.0.1:{free_port()}"
+    env = {**os.environ, "SHARDS": str(mnist_shards), "RUN_DIR": str(tmp_path / "run"), "RDZV_ID": f"exit-{os.getpid()}",
+           "HARNESS_TEST_FAULT": "exit@40:1"}
     started = time.monotonic()
-    result = run(command(mnist_shards, tmp_path / "run", "--timeout", "30", nproc=2), env={"HARNESS_TEST_FAULT": "exit@40:1"}, timeout=240)
-    assert result.returncode != 0
-    assert time.monotonic() - started < 150
+    agents = [
+        subprocess.Popen(["bash", str(ROOT / "launch" / "multinode.sh"), "2", str(node), endpoint, "1", "lenet", *RUN[2:], "--timeout", "600"],
+                         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for node in (0, 1)
+    ]
+    try:
+        outputs = [agent.communicate(timeout=240)[0] for agent in agents]
+    finally:
+        for agent in agents:
+            agent.kill()
+    elapsed = time.monotonic() - started
+    assert [a.returncode != 0 for a in agents] == [True, True]
+    assert "error: rank 0: lost contact with another rank" in outputs[0], outputs[0][-3000:]
+    assert elapsed < 120, elapsed
+    assert not (tmp_path / "run" / "summary.json").exists()
 
 
 def test_a_stuck_rank_fails_the_job_within_the_timeout(mnist_shards, tmp_path):
-    """Rank 1 stays alive but stops stepping: rank 0's next collective times out after
-    --timeout seconds and the job ends with an error instead of waiting forever."""
+    """Rank 1 stays alive but stops stepping: rank 0's next collective gives up after
+    --timeout seconds and the job ends with an error naming that timeout, instead of
+    waiting forever."""
     started = time.monotonic()
     result = run(command(mnist_shards, tmp_path / "run", "--timeout", "15", nproc=2), env={"HARNESS_TEST_FAULT": "hang@40:1"}, timeout=240)
     elapsed = time.monotonic() - started
     assert result.returncode != 0
-    assert "timed out" in (result.stdout + result.stderr).lower() or "timeout" in (result.stdout + result.stderr).lower()
-    assert elapsed < 150, elapsed
+    assert "error: rank 0: no answer from another rank within --timeout 15 s" in result.stdout + result.stderr
+    assert 15 < elapsed < 150, elapsed
+
+
+def test_resume_from_a_named_checkpoint(mnist_shards, tmp_path, reference):
+    """--resume PATH continues another run directory's checkpoint in a new one, exactly."""
+    first = tmp_path / "first"
+    result = run(command(mnist_shards, first, "--max-steps", "150", "--keep-checkpoints", "5"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    path = first / "checkpoints" / "step-00000100.pt"
+    result = run(command(mnist_shards, tmp_path / "second", "--resume", path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"resuming from {path} (epoch 1, step 100)" in result.stdout
+    assert checksum(tmp_path / "second") == reference[1]
+
+
+def test_resume_from_a_missing_checkpoint_is_a_clear_error(mnist_shards, tmp_path):
+    missing = tmp_path / "checkpoints" / "step-00000100.pt"
+    result = run(command(mnist_shards, tmp_path / "run", "--resume", missing))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [f"error: {missing}: unreadable checkpoint ([Errno 2] No such file or directory: '{missing.with_suffix('.json')}')"]
 
 
 def test_changed_config_is_refused_on_resume(mnist_shards, tmp_path):

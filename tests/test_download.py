@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import http.server
 import json
@@ -11,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import idx_bytes, run_cli
 
-from conftest import run_cli
 from harness.cli import main as cli_main
 from harness.data.download import MNIST_MD5, download_mnist
 from harness.data.sources import load_source
@@ -89,21 +88,15 @@ def mirror(monkeypatch):
         server.close()
 
 
-def idx_gz(array) -> bytes:
-    array = np.ascontiguousarray(array, dtype=np.uint8)
-    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
-    return gzip.compress(header + array.tobytes(), mtime=0)
-
-
 @pytest.fixture
 def generated():
     """A small MNIST-like set under the official file names, with its own MD5 table."""
     rng = np.random.default_rng(3)
     files = {
-        "train-images-idx3-ubyte.gz": idx_gz(rng.integers(0, 256, (90, 28, 28))),
-        "train-labels-idx1-ubyte.gz": idx_gz(rng.integers(0, 10, 90)),
-        "t10k-images-idx3-ubyte.gz": idx_gz(rng.integers(0, 256, (30, 28, 28))),
-        "t10k-labels-idx1-ubyte.gz": idx_gz(rng.integers(0, 10, 30)),
+        "train-images-idx3-ubyte.gz": idx_bytes(rng.integers(0, 256, (90, 28, 28)), gz=True),
+        "train-labels-idx1-ubyte.gz": idx_bytes(rng.integers(0, 10, 90), gz=True),
+        "t10k-images-idx3-ubyte.gz": idx_bytes(rng.integers(0, 256, (30, 28, 28)), gz=True),
+        "t10k-labels-idx1-ubyte.gz": idx_bytes(rng.integers(0, 10, 30), gz=True),
     }
     return files, {name: hashlib.md5(body).hexdigest() for name, body in files.items()}
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import json
 from pathlib import Path
@@ -10,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import webdataset as wds
+from helpers import MNIST_BYTES, MNIST_SHA256, write_idx
 
 import harness.data.pack as pack_module
 from harness.cli import main as cli_main
@@ -17,26 +17,6 @@ from harness.data.idx import read_idx
 from harness.data.pack import pack
 from harness.data.sources import load_source
 from harness.data.stream import ShardSplit, read_blocks
-
-MNIST_SHA256 = {
-    "train-images-idx3-ubyte.gz": "440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609",
-    "train-labels-idx1-ubyte.gz": "3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c",
-    "t10k-images-idx3-ubyte.gz": "8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6",
-    "t10k-labels-idx1-ubyte.gz": "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6",
-}
-MNIST_BYTES = {
-    "train-images-idx3-ubyte.gz": 9912422,
-    "train-labels-idx1-ubyte.gz": 28881,
-    "t10k-images-idx3-ubyte.gz": 1648877,
-    "t10k-labels-idx1-ubyte.gz": 4542,
-}
-
-
-def write_idx(path, array, gz: bool = False) -> None:
-    array = np.ascontiguousarray(array, dtype=np.uint8)
-    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
-    data = header + array.tobytes()
-    path.write_bytes(gzip.compress(data, mtime=0) if gz else data)
 
 
 @pytest.fixture

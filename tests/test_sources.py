@@ -2,34 +2,17 @@
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 
 import numpy as np
 import pytest
+from helpers import MNIST_SHA256, MNIST_TEST_HISTOGRAM, MNIST_TRAIN_HISTOGRAM, write_idx
 
 from harness.data.csv_source import read_csv
 from harness.data.idx import read_idx
 from harness.data.pack import pack
 from harness.data.sources import load_source
 from harness.data.stream import ShardSplit
-
-MNIST_TRAIN_HISTOGRAM = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
-MNIST_TEST_HISTOGRAM = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
-MNIST_SHA256 = {
-    "train-images-idx3-ubyte.gz": "440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609",
-    "train-labels-idx1-ubyte.gz": "3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c",
-    "t10k-images-idx3-ubyte.gz": "8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6",
-    "t10k-labels-idx1-ubyte.gz": "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6",
-}
-
-
-def write_idx(path, array, gz: bool = False) -> None:
-    """Write an unsigned-byte IDX file (the layout of the original MNIST distribution)."""
-    array = np.ascontiguousarray(array, dtype=np.uint8)
-    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
-    data = header + array.tobytes()
-    path.write_bytes(gzip.compress(data, mtime=0) if gz else data)
 
 
 def random_split(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

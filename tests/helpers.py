@@ -1,0 +1,121 @@
+"""What several test modules need: MNIST's known figures, an IDX writer, and process runners."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from harness.data.download import MIRRORS, download_mnist
+from harness.errors import HarnessError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# The official gzip files (../shared/mnist/SHA256SUMS; the MD5s are in harness.data.download).
+MNIST_SHA256 = {
+    "train-images-idx3-ubyte.gz": "440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609",
+    "train-labels-idx1-ubyte.gz": "3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c",
+    "t10k-images-idx3-ubyte.gz": "8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6",
+    "t10k-labels-idx1-ubyte.gz": "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6",
+}
+MNIST_BYTES = {
+    "train-images-idx3-ubyte.gz": 9912422,
+    "train-labels-idx1-ubyte.gz": 28881,
+    "t10k-images-idx3-ubyte.gz": 1648877,
+    "t10k-labels-idx1-ubyte.gz": 4542,
+}
+MNIST_TRAIN_HISTOGRAM = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
+MNIST_TEST_HISTOGRAM = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
+
+
+def idx_bytes(array, gz: bool = False, magic: bytes | None = None) -> bytes:
+    """An unsigned-byte IDX file (the layout of the original MNIST distribution); `magic`
+    replaces the first four header bytes, to write a bad one."""
+    array = np.ascontiguousarray(array, dtype=np.uint8)
+    header = (magic or bytes([0, 0, 0x08, array.ndim])) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    data = header + array.tobytes()
+    return gzip.compress(data, mtime=0) if gz else data
+
+
+def write_idx(path: Path, array, gz: bool = False, magic: bytes | None = None) -> None:
+    Path(path).write_bytes(idx_bytes(array, gz, magic))
+
+
+def mnist_cache_dir(env) -> Path:
+    """Where the tests keep a downloaded MNIST: $HARNESS_CACHE/mnist, default ~/.cache/mnist-harness/mnist."""
+    return Path(env.get("HARNESS_CACHE") or Path.home() / ".cache" / "mnist-harness") / "mnist"
+
+
+def mnist_source(env, cache_dir: Path, mirrors=MIRRORS) -> Path:
+    """$MNIST_DIR when it is set; else the files downloaded into `cache_dir` (those already
+    there with the published MD5 are kept, so only the first run downloads)."""
+    if env.get("MNIST_DIR"):
+        path = Path(env["MNIST_DIR"])
+        if not path.is_dir():
+            raise HarnessError(f"MNIST_DIR={path} is not a directory")
+        return path
+    try:
+        return download_mnist(cache_dir, mirrors=mirrors)
+    except HarnessError as e:
+        raise HarnessError(f"MNIST_DIR is not set and the download into {cache_dir} failed: {e}") from None
+
+
+# --- processes -------------------------------------------------------------------------------------
+
+
+def run(command: list[str], env: dict | None = None, timeout: float = 420, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    """A command as a user would run it, from the repository root; output captured as text."""
+    return subprocess.run(
+        [str(c) for c in command], cwd=cwd, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}
+    )
+
+
+def run_cli(*args, timeout: float = 600, env: dict | None = None, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    """`python -m harness ARGS`."""
+    return run([sys.executable, "-m", "harness", *args], env=env, timeout=timeout, cwd=cwd)
+
+
+def train_command(shards: Path, run_dir: Path, *train_args, nproc: int = 1, launcher_args: tuple = ()) -> list[str]:
+    """`python -m harness.train ...`, under `torchrun --standalone` when nproc > 1 or launcher_args are given."""
+    train = ["-m", "harness.train", "--shards", str(shards), "--run-dir", str(run_dir), *map(str, train_args)]
+    if nproc == 1 and not launcher_args:
+        return [sys.executable, *train]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *launcher_args, *train]
+
+
+def train_ok(shards: Path, run_dir: Path, *train_args, nproc: int = 1, launcher_args: tuple = (), env: dict | None = None) -> subprocess.CompletedProcess:
+    """Train, and fail the test with the output's tail unless it exits 0."""
+    result = run(train_command(shards, run_dir, *train_args, nproc=nproc, launcher_args=launcher_args), env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# --- run outputs ----------------------------------------------------------------------------------
+
+
+def summary(run_dir: Path) -> dict:
+    return json.loads((Path(run_dir) / "summary.json").read_text())
+
+
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return torch.load(Path(run_dir) / "model.pt", weights_only=True)
+
+
+def max_param_diff(a: Path, b: Path) -> float:
+    """Largest absolute difference between two runs' final parameters."""
+    wa, wb = final_weights(a), final_weights(b)
+    assert wa.keys() == wb.keys()
+    return max((wa[k] - wb[k]).abs().max().item() for k in wa)

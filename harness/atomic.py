@@ -36,10 +36,27 @@ def write_json_atomic(path: Path, obj) -> None:
     write_text_atomic(path, json.dumps(obj, indent=1, sort_keys=True) + "\n")
 
 
-def torch_save_atomic(obj, path: Path) -> None:
+def cpu_tensors(obj):
+    """`obj` with every tensor in it (in dicts, lists, tuples) copied to the CPU, so that a
+    file written on a GPU loads on any machine and onto any device."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: cpu_tensors(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(cpu_tensors(v) for v in obj)
+    return obj
+
+
+def torch_bytes(obj) -> bytes:
+    """torch.save of `obj` with CPU tensors, as bytes."""
     buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    write_bytes_atomic(path, buffer.getvalue())
+    torch.save(cpu_tensors(obj), buffer)
+    return buffer.getvalue()
+
+
+def torch_save_atomic(obj, path: Path) -> None:
+    write_bytes_atomic(path, torch_bytes(obj))
 
 
 def fsync_dir(directory: Path) -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from harness.atomic import fsync_dir, write_bytes_atomic, write_json_atomic
+from harness.atomic import fsync_dir, torch_bytes, write_bytes_atomic, write_json_atomic
 from harness.config import changed_fields
 from harness.errors import HarnessError
 
@@ -29,9 +29,7 @@ CHECKPOINT_DIR = "checkpoints"
 def save_checkpoint(run_dir: Path, state: dict, step: int, epoch: int, keep: int) -> Path:
     """Write the state for `step`, then delete all but the newest `keep` checkpoints."""
     directory = Path(run_dir) / CHECKPOINT_DIR
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    payload = buffer.getvalue()
+    payload = torch_bytes(state)
     path = directory / f"step-{step:08d}.pt"
     try:
         directory.mkdir(parents=True, exist_ok=True)
@@ -65,7 +63,9 @@ def load_verified(marker_or_pt: Path) -> dict:
         raise HarnessError(f"{path}: unreadable checkpoint ({e})") from None
     if len(payload) != meta["bytes"] or hashlib.sha256(payload).hexdigest() != meta["sha256"]:
         raise HarnessError(f"{path}: checkpoint is truncated or corrupt (size or SHA-256 differs from {marker.name})")
-    return torch.load(io.BytesIO(payload), weights_only=True)
+    # map_location: tensors stay on the CPU whatever device wrote them; load_state_dict
+    # then copies them to this rank's device.
+    return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
 
 
 def load_newest_valid(run_dir: Path) -> tuple[Path, dict] | None:

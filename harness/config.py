@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 import tomllib
 import types
 import typing
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+from harness.device import resolve_precision
 from harness.errors import HarnessError
 
 CHOICES = {
@@ -29,7 +31,10 @@ CHOICES = {
     "output_activation": ("", "relu", "leaky_relu", "tanh", "sigmoid"),
     "loss": ("cross_entropy", "mse"),
     "normalize": ("standardize", "unit", "unit_minus_pixel_mean", "raw"),
-    "device": ("auto", "cpu", "cuda"),
+    "backend": ("auto", "nccl", "gloo"),
+    "lr_schedule": ("exponential", "onecycle"),
+    "precision": ("auto", "fp32", "bf16"),
+    "compile": ("", "default", "reduce-overhead", "max-autotune"),
 }
 
 
@@ -63,31 +68,49 @@ class TrainConfig:
     momentum: float = option(0.9, "SGD momentum")
     nesterov: bool = option(False, "Nesterov momentum")
     weight_decay: float = option(0.0, "L2 weight decay")
-    lr_decay: float = option(1.0, "learning rate multiplied by this after every epoch")
+    lr_decay: float = option(1.0, "learning rate multiplied by this after every epoch (exponential schedule)")
+    lr_schedule: str = option(
+        "exponential", "exponential: x lr_decay after every epoch; onecycle: per step, up linearly to lr over the first "
+        "25% of the run's steps, then down linearly to 0 at its end"
+    )
     holdout: int = option(0, "validate on the last N training images instead of the test set")
     early_stopping: int = option(0, "stop after this many epochs without a better validation loss; 0 = off")
     seed: int = option(0, "initial weights and data order")
     # running
-    device: str = option("auto", "auto (CUDA when present, else CPU), cpu or cuda")
+    device: str = option("auto", "auto (CUDA when present, else CPU), cpu, cuda (GPU LOCAL_RANK), or cuda:N (every rank on GPU N)")
+    backend: str = option("auto", "collectives for CUDA tensors: auto (NCCL, or gloo for ranks sharing a GPU), nccl or gloo")
     threads: int = option(0, "CPU threads per rank; 0 = usable cores / ranks on this node")
     max_steps: int = option(0, "stop after this many optimizer steps in all; 0 = no limit")
     log_every: int = option(100, "steps between sync points: train/loss, stop-signal and NaN checks")
     eval_batch: int = option(2000, "batch size for validation and test")
     checkpoint_every: int = option(0, "also checkpoint every N steps; 0 = at epoch ends only")
     keep_checkpoints: int = option(3, "how many checkpoints to keep")
-    timeout: float = option(300.0, "seconds any collective may wait before the job fails")
+    timeout: float = option(300.0, "seconds any collective may wait, or rank 0 may go silent, before the job fails")
+    rank0_timeout: float = option(
+        3600.0, "seconds the other ranks wait for rank 0's validation and file writes while its heartbeat goes on"
+    )
+    # speed and reproducibility
+    precision: str = option("auto", "fp32, or bf16 autocast; auto: accelerate's mixed_precision when launched by it, else fp32")
+    deterministic: bool = option(
+        True, "bitwise-reproducible kernels (and resume) on the GPU; off allows cuDNN autotuning and TF32"
+    )
+    compile: str = option("", "torch.compile the model with this mode (default, reduce-overhead: CUDA graphs, max-autotune); '' = eager")
+    channels_last: bool = option(False, "channels-last memory layout for the CNN's activations")
 
     def validate(self) -> None:
         for name, allowed in CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise HarnessError(f"--{flag(name)} '{getattr(self, name)}' is not one of: {', '.join(a or '(none)' for a in allowed)}")
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+            raise HarnessError(f"--device '{self.device}' is not one of: auto, cpu, cuda, cuda:N")
         if self.model == "mlp" and not self.hidden:
             raise HarnessError("--hidden is required for the mlp model (e.g. --hidden 500,300)")
         for name in ("epochs", "batch_size", "macro_batch", "log_every", "eval_batch", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise HarnessError(f"--{flag(name)} must be at least 1 (got {getattr(self, name)})")
-        if self.timeout <= 0:
-            raise HarnessError(f"--timeout must be positive (got {self.timeout})")
+        for name in ("timeout", "rank0_timeout"):
+            if getattr(self, name) <= 0:
+                raise HarnessError(f"--{flag(name)} must be positive (got {getattr(self, name)})")
         if self.lr <= 0:
             raise HarnessError(f"--lr must be positive (got {self.lr})")
         if self.nesterov and self.momentum <= 0:
@@ -99,7 +122,10 @@ TYPES = typing.get_type_hints(TrainConfig)
 
 # Fields that may differ when a run resumes; any other change would make the resumed
 # run a different experiment, so it is refused.
-RESUMABLE_CHANGES = {"epochs", "max_steps", "log_every", "eval_batch", "device", "threads", "checkpoint_every", "keep_checkpoints", "timeout"}
+RESUMABLE_CHANGES = {
+    "epochs", "max_steps", "log_every", "eval_batch", "device", "backend", "threads", "checkpoint_every", "keep_checkpoints",
+    "timeout", "rank0_timeout", "deterministic", "compile", "channels_last",
+}
 
 
 def flag(name: str) -> str:
@@ -180,10 +206,17 @@ def build_config(preset: str | None, args: argparse.Namespace) -> TrainConfig:
     values.update({name: getattr(args, name) for name in FIELDS if getattr(args, name, None) is not None})
     config = TrainConfig(**values)
     config.validate()
+    config.precision = resolve_precision(config.precision)  # recorded as what the run used
     return config
+
+
+# What a checkpoint written before a field existed ran with.
+VALUES_BEFORE_FIELD = {"precision": "fp32"}
 
 
 def changed_fields(saved: dict, config: TrainConfig) -> list[str]:
     """Fields whose change would make a resumed run a different experiment."""
-    current = dataclasses.asdict(config)
-    return sorted(k for k in current if k not in RESUMABLE_CHANGES and saved.get(k) != current[k])
+    current, defaults = dataclasses.asdict(config), dataclasses.asdict(TrainConfig())
+    before = {**defaults, **VALUES_BEFORE_FIELD}
+    resumable = RESUMABLE_CHANGES - ({"epochs", "max_steps"} if config.lr_schedule == "onecycle" else set())  # they set its length
+    return sorted(k for k in current if k not in resumable and saved.get(k, before[k]) != current[k])

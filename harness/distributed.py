@@ -2,27 +2,39 @@
 
 torchrun, `accelerate launch` and Slurm's srun (via torchrun) all export RANK,
 WORLD_SIZE, LOCAL_RANK and MASTER_ADDR/PORT. With none of them set the run is a
-plain single process and no process group is created. Every collective runs
-under the process group's timeout, so a dead rank ends the job instead of
-blocking the others forever.
+plain single process and no process group is created. No wait across ranks is
+unbounded: collectives run under the process group's timeout (--timeout), and
+while rank 0 alone validates or writes files the others wait on its heartbeat
+(see `DistContext.main_only`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import logging
 import os
+import threading
+import time
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
+from harness.device import pick_device, process_group_backend
 from harness.errors import HarnessError
 
 log = logging.getLogger("harness")
 
 DEFAULT_TIMEOUT_S = 300.0
+
+
+class CommunicationError(HarnessError):
+    """Another rank died, stalled or was cut off: not the user's input, so exit
+    status 1, but still one line that says what happened."""
+
+    exit_status = 1
 
 
 @dataclass
@@ -32,6 +44,10 @@ class DistContext:
     local_rank: int = 0
     local_world_size: int = 1
     device: torch.device = torch.device("cpu")
+    timeout_s: float = DEFAULT_TIMEOUT_S  # a collective, or rank 0's silence, fails after this
+    main_timeout_s: float = 3600.0  # rank 0's validation or file writes, while it is alive
+    backend: str = ""  # the process group's, e.g. "gloo" or "cpu:gloo,cuda:nccl"; "" without one
+    _main_work: int = 0  # main_only sections so far: the same count on every rank
 
     @property
     def is_main(self) -> bool:
@@ -39,7 +55,8 @@ class DistContext:
 
     @property
     def distributed(self) -> bool:
-        return self.world_size > 1
+        """A process group exists: the run was started by a launcher (even with one rank)."""
+        return bool(self.backend)
 
     def barrier(self) -> None:
         if self.distributed:
@@ -57,19 +74,79 @@ class DistContext:
 
     def gather(self, values: list[int]) -> list[list[int]]:
         """Every rank's list of ints (the same length on each), in rank order."""
-        mine = torch.tensor(values, dtype=torch.int64, device=self.device)
+        return [t.tolist() for t in self.gather_tensors(torch.tensor(values, dtype=torch.int64))]
+
+    def gather_tensors(self, tensor: torch.Tensor, device: torch.device | None = None) -> list[torch.Tensor]:
+        """Every rank's `tensor` (the same shape and dtype on each) as CPU tensors, in rank
+        order, sent from `device` (default: this rank's device, as its backend wants)."""
         if not self.distributed:
-            return [mine.tolist()]
+            return [tensor.cpu()]
+        mine = tensor.to(device or self.device)
         gathered = [torch.empty_like(mine) for _ in range(self.world_size)]
         dist.all_gather(gathered, mine)
-        return [g.tolist() for g in gathered]
+        return [g.cpu() for g in gathered]
+
+    @contextlib.contextmanager
+    def main_only(self, what: str):
+        """Rank 0 does `what` (validation, writing a checkpoint or the run's files) inside
+        this block while the other ranks wait at its end.
+
+        They wait on the process group's store rather than in a collective, so a slow
+        disk does not trip --timeout: rank 0 bumps a heartbeat every few seconds while it
+        works, and the others wait as long as it beats (up to --rank0-timeout). A rank 0
+        that died or hung stops beating and ends the job after --timeout.
+        """
+        self._main_work += 1
+        if not self.distributed:
+            yield
+            return
+        key = f"harness/main/{self._main_work}"
+        store = dist.distributed_c10d._get_default_store()
+        if self.is_main:
+            with _heartbeat(store, f"{key}/beat", interval=min(5.0, self.timeout_s / 10)):
+                yield
+            store.set(f"{key}/done", "1")
+        else:
+            yield
+            self._wait_for_main(store, key, what)
+
+    def _wait_for_main(self, store, key: str, what: str) -> None:
+        # Polled with store.check: store.wait with a short timeout would log a c10d warning
+        # on every slice. The poll interval grows from 1 ms to 0.1 s, so a short wait ends
+        # promptly and a long one costs little.
+        started = last_change = time.monotonic()
+        last_beat, pause = -1, 0.001
+        while not store.check([f"{key}/done"]):
+            now, beat = time.monotonic(), store.add(f"{key}/beat", 0)
+            if beat != last_beat:
+                last_beat, last_change = beat, now
+            if now - last_change > self.timeout_s:
+                raise CommunicationError(
+                    f"rank {self.rank}: rank 0 stopped responding during its {what}: no heartbeat for --timeout {self.timeout_s:g} s"
+                )
+            if now - started > self.main_timeout_s:
+                raise CommunicationError(f"rank {self.rank}: rank 0's {what} took longer than --rank0-timeout {self.main_timeout_s:g} s")
+            time.sleep(pause)
+            pause = min(pause * 2, 0.1)
 
 
-class CommunicationError(HarnessError):
-    """A collective failed because another rank died, stalled or was cut off: not the
-    user's input, so exit status 1, but still one line that says what happened."""
+@contextlib.contextmanager
+def _heartbeat(store, key: str, interval: float):
+    """Bump `key` in the store every `interval` seconds from a thread, while the block runs."""
+    stop = threading.Event()
 
-    exit_status = 1
+    def beat():
+        while not stop.wait(interval):
+            store.add(key, 1)
+
+    store.add(key, 1)
+    thread = threading.Thread(target=beat, name="harness-heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 def explain_collective_failure(error: BaseException, rank: int, timeout_s: float) -> CommunicationError | None:
@@ -95,16 +172,9 @@ def digest_ints(text: str) -> list[int]:
     return list(hashlib.sha256(text.encode()).digest()[:8])
 
 
-def pick_device(requested: str, local_rank: int) -> torch.device:
-    if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise HarnessError("--device cuda was asked for but CUDA is not available")
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank)
-    return torch.device("cpu")
-
-
-def init_distributed(requested_device: str = "auto", timeout_s: float = DEFAULT_TIMEOUT_S) -> DistContext:
+def init_distributed(
+    requested_device: str = "auto", timeout_s: float = DEFAULT_TIMEOUT_S, main_timeout_s: float = 3600.0, backend: str = "auto"
+) -> DistContext:
     env = os.environ
     world_size = int(env.get("WORLD_SIZE", "1"))
     ctx = DistContext(
@@ -112,9 +182,14 @@ def init_distributed(requested_device: str = "auto", timeout_s: float = DEFAULT_
         world_size=world_size,
         local_rank=int(env.get("LOCAL_RANK", "0")),
         local_world_size=int(env.get("LOCAL_WORLD_SIZE", "1")),
+        timeout_s=timeout_s,
+        main_timeout_s=main_timeout_s,
     )
     ctx.device = pick_device(requested_device, ctx.local_rank)
-    if world_size > 1 and not dist.is_initialized():
+    # Under a launcher (torchrun, accelerate, srun + torchrun) there is a process group even
+    # for one rank, so that path is the same at every size; a plain `python -m harness`
+    # has none.
+    if "MASTER_ADDR" in env and "WORLD_SIZE" in env and not dist.is_initialized():
         # torch.distributed.nn.functional binds `group.WORLD` as default arguments when it
         # is first imported, and DDP's constructor imports it (through torch._dynamo).
         # Imported after init_process_group, it would hold the default group for the life
@@ -124,18 +199,29 @@ def init_distributed(requested_device: str = "auto", timeout_s: float = DEFAULT_
         # Imported before, it binds None.
         import torch.distributed.nn  # noqa: F401
 
-        backend = "nccl" if ctx.device.type == "cuda" else "gloo"
-        dist.init_process_group(
-            backend,
-            timeout=datetime.timedelta(seconds=timeout_s),
-            device_id=ctx.device if backend == "nccl" else None,
-        )
+        gpu_shared = requested_device.startswith("cuda:") and ctx.local_world_size > 1
+        ctx.backend = process_group_backend(backend, ctx.device, gpu_shared)
+        dist.init_process_group(ctx.backend, timeout=datetime.timedelta(seconds=timeout_s))
+        check_same_device_type(ctx)
     return ctx
+
+
+def check_same_device_type(ctx: DistContext) -> None:
+    """All ranks must train on the same kind of device: `--device auto` on nodes with and
+    without GPUs would put some ranks on NCCL and others on gloo, and hang."""
+    codes = {"cpu": 0, "cuda": 1}
+    mine = torch.tensor([codes.get(ctx.device.type, 2)])
+    kinds = [int(t[0]) for t in ctx.gather_tensors(mine, device=torch.device("cpu"))]
+    if len(set(kinds)) > 1:
+        names = {v: k for k, v in codes.items()}
+        where = ", ".join(f"rank {r}: {names.get(k, 'other')}" for r, k in enumerate(kinds))
+        raise HarnessError(f"ranks are on different kinds of device ({where}): give every node GPUs, or run all ranks with --device cpu")
 
 
 def shutdown(ctx: DistContext) -> None:
     if ctx.distributed and dist.is_initialized():
         dist.destroy_process_group()
+    ctx.backend = ""
 
 
 def choose_threads(requested: int, local_world_size: int) -> tuple[int, str]:

@@ -22,16 +22,18 @@ def evaluate(model, images: torch.Tensor, labels: torch.Tensor, normalize: Norma
     """Evaluate on uint8 `images` already on the model's device."""
     was_training = model.training
     model.eval()
-    num_classes = 10
     loss_sum = torch.zeros((), dtype=torch.float64, device=images.device)
-    confusion = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=images.device)
+    predicted = torch.empty_like(labels)
     for start in range(0, len(labels), batch):
         y = labels[start : start + batch]
         outputs = model(normalize(images[start : start + batch]))
         loss_sum += loss_fn(outputs, y).double() * len(y)  # batch mean → sum
-        confusion += torch.bincount(y * num_classes + outputs.argmax(1), minlength=num_classes * num_classes)
+        predicted[start : start + batch] = outputs.argmax(1)
     model.train(was_training)
-    confusion = confusion.reshape(num_classes, num_classes).cpu()
+    # Counted on the CPU: CUDA's bincount has no deterministic implementation.
+    num_classes = 10
+    pairs = (labels * num_classes + predicted).cpu()
+    confusion = torch.bincount(pairs, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
     return EvalResult(
         loss=loss_sum.item() / len(labels),
         accuracy=confusion.diag().sum().item() / len(labels),

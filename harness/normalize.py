@@ -13,8 +13,8 @@ class Normalizer:
     once at pack time and are the same on every rank.
     """
 
-    def __init__(self, mode: str, stats: dict, device: torch.device):
-        self.mode = mode
+    def __init__(self, mode: str, stats: dict, device: torch.device, memory_format=torch.contiguous_format):
+        self.mode, self.memory_format = mode, memory_format
         if mode == "standardize":
             # (x/255 - mean)/std written as one scale and one shift
             self.scale, self.shift = 1.0 / (255.0 * stats["std"]), stats["mean"] / stats["std"]
@@ -30,7 +30,8 @@ class Normalizer:
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         x = images.unsqueeze(1).float().mul_(self.scale)
-        return x if isinstance(self.shift, float) and self.shift == 0.0 else x.sub_(self.shift)
+        x = x if isinstance(self.shift, float) and self.shift == 0.0 else x.sub_(self.shift)
+        return x if self.memory_format == torch.contiguous_format else x.contiguous(memory_format=self.memory_format)
 
 
 def make_loss(name: str, num_classes: int = 10):

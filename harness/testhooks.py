@@ -24,23 +24,28 @@ class Fault:
     nan: the loss of that step is NaN; exit: the rank exits with status 1 before that
     step; hang: the rank sleeps forever before that step (a stuck rank, alive but
     silent); kill: the rank SIGKILLs itself before that step, on torchrun's first
-    attempt only (so an elastic restart can succeed). Unset, nothing is injected.
+    attempt only (so an elastic restart can succeed); slowsave=SECONDS: rank 0 takes
+    that long to write the checkpoint of that step (a slow shared filesystem); freeze:
+    rank 0 stops itself (SIGSTOP) while writing that checkpoint, heartbeat included.
+    Unset, nothing is injected.
     """
 
     kind: str = ""
     step: int = -1
     rank: int = 0
+    seconds: float = 0.0
 
     @classmethod
     def from_env(cls) -> "Fault":
         spec = os.environ.get("HARNESS_TEST_FAULT", "")
         if not spec:
             return cls()
-        kind, _, where = spec.partition("@")
+        what, _, where = spec.partition("@")
+        kind, _, seconds = what.partition("=")
         step, _, rank = where.partition(":")
         if kind == "kill" and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
             return cls()
-        return cls(kind, int(step), int(rank or 0))
+        return cls(kind, int(step), int(rank or 0), float(seconds or 0))
 
     def before_step(self, step: int, rank: int) -> None:
         if step != self.step or rank != self.rank:
@@ -52,6 +57,14 @@ class Fault:
         if self.kind == "hang":
             while True:
                 time.sleep(3600)
+
+    def before_checkpoint(self, step: int, rank: int) -> None:
+        if step != self.step or rank != self.rank:
+            return
+        if self.kind == "slowsave":
+            time.sleep(self.seconds)
+        if self.kind == "freeze":
+            os.kill(os.getpid(), signal.SIGSTOP)
 
     def corrupt_loss(self, loss, step: int, rank: int):
         return loss * float("nan") if self.kind == "nan" and step == self.step and rank == self.rank else loss

@@ -28,6 +28,7 @@ from harness.allocator import keep_freed_memory
 from harness.checkpoint import checkpoint_to_resume, save_checkpoint
 from harness.config import TrainConfig, add_config_options, build_config
 from harness.data.stream import MacroBatch, MacroBatchStream, ShardSplit
+from harness.device import autocast, set_deterministic
 from harness.errors import HarnessError, run_guarded
 from harness.evaluate import EvalResult, evaluate
 from harness.models import build_model, parameter_checksum
@@ -111,31 +112,10 @@ class Trainer:
         self.config, self.shard_dir, self.run_dir, self.ctx, self.resume = config, Path(shard_dir), Path(run_dir), ctx, resume
         self.malloc = keep_freed_memory()
         self.threads, self.threads_why = distributed.choose_threads(config.threads, ctx.local_world_size)
+        set_deterministic(config.deterministic)
         self.stop_request, self.fault = StopRequest(), Fault.from_env()
-
-        # Data: the training range, and (rank 0) the validation images on the device.
-        train_data = ShardSplit(shard_dir, "train")
-        self.n_train = len(train_data) - config.holdout
-        if config.holdout:
-            train_data = ShardSplit(shard_dir, "train", 0, self.n_train, verify=False)  # verified just above
-        self.stream = MacroBatchStream(train_data, config.batch_size, config.macro_batch, config.seed, ctx.device)
-        self.val_set = "holdout" if config.holdout else "test"
-        if ctx.is_main:
-            self.val_images, self.val_labels = self.load_eval_set("train", self.n_train) if config.holdout else self.load_eval_set("test")
-
-        # Model, optimizer, schedule; the same initial weights on every rank and world size.
-        torch.manual_seed(config.seed)
-        self.model = build_model(config).to(ctx.device)
-        self.trained = self.model
-        if ctx.distributed:
-            self.trained = DistributedDataParallel(self.model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
-        self.optimizer = torch.optim.SGD(
-            self.model.parameters(), lr=config.lr, momentum=config.momentum, nesterov=config.nesterov, weight_decay=config.weight_decay
-        )
-        self.scheduler = torch.optim.lr_scheduler.ExponentialLR(self.optimizer, gamma=config.lr_decay)
-        self.normalize = Normalizer(config.normalize, train_data.manifest["train_stats"], ctx.device)
-        self.loss_fn = make_loss(config.loss)
-
+        self.build_data()
+        self.build_model()
         self.progress = Progress()
         self.window = LossWindow(config.log_every, ctx.device)
         self.last_eval: tuple[int, EvalResult] | None = None  # (step, result) of rank 0's latest validation
@@ -144,6 +124,42 @@ class Trainer:
         if self.outputs:
             self.outputs.keep_epochs(self.progress.epoch)
 
+    def build_data(self) -> None:
+        """The training range as a macro-batch stream, and (rank 0) the validation set on the device."""
+        config, ctx = self.config, self.ctx
+        train_data = ShardSplit(self.shard_dir, "train")
+        self.n_train = len(train_data) - config.holdout
+        if config.holdout:
+            train_data = ShardSplit(self.shard_dir, "train", 0, self.n_train, verify=False)  # verified just above
+        self.stream = MacroBatchStream(train_data, config.batch_size, config.macro_batch, config.seed, ctx.device)
+        self.train_stats = train_data.manifest["train_stats"]
+        self.val_set = "holdout" if config.holdout else "test"
+        if ctx.is_main:
+            self.val_images, self.val_labels = self.load_eval_set("train", self.n_train) if config.holdout else self.load_eval_set("test")
+
+    def build_model(self) -> None:
+        """Model, optimizer and schedule; the same initial weights on every rank and world size."""
+        config, ctx = self.config, self.ctx
+        torch.manual_seed(config.seed)
+        self.model = build_model(config).to(ctx.device)
+        memory_format = torch.channels_last if config.channels_last and config.model == "lenet" else torch.contiguous_format
+        self.model = self.model.to(memory_format=memory_format)
+        self.trained = self.model  # what the step calls: the model, wrapped in DDP and/or compiled
+        if ctx.world_size > 1:  # one rank has nothing to all-reduce
+            self.trained = DistributedDataParallel(self.model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+        if config.compile:
+            self.trained = torch.compile(self.trained, mode=config.compile)
+        # On a GPU one fused kernel updates every parameter (the same arithmetic as the
+        # default foreach version); the CPU keeps the default, whose results the tests pin.
+        fused = {"fused": True} if ctx.device.type == "cuda" else {}
+        self.optimizer = torch.optim.SGD(
+            self.model.parameters(), lr=config.lr, momentum=config.momentum, nesterov=config.nesterov, weight_decay=config.weight_decay,
+            **fused,
+        )
+        self.scheduler = make_schedule(self.optimizer, config, self.stream.steps_per_epoch)
+        self.normalize = Normalizer(config.normalize, self.train_stats, ctx.device, memory_format)
+        self.loss_fn = make_loss(config.loss)
+
     def load_eval_set(self, split: str, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         images, labels = ShardSplit(self.shard_dir, split, start).load_all()
         return torch.from_numpy(images).to(self.ctx.device), torch.from_numpy(labels).long().to(self.ctx.device)
@@ -151,14 +167,16 @@ class Trainer:
     # --- state ------------------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
-        """Everything a checkpoint holds: resuming from it continues at the exact step."""
+        """Everything a checkpoint holds: resuming from it continues at the exact step.
+        Called on every rank: each rank's RNG states are gathered (lists indexed by rank)."""
         cuda = self.ctx.device.type == "cuda"
+        gpu_rng = torch.cuda.get_rng_state(self.ctx.device) if cuda else torch.zeros(0, dtype=torch.uint8)
         return {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "loop": self.progress.state_dict(),
-            "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if cuda else []},
+            "rng": {"torch": self.ctx.gather_tensors(torch.get_rng_state()), "cuda": self.ctx.gather_tensors(gpu_rng) if cuda else []},
             "config": dataclasses.asdict(self.config),
             "world_size": self.ctx.world_size,
         }
@@ -168,9 +186,13 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.progress.load_state_dict(state["loop"])
-        torch.set_rng_state(state["rng"]["torch"])
-        if state["rng"]["cuda"] and self.ctx.device.type == "cuda":
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        cpu_rng, gpu_rng = state["rng"]["torch"], state["rng"]["cuda"]
+        if isinstance(cpu_rng, torch.Tensor):  # written before RNG states were saved per rank: rank 0's only
+            cpu_rng, gpu_rng = [cpu_rng], []
+        # This rank's own states; after a change of world size, a new rank takes an old rank's.
+        torch.set_rng_state(cpu_rng[self.ctx.rank % len(cpu_rng)])
+        if gpu_rng and self.ctx.device.type == "cuda":
+            torch.cuda.set_rng_state(gpu_rng[self.ctx.rank % len(gpu_rng)], self.ctx.device)
 
     def restore(self) -> None:
         found = checkpoint_to_resume(self.ctx, self.run_dir, self.resume, self.config)
@@ -181,9 +203,11 @@ class Trainer:
 
     def checkpoint(self) -> None:
         """Rank 0 writes; everyone waits, so no rank runs ahead of a checkpoint being written."""
-        if self.ctx.is_main:
-            save_checkpoint(self.run_dir, self.state_dict(), self.progress.step, self.progress.epoch, self.config.keep_checkpoints)
-        self.ctx.barrier()
+        state = self.state_dict()
+        with self.ctx.main_only("checkpoint write"):
+            if self.ctx.is_main:
+                self.fault.before_checkpoint(self.progress.step, self.ctx.rank)  # test-only
+                save_checkpoint(self.run_dir, state, self.progress.step, self.progress.epoch, self.config.keep_checkpoints)
 
     # --- the loop ---------------------------------------------------------------------------------
 
@@ -202,6 +226,7 @@ class Trainer:
         with ProgressBar(total=self.stream.steps_per_epoch, initial=p.epoch_steps, desc=f"epoch {p.epoch + 1}/{self.config.epochs}", leave=False, disable=not show) as bar:
             self.window.restart()
             for macro in self.stream.epoch(p.epoch, start_index=p.macro):
+                macro.wait_until_ready()
                 for i in range(p.step_in_macro, macro.steps):
                     self.train_step(macro, i)
                     p.advance(last_in_macro=i + 1 == macro.steps)
@@ -215,11 +240,14 @@ class Trainer:
         """One optimizer step on this rank's slice of global batch `i`; nothing here waits for the device."""
         self.fault.before_step(self.progress.step, self.ctx.rank)  # test-only fault injection
         images, labels = macro.local_batch(i, self.ctx.rank, self.ctx.world_size)
-        loss = self.loss_fn(self.trained(self.normalize(images)), labels)
+        with autocast(self.ctx.device, self.config.precision):
+            loss = self.loss_fn(self.trained(self.normalize(images)), labels)
         loss = self.fault.corrupt_loss(loss, self.progress.step, self.ctx.rank)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
+        if self.config.lr_schedule == "onecycle":
+            self.scheduler.step()
         self.window.add(loss)
 
     def sync_point(self, lr: float, bar: ProgressBar) -> None:
@@ -244,7 +272,8 @@ class Trainer:
         lr = self.optimizer.param_groups[0]["lr"]
         p.record_validation(self.validate(lr))
         if p.macro == self.stream.macro_batches_per_epoch:  # the epoch is complete (not cut by --max-steps)
-            self.scheduler.step()
+            if self.config.lr_schedule == "exponential":
+                self.scheduler.step()
             p.next_epoch()
         if self.stopped_early():
             log.info(f"early stopping: no better {self.val_set} loss for {self.config.early_stopping} epochs")
@@ -253,23 +282,24 @@ class Trainer:
         self.checkpoint()
 
     def validate(self, lr: float) -> float:
-        """Rank 0 evaluates and writes the epoch's metrics; the others wait for the loss in a broadcast."""
+        """Rank 0 evaluates and writes the epoch's metrics; the others then get the loss in a broadcast."""
         p, loss = self.progress, torch.zeros(1, dtype=torch.float64, device=self.ctx.device)
-        if self.ctx.is_main:
-            result = evaluate(self.model, self.val_images, self.val_labels, self.normalize, self.loss_fn, self.config.eval_batch)
-            self.last_eval = (p.step, result)
-            p.last_metrics = {
-                "epoch": p.epoch + 1,  # a partial epoch (--max-steps) too; a resume drops its line
-                "step": p.step,
-                "train_loss": p.epoch_loss_sum / max(p.epoch_steps, 1),
-                "val_loss": result.loss,
-                "val_accuracy": result.accuracy,
-                "lr": lr,
-                "epoch_seconds": p.epoch_seconds,
-                "train_samples_per_s": p.epoch_steps * self.config.batch_size / max(p.epoch_seconds, 1e-9),
-            }
-            self.outputs.epoch(p.last_metrics, self.config.epochs, self.model, p.step)
-            loss[0] = result.loss
+        with self.ctx.main_only("validation"):
+            if self.ctx.is_main:
+                result = evaluate(self.model, self.val_images, self.val_labels, self.normalize, self.loss_fn, self.config.eval_batch)
+                self.last_eval = (p.step, result)
+                p.last_metrics = {
+                    "epoch": p.epoch + 1,  # a partial epoch (--max-steps) too; a resume drops its line
+                    "step": p.step,
+                    "train_loss": p.epoch_loss_sum / max(p.epoch_steps, 1),
+                    "val_loss": result.loss,
+                    "val_accuracy": result.accuracy,
+                    "lr": lr,
+                    "epoch_seconds": p.epoch_seconds,
+                    "train_samples_per_s": p.epoch_steps * self.config.batch_size / max(p.epoch_seconds, 1e-9),
+                }
+                self.outputs.epoch(p.last_metrics, self.config.epochs, self.model, p.step)
+                loss[0] = result.loss
         return self.ctx.broadcast_from_main(loss).item()
 
     def checkpoint_due(self) -> bool:
@@ -292,7 +322,9 @@ class Trainer:
         c = self.config
         log.info(
             f"{sum(p.numel() for p in self.model.parameters()):,}-parameter {c.model} on {self.ctx.device}, "
-            f"world size {self.ctx.world_size}, {self.threads} CPU thread(s) per rank ({self.threads_why}), {self.malloc}; "
+            f"world size {self.ctx.world_size}{f' ({self.ctx.backend})' if self.ctx.backend else ''}, {c.precision}"
+            f"{', deterministic' if c.deterministic else ''}{f', compiled ({c.compile})' if c.compile else ''}, "
+            f"{self.threads} CPU thread(s) per rank ({self.threads_why}), {self.malloc}; "
             f"{self.n_train:,} training images, {self.stream.steps_per_epoch} steps of {c.batch_size} per epoch, "
             f"validating on {self.val_set}"
         )
@@ -305,8 +337,12 @@ class Trainer:
         ranks_agree = all(r[1:] == per_rank[0][1:] for r in per_rank)
         if not ranks_agree:
             log.error("ranks ended with different parameters")
-        if not self.ctx.is_main:
-            return {}
+        with self.ctx.main_only("test and run files"):
+            if self.ctx.is_main:
+                return self.write_summary(seconds, checksum, per_rank, ranks_agree)
+        return {}
+
+    def write_summary(self, seconds: float, checksum: str, per_rank: list[list[int]], ranks_agree: bool) -> dict:
         test = self.test_result()
         summary = {
             "final": self.progress.last_metrics,
@@ -321,6 +357,7 @@ class Trainer:
             "ranks_identical": ranks_agree,
             "threads_per_rank": self.threads,
             "device": str(self.ctx.device),
+            "backend": self.ctx.backend,
             "config": dataclasses.asdict(self.config),
         }
         self.outputs.finish(summary, test, "test", self.model)
@@ -333,6 +370,18 @@ class Trainer:
             return self.last_eval[1]
         images, labels = (self.val_images, self.val_labels) if not self.config.holdout else self.load_eval_set("test")
         return evaluate(self.model, images, labels, self.normalize, self.loss_fn, self.config.eval_batch)
+
+
+def make_schedule(optimizer: torch.optim.Optimizer, config: TrainConfig, steps_per_epoch: int):
+    """The learning-rate schedule: stepped after every epoch (exponential) or every optimizer step (onecycle)."""
+    if config.lr_schedule == "onecycle":
+        steps = config.epochs * steps_per_epoch
+        steps = min(steps, config.max_steps) if config.max_steps else steps
+        return torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=config.lr, total_steps=steps, pct_start=0.25, anneal_strategy="linear", cycle_momentum=False,
+            div_factor=25.0, final_div_factor=1e4,
+        )
+    return torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=config.lr_decay)
 
 
 def agree_at_sync_point(ctx, window: torch.Tensor, first_step: int, stop_request: StopRequest) -> tuple[float, str]:
@@ -355,13 +404,11 @@ def agree_at_sync_point(ctx, window: torch.Tensor, first_step: int, stop_request
 
 def train(config: TrainConfig, shard_dir: Path, run_dir: Path, resume: str = "auto") -> dict:
     """Train on this process's rank (or alone); rank 0's summary, {} on the others."""
-    ctx = distributed.init_distributed(config.device, config.timeout)
+    ctx = distributed.init_distributed(config.device, config.timeout, config.rank0_timeout, config.backend)
     try:
         setup_logging(ctx.rank)
         summary = Trainer(config, shard_dir, run_dir, ctx, resume).fit()
-        # The other ranks wait here while rank 0 evaluates the test set and writes the
-        # run files, so every rank tears the process group down together.
-        ctx.barrier()
+        ctx.barrier()  # every rank tears the process group down together
         return summary
     except (RuntimeError, torch.distributed.DistError) as e:
         failure = distributed.explain_collective_failure(e, ctx.rank, config.timeout)

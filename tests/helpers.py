@@ -5,12 +5,15 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import torch
 
 from harness.data.download import MIRRORS, download_mnist
@@ -95,6 +98,40 @@ def train_ok(shards: Path, run_dir: Path, *train_args, nproc: int = 1, launcher_
     result = run(train_command(shards, run_dir, *train_args, nproc=nproc, launcher_args=launcher_args), env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
+
+
+def wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+def signal_tree(process: subprocess.Popen, sig: int) -> None:
+    """Signal a process and all its descendants, as Slurm signals every process of a job
+    (torchrun starts its workers in sessions of their own, out of reach of killpg)."""
+    root = psutil.Process(process.pid)
+    for p in [root, *root.children(recursive=True)]:
+        try:
+            p.send_signal(sig)
+        except psutil.NoSuchProcess:
+            pass
+
+
+def start_and_signal(cmd: list[str], run_dir: Path, sig: int) -> subprocess.Popen:
+    """Start a run and signal every process of it once it is past its first checkpoint."""
+    process = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for(lambda: list((run_dir / "checkpoints").glob("step-*.json")) or process.poll() is not None, 240, "a checkpoint")
+        assert process.poll() is None, process.communicate()[0]
+        time.sleep(1.0)  # land between checkpoints
+        signal_tree(process, sig)
+        process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            signal_tree(process, signal.SIGKILL)
+            process.wait()
+    return process
 
 
 def free_port() -> int:

@@ -10,10 +10,9 @@ import subprocess
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 import torch
-from helpers import ROOT, free_port, run, train_command
+from helpers import ROOT, free_port, run, start_and_signal, train_command
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from harness import checkpoint as ckpt
@@ -33,40 +32,6 @@ def command(shards: Path, run_dir: Path, *extra: str, nproc: int = 1, launcher_a
 
 def checksum(run_dir: Path) -> str:
     return json.loads((run_dir / "summary.json").read_text())["param_checksum"]
-
-
-def wait_for(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.2)
-
-
-def signal_tree(process: subprocess.Popen, sig: int) -> None:
-    """Signal a process and all its descendants, as Slurm signals every process of a job
-    (torchrun starts its workers in sessions of their own, out of reach of killpg)."""
-    root = psutil.Process(process.pid)
-    for p in [root, *root.children(recursive=True)]:
-        try:
-            p.send_signal(sig)
-        except psutil.NoSuchProcess:
-            pass
-
-
-def start_and_signal(cmd: list[str], run_dir: Path, sig: int) -> subprocess.Popen:
-    """Start a run and signal every process of it once it is past its first checkpoint."""
-    process = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        wait_for(lambda: list((run_dir / "checkpoints").glob("step-*.json")) or process.poll() is not None, 240, "a checkpoint")
-        assert process.poll() is None, process.communicate()[0]
-        time.sleep(1.0)  # land between checkpoints
-        signal_tree(process, sig)
-        process.communicate(timeout=120)
-    finally:
-        if process.poll() is None:
-            signal_tree(process, signal.SIGKILL)
-            process.wait()
-    return process
 
 
 @pytest.fixture(scope="module")
@@ -230,7 +195,7 @@ def test_a_stuck_rank_fails_the_job_within_the_timeout(mnist_shards, tmp_path):
     --timeout seconds and the job ends with an error naming that timeout, instead of
     waiting forever."""
     started = time.monotonic()
-    result = run(command(mnist_shards, tmp_path / "run", "--timeout", "15", nproc=2), env={"HARNESS_TEST_FAULT": "hang@40:1"}, timeout=240)
+    result = run(command(mnist_shards, tmp_path / "run", "--timeout", "15", nproc=2), env={"HARNESS_TEST_FAULT": "hang@40:1", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "5"}, timeout=240)
     elapsed = time.monotonic() - started
     assert result.returncode != 0
     assert "error: rank 0: no answer from another rank within --timeout 15 s" in result.stdout + result.stderr
@@ -287,3 +252,33 @@ def test_unwritable_run_dir_is_a_clear_error(mnist_shards, tmp_path):
     blocker.write_text("")
     result = run(command(mnist_shards, blocker / "run"))
     assert result.returncode == 2 and "not writable" in result.stderr and str(blocker) in result.stderr
+
+
+def test_slow_checkpoint_write_on_rank_0_does_not_fail_the_job(mnist_shards, tmp_path, reference):
+    """Rank 0 takes 20 s to write the step-50 checkpoint (a slow shared filesystem), twice
+    --timeout: rank 1 waits on rank 0's heartbeat instead of timing out, and the run ends
+    with the uninterrupted run's weights."""
+    run_dir = tmp_path / "run"
+    result = run(command(mnist_shards, run_dir, "--timeout", "10", nproc=2), env={"HARNESS_TEST_FAULT": "slowsave=20@50:0"})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert checksum(run_dir) == reference[2]
+
+
+def test_rank_0_frozen_during_a_checkpoint_write_ends_the_job_after_the_timeout(mnist_shards, tmp_path):
+    """Rank 0 stops (SIGSTOP, heartbeat thread included) while writing the step-50
+    checkpoint: rank 1 sees the heartbeat stop and ends the job after --timeout."""
+    started = time.monotonic()
+    result = run(command(mnist_shards, tmp_path / "run", "--timeout", "10", nproc=2),
+                 env={"HARNESS_TEST_FAULT": "freeze@50:0", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "5"}, timeout=240)
+    elapsed = time.monotonic() - started
+    assert result.returncode != 0
+    assert "rank 1: rank 0 stopped responding during its checkpoint write: no heartbeat for --timeout 10 s" in result.stdout + result.stderr
+    assert elapsed < 150, elapsed
+
+
+def test_checkpoints_hold_every_ranks_rng_state(mnist_shards, tmp_path, reference):
+    run_dir = tmp_path / "run"
+    assert run(command(mnist_shards, run_dir, "--max-steps", "50", nproc=2)).returncode == 0
+    _, state = ckpt.load_newest_valid(run_dir)
+    assert len(state["rng"]["torch"]) == 2 and all(t.dtype == torch.uint8 for t in state["rng"]["torch"])
+    assert all(t.device.type == "cpu" for t in state["model"].values())

@@ -199,14 +199,23 @@ def test_batch_not_divisible_by_world_size_fails_fast(mnist_shards, tmp_path):
     assert "--batch-size 66 is not divisible by the world size 4" in result.stdout + result.stderr
 
 
+def two_rank_probe(tmp_path, source: str):
+    """Run a small script as two torchrun ranks; it must exit 0."""
+    probe = tmp_path / "probe.py"
+    probe.write_text(source)
+    result = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(probe)], timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
 def test_process_group_is_gone_after_shutdown(tmp_path):
     """The abort at exit ("terminate called without an active exception"): DDP's constructor
     imports torch.distributed.nn.functional, which binds the default process group as default
     arguments, so the group and its gloo worker threads outlived destroy_process_group and one
     could still be dropping a tensor's Python object while the interpreter shut down.
     After the harness's shutdown no gloo thread may be left."""
-    probe = tmp_path / "probe.py"
-    probe.write_text(
+    result = two_rank_probe(
+        tmp_path,
         "import os, torch\n"
         "from torch.nn.parallel import DistributedDataParallel\n"
         "from harness import distributed\n"
@@ -216,8 +225,27 @@ def test_process_group_is_gone_after_shutdown(tmp_path):
         "del model\n"
         "distributed.shutdown(ctx)\n"
         "names = [open(f'/proc/self/task/{t}/comm').read().strip() for t in os.listdir('/proc/self/task')]\n"
-        "print('gloo threads after shutdown:', sorted(n for n in names if 'gloo' in n))\n"
+        "print('gloo threads after shutdown:', sorted(n for n in names if 'gloo' in n))\n",
     )
-    result = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(probe)], timeout=120)
-    assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("gloo threads after shutdown: []") == 2, result.stdout
+
+
+def test_ranks_on_different_kinds_of_device_stop_with_one_clear_error(tmp_path):
+    """--device auto on nodes with and without GPUs would put some ranks on NCCL and others
+    on gloo, and hang; the ranks compare their devices first (rank 1 pretends here)."""
+    result = two_rank_probe(
+        tmp_path,
+        "import os, torch\n"
+        "from harness import distributed\n"
+        "from harness.errors import HarnessError\n"
+        "ctx = distributed.init_distributed('cpu', 60)\n"
+        "if ctx.rank == 1:\n"
+        "    ctx.device = torch.device('cuda', 0)\n"
+        "try:\n"
+        "    distributed.check_same_device_type(ctx)\n"
+        "except HarnessError as e:\n"
+        "    print(f'rank {ctx.rank}: {e}')\n"
+        "distributed.shutdown(ctx)\n",
+    )
+    for rank in (0, 1):
+        assert f"rank {rank}: ranks are on different kinds of device (rank 0: cpu, rank 1: cuda)" in result.stdout

@@ -75,9 +75,11 @@ def test_epoch_uses_each_sample_at_most_once(data, global_batch, macro_batch):
     assert len(macros) == stream.macro_batches_per_epoch
     assert sum(m.steps for m in macros) == stream.steps_per_epoch == N // global_batch
     for m in macros:
-        assert len(m.labels) % global_batch == 0  # macro-batches hold whole global batches
-        assert len(m.labels) <= max(macro_batch, global_batch)
-        assert sorted(m.order.tolist()) == list(range(len(m.labels)))
+        assert len(m.order) % global_batch == 0  # macro-batches hold whole global batches
+        assert len(m.order) <= max(macro_batch, global_batch)
+        assert len(set(m.order.tolist())) == len(m.order) and 0 <= m.order.min() and m.order.max() < len(m.labels)
+        if stream.resident:  # the whole split stays on the device; the order indexes it
+            assert len(m.labels) == N
     got = batches(stream, 0)
     assert all(len(ids) == global_batch for ids, _ in got)
     ids = np.concatenate([i for i, _ in got])
@@ -225,3 +227,27 @@ def test_uneven_shards(data):
         per_rank = [np.concatenate([i for i, _ in batches(stream, epoch, 2, r)]) for r in range(2)]
         assert len(per_rank[0]) == len(per_rank[1]) == N // 2  # same number of steps on every rank
         assert sorted(np.concatenate(per_rank).tolist()) == list(range(N))
+
+
+@pytest.mark.parametrize("start_index", [0, 2])
+def test_prefetching_reader_gives_the_same_batches(data, start_index):
+    """The GPU's reader thread (forced on here, on the CPU) changes nothing in the sequence."""
+    shards, _ = data
+    make = lambda prefetch: MacroBatchStream(ShardSplit(shards, "train"), 64, 700, seed=4, device=CPU, prefetch=prefetch)  # noqa: E731
+    with_thread, without = batches(make(True), 1, start_index=start_index), batches(make(False), 1, start_index=start_index)
+    assert len(with_thread) == len(without) > 0
+    for (ids_a, labels_a), (ids_b, labels_b) in zip(with_thread, without):
+        np.testing.assert_array_equal(ids_a, ids_b)
+        np.testing.assert_array_equal(labels_a, labels_b)
+
+
+def test_resident_split_gives_the_streamed_order(data):
+    """Kept on the device with an index order, the split gives the batches that assembling
+    the same single macro-batch from the shards gives."""
+    shards, _ = data
+    resident = MacroBatchStream(ShardSplit(shards, "train"), 64, 60000, seed=6, device=CPU)
+    assembled = MacroBatchStream(ShardSplit(shards, "train"), 64, 60000, seed=6, device=CPU)
+    assert resident.resident
+    assembled.resident = False  # the streaming path, one macro-batch of the whole split
+    for epoch in (0, 1):
+        np.testing.assert_array_equal(epoch_ids(resident, epoch), epoch_ids(assembled, epoch))

@@ -15,6 +15,7 @@ too large for it would give each rank only the blocks its slices touch.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -75,6 +76,7 @@ class ShardSplit:
         counts = [s["samples"] for s in info["shards"]]
         self.shard_firsts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(int).tolist()
         self.shard_counts = counts
+        self.block_size = info["block_size"]
 
     def __len__(self) -> int:
         return self.stop - self.start
@@ -83,6 +85,24 @@ class ShardSplit:
         first = self.shard_firsts[i]
         return max(0, min(self.stop, first + self.shard_counts[i]) - max(self.start, first))
 
+    def block_layout(self, shard: int) -> list[tuple[int, int]]:
+        """(first sample index, image count) of each block of a shard, in file order, as the
+        packer lays them out: consecutive blocks of block_size, the last one shorter."""
+        first, count, size = self.shard_firsts[shard], self.shard_counts[shard], self.block_size
+        return [(first + k, min(size, count - k)) for k in range(0, count, size)]
+
+    def read_shard(self, shard: int) -> list[tuple[int, np.ndarray, np.ndarray]]:
+        """A shard's blocks, checked against the manifest's layout."""
+        path = self.paths[shard]
+        blocks = read_blocks(path)
+        found = [(first, len(labels)) for first, _, labels in blocks]
+        if found != self.block_layout(shard):
+            raise HarnessError(
+                f"{path}: blocks (first index, images) {found[:3]}{'...' if len(found) > 3 else ''} do not match "
+                f"manifest.json's layout {self.block_layout(shard)[:3]}{'...' if len(found) > 3 else ''}"
+            )
+        return blocks
+
     def clip(self, first: int, images: np.ndarray, labels: np.ndarray):
         lo, hi = max(self.start - first, 0), min(self.stop - first, len(labels))
         return images[lo:hi], labels[lo:hi]
@@ -90,9 +110,9 @@ class ShardSplit:
     def load_all(self) -> tuple[np.ndarray, np.ndarray]:
         """Every sample of the range in index order (validation and test sets)."""
         images, labels = [], []
-        for i, path in enumerate(self.paths):
+        for i in range(len(self.paths)):
             if self.used_in_shard(i):
-                for first, block_images, block_labels in read_blocks(path):
+                for first, block_images, block_labels in self.read_shard(i):
                     block_images, block_labels = self.clip(first, block_images, block_labels)
                     images.append(block_images)
                     labels.append(block_labels)
@@ -103,14 +123,24 @@ class ShardSplit:
 class MacroBatch:
     epoch: int
     index: int  # macro-batch number inside the epoch
-    images: torch.Tensor  # uint8 [m, 28, 28] on the device
-    labels: torch.Tensor  # int64 [m] on the device
-    order: torch.Tensor  # seeded permutation of range(m) on the device
+    images: torch.Tensor  # uint8 [m, 28, 28] on the device (or the whole split, when resident)
+    labels: torch.Tensor  # int64 [m] on the device (likewise)
+    order: torch.Tensor  # int64 [steps * global_batch] on the device: the rows of images, in step order
     global_batch: int
+    ready: torch.cuda.Event | None = None  # when copied on a side stream: done when this is
 
     @property
     def steps(self) -> int:
-        return len(self.labels) // self.global_batch
+        return len(self.order) // self.global_batch
+
+    def wait_until_ready(self) -> None:
+        """On a GPU: make the compute stream wait for the side stream's copy (the host does
+        not wait), and keep the copied tensors alive for the compute stream's use of them."""
+        if self.ready is not None:
+            compute = torch.cuda.current_stream(self.images.device)
+            compute.wait_event(self.ready)
+            for tensor in (self.images, self.labels, self.order):
+                tensor.record_stream(compute)
 
     def local_batch(self, step: int, rank: int, world_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's slice of global batch `step`: uint8 images and labels."""
@@ -121,7 +151,16 @@ class MacroBatch:
 
 
 class MacroBatchStream:
-    def __init__(self, data: ShardSplit, global_batch: int, macro_batch: int, seed: int, device: torch.device):
+    """An epoch's global batches, as macro-batches on the device.
+
+    When one macro-batch holds the whole split, the split stays resident on the device
+    (one host-to-device copy per run) and each epoch only sends its order, an index
+    array. Otherwise every macro-batch is assembled from the shards and copied; on a
+    GPU the next one is assembled in a background thread into pinned memory and copied
+    on a side stream while the current one trains.
+    """
+
+    def __init__(self, data: ShardSplit, global_batch: int, macro_batch: int, seed: int, device: torch.device, prefetch: bool | None = None):
         if global_batch > len(data):
             raise HarnessError(f"--batch-size {global_batch} is larger than the {len(data)} training samples")
         self.data, self.global_batch, self.seed, self.device = data, global_batch, seed, device
@@ -131,21 +170,17 @@ class MacroBatchStream:
         self.macro_steps = max(1, macro_batch // global_batch)
         self.macro_size = self.macro_steps * global_batch
         self.macro_batches_per_epoch = -(-self.steps_per_epoch // self.macro_steps)
-        self._pin = device.type == "cuda"
-        # When one macro-batch holds the whole split, the decoded blocks are already
-        # in memory once per epoch; keeping them saves re-reading the shards every
-        # epoch (~4% of a neupy-mlp epoch on 2 cores). Larger splits stream.
-        self._decoded: dict[int, list] | None = {} if self.macro_batches_per_epoch == 1 else None
+        self.resident = self.macro_batches_per_epoch == 1
+        # A reader thread measured ~10% slower LeNet training on 2 CPU cores (it competes
+        # with the compute for them), so only a GPU prefetches by default.
+        self.prefetch = (device.type == "cuda") if prefetch is None else prefetch
+        self._split: tuple[torch.Tensor, torch.Tensor] | None = None  # the resident split, loaded on first use
+        self._copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
 
-    def _shard_blocks(self, shard: int) -> list[tuple[int, np.ndarray, np.ndarray]]:
-        if self._decoded is None:
-            return read_blocks(self.data.paths[shard])
-        if shard not in self._decoded:
-            self._decoded[shard] = read_blocks(self.data.paths[shard])
-        return self._decoded[shard]
-
-    def _epoch_blocks(self, epoch: int, skip: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """The epoch's image sequence as blocks, starting `skip` images in."""
+    def _epoch_plan(self, epoch: int, skip: int) -> Iterator[tuple[int, int, int, int]]:
+        """The epoch's image sequence from `skip` images in, as pieces (shard, block, lo, hi):
+        rows lo:hi of that block of that shard, in the range. Shards in a seeded order, the
+        blocks of each shard in a seeded order; the layout comes from the manifest."""
         rng = seeded_generator(self.seed, epoch, 0)
         for shard in rng.permutation(len(self.data.paths)).tolist():
             # Draw the block order even for skipped shards, so the rng stream never depends on `skip`.
@@ -156,51 +191,95 @@ class MacroBatchStream:
             if skip >= used:
                 skip -= used
                 continue
-            blocks = self._shard_blocks(shard)
+            blocks = self.data.block_layout(shard)
             for b in np.random.default_rng(block_seed).permutation(len(blocks)).tolist():
-                images, labels = self.data.clip(*blocks[b])
-                if skip >= len(labels):
-                    skip -= len(labels)
+                first, count = blocks[b]
+                lo, hi = max(self.data.start - first, 0), min(self.data.stop - first, count)
+                if skip >= max(hi - lo, 0):
+                    skip -= max(hi - lo, 0)
                     continue
-                yield images[skip:], labels[skip:]
+                yield shard, b, lo + skip, hi
                 skip = 0
+
+    def _macro_range(self, index: int) -> tuple[int, int]:
+        """(images to skip, images in) macro-batch `index`."""
+        first_step = index * self.macro_steps
+        return first_step * self.global_batch, min(self.macro_steps, self.steps_per_epoch - first_step) * self.global_batch
+
+    def _order(self, epoch: int, index: int, size: int) -> np.ndarray:
+        return seeded_generator(self.seed, epoch, 1 + index).permutation(size)
+
+    def _resident_batch(self, epoch: int) -> MacroBatch:
+        """The whole split on the device, and the epoch's order as indices into it."""
+        if self._split is None:
+            images, labels = self.data.load_all()
+            self._split = (torch.from_numpy(images).to(self.device), torch.from_numpy(labels).long().to(self.device))
+        skip, size = self._macro_range(0)
+        pieces = [self.data.block_layout(shard)[b][0] - self.data.start + np.arange(lo, hi) for shard, b, lo, hi in self._epoch_plan(epoch, skip)]
+        sequence = np.concatenate(pieces)[:size] if pieces else np.empty(0, dtype=np.int64)
+        self._check_filled(len(sequence), size)
+        order = torch.from_numpy(sequence[self._order(epoch, 0, size)]).to(self.device, non_blocking=True)
+        return MacroBatch(epoch, 0, *self._split, order, self.global_batch)
 
     def _assemble(self, epoch: int, index: int) -> tuple[np.ndarray, np.ndarray]:
         """Host arrays for macro-batch `index` of `epoch`.
 
-        Numpy only, so that it could move to a reader thread without starting
-        a second OpenMP thread team (torch ops there cost ~20% of throughput).
+        Numpy only, so that it can run in a reader thread without starting a second
+        OpenMP thread team (torch ops there cost ~20% of throughput).
         """
-        first_step = index * self.macro_steps
-        steps = min(self.macro_steps, self.steps_per_epoch - first_step)
-        size = steps * self.global_batch
+        skip, size = self._macro_range(index)
         images = np.empty((size, *self.data.manifest["image_shape"]), dtype=np.uint8)
         labels = np.empty(size, dtype=np.uint8)
-        filled = 0
-        for block_images, block_labels in self._epoch_blocks(epoch, skip=first_step * self.global_batch):
-            take = min(len(block_labels), size - filled)
-            images[filled : filled + take] = block_images[:take]
-            labels[filled : filled + take] = block_labels[:take]
+        filled, cached = 0, {}
+        for shard, b, lo, hi in self._epoch_plan(epoch, skip):
+            if shard not in cached:
+                cached = {shard: self.data.read_shard(shard)}  # one shard decoded at a time
+            first, block_images, block_labels = cached[shard][b]
+            take = min(hi - lo, size - filled)
+            images[filled : filled + take] = block_images[lo : lo + take]
+            labels[filled : filled + take] = block_labels[lo : lo + take]
             filled += take
             if filled == size:
                 break
+        self._check_filled(filled, size)
         return images, labels
 
+    def _check_filled(self, filled: int, size: int) -> None:
+        if filled < size:
+            raise HarnessError(
+                f"{self.data.shard_dir}: the {self.data.split} shards hold fewer images than manifest.json says "
+                f"(a macro-batch of {size} got {filled}); the shards or the manifest are damaged"
+            )
+
     def _to_device(self, epoch: int, index: int, host: tuple[np.ndarray, np.ndarray]) -> MacroBatch:
-        """One host-to-device transfer per tensor: from pinned memory, non-blocking, on CUDA."""
+        """One host-to-device transfer per tensor; on a GPU from pinned memory on the copy stream."""
         images, labels = (torch.from_numpy(a) for a in host)
-        if self._pin:
-            images, labels = images.pin_memory(), labels.pin_memory()
-        images, labels = (t.to(self.device, non_blocking=True) for t in (images, labels))
-        order = torch.from_numpy(seeded_generator(self.seed, epoch, 1 + index).permutation(len(labels)))
-        return MacroBatch(epoch, index, images, labels.long(), order.to(self.device, non_blocking=True), self.global_batch)
+        order = torch.from_numpy(self._order(epoch, index, len(labels)))
+        if self._copy_stream is None:
+            return MacroBatch(epoch, index, images.to(self.device), labels.long().to(self.device), order.to(self.device), self.global_batch)
+        with torch.cuda.stream(self._copy_stream):
+            images, labels, order = (t.pin_memory().to(self.device, non_blocking=True) for t in (images, labels, order))
+            ready = torch.cuda.Event()
+            ready.record()
+        return MacroBatch(epoch, index, images, labels.long(), order, self.global_batch, ready)
+
+    def _load(self, epoch: int, index: int) -> MacroBatch:
+        return self._to_device(epoch, index, self._assemble(epoch, index))
 
     def epoch(self, epoch: int, start_index: int = 0) -> Iterator[MacroBatch]:
-        """Macro-batches of `epoch` from `start_index` on.
-
-        Read on the training thread, with no prefetch: with the default macro-batch
-        (the whole MNIST training set) there is nothing to overlap, and a reader
-        thread measured ~10% slower LeNet training on 2 cores.
-        """
-        for index in range(start_index, self.macro_batches_per_epoch):
-            yield self._to_device(epoch, index, self._assemble(epoch, index))
+        """Macro-batches of `epoch` from `start_index` on."""
+        if self.resident:
+            if start_index == 0:
+                yield self._resident_batch(epoch)
+            return
+        if not self.prefetch:
+            for index in range(start_index, self.macro_batches_per_epoch):
+                yield self._load(epoch, index)
+            return
+        with ThreadPoolExecutor(1, thread_name_prefix="harness-prefetch") as reader:
+            upcoming = reader.submit(self._load, epoch, start_index)
+            for index in range(start_index, self.macro_batches_per_epoch):
+                batch = upcoming.result()
+                if index + 1 < self.macro_batches_per_epoch:
+                    upcoming = reader.submit(self._load, epoch, index + 1)
+                yield batch

@@ -1,0 +1,295 @@
+#!/usr/bin/env python
+"""GPU benchmarks (run by bench/gpu_check.sh): one JSON record on stdout, progress on stderr.
+
+1. variants   `harness train --preset lenet` for 2 epochs in each of several step
+              variants (eager or torch.compile, fp32 or bf16, deterministic or not):
+              samples/s of epoch 2 (epoch 1 includes compiling) and test accuracy.
+2. lenet      the lenet preset, 15 epochs, in the fastest variant whose accuracy is
+              sane: test accuracy, training-loop seconds (summary's total_seconds:
+              validation included, start-up excluded) and the command's wall time.
+              Targets: >= 99.2%, <= 2 s.
+3. fast       the fast preset with seeds 0, 1, 2: test accuracy, and training seconds up
+              to the end of the first epoch at >= 99.0% (validation excluded).
+              Target: mean >= 99.0% in <= 0.15 s.
+4. bare       harness vs a bare loop in one process (split resident on the device, the
+              same model, batch, precision and compile mode), alternated: ratio of
+              samples/s. Target >= 1.0.
+5. dataloader harness vs an eager loop fed by a torch DataLoader the way
+              pytorch/examples/mnist does it (per-sample tensors, normalised on the
+              CPU, pinned, copied every step): ratio of samples/s. Target >= 10.
+
+Usage: MNIST_DIR=... python bench/bench_gpu.py [--device cuda] [--quick] > gpu.json
+`--quick --device cpu` is a smoke run of the script itself on a machine without a GPU.
+The script runs itself as a worker for 4 and 5 (`--worker bare|dataloader`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from common import hardware, make_log, median, mnist_dir, versions
+
+log = make_log("gpu")
+HERE = Path(__file__).resolve().parent
+LENET_TRAIN_FLOP_PER_IMAGE = 3 * 2 * 1_746_000  # forward MACs x 2 FLOP, x3 for forward + backward
+
+
+def harness(shards: Path, run_dir: Path, *args: str) -> dict:
+    """`python -m harness train ...` in a fresh process; its summary, metrics and wall time."""
+    started = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "harness", "train", "--shards", str(shards), "--run-dir", str(run_dir), *args],
+                          capture_output=True, text=True)
+    wall = time.perf_counter() - started
+    if done.returncode:
+        log(f"harness {' '.join(args)} failed:\n{done.stderr[-3000:]}")
+        return {"args": args, "failed": done.stderr[-1500:], "wall_seconds": round(wall, 2)}
+    summary = json.loads((run_dir / "summary.json").read_text())
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {"args": args, "summary": summary, "metrics": metrics, "wall_seconds": round(wall, 2)}
+
+
+def variant_figures(result: dict) -> dict:
+    if "failed" in result:
+        return {"failed": result["failed"]}
+    metrics = result["metrics"]
+    return {
+        "samples_per_s": round(metrics[-1]["train_samples_per_s"]),  # the last epoch: compiling done
+        "test_accuracy": result["summary"]["test_accuracy"],
+        "loop_seconds": round(result["summary"]["total_seconds"], 3),
+        "wall_seconds": result["wall_seconds"],
+    }
+
+
+def seconds_to_accuracy(metrics: list[dict], target: float) -> float | None:
+    """Training seconds (validation excluded) up to the end of the first epoch at `target`."""
+    total = 0.0
+    for m in metrics:
+        total += m["epoch_seconds"]
+        if m["val_accuracy"] >= target:
+            return round(total, 4)
+    return None
+
+
+# ----------------------------------------------------------------------------- workers
+
+
+def load_mnist(device: str):
+    import numpy as np
+    import torch
+
+    from harness.data.sources import load_source
+
+    data = load_source(mnist_dir())
+    train, test = data.splits["train"], data.splits["test"]
+    return (torch.from_numpy(np.ascontiguousarray(train.images)).to(device), torch.from_numpy(train.labels.astype("int64")).to(device),
+            test.images, test.labels)
+
+
+def bare_worker(args) -> dict:
+    """The same training step with nothing around it: data resident, permuted on the device."""
+    import torch
+
+    from harness.config import load_preset
+    from harness.device import autocast, set_deterministic
+    from harness.models import lenet
+
+    preset = load_preset("lenet")
+    device = torch.device(args.device)
+    set_deterministic(args.deterministic)
+    images, labels, _, _ = load_mnist(args.device)
+    torch.manual_seed(0)
+    model = lenet().to(device)
+    step_model = torch.compile(model, mode=args.compile) if args.compile else model
+    fused = {"fused": True} if device.type == "cuda" else {}
+    optimizer = torch.optim.SGD(model.parameters(), lr=preset["lr"], momentum=preset["momentum"], **fused)
+    batch = preset["batch_size"]
+    steps = args.steps
+    order = torch.randperm(len(labels), device=device)
+
+    def run(n: int) -> None:
+        for i in range(n):
+            index = order[(i * batch) % (len(labels) - batch):][:batch]
+            x = images[index].unsqueeze(1).float().div_(255)
+            with autocast(device, args.precision):
+                loss = torch.nn.functional.cross_entropy(step_model(x), labels[index])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
+    run(min(steps, 100))  # warm-up (and compile)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    run(steps)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return {"samples_per_s": steps * batch / (time.perf_counter() - started)}
+
+
+def dataloader_worker(args) -> dict:
+    """pytorch/examples/mnist's way: a Dataset of per-sample tensors normalised on the CPU
+    (ToTensor + Normalize), a shuffling DataLoader with a worker and pinned memory, and an
+    eager step that copies every batch to the device."""
+    import torch
+    from torch.utils.data import DataLoader, Dataset
+
+    from harness.config import load_preset
+    from harness.models import lenet
+
+    class Mnist(Dataset):
+        def __init__(self, images, labels):
+            self.images, self.labels = images, labels
+
+        def __len__(self):
+            return len(self.labels)
+
+        def __getitem__(self, i):
+            x = torch.from_numpy(self.images[i]).float().div(255).sub(0.1307).div(0.3081).unsqueeze(0)
+            return x, int(self.labels[i])
+
+    from harness.data.sources import load_source
+
+    data = load_source(mnist_dir()).splits["train"]
+    preset = load_preset("lenet")
+    device = torch.device(args.device)
+    loader = DataLoader(Mnist(data.images, data.labels), batch_size=preset["batch_size"], shuffle=True, num_workers=1,
+                        pin_memory=device.type == "cuda")
+    torch.manual_seed(0)
+    model = lenet().to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=preset["lr"], momentum=preset["momentum"])
+    done, started = 0, None
+    for i, (x, y) in enumerate(loader):
+        if i == 20:  # after the loader's start-up
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            started, done = time.perf_counter(), 0
+        x, y = x.to(device), y.to(device)
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        done += len(y)
+        if i == 20 + args.steps:
+            break
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return {"samples_per_s": done / (time.perf_counter() - started)}
+
+
+def worker(kind: str, device: str, steps: int, compile_mode: str = "", precision: str = "fp32", deterministic: bool = True) -> dict:
+    command = [sys.executable, str(HERE / "bench_gpu.py"), "--worker", kind, "--device", device, "--steps", str(steps),
+               "--compile", compile_mode, "--precision", precision, "--deterministic" if deterministic else "--no-deterministic"]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode:
+        log(f"worker {kind} failed:\n{done.stderr[-3000:]}")
+        return {"failed": done.stderr[-1500:]}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+# ----------------------------------------------------------------------------- the record
+
+
+def variant_args(name: str) -> list[str]:
+    """Step variants by name: eager|compile-MODE, fp32|bf16, det|nondet."""
+    how, precision, determinism = name.split("/")
+    args = ["--precision", precision, "--deterministic" if determinism == "det" else "--no-deterministic"]
+    return args + (["--compile", how.removeprefix("compile-")] if how.startswith("compile-") else [])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--quick", action="store_true", help="a smoke run: few steps and variants")
+    parser.add_argument("--worker", choices=("bare", "dataloader"), help=argparse.SUPPRESS)
+    parser.add_argument("--steps", type=int, default=600, help=argparse.SUPPRESS)
+    parser.add_argument("--compile", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--precision", default="fp32", help=argparse.SUPPRESS)
+    parser.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=True, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps((bare_worker if args.worker == "bare" else dataloader_worker)(args)))
+        return
+
+    import torch
+
+    from harness.data.pack import pack
+    from harness.data.sources import load_source
+
+    quick = args.quick
+    epochs_variant, epochs_lenet, steps = ("1", "1", 100) if quick else ("2", "15", 1200)
+    names = ["eager/fp32/det"] if quick else ["eager/fp32/det", "eager/fp32/nondet", "eager/bf16/det", "compile-default/fp32/det",
+                                                "compile-reduce-overhead/fp32/det", "compile-reduce-overhead/bf16/det"]
+    device_args = ["--device", args.device]
+    record: dict = {"benchmark": "bench_gpu", "hardware": hardware(gpu=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None),
+                    "versions": versions(nccl=".".join(map(str, torch.cuda.nccl.version())) if torch.cuda.is_available() else None,
+                                         cuda=torch.version.cuda),
+                    "figures": {}}
+    figures = record["figures"]
+    with tempfile.TemporaryDirectory(prefix="bench-gpu-") as tmp:
+        work = Path(tmp)
+        shards = work / "shards"
+        pack(load_source(mnist_dir()), shards)
+
+        figures["variants"] = {}
+        for name in names:
+            log(f"variant {name}")
+            result = harness(shards, work / name.replace("/", "_"), "--preset", "lenet", "--epochs", epochs_variant, *device_args, *variant_args(name))
+            figures["variants"][name] = variant_figures(result)
+        sane = {n: v for n, v in figures["variants"].items() if "failed" not in v and v["test_accuracy"] >= (0.9 if quick else 0.98)}
+        best = max(sane, key=lambda n: sane[n]["samples_per_s"]) if sane else "eager/fp32/det"
+        log(f"lenet, {epochs_lenet} epochs, variant {best}")
+        lenet = harness(shards, work / "lenet", "--preset", "lenet", "--epochs", epochs_lenet, *device_args, *variant_args(best))
+        figures["lenet"] = {"variant": best, **variant_figures(lenet)}
+
+        figures["fast"] = {"runs": []}
+        for seed in (0,) if quick else (0, 1, 2):
+            log(f"fast preset, seed {seed}")
+            extra = ["--epochs", "1"] if quick else []
+            result = harness(shards, work / f"fast{seed}", "--preset", "fast", "--seed", str(seed), *device_args, *extra)
+            if "failed" in result:
+                figures["fast"]["runs"].append({"seed": seed, "failed": result["failed"]})
+                continue
+            figures["fast"]["runs"].append({
+                "seed": seed, "test_accuracy": result["summary"]["test_accuracy"],
+                "seconds_to_99": seconds_to_accuracy(result["metrics"], 0.99),
+                "epochs": len(result["metrics"]), "loop_seconds": round(result["summary"]["total_seconds"], 3),
+                "config": {k: result["summary"]["config"][k] for k in ("batch_size", "lr", "epochs", "compile", "precision")},
+            })
+        ok = [r for r in figures["fast"]["runs"] if "failed" not in r]
+        figures["fast"]["mean_test_accuracy"] = sum(r["test_accuracy"] for r in ok) / len(ok) if ok else None
+        figures["fast"]["median_seconds_to_99"] = median([r["seconds_to_99"] for r in ok])
+
+        how, precision, determinism = best.split("/")
+        compile_mode = how.removeprefix("compile-") if how.startswith("compile-") else ""
+        rounds = []
+        for r in range(1 if quick else 3):
+            log(f"harness vs bare loop, round {r + 1}")
+            h = harness(shards, work / f"ab{r}", "--preset", "lenet", "--epochs", "1", "--max-steps", str(steps * 2), "--log-every", "200",
+                        *device_args, *variant_args(best))
+            b = worker("bare", args.device, steps, compile_mode, precision, determinism == "det")
+            if "failed" not in h and "failed" not in b:
+                rate = h["metrics"][-1]["train_samples_per_s"]
+                rounds.append({"harness": round(rate), "bare": round(b["samples_per_s"]), "ratio": round(rate / b["samples_per_s"], 3)})
+        figures["harness_vs_bare"] = {"variant": best, "rounds": rounds, "median_ratio": median([r["ratio"] for r in rounds])}
+
+        log("DataLoader loop")
+        loader = worker("dataloader", args.device, 100 if quick else 400)
+        harness_rate = figures["variants"][best].get("samples_per_s")
+        figures["harness_vs_dataloader"] = {
+            "dataloader_samples_per_s": round(loader.get("samples_per_s", 0)), "harness_samples_per_s": harness_rate,
+            "ratio": round(harness_rate / loader["samples_per_s"], 1) if harness_rate and "samples_per_s" in loader else None,
+        }
+        if "samples_per_s" in figures["lenet"]:
+            achieved = figures["lenet"]["samples_per_s"] * LENET_TRAIN_FLOP_PER_IMAGE
+            figures["lenet"]["achieved_tflops"] = round(achieved / 1e12, 3)
+    print(json.dumps(record, indent=1))
+
+
+if __name__ == "__main__":
+    main()

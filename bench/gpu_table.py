@@ -1,0 +1,52 @@
+#!/usr/bin/env python
+"""The one-screen summary of bench/gpu_check.sh's results: python bench/gpu_table.py OUT_DIR."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+
+def load(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def main(out: Path) -> None:
+    versions = load(out / "versions.json") or {}
+    print(f"GPU {versions.get('gpu')}  torch {versions.get('torch')}  CUDA {versions.get('cuda')}  NCCL {versions.get('nccl')}")
+    tests = (out / "gpu-tests.log").read_text(errors="replace") if (out / "gpu-tests.log").exists() else ""
+    summary = re.findall(r"^=*\s*(\d+ (?:passed|failed).*?) in [\d.]+s", tests, re.M)
+    print(f"GPU tests: {summary[-1] if summary else 'no result (see gpu-tests.log)'}")
+    shared = re.findall(r'"shared_gpu_max_param_diff": ([0-9.e-]+), "backend": "([^"]+)"', tests)
+    if shared:
+        print(f"  two ranks on one GPU vs one rank, 50 steps: max |diff| {float(shared[-1][0]):.2e} ({shared[-1][1]})")
+    bench = load(out / "bench_gpu.json")
+    if not bench:
+        print("benchmarks: no record (see bench_gpu.log)")
+        return
+    f = bench["figures"]
+    print(f"{'variant (lenet, 2 epochs)':36} {'img/s':>10} {'test acc':>9}")
+    for name, v in f.get("variants", {}).items():
+        print(f"  {name:34} {v.get('samples_per_s', 'failed'):>10} {v.get('test_accuracy', float('nan')):>9.4f}")
+    lenet = f.get("lenet", {})
+    print(f"lenet 15 epochs ({lenet.get('variant')}): acc {lenet.get('test_accuracy')}  loop {lenet.get('loop_seconds')} s  "
+          f"wall {lenet.get('wall_seconds')} s   [targets: >= 0.992, <= 2 s]")
+    fast = f.get("fast", {})
+    print(f"fast preset: mean acc {fast.get('mean_test_accuracy')}  median s to 99% {fast.get('median_seconds_to_99')}  "
+          f"[targets: >= 0.990, <= 0.15 s]")
+    for r in fast.get("runs", []):
+        print(f"  seed {r.get('seed')}: {r.get('test_accuracy')} after {r.get('epochs')} epochs, to 99%: {r.get('seconds_to_99')} s")
+    bare = f.get("harness_vs_bare", {})
+    print(f"harness / bare loop ({bare.get('variant')}): {bare.get('median_ratio')}  {bare.get('rounds')}   [target >= 1.0]")
+    loader = f.get("harness_vs_dataloader", {})
+    print(f"harness / DataLoader loop: {loader.get('ratio')}x ({loader.get('harness_samples_per_s')} vs "
+          f"{loader.get('dataloader_samples_per_s')} img/s)   [target >= 10]")
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))

@@ -34,7 +34,7 @@ CHOICES = {
     "backend": ("auto", "nccl", "gloo"),
     "lr_schedule": ("exponential", "onecycle"),
     "precision": ("auto", "fp32", "bf16"),
-    "compile": ("", "default", "reduce-overhead", "max-autotune"),
+    "compile": ("", "gpu", "default", "reduce-overhead", "max-autotune"),
 }
 
 
@@ -94,7 +94,10 @@ class TrainConfig:
     deterministic: bool = option(
         True, "bitwise-reproducible kernels (and resume) on the GPU; off allows cuDNN autotuning and TF32"
     )
-    compile: str = option("", "torch.compile the model with this mode (default, reduce-overhead: CUDA graphs, max-autotune); '' = eager")
+    compile: str = option(
+        "", "torch.compile the model with this mode (default, reduce-overhead: CUDA graphs, max-autotune); "
+        "gpu: reduce-overhead on a GPU, eager on the CPU; '' = eager"
+    )
     channels_last: bool = option(False, "channels-last memory layout for the CNN's activations")
 
     def validate(self) -> None:

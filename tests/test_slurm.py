@@ -1,9 +1,11 @@
-"""slurm/train.sbatch on a real one-node Slurm cluster on localhost (slurm/local-cluster.sh).
+"""slurm/train.sbatch on a real Slurm cluster of two nodes on one machine (slurm/local-cluster.sh).
 
 The module fixture installs (first time only, as root, with apt-get) and starts munged,
-slurmctld and slurmd; the jobs run as root with this environment (--export=ALL), so they
-find the same python, torchrun and `harness`. NPROC_PER_NODE=2: srun starts one torchrun
-on the node, which starts two gloo ranks.
+slurmctld and two slurmd, node1 and node2: their names do not resolve, Slurm reaches them
+at NodeAddr 127.0.0.1. A cluster this module started is stopped again at the end. The jobs
+run as root with this environment (--export=ALL), so they find the same python, torchrun
+and `harness`. One node with NPROC_PER_NODE=2: one torchrun starts two gloo ranks; two
+nodes with NPROC_PER_NODE=1: one torchrun on each node, one rank each.
 """
 
 from __future__ import annotations
@@ -11,37 +13,74 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import time
 import uuid
 from pathlib import Path
 
 import pytest
+from helpers import max_param_diff, summary, train_ok
+from test_distributed import FIFTY_STEPS_TOLERANCE
 
 ROOT = Path(__file__).resolve().parents[1]
 SBATCH = ROOT / "slurm" / "train.sbatch"
+CLUSTER = ROOT / "slurm" / "local-cluster.sh"
+NODES = ["node1", "node2"]
 SETUP_TIMEOUT = 900  # apt-get install on a fresh machine; a running cluster answers in about a second
 JOB_TIMEOUT = 600
 SIGNAL_TIMEOUT = 120  # from scancel --signal=TERM to the job's end
 ACTIVE = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED", "RESIZING", "REQUEUED"}
+SLURM_DAEMONS = {"slurmctld", "slurmd", "slurmstepd"}
 TRAIN_ARGS = ("--device", "cpu", "--threads", "1", "--log-every", "10")
+# What tests/test_distributed.py's FIFTY_STEPS_TOLERANCE was measured for: 50 LeNet steps at
+# lr 0.02 (the preset's batch of 100), one thread per rank. --log-every does not change the
+# arithmetic; it sets the sync points, where a stop signal is honoured.
+COMPARED_ARGS = ("--device", "cpu", "--threads", "1", "--lr", "0.02", "--max-steps", "50", "--log-every", "5")
 STARTED = re.compile(r"\blenet on cpu, world size 2\b")  # from the harness's first log line on rank 0
+
+
+def slurm_daemons() -> list[tuple[int, str]]:
+    """(pid, name) of every Slurm daemon on this machine."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            name = (proc / "comm").read_text().strip() if proc.name.isdigit() else ""
+        except OSError:
+            continue
+        if name in SLURM_DAEMONS:
+            found.append((int(proc.name), name))
+    return found
+
+
+def nodes_idle() -> bool:
+    result = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %T"], capture_output=True, text=True, timeout=60)
+    return result.returncode == 0 and {f"{n} idle" for n in NODES} <= set(result.stdout.splitlines())
+
+
+def local_cluster(*args: str) -> None:
+    try:
+        result = subprocess.run(["bash", str(CLUSTER), *args], capture_output=True, text=True, timeout=SETUP_TIMEOUT)
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"slurm/local-cluster.sh {' '.join(args)} did not finish in {SETUP_TIMEOUT}s:\n{e.stdout}\n{e.stderr}")
+    assert result.returncode == 0, f"slurm/local-cluster.sh {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
 
 
 @pytest.fixture(scope="module")
 def slurm_job_name():
-    """A running local cluster, and a job name unique to this module; its leftover jobs are cancelled after."""
-    try:
-        setup = subprocess.run(["bash", str(ROOT / "slurm" / "local-cluster.sh")], capture_output=True, text=True, timeout=SETUP_TIMEOUT)
-    except subprocess.TimeoutExpired as e:
-        pytest.fail(f"slurm/local-cluster.sh did not finish in {SETUP_TIMEOUT}s:\n{e.stdout}\n{e.stderr}")
-    assert setup.returncode == 0, f"slurm/local-cluster.sh failed:\n{setup.stdout}\n{setup.stderr}"
+    """A running two-node cluster, and a job name unique to this module. After the module its
+    leftover jobs are cancelled, and a cluster it started is stopped, every daemon with it."""
+    was_running = nodes_idle()
+    local_cluster("start", str(len(NODES)))
     name = f"harness-test-{uuid.uuid4().hex[:8]}"
     yield name
     subprocess.run(["scancel", f"--name={name}"], capture_output=True, timeout=60)
     deadline = time.monotonic() + 60  # let the next tests have the CPUs back
     while time.monotonic() < deadline and squeue_ids(name):
         time.sleep(1)
+    if not was_running:
+        local_cluster("stop")
+        assert slurm_daemons() == [], "slurm/local-cluster.sh stop left Slurm daemons running"
 
 
 def squeue_ids(name: str) -> list[str]:
@@ -57,10 +96,11 @@ def job_state(job_id: str) -> dict[str, str]:
     return dict(field.split("=", 1) for field in result.stdout.split() if "=" in field)
 
 
-def submit(name: str, shards: Path, run_dir: Path, output: Path, *train_args: str, wait: bool) -> subprocess.Popen:
-    """sbatch the script from the repository root as a user would, with PRESET/SHARDS/RUN_DIR in the environment."""
-    env = {**os.environ, "PRESET": "lenet", "SHARDS": str(shards), "RUN_DIR": str(run_dir), "NPROC_PER_NODE": "2"}
-    command = ["sbatch", "--parsable", f"--job-name={name}", f"--output={output}", "--export=ALL", *(["--wait"] if wait else []), str(SBATCH), *train_args]
+def submit(name: str, shards: Path, run_dir: Path, output: Path, *train_args: str, wait: bool, nodes: int = 1, env: dict | None = None) -> subprocess.Popen:
+    """sbatch the script from the repository root as a user would, with PRESET/SHARDS/RUN_DIR in the
+    environment; one node runs two ranks, more nodes one rank each."""
+    env = {**os.environ, "PRESET": "lenet", "SHARDS": str(shards), "RUN_DIR": str(run_dir), "NPROC_PER_NODE": "2" if nodes == 1 else "1", **(env or {})}
+    command = ["sbatch", "--parsable", f"--job-name={name}", f"--nodes={nodes}", f"--output={output}", "--export=ALL", *(["--wait"] if wait else []), str(SBATCH), *train_args]
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
 
 
@@ -70,6 +110,27 @@ def job_id_of(proc: subprocess.Popen) -> str:
         proc.wait(timeout=60)
         pytest.fail(f"sbatch failed (exit {proc.returncode}): {proc.stderr.read()}")
     return line.split(";")[0]
+
+
+def start_job(name: str, shards: Path, run_dir: Path, tmp_path: Path, *train_args: str, nodes: int = 1, env: dict | None = None) -> tuple[str, Path]:
+    """Submit without waiting: (job id, its output file)."""
+    proc = submit(name, shards, run_dir, tmp_path / "slurm-%j.out", *train_args, wait=False, nodes=nodes, env=env)
+    job_id = job_id_of(proc)
+    proc.wait(timeout=60)
+    return job_id, tmp_path / f"slurm-{job_id}.out"
+
+
+def wait_for_end(job_id: str, output: Path, timeout: float = JOB_TIMEOUT, while_running=None) -> dict[str, str]:
+    """Poll until the job has ended (through any requeue); its last scontrol fields. `while_running`
+    is called at every poll."""
+    deadline, state, last = time.monotonic() + timeout, job_state(job_id), {}
+    while state.get("JobState") in ACTIVE:
+        assert time.monotonic() < deadline, f"job {job_id} still {state['JobState']} after {timeout}s:\n{tail(output)}"
+        if while_running:
+            while_running()
+        time.sleep(0.2)
+        last, state = state, job_state(job_id)
+    return state or last  # {} if Slurm forgot it between two polls: the last state seen
 
 
 def tail(path: Path, chars: int = 4000) -> str:
@@ -88,6 +149,24 @@ def python_processes_with(text: str) -> list[int]:
     return pids
 
 
+def rank_processes(run_dir: Path) -> list[dict]:
+    """The training ranks of a run that are alive now, as the kernel sees them: their RANK and
+    SLURMD_NODENAME (the Slurm node whose slurmd started them), and whether they catch SIGTERM
+    yet (the harness installs its stop handler before it loads any data)."""
+    ranks = []
+    for pid in python_processes_with(str(run_dir)):
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().decode(errors="replace").split("\0")
+            caught = re.search(r"^SigCgt:\s*([0-9a-f]+)$", Path(f"/proc/{pid}/status").read_text(), re.M)
+        except OSError:
+            continue
+        env = dict(item.split("=", 1) for item in environ if "=" in item)
+        if "RANK" in env and caught:  # torchrun's workers; not torchrun or srun
+            catches = bool(int(caught[1], 16) >> (signal.SIGTERM - 1) & 1)
+            ranks.append({"rank": int(env["RANK"]), "node": env.get("SLURMD_NODENAME"), "catches_sigterm": catches})
+    return ranks
+
+
 def test_sbatch_two_ranks(slurm_job_name, mnist_shards, tmp_path):
     run_dir, output = tmp_path / "run", tmp_path / "slurm-%j.out"
     proc = submit(slurm_job_name, mnist_shards, run_dir, output, "--max-steps", "30", *TRAIN_ARGS, wait=True)
@@ -103,22 +182,50 @@ def test_sbatch_two_ranks(slurm_job_name, mnist_shards, tmp_path):
     assert proc.returncode == 0, f"sbatch --wait exited {proc.returncode} ({stderr.strip()}); job output:\n{log[-4000:]}"
     state = job_state(job_id)
     if state:  # no accounting database (sacct) on the local cluster; scontrol still knows the job
-        assert (state["JobState"], state["ExitCode"]) == ("COMPLETED", "0:0"), state
+        assert (state["JobState"], state["ExitCode"], state["Restarts"]) == ("COMPLETED", "0:0", "0"), state
 
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["world_size"] == 2
     assert summary["steps_per_rank"] == [30, 30]
     assert summary["ranks_identical"] is True
     assert STARTED.search(log), log[-4000:]
-    assert f"job {job_id}: 1 node(s) x 2 rank(s), rendezvous localhost:" in log
+    # the rendezvous is at the node's NodeAddr, not at its name (node1 does not resolve)
+    assert f"job {job_id}: 1 node(s) x 2 rank(s), rendezvous 127.0.0.1:" in log
+
+
+@pytest.fixture(scope="module")
+def two_node_run(slurm_job_name, mnist_shards, tmp_path_factory):
+    """sbatch --nodes=2 with one rank per node, run to the end: (run dir, job output, final
+    scontrol fields, the Slurm node each rank ran on as seen in its environment)."""
+    tmp_path = tmp_path_factory.mktemp("two-nodes")
+    run_dir = tmp_path / "run"
+    job_id, output = start_job(slurm_job_name, mnist_shards, run_dir, tmp_path, *COMPARED_ARGS, nodes=2)
+    nodes_of_ranks: dict[int, str] = {}
+
+    def record_ranks():
+        nodes_of_ranks.update({r["rank"]: r["node"] for r in rank_processes(run_dir)})
+
+    state = wait_for_end(job_id, output, while_running=record_ranks)
+    return run_dir, tail(output, 100_000), state, nodes_of_ranks
+
+
+def test_two_nodes_one_rank_each_match_torchrun(two_node_run, mnist_shards, tmp_path):
+    """The same training as 2 processes under torchrun on one node, up to float summation order."""
+    run_dir, log, state, nodes_of_ranks = two_node_run
+    assert (state.get("JobState"), state.get("ExitCode"), state.get("Restarts")) == ("COMPLETED", "0:0", "0"), log[-4000:]
+    assert state["NodeList"] == "node[1-2]"
+    assert sorted(nodes_of_ranks) == [0, 1] and sorted(nodes_of_ranks.values()) == NODES  # one rank on each node
+    assert re.search(r": 2 node\(s\) x 1 rank\(s\), rendezvous 127\.0\.0\.1:\d+ \(node1\)", log), log[-4000:]
+    s = summary(run_dir)
+    assert s["world_size"] == 2 and s["steps_per_rank"] == [50, 50] and s["ranks_identical"] is True
+
+    train_ok(mnist_shards, tmp_path / "torchrun", "--preset", "lenet", *COMPARED_ARGS, nproc=2)
+    assert max_param_diff(run_dir, tmp_path / "torchrun") < FIFTY_STEPS_TOLERANCE
 
 
 def test_scancel_sigterm_reaches_training_processes(slurm_job_name, mnist_shards, tmp_path):
-    run_dir, output = tmp_path / "run", tmp_path / "slurm-%j.out"
-    proc = submit(slurm_job_name, mnist_shards, run_dir, output, "--epochs", "15", *TRAIN_ARGS, wait=False)
-    job_id = job_id_of(proc)
-    proc.wait(timeout=60)
-    output = tmp_path / f"slurm-{job_id}.out"
+    run_dir = tmp_path / "run"
+    job_id, output = start_job(slurm_job_name, mnist_shards, run_dir, tmp_path, "--epochs", "15", *TRAIN_ARGS)
 
     deadline = time.monotonic() + JOB_TIMEOUT  # until rank 0 has logged that training starts
     while not (output.exists() and STARTED.search(output.read_text(errors="replace"))):
@@ -130,10 +237,7 @@ def test_scancel_sigterm_reaches_training_processes(slurm_job_name, mnist_shards
 
     # Like Slurm's --signal=TERM@120 before the time limit: SIGTERM to the job step's processes.
     subprocess.run(["scancel", "--signal=TERM", job_id], check=True, timeout=60)
-    signalled = time.monotonic()
-    while job_state(job_id).get("JobState") in ACTIVE:
-        assert time.monotonic() - signalled < SIGNAL_TIMEOUT, f"job {job_id} still running {SIGNAL_TIMEOUT}s after SIGTERM:\n{tail(output)}"
-        time.sleep(1)
+    wait_for_end(job_id, output, timeout=SIGNAL_TIMEOUT)
 
     log = tail(output, 100_000)
     assert re.search(r"Received (15|(Signals\.)?SIGTERM) death signal", log), f"torchrun did not report SIGTERM:\n{log[-4000:]}"

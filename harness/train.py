@@ -236,6 +236,9 @@ class Trainer:
         if stop or self.checkpoint_due():
             self.checkpoint()
         if stop:
+            if self.outputs:
+                self.outputs.stopped(self.progress.step, stop)
+            self.ctx.barrier()  # no rank exits, and so no launcher ends the job, before the record is written
             log.warning(f"{stop}: stopped at step {self.progress.step} and checkpointed; run again to resume")
             raise Stopped(stop)
 

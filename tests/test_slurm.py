@@ -5,7 +5,9 @@ slurmctld and two slurmd, node1 and node2: their names do not resolve, Slurm rea
 at NodeAddr 127.0.0.1. A cluster this module started is stopped again at the end. The jobs
 run as root with this environment (--export=ALL), so they find the same python, torchrun
 and `harness`. One node with NPROC_PER_NODE=2: one torchrun starts two gloo ranks; two
-nodes with NPROC_PER_NODE=1: one torchrun on each node, one rank each.
+nodes with NPROC_PER_NODE=1: one torchrun on each node, one rank each. `scancel
+--signal=TERM` stands in for the time limit's SIGTERM (--signal=TERM@120): both go to the
+job step's processes. Whether the job requeued itself is scontrol's Restarts count.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ import uuid
 from pathlib import Path
 
 import pytest
-from helpers import max_param_diff, summary, train_ok
+import torch
+from helpers import final_weights, max_param_diff, summary, train_ok
 from test_distributed import FIFTY_STEPS_TOLERANCE
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -190,7 +193,8 @@ def test_sbatch_two_ranks(slurm_job_name, mnist_shards, tmp_path):
     assert summary["ranks_identical"] is True
     assert STARTED.search(log), log[-4000:]
     # the rendezvous is at the node's NodeAddr, not at its name (node1 does not resolve)
-    assert f"job {job_id}: 1 node(s) x 2 rank(s), rendezvous 127.0.0.1:" in log
+    assert f"job {job_id}, attempt 1: 1 node(s) x 2 rank(s), rendezvous 127.0.0.1:" in log
+    assert f"job {job_id}: finished; run files in {run_dir}" in log
 
 
 @pytest.fixture(scope="module")
@@ -215,7 +219,7 @@ def test_two_nodes_one_rank_each_match_torchrun(two_node_run, mnist_shards, tmp_
     assert (state.get("JobState"), state.get("ExitCode"), state.get("Restarts")) == ("COMPLETED", "0:0", "0"), log[-4000:]
     assert state["NodeList"] == "node[1-2]"
     assert sorted(nodes_of_ranks) == [0, 1] and sorted(nodes_of_ranks.values()) == NODES  # one rank on each node
-    assert re.search(r": 2 node\(s\) x 1 rank\(s\), rendezvous 127\.0\.0\.1:\d+ \(node1\)", log), log[-4000:]
+    assert re.search(r"attempt 1: 2 node\(s\) x 1 rank\(s\), rendezvous 127\.0\.0\.1:\d+ \(node1\)", log), log[-4000:]
     s = summary(run_dir)
     assert s["world_size"] == 2 and s["steps_per_rank"] == [50, 50] and s["ranks_identical"] is True
 
@@ -223,9 +227,60 @@ def test_two_nodes_one_rank_each_match_torchrun(two_node_run, mnist_shards, tmp_
     assert max_param_diff(run_dir, tmp_path / "torchrun") < FIFTY_STEPS_TOLERANCE
 
 
-def test_scancel_sigterm_reaches_training_processes(slurm_job_name, mnist_shards, tmp_path):
+def test_stopped_job_requeues_itself_and_resumes(slurm_job_name, two_node_run, mnist_shards, tmp_path):
+    """SIGTERM as at the time limit: the ranks checkpoint and stop, the batch script requeues the
+    job, and the second attempt resumes and ends with the uninterrupted run's weights, bit for bit."""
     run_dir = tmp_path / "run"
-    job_id, output = start_job(slurm_job_name, mnist_shards, run_dir, tmp_path, "--epochs", "15", *TRAIN_ARGS)
+    job_id, output = start_job(slurm_job_name, mnist_shards, run_dir, tmp_path, *COMPARED_ARGS, nodes=2)
+    # Once both ranks catch SIGTERM, a signal sent now is honoured at a sync point before step 50
+    # (the handler is in place before the data is loaded, let alone trained on).
+    deadline = time.monotonic() + JOB_TIMEOUT
+    while sum(r["catches_sigterm"] for r in rank_processes(run_dir)) < 2:
+        assert job_state(job_id).get("JobState") in ACTIVE, f"job {job_id} ended before its ranks started:\n{tail(output)}"
+        assert time.monotonic() < deadline, f"job {job_id}: no ranks after {JOB_TIMEOUT}s:\n{tail(output)}"
+        time.sleep(0.1)
+    subprocess.run(["scancel", "--signal=TERM", job_id], check=True, timeout=60)
+    state = wait_for_end(job_id, output)
+
+    log = tail(output, 100_000)
+    assert (state.get("JobState"), state.get("ExitCode"), state.get("Restarts")) == ("COMPLETED", "0:0", "1"), log[-4000:]
+    stopped = re.search(rf"job {job_id}: stopped at step (\d+) and checkpointed; requeueing \(requeue 1 of at most 20\)", log)
+    assert stopped, log[-4000:]
+    step = int(stopped[1])
+    assert 0 < step < 50
+    # both attempts in the one log, the second resuming where the first stopped
+    first, second = log.index(f"job {job_id}, attempt 1:"), log.index(f"job {job_id}, attempt 2:")
+    assert first < stopped.start() < second < log.index(f"resuming from {run_dir}/checkpoints/step-{step:08d}.pt")
+    assert f"job {job_id}: finished; run files in {run_dir}" in log[second:]
+
+    s = summary(run_dir)
+    assert s["world_size"] == 2 and s["steps_per_rank"] == [50, 50]
+    assert not (run_dir / "stopped.json").exists()
+    uninterrupted, resumed = final_weights(two_node_run[0]), final_weights(run_dir)
+    assert uninterrupted.keys() == resumed.keys()
+    assert all(torch.equal(uninterrupted[k], resumed[k]) for k in resumed)
+
+
+def test_failed_job_is_not_requeued(slurm_job_name, mnist_shards, tmp_path):
+    """A rank that dies after checkpoints were written: the job fails and stays failed."""
+    run_dir = tmp_path / "run"
+    args = ("--max-steps", "50", "--checkpoint-every", "5", *TRAIN_ARGS)
+    job_id, output = start_job(slurm_job_name, mnist_shards, run_dir, tmp_path, *args, env={"HARNESS_TEST_FAULT": "exit@15:1"})
+    state = wait_for_end(job_id, output)
+
+    log = tail(output, 100_000)
+    assert (state.get("JobState"), state.get("Restarts")) == ("FAILED", "0"), log[-4000:]
+    assert f"job {job_id}: training failed (srun exit status 1); not requeued" in log
+    assert "requeueing" not in log and "attempt 2" not in log
+    # progress was made (checkpoints up to step 15), so it is not "a new checkpoint" that tells a stop
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("step-*.json"))[-1] == "step-00000015.json"
+    assert not (run_dir / "stopped.json").exists()
+
+
+def test_scancel_sigterm_reaches_training_processes(slurm_job_name, mnist_shards, tmp_path):
+    """SIGTERM reaches torchrun and the ranks, which checkpoint; with MAX_REQUEUES=0 the job then ends."""
+    run_dir = tmp_path / "run"
+    job_id, output = start_job(slurm_job_name, mnist_shards, run_dir, tmp_path, "--epochs", "15", *TRAIN_ARGS, env={"MAX_REQUEUES": "0"})
 
     deadline = time.monotonic() + JOB_TIMEOUT  # until rank 0 has logged that training starts
     while not (output.exists() and STARTED.search(output.read_text(errors="replace"))):
@@ -237,11 +292,16 @@ def test_scancel_sigterm_reaches_training_processes(slurm_job_name, mnist_shards
 
     # Like Slurm's --signal=TERM@120 before the time limit: SIGTERM to the job step's processes.
     subprocess.run(["scancel", "--signal=TERM", job_id], check=True, timeout=60)
-    wait_for_end(job_id, output, timeout=SIGNAL_TIMEOUT)
+    state = wait_for_end(job_id, output, timeout=SIGNAL_TIMEOUT)
 
     log = tail(output, 100_000)
     assert re.search(r"Received (15|(Signals\.)?SIGTERM) death signal", log), f"torchrun did not report SIGTERM:\n{log[-4000:]}"
     assert python_processes_with(str(run_dir)) == [], "training processes outlived the job"
     # The ranks honoured the signal: they stopped at a sync point and rank 0 checkpointed there.
-    assert re.search(r"stopped at step \d+ and checkpointed", log), log[-4000:]
-    assert list((run_dir / "checkpoints").glob("step-*.json")), "no checkpoint after SIGTERM"
+    stopped = re.search(r"stopped at step (\d+) and checkpointed; run again to resume", log)
+    assert stopped, log[-4000:]
+    assert (run_dir / "checkpoints" / f"step-{int(stopped[1]):08d}.json").exists()
+    assert json.loads((run_dir / "stopped.json").read_text())["step"] == int(stopped[1])  # what the script went by
+    # ... and the cap held: no requeue
+    assert f"not requeued: requeued 0 time(s) already (MAX_REQUEUES=0): resubmit with RUN_DIR={run_dir} to resume" in log
+    assert (state.get("JobState"), state.get("ExitCode"), state.get("Restarts")) == ("FAILED", "75:0", "0"), state

@@ -4,6 +4,7 @@ metrics.jsonl  one JSON object per epoch
 model.pt       final weights (a state dict)
 summary.json   final metrics, world size, steps, time, parameter checksum
 test_report.json  per-class precision/recall/F1 and the confusion matrix
+stopped.json   while a run is stopped by a signal: the step and the signal (gone once it finishes)
 events.out.tfevents.*  TensorBoard (see tensorboard.py)
 """
 
@@ -20,6 +21,8 @@ from harness.evaluate import EvalResult, class_report, format_report
 from harness.tensorboard import TensorBoardLog
 
 log = logging.getLogger("harness")
+
+STOPPED = "stopped.json"
 
 
 def prepare_run_dir(run_dir: Path, resuming: bool) -> Path:
@@ -73,6 +76,12 @@ class RunOutputs:
             f"{metrics['epoch_seconds']:.1f} s  {metrics['train_samples_per_s']:,.0f} img/s"
         )
 
+    def stopped(self, step: int, signal_name: str) -> None:
+        """The run stopped on a signal and checkpointed at `step`. Under torchrun the exit
+        status 75 does not reach the launcher, so a batch script reads this file to tell
+        such a stop (requeue, resume) from a failure."""
+        write_json_atomic(self.run_dir / STOPPED, {"step": step, "signal": signal_name})
+
     def finish(self, summary: dict, test: EvalResult, test_set: str, model) -> None:
         report = format_report(test.confusion)
         log.info(f"{test_set}: loss {test.loss:.4f}  accuracy {100 * test.accuracy:.2f}% on {test.samples} images\n{report}")
@@ -84,6 +93,7 @@ class RunOutputs:
         self.tensorboard.close()
         torch_save_atomic(model.state_dict(), self.run_dir / "model.pt")
         write_json_atomic(self.run_dir / "summary.json", summary)
+        (self.run_dir / STOPPED).unlink(missing_ok=True)  # an earlier attempt's stop is over
 
 
 def setup_logging(rank: int) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -283,6 +284,9 @@ class Trainer:
         if stop or self.checkpoint_due():
             self.checkpoint()
         if stop:
+            if self.outputs:
+                self.outputs.stopped(self.progress.step, stop)
+            self.ctx.barrier()  # no rank exits, and so no launcher ends the job, before the record is written
             log.warning(f"{stop}: stopped at step {self.progress.step} and checkpointed; run again to resume")
             raise Stopped(stop)
 
@@ -423,13 +427,17 @@ def agree_at_sync_point(ctx, window: torch.Tensor, first_step: int, stop_request
     return loss_sum / (len(window) * ctx.world_size), stop
 
 
-def train(config: TrainConfig, shard_dir: Path, run_dir: Path, resume: str = "auto") -> dict:
-    """Train on this process's rank (or alone); rank 0's summary, {} on the others."""
+def train(config: TrainConfig, shard_dir: Path, run_dir: Path | None, resume: str = "auto", name: str = "") -> dict:
+    """Train on this process's rank (or alone); rank 0's summary, {} on the others.
+    Without a `run_dir`, the run goes to default_run_dir(`name`, or the model's name)."""
     ctx = distributed.init_distributed(config.device, config.timeout, config.rank0_timeout, config.backend)
     try:
         setup_logging(ctx.rank)
+        run_dir = run_dir or default_run_dir(name or config.model, ctx)
+        log.info(f"run directory {run_dir}")
         summary = Trainer(config, shard_dir, run_dir, ctx, resume).fit()
         ctx.barrier()  # every rank tears the process group down together
+        log.info(f"wrote {run_dir}")
         return summary
     except (RuntimeError, torch.distributed.DistError) as e:
         failure = distributed.explain_collective_failure(e, ctx.rank, config.timeout)
@@ -440,11 +448,26 @@ def train(config: TrainConfig, shard_dir: Path, run_dir: Path, resume: str = "au
     raise failure  # outside the except block, so no frame keeps the failed collective's traceback
 
 
+def default_run_dir(name: str, ctx: distributed.DistContext) -> Path:
+    """runs/NAME-slurm-JOBID in a Slurm job (a requeued job keeps its id, so it resumes
+    there), else runs/NAME-YYYYMMDD-HHMMSS, rank 0's clock on every rank."""
+    job_id = os.environ.get("SLURM_JOB_ID")
+    if job_id:
+        return Path("runs") / f"{name}-slurm-{job_id}"
+    # The ranks start at different moments: they take rank 0's time, as an int.
+    stamp = str(ctx.gather([int(time.strftime("%Y%m%d%H%M%S"))])[0][0])
+    return Path("runs") / f"{name}-{stamp[:8]}-{stamp[8:]}"
+
+
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     parser = parser or argparse.ArgumentParser(prog="python -m harness.train", description="Train on packed shards.")
     parser.add_argument("--preset", help="lenet, neupy-mlp, theanets-mlp or mathspp-mlp")
     parser.add_argument("--shards", type=Path, default=Path("shards"), help="shard directory (default shards/)")
-    parser.add_argument("--run-dir", type=Path, required=True, help="where metrics, TensorBoard events and checkpoints go")
+    parser.add_argument(
+        "--run-dir", type=Path,
+        help="where metrics, TensorBoard events and checkpoints go "
+        "(default runs/PRESET-YYYYMMDD-HHMMSS; in a Slurm job runs/PRESET-slurm-JOBID)",
+    )
     parser.add_argument(
         "--resume", default="auto",
         help="auto (default): continue from the newest valid checkpoint in RUN_DIR/checkpoints if any; "
@@ -457,7 +480,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
 def run_from_args(args: argparse.Namespace) -> int:
     config = build_config(args.preset, args)
     try:
-        train(config, args.shards, args.run_dir, args.resume)
+        train(config, args.shards, args.run_dir, args.resume, name=args.preset or "")
     except Stopped:
         return EXIT_STOPPED
     return 0

@@ -1,13 +1,18 @@
 #!/usr/bin/env bash
-# A single-machine Slurm cluster on localhost, for tests of the sbatch scripts.
-#   slurm/local-cluster.sh [start]   install (apt-get) and start munged, slurmctld, slurmd;
-#                                    returns once `sinfo` shows the node idle
-#   slurm/local-cluster.sh stop      cancel all jobs, stop the three daemons
-#   slurm/local-cluster.sh status    show the daemons and the node
+# A Slurm cluster of N nodes on one machine, for tests of the sbatch scripts.
+#   slurm/local-cluster.sh [start [N]]  install (apt-get) and start munged, slurmctld and one
+#                                       slurmd per node (N nodes, default 1); returns once
+#                                       `sinfo` shows every node idle
+#   slurm/local-cluster.sh stop         cancel all jobs, stop every slurmd, slurmctld, munged
+#   slurm/local-cluster.sh status       show the daemons and the nodes
 # Runs as root on Debian/Ubuntu without systemd (containers, CI): the daemons are started
-# directly. Idempotent: a running cluster with the same config is left as it is.
-# Config: /etc/slurm/slurm.conf (localhost is the controller and the one node, with the
-# CPUs and RealMemory that `slurmd -C` reports); logs in /var/log/slurm/.
+# directly. Idempotent: a running cluster with the same config is left as it is; a start
+# with another N cancels all jobs, rewrites the config and restarts the Slurm daemons.
+# Config: /etc/slurm/slurm.conf. localhost is the controller; the nodes are node1..nodeN,
+# each a `slurmd -N nodeI` with its own Port, NodeHostname=localhost, NodeAddr=127.0.0.1,
+# and the CPUs and RealMemory that `slurmd -C` reports (so N nodes claim the machine N
+# times over). The names node1..nodeN do not resolve: Slurm reaches a node at its
+# NodeAddr, as on clusters whose node names are not host names. Logs in /var/log/slurm/.
 set -Eeuo pipefail
 trap 'echo "local-cluster: FAILED (line $LINENO): $BASH_COMMAND" >&2' ERR
 
@@ -17,6 +22,9 @@ CONF=/etc/slurm/slurm.conf
 LOGS=/var/log/slurm
 RUN=/run/slurm-local
 PKGS=(munge slurmctld slurmd slurm-client)
+# node I listens on FIRST_PORT + I - 1; not slurmd's default 6818, which the one-node
+# cluster of earlier versions of this script (node "localhost") used
+FIRST_PORT=6821
 
 say() { echo "local-cluster: $*"; }
 die() { echo "local-cluster: FAILED: $*" >&2; exit 1; }
@@ -34,14 +42,28 @@ stop_pidfile() {  # stop_pidfile NAME PIDFILE: SIGTERM, wait up to 15 s, then SI
   say "stopped $name ($pid)"
 }
 
-stop() {
+cancel_jobs() {
   local jobs
   if alive "$RUN/slurmctld.pid" && jobs=$(squeue -h -o %i 2>/dev/null) && [ -n "$jobs" ]; then
     say "cancelling jobs $(echo $jobs)"  # slurmstepd and the jobs' processes would outlive slurmd
     scancel $jobs || true
     for _ in $(seq 60); do [ -z "$(squeue -h -o %i 2>/dev/null)" ] && break; sleep 0.5; done
   fi
-  stop_pidfile slurmd "$RUN/slurmd.pid"
+}
+
+stop_slurmds() {  # every slurmd started here, whatever the config says now
+  local pidfile name
+  # slurmd-NODE.pid per node; slurmd.pid: the one-node cluster of earlier versions
+  for pidfile in "$RUN"/slurmd-*.pid "$RUN/slurmd.pid"; do
+    [ -e "$pidfile" ] || continue
+    name=${pidfile##*/}
+    stop_pidfile "${name%.pid}" "$pidfile"
+  done
+}
+
+stop() {
+  cancel_jobs
+  stop_slurmds
   stop_pidfile slurmctld "$RUN/slurmctld.pid"
   stop_pidfile munged /run/munge/munged.pid
 }
@@ -61,24 +83,24 @@ install() {
     { tail -n 30 /tmp/local-cluster-apt.log >&2; die "apt-get install ${missing[*]}"; }
 }
 
-write_config() {  # writes $CONF; returns 0 when it changed
-  local hw new
-  hw=$(slurmd -C | head -n 1) || die "slurmd -C (hardware detection)"
-  hw=${hw#NodeName=* }  # CPUs=.. Boards=.. SocketsPerBoard=.. CoresPerSocket=.. ThreadsPerCore=.. RealMemory=..
-  [[ $hw == CPUs=* && $hw == *RealMemory=* ]] || die "unexpected output of 'slurmd -C': $hw"
-  new=$(cat <<EOF
-# Written by slurm/local-cluster.sh: a one-node test cluster on localhost.
+node_names() { seq -f "node%g" "$NODES"; }
+
+config_text() {  # config_text HW: slurm.conf for $NODES nodes, each with the hardware HW
+  local hw=$1 i
+  cat <<EOF
+# Written by slurm/local-cluster.sh: a test cluster of $NODES node(s) on localhost.
 ClusterName=localcluster
 SlurmctldHost=localhost
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 StateSaveLocation=/var/spool/slurmctld
-SlurmdSpoolDir=/var/spool/slurmd
+# %n: every slurmd on this machine has its own spool directory, pid file and log.
+SlurmdSpoolDir=/var/spool/slurmd/%n
 SlurmctldPidFile=$RUN/slurmctld.pid
-SlurmdPidFile=$RUN/slurmd.pid
+SlurmdPidFile=$RUN/slurmd-%n.pid
 SlurmctldLogFile=$LOGS/slurmctld.log
-SlurmdLogFile=$LOGS/slurmd.log
+SlurmdLogFile=$LOGS/slurmd-%n.log
 # No cgroups or systemd in a container: track processes by parentage, no task binding.
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
@@ -94,15 +116,30 @@ ReturnToService=2
 MinJobAge=16
 SlurmdTimeout=60
 MailProg=/bin/true
-NodeName=localhost $hw State=UNKNOWN
-PartitionName=$PARTITION Nodes=localhost Default=YES MaxTime=INFINITE State=UP
+# A requeued job becomes eligible cred_expire + 1 s after its requeue (default 120 s), then
+# waits for the next backfill pass (default every 30 s): about 16 s and 2 s here.
+AuthInfo=cred_expire=15
+SchedulerParameters=bf_interval=2
 EOF
-)
-  if [ -f "$CONF" ] && [ "$(cat "$CONF")" = "$new" ]; then return 1; fi
+  for i in $(seq "$NODES"); do
+    echo "NodeName=node$i NodeHostname=localhost NodeAddr=127.0.0.1 Port=$((FIRST_PORT + i - 1)) $hw State=UNKNOWN"
+  done
+  echo "PartitionName=$PARTITION Nodes=ALL Default=YES MaxTime=INFINITE State=UP"
+}
+
+configure() {  # (re)writes $CONF when it differs, after stopping the Slurm daemons of the old one
+  local hw new
+  hw=$(slurmd -C | head -n 1) || die "slurmd -C (hardware detection)"
+  hw=${hw#NodeName=* }  # CPUs=.. Boards=.. SocketsPerBoard=.. CoresPerSocket=.. ThreadsPerCore=.. RealMemory=..
+  [[ $hw == CPUs=* && $hw == *RealMemory=* ]] || die "unexpected output of 'slurmd -C': $hw"
+  new=$(config_text "$hw")
+  if [ -f "$CONF" ] && [ "$(cat "$CONF")" = "$new" ]; then return 0; fi
+  cancel_jobs  # while the old config's controller still runs
+  stop_slurmds
+  stop_pidfile slurmctld "$RUN/slurmctld.pid"
   mkdir -p "$(dirname "$CONF")"
   printf '%s\n' "$new" >"$CONF"
-  say "wrote $CONF (localhost: $hw)"
-  return 0
+  say "wrote $CONF ($NODES node(s), each $hw)"
 }
 
 start_munge() {
@@ -126,60 +163,71 @@ start_munge() {
   die "munge does not work (munge -n | unmunge fails)"
 }
 
-start_daemon() {  # start_daemon NAME LOGFILE [ARGS]
-  local name=$1 log=$2 pidfile=$RUN/$1.pid
-  shift 2
+start_daemon() {  # start_daemon NAME PIDFILE LOGFILE PROGRAM [ARGS]
+  local name=$1 pidfile=$2 log=$3
+  shift 3
   alive "$pidfile" && return 0
   say "starting $name"
-  "/usr/sbin/$name" "$@" || { show_log "$log"; die "$name did not start"; }
+  "/usr/sbin/$1" "${@:2}" || { show_log "$log"; die "$name did not start"; }
   for _ in $(seq 20); do alive "$pidfile" && return 0; sleep 0.5; done
   show_log "$log"
   die "$name exited right after starting"
 }
 
-node_state() { sinfo -h -N -n localhost -o "%T" 2>/dev/null | head -n 1 || true; }
+not_ready() {  # prints "NODE STATE" for each node that is not up; puts drained or down ones back in service
+  local name state
+  for name in $(node_names); do
+    state=$(sinfo -h -N -n "$name" -o %T 2>/dev/null | head -n 1 || true)
+    case "$state" in
+      idle | mixed | allocated | completing) continue ;;
+      drain* | down* | fail*)  # left over from an earlier run
+        scontrol update NodeName="$name" State=RESUME >/dev/null 2>&1 || true ;;
+    esac
+    echo "$name ${state:-(no answer from slurmctld)}"
+  done
+}
 
 start() {
+  local name pending="" waited=0
+  [[ $NODES =~ ^[1-9][0-9]*$ ]] || die "the number of nodes must be a positive integer (got '$NODES')"
   if [ "$(id -u)" -ne 0 ]; then
-    case "$(node_state)" in idle | mixed | allocated | completing) say "running (not root: config not checked)"; return 0 ;; esac
+    [ -z "$(not_ready)" ] && { say "running (not root: config not checked)"; return 0; }
     die "run as root (it installs packages and starts daemons)"
   fi
   install
   mkdir -p "$LOGS" "$RUN" /var/spool/slurmctld /var/spool/slurmd
-  if write_config; then stop_pidfile slurmd "$RUN/slurmd.pid"; stop_pidfile slurmctld "$RUN/slurmctld.pid"; fi
+  configure
   start_munge
-  start_daemon slurmctld "$LOGS/slurmctld.log"
-  start_daemon slurmd "$LOGS/slurmd.log" -N localhost
-  local state="" waited=0
+  start_daemon slurmctld "$RUN/slurmctld.pid" "$LOGS/slurmctld.log" slurmctld
+  for name in $(node_names); do
+    start_daemon "slurmd $name" "$RUN/slurmd-$name.pid" "$LOGS/slurmd-$name.log" slurmd -N "$name"
+  done
   while [ "$waited" -lt "$WAIT_S" ]; do
-    state=$(node_state)
-    case "$state" in
-      idle | mixed | allocated | completing) say "ready: node localhost is $state (partition $PARTITION)"; return 0 ;;
-      drain* | down* | fail*)  # left over from an earlier run: put the node back in service
-        scontrol update NodeName=localhost State=RESUME >/dev/null 2>&1 || true ;;
-    esac
+    pending=$(not_ready)
+    [ -z "$pending" ] && { say "ready: $(node_names | paste -sd, -) idle (partition $PARTITION)"; return 0; }
     sleep 1
     waited=$((waited + 1))
   done
-  echo "local-cluster: FAILED: node localhost not idle after ${WAIT_S}s (state: '${state:-no answer from slurmctld}')" >&2
+  echo "local-cluster: FAILED: not every node idle after ${WAIT_S}s: $(echo $pending)" >&2
   sinfo -N -l >&2 || true
-  scontrol show node localhost >&2 || true
   show_log "$LOGS/slurmctld.log"
-  show_log "$LOGS/slurmd.log"
+  for name in $(node_names); do show_log "$LOGS/slurmd-$name.log"; done
   exit 1
 }
 
 status() {
-  local d
-  for d in "$RUN/slurmctld.pid" "$RUN/slurmd.pid" /run/munge/munged.pid; do
-    if alive "$d"; then echo "$(basename "$d" .pid): running ($(cat "$d"))"; else echo "$(basename "$d" .pid): stopped"; fi
+  local pidfile
+  for pidfile in "$RUN/slurmctld.pid" "$RUN"/slurmd-*.pid /run/munge/munged.pid; do
+    [ -e "$pidfile" ] || continue
+    if alive "$pidfile"; then echo "$(basename "$pidfile" .pid): running ($(cat "$pidfile"))"; else echo "$(basename "$pidfile" .pid): stopped"; fi
   done
   sinfo -N 2>/dev/null || true
 }
 
+NODES=${2:-1}
 case "${1:-start}" in
   start) start ;;
   stop) stop ;;
   status) status ;;
-  *) echo "usage: $0 [start|stop|status]" >&2; exit 2 ;;
+  *) echo "usage: $0 [start [NODES] | stop | status]" >&2; exit 2 ;;
 esac

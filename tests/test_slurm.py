@@ -1,9 +1,13 @@
-"""slurm/train.sbatch on a real one-node Slurm cluster on localhost (slurm/local-cluster.sh).
+"""slurm/train.sbatch on a real Slurm cluster of two nodes on one machine (slurm/local-cluster.sh).
 
 The module fixture installs (first time only, as root, with apt-get) and starts munged,
-slurmctld and slurmd; the jobs run as root with this environment (--export=ALL), so they
-find the same python, torchrun and `harness`. NPROC_PER_NODE=2: srun starts one torchrun
-on the node, which starts two gloo ranks.
+slurmctld and two slurmd, node1 and node2: their names do not resolve, Slurm reaches them
+at NodeAddr 127.0.0.1. A cluster this module started is stopped again at the end. The jobs
+run as root with this environment (--export=ALL), so they find the same python, torchrun
+and `harness`. One node with NPROC_PER_NODE=2: one torchrun starts two gloo ranks; two
+nodes with NPROC_PER_NODE=1: one torchrun on each node, one rank each. `scancel
+--signal=TERM` stands in for the time limit's SIGTERM (--signal=TERM@120): both go to the
+job step's processes. Whether the job requeued itself is scontrol's Restarts count.
 """
 
 from __future__ import annotations
@@ -11,37 +15,75 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import time
 import uuid
 from pathlib import Path
 
 import pytest
+import torch
+from helpers import final_weights, max_param_diff, summary, train_ok
+from test_distributed import FIFTY_STEPS_TOLERANCE
 
 ROOT = Path(__file__).resolve().parents[1]
 SBATCH = ROOT / "slurm" / "train.sbatch"
+CLUSTER = ROOT / "slurm" / "local-cluster.sh"
+NODES = ["node1", "node2"]
 SETUP_TIMEOUT = 900  # apt-get install on a fresh machine; a running cluster answers in about a second
 JOB_TIMEOUT = 600
 SIGNAL_TIMEOUT = 120  # from scancel --signal=TERM to the job's end
 ACTIVE = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED", "RESIZING", "REQUEUED"}
+SLURM_DAEMONS = {"slurmctld", "slurmd", "slurmstepd"}
 TRAIN_ARGS = ("--device", "cpu", "--threads", "1", "--log-every", "10")
+# What tests/test_distributed.py's FIFTY_STEPS_TOLERANCE was measured for: 50 LeNet steps at
+# lr 0.02 (the preset's batch of 100), one thread per rank. --log-every does not change the
+# arithmetic; it sets the sync points, where a stop signal is honoured.
+COMPARED_ARGS = ("--device", "cpu", "--threads", "1", "--lr", "0.02", "--max-steps", "50", "--log-every", "5")
 STARTED = re.compile(r"\blenet on cpu, world size 2\b")  # from the harness's first log line on rank 0
+
+
+def slurm_daemons() -> list[tuple[int, str]]:
+    """(pid, name) of every Slurm daemon on this machine."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            name = (proc / "comm").read_text().strip() if proc.name.isdigit() else ""
+        except OSError:
+            continue
+        if name in SLURM_DAEMONS:
+            found.append((int(proc.name), name))
+    return found
+
+
+def nodes_idle() -> bool:
+    result = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %T"], capture_output=True, text=True, timeout=60)
+    return result.returncode == 0 and {f"{n} idle" for n in NODES} <= set(result.stdout.splitlines())
+
+
+def local_cluster(*args: str) -> None:
+    try:
+        result = subprocess.run(["bash", str(CLUSTER), *args], capture_output=True, text=True, timeout=SETUP_TIMEOUT)
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"slurm/local-cluster.sh {' '.join(args)} did not finish in {SETUP_TIMEOUT}s:\n{e.stdout}\n{e.stderr}")
+    assert result.returncode == 0, f"slurm/local-cluster.sh {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
 
 
 @pytest.fixture(scope="module")
 def slurm_job_name():
-    """A running local cluster, and a job name unique to this module; its leftover jobs are cancelled after."""
-    try:
-        setup = subprocess.run(["bash", str(ROOT / "slurm" / "local-cluster.sh")], capture_output=True, text=True, timeout=SETUP_TIMEOUT)
-    except subprocess.TimeoutExpired as e:
-        pytest.fail(f"slurm/local-cluster.sh did not finish in {SETUP_TIMEOUT}s:\n{e.stdout}\n{e.stderr}")
-    assert setup.returncode == 0, f"slurm/local-cluster.sh failed:\n{setup.stdout}\n{setup.stderr}"
+    """A running two-node cluster, and a job name unique to this module. After the module its
+    leftover jobs are cancelled, and a cluster it started is stopped, every daemon with it."""
+    was_running = nodes_idle()
+    local_cluster("start", str(len(NODES)))
     name = f"harness-test-{uuid.uuid4().hex[:8]}"
     yield name
     subprocess.run(["scancel", f"--name={name}"], capture_output=True, timeout=60)
     deadline = time.monotonic() + 60  # let the next tests have the CPUs back
     while time.monotonic() < deadline and squeue_ids(name):
         time.sleep(1)
+    if not was_running:
+        local_cluster("stop")
+        assert slurm_daemons() == [], "slurm/local-cluster.sh stop left Slurm daemons running"
 
 
 def squeue_ids(name: str) -> list[str]:
@@ -57,10 +99,11 @@ def job_state(job_id: str) -> dict[str, str]:
     return dict(field.split("=", 1) for field in result.stdout.split() if "=" in field)
 
 
-def submit(name: str, shards: Path, run_dir: Path, output: Path, *train_args: str, wait: bool) -> subprocess.Popen:
-    """sbatch the script from the repository root as a user would, with PRESET/SHARDS/RUN_DIR in the environment."""
-    env = {**os.environ, "PRESET": "lenet", "SHARDS": str(shards), "RUN_DIR": str(run_dir), "NPROC_PER_NODE": "2"}
-    command = ["sbatch", "--parsable", f"--job-name={name}", f"--output={output}", "--export=ALL", *(["--wait"] if wait else []), str(SBATCH), *train_args]
+def submit(name: str, shards: Path, run_dir: Path, output: Path, *train_args: str, wait: bool, nodes: int = 1, env: dict | None = None) -> subprocess.Popen:
+    """sbatch the script from the repository root as a user would, with PRESET/SHARDS/RUN_DIR in the
+    environment; one node runs two ranks, more nodes one rank each."""
+    env = {**os.environ, "PRESET": "lenet", "SHARDS": str(shards), "RUN_DIR": str(run_dir), "NPROC_PER_NODE": "2" if nodes == 1 else "1", **(env or {})}
+    command = ["sbatch", "--parsable", f"--job-name={name}", f"--nodes={nodes}", f"--output={output}", "--export=ALL", *(["--wait"] if wait else []), str(SBATCH), *train_args]
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
 
 
@@ -70,6 +113,27 @@ def job_id_of(proc: subprocess.Popen) -> str:
         proc.wait(timeout=60)
         pytest.fail(f"sbatch failed (exit {proc.returncode}): {proc.stderr.read()}")
     return line.split(";")[0]
+
+
+def start_job(name: str, shards: Path, run_dir: Path, tmp_path: Path, *train_args: str, nodes: int = 1, env: dict | None = None) -> tuple[str, Path]:
+    """Submit without waiting: (job id, its output file)."""
+    proc = submit(name, shards, run_dir, tmp_path / "slurm-%j.out", *train_args, wait=False, nodes=nodes, env=env)
+    job_id = job_id_of(proc)
+    proc.wait(timeout=60)
+    return job_id, tmp_path / f"slurm-{job_id}.out"
+
+
+def wait_for_end(job_id: str, output: Path, timeout: float = JOB_TIMEOUT, while_running=None) -> dict[str, str]:
+    """Poll until the job has ended (through any requeue); its last scontrol fields. `while_running`
+    is called at every poll."""
+    deadline, state, last = time.monotonic() + timeout, job_state(job_id), {}
+    while state.get("JobState") in ACTIVE:
+        assert time.monotonic() < deadline, f"job {job_id} still {state['JobState']} after {timeout}s:\n{tail(output)}"
+        if while_running:
+            while_running()
+        time.sleep(0.2)
+        last, state = state, job_state(job_id)
+    return state or last  # {} if Slurm forgot it between two polls: the last state seen
 
 
 def tail(path: Path, chars: int = 4000) -> str:
@@ -88,6 +152,24 @@ def python_processes_with(text: str) -> list[int]:
     return pids
 
 
+def rank_processes(run_dir: Path) -> list[dict]:
+    """The training ranks of a run that are alive now, as the kernel sees them: their RANK and
+    SLURMD_NODENAME (the Slurm node whose slurmd started them), and whether they catch SIGTERM
+    yet (the harness installs its stop handler before it loads any data)."""
+    ranks = []
+    for pid in python_processes_with(str(run_dir)):
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().decode(errors="replace").split("\0")
+            caught = re.search(r"^SigCgt:\s*([0-9a-f]+)$", Path(f"/proc/{pid}/status").read_text(), re.M)
+        except OSError:
+            continue
+        env = dict(item.split("=", 1) for item in environ if "=" in item)
+        if "RANK" in env and caught:  # torchrun's workers; not torchrun or srun
+            catches = bool(int(caught[1], 16) >> (signal.SIGTERM - 1) & 1)
+            ranks.append({"rank": int(env["RANK"]), "node": env.get("SLURMD_NODENAME"), "catches_sigterm": catches})
+    return ranks
+
+
 def test_sbatch_two_ranks(slurm_job_name, mnist_shards, tmp_path):
     run_dir, output = tmp_path / "run", tmp_path / "slurm-%j.out"
     proc = submit(slurm_job_name, mnist_shards, run_dir, output, "--max-steps", "30", *TRAIN_ARGS, wait=True)
@@ -103,22 +185,102 @@ def test_sbatch_two_ranks(slurm_job_name, mnist_shards, tmp_path):
     assert proc.returncode == 0, f"sbatch --wait exited {proc.returncode} ({stderr.strip()}); job output:\n{log[-4000:]}"
     state = job_state(job_id)
     if state:  # no accounting database (sacct) on the local cluster; scontrol still knows the job
-        assert (state["JobState"], state["ExitCode"]) == ("COMPLETED", "0:0"), state
+        assert (state["JobState"], state["ExitCode"], state["Restarts"]) == ("COMPLETED", "0:0", "0"), state
 
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["world_size"] == 2
     assert summary["steps_per_rank"] == [30, 30]
     assert summary["ranks_identical"] is True
     assert STARTED.search(log), log[-4000:]
-    assert f"job {job_id}: 1 node(s) x 2 rank(s), rendezvous localhost:" in log
+    # the rendezvous is at the node's NodeAddr, not at its name (node1 does not resolve)
+    assert f"job {job_id}, attempt 1: 1 node(s) x 2 rank(s), rendezvous 127.0.0.1:" in log
+    assert f"job {job_id}: finished; run files in {run_dir}" in log
+
+
+@pytest.fixture(scope="module")
+def two_node_run(slurm_job_name, mnist_shards, tmp_path_factory):
+    """sbatch --nodes=2 with one rank per node, run to the end: (run dir, job output, final
+    scontrol fields, the Slurm node each rank ran on as seen in its environment)."""
+    tmp_path = tmp_path_factory.mktemp("two-nodes")
+    run_dir = tmp_path / "run"
+    job_id, output = start_job(slurm_job_name, mnist_shards, run_dir, tmp_path, *COMPARED_ARGS, nodes=2)
+    nodes_of_ranks: dict[int, str] = {}
+
+    def record_ranks():
+        nodes_of_ranks.update({r["rank"]: r["node"] for r in rank_processes(run_dir)})
+
+    state = wait_for_end(job_id, output, while_running=record_ranks)
+    return run_dir, tail(output, 100_000), state, nodes_of_ranks
+
+
+def test_two_nodes_one_rank_each_match_torchrun(two_node_run, mnist_shards, tmp_path):
+    """The same training as 2 processes under torchrun on one node, up to float summation order."""
+    run_dir, log, state, nodes_of_ranks = two_node_run
+    assert (state.get("JobState"), state.get("ExitCode"), state.get("Restarts")) == ("COMPLETED", "0:0", "0"), log[-4000:]
+    assert state["NodeList"] == "node[1-2]"
+    assert sorted(nodes_of_ranks) == [0, 1] and sorted(nodes_of_ranks.values()) == NODES  # one rank on each node
+    assert re.search(r"attempt 1: 2 node\(s\) x 1 rank\(s\), rendezvous 127\.0\.0\.1:\d+ \(node1\)", log), log[-4000:]
+    s = summary(run_dir)
+    assert s["world_size"] == 2 and s["steps_per_rank"] == [50, 50] and s["ranks_identical"] is True
+
+    train_ok(mnist_shards, tmp_path / "torchrun", "--preset", "lenet", *COMPARED_ARGS, nproc=2)
+    assert max_param_diff(run_dir, tmp_path / "torchrun") < FIFTY_STEPS_TOLERANCE
+
+
+def test_stopped_job_requeues_itself_and_resumes(slurm_job_name, two_node_run, mnist_shards, tmp_path):
+    """SIGTERM as at the time limit: the ranks checkpoint and stop, the batch script requeues the
+    job, and the second attempt resumes and ends with the uninterrupted run's weights, bit for bit."""
+    run_dir = tmp_path / "run"
+    job_id, output = start_job(slurm_job_name, mnist_shards, run_dir, tmp_path, *COMPARED_ARGS, nodes=2)
+    # Once both ranks catch SIGTERM, a signal sent now is honoured at a sync point before step 50
+    # (the handler is in place before the data is loaded, let alone trained on).
+    deadline = time.monotonic() + JOB_TIMEOUT
+    while sum(r["catches_sigterm"] for r in rank_processes(run_dir)) < 2:
+        assert job_state(job_id).get("JobState") in ACTIVE, f"job {job_id} ended before its ranks started:\n{tail(output)}"
+        assert time.monotonic() < deadline, f"job {job_id}: no ranks after {JOB_TIMEOUT}s:\n{tail(output)}"
+        time.sleep(0.1)
+    subprocess.run(["scancel", "--signal=TERM", job_id], check=True, timeout=60)
+    state = wait_for_end(job_id, output)
+
+    log = tail(output, 100_000)
+    assert (state.get("JobState"), state.get("ExitCode"), state.get("Restarts")) == ("COMPLETED", "0:0", "1"), log[-4000:]
+    stopped = re.search(rf"job {job_id}: stopped at step (\d+) and checkpointed; requeueing \(requeue 1 of at most 20\)", log)
+    assert stopped, log[-4000:]
+    step = int(stopped[1])
+    assert 0 < step < 50
+    # both attempts in the one log, the second resuming where the first stopped
+    first, second = log.index(f"job {job_id}, attempt 1:"), log.index(f"job {job_id}, attempt 2:")
+    assert first < stopped.start() < second < log.index(f"resuming from {run_dir}/checkpoints/step-{step:08d}.pt")
+    assert f"job {job_id}: finished; run files in {run_dir}" in log[second:]
+
+    s = summary(run_dir)
+    assert s["world_size"] == 2 and s["steps_per_rank"] == [50, 50]
+    assert not (run_dir / "stopped.json").exists()
+    uninterrupted, resumed = final_weights(two_node_run[0]), final_weights(run_dir)
+    assert uninterrupted.keys() == resumed.keys()
+    assert all(torch.equal(uninterrupted[k], resumed[k]) for k in resumed)
+
+
+def test_failed_job_is_not_requeued(slurm_job_name, mnist_shards, tmp_path):
+    """A rank that dies after checkpoints were written: the job fails and stays failed."""
+    run_dir = tmp_path / "run"
+    args = ("--max-steps", "50", "--checkpoint-every", "5", *TRAIN_ARGS)
+    job_id, output = start_job(slurm_job_name, mnist_shards, run_dir, tmp_path, *args, env={"HARNESS_TEST_FAULT": "exit@15:1"})
+    state = wait_for_end(job_id, output)
+
+    log = tail(output, 100_000)
+    assert (state.get("JobState"), state.get("Restarts")) == ("FAILED", "0"), log[-4000:]
+    assert f"job {job_id}: training failed (srun exit status 1); not requeued" in log
+    assert "requeueing" not in log and "attempt 2" not in log
+    # progress was made (checkpoints up to step 15), so it is not "a new checkpoint" that tells a stop
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("step-*.json"))[-1] == "step-00000015.json"
+    assert not (run_dir / "stopped.json").exists()
 
 
 def test_scancel_sigterm_reaches_training_processes(slurm_job_name, mnist_shards, tmp_path):
-    run_dir, output = tmp_path / "run", tmp_path / "slurm-%j.out"
-    proc = submit(slurm_job_name, mnist_shards, run_dir, output, "--epochs", "15", *TRAIN_ARGS, wait=False)
-    job_id = job_id_of(proc)
-    proc.wait(timeout=60)
-    output = tmp_path / f"slurm-{job_id}.out"
+    """SIGTERM reaches torchrun and the ranks, which checkpoint; with MAX_REQUEUES=0 the job then ends."""
+    run_dir = tmp_path / "run"
+    job_id, output = start_job(slurm_job_name, mnist_shards, run_dir, tmp_path, "--epochs", "15", *TRAIN_ARGS, env={"MAX_REQUEUES": "0"})
 
     deadline = time.monotonic() + JOB_TIMEOUT  # until rank 0 has logged that training starts
     while not (output.exists() and STARTED.search(output.read_text(errors="replace"))):
@@ -130,14 +292,16 @@ def test_scancel_sigterm_reaches_training_processes(slurm_job_name, mnist_shards
 
     # Like Slurm's --signal=TERM@120 before the time limit: SIGTERM to the job step's processes.
     subprocess.run(["scancel", "--signal=TERM", job_id], check=True, timeout=60)
-    signalled = time.monotonic()
-    while job_state(job_id).get("JobState") in ACTIVE:
-        assert time.monotonic() - signalled < SIGNAL_TIMEOUT, f"job {job_id} still running {SIGNAL_TIMEOUT}s after SIGTERM:\n{tail(output)}"
-        time.sleep(1)
+    state = wait_for_end(job_id, output, timeout=SIGNAL_TIMEOUT)
 
     log = tail(output, 100_000)
     assert re.search(r"Received (15|(Signals\.)?SIGTERM) death signal", log), f"torchrun did not report SIGTERM:\n{log[-4000:]}"
     assert python_processes_with(str(run_dir)) == [], "training processes outlived the job"
     # The ranks honoured the signal: they stopped at a sync point and rank 0 checkpointed there.
-    assert re.search(r"stopped at step \d+ and checkpointed", log), log[-4000:]
-    assert list((run_dir / "checkpoints").glob("step-*.json")), "no checkpoint after SIGTERM"
+    stopped = re.search(r"stopped at step (\d+) and checkpointed; run again to resume", log)
+    assert stopped, log[-4000:]
+    assert (run_dir / "checkpoints" / f"step-{int(stopped[1]):08d}.json").exists()
+    assert json.loads((run_dir / "stopped.json").read_text())["step"] == int(stopped[1])  # what the script went by
+    # ... and the cap held: no requeue
+    assert f"not requeued: requeued 0 time(s) already (MAX_REQUEUES=0): resubmit with RUN_DIR={run_dir} to resume" in log
+    assert (state.get("JobState"), state.get("ExitCode"), state.get("Restarts")) == ("FAILED", "75:0", "0"), state

@@ -10,12 +10,16 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import re
+import sys
 import time
+from datetime import datetime
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from helpers import MNIST_TEST_HISTOGRAM, final_weights, run_cli
+from helpers import MNIST_TEST_HISTOGRAM, final_weights, run, run_cli, summary
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from harness.config import load_preset
@@ -223,3 +227,32 @@ def test_mse_loss_trains(mnist_shards, tmp_path):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["config"]["loss"] == "mse" and summary["config"]["nesterov"] is False
     assert summary["test_accuracy"] > 0.8, summary["test_accuracy"]
+
+
+def test_without_run_dir_a_run_goes_to_runs_preset_timestamp(mnist_shards, tmp_path):
+    """runs/PRESET-YYYYMMDD-HHMMSS under the working directory, named in the output; in a
+    Slurm job runs/PRESET-slurm-JOBID, where the job finds its checkpoints again after a requeue."""
+    started = datetime.now().replace(microsecond=0)
+    result = run_cli("train", "--preset", "lenet", "--shards", mnist_shards, "--max-steps", "2", "--device", "cpu", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert re.fullmatch(r"lenet-\d{8}-\d{6}", run_dir.name), run_dir.name
+    assert 0 <= (datetime.strptime(run_dir.name, "lenet-%Y%m%d-%H%M%S") - started).total_seconds() < 600
+    assert summary(run_dir)["steps"] == 2
+    assert f"wrote {Path('runs') / run_dir.name}" in result.stdout
+
+    result = run_cli("train", "--preset", "lenet", "--shards", mnist_shards, "--max-steps", "2", "--device", "cpu", cwd=tmp_path,
+                     env={"SLURM_JOB_ID": "4242"})
+    assert result.returncode == 0, result.stderr
+    assert summary(tmp_path / "runs" / "lenet-slurm-4242")["steps"] == 2
+    assert "wrote runs/lenet-slurm-4242" in result.stdout
+
+
+def test_without_run_dir_every_rank_writes_to_the_same_run(mnist_shards, tmp_path):
+    """The ranks start at different moments; they all take rank 0's timestamp."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+               "-m", "harness.train", "--preset", "lenet", "--shards", mnist_shards, "--max-steps", "2", "--threads", "1"]
+    result = run(command, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert summary(run_dir)["steps_per_rank"] == [2, 2]

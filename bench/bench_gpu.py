@@ -37,14 +37,19 @@ from common import hardware, make_log, median, mnist_dir, versions
 
 log = make_log("gpu")
 HERE = Path(__file__).resolve().parent
+HARNESS_TIMEOUT = 150  # seconds for one harness run or worker: a bound on what a hang can cost, not an estimate
 LENET_TRAIN_FLOP_PER_IMAGE = 3 * 2 * 1_746_000  # forward MACs x 2 FLOP, x3 for forward + backward
 
 
 def harness(shards: Path, run_dir: Path, *args: str) -> dict:
     """`python -m harness train ...` in a fresh process; its summary, metrics and wall time."""
     started = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "harness", "train", "--shards", str(shards), "--run-dir", str(run_dir), *args],
-                          capture_output=True, text=True)
+    try:
+        done = subprocess.run([sys.executable, "-m", "harness", "train", "--shards", str(shards), "--run-dir", str(run_dir), *args],
+                              capture_output=True, text=True, timeout=HARNESS_TIMEOUT)
+    except subprocess.TimeoutExpired as e:
+        log(f"harness {' '.join(args)} timed out after {HARNESS_TIMEOUT} s")
+        return {"args": args, "failed": f"timed out after {HARNESS_TIMEOUT} s: {str(e.stderr or '')[-1500:]}", "wall_seconds": HARNESS_TIMEOUT}
     wall = time.perf_counter() - started
     if done.returncode:
         log(f"harness {' '.join(args)} failed:\n{done.stderr[-3000:]}")
@@ -105,21 +110,43 @@ def bare_worker(args) -> dict:
     images, labels, _, _ = load_mnist(args.device)
     torch.manual_seed(0)
     model = lenet().to(device)
-    step_model = torch.compile(model, mode=args.compile) if args.compile else model
+    graphed = args.compile == "cuda-graph"
+    step_model = torch.compile(model, mode=args.compile) if args.compile and not graphed else model
     fused = {"fused": True} if device.type == "cuda" else {}
     optimizer = torch.optim.SGD(model.parameters(), lr=preset["lr"], momentum=preset["momentum"], **fused)
     batch = preset["batch_size"]
     steps = args.steps
     order = torch.randperm(len(labels), device=device)
+    step = torch.zeros((), dtype=torch.int64, device=device)
+    offsets = torch.arange(batch, device=device)
+
+    def forward_backward() -> None:
+        index = order.index_select(0, (step * batch) % (len(labels) - batch) + offsets)
+        x = images.index_select(0, index).unsqueeze(1).float().div_(255)
+        with autocast(device, args.precision, cache=not graphed):
+            loss = torch.nn.functional.cross_entropy(step_model(x), labels.index_select(0, index))
+        loss.backward()
+        step.add_(1)
+
+    if graphed:  # as harness/cuda_graph.py: warm up on a side stream, capture, replay
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                forward_backward()
+                model.zero_grad(set_to_none=True)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            forward_backward()
 
     def run(n: int) -> None:
-        for i in range(n):
-            index = order[(i * batch) % (len(labels) - batch):][:batch]
-            x = images[index].unsqueeze(1).float().div_(255)
-            with autocast(device, args.precision):
-                loss = torch.nn.functional.cross_entropy(step_model(x), labels[index])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+        for _ in range(n):
+            if graphed:
+                graph.replay()
+            else:
+                optimizer.zero_grad(set_to_none=True)
+                forward_backward()
             optimizer.step()
 
     run(min(steps, 100))  # warm-up (and compile)
@@ -185,7 +212,10 @@ def dataloader_worker(args) -> dict:
 def worker(kind: str, device: str, steps: int, compile_mode: str = "", precision: str = "fp32", deterministic: bool = True) -> dict:
     command = [sys.executable, str(HERE / "bench_gpu.py"), "--worker", kind, "--device", device, "--steps", str(steps),
                "--compile", compile_mode, "--precision", precision, "--deterministic" if deterministic else "--no-deterministic"]
-    done = subprocess.run(command, capture_output=True, text=True)
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=HARNESS_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        return {"failed": f"timed out after {HARNESS_TIMEOUT} s"}
     if done.returncode:
         log(f"worker {kind} failed:\n{done.stderr[-3000:]}")
         return {"failed": done.stderr[-1500:]}
@@ -202,10 +232,23 @@ def variant_args(name: str) -> list[str]:
     return args + (["--compile", how.removeprefix("compile-")] if how.startswith("compile-") else [])
 
 
+class Budget:
+    """The parts run in order of importance; one that would start after `seconds` is
+    skipped (and recorded as skipped), so a slow machine still returns the main figures."""
+
+    def __init__(self, seconds: float):
+        self.deadline = time.monotonic() + seconds
+
+    def left(self) -> float:
+        return self.deadline - time.monotonic()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--quick", action="store_true", help="a smoke run: few steps and variants")
+    parser.add_argument("--budget", type=float, default=300, help="seconds; later parts are skipped past it")
+    parser.add_argument("--record", type=Path, help="also write the record here after every part")
     parser.add_argument("--worker", choices=("bare", "dataloader"), help=argparse.SUPPRESS)
     parser.add_argument("--steps", type=int, default=600, help=argparse.SUPPRESS)
     parser.add_argument("--compile", default="", help=argparse.SUPPRESS)
@@ -221,54 +264,97 @@ def main() -> None:
     from harness.data.pack import pack
     from harness.data.sources import load_source
 
+    budget = Budget(args.budget)
     quick = args.quick
     epochs_variant, epochs_lenet, steps = ("1", "1", 100) if quick else ("2", "15", 1200)
-    names = ["eager/fp32/det"] if quick else ["eager/fp32/det", "eager/fp32/nondet", "eager/bf16/det", "compile-default/fp32/det",
-                                                "compile-reduce-overhead/fp32/det", "compile-reduce-overhead/bf16/det"]
+    # The variants that choose the step (and the default of --deterministic) first; the
+    # rest only when time is left at the end.
+    names = ["eager/fp32/det"] if quick else ["eager/fp32/det", "eager/fp32/nondet", "compile-cuda-graph/fp32/det",
+                                                "compile-cuda-graph/fp32/nondet"]
+    later = [] if quick else ["compile-reduce-overhead/fp32/det", "compile-cuda-graph/bf16/det", "eager/bf16/det",
+                              "compile-default/fp32/det"]
     device_args = ["--device", args.device]
     record: dict = {"benchmark": "bench_gpu", "hardware": hardware(gpu=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None),
                     "versions": versions(nccl=".".join(map(str, torch.cuda.nccl.version())) if torch.cuda.is_available() else None,
                                          cuda=torch.version.cuda),
-                    "figures": {}}
+                    "figures": {}, "skipped": []}
     figures = record["figures"]
+
+    def save() -> None:
+        if args.record:
+            args.record.write_text(json.dumps(record, indent=1))
+
+    def due(part: str, needs: float) -> bool:
+        if budget.left() < needs:
+            log(f"skipped {part}: {budget.left():.0f} s of the budget left")
+            record["skipped"].append(part)
+            return False
+        return True
+
     with tempfile.TemporaryDirectory(prefix="bench-gpu-") as tmp:
         work = Path(tmp)
         shards = work / "shards"
         pack(load_source(mnist_dir()), shards)
 
-        figures["variants"] = {}
-        for name in names:
+        def variant(name: str) -> None:
             log(f"variant {name}")
             result = harness(shards, work / name.replace("/", "_"), "--preset", "lenet", "--epochs", epochs_variant, *device_args, *variant_args(name))
             figures["variants"][name] = variant_figures(result)
+            save()
+
+        figures["variants"] = {}
+        for name in names:
+            if due(f"variant {name}", 20):
+                variant(name)
         sane = {n: v for n, v in figures["variants"].items() if "failed" not in v and v["test_accuracy"] >= (0.9 if quick else 0.98)}
         best = max(sane, key=lambda n: sane[n]["samples_per_s"]) if sane else "eager/fp32/det"
-        log(f"lenet, {epochs_lenet} epochs, variant {best}")
-        lenet = harness(shards, work / "lenet", "--preset", "lenet", "--epochs", epochs_lenet, *device_args, *variant_args(best))
-        figures["lenet"] = {"variant": best, **variant_figures(lenet)}
+        if due("lenet", 30):
+            log(f"lenet, {epochs_lenet} epochs, variant {best}")
+            lenet = harness(shards, work / "lenet", "--preset", "lenet", "--epochs", epochs_lenet, *device_args, *variant_args(best))
+            figures["lenet"] = {"variant": best, **variant_figures(lenet)}
+            if "samples_per_s" in figures["lenet"]:
+                rate = figures["lenet"]["samples_per_s"]
+                figures["lenet"]["step_ms"] = round(1000 * 100 / rate, 4)  # batch 100
+                figures["lenet"]["achieved_tflops"] = round(rate * LENET_TRAIN_FLOP_PER_IMAGE / 1e12, 3)
+            save()
 
         figures["fast"] = {"runs": []}
         for seed in (0,) if quick else (0, 1, 2):
+            if not due(f"fast seed {seed}", 20):
+                continue
             log(f"fast preset, seed {seed}")
             extra = ["--epochs", "1"] if quick else []
             result = harness(shards, work / f"fast{seed}", "--preset", "fast", "--seed", str(seed), *device_args, *extra)
+            if "failed" in result:  # e.g. torch.compile unusable here: the same recipe, eager
+                log("fast preset failed; again without --compile")
+                failed = result["failed"]
+                result = harness(shards, work / f"fast{seed}-eager", "--preset", "fast", "--seed", str(seed), "--compile", "", *device_args, *extra)
+                result["compiled_run_failed"] = failed
             if "failed" in result:
                 figures["fast"]["runs"].append({"seed": seed, "failed": result["failed"]})
                 continue
             figures["fast"]["runs"].append({
                 "seed": seed, "test_accuracy": result["summary"]["test_accuracy"],
                 "seconds_to_99": seconds_to_accuracy(result["metrics"], 0.99),
+                "epoch_seconds": [round(m["epoch_seconds"], 4) for m in result["metrics"]],
+                "val_accuracy": [m["val_accuracy"] for m in result["metrics"]],
                 "epochs": len(result["metrics"]), "loop_seconds": round(result["summary"]["total_seconds"], 3),
+                "compile_seconds": result["summary"].get("compile_seconds"), "wall_seconds": result["wall_seconds"],
                 "config": {k: result["summary"]["config"][k] for k in ("batch_size", "lr", "epochs", "compile", "precision")},
+                **({"compiled_run_failed": result["compiled_run_failed"]} if "compiled_run_failed" in result else {}),
             })
-        ok = [r for r in figures["fast"]["runs"] if "failed" not in r]
-        figures["fast"]["mean_test_accuracy"] = sum(r["test_accuracy"] for r in ok) / len(ok) if ok else None
-        figures["fast"]["median_seconds_to_99"] = median([r["seconds_to_99"] for r in ok])
+            ok = [r for r in figures["fast"]["runs"] if "failed" not in r]
+            figures["fast"]["mean_test_accuracy"] = sum(r["test_accuracy"] for r in ok) / len(ok) if ok else None
+            figures["fast"]["median_seconds_to_99"] = median([r["seconds_to_99"] for r in ok])
+            save()
 
         how, precision, determinism = best.split("/")
         compile_mode = how.removeprefix("compile-") if how.startswith("compile-") else ""
         rounds = []
-        for r in range(1 if quick else 3):
+        figures["harness_vs_bare"] = {"variant": best, "rounds": rounds}
+        for r in range(1 if quick else 2):
+            if not due(f"harness vs bare, round {r + 1}", 40):
+                break
             log(f"harness vs bare loop, round {r + 1}")
             h = harness(shards, work / f"ab{r}", "--preset", "lenet", "--epochs", "1", "--max-steps", str(steps * 2), "--log-every", "200",
                         *device_args, *variant_args(best))
@@ -276,18 +362,22 @@ def main() -> None:
             if "failed" not in h and "failed" not in b:
                 rate = h["metrics"][-1]["train_samples_per_s"]
                 rounds.append({"harness": round(rate), "bare": round(b["samples_per_s"]), "ratio": round(rate / b["samples_per_s"], 3)})
-        figures["harness_vs_bare"] = {"variant": best, "rounds": rounds, "median_ratio": median([r["ratio"] for r in rounds])}
+            figures["harness_vs_bare"]["median_ratio"] = median([r["ratio"] for r in rounds])
+            save()
 
-        log("DataLoader loop")
-        loader = worker("dataloader", args.device, 100 if quick else 400)
-        harness_rate = figures["variants"][best].get("samples_per_s")
-        figures["harness_vs_dataloader"] = {
-            "dataloader_samples_per_s": round(loader.get("samples_per_s", 0)), "harness_samples_per_s": harness_rate,
-            "ratio": round(harness_rate / loader["samples_per_s"], 1) if harness_rate and "samples_per_s" in loader else None,
-        }
-        if "samples_per_s" in figures["lenet"]:
-            achieved = figures["lenet"]["samples_per_s"] * LENET_TRAIN_FLOP_PER_IMAGE
-            figures["lenet"]["achieved_tflops"] = round(achieved / 1e12, 3)
+        if due("DataLoader loop", 20):
+            log("DataLoader loop")
+            loader = worker("dataloader", args.device, 100 if quick else 400)
+            harness_rate = figures["variants"].get(best, {}).get("samples_per_s")
+            figures["harness_vs_dataloader"] = {
+                "dataloader_samples_per_s": round(loader.get("samples_per_s", 0)), "harness_samples_per_s": harness_rate,
+                "ratio": round(harness_rate / loader["samples_per_s"], 1) if harness_rate and "samples_per_s" in loader else None,
+            }
+            save()
+
+        for name in later:
+            if due(f"variant {name}", 30):
+                variant(name)
     print(json.dumps(record, indent=1))
 
 

@@ -22,9 +22,10 @@ def main(out: Path) -> None:
     tests = (out / "gpu-tests.log").read_text(errors="replace") if (out / "gpu-tests.log").exists() else ""
     summary = re.findall(r"^=*\s*(\d+ (?:passed|failed).*?) in [\d.]+s", tests, re.M)
     print(f"GPU tests: {summary[-1] if summary else 'no result (see gpu-tests.log)'}")
-    shared = re.findall(r'"shared_gpu_max_param_diff": ([0-9.e-]+), "backend": "([^"]+)"', tests)
+    shared = [json.loads(line) for line in tests.splitlines() if line.startswith('{"shared_gpu_max_param_diff"')]
     if shared:
-        print(f"  two ranks on one GPU vs one rank, 50 steps: max |diff| {float(shared[-1][0]):.2e} ({shared[-1][1]})")
+        print(f"  two ranks on one GPU vs one rank: max |diff| {shared[-1]['one_step']:.2e} after 1 step, "
+              f"{shared[-1]['shared_gpu_max_param_diff']:.2e} after 50 ({shared[-1]['backend']})")
     bench = load(out / "bench_gpu.json")
     if not bench:
         print("benchmarks: no record (see bench_gpu.log)")
@@ -36,16 +37,20 @@ def main(out: Path) -> None:
     lenet = f.get("lenet", {})
     print(f"lenet 15 epochs ({lenet.get('variant')}): acc {lenet.get('test_accuracy')}  loop {lenet.get('loop_seconds')} s  "
           f"wall {lenet.get('wall_seconds')} s   [targets: >= 0.992, <= 2 s]")
+    print(f"  step {lenet.get('step_ms')} ms at batch 100, {lenet.get('achieved_tflops')} TFLOP/s")
     fast = f.get("fast", {})
     print(f"fast preset: mean acc {fast.get('mean_test_accuracy')}  median s to 99% {fast.get('median_seconds_to_99')}  "
           f"[targets: >= 0.990, <= 0.15 s]")
     for r in fast.get("runs", []):
-        print(f"  seed {r.get('seed')}: {r.get('test_accuracy')} after {r.get('epochs')} epochs, to 99%: {r.get('seconds_to_99')} s")
+        print(f"  seed {r.get('seed')}: {r.get('test_accuracy')} after {r.get('epochs')} epochs, to 99%: {r.get('seconds_to_99')} s, "
+              f"epochs {r.get('epoch_seconds')} s, compile {r.get('compile_seconds')} s" + (" FAILED" if "failed" in r else ""))
     bare = f.get("harness_vs_bare", {})
     print(f"harness / bare loop ({bare.get('variant')}): {bare.get('median_ratio')}  {bare.get('rounds')}   [target >= 1.0]")
     loader = f.get("harness_vs_dataloader", {})
     print(f"harness / DataLoader loop: {loader.get('ratio')}x ({loader.get('harness_samples_per_s')} vs "
           f"{loader.get('dataloader_samples_per_s')} img/s)   [target >= 10]")
+    if bench.get("skipped"):
+        print(f"skipped for time: {', '.join(bench['skipped'])}")
 
 
 if __name__ == "__main__":

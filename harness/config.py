@@ -34,7 +34,7 @@ CHOICES = {
     "backend": ("auto", "nccl", "gloo"),
     "lr_schedule": ("exponential", "onecycle"),
     "precision": ("auto", "fp32", "bf16"),
-    "compile": ("", "gpu", "default", "reduce-overhead", "max-autotune"),
+    "compile": ("", "gpu", "cuda-graph", "default", "reduce-overhead", "max-autotune"),
 }
 
 
@@ -96,7 +96,8 @@ class TrainConfig:
     )
     compile: str = option(
         "", "torch.compile the model with this mode (default, reduce-overhead: CUDA graphs, max-autotune); "
-        "gpu: reduce-overhead on a GPU, eager on the CPU; '' = eager"
+        "cuda-graph: the whole step as one CUDA graph (one rank on a GPU); "
+        "gpu: cuda-graph for one rank on a GPU, reduce-overhead for several, eager on the CPU; '' = eager"
     )
     channels_last: bool = option(False, "channels-last memory layout for the CNN's activations")
 

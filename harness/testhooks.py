@@ -24,7 +24,9 @@ class Fault:
     nan: the loss of that step is NaN; exit: the rank exits with status 1 before that
     step; hang: the rank sleeps forever before that step (a stuck rank, alive but
     silent); kill: the rank SIGKILLs itself before that step, on torchrun's first
-    attempt only (so an elastic restart can succeed); slowsave=SECONDS: rank 0 takes
+    attempt only (so an elastic restart can succeed); sleep=SECONDS: the rank sleeps that
+    long before that step (a window in which a test can signal a run that a GPU would
+    otherwise finish first); slowsave=SECONDS: rank 0 takes
     that long to write the checkpoint of that step (a slow shared filesystem); freeze:
     rank 0 stops itself (SIGSTOP) while writing that checkpoint, heartbeat included.
     Unset, nothing is injected.
@@ -54,6 +56,8 @@ class Fault:
             os._exit(1)
         if self.kind == "kill":
             os.kill(os.getpid(), signal.SIGKILL)
+        if self.kind == "sleep":
+            time.sleep(self.seconds)
         if self.kind == "hang":
             while True:
                 time.sleep(3600)

@@ -28,6 +28,7 @@ from harness import distributed
 from harness.allocator import keep_freed_memory
 from harness.checkpoint import checkpoint_to_resume, save_checkpoint
 from harness.config import TrainConfig, add_config_options, build_config
+from harness.cuda_graph import GraphedStep
 from harness.data.stream import MacroBatch, MacroBatchStream, ShardSplit
 from harness.device import autocast, set_deterministic
 from harness.errors import HarnessError, run_guarded
@@ -148,8 +149,8 @@ class Trainer:
         self.trained = self.model  # what the step calls: the model, wrapped in DDP and/or compiled
         if ctx.world_size > 1:  # one rank has nothing to all-reduce
             self.trained = DistributedDataParallel(self.model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
-        self.compile_mode = {"gpu": "reduce-overhead" if ctx.device.type == "cuda" else ""}.get(config.compile, config.compile)
-        if self.compile_mode:
+        self.compile_mode = compile_mode(config.compile, ctx)
+        if self.compile_mode not in ("", "cuda-graph"):
             self.trained = torch.compile(self.trained, mode=self.compile_mode)
         # On a GPU one fused kernel updates every parameter (the same arithmetic as the
         # default foreach version); the CPU keeps the default, whose results the tests pin.
@@ -161,6 +162,9 @@ class Trainer:
         self.scheduler = make_schedule(self.optimizer, config, self.stream.steps_per_epoch)
         self.normalize = Normalizer(config.normalize, self.train_stats, ctx.device, memory_format)
         self.loss_fn = make_loss(config.loss)
+        self.graphed = None
+        if self.compile_mode == "cuda-graph":
+            self.graphed = GraphedStep(self.model, self.normalize, self.loss_fn, config.precision, self.stream, ctx.device)
 
     def load_eval_set(self, split: str, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         images, labels = ShardSplit(self.shard_dir, split, start).load_all()
@@ -230,6 +234,8 @@ class Trainer:
             self.window.restart()
             for macro in self.stream.epoch(p.epoch, start_index=p.macro):
                 macro.wait_until_ready()
+                if self.graphed:
+                    self.graphed.load(macro, p.step_in_macro)
                 for i in range(p.step_in_macro, macro.steps):
                     self.train_step(macro, i)
                     p.advance(last_in_macro=i + 1 == macro.steps)
@@ -244,6 +250,10 @@ class Trainer:
         forward and backward passes on a batch of zeros, gradients dropped, no optimizer
         step, so the weights, the optimizer and the RNG are as they were."""
         started = time.perf_counter()
+        if self.graphed:
+            self.graphed.capture()
+            log.info(f"captured the step as one CUDA graph in {time.perf_counter() - started:.2f} s, before training")
+            return time.perf_counter() - started
         local = self.config.batch_size // self.ctx.world_size
         images = torch.zeros(local, 28, 28, dtype=torch.uint8, device=self.ctx.device)
         labels = torch.zeros(local, dtype=torch.int64, device=self.ctx.device)
@@ -260,12 +270,15 @@ class Trainer:
     def train_step(self, macro: MacroBatch, i: int) -> None:
         """One optimizer step on this rank's slice of global batch `i`; nothing here waits for the device."""
         self.fault.before_step(self.progress.step, self.ctx.rank)  # test-only fault injection
-        images, labels = macro.local_batch(i, self.ctx.rank, self.ctx.world_size)
-        with autocast(self.ctx.device, self.config.precision):
-            loss = self.loss_fn(self.trained(self.normalize(images)), labels)
-        loss = self.fault.corrupt_loss(loss, self.progress.step, self.ctx.rank)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        if self.graphed:
+            loss = self.graphed()  # the same gather, forward, loss and backward, replayed as one CUDA graph
+        else:
+            images, labels = macro.local_batch(i, self.ctx.rank, self.ctx.world_size)
+            with autocast(self.ctx.device, self.config.precision):
+                loss = self.loss_fn(self.trained(self.normalize(images)), labels)
+            loss = self.fault.corrupt_loss(loss, self.progress.step, self.ctx.rank)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
         self.optimizer.step()
         if self.config.lr_schedule == "onecycle":
             self.scheduler.step()
@@ -395,6 +408,19 @@ class Trainer:
             return self.last_eval[1]
         images, labels = (self.val_images, self.val_labels) if not self.config.holdout else self.load_eval_set("test")
         return evaluate(self.model, images, labels, self.normalize, self.loss_fn, self.config.eval_batch)
+
+
+def compile_mode(requested: str, ctx: distributed.DistContext) -> str:
+    """What --compile means here: `gpu` picks by device and world size."""
+    cuda = ctx.device.type == "cuda"
+    if requested == "gpu":
+        return ("cuda-graph" if ctx.world_size == 1 else "reduce-overhead") if cuda else ""
+    if requested == "cuda-graph" and (not cuda or ctx.world_size > 1):
+        raise HarnessError(
+            f"--compile cuda-graph needs one rank on a GPU (here: {ctx.world_size} rank(s) on {ctx.device}): "
+            "DDP all-reduces from hooks that a replayed backward would not call; use reduce-overhead, or gpu"
+        )
+    return requested
 
 
 def make_schedule(optimizer: torch.optim.Optimizer, config: TrainConfig, steps_per_epoch: int):

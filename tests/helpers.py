@@ -118,9 +118,9 @@ def signal_tree(process: subprocess.Popen, sig: int) -> None:
             pass
 
 
-def start_and_signal(cmd: list[str], run_dir: Path, sig: int) -> subprocess.Popen:
+def start_and_signal(cmd: list[str], run_dir: Path, sig: int, env: dict | None = None) -> subprocess.Popen:
     """Start a run and signal every process of it once it is past its first checkpoint."""
-    process = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, **(env or {})})
     try:
         wait_for(lambda: list((run_dir / "checkpoints").glob("step-*.json")) or process.poll() is not None, 240, "a checkpoint")
         assert process.poll() is None, process.communicate()[0]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 
 import pytest
 import torch
@@ -131,3 +132,26 @@ def test_channels_last_gives_the_same_step(mnist_shards, tmp_path):
     a, b = (torch.load(tmp_path / d / "model.pt", weights_only=True) for d in "ab")
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
     assert json.loads((tmp_path / "b" / "summary.json").read_text())["config"]["channels_last"] is True
+
+
+def test_compile_modes_by_device_and_world_size():
+    """`--compile gpu` replays the whole step as one CUDA graph for one rank on a GPU,
+    compiles with CUDA graphs for several, and leaves the CPU eager; `cuda-graph` where it
+    cannot work is one clear error."""
+    from harness.distributed import DistContext
+    from harness.train import compile_mode
+
+    one_gpu, two_gpus, cpu = DistContext(device=CUDA0), DistContext(world_size=2, device=CUDA0), DistContext()
+    assert compile_mode("gpu", one_gpu) == "cuda-graph"
+    assert compile_mode("gpu", two_gpus) == "reduce-overhead"
+    assert compile_mode("gpu", cpu) == "" and compile_mode("", one_gpu) == ""
+    for ctx, where in ((cpu, "1 rank(s) on cpu"), (two_gpus, "2 rank(s) on cuda:0")):
+        with pytest.raises(HarnessError, match=re.escape(f"--compile cuda-graph needs one rank on a GPU (here: {where})")):
+            compile_mode("cuda-graph", ctx)
+
+
+def test_cuda_graph_on_the_cpu_is_one_clear_error(mnist_shards, tmp_path):
+    result = run_cli("train", "--preset", "lenet", "--shards", mnist_shards, "--run-dir", tmp_path / "run", "--max-steps", "1",
+                     "--device", "cpu", "--compile", "cuda-graph")
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "--compile cuda-graph needs one rank on a GPU" in result.stderr

@@ -259,9 +259,12 @@ class MacroBatchStream:
             return MacroBatch(epoch, index, images.to(self.device), labels.long().to(self.device), order.to(self.device), self.global_batch)
         with torch.cuda.stream(self._copy_stream):
             images, labels, order = (t.pin_memory().to(self.device, non_blocking=True) for t in (images, labels, order))
+            # Widened on the copy stream too: on any other stream this could read the
+            # labels before their copy has landed.
+            labels = labels.long()
             ready = torch.cuda.Event()
             ready.record()
-        return MacroBatch(epoch, index, images, labels.long(), order, self.global_batch, ready)
+        return MacroBatch(epoch, index, images, labels, order, self.global_batch, ready)
 
     def _load(self, epoch: int, index: int) -> MacroBatch:
         return self._to_device(epoch, index, self._assemble(epoch, index))

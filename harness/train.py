@@ -134,6 +134,7 @@ class Trainer:
         if config.holdout:
             train_data = ShardSplit(self.shard_dir, "train", 0, self.n_train, verify=False)  # verified just above
         self.stream = MacroBatchStream(train_data, config.batch_size, config.macro_batch, config.seed, ctx.device)
+        self.stream.preload()
         self.train_stats = train_data.manifest["train_stats"]
         self.val_set = "holdout" if config.holdout else "test"
         if ctx.is_main:

@@ -209,11 +209,16 @@ class MacroBatchStream:
     def _order(self, epoch: int, index: int, size: int) -> np.ndarray:
         return seeded_generator(self.seed, epoch, 1 + index).permutation(size)
 
-    def _resident_batch(self, epoch: int) -> MacroBatch:
-        """The whole split on the device, and the epoch's order as indices into it."""
-        if self._split is None:
+    def preload(self) -> None:
+        """A resident split: read it and copy it to the device now (before the clock
+        starts), rather than in the first epoch."""
+        if self.resident and self._split is None:
             images, labels = self.data.load_all()
             self._split = (torch.from_numpy(images).to(self.device), torch.from_numpy(labels).long().to(self.device))
+
+    def _resident_batch(self, epoch: int) -> MacroBatch:
+        """The whole split on the device, and the epoch's order as indices into it."""
+        self.preload()
         skip, size = self._macro_range(0)
         pieces = [self.data.block_layout(shard)[b][0] - self.data.start + np.arange(lo, hi) for shard, b, lo, hi in self._epoch_plan(epoch, skip)]
         sequence = np.concatenate(pieces)[:size] if pieces else np.empty(0, dtype=np.int64)

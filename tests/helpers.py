@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
+import io
 import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
@@ -16,6 +19,7 @@ import numpy as np
 import psutil
 import torch
 
+from harness.cli import main as cli_main
 from harness.data.download import MIRRORS, download_mnist
 from harness.errors import HarnessError
 
@@ -68,6 +72,98 @@ def mnist_source(env, cache_dir: Path, mirrors=MIRRORS) -> Path:
         return download_mnist(cache_dir, mirrors=mirrors)
     except HarnessError as e:
         raise HarnessError(f"MNIST_DIR is not set and the download into {cache_dir} failed: {e}") from None
+
+
+# --- input files -------------------------------------------------------------------------------------
+
+
+def write_source(directory: Path, n_train: int = 200, n_test: int = 50, gz: bool = True) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    ext = ".gz" if gz else ""
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        write_idx(directory / f"{prefix}-images-idx3-ubyte{ext}", rng.integers(0, 256, (n, 28, 28)), gz)
+        write_idx(directory / f"{prefix}-labels-idx1-ubyte{ext}", rng.integers(0, 10, n), gz)
+    return directory
+
+
+def csv_row(label, pixels=None) -> str:
+    pixels = [0] * 784 if pixels is None else pixels
+    return ",".join(map(str, [label, *pixels]))
+
+
+def write_csv_source(directory: Path, train_lines: list[str], header: bool = True) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    head = [",".join(["label"] + [f"pixel{i}" for i in range(784)])] if header else []
+    (directory / "mnist_train.csv").write_text("\n".join(head + train_lines) + "\n")
+    (directory / "mnist_test.csv").write_text("\n".join(head + [csv_row(3), csv_row(4)]) + "\n")
+    return directory
+
+
+def snapshot(directory: Path) -> dict[str, bytes]:
+    """Every file under `directory` (relative name -> content)."""
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def cli(capsys, *args) -> tuple[int, str, str]:
+    rc = cli_main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def assert_one_error(rc: int, err: str, *fragments: str) -> str:
+    """Exit status 2 and exactly one stderr line `error: ...` that holds every fragment."""
+    assert rc == 2, err
+    assert "Traceback" not in err, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("error: "), err
+    for fragment in fragments:
+        assert fragment in lines[0], f"{fragment!r} not in {lines[0]!r}"
+    return lines[0]
+
+
+# --- crafted shards: what someone who controls a shard directory can write ------------------------------
+
+
+def tar_members(path: Path) -> list[tuple[str, bytes]]:
+    """The regular-file members of a tar, in order, as (name, content)."""
+    with tarfile.open(path, "r:") as tar:
+        return [(m.name, tar.extractfile(m).read()) for m in tar if m.isreg()]
+
+
+def write_tar(path: Path, members: list[tuple[str, bytes]]) -> None:
+    """A plain tar of regular files with the packer's fixed metadata."""
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, payload in members:
+            info = tarfile.TarInfo(name)
+            info.size, info.mode = len(payload), 0o644
+            tar.addfile(info, io.BytesIO(payload))
+
+
+def npy_bytes(array: np.ndarray, allow_pickle: bool = False) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=allow_pickle)
+    return buffer.getvalue()
+
+
+def reseal(shard_dir: Path) -> dict:
+    """Make manifest.json's shard sizes and SHA-256s match the files again, as whoever
+    crafted the shards would: the manifest travels with them. Returns the manifest."""
+    path = Path(shard_dir) / "manifest.json"
+    manifest = json.loads(path.read_text())
+    for split in manifest["splits"].values():
+        for shard in split["shards"]:
+            shard_path = Path(shard_dir) / shard["name"]
+            if shard_path.is_file():
+                shard["bytes"] = shard_path.stat().st_size
+                shard["sha256"] = hashlib.sha256(shard_path.read_bytes()).hexdigest()
+    write_manifest(shard_dir, manifest)
+    return manifest
+
+
+def write_manifest(shard_dir: Path, manifest: dict) -> None:
+    (Path(shard_dir) / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
 
 
 # --- processes -------------------------------------------------------------------------------------

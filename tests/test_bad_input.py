@@ -12,59 +12,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import run_cli, write_idx
+from helpers import assert_one_error, cli, csv_row, run_cli, snapshot, write_csv_source, write_idx, write_source
 
-from harness.cli import main as cli_main
 from harness.data.pack import pack
 from harness.data.sources import load_source
 
 # --- helpers ---------------------------------------------------------------------------------------
-
-
-def write_source(directory: Path, n_train: int = 200, n_test: int = 50, gz: bool = True) -> Path:
-    directory.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    ext = ".gz" if gz else ""
-    for prefix, n in (("train", n_train), ("t10k", n_test)):
-        write_idx(directory / f"{prefix}-images-idx3-ubyte{ext}", rng.integers(0, 256, (n, 28, 28)), gz)
-        write_idx(directory / f"{prefix}-labels-idx1-ubyte{ext}", rng.integers(0, 10, n), gz)
-    return directory
-
-
-def csv_row(label, pixels=None) -> str:
-    pixels = [0] * 784 if pixels is None else pixels
-    return ",".join(map(str, [label, *pixels]))
-
-
-def write_csv_source(directory: Path, train_lines: list[str], header: bool = True) -> Path:
-    directory.mkdir(parents=True, exist_ok=True)
-    head = [",".join(["label"] + [f"pixel{i}" for i in range(784)])] if header else []
-    (directory / "mnist_train.csv").write_text("\n".join(head + train_lines) + "\n")
-    (directory / "mnist_test.csv").write_text("\n".join(head + [csv_row(3), csv_row(4)]) + "\n")
-    return directory
-
-
-def snapshot(directory: Path) -> dict[str, bytes]:
-    """Every file under `directory` (relative name -> content)."""
-    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
-
-
-def cli(capsys, *args) -> tuple[int, str, str]:
-    rc = cli_main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return rc, out, err
-
-
-def assert_one_error(rc: int, err: str, *fragments: str) -> str:
-    """Exit status 2 and exactly one stderr line `error: ...` that holds every fragment."""
-    assert rc == 2, err
-    assert "Traceback" not in err, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("error: "), err
-    for fragment in fragments:
-        assert fragment in lines[0], f"{fragment!r} not in {lines[0]!r}"
-    return lines[0]
 
 
 def pack_refused(capsys, tmp_path: Path, source: Path, *fragments: str) -> str:

@@ -20,24 +20,11 @@ import psutil
 import torch
 
 from harness.cli import main as cli_main
-from harness.data.download import MIRRORS, download_mnist
+from harness.data.download import MIRRORS, MNIST_BYTES, MNIST_SHA256, download_mnist  # noqa: F401 (MNIST_*: re-exported for the tests)
 from harness.errors import HarnessError
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# The official gzip files (../shared/mnist/SHA256SUMS; the MD5s are in harness.data.download).
-MNIST_SHA256 = {
-    "train-images-idx3-ubyte.gz": "440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609",
-    "train-labels-idx1-ubyte.gz": "3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c",
-    "t10k-images-idx3-ubyte.gz": "8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6",
-    "t10k-labels-idx1-ubyte.gz": "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6",
-}
-MNIST_BYTES = {
-    "train-images-idx3-ubyte.gz": 9912422,
-    "train-labels-idx1-ubyte.gz": 28881,
-    "t10k-images-idx3-ubyte.gz": 1648877,
-    "t10k-labels-idx1-ubyte.gz": 4542,
-}
 MNIST_TRAIN_HISTOGRAM = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
 MNIST_TEST_HISTOGRAM = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
 
@@ -164,6 +151,27 @@ def reseal(shard_dir: Path) -> dict:
 
 def write_manifest(shard_dir: Path, manifest: dict) -> None:
     (Path(shard_dir) / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+
+
+class Payload:
+    """Unpickling this opens (creates) `path` for writing: proof that code from a file ran."""
+
+    def __init__(self, path: Path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def tiny_training_objects():
+    """A small model, momentum SGD after one step (so it has momentum buffers), and a schedule."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: 0.9**epoch)
+    model(torch.ones(1, 4)).sum().backward()
+    optimizer.step()
+    return model, optimizer, scheduler
 
 
 # --- processes -------------------------------------------------------------------------------------

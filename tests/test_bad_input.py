@@ -8,11 +8,12 @@ so "no traceback" is checked too). A few run the real command as a subprocess.
 from __future__ import annotations
 
 import gzip
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import assert_one_error, cli, csv_row, run_cli, snapshot, write_csv_source, write_idx, write_source
+from helpers import assert_one_error, cli, csv_row, idx_bytes, run_cli, snapshot, write_csv_source, write_idx, write_source
 
 from harness.data.pack import pack
 from harness.data.sources import load_source
@@ -72,6 +73,33 @@ def test_complete_gzip_of_truncated_idx(tmp_path, capsys):
     path = source / "t10k-labels-idx1-ubyte.gz"
     path.write_bytes(gzip.compress(gzip.decompress(path.read_bytes())[:-7]))
     pack_refused(capsys, tmp_path, source, "t10k-labels-idx1-ubyte.gz", "truncated")
+
+
+def test_gzip_that_expands_past_its_header_is_not_expanded(tmp_path, capsys):
+    """50 labels, then 256 MiB of zeros in a 260 kB file: refused after the 50 bytes its
+    header promised plus one, not after decompressing everything (the old reader did)."""
+    source = write_source(tmp_path / "src", gz=True)
+    path = source / "t10k-labels-idx1-ubyte.gz"
+    zeros = gzip.compress(bytes(1 << 20), compresslevel=9, mtime=0)  # one gzip member: 1 MiB of zeros in ~1 kB
+    path.write_bytes(idx_bytes(np.zeros(50), gz=True) + zeros * 256)
+    tracemalloc.start()
+    try:
+        pack_refused(capsys, tmp_path, source, "t10k-labels-idx1-ubyte.gz", "trailing bytes", "50 (58 bytes in all)")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 32 << 20, f"{peak / 2**20:.0f} MiB allocated while reading"
+
+
+@pytest.mark.parametrize("gz", [False, True], ids=["raw", "gzip"])
+def test_idx_header_promising_more_than_the_limit(tmp_path, capsys, gz):
+    """Four uint32 dimensions can promise 2^96 bytes (past int64, where numpy's product
+    wraps around): refused from the header, before any data is read."""
+    source = write_source(tmp_path / "src", gz=gz)
+    name = "train-images-idx3-ubyte" + (".gz" if gz else "")
+    header = bytes([0, 0, 8, 3]) + b"".join(d.to_bytes(4, "big") for d in (2**32 - 1, 2**32 - 1, 2**32 - 1))
+    (source / name).write_bytes(gzip.compress(header + bytes(784)) if gz else header + bytes(784))
+    pack_refused(capsys, tmp_path, source, name, "4294967295x4294967295x4294967295", "more than the 1073741824 this reader accepts")
 
 
 def test_image_label_count_mismatch(tmp_path, capsys):

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import ROOT, free_port, run, start_and_signal, summary, train_command, train_ok, write_source
+from helpers import ROOT, Payload, free_port, run, start_and_signal, summary, tiny_training_objects, train_command, train_ok, write_source
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from harness import checkpoint as ckpt
@@ -186,16 +186,6 @@ def test_malformed_marker_falls_back_to_the_previous_checkpoint(tmp_path, caplog
     assert newest_valid_step(tmp_path, caplog, "step-00000002.json") == 1
 
 
-class Payload:
-    """Unpickling this opens (creates) `path` for writing: proof that code from a file ran."""
-
-    def __init__(self, path: Path):
-        self.path = str(path)
-
-    def __reduce__(self):
-        return (open, (self.path, "w"))
-
-
 def torch_bytes(obj) -> bytes:
     buffer = io.BytesIO()
     torch.save(obj, buffer)
@@ -245,15 +235,6 @@ def test_names_that_are_not_step_numbers_are_ignored(tmp_path):
     (tmp_path / "checkpoints" / "step-latest.json").write_text("{}")
     (tmp_path / "checkpoints" / "step-1e9.json").write_text("{}")
     assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step-00000001.json"]
-
-
-def tiny_training_objects():
-    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2))
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: 0.9**epoch)
-    model(torch.ones(1, 4)).sum().backward()
-    optimizer.step()
-    return model, optimizer, scheduler
 
 
 @pytest.mark.parametrize(

@@ -19,22 +19,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import assert_one_error, cli, npy_bytes, reseal, run_cli, snapshot, tar_members, write_manifest, write_source, write_tar
+from helpers import Payload, assert_one_error, cli, npy_bytes, reseal, run_cli, snapshot, tar_members, write_manifest, write_source, write_tar
 
 from harness.data.pack import pack
 from harness.data.sources import load_source
 from harness.data.stream import MacroBatchStream, ShardSplit
 from harness.errors import HarnessError
-
-
-class Payload:
-    """Unpickling this opens (creates) `path` for writing: proof that code from a file ran."""
-
-    def __init__(self, path: Path):
-        self.path = str(path)
-
-    def __reduce__(self):
-        return (open, (self.path, "w"))
 
 
 @pytest.fixture
@@ -241,6 +231,12 @@ def block_payloads(count: int, first: int = 0, split: str = "train") -> dict[str
     }
 
 
+def npy_with_header(header: bytes) -> bytes:
+    """An .npy (format 1.0) with `header` as its header text, then the data of 20 images."""
+    header += b" " * (63 - (10 + len(header)) % 64) + b"\n"
+    return b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header + bytes(20 * 784)
+
+
 @pytest.mark.parametrize(
     "kind,payload,fragment",
     [
@@ -252,6 +248,8 @@ def block_payloads(count: int, first: int = 0, split: str = "train") -> dict[str
         ("images.npy", npy_bytes(np.zeros((20, 28, 28), np.uint8)) + b"\0", "data bytes"),
         ("images.npy", npy_bytes(np.asfortranarray(np.arange(20 * 784).reshape(20, 28, 28).astype(np.uint8))), "Fortran"),
         ("images.npy", b"PK\x03\x04 not an npy", "not a valid .npy array"),
+        ("images.npy", npy_with_header(b"{'descr': '|u1', 'fortran_order': False, 'shape': (20, 28, 28"), "not a valid .npy array"),
+        ("images.npy", npy_with_header(b"{'descr': 'O', 'fortran_order': False, 'shape': (20, 28, 28), }"), "dtype object"),
         ("labels.npy", npy_bytes(np.full(20, 10, np.uint8)), "label 10"),
         ("labels.npy", npy_bytes(np.zeros(21, np.uint8)), "shape (21,)"),
         ("labels.npy", npy_bytes(np.zeros(20, np.float32)), "dtype float32"),

@@ -168,7 +168,7 @@ def decode_npy(payload: bytes, shape: tuple[int, ...], where: str) -> np.ndarray
         if version not in NPY_HEADER_READERS:
             raise ValueError(f"format version {version[0]}.{version[1]}")
         got_shape, fortran_order, dtype = NPY_HEADER_READERS[version](stream)
-    except (ValueError, TypeError, SyntaxError) as e:
+    except Exception as e:  # noqa: BLE001 (numpy's header parser on untrusted bytes: it also raises tokenize.TokenError)
         raise HarnessError(f"{where}: not a valid .npy array ({one_line(e)})") from None
     if dtype != np.uint8 or tuple(got_shape) != shape:
         raise HarnessError(f"{where}: holds dtype {dtype} shape {tuple(got_shape)}; expected dtype uint8 shape {shape}")

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from harness import distributed
 from harness.allocator import keep_freed_memory
-from harness.checkpoint import checkpoint_to_resume, save_checkpoint
+from harness.checkpoint import checkpoint_to_resume, save_checkpoint, state_mismatch
 from harness.config import TrainConfig, add_config_options, build_config
 from harness.data.stream import MacroBatch, MacroBatchStream, ShardSplit
 from harness.device import autocast, set_deterministic
@@ -196,8 +196,14 @@ class Trainer:
         if gpu_rng and self.ctx.device.type == "cuda":
             torch.cuda.set_rng_state(gpu_rng[self.ctx.rank % len(gpu_rng)], self.ctx.device)
 
+    def check_state(self, state: dict, path: Path) -> None:
+        """HarnessError naming `path` if a loaded checkpoint does not fit this run's objects."""
+        problem = state_mismatch(state, self.model, self.optimizer, self.scheduler, self.progress.state_dict())
+        if problem:
+            raise HarnessError(f"{path}: does not fit this run's model and optimizer ({problem})")
+
     def restore(self) -> None:
-        found = checkpoint_to_resume(self.ctx, self.run_dir, self.resume, self.config)
+        found = checkpoint_to_resume(self.ctx, self.run_dir, self.resume, self.config, fits=self.check_state)
         if found:
             path, state = found
             self.load_state_dict(state)

@@ -22,8 +22,8 @@ from typing import Iterator
 
 import numpy as np
 import torch
-import webdataset as wds
 
+from harness.data.blocks import read_blocks
 from harness.data.manifest import load_manifest, split_info, verify_shards
 from harness.errors import HarnessError
 
@@ -31,26 +31,6 @@ from harness.errors import HarnessError
 def seeded_generator(*key: int) -> np.random.Generator:
     """A generator that depends only on `key` (seed, epoch, ...), never on rank or world size."""
     return np.random.default_rng(np.random.SeedSequence([int(k) for k in key]))
-
-
-def _every_shard(urls):
-    return urls
-
-
-def read_blocks(path: Path) -> list[tuple[int, np.ndarray, np.ndarray]]:
-    """All blocks of one shard as (first index, images, labels), in file order."""
-    # Every rank reads every shard on purpose (see the module docstring), so the
-    # node and worker splitters are the identity.
-    dataset = wds.WebDataset(
-        str(path), shardshuffle=False, empty_check=False, nodesplitter=_every_shard, workersplitter=_every_shard
-    ).decode()
-    blocks = []
-    for sample in dataset:
-        try:
-            blocks.append((int(sample["meta.json"]["first"]), sample["images.npy"], sample["labels.npy"]))
-        except KeyError as e:
-            raise HarnessError(f"{path}: block {sample.get('__key__')} lacks member {e}") from None
-    return blocks
 
 
 @dataclass
@@ -92,16 +72,10 @@ class ShardSplit:
         return [(first + k, min(size, count - k)) for k in range(0, count, size)]
 
     def read_shard(self, shard: int) -> list[tuple[int, np.ndarray, np.ndarray]]:
-        """A shard's blocks, checked against the manifest's layout."""
-        path = self.paths[shard]
-        blocks = read_blocks(path)
-        found = [(first, len(labels)) for first, _, labels in blocks]
-        if found != self.block_layout(shard):
-            raise HarnessError(
-                f"{path}: blocks (first index, images) {found[:3]}{'...' if len(found) > 3 else ''} do not match "
-                f"manifest.json's layout {self.block_layout(shard)[:3]}{'...' if len(found) > 3 else ''}"
-            )
-        return blocks
+        """A shard's blocks, each checked against the manifest's layout as it is read."""
+        return read_blocks(
+            self.paths[shard], self.split, self.block_layout(shard), tuple(self.manifest["image_shape"]), self.manifest["num_classes"]
+        )
 
     def clip(self, first: int, images: np.ndarray, labels: np.ndarray):
         lo, hi = max(self.start - first, 0), min(self.stop - first, len(labels))

@@ -29,6 +29,7 @@ CHOICES = {
     "model": ("lenet", "mlp"),
     "activation": ("relu", "leaky_relu", "tanh", "sigmoid"),
     "output_activation": ("", "relu", "leaky_relu", "tanh", "sigmoid"),
+    "init": ("pytorch", "fan_product_normal"),
     "loss": ("cross_entropy", "mse"),
     "normalize": ("standardize", "unit", "unit_minus_pixel_mean", "raw"),
     "backend": ("auto", "nccl", "gloo"),
@@ -54,6 +55,12 @@ class TrainConfig:
     hidden: list[int] = option([], "MLP hidden layer sizes, e.g. 500,300")
     activation: str = option("relu", "activation between layers")
     output_activation: str = option("", "also applied after the last layer (the mathspp MLP does); empty = none")
+    leaky_slope: float = option(0.01, "negative slope of leaky_relu (PyTorch's default 0.01; mathspp's 0.1)")
+    init: str = option(
+        "pytorch",
+        "initial weights: pytorch (PyTorch's default per layer); fan_product_normal: every weight tensor "
+        "~ N(0, std 1/(fan_out x fan_in)), every bias ~ N(0, std 1/fan_out) (mathspp's nn.py)",
+    )
     loss: str = option("cross_entropy", "cross_entropy, or mse against one-hot targets")
     normalize: str = option(
         "standardize",
@@ -76,6 +83,10 @@ class TrainConfig:
     holdout: int = option(0, "validate on the last N training images instead of the test set")
     early_stopping: int = option(0, "stop after this many epochs without a better validation loss; 0 = off")
     seed: int = option(0, "initial weights and data order")
+    shuffle: bool = option(
+        True, "a seeded order every epoch; --no-shuffle walks the training split in file order every epoch (each rank "
+        "still takes its slice of every global batch, so the sequence of global batches does not depend on the world size)"
+    )
     # running
     device: str = option("auto", "auto (CUDA when present, else CPU), cpu, cuda (GPU LOCAL_RANK), or cuda:N (every rank on GPU N)")
     backend: str = option("auto", "collectives for CUDA tensors: auto (NCCL, or gloo for ranks sharing a GPU), nccl or gloo")

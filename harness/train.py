@@ -62,6 +62,7 @@ class Progress:
     best_val: float = float("inf")  # early stopping: best validation loss so far
     stale_epochs: int = 0  # epochs since it last improved
     last_metrics: dict = dataclasses.field(default_factory=dict)
+    before_training: dict = dataclasses.field(default_factory=dict)  # test loss and accuracy of the initial weights
 
     def state_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -119,6 +120,7 @@ class Trainer:
         self.progress = Progress()
         self.window = LossWindow(config.log_every, ctx.device)
         self.last_eval: tuple[int, EvalResult] | None = None  # (step, result) of rank 0's latest validation
+        self._test_set: tuple[torch.Tensor, torch.Tensor] | None = None  # holdout runs: loaded when first needed
         self.restore()
         self.outputs = RunOutputs(self.run_dir, resumed_at=self.progress.step or None) if ctx.is_main else None
         if self.outputs:
@@ -131,7 +133,7 @@ class Trainer:
         self.n_train = len(train_data) - config.holdout
         if config.holdout:
             train_data = ShardSplit(self.shard_dir, "train", 0, self.n_train, verify=False)  # verified just above
-        self.stream = MacroBatchStream(train_data, config.batch_size, config.macro_batch, config.seed, ctx.device)
+        self.stream = MacroBatchStream(train_data, config.batch_size, config.macro_batch, config.seed, ctx.device, shuffle=config.shuffle)
         self.train_stats = train_data.manifest["train_stats"]
         self.val_set = "holdout" if config.holdout else "test"
         if ctx.is_main:
@@ -213,6 +215,8 @@ class Trainer:
 
     def fit(self) -> dict:
         self.log_start()
+        if self.progress.step == 0 and not self.progress.before_training:  # a resumed run keeps its first figure
+            self.test_before_training()
         started = time.perf_counter()
         while self.progress.epoch < self.config.epochs and not self.finished():
             self.train_epoch()
@@ -302,6 +306,24 @@ class Trainer:
                 loss[0] = result.loss
         return self.ctx.broadcast_from_main(loss).item()
 
+    def test_before_training(self) -> None:
+        """Rank 0: the test-set figures of the initial weights (chance, ~10%, unless the
+        initialisation is degenerate), recorded in summary.json and TensorBoard at step 0."""
+        with self.ctx.main_only("test before training"):
+            if self.ctx.is_main:
+                result = evaluate(self.model, *self.test_set(), self.normalize, self.loss_fn, self.config.eval_batch)
+                self.progress.before_training = {"test_loss": result.loss, "test_accuracy": result.accuracy}
+                self.outputs.tensorboard.scalars(0, {"test/loss": result.loss, "test/accuracy": result.accuracy})
+                log.info(f"before training: test loss {result.loss:.4f}  accuracy {100 * result.accuracy:.2f}%")
+
+    def test_set(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The 10,000 test images on the device (rank 0): the validation set unless the run validates on a holdout."""
+        if not self.config.holdout:
+            return self.val_images, self.val_labels
+        if self._test_set is None:
+            self._test_set = self.load_eval_set("test")
+        return self._test_set
+
     def checkpoint_due(self) -> bool:
         return bool(self.config.checkpoint_every) and self.progress.step % self.config.checkpoint_every == 0
 
@@ -348,6 +370,7 @@ class Trainer:
             "final": self.progress.last_metrics,
             "test_loss": test.loss,
             "test_accuracy": test.accuracy,
+            "before_training": self.progress.before_training,
             "world_size": self.ctx.world_size,
             "steps": self.progress.step,
             "steps_per_rank": [r[0] for r in per_rank],
@@ -368,8 +391,7 @@ class Trainer:
         step, else a fresh evaluation (holdout runs, a resumed finished run)."""
         if not self.config.holdout and self.last_eval and self.last_eval[0] == self.progress.step:
             return self.last_eval[1]
-        images, labels = (self.val_images, self.val_labels) if not self.config.holdout else self.load_eval_set("test")
-        return evaluate(self.model, images, labels, self.normalize, self.loss_fn, self.config.eval_batch)
+        return evaluate(self.model, *self.test_set(), self.normalize, self.loss_fn, self.config.eval_batch)
 
 
 def make_schedule(optimizer: torch.optim.Optimizer, config: TrainConfig, steps_per_epoch: int):

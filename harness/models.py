@@ -78,13 +78,14 @@ def build_model(config) -> nn.Sequential:
     return fan_product_normal_(model) if config.init == "fan_product_normal" else model
 
 
-def first_layer_weights(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
-    """Weights worth looking at as images: both conv layers of the CNN, the first Linear of an MLP."""
-    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+def first_layer_weights(state: dict[str, torch.Tensor]) -> list[tuple[str, torch.Tensor]]:
+    """Weights worth looking at as images, from a model's state dict (in module order): both
+    conv layers of the CNN, or an MLP's first Linear as one 28x28 tile per unit. [n, c, h, w] each."""
+    convs = [t.detach() for t in state.values() if t.ndim == 4]
     if convs:
-        return [(f"conv{i + 1}", conv.weight.detach()) for i, conv in enumerate(convs[:2])]
-    first = next(m for m in model.modules() if isinstance(m, nn.Linear))
-    return [("layer1", first.weight.detach().reshape(-1, 1, 28, 28))]
+        return [(f"conv{i + 1}", w) for i, w in enumerate(convs[:2])]
+    first = next(t.detach() for t in state.values() if t.ndim == 2)
+    return [("layer1", first.reshape(-1, 1, 28, 28))]
 
 
 def parameter_checksum(model: nn.Module) -> str:

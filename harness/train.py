@@ -32,7 +32,7 @@ from harness.device import autocast, set_deterministic
 from harness.errors import HarnessError, run_guarded
 from harness.evaluate import EvalResult, evaluate
 from harness.models import build_model, parameter_checksum
-from harness.normalize import Normalizer, make_loss
+from harness.normalize import Normalizer, make_loss, stats_used
 from harness.run_outputs import RunOutputs, setup_logging
 from harness.stopping import EXIT_STOPPED, StopRequest
 from harness.testhooks import Fault, save_rank_weights
@@ -180,6 +180,7 @@ class Trainer:
             "loop": self.progress.state_dict(),
             "rng": {"torch": self.ctx.gather_tensors(torch.get_rng_state()), "cuda": self.ctx.gather_tensors(gpu_rng) if cuda else []},
             "config": dataclasses.asdict(self.config),
+            "normalization_stats": stats_used(self.config.normalize, self.train_stats),
             "world_size": self.ctx.world_size,
         }
 
@@ -382,6 +383,7 @@ class Trainer:
             "device": str(self.ctx.device),
             "backend": self.ctx.backend,
             "config": dataclasses.asdict(self.config),
+            "normalization_stats": stats_used(self.config.normalize, self.train_stats),
         }
         self.outputs.finish(summary, test, "test", self.model)
         return summary

@@ -62,6 +62,7 @@ class TrainConfig:
         "~ N(0, std 1/(fan_out x fan_in)), every bias ~ N(0, std 1/fan_out) (mathspp's nn.py)",
     )
     loss: str = option("cross_entropy", "cross_entropy, or mse against one-hot targets")
+    label_smoothing: float = option(0.0, "cross_entropy only: training targets put this much probability mass evenly on all classes (validation and test losses stay plain)")
     normalize: str = option(
         "standardize",
         "standardize: (x/255 - mean)/std; unit: x/255; unit_minus_pixel_mean: x/255 minus the "
@@ -80,6 +81,9 @@ class TrainConfig:
         "exponential", "exponential: x lr_decay after every epoch; onecycle: per step, up linearly to lr over the first "
         "25% of the run's steps, then down linearly to 0 at its end"
     )
+    augment_rotate: float = option(0.0, "augmentation on the device: rotate each training image by up to this many degrees either way")
+    augment_scale: float = option(0.0, "augmentation: scale each training image by a factor in [1 - x, 1 + x]")
+    augment_shift: float = option(0.0, "augmentation: shift each training image by up to this many pixels along each axis")
     holdout: int = option(0, "validate on the last N training images instead of the test set")
     early_stopping: int = option(0, "stop after this many epochs without a better validation loss; 0 = off")
     seed: int = option(0, "initial weights and data order")
@@ -126,6 +130,10 @@ class TrainConfig:
             raise HarnessError(f"--lr must be positive (got {self.lr})")
         if self.nesterov and self.momentum <= 0:
             raise HarnessError("--nesterov needs a positive --momentum")
+        if not 0 <= self.label_smoothing < 1 or (self.label_smoothing and self.loss != "cross_entropy"):
+            raise HarnessError(f"--label-smoothing {self.label_smoothing}: needs --loss cross_entropy and a value in [0, 1)")
+        if min(self.augment_rotate, self.augment_scale, self.augment_shift) < 0 or self.augment_scale >= 1:
+            raise HarnessError("--augment-rotate, --augment-scale and --augment-shift must be >= 0, and --augment-scale < 1")
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}

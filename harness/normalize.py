@@ -43,9 +43,12 @@ def stats_used(mode: str, stats: dict) -> dict:
     return {key: stats[key] for key in STATS_USED[mode]}
 
 
-def make_loss(name: str, num_classes: int = 10):
-    """cross_entropy on logits, or mse of the outputs against one-hot targets (both batch means)."""
+def make_loss(name: str, num_classes: int = 10, label_smoothing: float = 0.0):
+    """cross_entropy on logits (optionally against smoothed targets), or mse of the outputs
+    against one-hot targets (both batch means)."""
     if name == "cross_entropy":
+        if label_smoothing:
+            return lambda outputs, labels: F.cross_entropy(outputs, labels, label_smoothing=label_smoothing)
         return F.cross_entropy
     if name == "mse":
         return lambda outputs, labels: F.mse_loss(outputs, F.one_hot(labels, num_classes).to(outputs.dtype))

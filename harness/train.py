@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from harness import distributed
 from harness.allocator import keep_freed_memory
+from harness.augment import RandomAffine
 from harness.checkpoint import checkpoint_to_resume, save_checkpoint
 from harness.config import TrainConfig, add_config_options, build_config
 from harness.data.stream import MacroBatch, MacroBatchStream, ShardSplit
@@ -160,7 +161,10 @@ class Trainer:
         )
         self.scheduler = make_schedule(self.optimizer, config, self.stream.steps_per_epoch)
         self.normalize = Normalizer(config.normalize, self.train_stats, ctx.device, memory_format)
-        self.loss_fn = make_loss(config.loss)
+        self.loss_fn = make_loss(config.loss)  # validation and test: comparable across recipes
+        self.train_loss_fn = make_loss(config.loss, label_smoothing=config.label_smoothing)
+        self.augment = RandomAffine(config.augment_rotate, config.augment_scale, config.augment_shift, config.seed, ctx.device)
+        self.augment_params: torch.Tensor | None = None  # the current macro-batch's, when augmenting
 
     def load_eval_set(self, split: str, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         images, labels = ShardSplit(self.shard_dir, split, start).load_all()
@@ -232,6 +236,8 @@ class Trainer:
             self.window.restart()
             for macro in self.stream.epoch(p.epoch, start_index=p.macro):
                 macro.wait_until_ready()
+                if self.augment.active:
+                    self.augment_params = self.augment.draw(macro.epoch, macro.index, len(macro.order))
                 for i in range(p.step_in_macro, macro.steps):
                     self.train_step(macro, i)
                     p.advance(last_in_macro=i + 1 == macro.steps)
@@ -245,8 +251,13 @@ class Trainer:
         """One optimizer step on this rank's slice of global batch `i`; nothing here waits for the device."""
         self.fault.before_step(self.progress.step, self.ctx.rank)  # test-only fault injection
         images, labels = macro.local_batch(i, self.ctx.rank, self.ctx.world_size)
+        inputs = self.normalize(images)
+        if self.augment_params is not None:
+            local = self.config.batch_size // self.ctx.world_size
+            first = i * self.config.batch_size + self.ctx.rank * local  # the rows of this rank's slice, as local_batch takes them
+            inputs = self.augment(inputs, self.augment_params[first : first + local])
         with autocast(self.ctx.device, self.config.precision):
-            loss = self.loss_fn(self.trained(self.normalize(images)), labels)
+            loss = self.train_loss_fn(self.trained(inputs), labels)
         loss = self.fault.corrupt_loss(loss, self.progress.step, self.ctx.rank)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()

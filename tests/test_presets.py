@@ -101,3 +101,62 @@ def test_mathspp_preset_reproduces_the_published_figures(mnist_shards, tmp_path)
     assert 0.05 <= summary["before_training"]["test_accuracy"] <= 0.15, summary["before_training"]
     assert abs(summary["test_accuracy"] - 0.9194) <= 0.015, summary["test_accuracy"]
     assert "before training: test loss" in result.stdout
+
+
+# --- lenet-plus: augmentation on the device, label smoothing ------------------------------------------
+
+
+def test_augmentation_geometry():
+    """Identity parameters leave an image alone; a shift of 2/28 of the frame moves it one pixel;
+    a quarter turn is rot90 (square images, pixel centres map onto pixel centres)."""
+    from harness.augment import RandomAffine
+
+    x = torch.rand(3, 1, 28, 28)
+    augment = RandomAffine(10, 0.1, 2, seed=0, device=CPU)
+    identity = torch.tensor([[0.0, 1.0, 0.0, 0.0]] * 3)
+    assert torch.allclose(augment(x, identity), x, atol=1e-5)
+    one_pixel = torch.tensor([[0.0, 1.0, 2 / 28, 0.0]] * 3)  # dx: sample one pixel to the right
+    assert torch.allclose(augment(x, one_pixel)[..., :-1], x[..., 1:], atol=1e-5)
+    quarter = torch.tensor([[np.pi / 2, 1.0, 0.0, 0.0]] * 3)
+    turned = augment(x, quarter)
+    assert any(torch.allclose(turned, torch.rot90(x, k, (2, 3)), atol=1e-5) for k in (1, 3))
+
+
+def test_augmentation_draws_depend_only_on_seed_epoch_and_macro_batch():
+    from harness.augment import RandomAffine
+
+    augment = RandomAffine(10, 0.1, 2, seed=4, device=CPU)
+    a, b = augment.draw(3, 1, 6000), RandomAffine(10, 0.1, 2, seed=4, device=CPU).draw(3, 1, 6000)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, augment.draw(4, 1, 6000)) and not torch.equal(a, augment.draw(3, 2, 6000))
+    assert a[:, 0].abs().max() <= np.radians(10) and (a[:, 1] - 1).abs().max() <= 0.1 and a[:, 2:].abs().max() <= 2 * 2 / 28
+    assert a[:, 0].abs().max() > 0.9 * np.radians(10)  # the whole range is used
+
+
+def test_augmented_training_is_world_size_invariant_and_resumes_exactly(mnist_shards, tmp_path):
+    """Each rank augments its slice of a global batch with that slice's parameters, so 2 ranks
+    train like 1 process (up to float summation order); a run stopped and resumed mid-epoch
+    draws the same parameters again and ends bitwise equal to an uninterrupted one.
+    Measured on an Intel Xeon: 1.5e-8 between 1 and 2 ranks after these 20 steps, against
+    1.1e-2 between augmented and unaugmented runs, which is what a rank taking other rows'
+    parameters would look like."""
+    from helpers import max_param_diff, summary, train_ok
+
+    common = ("--preset", "lenet-plus", "--lr", "0.02", "--lr-schedule", "exponential", "--device", "cpu", "--log-every", "10")
+    train_ok(mnist_shards, tmp_path / "one", *common, "--max-steps", "20")
+    train_ok(mnist_shards, tmp_path / "two", *common, "--max-steps", "20", nproc=2)
+    assert max_param_diff(tmp_path / "one", tmp_path / "two") < 5e-4
+    train_ok(mnist_shards, tmp_path / "resumed", *common, "--max-steps", "10")
+    train_ok(mnist_shards, tmp_path / "resumed", *common, "--max-steps", "20")
+    assert summary(tmp_path / "resumed")["param_checksum"] == summary(tmp_path / "one")["param_checksum"]
+
+
+def test_label_smoothing_changes_training_loss_only():
+    from harness.normalize import make_loss
+
+    logits, labels = torch.randn(8, 10), torch.randint(0, 10, (8,))
+    smoothed = make_loss("cross_entropy", label_smoothing=0.1)(logits, labels)
+    manual = (-(torch.full((8, 10), 0.01) + 0.9 * torch.nn.functional.one_hot(labels, 10)) * logits.log_softmax(1)).sum(1).mean()
+    assert smoothed.item() == pytest.approx(manual.item(), rel=1e-5)
+    with pytest.raises(Exception, match="label-smoothing"):
+        TrainConfig(loss="mse", label_smoothing=0.1).validate()

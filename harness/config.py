@@ -215,7 +215,7 @@ def add_config_options(parser: argparse.ArgumentParser) -> None:
             f"--{flag(name)}",
             dest=name,
             default=None,
-            help=f"{field.metadata['help']} (default {shown!r})",
+            help=f"{field.metadata['help']} (default {shown!r})".replace("%", "%%"),  # argparse formats help with %
             **_argparse_kwargs(name, TYPES[name]),
         )
 

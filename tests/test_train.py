@@ -190,6 +190,16 @@ def test_rerunning_a_finished_run_changes_nothing(lenet_run, mnist_shards):
     assert (run_dir / "metrics.jsonl").read_bytes() == metrics
 
 
+def test_train_help_lists_every_option():
+    """`harness train --help` formats every field's help (a bare % in one used to crash it)."""
+    from harness.config import FIELDS, flag
+    from harness.train import build_parser
+
+    text = build_parser().format_help()
+    assert all(f"--{flag(name)}" in text for name in FIELDS)
+    assert "25%" in text and "%%" not in text
+
+
 def test_bad_options_are_clear_errors(mnist_shards, tmp_path):
     result = run_cli("train", "--preset", "nope", "--shards", mnist_shards, "--run-dir", tmp_path / "r")
     assert result.returncode == 2 and "unknown preset 'nope'" in result.stderr

@@ -20,7 +20,7 @@ from harness.config import FIELDS, TrainConfig
 from harness.errors import HarnessError
 from harness.models import build_model
 from harness.normalize import STATS_USED, Normalizer
-from harness.report import load_weights, read_json
+from harness.report import load_torch_file, model_state, read_json
 
 
 @dataclasses.dataclass
@@ -33,25 +33,31 @@ class Trained:
 
 def saved_run(path: Path) -> tuple[dict, dict, dict | None, Path]:
     """(state dict, config, normalisation statistics or None, weights file) from a run
-    directory, a checkpoint (step-N.pt beside its step-N.json marker) or a run's model.pt."""
+    directory, a checkpoint (verified against its step-N.json marker when that is beside
+    it), or a model.pt with the run's summary.json beside it."""
     if path.is_dir():
         if (path / "model.pt").is_file():
             return saved_run(path / "model.pt")
         found = load_newest_valid(path)
         if found is None:
             raise HarnessError(f"{path}: neither model.pt nor a valid checkpoint: not a run directory, or a run that has not saved yet")
-        weights, state = found
-        return state["model"], state["config"], state.get("normalization_stats"), weights
+        return checkpoint_parts(found[1], found[0])
     if not path.is_file():
         raise HarnessError(f"{path}: no such run directory or checkpoint")
-    if path.with_suffix(".json").is_file() and path.parent.name == "checkpoints":
-        state = load_verified(path)
-        return state["model"], state["config"], state.get("normalization_stats"), path
+    if path.suffix == ".pt" and path.with_suffix(".json").is_file():
+        return checkpoint_parts(load_verified(path), path)
+    saved = load_torch_file(path)
+    if isinstance(saved, dict) and "config" in saved:
+        return checkpoint_parts(saved, path)
     summary_path = path.parent / "summary.json"
     if not summary_path.is_file():
         raise HarnessError(f"{path}: no summary.json beside it to say which model it holds (give the run directory or a checkpoint)")
     summary = read_json(summary_path)
-    return load_weights(path), summary["config"], summary.get("normalization_stats"), path
+    return model_state(saved, path), summary["config"], summary.get("normalization_stats"), path
+
+
+def checkpoint_parts(state: dict, path: Path) -> tuple[dict, dict, dict | None, Path]:
+    return model_state(state, path), state["config"], state.get("normalization_stats"), path
 
 
 def load_trained(path: Path, shards: Path | None = None) -> Trained:

@@ -168,15 +168,24 @@ def read_metrics(run_dir: Path) -> list[dict]:
         raise HarnessError(f"{path}: not one JSON object per line ({e})") from None
 
 
-def load_weights(path: Path) -> dict:
+def load_torch_file(path: Path):
+    """What torch.save wrote (tensors on the CPU, nothing but tensors and plain containers)."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many kinds for a damaged or foreign file
-        raise HarnessError(f"{path}: not a saved state dict ({type(e).__name__}: {e})") from None
-    state = state.get("model", state) if isinstance(state, dict) else state  # a checkpoint holds it under "model"
-    if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
-        raise HarnessError(f"{path}: not a model state dict")
+        raise HarnessError(f"{path}: not a saved model or checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+
+
+def model_state(saved, path: Path) -> dict:
+    """The model's state dict in what `load_torch_file` read: a state dict, or a checkpoint's "model"."""
+    state = saved.get("model", saved) if isinstance(saved, dict) else saved
+    if not isinstance(state, dict) or not state or not all(isinstance(t, torch.Tensor) for t in state.values()):
+        raise HarnessError(f"{path}: holds no model state dict")
     return state
+
+
+def load_weights(path: Path) -> dict:
+    return model_state(load_torch_file(path), path)
 
 
 def write_report(run_dir: Path) -> tuple[list[Path], list[str]]:

@@ -110,6 +110,15 @@ def test_report_figures_hold_the_runs_numbers(run_dir):
     assert np.nanmax(np.abs(tile_array(layer1)[:28, :28])) == pytest.approx(1.0)  # each tile scaled to its own max |w|
 
 
+def test_report_of_an_unfinished_run_draws_the_curves(run_dir, tmp_path, capsys):
+    unfinished = tmp_path / "unfinished"
+    unfinished.mkdir()
+    (unfinished / "metrics.jsonl").write_bytes((run_dir / "metrics.jsonl").read_bytes())
+    status, out, _ = harness_in_process(capsys, "report", unfinished)
+    assert status == 0 and sorted(p.name for p in (unfinished / "report").iterdir()) == ["training_curves.png"]
+    assert "skipped filters: no model.pt" in out and "skipped confusion_matrix: no test_report.json" in out
+
+
 def test_report_errors_are_clear(tmp_path, capsys):
     assert harness_in_process(capsys, "report", tmp_path / "missing")[::2] == (2, f"error: {tmp_path / 'missing'}: run directory not found\n")
     status, _, err = harness_in_process(capsys, "report", tmp_path)
@@ -224,13 +233,19 @@ def test_predict_errors_are_clear(run_dir, tmp_path, capsys):
     assert status == 2 and "give image files, or --shards DIR --index N" in err
 
 
-def test_predict_from_a_checkpoint(run_dir, mnist_shards, capsys):
-    """A checkpoint file works as well as the run directory, with the same outputs."""
+def test_predict_from_a_checkpoint(run_dir, mnist_shards, tmp_path, capsys):
+    """A checkpoint file works as well as the run directory, with the same outputs, beside its
+    marker (verified) or copied elsewhere alone; a file of something else is a clear error."""
     checkpoint = sorted((run_dir / "checkpoints").glob("step-*.pt"))[-1]
+    (tmp_path / "copy.pt").write_bytes(checkpoint.read_bytes())
     by_run = json.loads(harness_in_process(capsys, "predict", run_dir, "--shards", mnist_shards, "--index", "3", "--json")[1])
-    by_checkpoint = json.loads(harness_in_process(capsys, "predict", checkpoint, "--shards", mnist_shards, "--index", "3", "--json")[1])
-    assert by_checkpoint["model"] == str(checkpoint)
-    assert by_checkpoint["predictions"] == by_run["predictions"]
+    for path in (checkpoint, tmp_path / "copy.pt"):
+        by_checkpoint = json.loads(harness_in_process(capsys, "predict", path, "--shards", mnist_shards, "--index", "3", "--json")[1])
+        assert by_checkpoint["model"] == str(path)
+        assert by_checkpoint["predictions"] == by_run["predictions"]
+    (tmp_path / "junk.pt").write_bytes(b"\x80\x04junk")
+    status, _, err = harness_in_process(capsys, "predict", tmp_path / "junk.pt", "--shards", mnist_shards, "--index", "3")
+    assert status == 2 and err.startswith(f"error: {tmp_path / 'junk.pt'}: not a saved model or checkpoint")
 
 
 # --- TensorBoard through a real server --------------------------------------------------------------

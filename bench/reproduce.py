@@ -194,8 +194,20 @@ def preset_row(key: tuple[str, str], runs: list[dict]) -> str:
     ]) + " |"
 
 
+def missing_runs(by_preset: dict[tuple[str, str], list[dict]], seeds=(0, 1, 2)) -> list[str]:
+    """The presets' plain runs (seeds 0, 1, 2) that have no record yet, as "PRESET seeds S, ..."."""
+    missing = []
+    for preset in PRESETS:
+        done = {r["seed"] for r in by_preset.get((preset, ""), [])}
+        if todo := [str(s) for s in seeds if s not in done]:
+            missing.append(f"`{preset}` seed{'s' if len(todo) > 1 else ''} {', '.join(todo)}")
+    return missing
+
+
 def render_table(by_preset: dict[tuple[str, str], list[dict]]) -> str:
     runs = [r for rs in by_preset.values() for r in rs]
+    smoke = any(r.get("smoke") for r in runs)
+    missing = [] if smoke else missing_runs(by_preset)
     cpus = sorted({f"{r['hardware']['cpu_model']} ({r['hardware']['usable_cores']} cores)" for r in runs})
     commits = sorted({(r["harness_code"].get("git_commit") or "unknown")[:7] for r in runs})
     lines = [
@@ -206,8 +218,13 @@ def render_table(by_preset: dict[tuple[str, str], list[dict]]) -> str:
         "preset over its seeds; every figure here was measured.",
         "",
         f"Hardware: {'; '.join(cpus)}, no GPU (`--device cpu`). Harness commit(s): {', '.join(commits)}."
-        + (" **Smoke run: a few steps per preset, not the figures.**" if any(r.get("smoke") for r in runs) else ""),
+        + (" **Smoke run: a few steps per preset, not the figures.**" if smoke else ""),
         "",
+        *([
+            f"**Incomplete: still to be run: {'; '.join(missing)}.** A preset's mean is over the seeds",
+            "listed in its row; `bench/reproduce.py` runs only what has no record and regenerates this file.",
+            "",
+        ] if missing else []),
         "| preset | published | mean | spread | per seed | seeds | before training | epochs | training time per run | images/s |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
         *[preset_row(key, rs) for key, rs in by_preset.items()],

@@ -134,10 +134,15 @@ class MacroBatchStream:
     on a side stream while the current one trains.
     """
 
-    def __init__(self, data: ShardSplit, global_batch: int, macro_batch: int, seed: int, device: torch.device, prefetch: bool | None = None):
+    def __init__(
+        self, data: ShardSplit, global_batch: int, macro_batch: int, seed: int, device: torch.device, prefetch: bool | None = None,
+        shuffle: bool = True,
+    ):
+        """`shuffle=False`: every epoch is the split in file order (shards, blocks and images in
+        index order); the slicing into global batches and rank slices stays the same."""
         if global_batch > len(data):
             raise HarnessError(f"--batch-size {global_batch} is larger than the {len(data)} training samples")
-        self.data, self.global_batch, self.seed, self.device = data, global_batch, seed, device
+        self.data, self.global_batch, self.seed, self.device, self.shuffle = data, global_batch, seed, device, shuffle
         # Macro-batches hold whole global batches, so the only images dropped in
         # an epoch are the final remainder, fewer than one global batch.
         self.steps_per_epoch = len(data) // global_batch
@@ -156,7 +161,8 @@ class MacroBatchStream:
         rows lo:hi of that block of that shard, in the range. Shards in a seeded order, the
         blocks of each shard in a seeded order; the layout comes from the manifest."""
         rng = seeded_generator(self.seed, epoch, 0)
-        for shard in rng.permutation(len(self.data.paths)).tolist():
+        shards = rng.permutation(len(self.data.paths)) if self.shuffle else np.arange(len(self.data.paths))
+        for shard in shards.tolist():
             # Draw the block order even for skipped shards, so the rng stream never depends on `skip`.
             used = self.data.used_in_shard(shard)
             block_seed = int(rng.integers(2**63))
@@ -166,7 +172,8 @@ class MacroBatchStream:
                 skip -= used
                 continue
             blocks = self.data.block_layout(shard)
-            for b in np.random.default_rng(block_seed).permutation(len(blocks)).tolist():
+            block_order = np.random.default_rng(block_seed).permutation(len(blocks)) if self.shuffle else np.arange(len(blocks))
+            for b in block_order.tolist():
                 first, count = blocks[b]
                 lo, hi = max(self.data.start - first, 0), min(self.data.stop - first, count)
                 if skip >= max(hi - lo, 0):
@@ -181,7 +188,7 @@ class MacroBatchStream:
         return first_step * self.global_batch, min(self.macro_steps, self.steps_per_epoch - first_step) * self.global_batch
 
     def _order(self, epoch: int, index: int, size: int) -> np.ndarray:
-        return seeded_generator(self.seed, epoch, 1 + index).permutation(size)
+        return seeded_generator(self.seed, epoch, 1 + index).permutation(size) if self.shuffle else np.arange(size)
 
     def _resident_batch(self, epoch: int) -> MacroBatch:
         """The whole split on the device, and the epoch's order as indices into it."""

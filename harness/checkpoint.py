@@ -20,6 +20,7 @@ import torch
 
 from harness.atomic import fsync_dir, torch_bytes, write_bytes_atomic, write_json_atomic
 from harness.config import changed_fields
+from harness.data.manifest import STATS_SCHEMA
 from harness.errors import HarnessError
 from harness.validation import first_violation, one_line, read_json_file
 
@@ -65,6 +66,8 @@ MARKER_SCHEMA = {
 }
 # What every checkpoint holds at its top level (Trainer.state_dict); `fits` checks the rest.
 STATE_KEYS = {"model", "optimizer", "scheduler", "loop", "rng", "config", "world_size"}
+# Held by checkpoints written since it was added, absent from older ones (which still resume).
+OPTIONAL_STATE_KEYS = {"normalization_stats"}  # what `harness predict` normalises with
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
@@ -121,9 +124,12 @@ def _unpickle(payload: bytes, path: Path) -> dict:
 
 
 def _check_top_level(state, meta: dict, path: Path) -> None:
-    if not isinstance(state, dict) or set(state) != STATE_KEYS:
+    if not isinstance(state, dict) or not STATE_KEYS <= set(state) <= STATE_KEYS | OPTIONAL_STATE_KEYS:
         keys = sorted(map(str, state)) if isinstance(state, dict) else type(state).__name__
         raise HarnessError(f"{path}: does not hold a training state (holds {one_line(keys)}; expected {sorted(STATE_KEYS)})")
+    problem = first_violation({"properties": {"normalization_stats": STATS_SCHEMA}}, {k: v for k, v in state.items() if k in OPTIONAL_STATE_KEYS})
+    if problem:
+        raise HarnessError(f"{path}: {problem}")
     loop, world = state["loop"], state["world_size"]
     if not isinstance(loop, dict) or loop.get("step") != meta["step"]:
         raise HarnessError(f"{path}: loop.step is not the marker's step {meta['step']}")
@@ -206,15 +212,26 @@ def state_mismatch(state: dict, model, optimizer, scheduler, loop: dict) -> str 
     loop, as `field: problem`; None if it fits. Checked before anything is loaded: a
     state that loads halfway would leave the run half restored, and load_state_dict of a
     schedule takes any keys it is given."""
-    loop_template = {**loop, "last_metrics": state["loop"].get("last_metrics")}  # whatever metrics were logged
-    if not isinstance(loop_template["last_metrics"], dict):
+    template = {"model": model.state_dict(), "scheduler": scheduler.state_dict(), "loop": loop_template(state["loop"], loop)}
+    if not isinstance(template["loop"]["last_metrics"], dict):
         return "loop.last_metrics: not a mapping"
-    template = {"model": model.state_dict(), "scheduler": scheduler.state_dict(), "loop": loop_template}
     return (
         structure_mismatch({k: state[k] for k in template}, template, "")
         or optimizer_mismatch(state["optimizer"], optimizer)
         or rng_mismatch(state["rng"])
     )
+
+
+def loop_template(saved: dict, loop: dict) -> dict:
+    """What a saved loop state must look like, from this run's: `last_metrics` holds whatever
+    metrics were logged; `before_training` the test loss and accuracy of the initial weights,
+    or nothing yet; a loop saved before `before_training` existed may lack it."""
+    template = {**loop, "last_metrics": saved.get("last_metrics")}
+    if "before_training" not in saved:
+        template.pop("before_training", None)
+    elif saved["before_training"]:
+        template["before_training"] = {"test_loss": 0.0, "test_accuracy": 0.0}
+    return template
 
 
 def structure_mismatch(value, template, where: str) -> str | None:

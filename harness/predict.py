@@ -17,10 +17,12 @@ import torch
 
 from harness.checkpoint import load_newest_valid, load_verified
 from harness.config import FIELDS, TrainConfig
+from harness.data.manifest import STATS_SCHEMA
 from harness.errors import HarnessError
 from harness.models import build_model
 from harness.normalize import STATS_USED, Normalizer
 from harness.report import load_torch_file, model_state, read_json
+from harness.validation import first_violation
 
 
 @dataclasses.dataclass
@@ -70,6 +72,10 @@ def load_trained(path: Path, shards: Path | None = None) -> Trained:
         from harness.data.manifest import load_manifest
 
         stats = load_manifest(Path(shards))["train_stats"]
+    needed = {**STATS_SCHEMA, "required": list(STATS_USED[config.normalize])}  # checked as the manifest's are
+    problem = first_violation({"properties": {"normalization_stats": needed}}, {"normalization_stats": stats or {}})
+    if problem:
+        raise HarnessError(f"{source}: the run's {problem}")
     model = build_model(config)
     try:
         model.load_state_dict(state)

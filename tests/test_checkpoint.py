@@ -194,7 +194,8 @@ def torch_bytes(obj) -> bytes:
 
 @pytest.mark.parametrize(
     "payload",
-    ["garbage", "pickle", "torch-pickle", "list", "missing-keys", "step-differs", "tensor-config", "world-size-0"],
+    ["garbage", "pickle", "torch-pickle", "list", "missing-keys", "extra-key", "step-differs", "tensor-config", "world-size-0",
+     "std-zero", "stats-tensor"],
 )
 def test_checkpoint_that_does_not_load_falls_back_to_the_previous(tmp_path, caplog, payload):
     """A .pt that matches its marker but is not a loadable training state (crafted, or
@@ -207,9 +208,12 @@ def test_checkpoint_that_does_not_load_falls_back_to_the_previous(tmp_path, capl
         "torch-pickle": torch_bytes(Payload(ran)),
         "list": torch_bytes([1, 2, 3]),
         "missing-keys": torch_bytes({"loop": {"step": 2}}),
+        "extra-key": torch_bytes({**small_state(2), "payload": 1}),
         "step-differs": torch_bytes(small_state(7)),
         "tensor-config": torch_bytes({**small_state(2), "config": {"lr": torch.ones(2)}}),
         "world-size-0": torch_bytes({**small_state(2), "world_size": 0}),
+        "std-zero": torch_bytes({**small_state(2), "normalization_stats": {"mean": 0.13, "std": 0.0}}),  # predict would divide by it
+        "stats-tensor": torch_bytes({**small_state(2), "normalization_stats": {"pixel_mean": torch.zeros(784)}}),
     }[payload]
     pt = tmp_path / "checkpoints" / "step-00000002.pt"
     pt.write_bytes(crafted)
@@ -218,6 +222,30 @@ def test_checkpoint_that_does_not_load_falls_back_to_the_previous(tmp_path, capl
     assert not ran.exists(), "unpickling the checkpoint ran code"
     with pytest.raises(HarnessError, match="step-00000002.pt"):  # --resume PATH: the same problem is an error
         ckpt.load_verified(pt)
+
+
+def test_what_newer_checkpoints_hold_beside_the_training_state_loads(tmp_path):
+    """A run's checkpoints also hold the normalisation statistics it used (for `harness
+    predict`) and the test figures of its initial weights (loop.before_training); older
+    checkpoints hold neither. Both kinds load."""
+    stats = {"mean": 0.1307, "std": 0.3081}
+    newer = {**small_state(2), "normalization_stats": stats, "loop": {"step": 2, "before_training": {"test_loss": 2.3, "test_accuracy": 0.1}}}
+    ckpt.save_checkpoint(tmp_path, small_state(1), step=1, epoch=0, keep=10)
+    ckpt.save_checkpoint(tmp_path, newer, step=2, epoch=0, keep=10)
+    assert ckpt.load_newest_valid(tmp_path)[1]["normalization_stats"] == stats
+    assert "normalization_stats" not in ckpt.load_verified(tmp_path / "checkpoints" / "step-00000001.pt")
+
+
+@pytest.mark.parametrize("before_training", [None, {}, {"test_loss": 2.3, "test_accuracy": 0.1}], ids=["older", "empty", "figures"])
+def test_the_loops_test_figures_before_training_fit_a_fresh_run(before_training):
+    """A resumed run's loop starts with before_training {} (not measured yet); a checkpoint's
+    may hold the figures, nothing yet, or (written before they existed) no such key."""
+    model, optimizer, scheduler = tiny_training_objects()
+    loop = {"step": 1, "epoch": 0, "last_metrics": {}, "before_training": {}}
+    saved = {**{k: v for k, v in loop.items() if k != "before_training"}, **({} if before_training is None else {"before_training": before_training})}
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "loop": saved,
+             "rng": {"torch": [torch.get_rng_state()], "cuda": []}}
+    assert ckpt.state_mismatch(state, model, optimizer, scheduler, loop) is None
 
 
 def test_checkpoints_are_ordered_and_pruned_by_step_number(tmp_path):
@@ -252,6 +280,9 @@ def test_names_that_are_not_step_numbers_are_ignored(tmp_path):
         (lambda s: s["scheduler"].update({"last_epoch": 1.0}), "scheduler.last_epoch: a float; expected a int"),
         (lambda s: s["loop"].update({"step": 3.0}), "loop.step: a float"),
         (lambda s: s["loop"].update({"last_metrics": [1]}), "loop.last_metrics: not a mapping"),
+        (lambda s: s["loop"].update({"before_training": {"test_loss": "2.3", "test_accuracy": 0.1}}), "loop.before_training.test_loss: a str"),
+        (lambda s: s["loop"].update({"before_training": {"test_accuracy": 0.1}}), "loop.before_training: keys"),
+        (lambda s: s["loop"].update({"before_training": [0.1]}), "loop.before_training: keys a list"),
         (lambda s: s["rng"].update({"torch": [torch.zeros(5, dtype=torch.uint8)]}), "rng.torch"),
         (lambda s: s["rng"].update({"cuda": [torch.zeros(5)]}), "rng.cuda"),
     ],

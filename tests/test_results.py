@@ -233,6 +233,19 @@ def test_predict_errors_are_clear(run_dir, tmp_path, capsys):
     assert status == 2 and "give image files, or --shards DIR --index N" in err
 
 
+def test_predict_checks_the_runs_normalisation_statistics(run_dir, tmp_path, capsys):
+    """summary.json's normalization_stats are checked as the manifest's train_stats are: a
+    copied run with them damaged is one error line naming the file, not a traceback."""
+    (tmp_path / "model.pt").write_bytes((run_dir / "model.pt").read_bytes())
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert len(summary["normalization_stats"]["pixel_mean"]) == 784  # neupy-mlp: inputs minus the per-pixel mean
+    for stats, message in [({"pixel_mean": [0.1] * 3}, "normalization_stats.pixel_mean: "), ({}, "'pixel_mean' is a required property")]:
+        (tmp_path / "summary.json").write_text(json.dumps({**summary, "normalization_stats": stats}))
+        status, out, err = harness_in_process(capsys, "predict", tmp_path, "--shards", tmp_path, "--index", "0")
+        assert status == 2 and not out and err.count("\n") == 1, err
+        assert err.startswith(f"error: {tmp_path / 'model.pt'}: the run's normalization_stats") and message in err, err
+
+
 def test_predict_from_a_checkpoint(run_dir, mnist_shards, tmp_path, capsys):
     """A checkpoint file works as well as the run directory, with the same outputs, beside its
     marker (verified) or copied elsewhere alone; a file of something else is a clear error."""

@@ -51,6 +51,17 @@ SPLIT_SCHEMA = {
     "required": ["samples", "block_size", "shards"],
     "additionalProperties": False,
 }
+# The train-set statistics; a run records the ones its normalisation used (some or none of
+# them) in its checkpoints and summary.json, where they are checked against this as well.
+STATS_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "mean": _FRACTION,
+        "std": {"type": "number", "minimum": MIN_PIXEL_STD, "maximum": 0.5},  # values in [0, 1]: std <= 1/2
+        "pixel_mean": {"type": "array", "minItems": math.prod(IMAGE_SHAPE), "maxItems": math.prod(IMAGE_SHAPE), "items": _FRACTION},
+    },
+    "additionalProperties": False,
+}
 MANIFEST_SCHEMA = {
     "type": "object",
     "properties": {
@@ -66,16 +77,7 @@ MANIFEST_SCHEMA = {
             "required": list(SPLITS),
             "additionalProperties": False,
         },
-        "train_stats": {
-            "type": "object",
-            "properties": {
-                "mean": _FRACTION,
-                "std": {"type": "number", "minimum": MIN_PIXEL_STD, "maximum": 0.5},  # values in [0, 1]: std <= 1/2
-                "pixel_mean": {"type": "array", "minItems": math.prod(IMAGE_SHAPE), "maxItems": math.prod(IMAGE_SHAPE), "items": _FRACTION},
-            },
-            "required": ["mean", "std", "pixel_mean"],
-            "additionalProperties": False,
-        },
+        "train_stats": {**STATS_SCHEMA, "required": ["mean", "std", "pixel_mean"]},
     },
     "required": ["format_version", "image_shape", "num_classes", "splits", "train_stats"],
 }

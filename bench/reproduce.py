@@ -34,7 +34,7 @@ from pathlib import Path
 from common import OthersGauge, hardware, harness_code, loadavg, make_log, mnist_dir, versions
 
 ROOT = Path(__file__).resolve().parents[1]
-PRESETS = ("lenet", "lenet-plus", "neupy-mlp", "theanets-mlp", "mathspp-mlp")
+PRESETS = ("lenet", "lenet-plus", "fast", "neupy-mlp", "theanets-mlp", "mathspp-mlp")
 # Test accuracy each preset's source published (a fraction), and where it comes from.
 PUBLISHED = {
     "lenet": (0.9924, "the seed tutorial's LeNet-like CNN, 15 epochs"),
@@ -42,8 +42,9 @@ PUBLISHED = {
     "theanets-mlp": (None, "theanets' MNIST classifier example publishes no test accuracy"),
     "mathspp-mlp": (0.9194, "mathspp/nnfwp v1.1, examples/mnist.py (10.10% before training)"),
     "lenet-plus": (None, "no source: the issue's target is a mean of at least 99.40% in at most 15 epochs"),
+    "fast": (None, "no source: the lenet network in as few steps as reach 99.0% (bench/gpu_check.sh times it on a GPU)"),
 }
-TARGETS = {"lenet-plus": 0.9940}  # a bar to clear where there is no published figure
+TARGETS = {"lenet-plus": 0.9940, "fast": 0.9900}  # a bar to clear where there is no published figure
 SMOKE_STEPS = 20
 # --pooled-split: NeuPy's evaluation (sklearn's train_test_split(test_size=1/7) of all 70,000
 # images) instead of the official test set, whose writers the training set does not share.

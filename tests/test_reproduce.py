@@ -53,11 +53,18 @@ def test_table_has_mean_spread_and_the_comparison_with_the_published_figure(tmp_
     assert "| **91.95%** (at or above) |" in rows["| `mathspp-mlp`"]
     assert "Test CPU (2 cores)" in text and "abcdef1" in text and "Smoke" not in text
     # the runs without a record are named, so a partial table cannot pass for the full one
-    assert ("**Incomplete: still to be run: `lenet-plus` seeds 0, 1, 2; `neupy-mlp` seeds 0, 1, 2; "
+    assert ("**Incomplete: still to be run: `lenet-plus` seeds 0, 1, 2; `fast` seeds 0, 1, 2; `neupy-mlp` seeds 0, 1, 2; "
             "`theanets-mlp` seeds 0, 1, 2; `mathspp-mlp` seed 2.**") in text
     (tmp_path / "lenet-seed0.json").write_text(json.dumps(fake_record("lenet", 0, 0.9800)))
     text = reproduce.render_table(reproduce.load_records(tmp_path))
     assert "**98.90%** (-0.34 points)" in text  # below the published figure, by how much
+
+
+def test_every_preset_is_reproduced():
+    """A preset added to harness/presets/ gets its runs and its row."""
+    from harness.config import preset_names
+
+    assert sorted(preset_names()) == sorted(reproduce.PRESETS)
 
 
 @pytest.mark.parametrize("preset", reproduce.PRESETS)

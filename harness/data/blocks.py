@@ -17,7 +17,6 @@ data is never looked at, so reading stays at the speed of the copy.
 from __future__ import annotations
 
 import io
-import json
 import math
 import re
 import tarfile

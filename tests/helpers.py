@@ -93,6 +93,7 @@ def snapshot(directory: Path) -> dict[str, bytes]:
 
 
 def cli(capsys, *args) -> tuple[int, str, str]:
+    """`harness ARGS` in this process: (exit status, stdout, stderr)."""
     rc = cli_main([str(a) for a in args])
     out, err = capsys.readouterr()
     return rc, out, err

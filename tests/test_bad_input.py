@@ -15,8 +15,6 @@ import numpy as np
 import pytest
 from helpers import assert_one_error, cli, csv_row, idx_bytes, run_cli, snapshot, write_csv_source, write_idx, write_source
 
-from harness.data.pack import pack
-from harness.data.sources import load_source
 
 # --- helpers ---------------------------------------------------------------------------------------
 
@@ -182,14 +180,6 @@ def test_cli_subprocess_bad_source_exit_2_without_traceback(tmp_path):
 
 
 # --- shards ------------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def shards(tmp_path) -> Path:
-    """A small packed shard set: train 200 images in shards of 80/80/40, test 50."""
-    out = tmp_path / "shards"
-    pack(load_source(write_source(tmp_path / "src")), out, shard_size=80, block_size=20)
-    return out
 
 
 def test_missing_shard(shards, capsys):

@@ -25,10 +25,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import MNIST_TEST_HISTOGRAM, final_weights, run_cli
+from helpers import MNIST_TEST_HISTOGRAM, cli, final_weights, run_cli
 from PIL import Image
 
-from harness.cli import main
 from harness.digit_image import load_digit, mnist_style
 from harness.models import mlp
 from harness.report import confusion_figure, curves_figure, filters_figure, tile_array
@@ -42,13 +41,6 @@ def run_dir(mnist_shards, tmp_path_factory) -> Path:
     result = run_cli("train", "--preset", "neupy-mlp", "--hidden", "128", "--shards", mnist_shards, "--run-dir", run_dir, "--epochs", "2", "--device", "cpu")
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     return run_dir
-
-
-def harness_in_process(capsys, *args) -> tuple[int, str, str]:
-    """`harness ARGS` in this process: (exit status, stdout, stderr)."""
-    status = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return status, out, err
 
 
 @pytest.fixture(scope="module")
@@ -114,14 +106,14 @@ def test_report_of_an_unfinished_run_draws_the_curves(run_dir, tmp_path, capsys)
     unfinished = tmp_path / "unfinished"
     unfinished.mkdir()
     (unfinished / "metrics.jsonl").write_bytes((run_dir / "metrics.jsonl").read_bytes())
-    status, out, _ = harness_in_process(capsys, "report", unfinished)
+    status, out, _ = cli(capsys, "report", unfinished)
     assert status == 0 and sorted(p.name for p in (unfinished / "report").iterdir()) == ["training_curves.png"]
     assert "skipped filters: no model.pt" in out and "skipped confusion_matrix: no test_report.json" in out
 
 
 def test_report_errors_are_clear(tmp_path, capsys):
-    assert harness_in_process(capsys, "report", tmp_path / "missing")[::2] == (2, f"error: {tmp_path / 'missing'}: run directory not found\n")
-    status, _, err = harness_in_process(capsys, "report", tmp_path)
+    assert cli(capsys, "report", tmp_path / "missing")[::2] == (2, f"error: {tmp_path / 'missing'}: run directory not found\n")
+    status, _, err = cli(capsys, "report", tmp_path)
     assert status == 2 and err.startswith(f"error: {tmp_path}: no metrics.jsonl")
 
 
@@ -139,7 +131,7 @@ def independent_classes(run_dir: Path, mnist_shards: Path, images: np.ndarray) -
 
 def test_predict_shard_images(run_dir, mnist_shards, test_digits, capsys):
     indices = list(range(12))
-    status, out, err = harness_in_process(capsys, "predict", run_dir, "--shards", mnist_shards, "--index", *indices, "--json")
+    status, out, err = cli(capsys, "predict", run_dir, "--shards", mnist_shards, "--index", *indices, "--json")
     assert status == 0, err
     rows = json.loads(out)["predictions"]
     images, labels = test_digits
@@ -148,7 +140,7 @@ def test_predict_shard_images(run_dir, mnist_shards, test_digits, capsys):
     for row in rows:
         assert sum(row["probabilities"]) == pytest.approx(1, abs=1e-4) and len(row["probabilities"]) == 10
         assert row["predicted"] == int(np.argmax(row["probabilities"]))
-    status, text, _ = harness_in_process(capsys, "predict", run_dir, "--shards", mnist_shards, "--index", "0")
+    status, text, _ = cli(capsys, "predict", run_dir, "--shards", mnist_shards, "--index", "0")
     assert status == 0 and re.match(rf"test\[0\]: {rows[0]['predicted']}  probability [01]\.\d{{4}}  \(label 7\)\n  0: ", text)
 
 
@@ -224,12 +216,12 @@ def test_predict_errors_are_clear(run_dir, tmp_path, capsys):
     on_paper(np.full((28, 28), 255, np.uint8)).save(whole, "PNG")
     (tmp_path / "cut.png").write_bytes(whole.getvalue()[:400])
     for name, message in [("notes.png", "not a readable image"), ("blank.png", "no digit found"), ("cut.png", "not a readable image"), ("missing.png", "file not found")]:
-        status, out, err = harness_in_process(capsys, "predict", run_dir, tmp_path / name)
+        status, out, err = cli(capsys, "predict", run_dir, tmp_path / name)
         assert status == 2 and not out, (name, out, err)
         assert err.startswith(f"error: {tmp_path / name}: {message}") and err.count("\n") == 1, (name, err)
-    status, _, err = harness_in_process(capsys, "predict", tmp_path, tmp_path / "blank.png")
+    status, _, err = cli(capsys, "predict", tmp_path, tmp_path / "blank.png")
     assert status == 2 and "neither model.pt nor a valid checkpoint" in err
-    status, _, err = harness_in_process(capsys, "predict", run_dir)
+    status, _, err = cli(capsys, "predict", run_dir)
     assert status == 2 and "give image files, or --shards DIR --index N" in err
 
 
@@ -241,7 +233,7 @@ def test_predict_checks_the_runs_normalisation_statistics(run_dir, tmp_path, cap
     assert len(summary["normalization_stats"]["pixel_mean"]) == 784  # neupy-mlp: inputs minus the per-pixel mean
     for stats, message in [({"pixel_mean": [0.1] * 3}, "normalization_stats.pixel_mean: "), ({}, "'pixel_mean' is a required property")]:
         (tmp_path / "summary.json").write_text(json.dumps({**summary, "normalization_stats": stats}))
-        status, out, err = harness_in_process(capsys, "predict", tmp_path, "--shards", tmp_path, "--index", "0")
+        status, out, err = cli(capsys, "predict", tmp_path, "--shards", tmp_path, "--index", "0")
         assert status == 2 and not out and err.count("\n") == 1, err
         assert err.startswith(f"error: {tmp_path / 'model.pt'}: the run's normalization_stats") and message in err, err
 
@@ -251,13 +243,13 @@ def test_predict_from_a_checkpoint(run_dir, mnist_shards, tmp_path, capsys):
     marker (verified) or copied elsewhere alone; a file of something else is a clear error."""
     checkpoint = sorted((run_dir / "checkpoints").glob("step-*.pt"))[-1]
     (tmp_path / "copy.pt").write_bytes(checkpoint.read_bytes())
-    by_run = json.loads(harness_in_process(capsys, "predict", run_dir, "--shards", mnist_shards, "--index", "3", "--json")[1])
+    by_run = json.loads(cli(capsys, "predict", run_dir, "--shards", mnist_shards, "--index", "3", "--json")[1])
     for path in (checkpoint, tmp_path / "copy.pt"):
-        by_checkpoint = json.loads(harness_in_process(capsys, "predict", path, "--shards", mnist_shards, "--index", "3", "--json")[1])
+        by_checkpoint = json.loads(cli(capsys, "predict", path, "--shards", mnist_shards, "--index", "3", "--json")[1])
         assert by_checkpoint["model"] == str(path)
         assert by_checkpoint["predictions"] == by_run["predictions"]
     (tmp_path / "junk.pt").write_bytes(b"\x80\x04junk")
-    status, _, err = harness_in_process(capsys, "predict", tmp_path / "junk.pt", "--shards", mnist_shards, "--index", "3")
+    status, _, err = cli(capsys, "predict", tmp_path / "junk.pt", "--shards", mnist_shards, "--index", "3")
     assert status == 2 and err.startswith(f"error: {tmp_path / 'junk.pt'}: not a saved model or checkpoint")
 
 

@@ -27,14 +27,6 @@ from harness.data.stream import MacroBatchStream, ShardSplit
 from harness.errors import HarnessError
 
 
-@pytest.fixture
-def shards(tmp_path) -> Path:
-    """Train 200 images in shards of 80/80/40 and blocks of 20; test 50."""
-    out = tmp_path / "shards"
-    pack(load_source(write_source(tmp_path / "src")), out, shard_size=80, block_size=20)
-    return out
-
-
 def manifest_of(shards: Path) -> dict:
     return json.loads((shards / "manifest.json").read_text())
 

@@ -11,15 +11,18 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import logging
+import re
+import warnings
 from pathlib import Path
 
 import torch
 
 from harness.atomic import fsync_dir, torch_bytes, write_bytes_atomic, write_json_atomic
 from harness.config import changed_fields
+from harness.data.manifest import STATS_SCHEMA
 from harness.errors import HarnessError
+from harness.validation import first_violation, one_line, read_json_file
 
 log = logging.getLogger("harness")
 
@@ -47,46 +50,139 @@ def save_checkpoint(run_dir: Path, state: dict, step: int, epoch: int, keep: int
     return path
 
 
+MARKER_NAME = re.compile(r"step-(?P<step>[0-9]{1,18})\.json")
+MARKER_MAX_BYTES = 65536  # a marker is ~150 bytes
+MAX_CHECKPOINT_BYTES = 1 << 40  # far above any model here; only keeps the number sane
+MARKER_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "file": {"type": "string"},
+        "sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
+        "bytes": {"type": "integer", "minimum": 1, "maximum": MAX_CHECKPOINT_BYTES},
+        "step": {"type": "integer", "minimum": 0},
+        "epoch": {"type": "integer", "minimum": 0},
+    },
+    "required": ["file", "sha256", "bytes", "step", "epoch"],
+}
+# What every checkpoint holds at its top level (Trainer.state_dict); `fits` checks the rest.
+STATE_KEYS = {"model", "optimizer", "scheduler", "loop", "rng", "config", "world_size"}
+# Held by checkpoints written since it was added, absent from older ones (which still resume).
+OPTIONAL_STATE_KEYS = {"normalization_stats"}  # what `harness predict` normalises with
+
+
 def list_checkpoints(run_dir: Path) -> list[Path]:
-    """Commit markers (.json), newest first."""
-    return sorted((Path(run_dir) / CHECKPOINT_DIR).glob("step-*.json"), reverse=True)
+    """Commit markers (.json), newest (highest step number) first. Ordered by the number,
+    not the text: step-100000000 comes after step-99999999. Other names are not ours."""
+    markers = [(int(m["step"]), p) for p in (Path(run_dir) / CHECKPOINT_DIR).glob("step-*.json") if (m := MARKER_NAME.fullmatch(p.name))]
+    return [p for _, p in sorted(markers, reverse=True)]
+
+
+def read_marker(marker: Path) -> dict:
+    """A commit marker, checked: the fields it must have, and that it is about its own .pt."""
+    meta = read_json_file(marker, MARKER_MAX_BYTES, "checkpoint marker")
+    problem = first_violation(MARKER_SCHEMA, meta)
+    if problem:
+        raise HarnessError(f"{marker}: malformed checkpoint marker ({problem})")
+    named = MARKER_NAME.fullmatch(marker.name)
+    if meta["file"] != marker.with_suffix(".pt").name or (named and int(named["step"]) != meta["step"]):
+        raise HarnessError(f"{marker}: marker is about {meta['file']!r}, step {meta['step']}, not about its own name")
+    return meta
 
 
 def load_verified(marker_or_pt: Path) -> dict:
-    """Load one checkpoint, checking it against its marker; HarnessError if it does not verify."""
+    """Load one checkpoint, checking it against its marker; HarnessError naming it if it is
+    unreadable, does not verify, cannot be loaded or does not hold a training state."""
     marker = Path(marker_or_pt).with_suffix(".json")
     path = marker.with_suffix(".pt")
+    meta = read_marker(marker)
     try:
-        meta = json.loads(marker.read_text())
+        size = path.stat().st_size
+        if size != meta["bytes"]:  # before reading: a marker's size is the most that is read
+            raise HarnessError(f"{path}: checkpoint is truncated or corrupt ({size} bytes; {marker.name} records {meta['bytes']})")
         payload = path.read_bytes()
-    except (OSError, json.JSONDecodeError) as e:
+    except OSError as e:
         raise HarnessError(f"{path}: unreadable checkpoint ({e})") from None
     if len(payload) != meta["bytes"] or hashlib.sha256(payload).hexdigest() != meta["sha256"]:
         raise HarnessError(f"{path}: checkpoint is truncated or corrupt (size or SHA-256 differs from {marker.name})")
-    # map_location: tensors stay on the CPU whatever device wrote them; load_state_dict
-    # then copies them to this rank's device.
-    return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+    state = _unpickle(payload, path)
+    _check_top_level(state, meta, path)
+    return state
 
 
-def load_newest_valid(run_dir: Path) -> tuple[Path, dict] | None:
-    """The newest checkpoint that verifies, warning about each newer one that does not."""
+def _unpickle(payload: bytes, path: Path) -> dict:
+    """torch.load with weights_only=True: tensors and plain containers only, nothing from the
+    file is called. A payload that matches its marker yet does not load was crafted or
+    written by something else; whatever torch raises for it, it is that file's problem."""
+    try:
+        # map_location: tensors stay on the CPU whatever device wrote them; load_state_dict
+        # then copies them to this rank's device.
+        with warnings.catch_warnings():  # a crafted payload's quirks (pickle protocol 4, ...) are reported as errors, not warnings
+            warnings.simplefilter("ignore")
+            return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 (untrusted bytes: any failure means "not a checkpoint")
+        raise HarnessError(f"{path}: not a loadable checkpoint ({type(e).__name__}: {one_line(e)})") from None
+
+
+def _check_top_level(state, meta: dict, path: Path) -> None:
+    if not isinstance(state, dict) or not STATE_KEYS <= set(state) <= STATE_KEYS | OPTIONAL_STATE_KEYS:
+        keys = sorted(map(str, state)) if isinstance(state, dict) else type(state).__name__
+        raise HarnessError(f"{path}: does not hold a training state (holds {one_line(keys)}; expected {sorted(STATE_KEYS)})")
+    problem = first_violation({"properties": {"normalization_stats": STATS_SCHEMA}}, {k: v for k, v in state.items() if k in OPTIONAL_STATE_KEYS})
+    if problem:
+        raise HarnessError(f"{path}: {problem}")
+    loop, world = state["loop"], state["world_size"]
+    if not isinstance(loop, dict) or loop.get("step") != meta["step"]:
+        raise HarnessError(f"{path}: loop.step is not the marker's step {meta['step']}")
+    if not isinstance(state["config"], dict) or not all(_plain(v) for v in state["config"].values()) or type(world) is not int or world < 1:
+        raise HarnessError(f"{path}: config is not a mapping, or world_size {one_line(repr(world))} is not a positive integer")
+
+
+class DifferentExperiment(HarnessError):
+    """A checkpoint that verifies but was written with other data, model or optimizer
+    settings: the run is refused, not continued from an older checkpoint or from scratch."""
+
+
+def _plain(value) -> bool:
+    """A config value as TrainConfig has them: no tensors (whose comparison is no bool)."""
+    if isinstance(value, (list, tuple)):
+        return all(_plain(v) for v in value)
+    return value is None or isinstance(value, (bool, int, float, str))
+
+
+def load_newest_valid(run_dir: Path, fits=None) -> tuple[Path, dict] | None:
+    """The newest checkpoint that verifies (and, given `fits`, a function that raises
+    HarnessError for a state this run cannot use, fits); each newer one that does not is
+    skipped with a warning naming it."""
     for marker in list_checkpoints(run_dir):
         try:
-            return marker.with_suffix(".pt"), load_verified(marker)
+            state = load_verified(marker)
+            if fits:
+                fits(state, marker.with_suffix(".pt"))
+            return marker.with_suffix(".pt"), state
+        except DifferentExperiment:
+            raise
         except HarnessError as e:
             log.warning(f"skipping checkpoint: {e}")
     return None
 
 
-def checkpoint_to_resume(ctx, run_dir: Path, resume: str, config) -> tuple[Path, dict] | None:
+def checkpoint_to_resume(ctx, run_dir: Path, resume: str, config, fits=None) -> tuple[Path, dict] | None:
     """The checkpoint a run continues from: `resume` is auto (the newest valid one in
     RUN_DIR), never, or a path. Every rank must find the same one, and it must have been
-    written with the same data, model and optimizer settings."""
+    written with the same data, model and optimizer settings; `fits(state, path)` raises
+    HarnessError for a state this run's model and optimizer cannot take."""
+
+    def usable(state: dict, path: Path) -> None:
+        refuse_other_experiment(state, path, config)
+        if fits:
+            fits(state, path)
+
     found = None
     if resume == "auto":
-        found = load_newest_valid(run_dir)
+        found = load_newest_valid(run_dir, usable)
     elif resume != "never":
         found = (Path(resume), load_verified(Path(resume)))
+        usable(found[1], found[0])
     # Every rank must resume from the same checkpoint (RUN_DIR on a shared filesystem).
     steps = [s[0] for s in ctx.gather([found[1]["loop"]["step"] if found else -1])]
     if len(set(steps)) > 1:
@@ -94,12 +190,117 @@ def checkpoint_to_resume(ctx, run_dir: Path, resume: str, config) -> tuple[Path,
     if not found:
         return None
     path, state = found
-    changed = changed_fields(state["config"], config)
-    if changed:
-        raise HarnessError(
-            f"{path}: was written with a different {', '.join('--' + c.replace('_', '-') for c in changed)}; "
-            "resuming would mix two experiments (use a new --run-dir, or --resume never there)"
-        )
     if state["world_size"] != ctx.world_size:
         log.warning(f"resuming a world-size-{state['world_size']} run with world size {ctx.world_size}: the global batches are the same, results equal up to float summation order")
     return found
+
+
+def refuse_other_experiment(state: dict, path: Path, config) -> None:
+    changed = changed_fields(state["config"], config)
+    if changed:
+        raise DifferentExperiment(
+            f"{path}: was written with a different {', '.join('--' + c.replace('_', '-') for c in changed)}; "
+            "resuming would mix two experiments (use a new --run-dir, or --resume never there)"
+        )
+
+
+# --- does a loaded state fit this run? ------------------------------------------------------------
+
+
+def state_mismatch(state: dict, model, optimizer, scheduler, loop: dict) -> str | None:
+    """Where a checkpoint's state does not fit this run's model, optimizer, schedule and
+    loop, as `field: problem`; None if it fits. Checked before anything is loaded: a
+    state that loads halfway would leave the run half restored, and load_state_dict of a
+    schedule takes any keys it is given."""
+    template = {"model": model.state_dict(), "scheduler": scheduler.state_dict(), "loop": loop_template(state["loop"], loop)}
+    if not isinstance(template["loop"]["last_metrics"], dict):
+        return "loop.last_metrics: not a mapping"
+    return (
+        structure_mismatch({k: state[k] for k in template}, template, "")
+        or optimizer_mismatch(state["optimizer"], optimizer)
+        or rng_mismatch(state["rng"])
+    )
+
+
+def loop_template(saved: dict, loop: dict) -> dict:
+    """What a saved loop state must look like, from this run's: `last_metrics` holds whatever
+    metrics were logged; `before_training` the test loss and accuracy of the initial weights,
+    or nothing yet; a loop saved before `before_training` existed may lack it."""
+    template = {**loop, "last_metrics": saved.get("last_metrics")}
+    if "before_training" not in saved:
+        template.pop("before_training", None)
+    elif saved["before_training"]:
+        template["before_training"] = {"test_loss": 0.0, "test_accuracy": 0.0}
+    return template
+
+
+def structure_mismatch(value, template, where: str) -> str | None:
+    """Where `value` differs from `template` in structure: dict keys, sequence lengths, tensor
+    shapes and dtypes, kinds of scalar. None if nowhere."""
+    if isinstance(template, torch.Tensor):
+        if isinstance(value, torch.Tensor) and value.shape == template.shape and value.dtype == template.dtype:
+            return None
+        return f"{where}: {_describe(value)}; expected a {template.dtype} tensor of shape {tuple(template.shape)}"
+    if isinstance(template, dict):
+        if not isinstance(value, dict) or set(value) != set(template):
+            return f"{where or 'state'}: keys {_describe(value)}; expected {one_line(sorted(map(str, template)))}"
+        return next((m for k in template if (m := structure_mismatch(value[k], template[k], f"{where}.{k}".lstrip(".")))), None)
+    if isinstance(template, (list, tuple)):
+        if not isinstance(value, (list, tuple)) or len(value) != len(template):
+            return f"{where}: {_describe(value)}; expected a sequence of {len(template)}"
+        return next((m for i, (v, t) in enumerate(zip(value, template)) if (m := structure_mismatch(v, t, f"{where}[{i}]"))), None)
+    return None if _same_kind(value, template) else f"{where}: {_describe(value)}; expected a {type(template).__name__}"
+
+
+def _same_kind(value, template) -> bool:
+    if template is None or isinstance(template, bool):  # flags such as `fused` differ between devices
+        return value is None or isinstance(value, bool)
+    if isinstance(template, int):  # steps and counts reach range() and format strings
+        return type(value) is int
+    if isinstance(template, float):
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return type(value) is type(template)
+
+
+def _describe(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a {value.dtype} tensor of shape {tuple(value.shape)}"
+    if isinstance(value, dict):
+        return one_line(sorted(map(str, value)))
+    return f"a {type(value).__name__}" + (f" of {len(value)}" if isinstance(value, (list, tuple)) else "")
+
+
+def optimizer_mismatch(saved, optimizer) -> str | None:
+    """The optimizer's state: the same parameter groups, and per-parameter buffers shaped as
+    their parameters (torch would only notice at the next step, mid-training)."""
+    current = optimizer.state_dict()
+    if not isinstance(saved, dict) or set(saved) != {"state", "param_groups"}:
+        return f"optimizer: keys {_describe(saved)}; expected ['param_groups', 'state']"
+    problem = structure_mismatch(saved["param_groups"], current["param_groups"], "optimizer.param_groups")
+    if problem or [g["params"] for g in saved["param_groups"]] != [g["params"] for g in current["param_groups"]]:
+        return problem or "optimizer.param_groups: the parameters are numbered differently"
+    params = [p.detach() for group in optimizer.param_groups for p in group["params"]]
+    if not isinstance(saved["state"], dict):
+        return f"optimizer.state: {_describe(saved['state'])}; expected a mapping"
+    for key, entry in saved["state"].items():
+        if type(key) is not int or not 0 <= key < len(params) or not isinstance(entry, dict) or set(entry) - {"momentum_buffer"}:
+            return f"optimizer.state[{one_line(repr(key))}]: not the state of one of the {len(params)} parameters"
+        if entry.get("momentum_buffer") is not None:
+            problem = structure_mismatch(entry["momentum_buffer"], params[key], f"optimizer.state[{key}].momentum_buffer")
+            if problem:
+                return problem
+    return None
+
+
+def rng_mismatch(rng) -> str | None:
+    """Per-rank generator states: CPU ones shaped like this process's, GPU ones bytes."""
+    if not isinstance(rng, dict) or set(rng) != {"torch", "cuda"}:
+        return f"rng: keys {_describe(rng)}; expected ['cuda', 'torch']"
+    cpu = [rng["torch"]] if isinstance(rng["torch"], torch.Tensor) else rng["torch"]  # a single state: an older checkpoint
+    template = torch.get_rng_state()
+    if not isinstance(cpu, list) or not cpu or any(structure_mismatch(s, template, "") for s in cpu):
+        return f"rng.torch: not a list of CPU generator states ({template.numel()} bytes each)"
+    gpu = rng["cuda"]
+    if not isinstance(gpu, list) or any(not isinstance(s, torch.Tensor) or s.dtype != torch.uint8 or s.dim() != 1 for s in gpu):
+        return "rng.cuda: not a list of GPU generator states (byte tensors)"
+    return None

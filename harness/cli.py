@@ -1,4 +1,4 @@
-"""The `harness` command: pack, train, show."""
+"""The `harness` command: pack, train, show, predict, report."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from harness.errors import run_guarded
+from harness.errors import HarnessError, run_guarded
 
 SHADES = " .:-=+*#%@"
 
@@ -40,6 +40,25 @@ def cmd_show(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from harness.report import write_report
+
+    written, skipped = write_report(args.run_dir)
+    for path in written:
+        print(f"wrote {path}")
+    for reason in skipped:
+        print(f"skipped {reason}")
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from harness.predict import run_predict
+
+    if args.index is not None and args.shards is None:
+        raise HarnessError("--index needs --shards DIR")
+    return run_predict(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from harness.data.pack import DEFAULT_BLOCK_SIZE, DEFAULT_SHARD_SIZE
     from harness.train import build_parser as build_train_parser
@@ -67,6 +86,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="train", choices=("train", "test"))
     p.add_argument("--index", type=int, required=True)
     p.set_defaults(function=cmd_show)
+
+    p = commands.add_parser("predict", help="classify digits: image files, or images of a shard set")
+    p.add_argument("model", type=Path, metavar="RUN_DIR_OR_CHECKPOINT", help="a run directory, its model.pt, or a checkpoint (step-N.pt)")
+    p.add_argument("images", type=Path, nargs="*", metavar="IMAGE", help="PNG or JPEG pictures of one digit each (any size, colour, polarity)")
+    p.add_argument("--shards", type=Path, help="classify images of this shard set (with --index)")
+    p.add_argument("--split", default="test", choices=("train", "test"), help="split of --shards (default test)")
+    p.add_argument("--index", type=int, nargs="+", metavar="N", help="image numbers in the split")
+    p.add_argument("--json", action="store_true", help="print the predictions as one JSON object")
+    p.set_defaults(function=cmd_predict)
+
+    p = commands.add_parser("report", help="draw a run's training curves, filters and confusion matrix into RUN_DIR/report/")
+    p.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    p.set_defaults(function=cmd_report)
     return parser
 
 

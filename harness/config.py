@@ -29,6 +29,7 @@ CHOICES = {
     "model": ("lenet", "mlp"),
     "activation": ("relu", "leaky_relu", "tanh", "sigmoid"),
     "output_activation": ("", "relu", "leaky_relu", "tanh", "sigmoid"),
+    "init": ("pytorch", "fan_product_normal"),
     "loss": ("cross_entropy", "mse"),
     "normalize": ("standardize", "unit", "unit_minus_pixel_mean", "raw"),
     "backend": ("auto", "nccl", "gloo"),
@@ -54,7 +55,14 @@ class TrainConfig:
     hidden: list[int] = option([], "MLP hidden layer sizes, e.g. 500,300")
     activation: str = option("relu", "activation between layers")
     output_activation: str = option("", "also applied after the last layer (the mathspp MLP does); empty = none")
+    leaky_slope: float = option(0.01, "negative slope of leaky_relu (PyTorch's default 0.01; mathspp's 0.1)")
+    init: str = option(
+        "pytorch",
+        "initial weights: pytorch (PyTorch's default per layer); fan_product_normal: every weight tensor "
+        "~ N(0, std 1/(fan_out x fan_in)), every bias ~ N(0, std 1/fan_out) (mathspp's nn.py)",
+    )
     loss: str = option("cross_entropy", "cross_entropy, or mse against one-hot targets")
+    label_smoothing: float = option(0.0, "cross_entropy only: training targets put this much probability mass evenly on all classes (validation and test losses stay plain)")
     normalize: str = option(
         "standardize",
         "standardize: (x/255 - mean)/std; unit: x/255; unit_minus_pixel_mean: x/255 minus the "
@@ -73,9 +81,16 @@ class TrainConfig:
         "exponential", "exponential: x lr_decay after every epoch; onecycle: per step, up linearly to lr over the first "
         "25% of the run's steps, then down linearly to 0 at its end"
     )
+    augment_rotate: float = option(0.0, "augmentation on the device: rotate each training image by up to this many degrees either way")
+    augment_scale: float = option(0.0, "augmentation: scale each training image by a factor in [1 - x, 1 + x]")
+    augment_shift: float = option(0.0, "augmentation: shift each training image by up to this many pixels along each axis")
     holdout: int = option(0, "validate on the last N training images instead of the test set")
     early_stopping: int = option(0, "stop after this many epochs without a better validation loss; 0 = off")
     seed: int = option(0, "initial weights and data order")
+    shuffle: bool = option(
+        True, "a seeded order every epoch; --no-shuffle walks the training split in file order every epoch (each rank "
+        "still takes its slice of every global batch, so the sequence of global batches does not depend on the world size)"
+    )
     # running
     device: str = option("auto", "auto (CUDA when present, else CPU), cpu, cuda (GPU LOCAL_RANK), or cuda:N (every rank on GPU N)")
     backend: str = option("auto", "collectives for CUDA tensors: auto (NCCL, or gloo for ranks sharing a GPU), nccl or gloo")
@@ -119,6 +134,10 @@ class TrainConfig:
             raise HarnessError(f"--lr must be positive (got {self.lr})")
         if self.nesterov and self.momentum <= 0:
             raise HarnessError("--nesterov needs a positive --momentum")
+        if not 0 <= self.label_smoothing < 1 or (self.label_smoothing and self.loss != "cross_entropy"):
+            raise HarnessError(f"--label-smoothing {self.label_smoothing}: needs --loss cross_entropy and a value in [0, 1)")
+        if min(self.augment_rotate, self.augment_scale, self.augment_shift) < 0 or self.augment_scale >= 1:
+            raise HarnessError("--augment-rotate, --augment-scale and --augment-shift must be >= 0, and --augment-scale < 1")
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
@@ -200,7 +219,7 @@ def add_config_options(parser: argparse.ArgumentParser) -> None:
             f"--{flag(name)}",
             dest=name,
             default=None,
-            help=f"{field.metadata['help']} (default {shown!r})",
+            help=f"{field.metadata['help']} (default {shown!r})".replace("%", "%%"),  # argparse formats help with %
             **_argparse_kwargs(name, TYPES[name]),
         )
 

@@ -30,39 +30,62 @@ def lenet(num_classes: int = 10) -> nn.Sequential:
     )
 
 
-def mlp(hidden: list[int], activation: str = "relu", output_activation: str = "", num_classes: int = 10) -> nn.Sequential:
+def activation_layer(name: str, leaky_slope: float) -> nn.Module:
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unknown activation '{name}' (choose from {', '.join(ACTIVATIONS)})")
+    return nn.LeakyReLU(leaky_slope) if name == "leaky_relu" else ACTIVATIONS[name]()
+
+
+def mlp(
+    hidden: list[int], activation: str = "relu", output_activation: str = "", num_classes: int = 10, leaky_slope: float = 0.01
+) -> nn.Sequential:
     """784 → hidden... → num_classes, `activation` after every hidden layer and,
     if given, `output_activation` after the last one."""
-    for name in (activation, output_activation):
-        if name and name not in ACTIVATIONS:
-            raise ValueError(f"unknown activation '{name}' (choose from {', '.join(ACTIVATIONS)})")
     sizes = [28 * 28, *hidden, num_classes]
     layers: list[nn.Module] = [nn.Flatten()]
     for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
         layers.append(nn.Linear(n_in, n_out))
         last = i == len(sizes) - 2
         if not last:
-            layers.append(ACTIVATIONS[activation]())
+            layers.append(activation_layer(activation, leaky_slope))
         elif output_activation:
-            layers.append(ACTIVATIONS[output_activation]())
+            layers.append(activation_layer(output_activation, leaky_slope))
     return nn.Sequential(*layers)
 
 
+@torch.no_grad()
+def fan_product_normal_(model: nn.Module) -> nn.Module:
+    """mathspp's initialisation (nn.py, `create_weight_matrix`): each weight tensor drawn from
+    N(0, std 1/(fan_out x fan_in)), i.e. one over its number of entries, and each bias vector
+    (a fan_out x 1 matrix there) from N(0, std 1/fan_out). Far smaller than PyTorch's default
+    (std ~1/sqrt(3 fan_in)), which is what lets raw 0..255 pixels train without diverging."""
+    for module in model.modules():
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            nn.init.normal_(module.weight, 0.0, 1.0 / module.weight.numel())
+            if module.bias is not None:
+                nn.init.normal_(module.bias, 0.0, 1.0 / module.bias.numel())
+    return model
+
+
 def build_model(config) -> nn.Sequential:
+    """The config's model, initialised from the current torch RNG state."""
     if config.model == "lenet":
-        return lenet()
-    if config.model == "mlp":
-        return mlp(config.hidden, config.activation, config.output_activation)
-    raise ValueError(f"unknown model '{config.model}' (choose lenet or mlp)")
+        model = lenet()
+    elif config.model == "mlp":
+        model = mlp(config.hidden, config.activation, config.output_activation, leaky_slope=config.leaky_slope)
+    else:
+        raise ValueError(f"unknown model '{config.model}' (choose lenet or mlp)")
+    return fan_product_normal_(model) if config.init == "fan_product_normal" else model
 
 
-def first_layer_weights(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
-    """Weights worth looking at as images: both conv layers of the CNN, the first Linear of an MLP."""
-    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+def first_layer_weights(state: dict[str, torch.Tensor]) -> list[tuple[str, torch.Tensor]]:
+    """Weights worth looking at as images, from a model's state dict (in module order): both
+    conv layers of the CNN, or an MLP's first Linear as one 28x28 tile per unit. [n, c, h, w] each."""
+    convs = [t.detach() for t in state.values() if t.ndim == 4]
     if convs:
-        return [(f"conv{i + 1}", conv.weight.detach()) for i, conv in enumerate(convs[:2])]
-    first = next(m for m in model.modules() if isinstance(m, nn.Linear))
-    return [("layer1", first.weight.detach().reshape(-1, 1, 28, 28))]
+        return [(f"conv{i + 1}", w) for i, w in enumerate(convs[:2])]
+    first = next(t.detach() for t in state.values() if t.ndim == 2)
+    return [("layer1", first.reshape(-1, 1, 28, 28))]
 
 
 def parameter_checksum(model: nn.Module) -> str:

@@ -34,9 +34,21 @@ class Normalizer:
         return x if self.memory_format == torch.contiguous_format else x.contiguous(memory_format=self.memory_format)
 
 
-def make_loss(name: str, num_classes: int = 10):
-    """cross_entropy on logits, or mse of the outputs against one-hot targets (both batch means)."""
+# The manifest's train-set statistics each mode uses (summary.json and checkpoints keep
+# them, so that `harness predict` can prepare inputs without the shards).
+STATS_USED = {"standardize": ("mean", "std"), "unit_minus_pixel_mean": ("pixel_mean",), "unit": (), "raw": ()}
+
+
+def stats_used(mode: str, stats: dict) -> dict:
+    return {key: stats[key] for key in STATS_USED[mode]}
+
+
+def make_loss(name: str, num_classes: int = 10, label_smoothing: float = 0.0):
+    """cross_entropy on logits (optionally against smoothed targets), or mse of the outputs
+    against one-hot targets (both batch means)."""
     if name == "cross_entropy":
+        if label_smoothing:
+            return lambda outputs, labels: F.cross_entropy(outputs, labels, label_smoothing=label_smoothing)
         return F.cross_entropy
     if name == "mse":
         return lambda outputs, labels: F.mse_loss(outputs, F.one_hot(labels, num_classes).to(outputs.dtype))

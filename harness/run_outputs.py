@@ -5,6 +5,7 @@ model.pt       final weights (a state dict)
 summary.json   final metrics, world size, steps, time, parameter checksum
 test_report.json  per-class precision/recall/F1 and the confusion matrix
 stopped.json   while a run is stopped by a signal: the step and the signal (gone once it finishes)
+report/*.png   training curves, filters, confusion matrix (see report.py)
 events.out.tfevents.*  TensorBoard (see tensorboard.py)
 """
 
@@ -18,6 +19,7 @@ from pathlib import Path
 from harness.atomic import torch_save_atomic, write_json_atomic, write_text_atomic
 from harness.errors import HarnessError
 from harness.evaluate import EvalResult, class_report, format_report
+from harness.report import render, run_figures, save_pictures
 from harness.tensorboard import TensorBoardLog
 
 log = logging.getLogger("harness")
@@ -89,11 +91,23 @@ class RunOutputs:
             self.run_dir / "test_report.json",
             {"set": test_set, "classes": class_report(test.confusion), "confusion": test.confusion.tolist()},
         )
-        self.tensorboard.confusion(test.confusion, report, summary["steps"])
-        self.tensorboard.close()
+        step = summary["steps"]
+        self.tensorboard.scalars(step, {"test/loss": test.loss, "test/accuracy": test.accuracy})
+        self.tensorboard.class_report(report, step)
         torch_save_atomic(model.state_dict(), self.run_dir / "model.pt")
         write_json_atomic(self.run_dir / "summary.json", summary)
         (self.run_dir / STOPPED).unlink(missing_ok=True)  # an earlier attempt's stop is over
+        self.pictures(model.state_dict(), test.confusion, summary.get("before_training"), step)
+        self.tensorboard.close()
+
+    def pictures(self, state: dict, confusion, before_training: dict | None, step: int) -> None:
+        """The report's pictures (harness.report), as PNG files in RUN_DIR/report/ and in TensorBoard."""
+        path = self.run_dir / "metrics.jsonl"
+        metrics = [json.loads(line) for line in path.read_text().splitlines() if line] if path.exists() else []
+        pictures = render(run_figures(metrics, state, confusion.numpy(), before_training))
+        self.tensorboard.pictures(pictures, step)
+        saved = save_pictures(pictures, self.run_dir)
+        log.info(f"pictures: {', '.join(str(p) for p in saved)}")
 
 
 def setup_logging(rank: int) -> None:

@@ -1,4 +1,4 @@
-"""TensorBoard output of rank 0: scalars, weight images, confusion matrix.
+"""TensorBoard output of rank 0: scalars, weight images, and the report's pictures.
 
 Event files go directly into the run directory, so `tensorboard --logdir runs/`
 lists one run per directory. torchvision is not a dependency, so the image
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch.utils.tensorboard import SummaryWriter
 
@@ -37,10 +38,8 @@ def tile_grid(weights: torch.Tensor, upscale: int = 1, pad: int = 1) -> torch.Te
     return grid.unsqueeze(0)
 
 
-def confusion_image(confusion: torch.Tensor, cell: int = 20) -> torch.Tensor:
-    """Row-normalised confusion matrix as a grey [1, H, W] image (bright = many)."""
-    rates = confusion.double() / confusion.sum(dim=1, keepdim=True).clamp_min(1)
-    return rates.float().repeat_interleave(cell, 0).repeat_interleave(cell, 1).unsqueeze(0)
+# TensorBoard tags of the pictures harness.report draws at the end of a run.
+PICTURE_TAGS = {"training_curves": "report/training_curves", "filters": "report/filters", "confusion_matrix": "val/confusion_matrix"}
 
 
 class TensorBoardLog:
@@ -52,12 +51,16 @@ class TensorBoardLog:
             self.writer.add_scalar(tag, value, step)
 
     def weights(self, model: torch.nn.Module, step: int) -> None:
-        for name, weights in first_layer_weights(model):
+        for name, weights in first_layer_weights(model.state_dict()):
             upscale = max(1, 24 // weights.shape[-1])  # 3x3 and 4x4 kernels are too small to see
             self.writer.add_image(f"weights/{name}", tile_grid(weights, upscale), step)
 
-    def confusion(self, confusion: torch.Tensor, report: str, step: int) -> None:
-        self.writer.add_image("val/confusion_matrix", confusion_image(confusion), step)
+    def pictures(self, pictures: dict[str, np.ndarray], step: int) -> None:
+        """The report's rendered figures (uint8 RGB [H, W, 3]), e.g. the labelled confusion matrix."""
+        for name, pixels in pictures.items():
+            self.writer.add_image(PICTURE_TAGS[name], pixels, step, dataformats="HWC")
+
+    def class_report(self, report: str, step: int) -> None:
         self.writer.add_text("val/class_report", "    " + report.replace("\n", "\n    "), step)
 
     def close(self) -> None:

@@ -26,7 +26,8 @@ from tqdm import tqdm
 
 from harness import distributed
 from harness.allocator import keep_freed_memory
-from harness.checkpoint import checkpoint_to_resume, save_checkpoint
+from harness.augment import RandomAffine
+from harness.checkpoint import checkpoint_to_resume, save_checkpoint, state_mismatch
 from harness.config import TrainConfig, add_config_options, build_config
 from harness.cuda_graph import GraphedStep
 from harness.data.stream import MacroBatch, MacroBatchStream, ShardSplit
@@ -34,7 +35,7 @@ from harness.device import autocast, set_deterministic
 from harness.errors import HarnessError, run_guarded
 from harness.evaluate import EvalResult, evaluate
 from harness.models import build_model, parameter_checksum
-from harness.normalize import Normalizer, make_loss
+from harness.normalize import Normalizer, make_loss, stats_used
 from harness.run_outputs import RunOutputs, setup_logging
 from harness.stopping import EXIT_STOPPED, StopRequest
 from harness.testhooks import Fault, save_rank_weights
@@ -64,6 +65,7 @@ class Progress:
     best_val: float = float("inf")  # early stopping: best validation loss so far
     stale_epochs: int = 0  # epochs since it last improved
     last_metrics: dict = dataclasses.field(default_factory=dict)
+    before_training: dict = dataclasses.field(default_factory=dict)  # test loss and accuracy of the initial weights
 
     def state_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -121,6 +123,7 @@ class Trainer:
         self.progress = Progress()
         self.window = LossWindow(config.log_every, ctx.device)
         self.last_eval: tuple[int, EvalResult] | None = None  # (step, result) of rank 0's latest validation
+        self._test_set: tuple[torch.Tensor, torch.Tensor] | None = None  # holdout runs: loaded when first needed
         self.restore()
         self.outputs = RunOutputs(self.run_dir, resumed_at=self.progress.step or None) if ctx.is_main else None
         if self.outputs:
@@ -133,7 +136,7 @@ class Trainer:
         self.n_train = len(train_data) - config.holdout
         if config.holdout:
             train_data = ShardSplit(self.shard_dir, "train", 0, self.n_train, verify=False)  # verified just above
-        self.stream = MacroBatchStream(train_data, config.batch_size, config.macro_batch, config.seed, ctx.device)
+        self.stream = MacroBatchStream(train_data, config.batch_size, config.macro_batch, config.seed, ctx.device, shuffle=config.shuffle)
         self.stream.preload()
         self.train_stats = train_data.manifest["train_stats"]
         self.val_set = "holdout" if config.holdout else "test"
@@ -150,7 +153,7 @@ class Trainer:
         self.trained = self.model  # what the step calls: the model, wrapped in DDP and/or compiled
         if ctx.world_size > 1:  # one rank has nothing to all-reduce
             self.trained = DistributedDataParallel(self.model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
-        self.compile_mode = compile_mode(config.compile, ctx)
+        self.compile_mode = compile_mode(config.compile, ctx, augmenting=bool(config.augment_rotate or config.augment_scale or config.augment_shift))
         if self.compile_mode not in ("", "cuda-graph"):
             self.trained = torch.compile(self.trained, mode=self.compile_mode)
         # On a GPU one fused kernel updates every parameter (the same arithmetic as the
@@ -162,10 +165,13 @@ class Trainer:
         )
         self.scheduler = make_schedule(self.optimizer, config, self.stream.steps_per_epoch)
         self.normalize = Normalizer(config.normalize, self.train_stats, ctx.device, memory_format)
-        self.loss_fn = make_loss(config.loss)
+        self.loss_fn = make_loss(config.loss)  # validation and test: comparable across recipes
+        self.train_loss_fn = make_loss(config.loss, label_smoothing=config.label_smoothing)
+        self.augment = RandomAffine(config.augment_rotate, config.augment_scale, config.augment_shift, config.seed, ctx.device)
+        self.augment_params: torch.Tensor | None = None  # the current macro-batch's, when augmenting
         self.graphed = None
         if self.compile_mode == "cuda-graph":
-            self.graphed = GraphedStep(self.model, self.normalize, self.loss_fn, config.precision, self.stream, ctx.device)
+            self.graphed = GraphedStep(self.model, self.normalize, self.train_loss_fn, config.precision, self.stream, ctx.device)
 
     def load_eval_set(self, split: str, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         images, labels = ShardSplit(self.shard_dir, split, start).load_all()
@@ -185,6 +191,7 @@ class Trainer:
             "loop": self.progress.state_dict(),
             "rng": {"torch": self.ctx.gather_tensors(torch.get_rng_state()), "cuda": self.ctx.gather_tensors(gpu_rng) if cuda else []},
             "config": dataclasses.asdict(self.config),
+            "normalization_stats": stats_used(self.config.normalize, self.train_stats),
             "world_size": self.ctx.world_size,
         }
 
@@ -201,8 +208,14 @@ class Trainer:
         if gpu_rng and self.ctx.device.type == "cuda":
             torch.cuda.set_rng_state(gpu_rng[self.ctx.rank % len(gpu_rng)], self.ctx.device)
 
+    def check_state(self, state: dict, path: Path) -> None:
+        """HarnessError naming `path` if a loaded checkpoint does not fit this run's objects."""
+        problem = state_mismatch(state, self.model, self.optimizer, self.scheduler, self.progress.state_dict())
+        if problem:
+            raise HarnessError(f"{path}: does not fit this run's model and optimizer ({problem})")
+
     def restore(self) -> None:
-        found = checkpoint_to_resume(self.ctx, self.run_dir, self.resume, self.config)
+        found = checkpoint_to_resume(self.ctx, self.run_dir, self.resume, self.config, fits=self.check_state)
         if found:
             path, state = found
             self.load_state_dict(state)
@@ -221,6 +234,8 @@ class Trainer:
     def fit(self) -> dict:
         self.log_start()
         self.compile_seconds = self.warm_up() if self.compile_mode else 0.0
+        if self.progress.step == 0 and not self.progress.before_training:  # a resumed run keeps its first figure
+            self.test_before_training()
         started = time.perf_counter()
         while self.progress.epoch < self.config.epochs and not self.finished():
             self.train_epoch()
@@ -237,6 +252,8 @@ class Trainer:
                 macro.wait_until_ready()
                 if self.graphed:
                     self.graphed.load(macro, p.step_in_macro)
+                if self.augment.active:
+                    self.augment_params = self.augment.draw(macro.epoch, macro.index, len(macro.order))
                 for i in range(p.step_in_macro, macro.steps):
                     self.train_step(macro, i)
                     p.advance(last_in_macro=i + 1 == macro.steps)
@@ -260,7 +277,7 @@ class Trainer:
         labels = torch.zeros(local, dtype=torch.int64, device=self.ctx.device)
         for _ in range(3):
             with autocast(self.ctx.device, self.config.precision):
-                self.loss_fn(self.trained(self.normalize(images)), labels).backward()
+                self.train_loss_fn(self.trained(self.normalize(images)), labels).backward()
             self.optimizer.zero_grad(set_to_none=True)
         if self.ctx.device.type == "cuda":
             torch.cuda.synchronize(self.ctx.device)
@@ -275,8 +292,13 @@ class Trainer:
             loss = self.graphed()  # the same gather, forward, loss and backward, replayed as one CUDA graph
         else:
             images, labels = macro.local_batch(i, self.ctx.rank, self.ctx.world_size)
+            inputs = self.normalize(images)
+            if self.augment_params is not None:
+                local = self.config.batch_size // self.ctx.world_size
+                first = i * self.config.batch_size + self.ctx.rank * local  # the rows of this rank's slice, as local_batch takes them
+                inputs = self.augment(inputs, self.augment_params[first : first + local])
             with autocast(self.ctx.device, self.config.precision):
-                loss = self.loss_fn(self.trained(self.normalize(images)), labels)
+                loss = self.train_loss_fn(self.trained(inputs), labels)
             loss = self.fault.corrupt_loss(loss, self.progress.step, self.ctx.rank)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -340,6 +362,24 @@ class Trainer:
                 loss[0] = result.loss
         return self.ctx.broadcast_from_main(loss).item()
 
+    def test_before_training(self) -> None:
+        """Rank 0: the test-set figures of the initial weights (chance, ~10%, unless the
+        initialisation is degenerate), recorded in summary.json and TensorBoard at step 0."""
+        with self.ctx.main_only("test before training"):
+            if self.ctx.is_main:
+                result = evaluate(self.model, *self.test_set(), self.normalize, self.loss_fn, self.config.eval_batch)
+                self.progress.before_training = {"test_loss": result.loss, "test_accuracy": result.accuracy}
+                self.outputs.tensorboard.scalars(0, {"test/loss": result.loss, "test/accuracy": result.accuracy})
+                log.info(f"before training: test loss {result.loss:.4f}  accuracy {100 * result.accuracy:.2f}%")
+
+    def test_set(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The 10,000 test images on the device (rank 0): the validation set unless the run validates on a holdout."""
+        if not self.config.holdout:
+            return self.val_images, self.val_labels
+        if self._test_set is None:
+            self._test_set = self.load_eval_set("test")
+        return self._test_set
+
     def checkpoint_due(self) -> bool:
         return bool(self.config.checkpoint_every) and self.progress.step % self.config.checkpoint_every == 0
 
@@ -386,6 +426,7 @@ class Trainer:
             "final": self.progress.last_metrics,
             "test_loss": test.loss,
             "test_accuracy": test.accuracy,
+            "before_training": self.progress.before_training,
             "world_size": self.ctx.world_size,
             "steps": self.progress.step,
             "steps_per_rank": [r[0] for r in per_rank],
@@ -398,6 +439,7 @@ class Trainer:
             "device": str(self.ctx.device),
             "backend": self.ctx.backend,
             "config": dataclasses.asdict(self.config),
+            "normalization_stats": stats_used(self.config.normalize, self.train_stats),
         }
         self.outputs.finish(summary, test, "test", self.model)
         return summary
@@ -407,19 +449,23 @@ class Trainer:
         step, else a fresh evaluation (holdout runs, a resumed finished run)."""
         if not self.config.holdout and self.last_eval and self.last_eval[0] == self.progress.step:
             return self.last_eval[1]
-        images, labels = (self.val_images, self.val_labels) if not self.config.holdout else self.load_eval_set("test")
-        return evaluate(self.model, images, labels, self.normalize, self.loss_fn, self.config.eval_batch)
+        return evaluate(self.model, *self.test_set(), self.normalize, self.loss_fn, self.config.eval_batch)
 
 
-def compile_mode(requested: str, ctx: distributed.DistContext) -> str:
-    """What --compile means here: `gpu` picks by device and world size."""
+def compile_mode(requested: str, ctx: distributed.DistContext, augmenting: bool = False) -> str:
+    """What --compile means here: `gpu` picks by device, world size and augmentation."""
     cuda = ctx.device.type == "cuda"
     if requested == "gpu":
-        return ("cuda-graph" if ctx.world_size == 1 else "reduce-overhead") if cuda else ""
+        return ("cuda-graph" if ctx.world_size == 1 and not augmenting else "reduce-overhead") if cuda else ""
     if requested == "cuda-graph" and (not cuda or ctx.world_size > 1):
         raise HarnessError(
             f"--compile cuda-graph needs one rank on a GPU (here: {ctx.world_size} rank(s) on {ctx.device}): "
             "DDP all-reduces from hooks that a replayed backward would not call; use reduce-overhead, or gpu"
+        )
+    if requested == "cuda-graph" and augmenting:
+        raise HarnessError(
+            "--compile cuda-graph does not capture augmentation (--augment-rotate/-scale/-shift): "
+            "use reduce-overhead, or gpu (which picks it when augmenting)"
         )
     return requested
 

@@ -1,4 +1,4 @@
-"""Shared fixtures: real MNIST and its packed shards."""
+"""Shared fixtures: real MNIST and its packed shards, and a small synthetic shard set."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
-from helpers import mnist_cache_dir, mnist_source
+from helpers import mnist_cache_dir, mnist_source, write_source
 
 from harness.data.pack import pack
 from harness.data.sources import load_source
@@ -27,4 +27,13 @@ def mnist_shards(mnist_dir, tmp_path_factory) -> Path:
     """Real MNIST packed once per test session with the default layout (read-only for tests)."""
     out = tmp_path_factory.mktemp("mnist") / "shards"
     pack(load_source(mnist_dir), out)
+    return out
+
+
+@pytest.fixture
+def shards(tmp_path) -> Path:
+    """A small packed shard set of helpers.write_source's images: train 200 in shards of
+    80/80/40 and blocks of 20, test 50 (a fresh copy per test, which may damage it)."""
+    out = tmp_path / "shards"
+    pack(load_source(write_source(tmp_path / "src")), out, shard_size=80, block_size=20)
     return out

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
+import io
 import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
@@ -16,24 +19,12 @@ import numpy as np
 import psutil
 import torch
 
-from harness.data.download import MIRRORS, download_mnist
+from harness.cli import main as cli_main
+from harness.data.download import MIRRORS, MNIST_BYTES, MNIST_SHA256, download_mnist  # noqa: F401 (MNIST_*: re-exported for the tests)
 from harness.errors import HarnessError
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# The official gzip files (../shared/mnist/SHA256SUMS; the MD5s are in harness.data.download).
-MNIST_SHA256 = {
-    "train-images-idx3-ubyte.gz": "440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609",
-    "train-labels-idx1-ubyte.gz": "3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c",
-    "t10k-images-idx3-ubyte.gz": "8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6",
-    "t10k-labels-idx1-ubyte.gz": "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6",
-}
-MNIST_BYTES = {
-    "train-images-idx3-ubyte.gz": 9912422,
-    "train-labels-idx1-ubyte.gz": 28881,
-    "t10k-images-idx3-ubyte.gz": 1648877,
-    "t10k-labels-idx1-ubyte.gz": 4542,
-}
 MNIST_TRAIN_HISTOGRAM = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
 MNIST_TEST_HISTOGRAM = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
 
@@ -68,6 +59,120 @@ def mnist_source(env, cache_dir: Path, mirrors=MIRRORS) -> Path:
         return download_mnist(cache_dir, mirrors=mirrors)
     except HarnessError as e:
         raise HarnessError(f"MNIST_DIR is not set and the download into {cache_dir} failed: {e}") from None
+
+
+# --- input files -------------------------------------------------------------------------------------
+
+
+def write_source(directory: Path, n_train: int = 200, n_test: int = 50, gz: bool = True) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    ext = ".gz" if gz else ""
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        write_idx(directory / f"{prefix}-images-idx3-ubyte{ext}", rng.integers(0, 256, (n, 28, 28)), gz)
+        write_idx(directory / f"{prefix}-labels-idx1-ubyte{ext}", rng.integers(0, 10, n), gz)
+    return directory
+
+
+def csv_row(label, pixels=None) -> str:
+    pixels = [0] * 784 if pixels is None else pixels
+    return ",".join(map(str, [label, *pixels]))
+
+
+def write_csv_source(directory: Path, train_lines: list[str], header: bool = True) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    head = [",".join(["label"] + [f"pixel{i}" for i in range(784)])] if header else []
+    (directory / "mnist_train.csv").write_text("\n".join(head + train_lines) + "\n")
+    (directory / "mnist_test.csv").write_text("\n".join(head + [csv_row(3), csv_row(4)]) + "\n")
+    return directory
+
+
+def snapshot(directory: Path) -> dict[str, bytes]:
+    """Every file under `directory` (relative name -> content)."""
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def cli(capsys, *args) -> tuple[int, str, str]:
+    """`harness ARGS` in this process: (exit status, stdout, stderr)."""
+    rc = cli_main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def assert_one_error(rc: int, err: str, *fragments: str) -> str:
+    """Exit status 2 and exactly one stderr line `error: ...` that holds every fragment."""
+    assert rc == 2, err
+    assert "Traceback" not in err, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("error: "), err
+    for fragment in fragments:
+        assert fragment in lines[0], f"{fragment!r} not in {lines[0]!r}"
+    return lines[0]
+
+
+# --- crafted shards: what someone who controls a shard directory can write ------------------------------
+
+
+def tar_members(path: Path) -> list[tuple[str, bytes]]:
+    """The regular-file members of a tar, in order, as (name, content)."""
+    with tarfile.open(path, "r:") as tar:
+        return [(m.name, tar.extractfile(m).read()) for m in tar if m.isreg()]
+
+
+def write_tar(path: Path, members: list[tuple[str, bytes]]) -> None:
+    """A plain tar of regular files with the packer's fixed metadata."""
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, payload in members:
+            info = tarfile.TarInfo(name)
+            info.size, info.mode = len(payload), 0o644
+            tar.addfile(info, io.BytesIO(payload))
+
+
+def npy_bytes(array: np.ndarray, allow_pickle: bool = False) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=allow_pickle)
+    return buffer.getvalue()
+
+
+def reseal(shard_dir: Path) -> dict:
+    """Make manifest.json's shard sizes and SHA-256s match the files again, as whoever
+    crafted the shards would: the manifest travels with them. Returns the manifest."""
+    path = Path(shard_dir) / "manifest.json"
+    manifest = json.loads(path.read_text())
+    for split in manifest["splits"].values():
+        for shard in split["shards"]:
+            shard_path = Path(shard_dir) / shard["name"]
+            if shard_path.is_file():
+                shard["bytes"] = shard_path.stat().st_size
+                shard["sha256"] = hashlib.sha256(shard_path.read_bytes()).hexdigest()
+    write_manifest(shard_dir, manifest)
+    return manifest
+
+
+def write_manifest(shard_dir: Path, manifest: dict) -> None:
+    (Path(shard_dir) / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+
+
+class Payload:
+    """Unpickling this opens (creates) `path` for writing: proof that code from a file ran."""
+
+    def __init__(self, path: Path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def tiny_training_objects():
+    """A small model, momentum SGD after one step (so it has momentum buffers), and a schedule."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: 0.9**epoch)
+    model(torch.ones(1, 4)).sum().backward()
+    optimizer.step()
+    return model, optimizer, scheduler
 
 
 # --- processes -------------------------------------------------------------------------------------

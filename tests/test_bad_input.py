@@ -8,63 +8,15 @@ so "no traceback" is checked too). A few run the real command as a subprocess.
 from __future__ import annotations
 
 import gzip
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import run_cli, write_idx
+from helpers import assert_one_error, cli, csv_row, idx_bytes, run_cli, snapshot, write_csv_source, write_idx, write_source
 
-from harness.cli import main as cli_main
-from harness.data.pack import pack
-from harness.data.sources import load_source
 
 # --- helpers ---------------------------------------------------------------------------------------
-
-
-def write_source(directory: Path, n_train: int = 200, n_test: int = 50, gz: bool = True) -> Path:
-    directory.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    ext = ".gz" if gz else ""
-    for prefix, n in (("train", n_train), ("t10k", n_test)):
-        write_idx(directory / f"{prefix}-images-idx3-ubyte{ext}", rng.integers(0, 256, (n, 28, 28)), gz)
-        write_idx(directory / f"{prefix}-labels-idx1-ubyte{ext}", rng.integers(0, 10, n), gz)
-    return directory
-
-
-def csv_row(label, pixels=None) -> str:
-    pixels = [0] * 784 if pixels is None else pixels
-    return ",".join(map(str, [label, *pixels]))
-
-
-def write_csv_source(directory: Path, train_lines: list[str], header: bool = True) -> Path:
-    directory.mkdir(parents=True, exist_ok=True)
-    head = [",".join(["label"] + [f"pixel{i}" for i in range(784)])] if header else []
-    (directory / "mnist_train.csv").write_text("\n".join(head + train_lines) + "\n")
-    (directory / "mnist_test.csv").write_text("\n".join(head + [csv_row(3), csv_row(4)]) + "\n")
-    return directory
-
-
-def snapshot(directory: Path) -> dict[str, bytes]:
-    """Every file under `directory` (relative name -> content)."""
-    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
-
-
-def cli(capsys, *args) -> tuple[int, str, str]:
-    rc = cli_main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return rc, out, err
-
-
-def assert_one_error(rc: int, err: str, *fragments: str) -> str:
-    """Exit status 2 and exactly one stderr line `error: ...` that holds every fragment."""
-    assert rc == 2, err
-    assert "Traceback" not in err, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("error: "), err
-    for fragment in fragments:
-        assert fragment in lines[0], f"{fragment!r} not in {lines[0]!r}"
-    return lines[0]
 
 
 def pack_refused(capsys, tmp_path: Path, source: Path, *fragments: str) -> str:
@@ -119,6 +71,33 @@ def test_complete_gzip_of_truncated_idx(tmp_path, capsys):
     path = source / "t10k-labels-idx1-ubyte.gz"
     path.write_bytes(gzip.compress(gzip.decompress(path.read_bytes())[:-7]))
     pack_refused(capsys, tmp_path, source, "t10k-labels-idx1-ubyte.gz", "truncated")
+
+
+def test_gzip_that_expands_past_its_header_is_not_expanded(tmp_path, capsys):
+    """50 labels, then 256 MiB of zeros in a 260 kB file: refused after the 50 bytes its
+    header promised plus one, not after decompressing everything (the old reader did)."""
+    source = write_source(tmp_path / "src", gz=True)
+    path = source / "t10k-labels-idx1-ubyte.gz"
+    zeros = gzip.compress(bytes(1 << 20), compresslevel=9, mtime=0)  # one gzip member: 1 MiB of zeros in ~1 kB
+    path.write_bytes(idx_bytes(np.zeros(50), gz=True) + zeros * 256)
+    tracemalloc.start()
+    try:
+        pack_refused(capsys, tmp_path, source, "t10k-labels-idx1-ubyte.gz", "trailing bytes", "50 (58 bytes in all)")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 32 << 20, f"{peak / 2**20:.0f} MiB allocated while reading"
+
+
+@pytest.mark.parametrize("gz", [False, True], ids=["raw", "gzip"])
+def test_idx_header_promising_more_than_the_limit(tmp_path, capsys, gz):
+    """Four uint32 dimensions can promise 2^96 bytes (past int64, where numpy's product
+    wraps around): refused from the header, before any data is read."""
+    source = write_source(tmp_path / "src", gz=gz)
+    name = "train-images-idx3-ubyte" + (".gz" if gz else "")
+    header = bytes([0, 0, 8, 3]) + b"".join(d.to_bytes(4, "big") for d in (2**32 - 1, 2**32 - 1, 2**32 - 1))
+    (source / name).write_bytes(gzip.compress(header + bytes(784)) if gz else header + bytes(784))
+    pack_refused(capsys, tmp_path, source, name, "4294967295x4294967295x4294967295", "more than the 1073741824 this reader accepts")
 
 
 def test_image_label_count_mismatch(tmp_path, capsys):
@@ -201,14 +180,6 @@ def test_cli_subprocess_bad_source_exit_2_without_traceback(tmp_path):
 
 
 # --- shards ------------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def shards(tmp_path) -> Path:
-    """A small packed shard set: train 200 images in shards of 80/80/40, test 50."""
-    out = tmp_path / "shards"
-    pack(load_source(write_source(tmp_path / "src")), out, shard_size=80, block_size=20)
-    return out
 
 
 def test_missing_shard(shards, capsys):

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import errno
+import hashlib
+import io
 import json
 import os
+import pickle
 import signal
 import subprocess
 import time
@@ -12,11 +15,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import ROOT, free_port, run, start_and_signal, train_command
+from helpers import ROOT, Payload, free_port, run, start_and_signal, summary, tiny_training_objects, train_command, train_ok, write_source
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from harness import checkpoint as ckpt
 from harness.config import load_preset
+from harness.data.pack import pack
+from harness.data.sources import load_source
 from harness.errors import HarnessError
 from harness.stopping import EXIT_STOPPED
 
@@ -127,6 +132,196 @@ def test_flipped_byte_is_caught_by_the_sha256(tmp_path):
     assert ckpt.load_newest_valid(tmp_path) is None
 
 
+def save_steps(run_dir: Path, *steps: int) -> None:
+    for step in steps:
+        ckpt.save_checkpoint(run_dir, small_state(step), step=step, epoch=0, keep=10)
+
+
+def small_state(step: int) -> dict:
+    """What Trainer.state_dict() holds, in miniature."""
+    return {"model": {"w": torch.full((3,), float(step))}, "optimizer": {"state": {}, "param_groups": []}, "scheduler": {},
+            "loop": {"step": step}, "rng": {"torch": [torch.get_rng_state()], "cuda": []}, "config": {"lr": 0.1}, "world_size": 1}
+
+
+def reseal_marker(marker: Path, **changes) -> None:
+    """Make a marker match its (crafted) .pt again, then apply `changes` (None deletes a key)."""
+    payload = marker.with_suffix(".pt").read_bytes()
+    meta = {**json.loads(marker.read_text()), "bytes": len(payload), "sha256": hashlib.sha256(payload).hexdigest(), **changes}
+    marker.write_text(json.dumps({k: v for k, v in meta.items() if v is not None}))
+
+
+def newest_valid_step(run_dir: Path, caplog, skipped: str) -> int:
+    """The step load_newest_valid falls back to, checking it warned about `skipped` by name."""
+    with caplog.at_level("WARNING", logger="harness"):
+        found = ckpt.load_newest_valid(run_dir)
+    assert any("skipping checkpoint" in r.message and skipped in r.message for r in caplog.records), caplog.text
+    return found[1]["loop"]["step"]
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["", "{", "[]", "null", '{"file": "step-00000002.pt"}', "NaN", "[" * 100000 + "]" * 100000, "\x00" * 70000],
+    ids=["empty", "truncated", "array", "null", "keys-missing", "nan", "deep", "oversized"],
+)
+def test_unreadable_marker_falls_back_to_the_previous_checkpoint(tmp_path, caplog, text):
+    save_steps(tmp_path, 1, 2)
+    marker = tmp_path / "checkpoints" / "step-00000002.json"
+    marker.write_text(text)
+    assert newest_valid_step(tmp_path, caplog, "step-00000002.json") == 1
+    assert marker.read_text() == text  # a skipped checkpoint is left as it was
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [{"bytes": None}, {"sha256": None}, {"step": None}, {"file": None}, {"epoch": None}, {"bytes": -1}, {"bytes": 2**60},
+     {"bytes": "12"}, {"step": 2.0}, {"step": True}, {"sha256": "X" * 64}, {"file": "step-00000001.pt"}, {"file": "../../x.pt"},
+     {"step": 1}],
+    ids=lambda c: "-".join(f"{k}={v!r}"[:24] for k, v in c.items()),
+)
+def test_malformed_marker_falls_back_to_the_previous_checkpoint(tmp_path, caplog, changes):
+    """A marker with a key missing or of the wrong type or range used to escape the
+    fallback (KeyError, TypeError): `--resume auto` crashed instead of resuming."""
+    save_steps(tmp_path, 1, 2)
+    reseal_marker(tmp_path / "checkpoints" / "step-00000002.json", **changes)
+    assert newest_valid_step(tmp_path, caplog, "step-00000002.json") == 1
+
+
+def torch_bytes(obj) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    "payload",
+    ["garbage", "pickle", "torch-pickle", "list", "missing-keys", "extra-key", "step-differs", "tensor-config", "world-size-0",
+     "std-zero", "stats-tensor"],
+)
+def test_checkpoint_that_does_not_load_falls_back_to_the_previous(tmp_path, caplog, payload):
+    """A .pt that matches its marker but is not a loadable training state (crafted, or
+    written by something else): skipped with a warning naming it; nothing in it runs."""
+    save_steps(tmp_path, 1, 2)
+    ran = tmp_path / "payload-ran"
+    crafted = {
+        "garbage": b"\x80\x04 not a checkpoint",
+        "pickle": pickle.dumps(Payload(ran)),
+        "torch-pickle": torch_bytes(Payload(ran)),
+        "list": torch_bytes([1, 2, 3]),
+        "missing-keys": torch_bytes({"loop": {"step": 2}}),
+        "extra-key": torch_bytes({**small_state(2), "payload": 1}),
+        "step-differs": torch_bytes(small_state(7)),
+        "tensor-config": torch_bytes({**small_state(2), "config": {"lr": torch.ones(2)}}),
+        "world-size-0": torch_bytes({**small_state(2), "world_size": 0}),
+        "std-zero": torch_bytes({**small_state(2), "normalization_stats": {"mean": 0.13, "std": 0.0}}),  # predict would divide by it
+        "stats-tensor": torch_bytes({**small_state(2), "normalization_stats": {"pixel_mean": torch.zeros(784)}}),
+    }[payload]
+    pt = tmp_path / "checkpoints" / "step-00000002.pt"
+    pt.write_bytes(crafted)
+    reseal_marker(pt.with_suffix(".json"))
+    assert newest_valid_step(tmp_path, caplog, "step-00000002.pt") == 1
+    assert not ran.exists(), "unpickling the checkpoint ran code"
+    with pytest.raises(HarnessError, match="step-00000002.pt"):  # --resume PATH: the same problem is an error
+        ckpt.load_verified(pt)
+
+
+def test_what_newer_checkpoints_hold_beside_the_training_state_loads(tmp_path):
+    """A run's checkpoints also hold the normalisation statistics it used (for `harness
+    predict`) and the test figures of its initial weights (loop.before_training); older
+    checkpoints hold neither. Both kinds load."""
+    stats = {"mean": 0.1307, "std": 0.3081}
+    newer = {**small_state(2), "normalization_stats": stats, "loop": {"step": 2, "before_training": {"test_loss": 2.3, "test_accuracy": 0.1}}}
+    ckpt.save_checkpoint(tmp_path, small_state(1), step=1, epoch=0, keep=10)
+    ckpt.save_checkpoint(tmp_path, newer, step=2, epoch=0, keep=10)
+    assert ckpt.load_newest_valid(tmp_path)[1]["normalization_stats"] == stats
+    assert "normalization_stats" not in ckpt.load_verified(tmp_path / "checkpoints" / "step-00000001.pt")
+
+
+@pytest.mark.parametrize("before_training", [None, {}, {"test_loss": 2.3, "test_accuracy": 0.1}], ids=["older", "empty", "figures"])
+def test_the_loops_test_figures_before_training_fit_a_fresh_run(before_training):
+    """A resumed run's loop starts with before_training {} (not measured yet); a checkpoint's
+    may hold the figures, nothing yet, or (written before they existed) no such key."""
+    model, optimizer, scheduler = tiny_training_objects()
+    loop = {"step": 1, "epoch": 0, "last_metrics": {}, "before_training": {}}
+    saved = {**{k: v for k, v in loop.items() if k != "before_training"}, **({} if before_training is None else {"before_training": before_training})}
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "loop": saved,
+             "rng": {"torch": [torch.get_rng_state()], "cuda": []}}
+    assert ckpt.state_mismatch(state, model, optimizer, scheduler, loop) is None
+
+
+def test_checkpoints_are_ordered_and_pruned_by_step_number(tmp_path):
+    """step-100000000 is newer than step-99999999, though it sorts first as text."""
+    save_steps(tmp_path, 99999998, 99999999, 100000000)
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step-100000000.json", "step-99999999.json", "step-99999998.json"]
+    assert ckpt.load_newest_valid(tmp_path)[1]["loop"]["step"] == 100000000
+    ckpt.save_checkpoint(tmp_path, small_state(100000001), step=100000001, epoch=0, keep=2)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
+        "step-100000000.json", "step-100000000.pt", "step-100000001.json", "step-100000001.pt"]
+
+
+def test_names_that_are_not_step_numbers_are_ignored(tmp_path):
+    save_steps(tmp_path, 1)
+    (tmp_path / "checkpoints" / "step-latest.json").write_text("{}")
+    (tmp_path / "checkpoints" / "step-1e9.json").write_text("{}")
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step-00000001.json"]
+
+
+@pytest.mark.parametrize(
+    "edit,problem",
+    [
+        (lambda s: s["model"].update({"0.weight": torch.zeros(3, 5)}),
+         "model.0.weight: a torch.float32 tensor of shape (3, 5); expected a torch.float32 tensor of shape (3, 4)"),
+        (lambda s: s["model"].update({"0.weight": torch.zeros(3, 4, dtype=torch.float64)}), "expected a torch.float32 tensor"),
+        (lambda s: s["model"].update({"9.bias": torch.zeros(2)}), "model: keys"),
+        (lambda s: s["optimizer"]["state"][0].update({"momentum_buffer": torch.zeros(7)}), "optimizer.state[0].momentum_buffer"),
+        (lambda s: s["optimizer"]["state"].update({17: {"momentum_buffer": torch.zeros(3)}}), "optimizer.state[17]"),
+        (lambda s: s["optimizer"]["param_groups"][0].update({"lr": "0.1"}), "optimizer.param_groups[0].lr: a str"),
+        (lambda s: s["optimizer"]["param_groups"][0].update({"params": [5, 4, 3, 2]}), "numbered differently"),
+        (lambda s: s["scheduler"].update({"optimizer": None}), "scheduler: keys"),
+        (lambda s: s["scheduler"].update({"last_epoch": 1.0}), "scheduler.last_epoch: a float; expected a int"),
+        (lambda s: s["loop"].update({"step": 3.0}), "loop.step: a float"),
+        (lambda s: s["loop"].update({"last_metrics": [1]}), "loop.last_metrics: not a mapping"),
+        (lambda s: s["loop"].update({"before_training": {"test_loss": "2.3", "test_accuracy": 0.1}}), "loop.before_training.test_loss: a str"),
+        (lambda s: s["loop"].update({"before_training": {"test_accuracy": 0.1}}), "loop.before_training: keys"),
+        (lambda s: s["loop"].update({"before_training": [0.1]}), "loop.before_training: keys a list"),
+        (lambda s: s["rng"].update({"torch": [torch.zeros(5, dtype=torch.uint8)]}), "rng.torch"),
+        (lambda s: s["rng"].update({"cuda": [torch.zeros(5)]}), "rng.cuda"),
+    ],
+)
+def test_a_state_that_does_not_fit_the_model_is_named(edit, problem):
+    """Checked before anything is loaded, so a bad state never leaves a run half restored."""
+    model, optimizer, scheduler = tiny_training_objects()
+    loop = {"step": 1, "epoch": 0, "last_metrics": {}}
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "loop": dict(loop),
+             "rng": {"torch": [torch.get_rng_state()], "cuda": []}}
+    assert ckpt.state_mismatch(state, model, optimizer, scheduler, loop) is None
+    edit(state)
+    assert problem in (ckpt.state_mismatch(state, model, optimizer, scheduler, loop) or "")
+
+
+def test_resume_auto_skips_malformed_newest_checkpoints(tmp_path):
+    """Through the real command, on a small shard set: the newest marker lacks a key, the
+    one before holds weights of the wrong shape; the run resumes from the one before those."""
+    shards, run_dir = tmp_path / "shards", tmp_path / "run"
+    pack(load_source(write_source(tmp_path / "src")), shards, shard_size=80, block_size=20)
+    args = ("--preset", "lenet", "--device", "cpu", "--batch-size", "20", "--checkpoint-every", "1", "--keep-checkpoints", "5",
+            "--log-every", "1", "--threads", "1")
+    train_ok(shards, run_dir, *args, "--max-steps", "4")
+    marker = run_dir / "checkpoints" / "step-00000004.json"
+    marker.write_text(json.dumps({k: v for k, v in json.loads(marker.read_text()).items() if k != "bytes"}))
+    third = run_dir / "checkpoints" / "step-00000003.pt"
+    state = torch.load(third, weights_only=True)
+    first_weight = next(iter(state["model"]))
+    state["model"][first_weight] = torch.zeros(3, 3)
+    third.write_bytes(torch_bytes(state))
+    reseal_marker(third.with_suffix(".json"))
+    result = train_ok(shards, run_dir, *args, "--max-steps", "6")
+    output = result.stdout + result.stderr
+    assert "skipping checkpoint" in output and "step-00000004.json" in output and "'bytes' is a required property" in output
+    assert f"step-00000003.pt: does not fit this run's model and optimizer (model.{first_weight}: a torch.float32 tensor of shape (3, 3)" in output
+    assert f"resuming from {run_dir / 'checkpoints' / 'step-00000002.pt'} (epoch 1, step 2)" in output
+    assert summary(run_dir)["steps"] == 6
+
+
 def test_keep_last_k(tmp_path):
     for step in range(1, 6):
         ckpt.save_checkpoint(tmp_path, {"loop": {"step": step}}, step=step, epoch=0, keep=2)
@@ -136,7 +331,7 @@ def test_keep_last_k(tmp_path):
 
 
 def test_disk_full_leaves_no_partial_checkpoint(tmp_path, monkeypatch):
-    ckpt.save_checkpoint(tmp_path, {"loop": {"step": 1}}, step=1, epoch=0, keep=3)
+    ckpt.save_checkpoint(tmp_path, small_state(1), step=1, epoch=0, keep=3)
     real_fsync = os.fsync
 
     def full_disk(fd):
@@ -218,7 +413,7 @@ def test_resume_from_a_missing_checkpoint_is_a_clear_error(mnist_shards, tmp_pat
     missing = tmp_path / "checkpoints" / "step-00000100.pt"
     result = run(command(mnist_shards, tmp_path / "run", "--resume", missing))
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == [f"error: {missing}: unreadable checkpoint ([Errno 2] No such file or directory: '{missing.with_suffix('.json')}')"]
+    assert result.stderr.strip().splitlines() == [f"error: {missing.with_suffix('.json')}: unreadable checkpoint marker (No such file or directory)"]
 
 
 def test_changed_config_is_refused_on_resume(mnist_shards, tmp_path):

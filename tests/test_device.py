@@ -145,6 +145,10 @@ def test_compile_modes_by_device_and_world_size():
     assert compile_mode("gpu", one_gpu) == "cuda-graph"
     assert compile_mode("gpu", two_gpus) == "reduce-overhead"
     assert compile_mode("gpu", cpu) == "" and compile_mode("", one_gpu) == ""
+    # Augmentation is not captured: gpu compiles instead, and cuda-graph says why not.
+    assert compile_mode("gpu", one_gpu, augmenting=True) == "reduce-overhead"
+    with pytest.raises(HarnessError, match="--compile cuda-graph does not capture augmentation"):
+        compile_mode("cuda-graph", one_gpu, augmenting=True)
     for ctx, where in ((cpu, "1 rank(s) on cpu"), (two_gpus, "2 rank(s) on cuda:0")):
         with pytest.raises(HarnessError, match=re.escape(f"--compile cuda-graph needs one rank on a GPU (here: {where})")):
             compile_mode("cuda-graph", ctx)

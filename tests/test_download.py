@@ -6,6 +6,7 @@ import hashlib
 import http.server
 import json
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,7 @@ import pytest
 from helpers import idx_bytes, run_cli
 
 from harness.cli import main as cli_main
-from harness.data.download import MNIST_MD5, download_mnist
+from harness.data.download import MIRRORS, MNIST_FILES, MNIST_MD5, MNIST_SHA256, Published, download_mnist
 from harness.data.sources import load_source
 from harness.errors import HarnessError
 
@@ -33,6 +34,27 @@ class Handler(http.server.BaseHTTPRequestHandler):
             return
         self.send_response(200)
         self.send_header("Content-Type", "application/octet-stream")
+        if self.path in server.endless:
+            # No Content-Length; the body never ends (until the client hangs up).
+            self.end_headers()
+            self.close_connection = True
+            try:
+                while True:
+                    self.wfile.write(bytes(1 << 16))
+            except OSError:
+                return
+        if self.path in server.slow:
+            # The right Content-Length, then one byte every 50 ms.
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            try:
+                for i in range(len(body)):
+                    self.wfile.write(body[i : i + 1])
+                    self.wfile.flush()
+                    time.sleep(0.05)
+            except OSError:
+                return
+            return
         if self.path in server.short:
             # Promise the whole file, send half, hang up: a dropped connection.
             self.send_header("Content-Length", str(len(body)))
@@ -55,6 +77,7 @@ class Mirror:
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
         self.server.routes, self.server.requests, self.server.short = {}, [], set()
+        self.server.endless, self.server.slow = set(), set()
         self.server.lock = threading.Lock()
         self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
         self.thread.start()
@@ -90,7 +113,7 @@ def mirror(monkeypatch):
 
 @pytest.fixture
 def generated():
-    """A small MNIST-like set under the official file names, with its own MD5 table."""
+    """A small MNIST-like set under the official file names, with its own table of sizes and digests."""
     rng = np.random.default_rng(3)
     files = {
         "train-images-idx3-ubyte.gz": idx_bytes(rng.integers(0, 256, (90, 28, 28)), gz=True),
@@ -98,7 +121,11 @@ def generated():
         "t10k-images-idx3-ubyte.gz": idx_bytes(rng.integers(0, 256, (30, 28, 28)), gz=True),
         "t10k-labels-idx1-ubyte.gz": idx_bytes(rng.integers(0, 10, 30), gz=True),
     }
-    return files, {name: hashlib.md5(body).hexdigest() for name, body in files.items()}
+    return files, {name: published(body) for name, body in files.items()}
+
+
+def published(body: bytes, sha256: bool = True, md5: bool = True) -> Published:
+    return Published(len(body), hashlib.sha256(body).hexdigest() if sha256 else None, hashlib.md5(body).hexdigest() if md5 else None)
 
 
 def no_partial_files(directory: Path) -> bool:
@@ -131,9 +158,9 @@ def test_pack_source_download_real_mnist(mirror, mnist_dir, tmp_path):
 
 
 def test_download_generated_files_with_own_md5_table(mirror, generated, tmp_path):
-    files, md5 = generated
+    files, table = generated
     url = mirror.serve("m", files)
-    dest = download_mnist(tmp_path / "dl", mirrors=[url], checksums=md5, timeout_s=10)
+    dest = download_mnist(tmp_path / "dl", mirrors=[url], files=table, timeout_s=10)
     assert dest == tmp_path / "dl"
     assert {p.name: p.read_bytes() for p in dest.iterdir()} == files
     assert sorted(mirror.requests) == sorted(f"/m/{name}" for name in files)
@@ -142,44 +169,64 @@ def test_download_generated_files_with_own_md5_table(mirror, generated, tmp_path
 
 
 def test_first_mirror_404_falls_back_to_second(mirror, generated, tmp_path):
-    files, md5 = generated
+    files, table = generated
     mirror.serve("good", files)  # nothing is served under /dead/
-    dest = download_mnist(tmp_path / "dl", mirrors=[mirror.url("dead"), mirror.url("good")], checksums=md5, timeout_s=10)
+    dest = download_mnist(tmp_path / "dl", mirrors=[mirror.url("dead"), mirror.url("good")], files=table, timeout_s=10)
     assert {p.name: p.read_bytes() for p in dest.iterdir()} == files
     expected = [path for name in files for path in (f"/dead/{name}", f"/good/{name}")]
     assert mirror.requests == expected  # in order: the dead mirror first, every time
 
 
 def test_dropped_connection_falls_back_to_second_mirror(mirror, generated, tmp_path):
-    files, md5 = generated
+    files, table = generated
     mirror.serve("flaky", files)
     mirror.serve("good", files)
     mirror.server.short.add("/flaky/train-images-idx3-ubyte.gz")
-    dest = download_mnist(tmp_path / "dl", mirrors=[mirror.url("flaky"), mirror.url("good")], checksums=md5, timeout_s=10)
+    dest = download_mnist(tmp_path / "dl", mirrors=[mirror.url("flaky"), mirror.url("good")], files=table, timeout_s=10)
     assert (dest / "train-images-idx3-ubyte.gz").read_bytes() == files["train-images-idx3-ubyte.gz"]
     assert "/good/train-images-idx3-ubyte.gz" in mirror.requests
     assert no_partial_files(dest)
 
 
-def test_wrong_md5_on_every_mirror(mirror, generated, tmp_path):
-    files, md5 = generated
+@pytest.mark.parametrize(
+    "digests,wrong,problem",
+    [((False, True), "md5", "MD5"), ((True, True), "sha256", "SHA-256"), ((True, True), "md5", "MD5"), ((True, False), "sha256", "SHA-256")],
+    ids=["md5-only-published", "sha256-wrong", "md5-wrong", "sha256-only-published"],
+)
+def test_wrong_digest_on_every_mirror(mirror, generated, tmp_path, digests, wrong, problem):
+    """Every published digest is checked: SHA-256 where published, MD5 where that is all there is."""
+    files, table = generated
     bad_name = "train-labels-idx1-ubyte.gz"
-    md5 = {**md5, bad_name: "0" * 32}
+    expected = published(files[bad_name], *digests)
+    table = {**table, bad_name: Published(expected.bytes, **{"sha256": expected.sha256, "md5": expected.md5, wrong: "0" * {"md5": 32, "sha256": 64}[wrong]})}
     mirror.serve("a", files)
     mirror.serve("b", files)
     dest = tmp_path / "dl"
     with pytest.raises(HarnessError) as caught:
-        download_mnist(dest, mirrors=[mirror.url("a"), mirror.url("b")], checksums=md5, timeout_s=10)
+        download_mnist(dest, mirrors=[mirror.url("a"), mirror.url("b")], files=table, timeout_s=10)
     message = str(caught.value)
-    assert bad_name in message and "MD5" in message and "failed on every mirror" in message
+    assert bad_name in message and "failed on every mirror" in message
+    assert f"{problem} " in message and f"does not match the published {'0' * (64 if wrong == 'sha256' else 32)}" in message
     assert mirror.url("a") + bad_name in message and mirror.url("b") + bad_name in message
     assert not (dest / bad_name).exists()
     assert no_partial_files(dest)
     assert (dest / "train-images-idx3-ubyte.gz").read_bytes() == files["train-images-idx3-ubyte.gz"]  # the good one before it stays
 
 
-def test_cli_download_with_wrong_md5_exits_2(mirror, generated, tmp_path, capsys):
-    """Through `harness pack`: files that are not the published MNIST fail the published MD5 check."""
+def test_real_mnist_with_one_byte_changed_fails_the_published_sha256(mirror, mnist_dir, tmp_path):
+    """The published table itself: a same-size file with one byte changed is refused by its SHA-256."""
+    name = "t10k-labels-idx1-ubyte.gz"
+    body = bytearray((mnist_dir / name).read_bytes())
+    body[-20] ^= 0x01
+    url = mirror.serve("m", {name: bytes(body)})
+    with pytest.raises(HarnessError, match=f"SHA-256 [0-9a-f]{{64}} does not match the published {MNIST_SHA256[name]}"):
+        download_mnist(tmp_path / "dl", mirrors=[url], files={name: MNIST_FILES[name]}, timeout_s=10)
+    assert not (tmp_path / "dl" / name).exists() and no_partial_files(tmp_path / "dl")
+
+
+def test_cli_download_of_files_that_are_not_mnist_exits_2(mirror, generated, tmp_path, capsys):
+    """Through `harness pack`: files that are not the published MNIST are refused, here by
+    their size, from the Content-Length, before their body is read."""
     files, _ = generated
     url = mirror.serve("fake", files)
     rc = cli_main(["pack", "--source", "download", "--mirror", url, "--download-dir", str(tmp_path / "dl"), "--out", str(tmp_path / "out")])
@@ -187,32 +234,63 @@ def test_cli_download_with_wrong_md5_exits_2(mirror, generated, tmp_path, capsys
     assert rc == 2 and "Traceback" not in err
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: download of train-images-idx3-ubyte.gz failed on every mirror")
-    assert "does not match the published f68b3c2dcbeaaa9fbdd348bbdeb94873" in lines[0]
+    assert f"Content-Length {len(files['train-images-idx3-ubyte.gz'])}; the published size is 9912422" in lines[0]
     assert not (tmp_path / "out").exists()
     assert not (tmp_path / "dl" / "train-images-idx3-ubyte.gz").exists() and no_partial_files(tmp_path / "dl")
 
 
+def test_a_mirror_that_sends_too_much_is_cut_off(mirror, generated, tmp_path):
+    """A body without a Content-Length that never ends: reading stops just past the
+    published size (the old code wrote all of it to disk before checking)."""
+    files, table = generated
+    name = "t10k-labels-idx1-ubyte.gz"
+    url = mirror.serve("endless", files)
+    mirror.server.endless.add(f"/endless/{name}")
+    started = time.monotonic()
+    with pytest.raises(HarnessError, match=f"more than the published {table[name].bytes} bytes; stopped reading"):
+        download_mnist(tmp_path / "dl", mirrors=[url], files={name: table[name]}, timeout_s=10)
+    assert time.monotonic() - started < 10
+    assert no_partial_files(tmp_path / "dl") and not (tmp_path / "dl" / name).exists()
+
+
+def test_a_mirror_that_trickles_is_given_up_at_the_deadline(mirror, generated, tmp_path):
+    files, table = generated
+    name = "t10k-labels-idx1-ubyte.gz"
+    url = mirror.serve("slow", files)
+    mirror.server.slow.add(f"/slow/{name}")
+    started = time.monotonic()
+    with pytest.raises(HarnessError, match="took longer than 1 s; stopped reading"):
+        download_mnist(tmp_path / "dl", mirrors=[url], files={name: table[name]}, timeout_s=10, deadline_s=1)
+    assert time.monotonic() - started < 5
+    assert no_partial_files(tmp_path / "dl")
+
+
+def test_https_mirrors_come_first():
+    schemes = [m.split(":", 1)[0] for m in MIRRORS]
+    assert schemes == sorted(schemes, key=lambda s: s != "https") and schemes[0] == "https"
+
+
 def test_all_mirrors_unreachable(mirror, generated, tmp_path):
-    _, md5 = generated
+    _, table = generated
     with pytest.raises(HarnessError) as caught:
-        download_mnist(tmp_path / "dl", mirrors=[mirror.url("x"), mirror.url("y")], checksums=md5, timeout_s=10)
+        download_mnist(tmp_path / "dl", mirrors=[mirror.url("x"), mirror.url("y")], files=table, timeout_s=10)
     assert "train-images-idx3-ubyte.gz" in str(caught.value) and "404" in str(caught.value)
     assert no_partial_files(tmp_path / "dl")
 
 
 def test_present_correct_file_is_not_downloaded_again(mirror, generated, tmp_path):
-    files, md5 = generated
+    files, table = generated
     url = mirror.serve("m", files)
     dest = tmp_path / "dl"
     dest.mkdir()
     (dest / "t10k-images-idx3-ubyte.gz").write_bytes(files["t10k-images-idx3-ubyte.gz"])
     (dest / "train-labels-idx1-ubyte.gz").write_bytes(b"a stale, wrong file")  # wrong MD5: fetched again
-    download_mnist(dest, mirrors=[url], checksums=md5, timeout_s=10)
+    download_mnist(dest, mirrors=[url], files=table, timeout_s=10)
     assert sorted(mirror.requests) == sorted(f"/m/{n}" for n in files if n != "t10k-images-idx3-ubyte.gz")
     assert {p.name: p.read_bytes() for p in dest.iterdir()} == files
     # A second run finds everything in place and asks the server for nothing.
     count = len(mirror.requests)
-    download_mnist(dest, mirrors=[url], checksums=md5, timeout_s=10)
+    download_mnist(dest, mirrors=[url], files=table, timeout_s=10)
     assert len(mirror.requests) == count
 
 

@@ -11,7 +11,7 @@ import torch
 
 from harness.data.pack import pack
 from harness.data.sources import Dataset, Split
-from harness.data.stream import MacroBatchStream, ShardSplit, read_blocks
+from harness.data.stream import MacroBatchStream, ShardSplit
 from harness.errors import HarnessError
 
 N = 2950  # shards of 800: 800/800/800/550, the last one ending in a 50-image block
@@ -117,7 +117,7 @@ def test_one_macro_batch_split_is_read_once_and_reshuffled(data, monkeypatch):
 
     reads = Counter()
     real_read = stream_module.read_blocks
-    monkeypatch.setattr(stream_module, "read_blocks", lambda path: reads.update([path.name]) or real_read(path))
+    monkeypatch.setattr(stream_module, "read_blocks", lambda path, *layout: reads.update([path.name]) or real_read(path, *layout))
     stream = MacroBatchStream(ShardSplit(shards, "train"), 64, 60000, seed=2, device=CPU)
     epochs = [epoch_ids(stream, e) for e in range(3)]
     assert set(reads.values()) == {1} and len(reads) == 4  # every shard decoded exactly once
@@ -218,7 +218,7 @@ def test_uneven_shards(data):
     shards, labels = data
     split = ShardSplit(shards, "train")
     assert split.shard_counts == [800, 800, 800, 550]
-    assert [len(b[2]) for b in read_blocks(split.paths[-1])] == [100] * 5 + [50]
+    assert [len(b[2]) for b in split.read_shard(len(split.paths) - 1)] == [100] * 5 + [50]
     # A batch that divides 2950: every sample exactly once per epoch, on 1 or 2 ranks.
     stream = MacroBatchStream(split, 50, 600, seed=4, device=CPU)
     for epoch in (0, 1):

@@ -20,10 +20,12 @@ import numpy as np
 import pytest
 import torch
 from helpers import MNIST_TEST_HISTOGRAM, final_weights, run, run_cli, summary
+from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from harness.config import load_preset
-from harness.models import lenet
+from harness.models import first_layer_weights, lenet
+from harness.report import filters_figure
 
 SCALAR_TAGS = {"train/loss", "train/lr", "train/samples_per_s", "val/loss", "val/accuracy"}
 METRIC_KEYS = {"epoch", "train_loss", "val_loss", "val_accuracy", "lr", "epoch_seconds", "train_samples_per_s"}
@@ -137,6 +139,23 @@ def test_tensorboard_reader_finds_every_tag(lenet_run):
     assert conv1.width > 20 and conv1.height > 20  # 3x3 kernels are upscaled to be visible
 
 
+def test_report_pictures_of_the_cnn(lenet_run):
+    """The end of the run draws the report: both conv layers' filters, and a confusion matrix
+    that TensorBoard shows as the same labelled figure (not a bare 200x200 intensity square)."""
+    run_dir, result, _ = lenet_run
+    assert "pictures: " in result.stdout
+    titles = [axes.get_title() for axes in filters_figure(first_layer_weights(final_weights(run_dir))).axes]
+    assert titles == ["conv1: 16 filters, 3x3", "conv2: 32 filters (columns) x 16 input channels (rows), 4x4"]
+    events = EventAccumulator(str(run_dir), size_guidance={"images": 0})
+    events.Reload()
+    confusion = events.Images("val/confusion_matrix")[-1]
+    with Image.open(run_dir / "report" / "confusion_matrix.png") as png:
+        assert (confusion.width, confusion.height) == png.size and png.size != (200, 200)
+    with Image.open(run_dir / "report" / "filters.png") as png:
+        assert png.size[0] >= 900
+    assert {"report/training_curves", "report/filters"} <= set(events.Tags()["images"])
+
+
 def test_test_report_is_consistent(lenet_run):
     run_dir, result, _ = lenet_run
     report = json.loads((run_dir / "test_report.json").read_text())
@@ -173,6 +192,16 @@ def test_rerunning_a_finished_run_changes_nothing(lenet_run, mnist_shards):
     after = json.loads((run_dir / "summary.json").read_text())
     assert after["param_checksum"] == before["param_checksum"] and after["steps"] == before["steps"]
     assert (run_dir / "metrics.jsonl").read_bytes() == metrics
+
+
+def test_train_help_lists_every_option():
+    """`harness train --help` formats every field's help (a bare % in one used to crash it)."""
+    from harness.config import FIELDS, flag
+    from harness.train import build_parser
+
+    text = build_parser().format_help()
+    assert all(f"--{flag(name)}" in text for name in FIELDS)
+    assert "25%" in text and "%%" not in text
 
 
 def test_bad_options_are_clear_errors(mnist_shards, tmp_path):

@@ -1,11 +1,23 @@
-"""Download MNIST from the standard public mirrors, verifying each file's MD5."""
+"""Download MNIST from the standard public mirrors, checking each file as it arrives.
+
+Every file is checked against what is published about it: its size, its SHA-256 and
+its MD5 (the MD5s are what the original distribution published; the SHA-256s are of
+those same files). The size is a cap while reading: a mirror that sends more is cut off
+at once, and one whose Content-Length says more is not read at all. The digests are
+computed on the fly; a file is renamed into place only when all of them match, so the
+destination never holds a partial or wrong file under the real name. The https mirrors
+come first; the plain-http one is a last resort whose bytes must match the same digests.
+"""
 
 from __future__ import annotations
 
 import hashlib
+import http.client
 import os
+import time
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
 from harness.errors import HarnessError
@@ -23,53 +35,118 @@ MNIST_MD5 = {
     "t10k-images-idx3-ubyte.gz": "9fb629c4189551a2d022fa330f9573f3",
     "t10k-labels-idx1-ubyte.gz": "ec29112dd5afa0611ce80d1b7f02629c",
 }
+# The SHA-256 and size of the same files.
+MNIST_SHA256 = {
+    "train-images-idx3-ubyte.gz": "440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609",
+    "train-labels-idx1-ubyte.gz": "3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c",
+    "t10k-images-idx3-ubyte.gz": "8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6",
+    "t10k-labels-idx1-ubyte.gz": "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6",
+}
+MNIST_BYTES = {
+    "train-images-idx3-ubyte.gz": 9912422,
+    "train-labels-idx1-ubyte.gz": 28881,
+    "t10k-images-idx3-ubyte.gz": 1648877,
+    "t10k-labels-idx1-ubyte.gz": 4542,
+}
+CHUNK = 1 << 16
 
 
-def md5_of(path: Path) -> str:
-    h = hashlib.md5()
+@dataclass(frozen=True)
+class Published:
+    """What is published about one file: its size in bytes and its digests (None where a
+    digest is not published; at least one must be)."""
+
+    bytes: int
+    sha256: str | None = None
+    md5: str | None = None
+
+    def __post_init__(self):
+        if not (self.sha256 or self.md5):
+            raise ValueError("a downloaded file needs a published SHA-256 or MD5 to be checked against")
+
+    def problem(self, size: int, digests: dict[str, str]) -> str | None:
+        """How a file of `size` bytes with `digests` differs from this; None if it does not."""
+        if size != self.bytes:
+            return f"{size} bytes; the published size is {self.bytes}"
+        for name, published in (("SHA-256", self.sha256), ("MD5", self.md5)):
+            if published and digests[name] != published:
+                return f"{name} {digests[name]} does not match the published {published}"
+        return None
+
+
+MNIST_FILES = {name: Published(MNIST_BYTES[name], MNIST_SHA256[name], MNIST_MD5[name]) for name in MNIST_MD5}
+
+
+def digests_of(path: Path) -> dict[str, str]:
+    hashes = {"SHA-256": hashlib.sha256(), "MD5": hashlib.md5()}
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+            for h in hashes.values():
+                h.update(chunk)
+    return {name: h.hexdigest() for name, h in hashes.items()}
 
 
 def download_mnist(
     dest: Path,
     mirrors: tuple[str, ...] | list[str] = MIRRORS,
-    checksums: dict[str, str] = MNIST_MD5,
+    files: dict[str, Published] = MNIST_FILES,
     timeout_s: float = 60.0,
+    deadline_s: float = 1800.0,
 ) -> Path:
-    """Fetch every file in `checksums` into `dest`, trying the mirrors in order.
+    """Fetch every file in `files` into `dest`, trying the mirrors in order.
 
-    A file already in `dest` with the right MD5 is kept. Downloads go to a
-    temporary name and are renamed only once their MD5 matches, so `dest`
-    never holds a partial or wrong file under the real name.
+    A file already in `dest` that matches what is published is kept. `timeout_s` bounds
+    each network wait, `deadline_s` a whole file from one mirror (a mirror that trickles
+    bytes never hangs the download).
     """
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
-    for name, md5 in checksums.items():
+    for name, published in files.items():
         target = dest / name
-        if target.is_file() and md5_of(target) == md5:
+        if target.is_file() and published.problem(target.stat().st_size, digests_of(target)) is None:
             continue
         problems = []
         for mirror in mirrors:
             url = mirror.rstrip("/") + "/" + name
-            tmp = dest / f".{name}.part-{os.getpid()}"
-            try:
-                with urllib.request.urlopen(url, timeout=timeout_s) as response, open(tmp, "wb") as out:
-                    while chunk := response.read(1 << 20):
-                        out.write(chunk)
-            except (urllib.error.URLError, OSError, TimeoutError) as e:
-                problems.append(f"{url}: {e}")
-                tmp.unlink(missing_ok=True)
-                continue
-            got = md5_of(tmp)
-            if got != md5:
-                problems.append(f"{url}: MD5 {got} does not match the published {md5}")
-                tmp.unlink()
-                continue
-            os.replace(tmp, target)
-            break
+            problem = fetch_checked(url, target, published, timeout_s, deadline_s)
+            if problem is None:
+                break
+            problems.append(f"{url}: {problem}")
         else:
             raise HarnessError(f"download of {name} failed on every mirror: " + "; ".join(problems))
     return dest
+
+
+def fetch_checked(url: str, target: Path, published: Published, timeout_s: float, deadline_s: float) -> str | None:
+    """Download `url` to `target` if it is the published file; otherwise what was wrong."""
+    tmp = target.with_name(f".{target.name}.part-{os.getpid()}")
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as response, open(tmp, "wb") as out:
+            problem, size, digests = _stream(response, out, published, time.monotonic() + deadline_s, deadline_s)
+        problem = problem or published.problem(size, digests)
+    except (urllib.error.URLError, http.client.HTTPException, OSError, TimeoutError, ValueError) as e:
+        problem = str(e)
+    if problem:
+        tmp.unlink(missing_ok=True)
+        return problem
+    os.replace(tmp, target)
+    return None
+
+
+def _stream(response, out, published: Published, deadline: float, deadline_s: float) -> tuple[str | None, int, dict]:
+    """Copy the response to `out`, hashing as it goes; stop at the first byte past the
+    published size or at the deadline. Returns (problem or None, bytes, digests)."""
+    length = response.headers.get("Content-Length")
+    if length is not None and length.isdigit() and int(length) != published.bytes:
+        return f"Content-Length {length}; the published size is {published.bytes}", 0, {}
+    hashes, size = {"SHA-256": hashlib.sha256(), "MD5": hashlib.md5()}, 0
+    while chunk := response.read1(CHUNK):
+        size += len(chunk)
+        if size > published.bytes:
+            return f"more than the published {published.bytes} bytes; stopped reading", size, {}
+        if time.monotonic() > deadline:
+            return f"took longer than {deadline_s:g} s; stopped reading", size, {}
+        out.write(chunk)
+        for h in hashes.values():
+            h.update(chunk)
+    return None, size, {name: h.hexdigest() for name, h in hashes.items()}

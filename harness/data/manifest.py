@@ -1,35 +1,126 @@
-"""The `manifest.json` beside the shards: what they hold, and how to check them."""
+"""The `manifest.json` beside the shards: what they hold, and how to check them.
+
+A manifest travels with its shards (a shared filesystem, a bucket, a colleague's run
+directory), so it is checked like any other input before anything it names is opened:
+against MANIFEST_SCHEMA (jsonschema), then for what a schema cannot say: shard names are
+the packer's own, numbered from 0 in order (so no path, URL or `pipe:` ever reaches a
+reader), the shards' counts add up to the split's, each size is one its images can have,
+and the pixel mean agrees with the per-pixel means.
+"""
 
 from __future__ import annotations
 
-import json
+import math
 from pathlib import Path
 
-from harness.data.sources import sha256_of
+from harness.data.blocks import max_shard_bytes
+from harness.data.sources import IMAGE_SHAPE, NUM_CLASSES, sha256_of
 from harness.errors import HarnessError
+from harness.validation import first_violation, read_json_file
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
+SPLITS = ("train", "test")
+MAX_MANIFEST_BYTES = 16 << 20  # MNIST's is 40 kB; 100,000 shards would be about 15 MB
+MAX_SAMPLES = 2**31 - 1
+MAX_BLOCK_SIZE = 100_000  # one block is decoded in memory at a time: at most 78 MB of 28x28 images
+# The smallest nonzero standard deviation of 8-bit pixels scaled to [0, 1] over N pixels is
+# about 1/(255 sqrt(N)): above 1e-8 up to 10^11 pixels. Below it, 1/std overflows float32.
+MIN_PIXEL_STD = 1e-8
+
+_COUNT = {"type": "integer", "minimum": 1, "maximum": MAX_SAMPLES}
+_FRACTION = {"type": "number", "minimum": 0, "maximum": 1}
+SHARD_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "pattern": r"^(train|test)-[0-9]{6}\.tar$"},
+        "samples": _COUNT,
+        "bytes": {"type": "integer", "minimum": 1},
+        "sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
+    },
+    "required": ["name", "samples", "bytes", "sha256"],
+    "additionalProperties": False,
+}
+SPLIT_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "samples": _COUNT,
+        "block_size": {"type": "integer", "minimum": 1, "maximum": MAX_BLOCK_SIZE},
+        "shards": {"type": "array", "minItems": 1, "items": SHARD_SCHEMA},
+    },
+    "required": ["samples", "block_size", "shards"],
+    "additionalProperties": False,
+}
+# The train-set statistics; a run records the ones its normalisation used (some or none of
+# them) in its checkpoints and summary.json, where they are checked against this as well.
+STATS_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "mean": _FRACTION,
+        "std": {"type": "number", "minimum": MIN_PIXEL_STD, "maximum": 0.5},  # values in [0, 1]: std <= 1/2
+        "pixel_mean": {"type": "array", "minItems": math.prod(IMAGE_SHAPE), "maxItems": math.prod(IMAGE_SHAPE), "items": _FRACTION},
+    },
+    "additionalProperties": False,
+}
+MANIFEST_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "format_version": {"const": FORMAT_VERSION},
+        "dataset": {"type": "string"},
+        "packed_by": {"type": "string"},
+        "image_shape": {"const": list(IMAGE_SHAPE)},  # the models are built for 28x28
+        "num_classes": {"const": NUM_CLASSES},
+        "source": {"type": "object"},
+        "splits": {
+            "type": "object",
+            "properties": {split: SPLIT_SCHEMA for split in SPLITS},
+            "required": list(SPLITS),
+            "additionalProperties": False,
+        },
+        "train_stats": {**STATS_SCHEMA, "required": ["mean", "std", "pixel_mean"]},
+    },
+    "required": ["format_version", "image_shape", "num_classes", "splits", "train_stats"],
+}
 
 
 def load_manifest(shard_dir: Path) -> dict:
+    """The shard directory's manifest, read and checked in full; HarnessError naming the
+    field and the problem otherwise."""
     shard_dir = Path(shard_dir)
     path = shard_dir / MANIFEST_NAME
     if not shard_dir.is_dir():
         raise HarnessError(f"{shard_dir}: shard directory not found (run `harness pack` first)")
     if not path.is_file():
         raise HarnessError(f"{path}: manifest not found; {shard_dir} holds no packed shard set (run `harness pack`)")
-    try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise HarnessError(f"{path}: not valid JSON ({e})") from None
+    manifest = read_json_file(path, MAX_MANIFEST_BYTES, "manifest")
     version = manifest.get("format_version") if isinstance(manifest, dict) else None
-    if version != FORMAT_VERSION:
+    if isinstance(manifest, dict) and version != FORMAT_VERSION:
         raise HarnessError(f"{path}: format_version is {version!r}; this harness reads version {FORMAT_VERSION}")
-    for key in ("splits", "train_stats", "image_shape"):
-        if key not in manifest:
-            raise HarnessError(f"{path}: field '{key}' is missing")
+    problem = first_violation(MANIFEST_SCHEMA, manifest) or _layout_problem(manifest)
+    if problem:
+        raise HarnessError(f"{path}: {problem}")
     return manifest
+
+
+def _layout_problem(manifest: dict) -> str | None:
+    """What the schema cannot check, as `field: problem`; None if there is nothing."""
+    for split in SPLITS:
+        info, field = manifest["splits"][split], f"splits.{split}"
+        for i, shard in enumerate(info["shards"]):
+            expected = f"{split}-{i:06d}.tar"
+            if shard["name"] != expected:
+                return f"{field}.shards[{i}].name: {shard['name']!r}; {expected!r} was expected (the packer numbers a split's shards from 0)"
+            limit = max_shard_bytes(shard["samples"], info["block_size"], math.prod(IMAGE_SHAPE))
+            if shard["bytes"] > limit:
+                return f"{field}.shards[{i}].bytes: {shard['bytes']} is more than a shard of {shard['samples']} images can be ({limit})"
+        held = sum(shard["samples"] for shard in info["shards"])
+        if held != info["samples"]:
+            return f"{field}.samples: {info['samples']}, but the shards hold {held} ({' + '.join(str(s['samples']) for s in info['shards'][:5])}{' + ...' if len(info['shards']) > 5 else ''})"
+    stats = manifest["train_stats"]
+    average = math.fsum(stats["pixel_mean"]) / len(stats["pixel_mean"])
+    if abs(stats["mean"] - average) > 1e-6:
+        return f"train_stats.mean: {stats['mean']} is not the average of pixel_mean ({average:.8f})"
+    return None
 
 
 def split_info(manifest: dict, split: str, shard_dir: Path) -> dict:
@@ -44,7 +135,7 @@ def verify_shards(shard_dir: Path, manifest: dict, split: str, check_hash: bool 
     shard_dir = Path(shard_dir)
     paths = []
     for shard in split_info(manifest, split, shard_dir)["shards"]:
-        path = shard_dir / shard["name"]
+        path = shard_dir / shard["name"]  # a plain file name: load_manifest checked it
         if not path.is_file():
             raise HarnessError(f"{path}: shard listed in {MANIFEST_NAME} is missing")
         size = path.stat().st_size

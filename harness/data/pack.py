@@ -24,7 +24,7 @@ import numpy as np
 
 from harness import __version__
 from harness.atomic import write_json_atomic
-from harness.data.manifest import FORMAT_VERSION, MANIFEST_NAME
+from harness.data.manifest import FORMAT_VERSION, MANIFEST_NAME, MAX_BLOCK_SIZE
 from harness.data.sources import Dataset, sha256_of
 from harness.errors import HarnessError
 
@@ -98,6 +98,8 @@ def pack(
     out_dir = Path(out_dir)
     if block_size < 1 or shard_size < 1:
         raise HarnessError(f"--block-size and --shard-size must be positive (got {block_size}, {shard_size})")
+    if block_size > MAX_BLOCK_SIZE:
+        raise HarnessError(f"--block-size {block_size} is larger than {MAX_BLOCK_SIZE}, the most a reader decodes at once")
     if shard_size % block_size:
         raise HarnessError(f"--shard-size {shard_size} must be a multiple of --block-size {block_size}")
     check_output_dir(out_dir)

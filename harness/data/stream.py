@@ -22,8 +22,8 @@ from typing import Iterator
 
 import numpy as np
 import torch
-import webdataset as wds
 
+from harness.data.blocks import read_blocks
 from harness.data.manifest import load_manifest, split_info, verify_shards
 from harness.errors import HarnessError
 
@@ -31,26 +31,6 @@ from harness.errors import HarnessError
 def seeded_generator(*key: int) -> np.random.Generator:
     """A generator that depends only on `key` (seed, epoch, ...), never on rank or world size."""
     return np.random.default_rng(np.random.SeedSequence([int(k) for k in key]))
-
-
-def _every_shard(urls):
-    return urls
-
-
-def read_blocks(path: Path) -> list[tuple[int, np.ndarray, np.ndarray]]:
-    """All blocks of one shard as (first index, images, labels), in file order."""
-    # Every rank reads every shard on purpose (see the module docstring), so the
-    # node and worker splitters are the identity.
-    dataset = wds.WebDataset(
-        str(path), shardshuffle=False, empty_check=False, nodesplitter=_every_shard, workersplitter=_every_shard
-    ).decode()
-    blocks = []
-    for sample in dataset:
-        try:
-            blocks.append((int(sample["meta.json"]["first"]), sample["images.npy"], sample["labels.npy"]))
-        except KeyError as e:
-            raise HarnessError(f"{path}: block {sample.get('__key__')} lacks member {e}") from None
-    return blocks
 
 
 @dataclass
@@ -92,16 +72,10 @@ class ShardSplit:
         return [(first + k, min(size, count - k)) for k in range(0, count, size)]
 
     def read_shard(self, shard: int) -> list[tuple[int, np.ndarray, np.ndarray]]:
-        """A shard's blocks, checked against the manifest's layout."""
-        path = self.paths[shard]
-        blocks = read_blocks(path)
-        found = [(first, len(labels)) for first, _, labels in blocks]
-        if found != self.block_layout(shard):
-            raise HarnessError(
-                f"{path}: blocks (first index, images) {found[:3]}{'...' if len(found) > 3 else ''} do not match "
-                f"manifest.json's layout {self.block_layout(shard)[:3]}{'...' if len(found) > 3 else ''}"
-            )
-        return blocks
+        """A shard's blocks, each checked against the manifest's layout as it is read."""
+        return read_blocks(
+            self.paths[shard], self.split, self.block_layout(shard), tuple(self.manifest["image_shape"]), self.manifest["num_classes"]
+        )
 
     def clip(self, first: int, images: np.ndarray, labels: np.ndarray):
         lo, hi = max(self.start - first, 0), min(self.stop - first, len(labels))
@@ -160,10 +134,15 @@ class MacroBatchStream:
     on a side stream while the current one trains.
     """
 
-    def __init__(self, data: ShardSplit, global_batch: int, macro_batch: int, seed: int, device: torch.device, prefetch: bool | None = None):
+    def __init__(
+        self, data: ShardSplit, global_batch: int, macro_batch: int, seed: int, device: torch.device, prefetch: bool | None = None,
+        shuffle: bool = True,
+    ):
+        """`shuffle=False`: every epoch is the split in file order (shards, blocks and images in
+        index order); the slicing into global batches and rank slices stays the same."""
         if global_batch > len(data):
             raise HarnessError(f"--batch-size {global_batch} is larger than the {len(data)} training samples")
-        self.data, self.global_batch, self.seed, self.device = data, global_batch, seed, device
+        self.data, self.global_batch, self.seed, self.device, self.shuffle = data, global_batch, seed, device, shuffle
         # Macro-batches hold whole global batches, so the only images dropped in
         # an epoch are the final remainder, fewer than one global batch.
         self.steps_per_epoch = len(data) // global_batch
@@ -182,7 +161,8 @@ class MacroBatchStream:
         rows lo:hi of that block of that shard, in the range. Shards in a seeded order, the
         blocks of each shard in a seeded order; the layout comes from the manifest."""
         rng = seeded_generator(self.seed, epoch, 0)
-        for shard in rng.permutation(len(self.data.paths)).tolist():
+        shards = rng.permutation(len(self.data.paths)) if self.shuffle else np.arange(len(self.data.paths))
+        for shard in shards.tolist():
             # Draw the block order even for skipped shards, so the rng stream never depends on `skip`.
             used = self.data.used_in_shard(shard)
             block_seed = int(rng.integers(2**63))
@@ -192,7 +172,8 @@ class MacroBatchStream:
                 skip -= used
                 continue
             blocks = self.data.block_layout(shard)
-            for b in np.random.default_rng(block_seed).permutation(len(blocks)).tolist():
+            block_order = np.random.default_rng(block_seed).permutation(len(blocks)) if self.shuffle else np.arange(len(blocks))
+            for b in block_order.tolist():
                 first, count = blocks[b]
                 lo, hi = max(self.data.start - first, 0), min(self.data.stop - first, count)
                 if skip >= max(hi - lo, 0):
@@ -207,7 +188,7 @@ class MacroBatchStream:
         return first_step * self.global_batch, min(self.macro_steps, self.steps_per_epoch - first_step) * self.global_batch
 
     def _order(self, epoch: int, index: int, size: int) -> np.ndarray:
-        return seeded_generator(self.seed, epoch, 1 + index).permutation(size)
+        return seeded_generator(self.seed, epoch, 1 + index).permutation(size) if self.shuffle else np.arange(size)
 
     def preload(self) -> None:
         """A resident split: read it and copy it to the device now (before the clock

@@ -1,0 +1,146 @@
+"""`harness predict`: classify digits with a trained run's weights.
+
+The model comes from a run directory (model.pt with the config in summary.json, or,
+for a run that has not finished, its newest valid checkpoint) or a checkpoint file.
+Inputs are image files, turned into MNIST-style 28x28 images (harness.digit_image),
+or images of a packed shard set.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from harness.checkpoint import load_newest_valid, load_verified
+from harness.config import FIELDS, TrainConfig
+from harness.data.manifest import STATS_SCHEMA
+from harness.errors import HarnessError
+from harness.models import build_model
+from harness.normalize import STATS_USED, Normalizer
+from harness.report import load_torch_file, model_state, read_json
+from harness.validation import first_violation
+
+
+@dataclasses.dataclass
+class Trained:
+    model: torch.nn.Module
+    config: TrainConfig
+    normalize: Normalizer
+    source: Path  # the weights' file
+
+
+def saved_run(path: Path) -> tuple[dict, dict, dict | None, Path]:
+    """(state dict, config, normalisation statistics or None, weights file) from a run
+    directory, a checkpoint (verified against its step-N.json marker when that is beside
+    it), or a model.pt with the run's summary.json beside it."""
+    if path.is_dir():
+        if (path / "model.pt").is_file():
+            return saved_run(path / "model.pt")
+        found = load_newest_valid(path)
+        if found is None:
+            raise HarnessError(f"{path}: neither model.pt nor a valid checkpoint: not a run directory, or a run that has not saved yet")
+        return checkpoint_parts(found[1], found[0])
+    if not path.is_file():
+        raise HarnessError(f"{path}: no such run directory or checkpoint")
+    if path.suffix == ".pt" and path.with_suffix(".json").is_file():
+        return checkpoint_parts(load_verified(path), path)
+    saved = load_torch_file(path)
+    if isinstance(saved, dict) and "config" in saved:
+        return checkpoint_parts(saved, path)
+    summary_path = path.parent / "summary.json"
+    if not summary_path.is_file():
+        raise HarnessError(f"{path}: no summary.json beside it to say which model it holds (give the run directory or a checkpoint)")
+    summary = read_json(summary_path)
+    return model_state(saved, path), summary["config"], summary.get("normalization_stats"), path
+
+
+def checkpoint_parts(state: dict, path: Path) -> tuple[dict, dict, dict | None, Path]:
+    return model_state(state, path), state["config"], state.get("normalization_stats"), path
+
+
+def load_trained(path: Path, shards: Path | None = None) -> Trained:
+    """The trained model in eval mode on the CPU, with the input preparation it was trained with."""
+    state, saved_config, stats, source = saved_run(Path(path))
+    config = TrainConfig(**{k: v for k, v in saved_config.items() if k in FIELDS})  # fields added later keep their defaults
+    if stats is None and STATS_USED[config.normalize]:  # a run written before the statistics were saved
+        if shards is None:
+            raise HarnessError(f"{source}: the run's inputs were normalised with '{config.normalize}', whose statistics it does not record; pass --shards DIR")
+        from harness.data.manifest import load_manifest
+
+        stats = load_manifest(Path(shards))["train_stats"]
+    needed = {**STATS_SCHEMA, "required": list(STATS_USED[config.normalize])}  # checked as the manifest's are
+    problem = first_violation({"properties": {"normalization_stats": needed}}, {"normalization_stats": stats or {}})
+    if problem:
+        raise HarnessError(f"{source}: the run's {problem}")
+    model = build_model(config)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise HarnessError(f"{source}: weights do not fit the {config.model} model of its config ({str(e).splitlines()[0]})") from None
+    return Trained(model.eval(), config, Normalizer(config.normalize, stats or {}, torch.device("cpu")), source)
+
+
+@torch.no_grad()
+def predict(trained: Trained, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 [n, 28, 28] → (raw outputs, probabilities), each [n, 10]. A cross-entropy model's
+    probabilities are the softmax of its logits; an MSE model was trained to output the one-hot
+    target, so its outputs, clipped at 0 and divided by their sum, stand in for them."""
+    outputs = trained.model(trained.normalize(torch.from_numpy(np.ascontiguousarray(images))))
+    if trained.config.loss == "mse":
+        clipped = outputs.clamp_min(0)
+        probabilities = clipped / clipped.sum(1, keepdim=True).clamp_min(1e-12)
+    else:
+        probabilities = outputs.softmax(1)
+    return outputs.numpy(), probabilities.numpy()
+
+
+def predictions(names: list[str], images: np.ndarray, trained: Trained, labels: list[int | None]) -> list[dict]:
+    outputs, probabilities = predict(trained, images)
+    return [
+        {"input": name, "predicted": int(p.argmax()), **({"label": label} if label is not None else {}),
+         "probabilities": [round(float(v), 6) for v in p], "outputs": [round(float(v), 6) for v in o]}
+        for name, o, p, label in zip(names, outputs, probabilities, labels)
+    ]
+
+
+def shard_images(shards: Path, split: str, indices: list[int]) -> tuple[list[str], np.ndarray, list[int]]:
+    from harness.data.stream import ShardSplit
+
+    images, labels = ShardSplit(shards, split).load_all()
+    for i in indices:
+        if not 0 <= i < len(labels):
+            raise HarnessError(f"{shards}: --index {i} is outside the {split} split's {len(labels)} images")
+    return [f"{split}[{i}]" for i in indices], images[indices], [int(labels[i]) for i in indices]
+
+
+def file_images(paths: list[Path]) -> tuple[list[str], np.ndarray, list[None]]:
+    from harness.digit_image import load_digit
+
+    return [str(p) for p in paths], np.stack([load_digit(p) for p in paths]), [None] * len(paths)
+
+
+def format_prediction(row: dict) -> str:
+    label = f"  (label {row['label']})" if "label" in row else ""
+    best = row["probabilities"][row["predicted"]]
+    spread = "  ".join(f"{c}: {p:.4f}" for c, p in enumerate(row["probabilities"]))
+    return f"{row['input']}: {row['predicted']}  probability {best:.4f}{label}\n  {spread}"
+
+
+def run_predict(args) -> int:
+    if bool(args.images) == (args.index is not None):
+        raise HarnessError("give image files, or --shards DIR --index N (not both)")
+    trained = load_trained(args.model, args.shards)
+    if args.images:
+        names, images, labels = file_images(args.images)
+    else:
+        names, images, labels = shard_images(args.shards, args.split, args.index)
+    rows = predictions(names, images, trained, labels)
+    if args.json:
+        print(json.dumps({"model": str(trained.source), "predictions": rows}))
+    else:
+        print("\n".join(format_prediction(row) for row in rows))
+    return 0

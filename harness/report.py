@@ -1,0 +1,202 @@
+"""Pictures of a run: training curves, filters and the confusion matrix, as PNG files.
+
+`harness report RUN_DIR` draws them from the run's files into RUN_DIR/report/, and
+every training run draws them at its end from the same data (and logs them to
+TensorBoard). matplotlib's object API with the Agg canvas is used directly, not
+pyplot: no global figure state and no display needed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.colors import LogNorm
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+from PIL import Image
+
+from harness.errors import HarnessError
+from harness.models import first_layer_weights
+
+REPORT_DIR = "report"
+PICTURES = ("training_curves", "filters", "confusion_matrix")
+
+
+# --- figures --------------------------------------------------------------------------------------
+
+
+def curves_figure(metrics: list[dict], before_training: dict | None = None) -> Figure:
+    """Training and validation loss per epoch, and the validation accuracy. The test accuracy of
+    the initial weights goes in the title, not on the axis, where ~10% would squash the curve."""
+    epochs = [m["epoch"] for m in metrics]
+    figure = Figure(figsize=(10, 3.8), layout="constrained")
+    losses, accuracy = figure.subplots(1, 2)
+    losses.plot(epochs, [m["train_loss"] for m in metrics], "o-", label="training")
+    losses.plot(epochs, [m["val_loss"] for m in metrics], "s-", label="validation")
+    losses.set(xlabel="epoch", ylabel="loss (mean per image)", title="loss")
+    if all(m["train_loss"] > 0 and m["val_loss"] > 0 for m in metrics):
+        losses.set_yscale("log")
+    accuracy.plot(epochs, [100 * m["val_accuracy"] for m in metrics], "o-", color="C2", label="validation")
+    best = max(metrics, key=lambda m: m["val_accuracy"])
+    title = f"validation accuracy: best {100 * best['val_accuracy']:.2f}% (epoch {best['epoch']})"
+    if before_training:
+        title += f"\nbefore training: {100 * before_training['test_accuracy']:.2f}% on the test set"
+    accuracy.set(xlabel="epoch", ylabel="accuracy (%)", title=title)
+    for axes in (losses, accuracy):
+        axes.grid(alpha=0.3)
+        axes.legend()
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+        axes.set_xlim(min(epochs) - 0.3, max(epochs) + 0.3)
+    return figure
+
+
+def tile_array(weights: torch.Tensor) -> np.ndarray:
+    """[n, c, h, w] → one 2-D array with NaN gaps. With several input channels, one column
+    per filter and one row per input channel; else one row of up to 32 tiles, or a
+    near-square grid. Each tile is scaled to its own largest |w|, so that it shows its
+    pattern whatever its norm."""
+    n, c, h, w = weights.shape
+    tiles = weights.float().cpu().numpy()
+    tiles = tiles / np.maximum(np.abs(tiles).max(axis=(2, 3), keepdims=True), 1e-12)
+    columns = n if c > 1 or n <= 32 else math.ceil(math.sqrt(n))
+    rows = c if c > 1 else math.ceil(n / columns)
+    grid = np.full((rows * (h + 1) - 1, columns * (w + 1) - 1), np.nan)
+    for f in range(n):
+        for channel in range(c):
+            r, col = (channel, f) if c > 1 else divmod(f, columns)
+            grid[r * (h + 1) : r * (h + 1) + h, col * (w + 1) : col * (w + 1) + w] = tiles[f, channel]
+    return grid
+
+
+def filters_figure(layers: list[tuple[str, torch.Tensor]]) -> Figure:
+    """conv1 and conv2 grids of a CNN, one above the other, or an MLP's first layer as 28x28 tiles."""
+    grids = [(name, weights.shape, tile_array(weights)) for name, weights in layers]
+    width = 10.0
+    heights = [width * grid.shape[0] / grid.shape[1] + 0.5 for _, _, grid in grids]  # + room for the title
+    figure = Figure(figsize=(width, sum(heights) + 0.4), layout="constrained")
+    for axes, (name, shape, grid) in zip(np.atleast_1d(figure.subplots(len(grids), 1, height_ratios=heights)), grids):
+        n, c, h, w = shape
+        what = f"{n} filters (columns) x {c} input channels (rows), {h}x{w}" if c > 1 else f"{n} filters, {h}x{w}"
+        axes.imshow(grid, cmap="RdBu_r", vmin=-1, vmax=1, interpolation="nearest")
+        axes.set_title(f"{name}: {what if h < 28 else f'{n} units, input weights as 28x28 images'}", fontsize=10)
+        axes.set_axis_off()
+    figure.suptitle("first-layer weights (each tile scaled to its own largest |w|; red +, blue -)", fontsize=10)
+    return figure
+
+
+def confusion_figure(confusion: np.ndarray) -> Figure:
+    """Counts in every cell; colour on a log scale, so that errors of 1 or 2 images show
+    beside diagonals of ~1,000 (a linear scale leaves only the diagonal visible)."""
+    confusion = np.asarray(confusion)
+    classes = len(confusion)
+    figure = Figure(figsize=(6.4, 5.6), layout="constrained")
+    axes = figure.subplots()
+    shown = np.ma.masked_equal(confusion, 0)
+    image = axes.imshow(shown, cmap="viridis", norm=LogNorm(vmin=1, vmax=max(int(confusion.max()), 2)))
+    for (true, predicted), count in np.ndenumerate(confusion):
+        if count:
+            dark = count < np.sqrt(max(int(confusion.max()), 1))  # light text on the dark end of the scale
+            axes.text(predicted, true, str(count), ha="center", va="center", fontsize=8, color="white" if dark else "black")
+    axes.set(xticks=range(classes), yticks=range(classes), xlabel="predicted class", ylabel="true class")
+    accuracy = np.trace(confusion) / max(confusion.sum(), 1)
+    axes.set_title(f"confusion matrix: {confusion.sum():,} images, accuracy {100 * accuracy:.2f}%, {confusion.sum() - np.trace(confusion)} errors")
+    figure.colorbar(image, ax=axes, label="images (log scale)")
+    return figure
+
+
+def run_figures(metrics: list[dict], state: dict | None, confusion, before_training: dict | None = None) -> dict[str, Figure]:
+    """The pictures of a run, by name; those whose data is missing are left out."""
+    figures = {}
+    if metrics:
+        figures["training_curves"] = curves_figure(metrics, before_training)
+    if state is not None:
+        figures["filters"] = filters_figure(first_layer_weights(state))
+    if confusion is not None:
+        figures["confusion_matrix"] = confusion_figure(confusion)
+    return figures
+
+
+def render(figures: dict[str, Figure]) -> dict[str, np.ndarray]:
+    """Each figure drawn once, as uint8 RGB [H, W, 3]: the pixels of its PNG file and of its
+    TensorBoard image alike (constrained layout refines itself on every draw, so a second
+    draw would differ from the first by a pixel here and there)."""
+    pictures = {}
+    for name, figure in figures.items():
+        canvas = FigureCanvasAgg(figure)
+        canvas.draw()
+        pictures[name] = np.asarray(canvas.buffer_rgba())[..., :3].copy()
+    return pictures
+
+
+def save_pictures(pictures: dict[str, np.ndarray], run_dir: Path) -> list[Path]:
+    out = Path(run_dir) / REPORT_DIR
+    out.mkdir(exist_ok=True)
+    paths = []
+    for name, pixels in pictures.items():
+        path = out / f"{name}.png"
+        tmp = path.with_suffix(".png.tmp")
+        Image.fromarray(pixels).save(tmp, format="PNG")
+        tmp.replace(path)  # a reader never sees half a picture
+        paths.append(path)
+    return paths
+
+
+# --- from a run directory -------------------------------------------------------------------------
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except OSError as e:
+        raise HarnessError(f"{path}: cannot read ({e.strerror or e})") from None
+    except json.JSONDecodeError as e:
+        raise HarnessError(f"{path}: not valid JSON ({e})") from None
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        raise HarnessError(f"{run_dir}: no metrics.jsonl: not a run directory, or the run has not finished an epoch")
+    try:
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    except json.JSONDecodeError as e:
+        raise HarnessError(f"{path}: not one JSON object per line ({e})") from None
+
+
+def load_torch_file(path: Path):
+    """What torch.save wrote (tensors on the CPU, nothing but tensors and plain containers)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many kinds for a damaged or foreign file
+        raise HarnessError(f"{path}: not a saved model or checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+
+
+def model_state(saved, path: Path) -> dict:
+    """The model's state dict in what `load_torch_file` read: a state dict, or a checkpoint's "model"."""
+    state = saved.get("model", saved) if isinstance(saved, dict) else saved
+    if not isinstance(state, dict) or not state or not all(isinstance(t, torch.Tensor) for t in state.values()):
+        raise HarnessError(f"{path}: holds no model state dict")
+    return state
+
+
+def load_weights(path: Path) -> dict:
+    return model_state(load_torch_file(path), path)
+
+
+def write_report(run_dir: Path) -> tuple[list[Path], list[str]]:
+    """Draw a finished (or running) run's pictures into RUN_DIR/report/: (written, skipped reasons)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise HarnessError(f"{run_dir}: run directory not found")
+    metrics = read_metrics(run_dir)
+    summary = read_json(run_dir / "summary.json") if (run_dir / "summary.json").is_file() else {}
+    state = load_weights(run_dir / "model.pt") if (run_dir / "model.pt").is_file() else None
+    report = read_json(run_dir / "test_report.json") if (run_dir / "test_report.json").is_file() else None
+    figures = run_figures(metrics, state, report and report["confusion"], summary.get("before_training"))
+    skipped = [f"{name}: no {needs} (the run has not finished)" for name, needs in (("filters", "model.pt"), ("confusion_matrix", "test_report.json")) if name not in figures]
+    return save_pictures(render(figures), run_dir), skipped

@@ -22,7 +22,7 @@ def cmd_pack(args) -> int:
         name = "mnist"
     else:
         source_dir, name = Path(args.source), args.name
-    dataset = load_source(source_dir, name)
+    dataset = load_source(source_dir, name, stream=True)  # IDX blocks stream into the shards
     manifest = pack(dataset, args.out, shard_size=args.shard_size, block_size=args.block_size)
     for split, info in manifest["splits"].items():
         print(f"{split}: {info['samples']:,} images in {len(info['shards'])} shard(s) of blocks of {info['block_size']}")

@@ -15,6 +15,9 @@ import numpy as np
 import pytest
 from helpers import assert_one_error, cli, csv_row, idx_bytes, run_cli, snapshot, write_csv_source, write_idx, write_source
 
+from harness.data.idx import read_idx
+from harness.errors import HarnessError
+
 
 # --- helpers ---------------------------------------------------------------------------------------
 
@@ -97,7 +100,11 @@ def test_idx_header_promising_more_than_the_limit(tmp_path, capsys, gz):
     name = "train-images-idx3-ubyte" + (".gz" if gz else "")
     header = bytes([0, 0, 8, 3]) + b"".join(d.to_bytes(4, "big") for d in (2**32 - 1, 2**32 - 1, 2**32 - 1))
     (source / name).write_bytes(gzip.compress(header + bytes(784)) if gz else header + bytes(784))
-    pack_refused(capsys, tmp_path, source, name, "4294967295x4294967295x4294967295", "more than the 1073741824 this reader accepts")
+    # Packing streams the file, so no size limit applies: the image shape is what is wrong.
+    pack_refused(capsys, tmp_path, source, name, "images are 4294967295x4294967295; expected 28x28")
+    # Read whole (training, `harness show`), the size it promises is refused first.
+    with pytest.raises(HarnessError, match="4294967295x4294967295x4294967295 .* more than the 1073741824 this reader accepts"):
+        read_idx(source / name, 3)
 
 
 def test_image_label_count_mismatch(tmp_path, capsys):

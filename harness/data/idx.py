@@ -14,6 +14,7 @@ from __future__ import annotations
 import gzip
 import math
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +41,47 @@ def read_idx(path: Path, ndim: int) -> np.ndarray:
         problem = "gzip data is corrupt or truncated" if compressed else "unreadable"
         raise HarnessError(f"{path}: {problem} ({e})") from None
     return np.frombuffer(data, dtype=np.uint8).reshape(dims)
+
+
+def iter_idx(path: Path, ndim: int, rows: int) -> Iterator[np.ndarray]:
+    """The file's records `rows` at a time, as they are read: memory holds one chunk,
+    whatever the file's size (no MAX_IDX_BYTES here). The same checks as read_idx: the
+    header, exactly the bytes it promises, and nothing after them."""
+    path = Path(path)
+    compressed = _is_gzip(path)
+    try:
+        with gzip.open(path, "rb") if compressed else open(path, "rb") as stream:
+            dims = _read_header(stream, path, ndim)
+            record, header_len = math.prod(dims[1:]), 4 + 4 * ndim
+            for first in range(0, dims[0], rows):
+                count = min(rows, dims[0] - first)
+                data = stream.read(count * record)
+                if len(data) < count * record:
+                    raise HarnessError(
+                        f"{path}: truncated: header says dimensions {'x'.join(map(str, dims))} "
+                        f"({header_len + dims[0] * record} bytes in all) but the data is {header_len + first * record + len(data)} bytes"
+                    )
+                yield np.frombuffer(data, dtype=np.uint8).reshape(count, *dims[1:])
+            if stream.read(1):
+                raise HarnessError(
+                    f"{path}: has trailing bytes: header says dimensions {'x'.join(map(str, dims))} "
+                    f"({header_len + dims[0] * record} bytes in all) but the data is longer"
+                )
+    except (OSError, EOFError, zlib.error) as e:
+        problem = "gzip data is corrupt or truncated" if compressed else "unreadable"
+        raise HarnessError(f"{path}: {problem} ({e})") from None
+
+
+def idx_dims(path: Path, ndim: int) -> tuple[int, ...]:
+    """The dimensions an IDX file's header promises (the data is not read)."""
+    path = Path(path)
+    if not path.is_file():
+        raise HarnessError(f"{path}: file not found")
+    try:
+        with gzip.open(path, "rb") if _is_gzip(path) else open(path, "rb") as stream:
+            return _read_header(stream, path, ndim)
+    except (OSError, EOFError, zlib.error) as e:
+        raise HarnessError(f"{path}: unreadable header ({e})") from None
 
 
 def _is_gzip(path: Path) -> bool:

@@ -14,10 +14,13 @@ complete, is the last thing to appear in the output directory.
 from __future__ import annotations
 
 import io
+import itertools
 import json
+import math
 import os
 import shutil
 import tarfile
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +28,7 @@ import numpy as np
 from harness import __version__
 from harness.atomic import write_json_atomic
 from harness.data.manifest import FORMAT_VERSION, MANIFEST_NAME, MAX_BLOCK_SIZE
-from harness.data.sources import Dataset, sha256_of
+from harness.data.sources import IMAGE_SHAPE, Dataset, sha256_of
 from harness.errors import HarnessError
 
 DEFAULT_BLOCK_SIZE = 1000
@@ -48,28 +51,57 @@ def _add_member(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
     tar.addfile(info, io.BytesIO(payload))
 
 
-def _write_shard(path: Path, split: str, images: np.ndarray, labels: np.ndarray, first: int, block_size: int) -> None:
+def _write_shard(path: Path, split: str, blocks, first: int, stats: PixelSums | None) -> int:
+    """Write `blocks` ((images, labels) pairs, in order) as one shard; the images written."""
+    index = first
     with open(path, "wb") as f, tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-        for start in range(0, len(images), block_size):
-            index = first + start
+        for images, labels in blocks:
             key = f"{split}-{index:08d}"
-            count = min(block_size, len(images) - start)
-            _add_member(tar, f"{key}.images.npy", _npy_bytes(images[start : start + count]))
-            _add_member(tar, f"{key}.labels.npy", _npy_bytes(labels[start : start + count]))
-            meta = {"split": split, "first": index, "count": count}
+            _add_member(tar, f"{key}.images.npy", _npy_bytes(images))
+            _add_member(tar, f"{key}.labels.npy", _npy_bytes(labels))
+            meta = {"split": split, "first": index, "count": len(labels)}
             _add_member(tar, f"{key}.meta.json", json.dumps(meta, sort_keys=True).encode())
+            if stats:
+                stats.add(images)
+            index += len(labels)
         f.flush()
         os.fsync(f.fileno())
+    return index - first
+
+
+class PixelSums:
+    """Train-set pixel statistics gathered block by block, in exact integer arithmetic
+    (uint8 pixels: the sums are integers), so the result does not depend on how the
+    images were split into blocks, and each figure is the correctly rounded value."""
+
+    def __init__(self, pixels: int = 28 * 28):
+        self.images, self.total, self.squares = 0, 0, 0
+        self.per_pixel = np.zeros(pixels, dtype=np.int64)
+
+    def add(self, images: np.ndarray) -> None:
+        flat = images.reshape(len(images), -1)
+        self.images += len(flat)
+        self.total += int(flat.sum(dtype=np.uint64))
+        self.squares += int(np.square(flat, dtype=np.uint32).sum(dtype=np.uint64))
+        self.per_pixel += flat.sum(axis=0, dtype=np.int64)
+
+    def statistics(self) -> dict:
+        """Of pixels scaled to [0, 1], for normalisation on the device."""
+        n = self.images * len(self.per_pixel)
+        mean = Fraction(self.total, n * 255)
+        variance = Fraction(self.squares, n * 255 * 255) - mean * mean
+        return {
+            "mean": round(float(mean), 8),
+            "std": round(math.sqrt(variance), 8),
+            "pixel_mean": [round(float(Fraction(int(s), self.images * 255)), 8) for s in self.per_pixel],
+        }
 
 
 def pixel_statistics(train_images: np.ndarray) -> dict:
-    """Train-set statistics of pixels scaled to [0, 1], for normalisation on the device."""
-    scaled = train_images.reshape(len(train_images), -1).astype(np.float64) / 255.0
-    return {
-        "mean": round(float(scaled.mean()), 8),
-        "std": round(float(scaled.std()), 8),
-        "pixel_mean": [round(float(v), 8) for v in scaled.mean(axis=0)],
-    }
+    """The manifest's train_stats of in-memory images (as `pack` computes them)."""
+    sums = PixelSums(int(np.prod(train_images.shape[1:])))
+    sums.add(train_images)
+    return sums.statistics()
 
 
 def check_output_dir(out_dir: Path) -> None:
@@ -108,26 +140,27 @@ def pack(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        splits = {}
+        splits, train_sums = {}, PixelSums()
         for split, data in dataset.splits.items():
-            shards = []
-            for shard_no, first in enumerate(range(0, len(data.labels), shard_size)):
+            # Blocks stream from the source into the shards: one block in memory at a time.
+            blocks, shards = data.chunks(block_size), []
+            for shard_no, first in enumerate(range(0, len(data), shard_size)):
                 name = f"{split}-{shard_no:06d}.tar"
-                images = data.images[first : first + shard_size]
-                _write_shard(tmp / name, split, images, data.labels[first : first + shard_size], first, block_size)
-                shards.append(
-                    {"name": name, "samples": len(images), "bytes": (tmp / name).stat().st_size, "sha256": sha256_of(tmp / name)}
-                )
-            splits[split] = {"samples": len(data.labels), "block_size": block_size, "shards": shards}
+                in_shard = itertools.islice(blocks, -(-min(shard_size, len(data) - first) // block_size))
+                samples = _write_shard(tmp / name, split, in_shard, first, train_sums if split == "train" else None)
+                shards.append({"name": name, "samples": samples, "bytes": (tmp / name).stat().st_size, "sha256": sha256_of(tmp / name)})
+            if next(blocks, None) is not None:  # also runs the source's end-of-file checks (trailing bytes)
+                raise HarnessError(f"{dataset.name}: the {split} split holds more than the {len(data)} images it declared")
+            splits[split] = {"samples": len(data), "block_size": block_size, "shards": shards}
         manifest = {
             "format_version": FORMAT_VERSION,
             "dataset": dataset.name,
             "packed_by": f"harness {__version__}",
-            "image_shape": list(data.images.shape[1:]),
+            "image_shape": list(IMAGE_SHAPE),
             "num_classes": 10,
             "source": {"kind": dataset.kind, "files": dataset.files},
             "splits": splits,
-            "train_stats": pixel_statistics(dataset.splits["train"].images),
+            "train_stats": train_sums.statistics(),
         }
         write_json_atomic(tmp / MANIFEST_NAME, manifest)
         _publish(tmp, out_dir)

@@ -9,13 +9,14 @@ also with a dot: `train-images.idx3-ubyte`) or as the common CSV layout
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from harness.data.csv_source import read_csv
-from harness.data.idx import read_idx
+from harness.data.idx import idx_dims, iter_idx, read_idx
 from harness.errors import HarnessError
 
 IMAGE_SHAPE = (28, 28)
@@ -28,12 +29,39 @@ class Split:
     images: np.ndarray  # uint8 [n, 28, 28]
     labels: np.ndarray  # uint8 [n]
 
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def chunks(self, rows: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        for first in range(0, len(self.labels), rows):
+            yield self.images[first : first + rows], self.labels[first : first + rows]
+
+
+@dataclass
+class StreamedSplit:
+    """A split whose IDX files are read as it is packed, `rows` images at a time, so
+    packing holds one chunk in memory whatever the split's size."""
+
+    images_file: Path
+    labels_file: Path
+    count: int
+
+    def __len__(self) -> int:
+        return self.count
+
+    def chunks(self, rows: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        first = 0
+        for images, labels in zip(iter_idx(self.images_file, 3, rows), iter_idx(self.labels_file, 1, rows), strict=True):
+            check_labels(labels, first, self.labels_file)
+            yield images, labels
+            first += len(labels)
+
 
 @dataclass
 class Dataset:
     name: str
     kind: str  # "idx" or "csv"
-    splits: dict[str, Split]
+    splits: dict[str, Split | StreamedSplit]
     # file name -> {"sha256", "bytes"}: recorded in the manifest so a pack says what it came from
     files: dict[str, dict] = field(default_factory=dict)
 
@@ -81,16 +109,35 @@ def check_split(images: np.ndarray, labels: np.ndarray, images_file: Path, label
         )
     if len(labels) == 0:
         raise HarnessError(f"{labels_file}: holds no samples")
-    bad = np.flatnonzero(labels >= NUM_CLASSES) if labels.dtype == np.uint8 else np.flatnonzero((labels < 0) | (labels >= NUM_CLASSES))
-    if bad.size:
-        raise HarnessError(
-            f"{labels_file}: label {int(labels[bad[0]])} at index {int(bad[0])} is outside 0..{NUM_CLASSES - 1}"
-        )
+    check_labels(labels, 0, labels_file)
     return Split(np.ascontiguousarray(images, dtype=np.uint8), labels.astype(np.uint8))
 
 
-def load_source(directory: Path, name: str | None = None) -> Dataset:
-    """Load both splits of a source directory, validating everything."""
+def check_labels(labels: np.ndarray, first: int, labels_file: Path) -> None:
+    """Every label a class number; `first`: the index of labels[0] in the file."""
+    bad = np.flatnonzero(labels >= NUM_CLASSES) if labels.dtype == np.uint8 else np.flatnonzero((labels < 0) | (labels >= NUM_CLASSES))
+    if bad.size:
+        raise HarnessError(
+            f"{labels_file}: label {int(labels[bad[0]])} at index {first + int(bad[0])} is outside 0..{NUM_CLASSES - 1}"
+        )
+
+
+def streamed_idx_split(images_file: Path, labels_file: Path) -> StreamedSplit:
+    """An IDX split checked from its headers; its data is checked as it is read."""
+    image_dims, label_dims = idx_dims(images_file, 3), idx_dims(labels_file, 1)
+    if image_dims[1:] != IMAGE_SHAPE:
+        raise HarnessError(f"{images_file}: images are {'x'.join(map(str, image_dims[1:]))}; expected 28x28")
+    if image_dims[0] != label_dims[0]:
+        raise HarnessError(f"{images_file}: holds {image_dims[0]} images but {labels_file.name} holds {label_dims[0]} labels")
+    if label_dims[0] == 0:
+        raise HarnessError(f"{labels_file}: holds no samples")
+    return StreamedSplit(images_file, labels_file, label_dims[0])
+
+
+def load_source(directory: Path, name: str | None = None, stream: bool = False) -> Dataset:
+    """Load both splits of a source directory, validating everything. `stream`: IDX
+    splits are read only when their chunks are asked for (StreamedSplit), for packing in
+    bounded memory; CSV files are read whole either way."""
     directory = Path(directory)
     if not directory.is_dir():
         raise HarnessError(f"{directory}: source directory not found")
@@ -103,12 +150,15 @@ def load_source(directory: Path, name: str | None = None) -> Dataset:
             raise HarnessError(f"{directory}: holds both IDX and CSV files for the {split} split; keep one")
         if idx:
             images_file, labels_file = idx
-            images, labels = read_idx(images_file, 3), read_idx(labels_file, 1)
             used = [images_file, labels_file]
             kinds.add("idx")
+            if stream:
+                splits[split] = streamed_idx_split(images_file, labels_file)
+            else:
+                splits[split] = check_split(read_idx(images_file, 3), read_idx(labels_file, 1), images_file, labels_file)
         elif csv:
             pixels, labels = read_csv(csv, IMAGE_SHAPE[0] * IMAGE_SHAPE[1])
-            images, images_file, labels_file = pixels.reshape(-1, *IMAGE_SHAPE), csv, csv
+            splits[split] = check_split(pixels.reshape(-1, *IMAGE_SHAPE), labels, csv, csv)
             used = [csv]
             kinds.add("csv")
         else:
@@ -116,7 +166,6 @@ def load_source(directory: Path, name: str | None = None) -> Dataset:
                 f"{directory}: no {split} split found (expected IDX files such as "
                 f"{SPLIT_PREFIXES[split][0]}-images-idx3-ubyte.gz or a CSV such as mnist_{split}.csv)"
             )
-        splits[split] = check_split(images, labels, images_file, labels_file)
         for path in used:
             files[path.name] = {"sha256": sha256_of(path), "bytes": path.stat().st_size}
     return Dataset(name or directory.resolve().name, "+".join(sorted(kinds)), splits, files)

@@ -15,6 +15,8 @@
 # NodeAddr, as on clusters whose node names are not host names. Logs in /var/log/slurm/.
 set -Eeuo pipefail
 trap 'echo "local-cluster: FAILED (line $LINENO): $BASH_COMMAND" >&2' ERR
+# The daemons (slurmctld, slurmd, munged) live in /usr/sbin, which a user's PATH often lacks.
+export PATH="$PATH:/usr/sbin:/sbin"
 
 PARTITION=${SLURM_LOCAL_PARTITION:-debug}
 WAIT_S=${SLURM_LOCAL_WAIT_S:-60}

@@ -153,7 +153,9 @@ class Trainer:
         self.trained = self.model  # what the step calls: the model, wrapped in DDP and/or compiled
         if ctx.world_size > 1:  # one rank has nothing to all-reduce
             self.trained = DistributedDataParallel(self.model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
-        self.compile_mode = compile_mode(config.compile, ctx, augmenting=bool(config.augment_rotate or config.augment_scale or config.augment_shift))
+        self.augment = RandomAffine(config.augment_rotate, config.augment_scale, config.augment_shift, config.seed, ctx.device)
+        self.augment_params: torch.Tensor | None = None  # the current macro-batch's, when augmenting
+        self.compile_mode = compile_mode(config.compile, ctx, augmenting=self.augment.active)
         if self.compile_mode not in ("", "cuda-graph"):
             self.trained = torch.compile(self.trained, mode=self.compile_mode)
         # On a GPU one fused kernel updates every parameter (the same arithmetic as the
@@ -167,8 +169,6 @@ class Trainer:
         self.normalize = Normalizer(config.normalize, self.train_stats, ctx.device, memory_format)
         self.loss_fn = make_loss(config.loss)  # validation and test: comparable across recipes
         self.train_loss_fn = make_loss(config.loss, label_smoothing=config.label_smoothing)
-        self.augment = RandomAffine(config.augment_rotate, config.augment_scale, config.augment_shift, config.seed, ctx.device)
-        self.augment_params: torch.Tensor | None = None  # the current macro-batch's, when augmenting
         self.graphed = None
         if self.compile_mode == "cuda-graph":
             self.graphed = GraphedStep(self.model, self.normalize, self.train_loss_fn, config.precision, self.stream, ctx.device)

@@ -1,0 +1,354 @@
+"""Shard sets served from a URL (or a command), fetched into a local cache as needed.
+
+`--shards https://host/mnist/` or `--shards 'pipe:gsutil cat gs://bucket/mnist/{name}'`
+names a shard set that is not on a local disk. Its manifest.json is fetched on every run
+(it is small and may change) into a directory of its own, where `load_manifest` checks it
+as it checks a local one. The shards are then fetched one at a time, when the reader
+needs them, and checked against that manifest: the size is a cap while reading (a server
+that says or sends more is cut off), the SHA-256 is computed as the bytes arrive, and a
+file is renamed into place only when both match, so the cache never holds a partial or
+wrong file under a real name. Cached shards are named by their SHA-256, so a shard set
+that changes never reuses a stale file; the least recently used are evicted to keep the
+cache under `--shard-cache-limit-gb`.
+
+Networks fail: a refused or dropped connection, a timeout, HTTP 5xx or 429 (and a
+command that exits non-zero) are retried with exponential backoff; a wrong size, a wrong
+digest or another HTTP 4xx would only fail again, so they fail at once. Every failure is
+one HarnessError naming the URL (or command).
+
+The ranks on one node share a cache directory: a per-shard `flock` makes one of them
+download a shard while the others wait (for at most `lock_timeout_s`, never forever) and
+then find it cached. Lock files (empty) stay in the cache; deleting them safely would
+race with a waiter. `file://` URLs are not remote (`is_remote` is False): give the path.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import http.client
+import os
+import re
+import select
+import signal
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from harness.data.download import CHUNK
+from harness.data.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES
+from harness.errors import HarnessError
+from harness.validation import one_line
+
+PIPE = "pipe:"
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]*$")  # a plain file name: no '/', no leading '.'
+SHA256_PATTERN = re.compile(r"^[0-9a-f]{64}$")
+LIMIT_OPTION = "--shard-cache-limit-gb"
+NOT_RETRIED_EXITS = (126, 127)  # the shell's "not executable" and "command not found"
+
+
+def is_remote(location) -> bool:
+    """True for http(s):// URLs and `pipe:COMMAND`; False for a local path (and file:// URLs)."""
+    location = str(location)
+    return location.startswith(PIPE) or location.lower().startswith(("http://", "https://"))
+
+
+class _Failure(Exception):
+    """One attempt's problem; `transient` ones are retried."""
+
+    def __init__(self, problem: str, transient: bool):
+        super().__init__(problem)
+        self.transient = transient
+
+
+def lock_path(cached: Path) -> Path:
+    """The lock file of a cached shard: held by whoever downloads it."""
+    return cached.with_name(f".{cached.name}.lock")
+
+
+def part_path(cached: Path) -> Path:
+    """Where a cached shard is written before it is checked and renamed into place."""
+    return cached.with_name(f".{cached.name}.part")
+
+
+class RemoteShards:
+    """The shard set at `base`, cached in `cache_dir` (see the module docstring).
+
+    `timeout_s` bounds each network (or command output) wait, `deadline_s` one attempt at
+    one file; transient failures are tried `attempts` times in all, waiting
+    backoff_s * 2**k after the k-th. `cache_limit_bytes` bounds all the shards cached in
+    `cache_dir`, from any location (None: no limit). `lock_timeout_s` bounds the wait for
+    another process's download of the same shard.
+    """
+
+    def __init__(
+        self, base: str, cache_dir: Path, cache_limit_bytes: int | None = None, timeout_s: float = 60.0, attempts: int = 5,
+        backoff_s: float = 0.5, lock_timeout_s: float = 1800.0, deadline_s: float = 1800.0,
+    ):
+        if not is_remote(base):
+            raise HarnessError(f"{base}: not an http://, https:// or pipe: location")
+        if base.startswith(PIPE) and "{name}" not in base:
+            raise HarnessError(
+                f"{base}: a pipe: location needs {{name}} where the file name goes, e.g. 'pipe:gsutil cat gs://bucket/mnist/{{name}}'"
+            )
+        if attempts < 1:
+            raise HarnessError(f"{base}: attempts must be at least 1, not {attempts}")
+        if cache_limit_bytes is not None and cache_limit_bytes <= 0:
+            raise HarnessError(f"{LIMIT_OPTION}: the shard cache limit must be positive, not {cache_limit_bytes} bytes")
+        self.base, self.cache_dir, self.cache_limit_bytes = base, Path(cache_dir), cache_limit_bytes
+        self.timeout_s, self.attempts, self.backoff_s = timeout_s, attempts, backoff_s
+        self.lock_timeout_s, self.deadline_s = lock_timeout_s, deadline_s
+        self.shard_dir = self.cache_dir / "shards"
+        self.bytes_fetched = 0  # bytes received over the network (or from the command) by this object
+
+    def location(self, name: str) -> str:
+        """The URL (or the command, as `pipe:COMMAND`) of file `name` of the set."""
+        if not NAME_PATTERN.match(name):
+            raise HarnessError(f"{self.base}: {name!r} is not a plain file name; not fetched")
+        if self.base.startswith(PIPE):
+            return self.base.replace("{name}", name)
+        return self.base.rstrip("/") + "/" + name
+
+    def manifest_dir(self) -> Path:
+        """A local directory holding a fresh copy of the set's manifest.json (not yet checked:
+        `load_manifest` on it does that). One directory per location, inside the cache."""
+        directory = self.cache_dir / hashlib.sha256(self.base.encode()).hexdigest()[:16]
+        _make_dir(directory)
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{MANIFEST_NAME}.", suffix=".part")
+        os.close(fd)
+        try:
+            self._fetch(MANIFEST_NAME, Path(tmp), MAX_MANIFEST_BYTES, None)
+            os.replace(tmp, directory / MANIFEST_NAME)
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+        return directory
+
+    def cached_path(self, name: str, sha256: str) -> Path:
+        """Where shard `name` with this SHA-256 is (or would be) cached."""
+        url = self.location(name)  # checks the name
+        if not SHA256_PATTERN.match(sha256):
+            raise HarnessError(f"{url}: {sha256!r} is not a SHA-256 (64 lowercase hex digits)")
+        return self.shard_dir / f"{sha256}-{name}"
+
+    def shard_path(self, name: str, size: int, sha256: str) -> Path:
+        """A local file holding shard `name`: `size` bytes with this SHA-256 (from the checked
+        manifest). Fetched unless cached; a cached one is marked as recently used."""
+        cached = self.cached_path(name, sha256)
+        if self.cache_limit_bytes is not None and size > self.cache_limit_bytes:
+            raise HarnessError(
+                f"{self.location(name)}: the shard is {size} bytes, more than the whole shard cache "
+                f"({LIMIT_OPTION} allows {self.cache_limit_bytes} bytes); raise {LIMIT_OPTION}"
+            )
+        if _touch_if_complete(cached, size):
+            return cached
+        _make_dir(self.shard_dir)
+        with self._flock(lock_path(cached), f"downloading {name}"):
+            if _touch_if_complete(cached, size):  # another process fetched it while this one waited
+                return cached
+            part = part_path(cached)
+            try:
+                self._reserve(part, size, name)
+                self._fetch(name, part, size, sha256)
+                os.replace(part, cached)
+            finally:
+                part.unlink(missing_ok=True)
+        return cached
+
+    # --- the cache ------------------------------------------------------------------------------
+
+    @contextmanager
+    def _flock(self, path: Path, doing: str) -> Iterator[None]:
+        """Hold an exclusive flock on `path`; HarnessError after lock_timeout_s of waiting."""
+        deadline = time.monotonic() + self.lock_timeout_s
+        with open(path, "ab") as f:
+            while True:
+                try:
+                    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise HarnessError(
+                            f"{path}: another process has held this lock for over {self.lock_timeout_s:g} s "
+                            f"(while {doing}); is it stuck? (a lock is released when its process exits)"
+                        ) from None
+                    time.sleep(0.05)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    def _reserve(self, part: Path, size: int, name: str) -> None:
+        """Make room for `size` more bytes, evicting least recently used shards, and create
+        `part` at its full size (sparse), so that other processes count it while it downloads."""
+        if self.cache_limit_bytes is None:
+            part.touch()
+            return
+        with self._flock(self.shard_dir / ".cache.lock", "evicting from the shard cache"):
+            cached, in_flight = self._usage(part)
+            total = sum(st.st_size for _, st in cached) + in_flight
+            for path, st in sorted(cached, key=lambda entry: entry[1].st_mtime_ns):
+                if total + size <= self.cache_limit_bytes:
+                    break
+                path.unlink(missing_ok=True)
+                total -= st.st_size
+            if total + size > self.cache_limit_bytes:
+                raise HarnessError(
+                    f"{self.shard_dir}: no room for {name} ({size} bytes) within {LIMIT_OPTION} "
+                    f"({self.cache_limit_bytes} bytes): other processes are downloading {in_flight} bytes into it"
+                )
+            with open(part, "wb") as f:
+                f.truncate(size)
+
+    def _usage(self, own_part: Path) -> tuple[list[tuple[Path, os.stat_result]], int]:
+        """The cached shards with their stat, and the bytes reserved by downloads in progress.
+        A part file whose lock nobody holds was left by a process that died: it is removed."""
+        cached, in_flight = [], 0
+        for path in self.shard_dir.iterdir():
+            try:
+                if not path.name.startswith("."):
+                    cached.append((path, path.stat()))
+                elif path.name.endswith(".part") and path != own_part:
+                    with open(path.with_name(path.name[: -len(".part")] + ".lock"), "ab") as lock:
+                        try:
+                            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                            path.unlink(missing_ok=True)  # nobody is writing it
+                            fcntl.flock(lock, fcntl.LOCK_UN)
+                        except BlockingIOError:
+                            in_flight += path.stat().st_size
+            except FileNotFoundError:  # removed by another process meanwhile
+                continue
+        return cached, in_flight
+
+    # --- fetching -------------------------------------------------------------------------------
+
+    def _fetch(self, name: str, target: Path, cap: int, sha256: str | None) -> None:
+        """Write file `name` of the set to `target` (which exists), retrying transient failures.
+        With `sha256`, the file must be exactly `cap` bytes with that digest; without, at most `cap`."""
+        url = self.location(name)
+        for attempt in range(1, self.attempts + 1):
+            try:
+                return self._attempt(url, target, cap, sha256)
+            except _Failure as e:
+                failure = e
+            except urllib.error.HTTPError as e:
+                failure = _Failure(f"HTTP {e.code} {e.reason}", e.code == 429 or e.code >= 500)
+            except urllib.error.URLError as e:
+                failure = _Failure(str(e.reason), True)
+            except (http.client.HTTPException, OSError) as e:  # dropped, reset, timed out
+                failure = _Failure(f"{type(e).__name__}: {e}" if str(e) else type(e).__name__, True)
+            except ValueError as e:  # a malformed URL
+                failure = _Failure(str(e), False)
+            if not failure.transient:
+                raise HarnessError(f"{url}: {one_line(failure)} (after {attempt} attempt{'s' * (attempt > 1)}; not retried)")
+            if attempt < self.attempts:
+                time.sleep(self.backoff_s * 2 ** (attempt - 1))
+        raise HarnessError(f"{url}: {one_line(failure)} (after {self.attempts} attempt{'s' * (self.attempts > 1)})")
+
+    def _attempt(self, url: str, target: Path, cap: int, sha256: str | None) -> None:
+        deadline = time.monotonic() + self.deadline_s
+        opened = self._pipe(url[len(PIPE) :], deadline) if url.startswith(PIPE) else self._http(url, deadline)
+        with opened as (chunks, length), open(target, "r+b") as out:
+            if length is not None and (length != cap if sha256 else length > cap):
+                raise _Failure(f"Content-Length {length}; {'the manifest says' if sha256 else 'the limit is'} {cap} bytes", False)
+            digest, size = hashlib.sha256(), 0
+            for chunk in chunks:
+                size += len(chunk)
+                self.bytes_fetched += len(chunk)
+                if size > cap:
+                    raise _Failure(f"sent more than {'the manifest' if sha256 else 'the limit'}'s {cap} bytes; stopped reading", False)
+                _write(out, chunk, target)
+                digest.update(chunk)
+            expected = cap if sha256 else length
+            if expected is not None and size != expected:
+                raise _Failure(f"ended after {size} of {expected} bytes", True)
+            if sha256 and digest.hexdigest() != sha256:
+                raise _Failure(f"SHA-256 {digest.hexdigest()} does not match the manifest's {sha256}", False)
+            _write(out, None, target)
+
+    @contextmanager
+    def _http(self, url: str, deadline: float):
+        """(chunks, Content-Length or None) of an HTTP GET; a timeout per read and a deadline."""
+        with urllib.request.urlopen(url, timeout=self.timeout_s) as response:
+            length = response.headers.get("Content-Length")
+
+            def chunks():
+                while chunk := response.read1(CHUNK):
+                    if time.monotonic() > deadline:
+                        raise _Failure(f"took longer than {self.deadline_s:g} s; stopped reading", True)
+                    yield chunk
+
+            yield chunks(), int(length) if length and length.isdigit() else None
+
+    @contextmanager
+    def _pipe(self, command: str, deadline: float):
+        """(chunks, None) of a shell command's output; its exit status is checked at the end,
+        and it is killed (with its children) if it is still running when reading stops."""
+        with tempfile.TemporaryFile() as stderr:
+            process = subprocess.Popen(
+                command, shell=True, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=stderr, start_new_session=True
+            )
+            try:
+                yield self._pipe_chunks(process, stderr, deadline), None
+            finally:
+                if process.poll() is None:
+                    os.killpg(process.pid, signal.SIGKILL)
+                    process.wait()
+                process.stdout.close()
+
+    def _pipe_chunks(self, process: subprocess.Popen, stderr, deadline: float) -> Iterator[bytes]:
+        fd = process.stdout.fileno()
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise _Failure(f"took longer than {self.deadline_s:g} s; stopped reading", True)
+            if not select.select([fd], [], [], min(self.timeout_s, left))[0]:
+                raise _Failure(f"no output for {min(self.timeout_s, left):g} s; stopped reading", True)
+            chunk = os.read(fd, CHUNK)
+            if not chunk:
+                break
+            yield chunk
+        try:
+            status = process.wait(timeout=self.timeout_s)
+        except subprocess.TimeoutExpired:
+            raise _Failure(f"the command did not exit within {self.timeout_s:g} s of closing its output", True) from None
+        if status != 0:
+            stderr.seek(0)
+            said = stderr.read()[-2000:].decode(errors="replace").strip().splitlines()
+            raise _Failure(f"command exited with status {status}" + (f": {said[-1]}" if said else ""), status not in NOT_RETRIED_EXITS)
+
+
+def _write(out, chunk: bytes | None, target: Path) -> None:
+    """Write a chunk to `out`, or (None) end the file there and flush it to disk. A local
+    problem (a full disk) is not the server's: a HarnessError naming the file, not retried."""
+    try:
+        if chunk is not None:
+            out.write(chunk)
+        else:
+            out.truncate()
+            out.flush()
+            os.fsync(out.fileno())
+    except OSError as e:
+        raise HarnessError(f"{target}: cannot write ({e.strerror or e})") from None
+
+
+def _make_dir(directory: Path) -> None:
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise HarnessError(f"{directory}: cannot create the shard cache directory ({e.strerror or e})") from None
+
+
+def _touch_if_complete(cached: Path, size: int) -> bool:
+    """Whether `cached` is there with the right size; if so, mark it as just used."""
+    try:
+        if cached.stat().st_size != size:
+            return False
+        os.utime(cached)
+        return True
+    except OSError:  # not there (or evicted meanwhile); a cache that cannot be made is reported by the caller
+        return False

@@ -1,0 +1,258 @@
+"""Shard sets fetched from a URL or a command into a local cache (harness.data.remote),
+against a loopback HTTP server that the tests start themselves and that fails on request."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from helpers import ROOT, wait_for
+from shard_server import ShardServer
+
+from harness.data.manifest import MAX_MANIFEST_BYTES, load_manifest
+from harness.data.remote import RemoteShards, is_remote, lock_path, part_path
+from harness.errors import HarnessError
+
+pytestmark = pytest.mark.timeout(30)
+NO_PROXY = {"NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost"}
+
+
+@pytest.fixture
+def server(shards, monkeypatch):
+    for key, value in NO_PROXY.items():
+        monkeypatch.setenv(key, value)
+    served = ShardServer(shards)
+    try:
+        yield served
+    finally:
+        served.close()
+
+
+def remote(base: str, cache: Path, **options) -> RemoteShards:
+    return RemoteShards(base, cache, **{"timeout_s": 5.0, "backoff_s": 0.01, "attempts": 3, **options})
+
+
+def train_shards(shard_dir: Path) -> list[dict]:
+    return load_manifest(shard_dir)["splits"]["train"]["shards"]
+
+
+def fetch(shard_set: RemoteShards, shard: dict) -> Path:
+    return shard_set.shard_path(shard["name"], shard["bytes"], shard["sha256"])
+
+
+def cache_listing(cache: Path) -> tuple[list[str], list[str]]:
+    """(cached shard files, partial files) in the cache's shard directory."""
+    names = sorted(p.name for p in (cache / "shards").iterdir()) if (cache / "shards").is_dir() else []
+    return [n for n in names if not n.startswith(".")], [n for n in names if n.endswith(".part")]
+
+
+def test_is_remote():
+    assert is_remote("http://host/mnist/") and is_remote("HTTPS://host/mnist") and is_remote("pipe:cat /x/{name}")
+    assert not is_remote("/data/shards") and not is_remote("shards") and not is_remote("file:///data/shards")
+
+
+@pytest.mark.parametrize("slash", ["", "/"])
+def test_fetches_a_split_and_then_uses_the_cache(server, shards, tmp_path, slash):
+    base = server.url.rstrip("/") + slash
+    shard_set = remote(base, tmp_path / "cache")
+    directory = shard_set.manifest_dir()
+    assert (directory / "manifest.json").read_bytes() == (shards / "manifest.json").read_bytes()
+    train = train_shards(directory)  # load_manifest checks the fetched copy
+    paths = [fetch(shard_set, shard) for shard in train]
+    for shard, path in zip(train, paths):
+        assert path.read_bytes() == (shards / shard["name"]).read_bytes()
+        assert shard["sha256"] in path.name
+    assert shard_set.bytes_fetched == sum(s["bytes"] for s in train) + (shards / "manifest.json").stat().st_size
+    again = remote(base, tmp_path / "cache")  # a later run: the manifest again, no shard
+    assert again.manifest_dir() == directory
+    assert [fetch(again, shard) for shard in train] == paths
+    assert [server.gets(s["name"]) for s in train] == [1] * len(train) and server.gets("manifest.json") == 2
+    assert again.bytes_fetched == (shards / "manifest.json").stat().st_size
+    assert cache_listing(tmp_path / "cache") == (sorted(p.name for p in paths), [])
+
+
+@pytest.mark.parametrize("kind", ["drop", 503, 429, "stall"])
+def test_transient_failures_are_retried(server, shards, tmp_path, kind):
+    shard = train_shards(shards)[0]
+    server.fail(shard["name"], kind, count=2)
+    path = fetch(remote(server.url, tmp_path / "cache", timeout_s=0.3), shard)
+    assert path.read_bytes() == (shards / shard["name"]).read_bytes()
+    assert server.gets(shard["name"]) == 3
+    assert cache_listing(tmp_path / "cache") == ([path.name], [])
+
+
+def test_a_connection_that_always_drops_fails_after_the_attempts(server, shards, tmp_path):
+    shard = train_shards(shards)[0]
+    server.fail(shard["name"], "drop")
+    start = time.monotonic()
+    with pytest.raises(HarnessError) as error:
+        fetch(remote(server.url, tmp_path / "cache", attempts=4), shard)
+    message = str(error.value)
+    assert message.startswith(server.url + shard["name"] + ": ") and "after 4 attempts" in message, message
+    assert f"ended after {shard['bytes'] // 2} of {shard['bytes']} bytes" in message, message
+    assert server.gets(shard["name"]) == 4
+    assert time.monotonic() - start < 10
+    assert cache_listing(tmp_path / "cache") == ([], [])
+
+
+@pytest.mark.parametrize(
+    "kind, problem",
+    [("flip", "SHA-256"), ("wrong-length", "Content-Length"), ("long", "sent more than the manifest's"), (404, "HTTP 404")],
+)
+def test_a_wrong_file_fails_at_once(server, shards, tmp_path, kind, problem):
+    shard = train_shards(shards)[1]
+    server.fail(shard["name"], kind)
+    with pytest.raises(HarnessError) as error:
+        fetch(remote(server.url, tmp_path / "cache", attempts=5, backoff_s=5.0), shard)  # a retry would time the test out
+    message = str(error.value)
+    assert message.startswith(server.url + shard["name"] + ": ") and problem in message, message
+    assert "after 1 attempt; not retried" in message and "\n" not in message, message
+    assert server.gets(shard["name"]) == 1
+    assert cache_listing(tmp_path / "cache") == ([], [])
+
+
+def test_manifest_is_capped_in_size(server, shards, tmp_path):
+    (shards / "manifest.json").write_bytes(b" " * (MAX_MANIFEST_BYTES + 1))
+    with pytest.raises(HarnessError, match=r"manifest\.json: Content-Length \d+; the limit is \d+ bytes"):
+        remote(server.url, tmp_path / "cache").manifest_dir()
+    server.fail("manifest.json", "long")  # no Content-Length: cut off while reading
+    with pytest.raises(HarnessError, match="sent more than the limit's"):
+        remote(server.url, tmp_path / "cache").manifest_dir()
+    assert not [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]
+
+
+def test_cache_limit_evicts_the_least_recently_used(server, shards, tmp_path):
+    first, second, third = train_shards(shards)  # 80, 80 and 40 images
+    cache = tmp_path / "cache"
+    shard_set = remote(server.url, cache, cache_limit_bytes=first["bytes"] + second["bytes"])
+    paths = [fetch(shard_set, first), fetch(shard_set, second)]
+    time.sleep(0.01)
+    assert fetch(shard_set, first) == paths[0]  # a hit: now the second is the least recently used
+    kept = fetch(shard_set, third)
+    assert cache_listing(cache) == (sorted([paths[0].name, kept.name]), [])
+    assert [server.gets(s["name"]) for s in (first, second, third)] == [1, 1, 1]
+    fetch(shard_set, second)  # fetched again, evicting the first
+    assert cache_listing(cache)[0] == sorted([kept.name, paths[1].name]) and server.gets(second["name"]) == 2
+    with pytest.raises(HarnessError) as error:
+        fetch(remote(server.url, cache, cache_limit_bytes=first["bytes"] - 1), first)
+    assert f"{first['name']}: the shard is {first['bytes']} bytes" in str(error.value) and "--shard-cache-limit-gb" in str(error.value)
+
+
+def test_a_dead_process_part_file_is_removed_to_make_room(server, shards, tmp_path):
+    first, second, _ = train_shards(shards)
+    cache = tmp_path / "cache"
+    shard_set = remote(server.url, cache, cache_limit_bytes=first["bytes"] + 1)
+    stale = part_path(shard_set.cached_path(second["name"], second["sha256"]))
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(bytes(second["bytes"]))  # nobody holds its lock
+    assert fetch(shard_set, first).is_file()
+    assert cache_listing(cache) == ([shard_set.cached_path(first["name"], first["sha256"]).name], [])
+
+
+def test_a_held_lock_is_waited_for_a_bounded_time(server, shards, tmp_path):
+    shard = train_shards(shards)[0]
+    shard_set = remote(server.url, tmp_path / "cache", lock_timeout_s=0.3)
+    lock = lock_path(shard_set.cached_path(shard["name"], shard["sha256"]))
+    lock.parent.mkdir(parents=True)
+    with open(lock, "ab") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(HarnessError, match="held this lock for over 0.3 s"):
+            fetch(shard_set, shard)
+    assert fetch(shard_set, shard).read_bytes() == (shards / shard["name"]).read_bytes()
+
+
+def test_names_are_plain_file_names(server, tmp_path):
+    shard_set = remote(server.url, tmp_path / "cache")
+    for name in ("../manifest.json", "a/b.tar", ".hidden", "x;rm -rf y"):
+        with pytest.raises(HarnessError, match="not a plain file name"):
+            shard_set.shard_path(name, 10, "0" * 64)
+    with pytest.raises(HarnessError, match="not a SHA-256"):
+        shard_set.shard_path("train-000000.tar", 10, "0" * 63)
+
+
+def test_an_unusable_cache_directory_is_one_error(server, shards, tmp_path):
+    (tmp_path / "file").write_text("not a directory")
+    shard_set = remote(server.url, tmp_path / "file" / "cache")
+    with pytest.raises(HarnessError, match="cannot create the shard cache directory"):
+        shard_set.manifest_dir()
+    with pytest.raises(HarnessError, match="cannot create the shard cache directory"):
+        fetch(shard_set, train_shards(shards)[0])
+
+
+# --- pipe: --------------------------------------------------------------------------------------
+
+
+def test_pipe_location(shards, tmp_path):
+    base = f"pipe:cat {shlex.quote(str(shards))}/{{name}}"
+    shard_set = remote(base, tmp_path / "cache")
+    train = train_shards(shard_set.manifest_dir())
+    for shard in train:
+        assert fetch(shard_set, shard).read_bytes() == (shards / shard["name"]).read_bytes()
+    assert shard_set.bytes_fetched == sum(s["bytes"] for s in train) + (shards / "manifest.json").stat().st_size
+
+
+def test_pipe_failures(shards, tmp_path):
+    shard = train_shards(shards)[0]
+    cases = [
+        (f"cat {tmp_path}/missing/{{name}}", 2, f"pipe:cat {tmp_path}/missing/{shard['name']}: command exited with status 1: ", "after 2 attempts"),
+        ("no-such-command-here {name}", 1, "command exited with status 127", "not retried"),
+        (f"cat {shards}/{{name}} {shards}/{{name}}", 1, "sent more than the manifest's", "not retried"),
+        (f"sleep 20; cat {shards}/{{name}}", 1, "no output for 0.3 s", "after 1 attempt"),  # killed, with its children
+    ]
+    for command, attempts, problem, retried in cases:
+        start = time.monotonic()
+        with pytest.raises(HarnessError) as error:
+            fetch(remote("pipe:" + command, tmp_path / "cache", attempts=attempts, timeout_s=0.3), shard)
+        message = str(error.value)
+        assert problem in message and retried in message and "\n" not in message, message
+        assert time.monotonic() - start < 5
+    assert cache_listing(tmp_path / "cache") == ([], [])
+    with pytest.raises(HarnessError, match=r"needs \{name\}"):
+        RemoteShards(f"pipe:cat {shards}/train-000000.tar", tmp_path / "cache")
+
+
+# --- several processes, one cache -----------------------------------------------------------------
+
+CHILD = """
+import sys, time
+from pathlib import Path
+from harness.data.remote import RemoteShards
+base, cache, name, size, sha256, go, me = sys.argv[1:]
+Path(go + "." + me).touch()
+while not Path(go).exists():
+    time.sleep(0.01)
+shard_set = RemoteShards(base, Path(cache), backoff_s=0.01, lock_timeout_s=20)
+print(shard_set.shard_path(name, int(size), sha256), shard_set.bytes_fetched)
+"""
+
+
+def test_processes_sharing_a_cache_download_a_shard_once(server, shards, tmp_path):
+    shard = train_shards(shards)[0]
+    server.fail(shard["name"], "slow")  # the second process asks while the first downloads
+    go = tmp_path / "go"
+    args = [server.url, tmp_path / "cache", shard["name"], shard["bytes"], shard["sha256"], go]
+    env = {**os.environ, **NO_PROXY}
+    children = [
+        subprocess.Popen([sys.executable, "-c", CHILD, *map(str, args), str(i)], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for i in range(2)
+    ]
+    try:
+        wait_for(lambda: all(Path(f"{go}.{i}").exists() for i in range(2)), 20, "both processes to start")
+        go.touch()
+        results = [child.communicate(timeout=20) for child in children]
+    finally:
+        for child in children:
+            if child.poll() is None:
+                child.kill()
+                child.wait()
+    assert [child.returncode for child in children] == [0, 0], results
+    paths, fetched = zip(*(out.split() for out, _ in results))
+    assert paths[0] == paths[1] and Path(paths[0]).read_bytes() == (shards / shard["name"]).read_bytes()
+    assert sorted(int(n) for n in fetched) == [0, shard["bytes"]]
+    assert server.gets(shard["name"]) == 1

@@ -241,14 +241,15 @@ def _worker(args, config, ctx, torch, threads: int, why: str, malloc: str) -> No
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
-    from harness.data.stream import MacroBatchStream, ShardSplit
+    from harness.data.shard_set import ShardSplit
+    from harness.data.stream import MacroBatchStream
     from harness.models import build_model
     from harness.normalize import Normalizer, make_loss
 
     perf = time.perf_counter
     rank, world = ctx.rank, ctx.world_size
     data = ShardSplit(Path(args.shards), "train")
-    stream = MacroBatchStream(data, config.batch_size, config.macro_batch, config.seed, ctx.device)
+    stream = MacroBatchStream(data, config.batch_size, config.macro_batch, config.seed, ctx.device, rank=rank, world_size=world)
     torch.manual_seed(config.seed)
     model = build_model(config).to(ctx.device)
     ddp = DistributedDataParallel(model) if ctx.distributed else None
@@ -279,7 +280,7 @@ def _worker(args, config, ctx, torch, threads: int, why: str, malloc: str) -> No
         for j in range(n):
             i = (first + j) % macro.steps
             t0 = perf()
-            images, labels = macro.local_batch(i, rank, world)
+            images, labels = macro.local_batch(i)
             x = normalize(images)
             t1 = perf()
             with ddp.no_sync() if ddp is not None and kind == "no_sync" else contextlib.nullcontext():

@@ -126,7 +126,8 @@ def loader_epoch(make_stream, epoch: int) -> tuple[int, float]:
 def bench_loader(dataset, shard_dir: Path, work: Path, quick: bool) -> dict:
     import torch
 
-    from harness.data.stream import MacroBatchStream, ShardSplit
+    from harness.data.shard_set import ShardSplit
+    from harness.data.stream import MacroBatchStream
 
     torch.set_num_threads(2)
     rounds = 2 if quick else 3

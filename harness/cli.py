@@ -31,7 +31,7 @@ def cmd_pack(args) -> int:
 
 
 def cmd_show(args) -> int:
-    from harness.data.stream import ShardSplit
+    from harness.data.shard_set import ShardSplit
 
     images, labels = ShardSplit(args.shards, args.split, args.index, args.index + 1).load_all()
     print(f"{args.split}[{args.index}]  label {int(labels[0])}")

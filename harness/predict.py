@@ -108,7 +108,7 @@ def predictions(names: list[str], images: np.ndarray, trained: Trained, labels: 
 
 
 def shard_images(shards: Path, split: str, indices: list[int]) -> tuple[list[str], np.ndarray, list[int]]:
-    from harness.data.stream import ShardSplit
+    from harness.data.shard_set import ShardSplit
 
     images, labels = ShardSplit(shards, split).load_all()
     for i in indices:

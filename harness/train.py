@@ -30,7 +30,8 @@ from harness.augment import RandomAffine
 from harness.checkpoint import checkpoint_to_resume, save_checkpoint, state_mismatch
 from harness.config import TrainConfig, add_config_options, build_config
 from harness.cuda_graph import GraphedStep
-from harness.data.stream import MacroBatch, MacroBatchStream, ShardSplit
+from harness.data.shard_set import ShardSource, ShardSplit
+from harness.data.stream import MacroBatch, MacroBatchStream
 from harness.device import autocast, set_deterministic
 from harness.errors import HarnessError, run_guarded
 from harness.evaluate import EvalResult, evaluate
@@ -109,11 +110,11 @@ class LossWindow:
 class Trainer:
     """One rank's training run: built once from the config, then `fit()`."""
 
-    def __init__(self, config: TrainConfig, shard_dir: Path, run_dir: Path, ctx: distributed.DistContext, resume: str = "auto"):
+    def __init__(self, config: TrainConfig, shards: ShardSource, run_dir: Path, ctx: distributed.DistContext, resume: str = "auto"):
         """`resume`: auto (the newest valid checkpoint in RUN_DIR), never, or a checkpoint's path."""
         if config.batch_size % ctx.world_size:
             raise HarnessError(f"--batch-size {config.batch_size} is not divisible by the world size {ctx.world_size}")
-        self.config, self.shard_dir, self.run_dir, self.ctx, self.resume = config, Path(shard_dir), Path(run_dir), ctx, resume
+        self.config, self.shards, self.run_dir, self.ctx, self.resume = config, shards, Path(run_dir), ctx, resume
         self.malloc = keep_freed_memory()
         self.threads, self.threads_why = distributed.choose_threads(config.threads, ctx.local_world_size)
         set_deterministic(config.deterministic)
@@ -132,11 +133,13 @@ class Trainer:
     def build_data(self) -> None:
         """The training range as a macro-batch stream, and (rank 0) the validation set on the device."""
         config, ctx = self.config, self.ctx
-        train_data = ShardSplit(self.shard_dir, "train")
-        self.n_train = len(train_data) - config.holdout
-        if config.holdout:
-            train_data = ShardSplit(self.shard_dir, "train", 0, self.n_train, verify=False)  # verified just above
-        self.stream = MacroBatchStream(train_data, config.batch_size, config.macro_batch, config.seed, ctx.device, shuffle=config.shuffle)
+        self.verify_train_shards()
+        self.n_train = self.shards.manifest["splits"]["train"]["samples"] - config.holdout
+        train_data = ShardSplit(self.shards, "train", 0, self.n_train, verify=False)  # verified just above
+        self.stream = MacroBatchStream(
+            train_data, config.batch_size, config.macro_batch, config.seed, ctx.device, shuffle=config.shuffle,
+            rank=ctx.rank, world_size=ctx.world_size,
+        )
         self.stream.preload()
         self.train_stats = train_data.manifest["train_stats"]
         self.val_set = "holdout" if config.holdout else "test"
@@ -173,8 +176,25 @@ class Trainer:
         if self.compile_mode == "cuda-graph":
             self.graphed = GraphedStep(self.model, self.normalize, self.train_loss_fn, config.precision, self.stream, ctx.device)
 
+    def verify_train_shards(self) -> None:
+        """Rank r checks the SHA-256 of training shards r, r+W, r+2W, ... (together the
+        ranks read the split once, not W times), and every rank learns whether any shard
+        differs, so that all of them stop at start-up, the finder with the shard's name."""
+        ctx, shards = self.ctx, self.shards
+        problem = ""
+        try:
+            shards.check("train", list(range(ctx.rank, len(shards.shards("train")), ctx.world_size)))
+        except HarnessError as e:
+            problem = str(e)
+        found = [r for r, (bad,) in enumerate(ctx.gather([int(bool(problem))])) if bad]
+        if problem:
+            raise HarnessError(problem)
+        if found:
+            raise HarnessError(f"rank {ctx.rank}: stopping: rank {found[0]} found a training shard that does not match manifest.json (its error names it)")
+
     def load_eval_set(self, split: str, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        images, labels = ShardSplit(self.shard_dir, split, start).load_all()
+        # The training shards were verified at start-up; the test split is hashed here.
+        images, labels = ShardSplit(self.shards, split, start, verify=split != "train").load_all()
         return torch.from_numpy(images).to(self.ctx.device), torch.from_numpy(labels).long().to(self.ctx.device)
 
     # --- state ------------------------------------------------------------------------------------
@@ -253,7 +273,7 @@ class Trainer:
                 if self.graphed:
                     self.graphed.load(macro, p.step_in_macro)
                 if self.augment.active:
-                    self.augment_params = self.augment.draw(macro.epoch, macro.index, len(macro.order))
+                    self.augment_params = self.augment.draw(macro.epoch, macro.index, macro.steps * self.config.batch_size)
                 for i in range(p.step_in_macro, macro.steps):
                     self.train_step(macro, i)
                     p.advance(last_in_macro=i + 1 == macro.steps)
@@ -291,7 +311,7 @@ class Trainer:
         if self.graphed:
             loss = self.graphed()  # the same gather, forward, loss and backward, replayed as one CUDA graph
         else:
-            images, labels = macro.local_batch(i, self.ctx.rank, self.ctx.world_size)
+            images, labels = macro.local_batch(i)
             inputs = self.normalize(images)
             if self.augment_params is not None:
                 local = self.config.batch_size // self.ctx.world_size
@@ -500,15 +520,19 @@ def agree_at_sync_point(ctx, window: torch.Tensor, first_step: int, stop_request
     return loss_sum / (len(window) * ctx.world_size), stop
 
 
-def train(config: TrainConfig, shard_dir: Path, run_dir: Path | None, resume: str = "auto", name: str = "") -> dict:
+def train(config: TrainConfig, shards: str | Path, run_dir: Path | None, resume: str = "auto", name: str = "",
+          cache_dir: Path | None = None, cache_limit_gb: float | None = None) -> dict:
     """Train on this process's rank (or alone); rank 0's summary, {} on the others.
-    Without a `run_dir`, the run goes to default_run_dir(`name`, or the model's name)."""
+    `shards` is a directory or a URL (its files cached in `cache_dir`, at most
+    `cache_limit_gb`). Without a `run_dir`, the run goes to default_run_dir(`name`, or
+    the model's name)."""
     ctx = distributed.init_distributed(config.device, config.timeout, config.rank0_timeout, config.backend)
     try:
         setup_logging(ctx.rank)
         run_dir = run_dir or default_run_dir(name or config.model, ctx)
         log.info(f"run directory {run_dir}")
-        summary = Trainer(config, shard_dir, run_dir, ctx, resume).fit()
+        limit = None if cache_limit_gb is None else int(cache_limit_gb * 1e9)
+        summary = Trainer(config, ShardSource(shards, cache_dir, limit), run_dir, ctx, resume).fit()
         ctx.barrier()  # every rank tears the process group down together
         log.info(f"wrote {run_dir}")
         return summary
@@ -535,7 +559,13 @@ def default_run_dir(name: str, ctx: distributed.DistContext) -> Path:
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     parser = parser or argparse.ArgumentParser(prog="python -m harness.train", description="Train on packed shards.")
     parser.add_argument("--preset", help="lenet, neupy-mlp, theanets-mlp or mathspp-mlp")
-    parser.add_argument("--shards", type=Path, default=Path("shards"), help="shard directory (default shards/)")
+    parser.add_argument(
+        "--shards", default="shards",
+        help="shard directory (default shards/), or a URL: https://HOST/PATH/ or 'pipe:COMMAND {name}' (e.g. "
+        "'pipe:gsutil cat gs://BUCKET/mnist/{name}'), whose manifest.json and shards are fetched into --shard-cache",
+    )
+    parser.add_argument("--shard-cache", type=Path, help="where shards from a URL are kept (default ~/.cache/mnist-harness/shards, or $HARNESS_CACHE/shards)")
+    parser.add_argument("--shard-cache-limit-gb", type=float, help="evict least recently used cached shards beyond this size (default: no limit)")
     parser.add_argument(
         "--run-dir", type=Path,
         help="where metrics, TensorBoard events and checkpoints go "
@@ -553,7 +583,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
 def run_from_args(args: argparse.Namespace) -> int:
     config = build_config(args.preset, args)
     try:
-        train(config, args.shards, args.run_dir, args.resume, name=args.preset or "")
+        train(config, args.shards, args.run_dir, args.resume, name=args.preset or "", cache_dir=args.shard_cache, cache_limit_gb=args.shard_cache_limit_gb)
     except Stopped:
         return EXIT_STOPPED
     return 0

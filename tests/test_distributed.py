@@ -32,6 +32,7 @@ from helpers import (
     train_command,
     train_ok,
 )
+from shard_server import ShardServer
 
 from harness.data.pack import pack
 from harness.data.sources import load_source
@@ -117,6 +118,26 @@ def test_world_size_invariance(mnist_shards, tmp_path):
         assert max_param_diff(tmp_path / "w1", tmp_path / f"w{w}") < FIFTY_STEPS_TOLERANCE
     # and the weights did move: this is not comparing two untrained models
     assert summary(tmp_path / "w1")["test_accuracy"] > 0.5
+
+
+def test_two_ranks_streaming_from_a_url_match_one_process(mnist_shards, tmp_path, monkeypatch):
+    """Macro-batches of 5,000 (so every rank reads only its own images, from the shards'
+    offsets), two ranks fetching the shards from a loopback HTTP server into one cache: the
+    same weights as one process reading the local directory, up to summation order."""
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    args = ("--preset", "lenet", "--lr", "0.02", "--max-steps", "50", "--macro-batch", "5000", "--threads", "1")
+    train_ok(mnist_shards, tmp_path / "local", *args)
+    server = ShardServer(mnist_shards)
+    try:
+        torchrun(2, server.url, tmp_path / "url", *args, "--shard-cache", tmp_path / "cache")
+    finally:
+        server.close()
+    assert max_param_diff(tmp_path / "local", tmp_path / "url") < FIFTY_STEPS_TOLERANCE
+    # 50 steps of 100 touch one or two of the six training shards; each was fetched once
+    # for the node, not once per rank; the test split (rank 0's validation) once.
+    train_gets = [name for name in server.server.requests if name.startswith("train-")]
+    assert 1 <= len(train_gets) == len(set(train_gets)) <= 2, server.server.requests
+    assert server.gets("test-000000.tar") == 1 and server.gets("manifest.json") == 2  # the manifest: once per rank
 
 
 @pytest.mark.parametrize("world_size", [2, 4])

@@ -203,9 +203,9 @@ def test_shard_and_block_size_options(mnist_dir, tmp_path, capsys):
         ("train-000000.tar", 25000), ("train-000001.tar", 25000), ("train-000002.tar", 10000)
     ]
     assert [s["samples"] for s in manifest["splits"]["test"]["shards"]] == [10000]
-    blocks = ShardSplit(out, "train").read_shard(2)
-    assert [first for first, _, _ in blocks] == list(range(50000, 60000, 500))
-    assert all(len(block_labels) == 500 for _, _, block_labels in blocks)
+    blocks = ShardSplit(out, "train").blocks(2)
+    assert [block.first for block in blocks] == list(range(50000, 60000, 500))
+    assert all(block.count == len(block.labels) == 500 for block in blocks)
     assert manifest["train_stats"]["mean"] == pytest.approx(0.1307, abs=5e-5)
 
 
@@ -213,7 +213,7 @@ def test_uneven_last_block(source, tmp_path):
     """530 = 2 shards of 200 + 130: the last shard ends in a short block."""
     manifest = pack(load_source(source), tmp_path / "out", shard_size=200, block_size=50)
     assert [s["samples"] for s in manifest["splits"]["train"]["shards"]] == [200, 200, 130]
-    counts = [len(labels) for _, _, labels in ShardSplit(tmp_path / "out", "train").read_shard(2)]
+    counts = [len(block.labels) for block in ShardSplit(tmp_path / "out", "train").blocks(2)]
     assert counts == [50, 50, 30]
 
 

@@ -49,17 +49,12 @@ def test_mathspp_model_has_slope_one_tenth_on_every_layer():
     assert isinstance(model[-1], nn.LeakyReLU)
 
 
-def sequence(stream: MacroBatchStream, epoch: int, world_size: int) -> tuple[np.ndarray, np.ndarray]:
+def sequence(make, epoch: int, world_size: int) -> tuple[np.ndarray, np.ndarray]:
     """The epoch's images and labels, global batch after global batch, each assembled from
-    the ranks' slices in rank order."""
-    images, labels = [], []
-    for macro in stream.epoch(epoch):
-        for step in range(macro.steps):
-            for rank in range(world_size):
-                x, y = macro.local_batch(step, rank, world_size)
-                images.append(x.numpy())
-                labels.append(y.numpy())
-    return np.concatenate(images), np.concatenate(labels)
+    the ranks' slices in rank order; make(rank, world_size) gives a rank's stream."""
+    ranks = [[macro.local_batch(step) for macro in make(r, world_size).epoch(epoch) for step in range(macro.steps)] for r in range(world_size)]
+    steps = [slices for step in zip(*ranks) for slices in step]
+    return np.concatenate([x.numpy() for x, _ in steps]), np.concatenate([y.numpy() for _, y in steps])
 
 
 @pytest.mark.parametrize("macro_batch", [700, 60000])  # assembled per macro-batch, and resident
@@ -69,14 +64,16 @@ def test_no_shuffle_walks_the_split_in_file_order(mnist_shards, macro_batch):
     world sizes 1 and 2; the last partial batch is dropped as with shuffling."""
     split = ShardSplit(mnist_shards, "train")
     all_images, all_labels = split.load_all()
-    make = lambda seed: MacroBatchStream(split, 64, macro_batch, seed=seed, device=CPU, shuffle=False)  # noqa: E731
+    def make(seed: int, shuffle: bool = False):
+        return lambda rank, world_size: MacroBatchStream(split, 64, macro_batch, seed, CPU, shuffle=shuffle, rank=rank, world_size=world_size)
+
     images, labels = sequence(make(3), 0, 1)
     used = 60000 // 64 * 64
     assert np.array_equal(labels, all_labels[:used]) and np.array_equal(images, all_images[:used])
     for seed, epoch, world_size in [(3, 1, 1), (7, 0, 2), (3, 2, 2)]:
         other_images, other_labels = sequence(make(seed), epoch, world_size)
         assert np.array_equal(other_labels, labels) and np.array_equal(other_images, images), (seed, epoch, world_size)
-    shuffled = sequence(MacroBatchStream(split, 64, macro_batch, seed=3, device=CPU), 0, 1)[1]
+    shuffled = sequence(make(3, shuffle=True), 0, 1)[1]
     assert not np.array_equal(shuffled, labels)  # the default still shuffles
 
 

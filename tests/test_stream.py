@@ -50,14 +50,19 @@ def data(tmp_path_factory) -> tuple[Path, np.ndarray]:
     return out, dataset.splits["train"].labels
 
 
-def batches(stream: MacroBatchStream, epoch: int, world_size: int = 1, rank: int = 0, start_index: int = 0):
-    """The epoch's global (or one rank's) batches as (ids, labels) numpy arrays, in step order."""
+def batches(stream: MacroBatchStream, epoch: int, start_index: int = 0):
+    """The epoch's global (or, for a stream of one rank of several, that rank's) batches as
+    (ids, labels) numpy arrays, in step order."""
     out = []
     for macro in stream.epoch(epoch, start_index):
         for step in range(macro.steps):
-            images, labels = macro.local_batch(step, rank, world_size)
+            images, labels = macro.local_batch(step)
             out.append((ids_of(images), labels.numpy()))
     return out
+
+
+def rank_streams(split: ShardSplit, global_batch: int, macro_batch: int, seed: int, world_size: int) -> list[MacroBatchStream]:
+    return [MacroBatchStream(split, global_batch, macro_batch, seed=seed, device=CPU, rank=r, world_size=world_size) for r in range(world_size)]
 
 
 def epoch_ids(stream: MacroBatchStream, epoch: int) -> np.ndarray:
@@ -75,7 +80,7 @@ def test_epoch_uses_each_sample_at_most_once(data, global_batch, macro_batch):
     assert len(macros) == stream.macro_batches_per_epoch
     assert sum(m.steps for m in macros) == stream.steps_per_epoch == N // global_batch
     for m in macros:
-        assert len(m.order) % global_batch == 0  # macro-batches hold whole global batches
+        assert len(m.order) % global_batch == 0  # macro-batches hold whole global batches (one rank: all of each)
         assert len(m.order) <= max(macro_batch, global_batch)
         assert len(set(m.order.tolist())) == len(m.order) and 0 <= m.order.min() and m.order.max() < len(m.labels)
         if stream.resident:  # the whole split stays on the device; the order indexes it
@@ -109,45 +114,58 @@ def test_order_is_seeded_by_seed_and_epoch(data):
     assert np.ptp(whole[:64]) > N // 2
 
 
-def test_one_macro_batch_split_is_read_once_and_reshuffled(data, monkeypatch):
-    """A split that fits one macro-batch keeps its decoded blocks: later epochs read no
-    shard, yet give exactly the order a fresh stream gives them."""
+def test_one_macro_batch_split_is_read_once_and_reshuffled(data):
+    """A split that fits one macro-batch stays resident: later epochs read no shard bytes,
+    yet give exactly the order a fresh stream gives them."""
     shards, _ = data
-    import harness.data.stream as stream_module
-
-    reads = Counter()
-    real_read = stream_module.read_blocks
-    monkeypatch.setattr(stream_module, "read_blocks", lambda path, *layout: reads.update([path.name]) or real_read(path, *layout))
-    stream = MacroBatchStream(ShardSplit(shards, "train"), 64, 60000, seed=2, device=CPU)
-    epochs = [epoch_ids(stream, e) for e in range(3)]
-    assert set(reads.values()) == {1} and len(reads) == 4  # every shard decoded exactly once
+    split = ShardSplit(shards, "train")
+    stream = MacroBatchStream(split, 64, 60000, seed=2, device=CPU)
+    first = epoch_ids(stream, 0)
+    read_once = split.bytes_read
+    assert N * 28 * 28 < read_once < N * 28 * 28 * 1.05  # every image once, plus headers and labels
+    epochs = [first] + [epoch_ids(stream, e) for e in (1, 2)]
+    assert split.bytes_read == read_once
     for e in range(3):
         fresh = MacroBatchStream(ShardSplit(shards, "train"), 64, 60000, seed=2, device=CPU)
         np.testing.assert_array_equal(epochs[e], epoch_ids(fresh, e))
     assert not np.array_equal(epochs[1], epochs[2])
-    reads.clear()
-    streaming = MacroBatchStream(ShardSplit(shards, "train"), 64, 700, seed=2, device=CPU)
+    streamed = ShardSplit(shards, "train")
+    streaming = MacroBatchStream(streamed, 64, 700, seed=2, device=CPU)
     epoch_ids(streaming, 0), epoch_ids(streaming, 1)
-    assert min(reads.values()) >= 2  # several macro-batches: shards are streamed, not kept
+    assert streamed.bytes_read > 2 * (N // 64 * 64) * 28 * 28  # several macro-batches: images are read every epoch
 
 
 @pytest.mark.parametrize("macro_batch", [60000, 700])
 def test_global_batches_do_not_depend_on_world_size(data, macro_batch):
+    """Each rank's stream holds only its slices; in rank order they are the 1-rank batches."""
     shards, _ = data
-    stream = MacroBatchStream(ShardSplit(shards, "train"), 64, macro_batch, seed=5, device=CPU)
-    for macro in stream.epoch(1):
-        for step in range(macro.steps):
-            whole_images, whole_labels = macro.local_batch(step, 0, 1)
-            assert len(whole_labels) == 64
-            for world_size in (1, 2, 4):
-                parts = [macro.local_batch(step, rank, world_size) for rank in range(world_size)]
-                assert all(len(labels) == 64 // world_size for _, labels in parts)
-                assert torch.equal(torch.cat([images for images, _ in parts]), whole_images)
-                assert torch.equal(torch.cat([labels for _, labels in parts]), whole_labels)
-    # Ranks of a 4-process run over a whole epoch: disjoint, and together the 1-process epoch.
-    per_rank = [np.concatenate([ids for ids, _ in batches(stream, 1, 4, r)]) for r in range(4)]
-    assert sum(len(set(p)) for p in per_rank) == len(set(np.concatenate(per_rank)))
-    assert sorted(np.concatenate(per_rank).tolist()) == sorted(epoch_ids(stream, 1).tolist())
+    whole = batches(MacroBatchStream(ShardSplit(shards, "train"), 64, macro_batch, seed=5, device=CPU), 1)
+    assert all(len(labels) == 64 for _, labels in whole)
+    for world_size in (2, 4):
+        per_rank = [batches(stream, 1) for stream in rank_streams(ShardSplit(shards, "train"), 64, macro_batch, 5, world_size)]
+        for step, (ids, labels) in enumerate(whole):
+            parts = [rank_batches[step] for rank_batches in per_rank]
+            assert all(len(part_labels) == 64 // world_size for _, part_labels in parts)
+            np.testing.assert_array_equal(np.concatenate([part_ids for part_ids, _ in parts]), ids)
+            np.testing.assert_array_equal(np.concatenate([part_labels for _, part_labels in parts]), labels)
+
+
+def test_each_rank_reads_only_its_share(data):
+    """Streamed macro-batches: a rank of W reads exactly its own images, 1/W of the pixels,
+    plus each shard's index once (tar headers, .npy headers and labels; 2.6% here with
+    blocks of 100 images, 0.3% with the default 1,000)."""
+    shards, _ = data
+    indexed = ShardSplit(shards, "train")
+    for shard in range(indexed.num_shards):
+        indexed.blocks(shard)
+    index_bytes = indexed.bytes_read
+    assert index_bytes < 0.03 * N * 28 * 28
+    pixels = (N // 64 * 64) * 28 * 28
+    for world_size in (1, 2, 4):
+        splits = [ShardSplit(shards, "train") for _ in range(world_size)]
+        for rank, split in enumerate(splits):
+            batches(rank_streams(split, 64, 700, 5, world_size)[rank], 1)
+            assert split.bytes_read - index_bytes == pixels // world_size, (world_size, rank)
 
 
 def test_small_macro_batch_on_real_mnist(mnist_shards):
@@ -218,13 +236,13 @@ def test_uneven_shards(data):
     shards, labels = data
     split = ShardSplit(shards, "train")
     assert split.shard_counts == [800, 800, 800, 550]
-    assert [len(b[2]) for b in split.read_shard(len(split.paths) - 1)] == [100] * 5 + [50]
+    assert [len(b.labels) for b in split.blocks(split.num_shards - 1)] == [100] * 5 + [50]
     # A batch that divides 2950: every sample exactly once per epoch, on 1 or 2 ranks.
     stream = MacroBatchStream(split, 50, 600, seed=4, device=CPU)
     for epoch in (0, 1):
         ids = epoch_ids(stream, epoch)
         assert sorted(ids.tolist()) == list(range(N))
-        per_rank = [np.concatenate([i for i, _ in batches(stream, epoch, 2, r)]) for r in range(2)]
+        per_rank = [np.concatenate([i for i, _ in batches(rank_stream, epoch)]) for rank_stream in rank_streams(split, 50, 600, 4, 2)]
         assert len(per_rank[0]) == len(per_rank[1]) == N // 2  # same number of steps on every rank
         assert sorted(np.concatenate(per_rank).tolist()) == list(range(N))
 

@@ -1,4 +1,4 @@
-"""Read one shard's blocks, decoding only what the block format holds.
+"""The block format of a shard, and the checks that hold a shard to it.
 
 A shard is a plain (uncompressed) tar of regular files; each block is three members in
 a row, `{split}-{first:08d}.images.npy` (uint8 [count, 28, 28]), `.labels.npy` (uint8
@@ -7,7 +7,7 @@ a row, `{split}-{first:08d}.images.npy` (uint8 [count, 28, 28]), `.labels.npy` (
 another name (`*.pickle`, `*.pth`, ...), a link or directory, an .npy of another dtype
 or shape or one that needs pickle, a block out of the manifest's order.
 
-The file is opened here and read with `tarfile`, never handed to webdataset as a URL:
+Shards are read with `tarfile` (records.py), never handed to webdataset as a URL:
 its URL layer expands braces, substitutes `${VAR}`, splits on `::` and runs a shell for
 `pipe:`, and its default decoders unpickle `.pickle`/`.pth` members. Checks per block
 are on headers, dtypes, shapes and byte counts, plus one `max` over the labels; pixel
@@ -43,27 +43,6 @@ META_SCHEMA = {
 }
 
 
-def read_blocks(path: Path, split: str, layout: list[tuple[int, int]], image_shape: tuple[int, ...], num_classes: int):
-    """All blocks of one shard as (first index, images, labels), in file order, each one
-    checked against `layout`, the manifest's (first index, image count) of every block."""
-    blocks = []
-    with open_plain_tar(path) as tar:
-        for key, members in grouped_members(tar, path, split):
-            if len(blocks) == len(layout):
-                raise HarnessError(f"{path}: holds more blocks than manifest.json's {len(layout)} for this shard ({key} is extra)")
-            first, count = layout[len(blocks)]
-            expected_key = f"{split}-{first:08d}"
-            if key != expected_key:
-                raise HarnessError(f"{path}: block {len(blocks)} is {key}; manifest.json's layout puts {expected_key} there")
-            blocks.append(decode_block(tar, path, key, members, (split, first, count), image_shape, num_classes))
-    if len(blocks) < len(layout):
-        raise HarnessError(
-            f"{path}: holds {len(blocks)} blocks; manifest.json's layout has {len(layout)} "
-            f"({sum(c for _, c in layout)} images): the shard is short"
-        )
-    return blocks
-
-
 def max_shard_bytes(samples: int, block_size: int, pixels_per_image: int) -> int:
     """The largest shard of `samples` images in blocks of `block_size` that this reader
     would read: every member at its limit (the packer's shards are well below it)."""
@@ -72,11 +51,11 @@ def max_shard_bytes(samples: int, block_size: int, pixels_per_image: int) -> int
     return samples * (pixels_per_image + 1) + blocks * per_block + TAR_END
 
 
-def open_plain_tar(path: Path) -> tarfile.TarFile:
+def open_plain_tar(path: Path, fileobj=None) -> tarfile.TarFile:
     """The shard as an uncompressed tar ("r:": no gzip, bzip2 or xz, which could expand
-    without bound)."""
+    without bound), read from `fileobj` when given."""
     try:
-        return tarfile.open(path, "r:")
+        return tarfile.open(path, "r:", fileobj=fileobj)
     except (tarfile.TarError, OSError, ValueError, EOFError) as e:
         raise HarnessError(f"{path}: not a plain (uncompressed) tar file ({e})") from None
 
@@ -113,38 +92,6 @@ def regular_members(tar: tarfile.TarFile, path: Path):
         raise HarnessError(f"{path}: not a valid tar file ({e})") from None
 
 
-def member_bytes(tar: tarfile.TarFile, path: Path, info: tarfile.TarInfo, limit: int) -> bytes:
-    """A member's content, refused from its header alone when it is larger than `limit`."""
-    if info.size > limit:
-        raise HarnessError(f"{path}: member {info.name!r} is {info.size} bytes; a block of this layout needs at most {limit}")
-    try:
-        return tar.extractfile(info).read()
-    except (tarfile.TarError, OSError, ValueError, EOFError) as e:
-        raise HarnessError(f"{path}: member {info.name!r} cannot be read ({e})") from None
-
-
-def decode_block(tar, path, key, members, expected, image_shape, num_classes):
-    """(first, images, labels) of one block whose members are all there and as expected."""
-    split, first, count = expected
-    for kind in KINDS:
-        if kind not in members:
-            raise HarnessError(f"{path}: block {key} lacks member {kind!r}")
-    where = lambda kind: f"{path}: member '{key}.{kind}'"  # noqa: E731
-    meta = decode_meta(member_bytes(tar, path, members["meta.json"], META_MAX_BYTES), where("meta.json"))
-    if (meta["split"], meta["first"], meta["count"]) != expected:
-        raise HarnessError(
-            f"{where('meta.json')}: says split {meta['split']!r}, first {meta['first']}, count {meta['count']}; "
-            f"manifest.json's layout says split {split!r}, first {first}, count {count}"
-        )
-    image_bytes = count * math.prod(image_shape)
-    images = decode_npy(member_bytes(tar, path, members["images.npy"], image_bytes + NPY_HEADER_ROOM), (count, *image_shape), where("images.npy"))
-    labels = decode_npy(member_bytes(tar, path, members["labels.npy"], count + NPY_HEADER_ROOM), (count,), where("labels.npy"))
-    top = int(labels.max())
-    if top >= num_classes:
-        raise HarnessError(f"{where('labels.npy')}: label {top} at index {int(labels.argmax())} is outside 0..{num_classes - 1}")
-    return first, images, labels
-
-
 def decode_meta(payload: bytes, where: str) -> dict:
     try:
         meta = strict_json_loads(payload)
@@ -157,11 +104,33 @@ def decode_meta(payload: bytes, where: str) -> dict:
 
 
 def decode_npy(payload: bytes, shape: tuple[int, ...], where: str) -> np.ndarray:
-    """A uint8 array of exactly `shape` from .npy bytes. The header is parsed (numpy's own
-    parser, which evaluates literals only) and checked before any data is touched, and
-    the data is used in place: nothing is unpickled and nothing is allocated from the
-    header's numbers."""
-    stream = io.BytesIO(payload)
+    """A uint8 array of exactly `shape` from .npy bytes. The header is parsed and checked
+    before any data is touched, and the data is used in place: nothing is unpickled and
+    nothing is allocated from the header's numbers."""
+    offset = npy_data_offset(payload, shape, where)
+    data = len(payload) - offset
+    if data != math.prod(shape):
+        raise HarnessError(f"{where}: holds {data} data bytes; its header promises {math.prod(shape)}")
+    return np.frombuffer(payload, dtype=np.uint8, offset=offset).reshape(shape)
+
+
+def npy_header_length(prefix: bytes, where: str) -> int:
+    """The length of an .npy header (magic, version, length field and header text) from
+    the member's first 12 bytes, checked against NPY_HEADER_ROOM."""
+    version = tuple(prefix[6:8])
+    if len(prefix) < 10 or prefix[:6] != b"\x93NUMPY" or version not in NPY_HEADER_READERS:
+        raise HarnessError(f"{where}: not a valid .npy array (no .npy magic and version 1.0 or 2.0)")
+    length = 10 + int.from_bytes(prefix[8:10], "little") if version == (1, 0) else 12 + int.from_bytes(prefix[8:12], "little")
+    if length > NPY_HEADER_ROOM:
+        raise HarnessError(f"{where}: .npy header of {length} bytes; the packer's are 128")
+    return length
+
+
+def npy_data_offset(header: bytes, shape: tuple[int, ...], where: str) -> int:
+    """Where the data starts in an .npy that begins with `header`, after checking that the
+    header describes a C-order uint8 array of exactly `shape`. The header is parsed with
+    numpy's own parser, which evaluates literals only."""
+    stream = io.BytesIO(header)
     try:
         version = np.lib.format.read_magic(stream)
         if version not in NPY_HEADER_READERS:
@@ -173,8 +142,4 @@ def decode_npy(payload: bytes, shape: tuple[int, ...], where: str) -> np.ndarray
         raise HarnessError(f"{where}: holds dtype {dtype} shape {tuple(got_shape)}; expected dtype uint8 shape {shape}")
     if fortran_order and len(shape) > 1:
         raise HarnessError(f"{where}: is in Fortran order; the packer writes C order")
-    data = len(payload) - stream.tell()
-    if data != math.prod(shape):
-        raise HarnessError(f"{where}: holds {data} data bytes; its header promises {math.prod(shape)}")
-    return np.frombuffer(payload, dtype=np.uint8, offset=stream.tell()).reshape(shape)
-
+    return stream.tell()

@@ -14,7 +14,7 @@ import math
 from pathlib import Path
 
 from harness.data.blocks import max_shard_bytes
-from harness.data.sources import IMAGE_SHAPE, NUM_CLASSES, sha256_of
+from harness.data.sources import IMAGE_SHAPE, NUM_CLASSES
 from harness.errors import HarnessError
 from harness.validation import first_violation, read_json_file
 
@@ -128,20 +128,3 @@ def split_info(manifest: dict, split: str, shard_dir: Path) -> dict:
         return manifest["splits"][split]
     except KeyError:
         raise HarnessError(f"{Path(shard_dir) / MANIFEST_NAME}: has no '{split}' split") from None
-
-
-def verify_shards(shard_dir: Path, manifest: dict, split: str, check_hash: bool = True) -> list[Path]:
-    """Check every shard of a split exists with the size and SHA-256 the manifest records."""
-    shard_dir = Path(shard_dir)
-    paths = []
-    for shard in split_info(manifest, split, shard_dir)["shards"]:
-        path = shard_dir / shard["name"]  # a plain file name: load_manifest checked it
-        if not path.is_file():
-            raise HarnessError(f"{path}: shard listed in {MANIFEST_NAME} is missing")
-        size = path.stat().st_size
-        if size != shard["bytes"]:
-            raise HarnessError(f"{path}: shard is {size} bytes; {MANIFEST_NAME} records {shard['bytes']} (corrupt or truncated)")
-        if check_hash and sha256_of(path) != shard["sha256"]:
-            raise HarnessError(f"{path}: SHA-256 differs from {MANIFEST_NAME} (shard is corrupt)")
-        paths.append(path)
-    return paths

@@ -9,22 +9,22 @@ every global batch, so the global batches are the same at any world size, and
 a position in the stream is just (epoch, macro-batch, step): no hidden
 iterator state, so a run can stop and resume at any step.
 
-Every rank reads every macro-batch. MNIST is small enough for that; a dataset
-too large for it would give each rank only the blocks its slices touch.
+A rank reads only the images of its own slices (ShardSplit reads single images at
+their offsets), about 1/W of each macro-batch, and holds them in step order. The one
+exception is a split small enough to be one macro-batch: every rank keeps all of it
+resident on its device (one copy per run), since each epoch's slices touch all of it.
 """
 
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 import torch
 
-from harness.data.blocks import read_blocks
-from harness.data.manifest import load_manifest, split_info, verify_shards
+from harness.data.shard_set import ShardSplit
 from harness.errors import HarnessError
 
 
@@ -34,78 +34,20 @@ def seeded_generator(*key: int) -> np.random.Generator:
 
 
 @dataclass
-class ShardSplit:
-    """One split of a packed shard set, restricted to sample indices [start, stop)."""
-
-    shard_dir: Path
-    split: str
-    start: int = 0
-    stop: int | None = None
-    verify: bool = True
-
-    def __post_init__(self):
-        self.shard_dir = Path(self.shard_dir)
-        self.manifest = load_manifest(self.shard_dir)
-        info = split_info(self.manifest, self.split, self.shard_dir)
-        self.paths = verify_shards(self.shard_dir, self.manifest, self.split, check_hash=self.verify)
-        total = info["samples"]
-        self.stop = total if self.stop is None else self.stop
-        if not 0 <= self.start < self.stop <= total:
-            raise HarnessError(f"{self.shard_dir}: sample range [{self.start}, {self.stop}) is outside the {self.split} split's {total} samples")
-        # Index of each shard's first sample, from the manifest's per-shard counts.
-        counts = [s["samples"] for s in info["shards"]]
-        self.shard_firsts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(int).tolist()
-        self.shard_counts = counts
-        self.block_size = info["block_size"]
-
-    def __len__(self) -> int:
-        return self.stop - self.start
-
-    def used_in_shard(self, i: int) -> int:
-        first = self.shard_firsts[i]
-        return max(0, min(self.stop, first + self.shard_counts[i]) - max(self.start, first))
-
-    def block_layout(self, shard: int) -> list[tuple[int, int]]:
-        """(first sample index, image count) of each block of a shard, in file order, as the
-        packer lays them out: consecutive blocks of block_size, the last one shorter."""
-        first, count, size = self.shard_firsts[shard], self.shard_counts[shard], self.block_size
-        return [(first + k, min(size, count - k)) for k in range(0, count, size)]
-
-    def read_shard(self, shard: int) -> list[tuple[int, np.ndarray, np.ndarray]]:
-        """A shard's blocks, each checked against the manifest's layout as it is read."""
-        return read_blocks(
-            self.paths[shard], self.split, self.block_layout(shard), tuple(self.manifest["image_shape"]), self.manifest["num_classes"]
-        )
-
-    def clip(self, first: int, images: np.ndarray, labels: np.ndarray):
-        lo, hi = max(self.start - first, 0), min(self.stop - first, len(labels))
-        return images[lo:hi], labels[lo:hi]
-
-    def load_all(self) -> tuple[np.ndarray, np.ndarray]:
-        """Every sample of the range in index order (validation and test sets)."""
-        images, labels = [], []
-        for i in range(len(self.paths)):
-            if self.used_in_shard(i):
-                for first, block_images, block_labels in self.read_shard(i):
-                    block_images, block_labels = self.clip(first, block_images, block_labels)
-                    images.append(block_images)
-                    labels.append(block_labels)
-        return np.concatenate(images), np.concatenate(labels)
-
-
-@dataclass
 class MacroBatch:
+    """One rank's part of a macro-batch: its slices of `steps` consecutive global batches."""
+
     epoch: int
     index: int  # macro-batch number inside the epoch
-    images: torch.Tensor  # uint8 [m, 28, 28] on the device (or the whole split, when resident)
-    labels: torch.Tensor  # int64 [m] on the device (likewise)
-    order: torch.Tensor  # int64 [steps * global_batch] on the device: the rows of images, in step order
-    global_batch: int
+    images: torch.Tensor  # uint8 [rows, 28, 28] on the device: this rank's rows, or the whole split when resident
+    labels: torch.Tensor  # int64 [rows] on the device (likewise)
+    order: torch.Tensor  # int64 [steps * local_batch] on the device: rows of images, in step order
+    local_batch_size: int  # this rank's share of a global batch
     ready: torch.cuda.Event | None = None  # when copied on a side stream: done when this is
 
     @property
     def steps(self) -> int:
-        return len(self.order) // self.global_batch
+        return len(self.order) // self.local_batch_size
 
     def wait_until_ready(self) -> None:
         """On a GPU: make the compute stream wait for the side stream's copy (the host does
@@ -116,33 +58,32 @@ class MacroBatch:
             for tensor in (self.images, self.labels, self.order):
                 tensor.record_stream(compute)
 
-    def local_batch(self, step: int, rank: int, world_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def local_batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's slice of global batch `step`: uint8 images and labels."""
-        local = self.global_batch // world_size
-        begin = step * self.global_batch + rank * local
-        index = self.order[begin : begin + local]
+        index = self.order[step * self.local_batch_size : (step + 1) * self.local_batch_size]
         return self.images[index], self.labels[index]
 
 
 class MacroBatchStream:
-    """An epoch's global batches, as macro-batches on the device.
+    """One rank's share of an epoch's global batches, as macro-batches on its device.
 
     When one macro-batch holds the whole split, the split stays resident on the device
-    (one host-to-device copy per run) and each epoch only sends its order, an index
-    array. Otherwise every macro-batch is assembled from the shards and copied; on a
-    GPU the next one is assembled in a background thread into pinned memory and copied
-    on a side stream while the current one trains.
+    (one host-to-device copy per run) and each epoch only sends this rank's order, an
+    index array. Otherwise each macro-batch's rows for this rank are read from the shards
+    and copied; on a GPU the next one is read in a background thread into pinned memory
+    and copied on a side stream while the current one trains.
     """
 
     def __init__(
         self, data: ShardSplit, global_batch: int, macro_batch: int, seed: int, device: torch.device, prefetch: bool | None = None,
-        shuffle: bool = True,
+        shuffle: bool = True, rank: int = 0, world_size: int = 1,
     ):
         """`shuffle=False`: every epoch is the split in file order (shards, blocks and images in
         index order); the slicing into global batches and rank slices stays the same."""
         if global_batch > len(data):
             raise HarnessError(f"--batch-size {global_batch} is larger than the {len(data)} training samples")
         self.data, self.global_batch, self.seed, self.device, self.shuffle = data, global_batch, seed, device, shuffle
+        self.rank, self.world_size, self.local_batch_size = rank, world_size, global_batch // world_size
         # Macro-batches hold whole global batches, so the only images dropped in
         # an epoch are the final remainder, fewer than one global batch.
         self.steps_per_epoch = len(data) // global_batch
@@ -161,7 +102,7 @@ class MacroBatchStream:
         rows lo:hi of that block of that shard, in the range. Shards in a seeded order, the
         blocks of each shard in a seeded order; the layout comes from the manifest."""
         rng = seeded_generator(self.seed, epoch, 0)
-        shards = rng.permutation(len(self.data.paths)) if self.shuffle else np.arange(len(self.data.paths))
+        shards = rng.permutation(self.data.num_shards) if self.shuffle else np.arange(self.data.num_shards)
         for shard in shards.tolist():
             # Draw the block order even for skipped shards, so the rng stream never depends on `skip`.
             used = self.data.used_in_shard(shard)
@@ -187,8 +128,31 @@ class MacroBatchStream:
         first_step = index * self.macro_steps
         return first_step * self.global_batch, min(self.macro_steps, self.steps_per_epoch - first_step) * self.global_batch
 
-    def _order(self, epoch: int, index: int, size: int) -> np.ndarray:
-        return seeded_generator(self.seed, epoch, 1 + index).permutation(size) if self.shuffle else np.arange(size)
+    def _rank_positions(self, epoch: int, index: int, size: int) -> np.ndarray:
+        """Positions in macro-batch `index`'s image sequence of this rank's rows, in step
+        order: a seeded permutation of the sequence is cut into global batches, and this
+        rank takes slice `rank` of each (the permutation never depends on the world size)."""
+        order = seeded_generator(self.seed, epoch, 1 + index).permutation(size) if self.shuffle else np.arange(size)
+        return order.reshape(-1, self.world_size, self.local_batch_size)[:, self.rank].reshape(-1)
+
+    def _pieces(self, epoch: int, index: int) -> tuple[list[tuple[int, int, int, int]], np.ndarray, int]:
+        """Macro-batch `index`'s pieces (shard, block, lo, hi), the position of each piece's
+        first image in the macro-batch's sequence, and the macro-batch's size."""
+        skip, size = self._macro_range(index)
+        pieces, filled = [], 0
+        for shard, b, lo, hi in self._epoch_plan(epoch, skip):
+            take = min(hi - lo, size - filled)
+            pieces.append((shard, b, lo, lo + take))
+            filled += take
+            if filled == size:
+                break
+        if filled < size:
+            raise HarnessError(
+                f"{self.data.location}: the {self.data.split} shards hold fewer images than manifest.json says "
+                f"(a macro-batch of {size} got {filled}); the shards or the manifest are damaged"
+            )
+        starts = np.cumsum([0] + [hi - lo for _, _, lo, hi in pieces[:-1]])
+        return pieces, starts, size
 
     def preload(self) -> None:
         """A resident split: read it and copy it to the device now (before the clock
@@ -198,51 +162,46 @@ class MacroBatchStream:
             self._split = (torch.from_numpy(images).to(self.device), torch.from_numpy(labels).long().to(self.device))
 
     def _resident_batch(self, epoch: int) -> MacroBatch:
-        """The whole split on the device, and the epoch's order as indices into it."""
+        """The whole split on the device, and this rank's order as indices into it."""
         self.preload()
-        skip, size = self._macro_range(0)
-        pieces = [self.data.block_layout(shard)[b][0] - self.data.start + np.arange(lo, hi) for shard, b, lo, hi in self._epoch_plan(epoch, skip)]
-        sequence = np.concatenate(pieces)[:size] if pieces else np.empty(0, dtype=np.int64)
-        self._check_filled(len(sequence), size)
-        order = torch.from_numpy(sequence[self._order(epoch, 0, size)]).to(self.device, non_blocking=True)
-        return MacroBatch(epoch, 0, *self._split, order, self.global_batch)
+        pieces, _, size = self._pieces(epoch, 0)
+        sequence = np.concatenate([self.data.block_layout(shard)[b][0] - self.data.start + np.arange(lo, hi) for shard, b, lo, hi in pieces])
+        order = torch.from_numpy(sequence[self._rank_positions(epoch, 0, size)]).to(self.device, non_blocking=True)
+        return MacroBatch(epoch, 0, *self._split, order, self.local_batch_size)
 
     def _assemble(self, epoch: int, index: int) -> tuple[np.ndarray, np.ndarray]:
-        """Host arrays for macro-batch `index` of `epoch`.
+        """Host arrays of this rank's rows of macro-batch `index` of `epoch`, in step order.
+        Only those rows are read, grouped by shard and block and in file order.
 
         Numpy only, so that it can run in a reader thread without starting a second
         OpenMP thread team (torch ops there cost ~20% of throughput).
         """
-        skip, size = self._macro_range(index)
-        images = np.empty((size, *self.data.manifest["image_shape"]), dtype=np.uint8)
-        labels = np.empty(size, dtype=np.uint8)
-        filled, cached = 0, {}
-        for shard, b, lo, hi in self._epoch_plan(epoch, skip):
-            if shard not in cached:
-                cached = {shard: self.data.read_shard(shard)}  # one shard decoded at a time
-            first, block_images, block_labels = cached[shard][b]
-            take = min(hi - lo, size - filled)
-            images[filled : filled + take] = block_images[lo : lo + take]
-            labels[filled : filled + take] = block_labels[lo : lo + take]
-            filled += take
-            if filled == size:
-                break
-        self._check_filled(filled, size)
+        pieces, starts, size = self._pieces(epoch, index)
+        positions = self._rank_positions(epoch, index, size)
+        piece_of = np.searchsorted(starts, positions, side="right") - 1
+        rows = np.array([lo for _, _, lo, _ in pieces])[piece_of] + positions - starts[piece_of]
+        wanted = np.lexsort((rows, piece_of))  # by piece, then row: file order within each block
+        images = np.empty((len(positions), *self.data.image_shape), dtype=np.uint8)
+        labels = np.empty(len(positions), dtype=np.uint8)
+        bounds = np.searchsorted(piece_of[wanted], np.arange(len(pieces) + 1))
+        by_shard: dict[int, list[tuple[int, np.ndarray, np.ndarray]]] = {}
+        for k, (shard, b, _, _) in enumerate(pieces):
+            if bounds[k] < bounds[k + 1]:
+                dest = wanted[bounds[k] : bounds[k + 1]]
+                by_shard.setdefault(shard, []).append((b, rows[dest], dest))
+        for shard, requests in by_shard.items():
+            got = self.data.read(shard, [(b, block_rows) for b, block_rows, _ in requests])
+            for (_, _, dest), (block_images, block_labels) in zip(requests, got):
+                images[dest], labels[dest] = block_images, block_labels
         return images, labels
 
-    def _check_filled(self, filled: int, size: int) -> None:
-        if filled < size:
-            raise HarnessError(
-                f"{self.data.shard_dir}: the {self.data.split} shards hold fewer images than manifest.json says "
-                f"(a macro-batch of {size} got {filled}); the shards or the manifest are damaged"
-            )
-
     def _to_device(self, epoch: int, index: int, host: tuple[np.ndarray, np.ndarray]) -> MacroBatch:
-        """One host-to-device transfer per tensor; on a GPU from pinned memory on the copy stream."""
+        """One host-to-device transfer per tensor; on a GPU from pinned memory on the copy stream.
+        The rows are already in step order, so the order is 0, 1, 2, ..."""
         images, labels = (torch.from_numpy(a) for a in host)
-        order = torch.from_numpy(self._order(epoch, index, len(labels)))
+        order = torch.arange(len(labels))
         if self._copy_stream is None:
-            return MacroBatch(epoch, index, images.to(self.device), labels.long().to(self.device), order.to(self.device), self.global_batch)
+            return MacroBatch(epoch, index, images.to(self.device), labels.long().to(self.device), order.to(self.device), self.local_batch_size)
         with torch.cuda.stream(self._copy_stream):
             images, labels, order = (t.pin_memory().to(self.device, non_blocking=True) for t in (images, labels, order))
             # Widened on the copy stream too: on any other stream this could read the
@@ -250,7 +209,7 @@ class MacroBatchStream:
             labels = labels.long()
             ready = torch.cuda.Event()
             ready.record()
-        return MacroBatch(epoch, index, images, labels, order, self.global_batch, ready)
+        return MacroBatch(epoch, index, images, labels, order, self.local_batch_size, ready)
 
     def _load(self, epoch: int, index: int) -> MacroBatch:
         return self._to_device(epoch, index, self._assemble(epoch, index))

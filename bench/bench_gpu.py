@@ -67,6 +67,7 @@ def variant_figures(result: dict) -> dict:
         "samples_per_s": round(metrics[-1]["train_samples_per_s"]),  # the last epoch: compiling done
         "test_accuracy": result["summary"]["test_accuracy"],
         "loop_seconds": round(result["summary"]["total_seconds"], 3),
+        "loop_seconds_by_part": result["summary"].get("loop_seconds_by_part"),
         "wall_seconds": result["wall_seconds"],
     }
 
@@ -339,6 +340,7 @@ def main() -> None:
                 "epoch_seconds": [round(m["epoch_seconds"], 4) for m in result["metrics"]],
                 "val_accuracy": [m["val_accuracy"] for m in result["metrics"]],
                 "epochs": len(result["metrics"]), "loop_seconds": round(result["summary"]["total_seconds"], 3),
+                "loop_seconds_by_part": result["summary"].get("loop_seconds_by_part"),
                 "compile_seconds": result["summary"].get("compile_seconds"), "wall_seconds": result["wall_seconds"],
                 "config": {k: result["summary"]["config"][k] for k in ("batch_size", "lr", "epochs", "compile", "precision")},
                 **({"compiled_run_failed": result["compiled_run_failed"]} if "compiled_run_failed" in result else {}),

@@ -13,6 +13,7 @@ checkpoint holds, so a run resumes at the exact step it stopped at.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import logging
 import os
@@ -119,6 +120,8 @@ class Trainer:
         self.threads, self.threads_why = distributed.choose_threads(config.threads, ctx.local_world_size)
         set_deterministic(config.deterministic)
         self.stop_request, self.fault = StopRequest(), Fault.from_env()
+        # Where the loop's time goes (this process's, in seconds): summary.json's loop_seconds_by_part.
+        self.spent = dict.fromkeys(("steps", "validation", "epoch_outputs", "checkpoints"), 0.0)
         self.build_data()
         self.build_model()
         self.progress = Progress()
@@ -349,6 +352,7 @@ class Trainer:
     def end_epoch(self) -> None:
         """Validate (rank 0), decide on early stopping (every rank, from the broadcast loss), checkpoint."""
         p = self.progress
+        self.spent["steps"] += p.epoch_seconds
         lr = self.optimizer.param_groups[0]["lr"]
         p.record_validation(self.validate(lr))
         if p.macro == self.stream.macro_batches_per_epoch:  # the epoch is complete (not cut by --max-steps)
@@ -359,14 +363,24 @@ class Trainer:
             log.info(f"early stopping: no better {self.val_set} loss for {self.config.early_stopping} epochs")
         if self.reached_max_steps():
             log.info(f"stopping after --max-steps {self.config.max_steps}")
-        self.checkpoint()
+        with self.timed("checkpoints"):
+            self.checkpoint()
+
+    @contextlib.contextmanager
+    def timed(self, part: str):
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.spent[part] += time.perf_counter() - started
 
     def validate(self, lr: float) -> float:
         """Rank 0 evaluates and writes the epoch's metrics; the others then get the loss in a broadcast."""
         p, loss = self.progress, torch.zeros(1, dtype=torch.float64, device=self.ctx.device)
         with self.ctx.main_only("validation"):
             if self.ctx.is_main:
-                result = evaluate(self.model, self.val_images, self.val_labels, self.normalize, self.loss_fn, self.config.eval_batch)
+                with self.timed("validation"):
+                    result = evaluate(self.model, self.val_images, self.val_labels, self.normalize, self.loss_fn, self.config.eval_batch)
                 self.last_eval = (p.step, result)
                 p.last_metrics = {
                     "epoch": p.epoch + 1,  # a partial epoch (--max-steps) too; a resume drops its line
@@ -378,7 +392,8 @@ class Trainer:
                     "epoch_seconds": p.epoch_seconds,
                     "train_samples_per_s": p.epoch_steps * self.config.batch_size / max(p.epoch_seconds, 1e-9),
                 }
-                self.outputs.epoch(p.last_metrics, self.config.epochs, self.model, p.step)
+                with self.timed("epoch_outputs"):  # metrics.jsonl, TensorBoard scalars and weight images
+                    self.outputs.epoch(p.last_metrics, self.config.epochs, self.model, p.step)
                 loss[0] = result.loss
         return self.ctx.broadcast_from_main(loss).item()
 
@@ -452,6 +467,7 @@ class Trainer:
             "steps_per_rank": [r[0] for r in per_rank],
             "epochs_run": self.progress.epoch,
             "total_seconds": seconds,
+            "loop_seconds_by_part": self.loop_breakdown(seconds),
             "compile_seconds": self.compile_seconds,
             "param_checksum": checksum,
             "ranks_identical": ranks_agree,
@@ -463,6 +479,14 @@ class Trainer:
         }
         self.outputs.finish(summary, test, "test", self.model)
         return summary
+
+    def loop_breakdown(self, seconds: float) -> dict:
+        """total_seconds split into the training steps (sync points and macro-batch reads
+        included), rank 0's validation and epoch outputs, checkpoints, and the rest."""
+        parts = {part: round(spent, 4) for part, spent in self.spent.items()}
+        parts["other"] = round(seconds - sum(self.spent.values()), 4)
+        log.info("training loop " + f"{seconds:.2f} s: " + ", ".join(f"{part} {spent:.2f}" for part, spent in parts.items()))
+        return parts
 
     def test_result(self) -> EvalResult:
         """The test-set result: the last validation's when it was on the test set at this

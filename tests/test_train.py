@@ -122,6 +122,12 @@ def test_metrics_jsonl_contract(lenet_run):
     assert row["train_samples_per_s"] * row["epoch_seconds"] == pytest.approx(LENET_STEPS * 100, rel=1e-6)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert row["epoch_seconds"] < summary["total_seconds"] < wall
+    # The loop's time by part: the one epoch's steps, and parts that add up to the total.
+    parts = summary["loop_seconds_by_part"]
+    assert parts.keys() == {"steps", "validation", "epoch_outputs", "checkpoints", "other"}
+    assert parts["steps"] == pytest.approx(row["epoch_seconds"], abs=1e-4)
+    assert min(parts["validation"], parts["epoch_outputs"], parts["checkpoints"]) > 0 and parts["other"] >= -1e-3
+    assert sum(parts.values()) == pytest.approx(summary["total_seconds"], abs=1e-3)
 
 
 def test_tensorboard_reader_finds_every_tag(lenet_run):

@@ -82,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(function=run_from_args)
 
     p = commands.add_parser("show", help="print one image of the shards as text art")
-    p.add_argument("--shards", type=Path, default=Path("shards"))
+    p.add_argument("--shards", default="shards", help="shard directory or URL, as for train (default shards/)")
     p.add_argument("--split", default="train", choices=("train", "test"))
     p.add_argument("--index", type=int, required=True)
     p.set_defaults(function=cmd_show)
@@ -90,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("predict", help="classify digits: image files, or images of a shard set")
     p.add_argument("model", type=Path, metavar="RUN_DIR_OR_CHECKPOINT", help="a run directory, its model.pt, or a checkpoint (step-N.pt)")
     p.add_argument("images", type=Path, nargs="*", metavar="IMAGE", help="PNG or JPEG pictures of one digit each (any size, colour, polarity)")
-    p.add_argument("--shards", type=Path, help="classify images of this shard set (with --index)")
+    p.add_argument("--shards", help="classify images of this shard set, a directory or URL (with --index)")
     p.add_argument("--split", default="test", choices=("train", "test"), help="split of --shards (default test)")
     p.add_argument("--index", type=int, nargs="+", metavar="N", help="image numbers in the split")
     p.add_argument("--json", action="store_true", help="print the predictions as one JSON object")

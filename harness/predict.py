@@ -62,16 +62,16 @@ def checkpoint_parts(state: dict, path: Path) -> tuple[dict, dict, dict | None, 
     return model_state(state, path), state["config"], state.get("normalization_stats"), path
 
 
-def load_trained(path: Path, shards: Path | None = None) -> Trained:
+def load_trained(path: Path, shards: str | Path | None = None) -> Trained:
     """The trained model in eval mode on the CPU, with the input preparation it was trained with."""
     state, saved_config, stats, source = saved_run(Path(path))
     config = TrainConfig(**{k: v for k, v in saved_config.items() if k in FIELDS})  # fields added later keep their defaults
     if stats is None and STATS_USED[config.normalize]:  # a run written before the statistics were saved
         if shards is None:
             raise HarnessError(f"{source}: the run's inputs were normalised with '{config.normalize}', whose statistics it does not record; pass --shards DIR")
-        from harness.data.manifest import load_manifest
+        from harness.data.shard_set import ShardSource
 
-        stats = load_manifest(Path(shards))["train_stats"]
+        stats = ShardSource(shards).manifest["train_stats"]
     needed = {**STATS_SCHEMA, "required": list(STATS_USED[config.normalize])}  # checked as the manifest's are
     problem = first_violation({"properties": {"normalization_stats": needed}}, {"normalization_stats": stats or {}})
     if problem:
@@ -107,7 +107,7 @@ def predictions(names: list[str], images: np.ndarray, trained: Trained, labels: 
     ]
 
 
-def shard_images(shards: Path, split: str, indices: list[int]) -> tuple[list[str], np.ndarray, list[int]]:
+def shard_images(shards: str | Path, split: str, indices: list[int]) -> tuple[list[str], np.ndarray, list[int]]:
     from harness.data.shard_set import ShardSplit
 
     images, labels = ShardSplit(shards, split).load_all()

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import ROOT, wait_for
+from helpers import ROOT, assert_one_error, cli, wait_for
 from shard_server import ShardServer
 
 from harness.data.manifest import MAX_MANIFEST_BYTES, load_manifest
@@ -256,3 +256,16 @@ def test_processes_sharing_a_cache_download_a_shard_once(server, shards, tmp_pat
     assert paths[0] == paths[1] and Path(paths[0]).read_bytes() == (shards / shard["name"]).read_bytes()
     assert sorted(int(n) for n in fetched) == [0, shard["bytes"]]
     assert server.gets(shard["name"]) == 1
+
+
+def test_show_reads_an_image_from_a_url_and_names_a_damaged_one(server, shards, tmp_path, capsys, monkeypatch):
+    """`harness show --shards URL`: the same image as from the directory, fetched into
+    $HARNESS_CACHE; a shard served with a flipped byte is one error naming its URL."""
+    monkeypatch.setenv("HARNESS_CACHE", str(tmp_path / "cache"))
+    local = cli(capsys, "show", "--shards", shards, "--index", "7")
+    assert local[0] == 0
+    assert cli(capsys, "show", "--shards", server.url, "--index", "7") == local
+    assert list((tmp_path / "cache" / "shards" / "shards").glob("*-train-000000.tar"))  # $HARNESS_CACHE/shards is the shard cache
+    server.fail("test-000000.tar", "flip")
+    rc, _, err = cli(capsys, "show", "--shards", server.url, "--split", "test", "--index", "0")
+    assert_one_error(rc, err, f"{server.url}test-000000.tar", "SHA-256", "not retried")

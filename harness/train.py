@@ -585,8 +585,9 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument("--preset", help="lenet, neupy-mlp, theanets-mlp or mathspp-mlp")
     parser.add_argument(
         "--shards", default="shards",
-        help="shard directory (default shards/), or a URL: https://HOST/PATH/ or 'pipe:COMMAND {name}' (e.g. "
-        "'pipe:gsutil cat gs://BUCKET/mnist/{name}'), whose manifest.json and shards are fetched into --shard-cache",
+        help="shard directory (default shards/), or a URL: https://HOST/PATH/, gs://BUCKET/PATH/ (sftp://, ftps://, "
+        "scp:// too) or 'pipe:COMMAND {name}' (e.g. 'pipe:aws s3 cp s3://BUCKET/mnist/{name} -'), whose manifest.json "
+        "and shards are fetched into --shard-cache",
     )
     parser.add_argument("--shard-cache", type=Path, help="where shards from a URL are kept (default ~/.cache/mnist-harness/shards, or $HARNESS_CACHE/shards)")
     parser.add_argument("--shard-cache-limit-gb", type=float, help="evict least recently used cached shards beyond this size (default: no limit)")

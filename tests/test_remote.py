@@ -269,3 +269,20 @@ def test_show_reads_an_image_from_a_url_and_names_a_damaged_one(server, shards, 
     server.fail("test-000000.tar", "flip")
     rc, _, err = cli(capsys, "show", "--shards", server.url, "--split", "test", "--index", "0")
     assert_one_error(rc, err, f"{server.url}test-000000.tar", "SHA-256", "not retried")
+
+
+def test_gs_and_file_urls(shards, tmp_path, capsys, monkeypatch):
+    """gs://BUCKET/PATH/ runs `gsutil cat` as webdataset's gopen does (here a stand-in gsutil
+    on PATH that serves the shard directory as the bucket); file:// is the local path."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "gsutil").write_text(f'#!/bin/sh\n[ "$1" = cat ] || exit 2\nexec cat "{shards}/${{2#gs://bucket/mnist/}}"\n')
+    (bin_dir / "gsutil").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("HARNESS_CACHE", str(tmp_path / "cache"))
+    local = cli(capsys, "show", "--shards", shards, "--index", "3")
+    assert local[0] == 0
+    assert cli(capsys, "show", "--shards", "gs://bucket/mnist", "--index", "3") == local
+    assert cli(capsys, "show", "--shards", f"file://{shards}", "--index", "3") == local
+    rc, _, err = cli(capsys, "show", "--shards", "gs://bucket/elsewhere/", "--index", "3")
+    assert_one_error(rc, err, "pipe:gsutil cat gs://bucket/elsewhere/manifest.json", "exited with status 1", "after 5 attempts")

@@ -19,7 +19,8 @@ one HarnessError naming the URL (or command).
 The ranks on one node share a cache directory: a per-shard `flock` makes one of them
 download a shard while the others wait (for at most `lock_timeout_s`, never forever) and
 then find it cached. Lock files (empty) stay in the cache; deleting them safely would
-race with a waiter. `file://` URLs are not remote (`is_remote` is False): give the path.
+race with a waiter. gs://, sftp://, ftps:// and scp:// locations run the commands webdataset's
+gopen runs for them (gsutil, curl). `file://` URLs are not remote: ShardSource reads the path.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import http.client
 import os
 import re
 import select
+import shlex
 import signal
 import subprocess
 import tempfile
@@ -52,10 +54,25 @@ LIMIT_OPTION = "--shard-cache-limit-gb"
 NOT_RETRIED_EXITS = (126, 127)  # the shell's "not executable" and "command not found"
 
 
+# The other URL forms webdataset's gopen reads, as the commands it runs for them; the
+# location (the user's own text) is shell-quoted, and {name} becomes a checked plain name.
+COMMAND_SCHEMES = {"gs://": "gsutil cat", "sftp://": "curl -f -s -L", "ftps://": "curl -f -s -L", "scp://": "curl -f -s -L"}
+
+
 def is_remote(location) -> bool:
-    """True for http(s):// URLs and `pipe:COMMAND`; False for a local path (and file:// URLs)."""
+    """True for http(s):// URLs, `pipe:COMMAND` and the COMMAND_SCHEMES; False for a local
+    path (and file:// URLs)."""
     location = str(location)
-    return location.startswith(PIPE) or location.lower().startswith(("http://", "https://"))
+    return location.startswith(PIPE) or location.lower().startswith(("http://", "https://", *COMMAND_SCHEMES))
+
+
+def as_fetchable(location: str) -> str:
+    """An http(s):// or pipe: location for `location`: gs://BUCKET/PATH/ becomes
+    `pipe:gsutil cat 'gs://BUCKET/PATH/'{name}`, as webdataset's gopen would run it."""
+    for scheme, command in COMMAND_SCHEMES.items():
+        if location.lower().startswith(scheme):
+            return f"{PIPE}{command} {shlex.quote(location.rstrip('/') + '/')}{{name}}"
+    return location
 
 
 class _Failure(Exception):
@@ -91,7 +108,8 @@ class RemoteShards:
         backoff_s: float = 0.5, lock_timeout_s: float = 1800.0, deadline_s: float = 1800.0,
     ):
         if not is_remote(base):
-            raise HarnessError(f"{base}: not an http://, https:// or pipe: location")
+            raise HarnessError(f"{base}: not an http://, https://, {', '.join(COMMAND_SCHEMES)} or pipe: location")
+        base = as_fetchable(base)
         if base.startswith(PIPE) and "{name}" not in base:
             raise HarnessError(
                 f"{base}: a pipe: location needs {{name}} where the file name goes, e.g. 'pipe:gsutil cat gs://bucket/mnist/{{name}}'"

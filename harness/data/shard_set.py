@@ -30,13 +30,16 @@ def default_cache_dir() -> Path:
 
 class ShardSource:
     """A shard set's manifest and shard files, from a directory or through a cache from a URL
-    (`remote.is_remote`: https://, http:// or `pipe:COMMAND {name}`)."""
+    (`remote.is_remote`: https://, http://, gs://, sftp://, ftps://, scp:// or
+    `pipe:COMMAND {name}`)."""
 
     def __init__(self, location: str | Path, cache_dir: Path | None = None, cache_limit_bytes: int | None = None):
         self.location = str(location)
         self.remote = None
         # Only a location written as text can be a URL, and only if no such local path
         # exists: a directory named `pipe:cat` is a directory.
+        if isinstance(location, str) and location.startswith("file://") and not os.path.lexists(location):
+            location = location[len("file://") :]  # file:///data/shards is /data/shards
         if isinstance(location, str) and is_remote(location) and not os.path.lexists(location):
             self.remote = RemoteShards(self.location, Path(cache_dir or default_cache_dir()), cache_limit_bytes)
             fetched = self.remote.manifest_dir()

@@ -15,7 +15,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import json
 import logging
+import math
 import os
 import sys
 import time
@@ -187,13 +189,17 @@ class Trainer:
         problem = ""
         try:
             shards.check("train", list(range(ctx.rank, len(shards.shards("train")), ctx.world_size)))
-        except HarnessError as e:
+        except (HarnessError, OSError) as e:  # whatever it is, every rank must reach the gather
             problem = str(e)
-        found = [r for r, (bad,) in enumerate(ctx.gather([int(bool(problem))])) if bad]
+        manifest = distributed.digest_ints(json.dumps(shards.manifest, sort_keys=True))
+        gathered = ctx.gather([int(bool(problem)), *manifest])
+        found = [r for r, row in enumerate(gathered) if row[0]]
         if problem:
             raise HarnessError(problem)
         if found:
             raise HarnessError(f"rank {ctx.rank}: stopping: rank {found[0]} found a training shard that does not match manifest.json (its error names it)")
+        if any(row[1:] != gathered[0][1:] for row in gathered):
+            raise HarnessError(f"{shards.url('manifest.json')}: the ranks read different manifests (was the shard set replaced while the job started?)")
 
     def load_eval_set(self, split: str, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         # The training shards were verified at start-up; the test split is hashed here.
@@ -555,6 +561,8 @@ def train(config: TrainConfig, shards: str | Path, run_dir: Path | None, resume:
         setup_logging(ctx.rank)
         run_dir = run_dir or default_run_dir(name or config.model, ctx)
         log.info(f"run directory {run_dir}")
+        if cache_limit_gb is not None and not (math.isfinite(cache_limit_gb) and cache_limit_gb > 0):
+            raise HarnessError(f"--shard-cache-limit-gb {cache_limit_gb}: give a positive number of gigabytes")
         limit = None if cache_limit_gb is None else int(cache_limit_gb * 1e9)
         summary = Trainer(config, ShardSource(shards, cache_dir, limit), run_dir, ctx, resume).fit()
         ctx.barrier()  # every rank tears the process group down together

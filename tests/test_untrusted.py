@@ -354,3 +354,15 @@ def test_intact_shards_read_exactly_what_was_packed(tmp_path):
     images, labels = ShardSplit(tmp_path / "shards", "train").load_all()
     np.testing.assert_array_equal(images, dataset.splits["train"].images)
     np.testing.assert_array_equal(labels, dataset.splits["train"].labels)
+
+
+def test_a_pax_header_claiming_terabytes_is_refused_without_allocating_them(shards, capsys):
+    """A tar header is read through a reader capped at the file's end: a pax header that
+    claims 2**44 bytes is one error naming the shard, not a MemoryError."""
+    path = shards / "train-000000.tar"
+    header = tarfile.TarInfo("././@PaxHeader")
+    header.type, header.size = tarfile.XHDTYPE, 2**44
+    path.write_bytes(header.tobuf(tarfile.GNU_FORMAT) + path.read_bytes())  # GNU: a size past USTAR's 8 GiB
+    reseal(shards)
+    rc, _, err = cli(capsys, "show", "--shards", shards, "--index", "0")
+    assert_one_error(rc, err, "train-000000.tar")

@@ -48,10 +48,16 @@ class CountingFile:
     """A binary file that counts the bytes read through it (tarfile reads headers here)."""
 
     def __init__(self, raw, counter: list[int]):
-        self.raw, self.counter = raw, counter
+        self.raw, self.counter, self.size = raw, counter, os.fstat(raw.fileno()).st_size
 
     def read(self, size: int = -1) -> bytes:
-        data = self.raw.read(size)
+        # Never more than the file holds: a crafted tar header (a pax header claiming 2**44
+        # bytes) would otherwise make the unbuffered read allocate that much first.
+        left = max(0, self.size - self.raw.tell())
+        try:
+            data = self.raw.read(left if size is None or size < 0 else min(size, left))
+        except OSError as e:
+            raise HarnessError(f"{self.raw.name}: cannot be read ({e.strerror or e})") from None
         self.counter[0] += len(data)
         return data
 
@@ -137,9 +143,24 @@ def read_rows(raw, block: IndexedBlock, rows: np.ndarray, row_bytes: int, pages:
     for lo, hi in zip(np.concatenate([[0], breaks]).tolist(), np.concatenate([breaks, [len(rows)]]).tolist()):
         want = (hi - lo) * row_bytes
         at = block.images_at + int(rows[lo]) * row_bytes
-        got = os.preadv(fd, [out[lo:hi]], at)
+        got = read_fully(fd, out[lo:hi].reshape(-1), at, path)
         if pages is not None:
             pages.update((path, page) for page in range(at // PAGE, (at + want - 1) // PAGE + 1))
         if got != want:
             raise HarnessError(f"{path}: block {block.first}'s images are cut short: the file ends {want - got} bytes early")
     return out
+
+
+def read_fully(fd: int, buffer: np.ndarray, at: int, path) -> int:
+    """Read into `buffer` from offset `at` until it is full or the file ends (a network
+    filesystem may return a read short); the bytes read."""
+    got = 0
+    while got < len(buffer):
+        try:
+            n = os.preadv(fd, [buffer[got:]], at + got)
+        except OSError as e:
+            raise HarnessError(f"{path}: cannot be read ({e.strerror or e})") from None
+        if n == 0:
+            break
+        got += n
+    return got

@@ -50,6 +50,7 @@ from harness.validation import one_line
 PIPE = "pipe:"
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]*$")  # a plain file name: no '/', no leading '.'
 SHA256_PATTERN = re.compile(r"^[0-9a-f]{64}$")
+CACHED_NAME = re.compile(r"^[0-9a-f]{64}-[A-Za-z0-9_-][A-Za-z0-9._-]*$")  # what cached_path names; nothing else is evicted
 LIMIT_OPTION = "--shard-cache-limit-gb"
 NOT_RETRIED_EXITS = (126, 127)  # the shell's "not executable" and "command not found"
 
@@ -100,12 +101,12 @@ class RemoteShards:
     one file; transient failures are tried `attempts` times in all, waiting
     backoff_s * 2**k after the k-th. `cache_limit_bytes` bounds all the shards cached in
     `cache_dir`, from any location (None: no limit). `lock_timeout_s` bounds the wait for
-    another process's download of the same shard.
+    another process's download of the same shard (default: that download's worst case).
     """
 
     def __init__(
         self, base: str, cache_dir: Path, cache_limit_bytes: int | None = None, timeout_s: float = 60.0, attempts: int = 5,
-        backoff_s: float = 0.5, lock_timeout_s: float = 1800.0, deadline_s: float = 1800.0,
+        backoff_s: float = 0.5, lock_timeout_s: float | None = None, deadline_s: float = 1800.0,
     ):
         if not is_remote(base):
             raise HarnessError(f"{base}: not an http://, https://, {', '.join(COMMAND_SCHEMES)} or pipe: location")
@@ -120,7 +121,9 @@ class RemoteShards:
             raise HarnessError(f"{LIMIT_OPTION}: the shard cache limit must be positive, not {cache_limit_bytes} bytes")
         self.base, self.cache_dir, self.cache_limit_bytes = base, Path(cache_dir), cache_limit_bytes
         self.timeout_s, self.attempts, self.backoff_s = timeout_s, attempts, backoff_s
-        self.lock_timeout_s, self.deadline_s = lock_timeout_s, deadline_s
+        # By default a waiter outlasts the worst case of the download it waits for.
+        worst_download = attempts * deadline_s + backoff_s * 2**attempts
+        self.lock_timeout_s, self.deadline_s = worst_download if lock_timeout_s is None else lock_timeout_s, deadline_s
         self.shard_dir = self.cache_dir / "shards"
         self.bytes_fetched = 0  # bytes received over the network (or from the command) by this object
 
@@ -172,7 +175,7 @@ class RemoteShards:
             try:
                 self._reserve(part, size, name)
                 self._fetch(name, part, size, sha256)
-                os.replace(part, cached)
+                _replace(part, cached)
             finally:
                 part.unlink(missing_ok=True)
         return cached
@@ -183,7 +186,11 @@ class RemoteShards:
     def _flock(self, path: Path, doing: str) -> Iterator[None]:
         """Hold an exclusive flock on `path`; HarnessError after lock_timeout_s of waiting."""
         deadline = time.monotonic() + self.lock_timeout_s
-        with open(path, "ab") as f:
+        try:
+            f = open(path, "ab")  # noqa: SIM115 (closed by the with below; opened here so that an OSError names the file)
+        except OSError as e:
+            raise HarnessError(f"{path}: cannot open the shard cache's lock file ({e.strerror or e})") from None
+        with f:
             while True:
                 try:
                     fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -203,6 +210,12 @@ class RemoteShards:
     def _reserve(self, part: Path, size: int, name: str) -> None:
         """Make room for `size` more bytes, evicting least recently used shards, and create
         `part` at its full size (sparse), so that other processes count it while it downloads."""
+        try:
+            self._make_room(part, size, name)
+        except OSError as e:
+            raise HarnessError(f"{self.shard_dir}: cannot make room for {name} in the shard cache ({e.strerror or e})") from None
+
+    def _make_room(self, part: Path, size: int, name: str) -> None:
         if self.cache_limit_bytes is None:
             part.touch()
             return
@@ -228,7 +241,7 @@ class RemoteShards:
         cached, in_flight = [], 0
         for path in self.shard_dir.iterdir():
             try:
-                if not path.name.startswith("."):
+                if CACHED_NAME.match(path.name) and path.is_file():
                     cached.append((path, path.stat()))
                 elif path.name.endswith(".part") and path != own_part:
                     with open(path.with_name(path.name[: -len(".part")] + ".lock"), "ab") as lock:
@@ -335,8 +348,8 @@ class RemoteShards:
         except subprocess.TimeoutExpired:
             raise _Failure(f"the command did not exit within {self.timeout_s:g} s of closing its output", True) from None
         if status != 0:
-            stderr.seek(0)
-            said = stderr.read()[-2000:].decode(errors="replace").strip().splitlines()
+            stderr.seek(max(0, os.fstat(stderr.fileno()).st_size - 2000))
+            said = stderr.read().decode(errors="replace").strip().splitlines()
             raise _Failure(f"command exited with status {status}" + (f": {said[-1]}" if said else ""), status not in NOT_RETRIED_EXITS)
 
 
@@ -352,6 +365,13 @@ def _write(out, chunk: bytes | None, target: Path) -> None:
             os.fsync(out.fileno())
     except OSError as e:
         raise HarnessError(f"{target}: cannot write ({e.strerror or e})") from None
+
+
+def _replace(part: Path, cached: Path) -> None:
+    try:
+        os.replace(part, cached)
+    except OSError as e:
+        raise HarnessError(f"{cached}: cannot move the checked download into place ({e.strerror or e})") from None
 
 
 def _make_dir(directory: Path) -> None:

@@ -75,6 +75,8 @@ class ShardSource:
             except FileNotFoundError:
                 if not self.remote or attempt == 2:
                     raise HarnessError(f"{path}: shard listed in {MANIFEST_NAME} is missing") from None
+            except OSError as e:
+                raise HarnessError(f"{path}: cannot be opened ({e.strerror or e})") from None
 
     def check(self, split: str, hash_shards: list[int] | None = None) -> None:
         """Every local shard of `split` exists with the manifest's size; the SHA-256 of the
@@ -92,7 +94,11 @@ class ShardSource:
                 raise HarnessError(f"{path}: shard is {size} bytes; {MANIFEST_NAME} records {shard['bytes']} (corrupt or truncated)")
         for i in range(len(shards)) if hash_shards is None else hash_shards:
             path = self.directory / shards[i]["name"]
-            if sha256_of(path) != shards[i]["sha256"]:
+            try:
+                digest = sha256_of(path)
+            except OSError as e:
+                raise HarnessError(f"{path}: cannot be read ({e.strerror or e})") from None
+            if digest != shards[i]["sha256"]:
                 raise HarnessError(f"{path}: SHA-256 differs from {MANIFEST_NAME} (shard is corrupt)")
 
 

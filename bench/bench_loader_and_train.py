@@ -119,7 +119,7 @@ def loader_epoch(make_stream, epoch: int) -> tuple[int, float]:
         # A resident split (one macro-batch holds it all) keeps every image on the device and
         # orders whole global batches of it: the order may be shorter than the split.
         assert macro.images.dtype.itemsize == 1 and len(macro.order) <= len(macro.labels)
-        images += macro.steps * macro.global_batch
+        images += len(macro.order)  # one rank: its order covers whole global batches
     return images, time.perf_counter() - started
 
 

@@ -31,6 +31,7 @@ from helpers import (
     summary,
     train_command,
     train_ok,
+    write_source,
 )
 from shard_server import ShardServer
 
@@ -138,6 +139,23 @@ def test_two_ranks_streaming_from_a_url_match_one_process(mnist_shards, tmp_path
     train_gets = [name for name in server.server.requests if name.startswith("train-")]
     assert 1 <= len(train_gets) == len(set(train_gets)) <= 2, server.server.requests
     assert server.gets("test-000000.tar") == 1 and server.gets("manifest.json") == 2  # the manifest: once per rank
+
+
+def test_a_damaged_shard_found_by_one_rank_stops_both_at_start_up(tmp_path):
+    """Rank 1 hashes training shards 1, 3, ...: a flipped byte in shard 1 is its error,
+    naming the shard, and rank 0, which hashed only 0 and 2, stops too instead of waiting."""
+    shards = tmp_path / "shards"
+    pack(load_source(write_source(tmp_path / "src", n_train=200, n_test=50)), shards, shard_size=60, block_size=20)
+    damaged = shards / "train-000001.tar"
+    data = bytearray(damaged.read_bytes())
+    data[3000] ^= 1  # inside the first block's images: the size stays right, only the hash differs
+    damaged.write_bytes(bytes(data))
+    result = run(train_command(shards, tmp_path / "run", "--preset", "lenet", "--max-steps", "1", "--threads", "1", nproc=2), timeout=TIMEOUT)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "train-000001.tar: SHA-256 differs from manifest.json" in output
+    assert "rank 0: stopping: rank 1 found a training shard that does not match manifest.json" in output
+    assert not (tmp_path / "run" / "checkpoints").exists()
 
 
 @pytest.mark.parametrize("world_size", [2, 4])

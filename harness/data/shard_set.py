@@ -85,7 +85,7 @@ class ShardSource:
         if self.remote:
             return
         shards = self.shards(split)
-        for i, shard in enumerate(shards):
+        for shard in shards:
             path = self.directory / shard["name"]
             if not path.is_file():
                 raise HarnessError(f"{path}: shard listed in {MANIFEST_NAME} is missing")

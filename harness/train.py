@@ -338,8 +338,11 @@ class Trainer:
 
     def sync_point(self, lr: float, bar: ProgressBar) -> None:
         """All ranks: log the window's mean loss, fail on a non-finite loss, honour a stop signal."""
-        window, now = self.window, time.perf_counter()
+        window = self.window
         mean_loss, stop = agree_at_sync_point(self.ctx, window.losses[: window.count], self.progress.step - window.count, self.stop_request)
+        # After the sync, so the window's time includes the device finishing its steps (on a
+        # GPU the host runs ahead of them) and the all-reduce; before, it was the host's.
+        now = time.perf_counter()
         self.progress.add_window(mean_loss, window.count, now - window.started)
         if self.ctx.is_main:
             rate = window.count * self.config.batch_size / (now - window.started)

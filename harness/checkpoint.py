@@ -31,8 +31,14 @@ CHECKPOINT_DIR = "checkpoints"
 
 def save_checkpoint(run_dir: Path, state: dict, step: int, epoch: int, keep: int) -> Path:
     """Write the state for `step`, then delete all but the newest `keep` checkpoints."""
+    return write_checkpoint(run_dir, torch_bytes(state), step, epoch, keep)
+
+
+def write_checkpoint(run_dir: Path, payload: bytes, step: int, epoch: int, keep: int) -> Path:
+    """Write `payload` (a state serialised by torch_bytes, a snapshot) as the checkpoint of
+    `step`, then delete all but the newest `keep` checkpoints. No torch work: it runs on
+    rank 0's background writer (harness.background)."""
     directory = Path(run_dir) / CHECKPOINT_DIR
-    payload = torch_bytes(state)
     path = directory / f"step-{step:08d}.pt"
     try:
         directory.mkdir(parents=True, exist_ok=True)

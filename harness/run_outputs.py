@@ -16,11 +16,13 @@ import logging
 import sys
 from pathlib import Path
 
-from harness.atomic import torch_save_atomic, write_json_atomic, write_text_atomic
+from harness.atomic import torch_bytes, torch_save_atomic, write_json_atomic, write_text_atomic
+from harness.background import BackgroundWriter
+from harness.checkpoint import write_checkpoint
 from harness.errors import HarnessError
 from harness.evaluate import EvalResult, class_report, format_report
 from harness.report import render, run_figures, save_pictures
-from harness.tensorboard import TensorBoardLog
+from harness.tensorboard import TensorBoardLog, weight_images
 
 log = logging.getLogger("harness")
 
@@ -59,6 +61,8 @@ class RunOutputs:
         # TensorBoard hides events at or after purge_step that earlier event files hold,
         # so steps redone after a resume are not shown twice.
         self.tensorboard = TensorBoardLog(self.run_dir, purge_step=resumed_at or 0)
+        # Checkpoint files and weight images are written off the training thread.
+        self.background = BackgroundWriter()
 
     def keep_epochs(self, completed: int) -> None:
         """Drop metrics lines of epochs after the checkpoint (they will be redone)."""
@@ -71,12 +75,34 @@ class RunOutputs:
         with open(self.run_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(metrics) + "\n")
         self.tensorboard.scalars(step, {"val/loss": metrics["val_loss"], "val/accuracy": metrics["val_accuracy"]})
-        self.tensorboard.weights(model, step)
+        images = weight_images(model)
+        self.background.submit("weight images", lambda: self.tensorboard.images(images, step))
         log.info(
             f"epoch {metrics['epoch']}/{epochs}  train loss {metrics['train_loss']:.4f}  "
             f"val loss {metrics['val_loss']:.4f}  val acc {100 * metrics['val_accuracy']:.2f}%  "
             f"{metrics['epoch_seconds']:.1f} s  {metrics['train_samples_per_s']:,.0f} img/s"
         )
+
+    def checkpoint(self, state: dict, step: int, epoch: int, keep: int, before_write=None) -> None:
+        """Serialise `state` now (a snapshot: training goes on changing the tensors) and
+        write it on the background writer, superseding a checkpoint still queued there.
+        `before_write`: test-only, called on the writer thread first."""
+        payload = torch_bytes(state)
+
+        def write() -> None:
+            if before_write:
+                before_write()
+            write_checkpoint(self.run_dir, payload, step, epoch, keep)
+
+        self.background.submit("checkpoint", write, supersedes=True)
+
+    def wait_for_writes(self) -> None:
+        """Until the checkpoints and images handed to the background writer are on disk."""
+        self.background.wait()
+
+    def close(self) -> None:
+        """Let the background writer finish (a failed run still lands the checkpoint being written)."""
+        self.background.close()
 
     def stopped(self, step: int, signal_name: str) -> None:
         """The run stopped on a signal and checkpointed at `step`. Under torchrun the exit
@@ -85,6 +111,7 @@ class RunOutputs:
         write_json_atomic(self.run_dir / STOPPED, {"step": step, "signal": signal_name})
 
     def finish(self, summary: dict, test: EvalResult, test_set: str, model) -> None:
+        self.background.wait()  # the weight images, before the event file closes
         report = format_report(test.confusion)
         log.info(f"{test_set}: loss {test.loss:.4f}  accuracy {100 * test.accuracy:.2f}% on {test.samples} images\n{report}")
         write_json_atomic(

@@ -50,10 +50,10 @@ class TensorBoardLog:
         for tag, value in values.items():
             self.writer.add_scalar(tag, value, step)
 
-    def weights(self, model: torch.nn.Module, step: int) -> None:
-        for name, weights in first_layer_weights(model.state_dict()):
-            upscale = max(1, 24 // weights.shape[-1])  # 3x3 and 4x4 kernels are too small to see
-            self.writer.add_image(f"weights/{name}", tile_grid(weights, upscale), step)
+    def images(self, images: list[tuple[str, np.ndarray]], step: int) -> None:
+        """Grey uint8 [1, H, W] images (weight_images'); no torch work, so it can run on the background writer."""
+        for tag, pixels in images:
+            self.writer.add_image(tag, pixels, step)
 
     def pictures(self, pictures: dict[str, np.ndarray], step: int) -> None:
         """The report's rendered figures (uint8 RGB [H, W, 3]), e.g. the labelled confusion matrix."""
@@ -65,3 +65,14 @@ class TensorBoardLog:
 
     def close(self) -> None:
         self.writer.close()
+
+
+def weight_images(model: torch.nn.Module) -> list[tuple[str, np.ndarray]]:
+    """The first layers' weights as tiled grey uint8 images, TensorBoard tag first: a
+    snapshot, taken on the training thread (PNG encoding them is left to `images`)."""
+    images = []
+    for name, weights in first_layer_weights(model.state_dict()):
+        upscale = max(1, 24 // weights.shape[-1])  # 3x3 and 4x4 kernels are too small to see
+        # x255, truncated: what add_image would make of the [0, 1] floats.
+        images.append((f"weights/{name}", (tile_grid(weights, upscale) * 255).clamp(0, 255).to(torch.uint8).numpy()))
+    return images

@@ -27,7 +27,9 @@ class Fault:
     attempt only (so an elastic restart can succeed); sleep=SECONDS: the rank sleeps that
     long before that step (a window in which a test can signal a run that a GPU would
     otherwise finish first); slowsave=SECONDS: rank 0 takes
-    that long to write the checkpoint of that step (a slow shared filesystem); freeze:
+    that long to write the checkpoint of that step (a slow shared filesystem), while
+the other ranks wait; slowwrite=SECONDS: rank 0's background writer takes that long
+longer to write the file of that step's checkpoint, while training goes on; freeze:
     rank 0 stops itself (SIGSTOP) while writing that checkpoint, heartbeat included.
     Unset, nothing is injected.
     """
@@ -69,6 +71,13 @@ class Fault:
             time.sleep(self.seconds)
         if self.kind == "freeze":
             os.kill(os.getpid(), signal.SIGSTOP)
+
+    def checkpoint_write_hook(self, step: int, rank: int):
+        """slowwrite: a callable for the background writer to run before it writes that
+        step's checkpoint file; None otherwise."""
+        if self.kind == "slowwrite" and step == self.step and rank == self.rank:
+            return lambda: time.sleep(self.seconds)
+        return None
 
     def corrupt_loss(self, loss, step: int, rank: int):
         return loss * float("nan") if self.kind == "nan" and step == self.step and rank == self.rank else loss

@@ -30,7 +30,7 @@ from tqdm import tqdm
 from harness import distributed
 from harness.allocator import keep_freed_memory
 from harness.augment import RandomAffine
-from harness.checkpoint import checkpoint_to_resume, save_checkpoint, state_mismatch
+from harness.checkpoint import checkpoint_to_resume, state_mismatch
 from harness.config import TrainConfig, add_config_options, build_config
 from harness.cuda_graph import GraphedStep
 from harness.data.shard_set import ShardSource, ShardSplit
@@ -250,13 +250,25 @@ class Trainer:
             self.load_state_dict(state)
             log.info(f"resuming from {path} (epoch {self.progress.epoch + 1}, step {self.progress.step})")
 
-    def checkpoint(self) -> None:
-        """Rank 0 writes; everyone waits, so no rank runs ahead of a checkpoint being written."""
+    def checkpoint(self, wait: bool = False) -> None:
+        """Every rank contributes its RNG state; rank 0 serialises the state while the others
+        wait, and its background writer writes the file while training goes on. `wait`:
+        until it is on disk (and the others wait too)."""
         state = self.state_dict()
+        p = self.progress
         with self.ctx.main_only("checkpoint write"):
             if self.ctx.is_main:
-                self.fault.before_checkpoint(self.progress.step, self.ctx.rank)  # test-only
-                save_checkpoint(self.run_dir, state, self.progress.step, self.progress.epoch, self.config.keep_checkpoints)
+                self.fault.before_checkpoint(p.step, self.ctx.rank)  # test-only
+                slow_write = self.fault.checkpoint_write_hook(p.step, self.ctx.rank)  # test-only
+                self.outputs.checkpoint(state, p.step, p.epoch, self.config.keep_checkpoints, before_write=slow_write)
+                if wait:
+                    self.outputs.wait_for_writes()
+
+    def wait_for_writes(self) -> None:
+        """All ranks: until rank 0's background writes are on disk (a write's error raised here)."""
+        with self.timed("checkpoints"), self.ctx.main_only("checkpoint write"):
+            if self.ctx.is_main:
+                self.outputs.wait_for_writes()
 
     # --- the loop ---------------------------------------------------------------------------------
 
@@ -266,10 +278,15 @@ class Trainer:
         if self.progress.step == 0 and not self.progress.before_training:  # a resumed run keeps its first figure
             self.test_before_training()
         started = time.perf_counter()
-        while self.progress.epoch < self.config.epochs and not self.finished():
-            self.train_epoch()
-            self.end_epoch()
-        return self.finish(time.perf_counter() - started)
+        try:
+            while self.progress.epoch < self.config.epochs and not self.finished():
+                self.train_epoch()
+                self.end_epoch()
+            self.wait_for_writes()  # the loop's time includes the last checkpoint's write
+            return self.finish(time.perf_counter() - started)
+        finally:
+            if self.outputs:
+                self.outputs.close()
 
     def train_epoch(self) -> None:
         """Steps from the current position to the end of the epoch (or to --max-steps)."""
@@ -350,7 +367,7 @@ class Trainer:
             bar.set_postfix(loss=f"{mean_loss:.4f}")
         window.restart()
         if stop or self.checkpoint_due():
-            self.checkpoint()
+            self.checkpoint(wait=bool(stop))  # the stop record names a checkpoint that is on disk
         if stop:
             if self.outputs:
                 self.outputs.stopped(self.progress.step, stop)

@@ -35,6 +35,20 @@ print(json.dumps({"gpu": torch.cuda.get_device_name(0) if torch.cuda.is_availabl
                   "python": platform.python_version()}, indent=1))
 PY
 cat "$OUT/versions.json"
+# The disk the runs write checkpoints to: a checkpoint's size written and fsynced, 5 times.
+"$PY" - >"$OUT/disk.json" <<'PY'
+import json, os, statistics, tempfile, time
+payload, times = os.urandom(6_700_000), []
+with tempfile.TemporaryDirectory() as d:
+    for i in range(5):
+        started = time.perf_counter()
+        with open(os.path.join(d, f"c{i}"), "wb") as f:
+            f.write(payload); f.flush(); os.fsync(f.fileno())
+        times.append(time.perf_counter() - started)
+print(json.dumps({"dir": tempfile.gettempdir(), "write_fsync_6.7MB_ms": [round(1e3 * t, 2) for t in times],
+                  "median_ms": round(1e3 * statistics.median(times), 2)}))
+PY
+cat "$OUT/disk.json"
 
 step "GPU tests"
 MNIST_DIR="$MNIST" timeout 240 "$PY" -m pytest -q -m gpu -p no:cacheprovider -s --timeout 120 --durations 0 tests/test_gpu.py \

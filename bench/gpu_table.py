@@ -38,12 +38,16 @@ def main(out: Path) -> None:
     print(f"lenet 15 epochs ({lenet.get('variant')}): acc {lenet.get('test_accuracy')}  loop {lenet.get('loop_seconds')} s  "
           f"wall {lenet.get('wall_seconds')} s   [targets: >= 0.992, <= 2 s]")
     print(f"  step {lenet.get('step_ms')} ms at batch 100, {lenet.get('achieved_tflops')} TFLOP/s")
+    print(f"  loop by part (s): {lenet.get('loop_seconds_by_part')}")
+    disk = load(out / "disk.json") or {}
+    print(f"  disk: 6.7 MB written and fsynced in {disk.get('median_ms')} ms (median of 5, {disk.get('dir')})")
     fast = f.get("fast", {})
     print(f"fast preset: mean acc {fast.get('mean_test_accuracy')}  median s to 99% {fast.get('median_seconds_to_99')}  "
           f"[targets: >= 0.990, <= 0.15 s]")
     for r in fast.get("runs", []):
         print(f"  seed {r.get('seed')}: {r.get('test_accuracy')} after {r.get('epochs')} epochs, to 99%: {r.get('seconds_to_99')} s, "
               f"epochs {r.get('epoch_seconds')} s, compile {r.get('compile_seconds')} s" + (" FAILED" if "failed" in r else ""))
+        print(f"    loop {r.get('loop_seconds')} s by part: {r.get('loop_seconds_by_part')}")
     bare = f.get("harness_vs_bare", {})
     print(f"harness / bare loop ({bare.get('variant')}): {bare.get('median_ratio')}  {bare.get('rounds')}   [target >= 1.0]")
     loader = f.get("harness_vs_dataloader", {})

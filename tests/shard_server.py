@@ -21,7 +21,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             server.requests.append(name)
             kind, count = server.faults.get(name, (None, 0))
             kind = kind if server.requests.count(name) <= count else None
-        path = server.root / name
+        path = server.root / (name + ".alt" if kind == "alt" else name)
         if prefix != "/set" or not path.is_file() or kind in (404, 503, 429):
             self.send_error(kind if kind in (503, 429) else 404)
             return
@@ -63,7 +63,8 @@ class ShardServer:
 
     def fail(self, name: str, kind, count: float = math.inf) -> None:
         """Answer the first `count` GETs of `name` with fault `kind`: 404, 429, 503, 'drop',
-        'flip' (one byte changed), 'long', 'wrong-length', 'stall' (1 s before the body) or 'slow' (0.5 s)."""
+        'flip' (one byte changed), 'long', 'wrong-length', 'stall' (1 s before the body), 'slow' (0.5 s)
+        or 'alt' (the file NAME.alt instead: a set republished between two GETs)."""
         self.server.faults[name] = (kind, count)
 
     def gets(self, name: str) -> int:

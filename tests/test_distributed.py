@@ -17,6 +17,7 @@ above the largest noise seen and a factor of 10 below a one-step difference.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -155,6 +156,30 @@ def test_a_damaged_shard_found_by_one_rank_stops_both_at_start_up(tmp_path):
     assert result.returncode != 0
     assert "train-000001.tar: SHA-256 differs from manifest.json" in output
     assert "rank 0: stopping: rank 1 found a training shard that does not match manifest.json" in output
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_ranks_that_fetch_different_manifests_stop_at_start_up(tmp_path, monkeypatch):
+    """The set is republished between the two ranks' GETs of manifest.json (the first GET
+    gets the other version). They share a shard cache, but each reads the copy it fetched,
+    so they see the difference and stop before training, naming the manifest's URL."""
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    shards = tmp_path / "shards"
+    pack(load_source(write_source(tmp_path / "src", n_train=200, n_test=50)), shards, shard_size=60, block_size=20)
+    republished = json.loads((shards / "manifest.json").read_text())
+    republished["dataset"] += "-v2"  # still a valid manifest for the same shards
+    (shards / "manifest.json.alt").write_text(json.dumps(republished))
+    server = ShardServer(shards)
+    server.fail("manifest.json", "alt", count=1)
+    try:
+        result = run(train_command(server.url, tmp_path / "run", "--preset", "lenet", "--max-steps", "1", "--threads", "1",
+                                   "--shard-cache", tmp_path / "cache", nproc=2), timeout=TIMEOUT)
+    finally:
+        server.close()
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert f"{server.url}manifest.json: the ranks read different manifests" in output, output[-3000:]
+    assert server.gets("manifest.json") == 2
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 

@@ -4,6 +4,7 @@ against a loopback HTTP server that the tests start themselves and that fails on
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import shlex
 import subprocess
@@ -61,20 +62,36 @@ def test_is_remote():
 def test_fetches_a_split_and_then_uses_the_cache(server, shards, tmp_path, slash):
     base = server.url.rstrip("/") + slash
     shard_set = remote(base, tmp_path / "cache")
-    directory = shard_set.manifest_dir()
-    assert (directory / "manifest.json").read_bytes() == (shards / "manifest.json").read_bytes()
-    train = train_shards(directory)  # load_manifest checks the fetched copy
+    with shard_set.fetched_manifest() as directory:
+        assert (directory / "manifest.json").read_bytes() == (shards / "manifest.json").read_bytes()
+        train = train_shards(directory)  # load_manifest checks the fetched copy
+    assert not directory.exists()  # each process reads its own fetched copy, then removes it
     paths = [fetch(shard_set, shard) for shard in train]
     for shard, path in zip(train, paths):
         assert path.read_bytes() == (shards / shard["name"]).read_bytes()
         assert shard["sha256"] in path.name
     assert shard_set.bytes_fetched == sum(s["bytes"] for s in train) + (shards / "manifest.json").stat().st_size
     again = remote(base, tmp_path / "cache")  # a later run: the manifest again, no shard
-    assert again.manifest_dir() == directory
+    with again.fetched_manifest() as directory:
+        assert train_shards(directory) == train
     assert [fetch(again, shard) for shard in train] == paths
     assert [server.gets(s["name"]) for s in train] == [1] * len(train) and server.gets("manifest.json") == 2
     assert again.bytes_fetched == (shards / "manifest.json").stat().st_size
     assert cache_listing(tmp_path / "cache") == (sorted(p.name for p in paths), [])
+
+
+def test_each_process_reads_the_manifest_it_fetched(server, shards, tmp_path):
+    """Two processes sharing a cache fetch the manifest, and the set is republished between
+    their GETs: each reads the version it got. (One shared copy would show both the later
+    version and hide the change that the ranks' manifest check is there to catch.)"""
+    republished = json.loads((shards / "manifest.json").read_text())
+    republished["dataset"] += "-v2"
+    (shards / "manifest.json.alt").write_text(json.dumps(republished))
+    server.fail("manifest.json", "alt", count=1)
+    with remote(server.url, tmp_path / "cache").fetched_manifest() as first:
+        with remote(server.url, tmp_path / "cache").fetched_manifest() as second:
+            assert load_manifest(second) == json.loads((shards / "manifest.json").read_text())
+            assert load_manifest(first) == republished
 
 
 @pytest.mark.parametrize("kind", ["drop", 503, 429, "stall"])
@@ -120,10 +137,12 @@ def test_a_wrong_file_fails_at_once(server, shards, tmp_path, kind, problem):
 def test_manifest_is_capped_in_size(server, shards, tmp_path):
     (shards / "manifest.json").write_bytes(b" " * (MAX_MANIFEST_BYTES + 1))
     with pytest.raises(HarnessError, match=r"manifest\.json: Content-Length \d+; the limit is \d+ bytes"):
-        remote(server.url, tmp_path / "cache").manifest_dir()
+        with remote(server.url, tmp_path / "cache").fetched_manifest():
+            pass
     server.fail("manifest.json", "long")  # no Content-Length: cut off while reading
     with pytest.raises(HarnessError, match="sent more than the limit's"):
-        remote(server.url, tmp_path / "cache").manifest_dir()
+        with remote(server.url, tmp_path / "cache").fetched_manifest():
+            pass
     assert not [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]
 
 
@@ -195,7 +214,8 @@ def test_an_unusable_cache_directory_is_one_error(server, shards, tmp_path):
     (tmp_path / "file").write_text("not a directory")
     shard_set = remote(server.url, tmp_path / "file" / "cache")
     with pytest.raises(HarnessError, match="cannot create the shard cache directory"):
-        shard_set.manifest_dir()
+        with shard_set.fetched_manifest():
+            pass
     with pytest.raises(HarnessError, match="cannot create the shard cache directory"):
         fetch(shard_set, train_shards(shards)[0])
 
@@ -206,7 +226,8 @@ def test_an_unusable_cache_directory_is_one_error(server, shards, tmp_path):
 def test_pipe_location(shards, tmp_path):
     base = f"pipe:cat {shlex.quote(str(shards))}/{{name}}"
     shard_set = remote(base, tmp_path / "cache")
-    train = train_shards(shard_set.manifest_dir())
+    with shard_set.fetched_manifest() as directory:
+        train = train_shards(directory)
     for shard in train:
         assert fetch(shard_set, shard).read_bytes() == (shards / shard["name"]).read_bytes()
     assert shard_set.bytes_fetched == sum(s["bytes"] for s in train) + (shards / "manifest.json").stat().st_size

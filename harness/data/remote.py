@@ -2,7 +2,7 @@
 
 `--shards https://host/mnist/` or `--shards 'pipe:gsutil cat gs://bucket/mnist/{name}'`
 names a shard set that is not on a local disk. Its manifest.json is fetched on every run
-(it is small and may change) into a directory of its own, where `load_manifest` checks it
+(it is small and may change) into a directory of the process's own, where `load_manifest` checks it
 as it checks a local one. The shards are then fetched one at a time, when the reader
 needs them, and checked against that manifest: the size is a cap while reading (a server
 that says or sends more is cut off), the SHA-256 is computed as the bytes arrive, and a
@@ -135,19 +135,24 @@ class RemoteShards:
             return self.base.replace("{name}", name)
         return self.base.rstrip("/") + "/" + name
 
-    def manifest_dir(self) -> Path:
-        """A local directory holding a fresh copy of the set's manifest.json (not yet checked:
-        `load_manifest` on it does that). One directory per location, inside the cache."""
-        directory = self.cache_dir / hashlib.sha256(self.base.encode()).hexdigest()[:16]
-        _make_dir(directory)
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{MANIFEST_NAME}.", suffix=".part")
-        os.close(fd)
+    @contextmanager
+    def fetched_manifest(self) -> Iterator[Path]:
+        """A directory holding a fresh copy of the set's manifest.json (not yet checked:
+        `load_manifest` on it does that), this process's own: ranks that share the cache
+        must each read what they fetched, or a set republished while a job starts would
+        go unseen. Removed on leaving."""
+        _make_dir(self.cache_dir)
         try:
-            self._fetch(MANIFEST_NAME, Path(tmp), MAX_MANIFEST_BYTES, None)
-            os.replace(tmp, directory / MANIFEST_NAME)
+            directory = Path(tempfile.mkdtemp(dir=self.cache_dir, prefix=".manifest-"))
+        except OSError as e:
+            raise HarnessError(f"{self.cache_dir}: cannot create the shard cache directory ({e.strerror or e})") from None
+        try:
+            (directory / MANIFEST_NAME).touch()  # _fetch writes into an existing file
+            self._fetch(MANIFEST_NAME, directory / MANIFEST_NAME, MAX_MANIFEST_BYTES, None)
+            yield directory
         finally:
-            Path(tmp).unlink(missing_ok=True)
-        return directory
+            (directory / MANIFEST_NAME).unlink(missing_ok=True)
+            directory.rmdir()
 
     def cached_path(self, name: str, sha256: str) -> Path:
         """Where shard `name` with this SHA-256 is (or would be) cached."""

@@ -42,11 +42,11 @@ class ShardSource:
             location = location[len("file://") :]  # file:///data/shards is /data/shards
         if isinstance(location, str) and is_remote(location) and not os.path.lexists(location):
             self.remote = RemoteShards(self.location, Path(cache_dir or default_cache_dir()), cache_limit_bytes)
-            fetched = self.remote.manifest_dir()
-            try:
-                self.manifest = load_manifest(fetched)
-            except HarnessError as e:  # name the URL, not the cached copy
-                raise HarnessError(str(e).replace(str(fetched / MANIFEST_NAME), self.url(MANIFEST_NAME))) from None
+            with self.remote.fetched_manifest() as fetched:
+                try:
+                    self.manifest = load_manifest(fetched)
+                except HarnessError as e:  # name the URL, not the fetched copy
+                    raise HarnessError(str(e).replace(str(fetched / MANIFEST_NAME), self.url(MANIFEST_NAME))) from None
         else:
             self.directory = Path(location)
             self.manifest = load_manifest(self.directory)

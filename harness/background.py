@@ -5,11 +5,9 @@ hashing and fsyncing files at the end of an epoch the GPU spends idle: on an H20
 the end of a LeNet epoch took about 0.3 s against 0.06 s of steps. So the training
 thread takes a snapshot (the serialised checkpoint, the tiled weight images) and
 hands the writing to this thread, which runs the jobs one at a time, in order.
-
-A checkpoint that is still queued when the next one comes is dropped: the newer one
-supersedes it, so training never waits for a disk slower than the epochs, and the
-newest checkpoint on disk is at most one write behind. `wait()` is where the training
-thread catches up: before a stop is recorded and at the end of the run.
+`wait()` is where the training thread catches up: for the previous checkpoint before it
+hands over the next (so at most one is in flight, and every checkpoint asked for is
+written), for everything before a stop is recorded and at the end of the run.
 """
 
 from __future__ import annotations
@@ -29,33 +27,33 @@ class BackgroundWriter:
     def __init__(self, max_queued: int = 4):
         # Bounds the snapshots held in memory (a LeNet checkpoint is 6.7 MB).
         self.max_queued = max_queued
-        self._jobs: collections.deque[tuple[str, Callable[[], object]]] = collections.deque()
+        self._jobs: collections.deque[Callable[[], object]] = collections.deque()
         self._changed = threading.Condition()
-        self._running = False  # a job is being run
+        self._submitted = self._done = 0  # jobs so far; they run in order, so job n is done when _done >= n
         self._closing = False
         self._error: BaseException | None = None  # the first job's error, until raised
         self._thread = threading.Thread(target=self._run, name="harness-writer", daemon=True)
         self._thread.start()
 
-    def submit(self, name: str, job: Callable[[], object], supersedes: bool = False) -> None:
-        """Queue `job()` after everything queued before it. `supersedes`: queued jobs of the
-        same `name` that have not started are dropped (it makes them pointless)."""
+    def submit(self, job: Callable[[], object]) -> int:
+        """Queue `job()` after everything queued before it (waiting while the queue is full);
+        its number, for `wait`."""
         with self._changed:
             self._raise_error()
-            if supersedes:
-                for dropped in [j for j in self._jobs if j[0] == name]:
-                    self._jobs.remove(dropped)
-                    log.info(f"background writer: a newer {name} superseded a queued one before it was written")
             while len(self._jobs) >= self.max_queued:
                 self._changed.wait()
                 self._raise_error()
-            self._jobs.append((name, job))
+            self._jobs.append(job)
+            self._submitted += 1
             self._changed.notify_all()
+            return self._submitted
 
-    def wait(self) -> None:
-        """Until every queued job has run; raises the first error of any of them."""
+    def wait(self, job: int | None = None) -> None:
+        """Until job number `job` (default: every job queued so far) and those before it have
+        run; raises the first error of any job."""
         with self._changed:
-            while self._jobs or self._running:
+            target = self._submitted if job is None else job
+            while self._done < target:
                 self._changed.wait()
             self._raise_error()
 
@@ -83,8 +81,7 @@ class BackgroundWriter:
                     self._changed.wait()
                 if not self._jobs:
                     return
-                _, job = self._jobs.popleft()
-                self._running = True
+                job = self._jobs.popleft()
                 self._changed.notify_all()  # a submit may wait for room in the queue
             try:
                 job()
@@ -93,5 +90,5 @@ class BackgroundWriter:
                     self._error = self._error or e
             finally:
                 with self._changed:
-                    self._running = False
+                    self._done += 1
                     self._changed.notify_all()

@@ -63,6 +63,7 @@ class RunOutputs:
         self.tensorboard = TensorBoardLog(self.run_dir, purge_step=resumed_at or 0)
         # Checkpoint files and weight images are written off the training thread.
         self.background = BackgroundWriter()
+        self.checkpoint_job: int | None = None  # the background writer's number of the last checkpoint
 
     def keep_epochs(self, completed: int) -> None:
         """Drop metrics lines of epochs after the checkpoint (they will be redone)."""
@@ -76,7 +77,7 @@ class RunOutputs:
             f.write(json.dumps(metrics) + "\n")
         self.tensorboard.scalars(step, {"val/loss": metrics["val_loss"], "val/accuracy": metrics["val_accuracy"]})
         images = weight_images(model)
-        self.background.submit("weight images", lambda: self.tensorboard.images(images, step))
+        self.background.submit(lambda: self.tensorboard.images(images, step))
         log.info(
             f"epoch {metrics['epoch']}/{epochs}  train loss {metrics['train_loss']:.4f}  "
             f"val loss {metrics['val_loss']:.4f}  val acc {100 * metrics['val_accuracy']:.2f}%  "
@@ -85,16 +86,19 @@ class RunOutputs:
 
     def checkpoint(self, state: dict, step: int, epoch: int, keep: int, before_write=None) -> None:
         """Serialise `state` now (a snapshot: training goes on changing the tensors) and
-        write it on the background writer, superseding a checkpoint still queued there.
-        `before_write`: test-only, called on the writer thread first."""
+        write it on the background writer, once the previous checkpoint is written (so one
+        at most is in flight). `before_write`: test-only, called on the writer
+        thread first."""
         payload = torch_bytes(state)
+        if self.checkpoint_job is not None:
+            self.background.wait(self.checkpoint_job)
 
         def write() -> None:
             if before_write:
                 before_write()
             write_checkpoint(self.run_dir, payload, step, epoch, keep)
 
-        self.background.submit("checkpoint", write, supersedes=True)
+        self.checkpoint_job = self.background.submit(write)
 
     def wait_for_writes(self) -> None:
         """Until the checkpoints and images handed to the background writer are on disk."""

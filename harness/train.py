@@ -365,9 +365,10 @@ class Trainer:
             rate = window.count * self.config.batch_size / (now - window.started)
             self.outputs.tensorboard.scalars(self.progress.step, {"train/loss": mean_loss, "train/lr": lr, "train/samples_per_s": rate})
             bar.set_postfix(loss=f"{mean_loss:.4f}")
-        window.restart()
         if stop or self.checkpoint_due():
-            self.checkpoint(wait=bool(stop))  # the stop record names a checkpoint that is on disk
+            with self.timed("checkpoints"):
+                self.checkpoint(wait=bool(stop))  # the stop record names a checkpoint that is on disk
+        window.restart()  # after the checkpoint, whose time is not the steps'
         if stop:
             if self.outputs:
                 self.outputs.stopped(self.progress.step, stop)

@@ -51,7 +51,8 @@ class TensorBoardLog:
             self.writer.add_scalar(tag, value, step)
 
     def images(self, images: list[tuple[str, np.ndarray]], step: int) -> None:
-        """Grey uint8 [1, H, W] images (weight_images'); no torch work, so it can run on the background writer."""
+        """Grey uint8 [1, H, W] images, as `weight_images` makes them. No torch work, so it
+        can run on rank 0's background writer."""
         for tag, pixels in images:
             self.writer.add_image(tag, pixels, step)
 

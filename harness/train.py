@@ -254,15 +254,16 @@ class Trainer:
         """Every rank contributes its RNG state; rank 0 serialises the state while the others
         wait, and its background writer writes the file while training goes on. `wait`:
         until it is on disk (and the others wait too)."""
-        state = self.state_dict()
         p = self.progress
-        with self.ctx.main_only("checkpoint write"):
-            if self.ctx.is_main:
-                self.fault.before_checkpoint(p.step, self.ctx.rank)  # test-only
-                slow_write = self.fault.checkpoint_write_hook(p.step, self.ctx.rank)  # test-only
-                self.outputs.checkpoint(state, p.step, p.epoch, self.config.keep_checkpoints, before_write=slow_write)
-                if wait:
-                    self.outputs.wait_for_writes()
+        with self.timed("checkpoints"):
+            state = self.state_dict()
+            with self.ctx.main_only("checkpoint write"):
+                if self.ctx.is_main:
+                    self.fault.before_checkpoint(p.step, self.ctx.rank)  # test-only
+                    slow_write = self.fault.checkpoint_write_hook(p.step, self.ctx.rank)  # test-only
+                    self.outputs.checkpoint(state, p.step, p.epoch, self.config.keep_checkpoints, before_write=slow_write)
+                    if wait:
+                        self.outputs.wait_for_writes()
 
     def wait_for_writes(self) -> None:
         """All ranks: until rank 0's background writes are on disk (a write's error raised here)."""
@@ -358,7 +359,7 @@ class Trainer:
         window = self.window
         mean_loss, stop = agree_at_sync_point(self.ctx, window.losses[: window.count], self.progress.step - window.count, self.stop_request)
         # After the sync, so the window's time includes the device finishing its steps (on a
-        # GPU the host runs ahead of them) and the all-reduce; before, it was the host's.
+        # GPU the host runs ahead of them) and the all-reduce.
         now = time.perf_counter()
         self.progress.add_window(mean_loss, window.count, now - window.started)
         if self.ctx.is_main:
@@ -366,8 +367,7 @@ class Trainer:
             self.outputs.tensorboard.scalars(self.progress.step, {"train/loss": mean_loss, "train/lr": lr, "train/samples_per_s": rate})
             bar.set_postfix(loss=f"{mean_loss:.4f}")
         if stop or self.checkpoint_due():
-            with self.timed("checkpoints"):
-                self.checkpoint(wait=bool(stop))  # the stop record names a checkpoint that is on disk
+            self.checkpoint(wait=bool(stop))  # the stop record names a checkpoint that is on disk
         window.restart()  # after the checkpoint, whose time is not the steps'
         if stop:
             if self.outputs:
@@ -390,8 +390,7 @@ class Trainer:
             log.info(f"early stopping: no better {self.val_set} loss for {self.config.early_stopping} epochs")
         if self.reached_max_steps():
             log.info(f"stopping after --max-steps {self.config.max_steps}")
-        with self.timed("checkpoints"):
-            self.checkpoint()
+        self.checkpoint()
 
     @contextlib.contextmanager
     def timed(self, part: str):

@@ -2,8 +2,8 @@
 
 `--shards https://host/mnist/` or `--shards 'pipe:gsutil cat gs://bucket/mnist/{name}'`
 names a shard set that is not on a local disk. Its manifest.json is fetched on every run
-(it is small and may change) into a directory of the process's own, where `load_manifest` checks it
-as it checks a local one. The shards are then fetched one at a time, when the reader
+(it is small and may change) into a directory of the process's own, where
+`load_manifest` checks it as it checks a local one. The shards are then fetched one at a time, when the reader
 needs them, and checked against that manifest: the size is a cap while reading (a server
 that says or sends more is cut off), the SHA-256 is computed as the bytes arrive, and a
 file is renamed into place only when both match, so the cache never holds a partial or

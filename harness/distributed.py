@@ -149,14 +149,21 @@ def _heartbeat(store, key: str, interval: float):
         thread.join()
 
 
+# When one gloo operation times out, gloo closes every pair of the process group and the
+# other operations in flight (DDP's other buckets) fail with this message, which names
+# neither gloo nor the timeout; which of them surfaces first depends on timing.
+GLOO_PAIR_CLOSED_ON_TIMEOUT = "Application timeout caused pair closure"
+COLLECTIVE_ERROR_MARKS = ("gloo", "NCCL", "c10d", GLOO_PAIR_CLOSED_ON_TIMEOUT)
+
+
 def explain_collective_failure(error: BaseException, rank: int, timeout_s: float) -> CommunicationError | None:
     """One clear error for a collective that failed (gloo and NCCL raise RuntimeErrors
     naming themselves); None for any other error, which keeps its traceback."""
     text = str(error).strip()
-    if not (isinstance(error, dist.DistError) or (isinstance(error, RuntimeError) and any(s in text for s in ("gloo", "NCCL", "c10d")))):
+    if not (isinstance(error, dist.DistError) or (isinstance(error, RuntimeError) and any(s in text for s in COLLECTIVE_ERROR_MARKS))):
         return None
     detail = text.splitlines()[0] if text else type(error).__name__
-    if "timed out" in text.lower():
+    if any(s in text.lower() for s in ("timed out", GLOO_PAIR_CLOSED_ON_TIMEOUT.lower())):
         return CommunicationError(
             f"rank {rank}: no answer from another rank within --timeout {timeout_s:g} s ({detail}); "
             "that rank is stuck or far behind: see its log; the last checkpoint is intact"

@@ -295,6 +295,37 @@ def test_process_group_is_gone_after_shutdown(tmp_path):
     assert result.stdout.count("gloo threads after shutdown: []") == 2, result.stdout
 
 
+def test_every_error_of_a_timed_out_gloo_group_is_reported_as_a_timeout(tmp_path):
+    """Rank 1 never joins rank 0's three all-reduces (as DDP's buckets are in flight
+    together). The first times out; gloo then closes the group's pairs, and the later
+    ones fail with "Application timeout caused pair closure". Whichever surfaces first
+    (that depends on the CPU's timing), rank 0 must say the other rank did not answer in
+    time, not that it lost contact."""
+    result = two_rank_probe(
+        tmp_path,
+        "import datetime, os, time, torch, torch.distributed as dist\n"
+        "from harness.distributed import explain_collective_failure\n"
+        "dist.init_process_group('gloo', timeout=datetime.timedelta(seconds=2))\n"
+        "if dist.get_rank() == 1:\n"
+        "    time.sleep(8)\n"
+        "    os._exit(0)\n"
+        "works = [dist.all_reduce(torch.ones(1000), async_op=True) for _ in range(3)]\n"
+        "lines = []\n"
+        "for work in reversed(works):  # the last first: its error is the pair closure\n"
+        "    try:\n"
+        "        work.wait()\n"
+        "        lines.append('no error')\n"
+        "    except RuntimeError as e:\n"
+        "        lines.append(str(e).splitlines()[0] + ' -> ' + str(explain_collective_failure(e, 0, 2)))\n"
+        "os.write(1, ('\\n'.join(lines) + '\\n').encode())\n"
+        "os._exit(0)\n",
+    )
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 3, result.stdout
+    assert "Application timeout caused pair closure" in lines[0], lines  # what gloo raises now
+    assert all("no answer from another rank within --timeout 2 s" in line for line in lines), lines
+
+
 def test_ranks_on_different_kinds_of_device_stop_with_one_clear_error(tmp_path):
     """--device auto on nodes with and without GPUs would put some ranks on NCCL and others
     on gloo, and hang; the ranks compare their devices first (rank 1 pretends here)."""

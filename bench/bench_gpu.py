@@ -13,7 +13,8 @@
               Target: mean >= 99.0% in <= 0.15 s.
 4. bare       harness vs a bare loop in one process (split resident on the device, the
               same model, batch, precision and compile mode), alternated: ratio of
-              samples/s. Target >= 1.0.
+              samples/s, the harness's in its last of 3 epochs, the bare loop's over
+              1200 steps after 100 of warm-up. Target >= 1.0.
 5. dataloader harness vs an eager loop fed by a torch DataLoader the way
               pytorch/examples/mnist does it (per-sample tensors, normalised on the
               CPU, pinned, copied every step): ratio of samples/s. Target >= 10.
@@ -39,6 +40,9 @@ log = make_log("gpu")
 HERE = Path(__file__).resolve().parent
 HARNESS_TIMEOUT = 150  # seconds for one harness run or worker: a bound on what a hang can cost, not an estimate
 LENET_TRAIN_FLOP_PER_IMAGE = 3 * 2 * 1_746_000  # forward MACs x 2 FLOP, x3 for forward + backward
+
+
+PARTS = ("variants", "lenet", "fast", "bare", "dataloader", "later")
 
 
 def harness(shards: Path, run_dir: Path, *args: str) -> dict:
@@ -250,6 +254,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a smoke run: few steps and variants")
     parser.add_argument("--budget", type=float, default=300, help="seconds; later parts are skipped past it")
     parser.add_argument("--record", type=Path, help="also write the record here after every part")
+    parser.add_argument("--parts", default=",".join(PARTS), help="which parts to run, comma-separated (default: all)")
+    parser.add_argument("--variant", help="run lenet and the bare loop in this variant (e.g. compile-cuda-graph/fp32/nondet) "
+                        "instead of timing the variants first to choose one; the fast preset runs as it is")
     parser.add_argument("--worker", choices=("bare", "dataloader"), help=argparse.SUPPRESS)
     parser.add_argument("--steps", type=int, default=600, help=argparse.SUPPRESS)
     parser.add_argument("--compile", default="", help=argparse.SUPPRESS)
@@ -266,13 +273,18 @@ def main() -> None:
     from harness.data.sources import load_source
 
     budget = Budget(args.budget)
+    parts = set(args.parts.split(","))
+    if parts - set(PARTS):
+        parser.error(f"--parts: unknown {', '.join(sorted(parts - set(PARTS)))} (choose from {', '.join(PARTS)})")
     quick = args.quick
     epochs_variant, epochs_lenet, steps = ("1", "1", 100) if quick else ("2", "15", 1200)
-    # The harness's default step and eager first: they choose the step for the runs after
-    # them. The rest (the determinism cost, which set the --deterministic default on the
-    # H200 of docs/gpu-h200-2026-11-26, and other options) only when time is left at the end.
-    names = ["eager/fp32/det"] if quick else ["compile-cuda-graph/fp32/det", "eager/fp32/det"]
-    later = [] if quick else ["compile-cuda-graph/fp32/nondet", "eager/fp32/nondet", "compile-reduce-overhead/fp32/det",
+    # The harness's default step, its autotuned (non-deterministic) form and eager first:
+    # they choose the step for the runs after them (on the H200 of docs/gpu-h200-2026-11-26
+    # the non-deterministic CUDA graph, 1.8x the deterministic one's speed). Other options
+    # only when time is left at the end.
+    names = ([] if args.variant else ["eager/fp32/det"] if quick else
+             ["compile-cuda-graph/fp32/det", "compile-cuda-graph/fp32/nondet", "eager/fp32/det"])
+    later = [] if quick or args.variant else ["eager/fp32/nondet", "compile-reduce-overhead/fp32/det",
                               "compile-cuda-graph/bf16/det", "eager/bf16/det", "compile-default/fp32/det"]
     device_args = ["--device", args.device]
     record: dict = {"benchmark": "bench_gpu", "hardware": hardware(gpu=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None),
@@ -304,12 +316,12 @@ def main() -> None:
             save()
 
         figures["variants"] = {}
-        for name in names:
+        for name in names if "variants" in parts else []:
             if due(f"variant {name}", 20):
                 variant(name)
         sane = {n: v for n, v in figures["variants"].items() if "failed" not in v and v["test_accuracy"] >= (0.9 if quick else 0.98)}
-        best = max(sane, key=lambda n: sane[n]["samples_per_s"]) if sane else "eager/fp32/det"
-        if due("lenet", 30):
+        best = args.variant or (max(sane, key=lambda n: sane[n]["samples_per_s"]) if sane else "eager/fp32/det")
+        if "lenet" in parts and due("lenet", 30):
             log(f"lenet, {epochs_lenet} epochs, variant {best}")
             lenet = harness(shards, work / "lenet", "--preset", "lenet", "--epochs", epochs_lenet, *device_args, *variant_args(best))
             figures["lenet"] = {"variant": best, **variant_figures(lenet)}
@@ -320,7 +332,7 @@ def main() -> None:
             save()
 
         figures["fast"] = {"runs": []}
-        for seed in (0,) if quick else (0, 1, 2):
+        for seed in ((0,) if quick else (0, 1, 2)) if "fast" in parts else ():
             if not due(f"fast seed {seed}", 20):
                 continue
             log(f"fast preset, seed {seed}")
@@ -354,12 +366,13 @@ def main() -> None:
         compile_mode = how.removeprefix("compile-") if how.startswith("compile-") else ""
         rounds = []
         figures["harness_vs_bare"] = {"variant": best, "rounds": rounds}
-        for r in range(1 if quick else 2):
+        for r in range(1 if quick else 2) if "bare" in parts else ():
             if not due(f"harness vs bare, round {r + 1}", 40):
                 break
             log(f"harness vs bare loop, round {r + 1}")
-            h = harness(shards, work / f"ab{r}", "--preset", "lenet", "--epochs", "1", "--max-steps", str(steps * 2), "--log-every", "200",
-                        *device_args, *variant_args(best))
+            # The harness's last epoch (as the variants): the first includes one-off costs
+            # (first launches, the resident split's copy) that the bare loop's warm-up hides.
+            h = harness(shards, work / f"ab{r}", "--preset", "lenet", "--epochs", "1" if quick else "3", *device_args, *variant_args(best))
             b = worker("bare", args.device, steps, compile_mode, precision, determinism == "det")
             if "failed" not in h and "failed" not in b:
                 rate = h["metrics"][-1]["train_samples_per_s"]
@@ -367,17 +380,17 @@ def main() -> None:
             figures["harness_vs_bare"]["median_ratio"] = median([r["ratio"] for r in rounds])
             save()
 
-        if due("DataLoader loop", 20):
+        if "dataloader" in parts and due("DataLoader loop", 20):
             log("DataLoader loop")
             loader = worker("dataloader", args.device, 100 if quick else 400)
-            harness_rate = figures["variants"].get(best, {}).get("samples_per_s")
+            harness_rate = figures["variants"].get(best, {}).get("samples_per_s") or figures.get("lenet", {}).get("samples_per_s")
             figures["harness_vs_dataloader"] = {
                 "dataloader_samples_per_s": round(loader.get("samples_per_s", 0)), "harness_samples_per_s": harness_rate,
                 "ratio": round(harness_rate / loader["samples_per_s"], 1) if harness_rate and "samples_per_s" in loader else None,
             }
             save()
 
-        for name in later:
+        for name in later if "later" in parts else []:
             if due(f"variant {name}", 30):
                 variant(name)
     print(json.dumps(record, indent=1))

@@ -26,6 +26,13 @@ def main(out: Path) -> None:
     if shared:
         print(f"  two ranks on one GPU vs one rank: max |diff| {shared[-1]['one_step']:.2e} after 1 step, "
               f"{shared[-1]['shared_gpu_max_param_diff']:.2e} after 50 ({shared[-1]['backend']})")
+    probe = load(out / "probe.json")
+    if probe:
+        steps = probe["graphed_step_ms"]
+        print("graphed step ms (probe; det|nondet/precision/layout/batch): "
+              + "  ".join(f"{k}={v}" for k, v in steps.items() if not isinstance(v, str)))
+        for mode, kernels in probe.get("eager_top_kernels", {}).items():
+            print(f"  {mode} eager top kernels (us/step): " + "; ".join(f"{k['kernel'][:40]} {k['us_per_step']}" for k in kernels[:4]))
     bench = load(out / "bench_gpu.json")
     if not bench:
         print("benchmarks: no record (see bench_gpu.log)")

@@ -1,0 +1,118 @@
+#!/usr/bin/env python
+"""Where a LeNet training step's GPU time goes: one JSON record on stdout.
+
+bench_gpu.py times whole runs; this times the step alone, in one process, for each
+combination of the options that change its kernels (deterministic or not, fp32 or bf16,
+channels-last or not) at the lenet preset's batch (100) and the fast preset's (512).
+Each step is the one harness/cuda_graph.py captures (forward and backward as one CUDA
+graph, then the fused SGD step), on random resident data: the values do not change the
+kernels' time. It also lists the eager step's ten most expensive kernels (torch.profiler)
+for the deterministic and the default kernels, to show which layer a slow step spends on.
+
+Usage: python bench/gpu_step_probe.py > probe.json   (needs a CUDA GPU)
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import time
+
+import torch
+
+from harness.device import CUBLAS_DETERMINISTIC_WORKSPACE, autocast, set_deterministic
+from harness.models import lenet
+
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_DETERMINISTIC_WORKSPACE)  # before cuBLAS starts
+DEVICE = torch.device("cuda")
+TIMED_STEPS = 500
+ROWS = 10_000
+
+
+def make_step(batch: int, precision: str, channels_last: bool):
+    """A model, its optimizer and a forward+backward over resident random data."""
+    torch.manual_seed(0)
+    model = lenet().to(DEVICE)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, fused=True)
+    images = torch.randint(0, 256, (ROWS, 1, 28, 28), dtype=torch.uint8, device=DEVICE)
+    labels = torch.randint(0, 10, (ROWS,), device=DEVICE)
+    step = torch.zeros((), dtype=torch.int64, device=DEVICE)
+    offsets = torch.arange(batch, device=DEVICE)
+
+    def forward_backward(cache: bool = True) -> None:
+        index = (step * batch + offsets) % ROWS
+        x = images.index_select(0, index).float().div_(255)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(DEVICE, precision, cache=cache):
+            loss = torch.nn.functional.cross_entropy(model(x), labels.index_select(0, index))
+        loss.backward()
+        step.add_(1)
+
+    return model, optimizer, forward_backward
+
+
+def graphed_step_ms(batch: int, precision: str, channels_last: bool) -> float:
+    model, optimizer, forward_backward = make_step(batch, precision, channels_last)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            forward_backward(cache=False)
+            model.zero_grad(set_to_none=True)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        forward_backward(cache=False)
+    for _ in range(50):
+        graph.replay()
+        optimizer.step()
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    for _ in range(TIMED_STEPS):
+        graph.replay()
+        optimizer.step()
+    torch.cuda.synchronize()
+    return 1e3 * (time.perf_counter() - started) / TIMED_STEPS
+
+
+def top_kernels(batch: int) -> list[dict]:
+    """The eager step's ten most expensive device kernels, per step."""
+    model, optimizer, forward_backward = make_step(batch, "fp32", False)
+    for _ in range(20):
+        optimizer.zero_grad(set_to_none=True)
+        forward_backward()
+        optimizer.step()
+    torch.cuda.synchronize()
+    steps = 50
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            optimizer.zero_grad(set_to_none=True)
+            forward_backward()
+            optimizer.step()
+        torch.cuda.synchronize()
+    rows = sorted(prof.key_averages(), key=lambda e: e.device_time_total, reverse=True)[:10]
+    return [{"kernel": e.key[:90], "us_per_step": round(e.device_time_total / steps, 2)} for e in rows]
+
+
+def main() -> None:
+    record = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "cuda": torch.version.cuda,
+              "cudnn": torch.backends.cudnn.version(), "graphed_step_ms": {}, "eager_top_kernels": {}}
+    for deterministic, precision, channels_last, batch in itertools.product((True, False), ("fp32", "bf16"), (False, True), (100, 512)):
+        set_deterministic(deterministic)
+        name = f"{'det' if deterministic else 'nondet'}/{precision}/{'channels_last' if channels_last else 'nchw'}/batch{batch}"
+        try:
+            record["graphed_step_ms"][name] = round(graphed_step_ms(batch, precision, channels_last), 4)
+        except Exception as e:  # one combination failing must not lose the others
+            record["graphed_step_ms"][name] = f"failed: {type(e).__name__}: {str(e)[:300]}"
+    for deterministic in (True, False):
+        set_deterministic(deterministic)
+        record["eager_top_kernels"]["det" if deterministic else "nondet"] = top_kernels(100)
+    print(json.dumps(record, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -64,7 +64,7 @@ tail -n 3 "$OUT/gpu-tests.log"
 pkill -9 -f "[-]m harness train" ; pkill -9 -f "[t]orch.distributed.run" ; sleep 1
 
 step "benchmarks"
-left=$(( total - ($(date +%s) - started) - 60 ))  # 60 s: the step probe after them
+left=$(( total - ($(date +%s) - started) - 40 ))  # 40 s: the step probe after them
 # The budget decides which parts start; the timeout also bounds the last one to start.
 MNIST_DIR="$MNIST" timeout $(( left > 30 ? left : 30 )) "$PY" bench/bench_gpu.py --device cuda --budget $(( left > 90 ? left - 40 : 50 )) \
   ${BENCH_VARIANT:+--variant "$BENCH_VARIANT"} --record "$OUT/bench_gpu.json" >/dev/null 2>"$OUT/bench_gpu.log"

@@ -234,7 +234,8 @@ def variant_args(name: str) -> list[str]:
     """Step variants by name: eager|compile-MODE, fp32|bf16, det|nondet."""
     how, precision, determinism = name.split("/")
     args = ["--precision", precision, "--deterministic" if determinism == "det" else "--no-deterministic"]
-    return args + (["--compile", how.removeprefix("compile-")] if how.startswith("compile-") else [])
+    # eager is --compile '' (the harness's default, auto, would pick the CUDA graph)
+    return args + ["--compile", how.removeprefix("compile-") if how.startswith("compile-") else ""]
 
 
 class Budget:

@@ -35,7 +35,7 @@ CHOICES = {
     "backend": ("auto", "nccl", "gloo"),
     "lr_schedule": ("exponential", "onecycle"),
     "precision": ("auto", "fp32", "bf16"),
-    "compile": ("", "gpu", "cuda-graph", "default", "reduce-overhead", "max-autotune"),
+    "compile": ("auto", "", "gpu", "cuda-graph", "default", "reduce-overhead", "max-autotune"),
 }
 
 
@@ -110,8 +110,9 @@ class TrainConfig:
         True, "bitwise-reproducible kernels (and resume) on the GPU; off allows cuDNN autotuning and TF32"
     )
     compile: str = option(
-        "", "torch.compile the model with this mode (default, reduce-overhead: CUDA graphs, max-autotune); "
+        "auto", "auto: cuda-graph for one rank on a GPU (not when augmenting), else eager; "
         "cuda-graph: the whole step as one CUDA graph (one rank on a GPU); "
+        "torch.compile the model with this mode (default, reduce-overhead: CUDA graphs, max-autotune); "
         "gpu: cuda-graph for one rank on a GPU, reduce-overhead for several, eager on the CPU; '' = eager"
     )
     channels_last: bool = option(False, "channels-last memory layout for the CNN's activations")

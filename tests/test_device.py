@@ -135,13 +135,17 @@ def test_channels_last_gives_the_same_step(mnist_shards, tmp_path):
 
 
 def test_compile_modes_by_device_and_world_size():
-    """`--compile gpu` replays the whole step as one CUDA graph for one rank on a GPU,
-    compiles with CUDA graphs for several, and leaves the CPU eager; `cuda-graph` where it
-    cannot work is one clear error."""
+    """`--compile auto` (the default) replays the whole step as one CUDA graph for one rank
+    on a GPU and is eager elsewhere; `gpu` does the same but compiles with CUDA graphs for
+    several ranks; `cuda-graph` where it cannot work is one clear error."""
+    from harness.config import TrainConfig
     from harness.distributed import DistContext
     from harness.train import compile_mode
 
     one_gpu, two_gpus, cpu = DistContext(device=CUDA0), DistContext(world_size=2, device=CUDA0), DistContext()
+    assert TrainConfig().compile == "auto"
+    assert compile_mode("auto", one_gpu) == "cuda-graph"
+    assert compile_mode("auto", two_gpus) == compile_mode("auto", cpu) == compile_mode("auto", one_gpu, augmenting=True) == ""
     assert compile_mode("gpu", one_gpu) == "cuda-graph"
     assert compile_mode("gpu", two_gpus) == "reduce-overhead"
     assert compile_mode("gpu", cpu) == "" and compile_mode("", one_gpu) == ""

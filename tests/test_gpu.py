@@ -40,8 +40,10 @@ PAUSE = {"HARNESS_TEST_FAULT": "sleep=5@130"}
 
 
 def test_one_lenet_epoch_on_the_gpu_reaches_98_percent(mnist_shards, tmp_path):
+    """With the defaults: one rank on a GPU replays the step as a CUDA graph (--compile auto)."""
     result = run_cli("train", "--preset", "lenet", "--shards", mnist_shards, "--run-dir", tmp_path / "run", "--epochs", "1", "--device", "cuda")
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "captured the step as one CUDA graph" in result.stdout + result.stderr
     s = summary(tmp_path / "run")
     assert s["device"] == "cuda:0" and s["test_accuracy"] >= 0.98, s
 
@@ -72,8 +74,9 @@ def test_two_ranks_on_one_gpu_match_one_rank(mnist_shards, tmp_path):
 
 @pytest.fixture(scope="module")
 def gpu_reference(mnist_shards, tmp_path_factory):
+    """An uninterrupted eager run (the default, --compile auto, would replay a CUDA graph)."""
     run_dir = tmp_path_factory.mktemp("gpu-reference") / "run"
-    train_ok(mnist_shards, run_dir, *RUN)
+    train_ok(mnist_shards, run_dir, *RUN, "--compile", "")
     return summary(run_dir)["param_checksum"]
 
 

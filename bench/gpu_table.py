@@ -31,6 +31,9 @@ def main(out: Path) -> None:
         steps = probe["graphed_step_ms"]
         print("graphed step ms (probe; det|nondet/precision/layout/batch): "
               + "  ".join(f"{k}={v}" for k, v in steps.items() if not isinstance(v, str)))
+        firsts = probe.get("first_step_ms", {})
+        if firsts:
+            print("  first step after capture, ms: " + "  ".join(f"{k}={v}" for k, v in list(firsts.items())[:4]) + "  ...")
         for mode, kernels in probe.get("eager_top_kernels", {}).items():
             print(f"  {mode} eager top kernels (us/step): " + "; ".join(f"{k['kernel'][:40]} {k['us_per_step']}" for k in kernels[:4]))
     bench = load(out / "bench_gpu.json")

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 import tempfile
@@ -277,6 +278,8 @@ def main() -> None:
     parts = set(args.parts.split(","))
     if parts - set(PARTS):
         parser.error(f"--parts: unknown {', '.join(sorted(parts - set(PARTS)))} (choose from {', '.join(PARTS)})")
+    if args.variant and not re.fullmatch(r"(eager|compile-[a-z-]+)/(fp32|bf16)/(det|nondet)", args.variant):
+        parser.error(f"--variant {args.variant!r}: give eager|compile-MODE/fp32|bf16/det|nondet, e.g. compile-cuda-graph/fp32/nondet")
     quick = args.quick
     epochs_variant, epochs_lenet, steps = ("1", "1", 100) if quick else ("2", "15", 1200)
     # The harness's default step and its autotuned (non-deterministic) form first: they
@@ -321,7 +324,9 @@ def main() -> None:
             if due(f"variant {name}", 20):
                 variant(name)
         sane = {n: v for n, v in figures["variants"].items() if "failed" not in v and v["test_accuracy"] >= (0.9 if quick else 0.98)}
-        best = args.variant or (max(sane, key=lambda n: sane[n]["samples_per_s"]) if sane else "eager/fp32/det")
+        # Without timed variants: the harness's default on one GPU (--compile auto).
+        best = args.variant or (max(sane, key=lambda n: sane[n]["samples_per_s"]) if sane else
+                                "eager/fp32/det" if quick else "compile-cuda-graph/fp32/det")
         if "lenet" in parts and due("lenet", 30):
             log(f"lenet, {epochs_lenet} epochs, variant {best}")
             lenet = harness(shards, work / "lenet", "--preset", "lenet", "--epochs", epochs_lenet, *device_args, *variant_args(best))
@@ -355,7 +360,7 @@ def main() -> None:
                 "epochs": len(result["metrics"]), "loop_seconds": round(result["summary"]["total_seconds"], 3),
                 "loop_seconds_by_part": result["summary"].get("loop_seconds_by_part"),
                 "compile_seconds": result["summary"].get("compile_seconds"), "wall_seconds": result["wall_seconds"],
-                "config": {k: result["summary"]["config"][k] for k in ("batch_size", "lr", "epochs", "compile", "precision")},
+                "config": {k: result["summary"]["config"][k] for k in ("batch_size", "lr", "epochs", "compile", "precision", "deterministic")},
                 **({"compiled_run_failed": result["compiled_run_failed"]} if "compiled_run_failed" in result else {}),
             })
             ok = [r for r in figures["fast"]["runs"] if "failed" not in r]

@@ -337,6 +337,7 @@ class Trainer:
         self.fault.before_step(self.progress.step, self.ctx.rank)  # test-only fault injection
         if self.graphed:
             loss = self.graphed()  # the same gather, forward, loss and backward, replayed as one CUDA graph
+            loss = self.fault.corrupt_loss(loss, self.progress.step, self.ctx.rank)  # the NaN check sees it; the weights do not
         else:
             images, labels = macro.local_batch(i)
             inputs = self.normalize(images)

@@ -104,8 +104,20 @@ def test_the_cuda_graph_step_is_bitwise_the_eager_step(mnist_shards, tmp_path, m
     """Streamed macro-batches (7,000 images, copied into the graph's buffers) and the
     resident split: 300 replayed steps end with the eager run's weights, bit for bit."""
     args = ("--preset", "lenet", "--epochs", "1", "--max-steps", "300", "--macro-batch", macro_batch, "--device", "cuda")
-    train_ok(mnist_shards, tmp_path / "eager", *args)
+    train_ok(mnist_shards, tmp_path / "eager", *args, "--compile", "")
     result = train_ok(mnist_shards, tmp_path / "graph", *args, "--compile", "cuda-graph")
+    assert "captured the step as one CUDA graph" in result.stdout + result.stderr
+    assert summary(tmp_path / "graph")["param_checksum"] == summary(tmp_path / "eager")["param_checksum"]
+
+
+@pytest.mark.parametrize("preset", ["mathspp-mlp", "neupy-mlp"])
+def test_the_default_graphed_step_is_bitwise_eager_for_the_mlps(mnist_shards, tmp_path, preset):
+    """--compile auto captures every preset's step on one GPU, not only LeNet's: an MLP
+    with an MSE loss on one-hot targets at batch 1 (mathspp-mlp), and one whose inputs are
+    shifted by a per-pixel mean tensor (neupy-mlp), end with the eager step's weights."""
+    args = ("--preset", preset, "--epochs", "1", "--max-steps", "200", "--device", "cuda")
+    train_ok(mnist_shards, tmp_path / "eager", *args, "--compile", "")
+    result = train_ok(mnist_shards, tmp_path / "graph", *args)
     assert "captured the step as one CUDA graph" in result.stdout + result.stderr
     assert summary(tmp_path / "graph")["param_checksum"] == summary(tmp_path / "eager")["param_checksum"]
 

@@ -35,7 +35,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import hardware, make_log, median, mnist_dir, versions
+from common import capture_step, hardware, make_log, median, mnist_dir, versions
 
 log = make_log("gpu")
 HERE = Path(__file__).resolve().parent
@@ -134,17 +134,8 @@ def bare_worker(args) -> dict:
         loss.backward()
         step.add_(1)
 
-    if graphed:  # as harness/cuda_graph.py: warm up on a side stream, capture, replay
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(3):
-                forward_backward()
-                model.zero_grad(set_to_none=True)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            forward_backward()
+    if graphed:
+        graph = capture_step(forward_backward, model)
 
     def run(n: int) -> None:
         for _ in range(n):

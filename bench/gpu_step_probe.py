@@ -23,6 +23,7 @@ import os
 import time
 
 import torch
+from common import capture_step
 
 from harness.device import CUBLAS_DETERMINISTIC_WORKSPACE, autocast, set_deterministic
 from harness.models import lenet
@@ -62,16 +63,7 @@ def graphed_step_ms(batch: int, precision: str, channels_last: bool) -> tuple[fl
     """Milliseconds of the first step after capture (the optimizer's first step, its state
     and kernels, included) and of a step in steady state."""
     model, optimizer, forward_backward = make_step(batch, precision, channels_last)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            forward_backward(cache=False)
-            model.zero_grad(set_to_none=True)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        forward_backward(cache=False)
+    graph = capture_step(lambda: forward_backward(cache=False), model)  # no autocast cache in a graph
     torch.cuda.synchronize()
     started = time.perf_counter()
     graph.replay()

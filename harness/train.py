@@ -531,10 +531,9 @@ def compile_mode(requested: str, ctx: distributed.DistContext, augmenting: bool 
     faster than eager (README, "On a GPU"). Elsewhere it stays eager: `gpu`'s choice for
     several ranks, torch.compile's reduce-overhead, costs a compile at every start."""
     cuda = ctx.device.type == "cuda"
-    if requested == "auto":
-        return "cuda-graph" if cuda and ctx.world_size == 1 and not augmenting else ""
-    if requested == "gpu":
-        return ("cuda-graph" if ctx.world_size == 1 and not augmenting else "reduce-overhead") if cuda else ""
+    graph_fits = cuda and ctx.world_size == 1 and not augmenting
+    if requested in ("auto", "gpu"):
+        return "cuda-graph" if graph_fits else "reduce-overhead" if requested == "gpu" and cuda else ""
     if requested == "cuda-graph" and (not cuda or ctx.world_size > 1):
         raise HarnessError(
             f"--compile cuda-graph needs one rank on a GPU (here: {ctx.world_size} rank(s) on {ctx.device}): "

@@ -61,6 +61,10 @@ class TrainConfig:
         "initial weights: pytorch (PyTorch's default per layer); fan_product_normal: every weight tensor "
         "~ N(0, std 1/(fan_out x fan_in)), every bias ~ N(0, std 1/fan_out) (mathspp's nn.py)",
     )
+    batch_norm: bool = option(
+        False, "lenet only: BatchNorm after each conv and the hidden Linear (SyncBatchNorm across GPU ranks, so the "
+        "statistics are the global batch's at any world size; refused for several CPU ranks, which PyTorch's SyncBatchNorm does not run on)"
+    )
     loss: str = option("cross_entropy", "cross_entropy, or mse against one-hot targets")
     label_smoothing: float = option(0.0, "cross_entropy only: training targets put this much probability mass evenly on all classes (validation and test losses stay plain)")
     normalize: str = option(
@@ -123,6 +127,8 @@ class TrainConfig:
                 raise HarnessError(f"--{flag(name)} '{getattr(self, name)}' is not one of: {', '.join(a or '(none)' for a in allowed)}")
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise HarnessError(f"--device '{self.device}' is not one of: auto, cpu, cuda, cuda:N")
+        if self.batch_norm and self.model != "lenet":
+            raise HarnessError(f"--batch-norm is for the lenet model (got --model {self.model})")
         if self.model == "mlp" and not self.hidden:
             raise HarnessError("--hidden is required for the mlp model (e.g. --hidden 500,300)")
         for name in ("epochs", "batch_size", "macro_batch", "log_every", "eval_batch", "keep_checkpoints"):

@@ -69,7 +69,8 @@ class GraphedStep:
     def capture(self) -> None:
         """Warm up on a side stream, then capture. Gradients are set to None first, so the
         captured backward allocates them from the graph's pool: every replay overwrites
-        them, and nothing may set them to None again. The weights are not touched."""
+        them, and nothing may set them to None again. The weights are not touched; BatchNorm's
+        running statistics are (Trainer.warm_up puts them back)."""
         self.model.zero_grad(set_to_none=True)
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
@@ -13,18 +15,26 @@ ACTIVATIONS = {
 }
 
 
-def lenet(num_classes: int = 10) -> nn.Sequential:
+def lenet(num_classes: int = 10, batch_norm: bool = False) -> nn.Sequential:
     """Conv(1→16, 3x3) → MaxPool(2) → ReLU → Conv(16→32, 4x4) → MaxPool(2) → ReLU →
-    Linear(800→1024) → ReLU → Linear(1024→10): 838,858 parameters."""
+    Linear(800→1024) → ReLU → Linear(1024→10): 838,858 parameters.
+
+    `batch_norm`: BatchNorm after each conv and after the hidden Linear (before the
+    pooling and the ReLU; 2,144 more parameters), which lets a far larger learning rate
+    train: the `fast` preset reaches 99% in one epoch with it."""
+    norm = (lambda kind, n: [kind(n)]) if batch_norm else (lambda kind, n: [])
     return nn.Sequential(
         nn.Conv2d(1, 16, kernel_size=3),  # 28 → 26
+        *norm(nn.BatchNorm2d, 16),
         nn.MaxPool2d(2),  # → 13
         nn.ReLU(),
         nn.Conv2d(16, 32, kernel_size=4),  # → 10
+        *norm(nn.BatchNorm2d, 32),
         nn.MaxPool2d(2),  # → 5
         nn.ReLU(),
         nn.Flatten(),
         nn.Linear(32 * 5 * 5, 1024),
+        *norm(nn.BatchNorm1d, 1024),
         nn.ReLU(),
         nn.Linear(1024, num_classes),
     )
@@ -70,12 +80,25 @@ def fan_product_normal_(model: nn.Module) -> nn.Module:
 def build_model(config) -> nn.Sequential:
     """The config's model, initialised from the current torch RNG state."""
     if config.model == "lenet":
-        model = lenet()
+        model = lenet(batch_norm=config.batch_norm)
     elif config.model == "mlp":
         model = mlp(config.hidden, config.activation, config.output_activation, leaky_slope=config.leaky_slope)
     else:
         raise ValueError(f"unknown model '{config.model}' (choose lenet or mlp)")
     return fan_product_normal_(model) if config.init == "fan_product_normal" else model
+
+
+@contextlib.contextmanager
+def buffers_restored(model: nn.Module):
+    """On exit, every buffer (BatchNorm's running statistics) holds its value from entry
+    again, in place: warm-up passes on batches of zeros leave no trace in the model."""
+    saved = [buffer.clone() for buffer in model.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buffer, value in zip(model.buffers(), saved):
+                buffer.copy_(value)
 
 
 def first_layer_weights(state: dict[str, torch.Tensor]) -> list[tuple[str, torch.Tensor]]:

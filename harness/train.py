@@ -38,7 +38,7 @@ from harness.data.stream import MacroBatch, MacroBatchStream
 from harness.device import autocast, set_deterministic
 from harness.errors import HarnessError, run_guarded
 from harness.evaluate import EvalResult, evaluate
-from harness.models import build_model, parameter_checksum
+from harness.models import buffers_restored, build_model, parameter_checksum
 from harness.normalize import Normalizer, make_loss, stats_used
 from harness.run_outputs import RunOutputs, setup_logging
 from harness.stopping import EXIT_STOPPED, StopRequest
@@ -117,6 +117,12 @@ class Trainer:
         """`resume`: auto (the newest valid checkpoint in RUN_DIR), never, or a checkpoint's path."""
         if config.batch_size % ctx.world_size:
             raise HarnessError(f"--batch-size {config.batch_size} is not divisible by the world size {ctx.world_size}")
+        if config.batch_norm and ctx.world_size > 1 and ctx.device.type != "cuda":
+            raise HarnessError(
+                f"--batch-norm with {ctx.world_size} ranks on the {ctx.device.type}: PyTorch's SyncBatchNorm runs on GPUs "
+                "only, and BatchNorm over each rank's slice alone would make the weights depend on the world size; "
+                "train on one rank, or on GPUs"
+            )
         self.config, self.shards, self.run_dir, self.ctx, self.resume = config, shards, Path(run_dir), ctx, resume
         self.malloc = keep_freed_memory()
         self.threads, self.threads_why = distributed.choose_threads(config.threads, ctx.local_world_size)
@@ -158,6 +164,11 @@ class Trainer:
         self.model = build_model(config).to(ctx.device)
         memory_format = torch.channels_last if config.channels_last and config.model == "lenet" else torch.contiguous_format
         self.model = self.model.to(memory_format=memory_format)
+        if config.batch_norm and ctx.world_size > 1:
+            # BatchNorm over the global batch, as on one rank: the ranks share each layer's
+            # batch statistics (an all-gather per layer and pass), so the weights do not
+            # depend on the world size.
+            self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
         self.trained = self.model  # what the step calls: the model, wrapped in DDP and/or compiled
         if ctx.world_size > 1:  # one rank has nothing to all-reduce
             self.trained = DistributedDataParallel(self.model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
@@ -313,12 +324,21 @@ class Trainer:
     def warm_up(self) -> float:
         """Compile the step (and capture its CUDA graphs) before the clock starts: three
         forward and backward passes on a batch of zeros, gradients dropped, no optimizer
-        step, so the weights, the optimizer and the RNG are as they were."""
+        step, BatchNorm's running statistics put back, so the weights, the optimizer and
+        the RNG are as they were."""
         started = time.perf_counter()
+        with buffers_restored(self.model):
+            self.warm_up_passes()
+        seconds = time.perf_counter() - started
+        what = "captured the step as one CUDA graph" if self.graphed else f"compiled the step ({self.compile_mode})"
+        log.info(f"{what} in {seconds:.2f} s, before training")
+        return seconds
+
+    def warm_up_passes(self) -> None:
+        """The CUDA graph's capture, or three eager passes through the compiled step."""
         if self.graphed:
             self.graphed.capture()
-            log.info(f"captured the step as one CUDA graph in {time.perf_counter() - started:.2f} s, before training")
-            return time.perf_counter() - started
+            return
         local = self.config.batch_size // self.ctx.world_size
         images = torch.zeros(local, 28, 28, dtype=torch.uint8, device=self.ctx.device)
         labels = torch.zeros(local, dtype=torch.int64, device=self.ctx.device)
@@ -328,9 +348,6 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
         if self.ctx.device.type == "cuda":
             torch.cuda.synchronize(self.ctx.device)
-        seconds = time.perf_counter() - started
-        log.info(f"compiled the step ({self.compile_mode}) in {seconds:.1f} s, before training")
-        return seconds
 
     def train_step(self, macro: MacroBatch, i: int) -> None:
         """One optimizer step on this rank's slice of global batch `i`; nothing here waits for the device."""

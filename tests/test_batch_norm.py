@@ -1,0 +1,89 @@
+"""LeNet with BatchNorm (--batch-norm, the `fast` preset's network) on the CPU: its running
+statistics are part of the trained state, the warm-up before the clock leaves them (and
+everything else a checkpoint holds) alone, and several CPU ranks are refused rather than
+trained with statistics that depend on the world size."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import final_weights, run, summary, train_command, train_ok
+
+from harness import distributed
+from harness.config import TrainConfig, load_preset
+from harness.data.shard_set import ShardSource
+from harness.errors import HarnessError
+from harness.models import buffers_restored, lenet, parameter_checksum
+from harness.train import Trainer
+
+# lenet's exponential schedule: unlike onecycle's, it does not depend on --max-steps, so
+# a run stopped at step 30 and resumed to 60 follows the uninterrupted run's schedule.
+RUN = ("--preset", "lenet", "--batch-norm", "--epochs", "1", "--device", "cpu", "--threads", "1")
+
+
+def test_batch_norm_sits_after_each_conv_and_the_hidden_layer():
+    model = lenet(batch_norm=True)
+    kinds = [type(m).__name__ for m in model]
+    assert kinds == ["Conv2d", "BatchNorm2d", "MaxPool2d", "ReLU", "Conv2d", "BatchNorm2d", "MaxPool2d", "ReLU",
+                     "Flatten", "Linear", "BatchNorm1d", "ReLU", "Linear"]
+    assert [type(m).__name__ for m in lenet()] == [k for k in kinds if not k.startswith("BatchNorm")]
+
+
+def test_batch_norm_is_for_the_cnn_only():
+    with pytest.raises(HarnessError, match="--batch-norm is for the lenet model"):
+        TrainConfig(model="mlp", hidden=[10], batch_norm=True).validate()
+
+
+def test_buffers_restored_puts_the_running_statistics_back():
+    """Training-mode passes move BatchNorm's running statistics; on leaving the block they
+    are bitwise what they were, in the same tensors (a captured CUDA graph holds their addresses)."""
+    torch.manual_seed(0)
+    model = lenet(batch_norm=True)
+    model(torch.randn(8, 1, 28, 28))  # statistics that are not the initial zeros and ones
+    before = {name: b.clone() for name, b in model.named_buffers()}
+    addresses = [b.data_ptr() for b in model.buffers()]
+    with buffers_restored(model):
+        for _ in range(3):
+            model(torch.zeros(8, 1, 28, 28)).sum().backward()
+        assert not torch.equal(model[1].running_var, before["1.running_var"])
+    assert all(torch.equal(b, before[name]) for name, b in model.named_buffers())
+    assert [b.data_ptr() for b in model.buffers()] == addresses
+
+
+def test_warm_up_leaves_the_training_state_as_it_was(mnist_shards, tmp_path):
+    """Trainer.warm_up runs before the clock when the step is compiled or graphed (on a GPU):
+    three passes on batches of zeros. Run here on the CPU's eager step, it leaves the
+    weights, running statistics, optimizer, schedule and RNG as they were."""
+    config = TrainConfig(**{**load_preset("fast"), "device": "cpu", "threads": 1})
+    ctx = distributed.init_distributed("cpu")
+    trainer = Trainer(config, ShardSource(mnist_shards), tmp_path / "run", ctx, resume="never")
+    try:
+        before = (parameter_checksum(trainer.model), trainer.scheduler.state_dict(), torch.get_rng_state())
+        trainer.warm_up()
+        after = (parameter_checksum(trainer.model), trainer.scheduler.state_dict(), torch.get_rng_state())
+        assert after[:2] == before[:2] and torch.equal(after[2], before[2])
+        assert trainer.optimizer.state_dict()["state"] == {} and all(p.grad is None for p in trainer.model.parameters())
+    finally:
+        trainer.outputs.close()
+        distributed.shutdown(ctx)
+
+
+def test_running_statistics_are_checkpointed_and_resume_exactly(mnist_shards, tmp_path):
+    """60 steps in one go, and 30 then 30 more from the checkpoint, end bitwise equal,
+    running statistics included (the checksum covers the whole state dict)."""
+    train_ok(mnist_shards, tmp_path / "whole", *RUN, "--max-steps", "60")
+    train_ok(mnist_shards, tmp_path / "split", *RUN, "--max-steps", "30")
+    resumed = train_ok(mnist_shards, tmp_path / "split", *RUN, "--max-steps", "60")
+    assert "resuming from" in resumed.stdout
+    assert summary(tmp_path / "split")["param_checksum"] == summary(tmp_path / "whole")["param_checksum"]
+    weights = final_weights(tmp_path / "whole")
+    assert int(weights["1.num_batches_tracked"]) == 60
+    assert weights["10.running_mean"].abs().sum() > 0 and not torch.equal(weights["1.running_var"], torch.ones(16))
+    assert summary(tmp_path / "whole")["test_accuracy"] > 0.9  # evaluated with the running statistics
+
+
+def test_several_cpu_ranks_are_refused_at_start_up(mnist_shards, tmp_path):
+    result = run(train_command(mnist_shards, tmp_path / "run", *RUN, "--max-steps", "10", nproc=2), timeout=120)
+    assert result.returncode != 0
+    assert "--batch-norm with 2 ranks on the cpu: PyTorch's SyncBatchNorm runs on GPUs only" in result.stdout + result.stderr
+    assert not (tmp_path / "run" / "summary.json").exists()

@@ -368,8 +368,8 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
         self.optimizer.step()
-        if self.config.lr_schedule == "onecycle":
-            self.scheduler.step()
+        if self.config.lr_schedule == "onecycle" and self.scheduler.last_epoch + 1 < self.scheduler.total_steps:
+            self.scheduler.step()  # per step, but not past the last one, where the lr would fall below 0
         self.window.add(loss)
 
     def sync_point(self, lr: float, bar: ProgressBar) -> None:

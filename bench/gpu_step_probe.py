@@ -3,7 +3,9 @@
 
 bench_gpu.py times whole runs; this times the step alone, in one process, for each
 combination of the options that change its kernels (deterministic or not, fp32 or bf16,
-channels-last or not) at the lenet preset's batch (100) and the fast preset's (512).
+channels-last or not) at the lenet preset's batch (100) and the earlier fast preset's
+(512); then the fast preset's network (BatchNorm) at its batch, 256, beside the plain
+network at that batch.
 Each step is the one harness/cuda_graph.py captures (forward and backward as one CUDA
 graph, then the fused SGD step), on random resident data: the values do not change the
 kernels' time. The first step after each capture is timed apart: in the first
@@ -34,10 +36,10 @@ TIMED_STEPS = 500
 ROWS = 10_000
 
 
-def make_step(batch: int, precision: str, channels_last: bool):
+def make_step(batch: int, precision: str, channels_last: bool, batch_norm: bool = False):
     """A model, its optimizer and a forward+backward over resident random data."""
     torch.manual_seed(0)
-    model = lenet().to(DEVICE)
+    model = lenet(batch_norm=batch_norm).to(DEVICE)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, fused=True)
@@ -59,10 +61,10 @@ def make_step(batch: int, precision: str, channels_last: bool):
     return model, optimizer, forward_backward
 
 
-def graphed_step_ms(batch: int, precision: str, channels_last: bool) -> tuple[float, float]:
+def graphed_step_ms(batch: int, precision: str, channels_last: bool, batch_norm: bool = False) -> tuple[float, float]:
     """Milliseconds of the first step after capture (the optimizer's first step, its state
     and kernels, included) and of a step in steady state."""
-    model, optimizer, forward_backward = make_step(batch, precision, channels_last)
+    model, optimizer, forward_backward = make_step(batch, precision, channels_last, batch_norm)
     graph = capture_step(lambda: forward_backward(cache=False), model)  # no autocast cache in a graph
     torch.cuda.synchronize()
     started = time.perf_counter()
@@ -104,11 +106,14 @@ def top_kernels(batch: int) -> list[dict]:
 def main() -> None:
     record = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "cuda": torch.version.cuda,
               "cudnn": torch.backends.cudnn.version(), "graphed_step_ms": {}, "first_step_ms": {}, "eager_top_kernels": {}}
-    for deterministic, precision, channels_last, batch in itertools.product((True, False), ("fp32", "bf16"), (False, True), (100, 512)):
+    combinations = [(*c, False) for c in itertools.product((True, False), ("fp32", "bf16"), (False, True), (100, 512))]
+    combinations += [(deterministic, "fp32", False, 256, batch_norm) for deterministic in (False, True) for batch_norm in (False, True)]
+    for deterministic, precision, channels_last, batch, batch_norm in combinations:
         set_deterministic(deterministic)
-        name = f"{'det' if deterministic else 'nondet'}/{precision}/{'channels_last' if channels_last else 'nchw'}/batch{batch}"
+        name = (f"{'det' if deterministic else 'nondet'}/{precision}/{'channels_last' if channels_last else 'nchw'}/batch{batch}"
+                + ("/batch_norm" if batch_norm else ""))
         try:
-            first, steady = graphed_step_ms(batch, precision, channels_last)
+            first, steady = graphed_step_ms(batch, precision, channels_last, batch_norm)
             record["graphed_step_ms"][name], record["first_step_ms"][name] = round(steady, 4), round(first, 3)
         except Exception as e:  # one combination failing must not lose the others
             record["graphed_step_ms"][name] = f"failed: {type(e).__name__}: {str(e)[:300]}"

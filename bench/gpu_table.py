@@ -58,6 +58,9 @@ def main(out: Path) -> None:
         print(f"  seed {r.get('seed')}: {r.get('test_accuracy')} after {r.get('epochs')} epochs, to 99%: {r.get('seconds_to_99')} s, "
               f"epochs {r.get('epoch_seconds')} s, compile {r.get('compile_seconds')} s" + (" FAILED" if "failed" in r else ""))
         print(f"    loop {r.get('loop_seconds')} s by part: {r.get('loop_seconds_by_part')}")
+    for name, extra in fast.get("first_epoch_extra", {}).items():
+        print(f"  first epoch minus second ({name} module loading): {extra.get('seconds')} s, epochs {extra.get('epoch_seconds')} s"
+              + (" FAILED" if "failed" in extra else ""))
     bare = f.get("harness_vs_bare", {})
     print(f"harness / bare loop ({bare.get('variant')}): {bare.get('median_ratio')}  {bare.get('rounds')}   [target >= 1.0]")
     loader = f.get("harness_vs_dataloader", {})

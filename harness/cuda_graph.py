@@ -67,7 +67,7 @@ class GraphedStep:
         return loss
 
     def capture(self) -> None:
-        """Warm up on a side stream, then capture. Gradients are set to None first, so the
+        """Warm up on a side stream, capture, and replay once. Gradients are set to None first, so the
         captured backward allocates them from the graph's pool: every replay overwrites
         them, and nothing may set them to None again. The weights are not touched; BatchNorm's
         running statistics are (Trainer.warm_up puts them back)."""
@@ -83,6 +83,7 @@ class GraphedStep:
         # thread_local: the stream's prefetch thread may copy the next macro-batch meanwhile.
         with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
             self.loss = self.forward_backward()
+        self.graph.replay()  # the first replay uploads the graph to the device: not in the first epoch's time
         self.step.zero_()
         torch.cuda.synchronize(self.device)
 

@@ -325,10 +325,11 @@ class Trainer:
         """Compile the step (and capture its CUDA graphs) before the clock starts: three
         forward and backward passes on a batch of zeros, gradients dropped, no optimizer
         step, BatchNorm's running statistics put back, so the weights, the optimizer and
-        the RNG are as they were."""
+        the RNG are as they were. Then the rest of a step, rehearsed on throwaway tensors."""
         started = time.perf_counter()
         with buffers_restored(self.model):
             self.warm_up_passes()
+        self.rehearse_the_rest_of_a_step()
         seconds = time.perf_counter() - started
         what = "captured the step as one CUDA graph" if self.graphed else f"compiled the step ({self.compile_mode})"
         log.info(f"{what} in {seconds:.2f} s, before training")
@@ -348,6 +349,21 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
         if self.ctx.device.type == "cuda":
             torch.cuda.synchronize(self.ctx.device)
+
+    def rehearse_the_rest_of_a_step(self) -> None:
+        """The optimizer's update and a sync point's work, once, on throwaway tensors, so that
+        the first time their kernels run is not in the first epoch: on an H200 that epoch
+        took 0.06 s longer than the next ones (docs/gpu-h200-2026-11-26/run5), and a
+        kernel's first launch loads its module (CUDA loads them lazily)."""
+        params = [torch.zeros_like(p, requires_grad=True) for p in self.model.parameters()]
+        for p in params:
+            p.grad = torch.zeros_like(p)
+        optimizer = type(self.optimizer)(params, **self.optimizer.defaults)
+        optimizer.step()  # creates the momentum buffers
+        optimizer.step()  # reads them
+        window = LossWindow(1, self.ctx.device)
+        window.add(torch.zeros((), device=self.ctx.device))
+        agree_at_sync_point(self.ctx, window.losses, 0, self.stop_request)
 
     def train_step(self, macro: MacroBatch, i: int) -> None:
         """One optimizer step on this rank's slice of global batch `i`; nothing here waits for the device."""

@@ -52,8 +52,9 @@ def test_buffers_restored_puts_the_running_statistics_back():
 
 def test_warm_up_leaves_the_training_state_as_it_was(mnist_shards, tmp_path):
     """Trainer.warm_up runs before the clock when the step is compiled or graphed (on a GPU):
-    three passes on batches of zeros. Run here on the CPU's eager step, it leaves the
-    weights, running statistics, optimizer, schedule and RNG as they were."""
+    three passes on batches of zeros and a rehearsed update on throwaway tensors. Run here on
+    the CPU's eager step, it leaves the weights, running statistics, optimizer, schedule and
+    RNG as they were."""
     config = TrainConfig(**{**load_preset("fast"), "device": "cpu", "threads": 1})
     ctx = distributed.init_distributed("cpu")
     trainer = Trainer(config, ShardSource(mnist_shards), tmp_path / "run", ctx, resume="never")

@@ -6,8 +6,9 @@
 # machine's Python lacks (webdataset, braceexpand), installed with --no-index; the
 # harness itself is installed with --no-deps, so the machine's own torch (a CUDA build)
 # is used. Runs from the repository root. It keeps to GPU_CHECK_SECONDS (default 480) in
-# all: the tests get at most 330 s (9 of them took 226 s on an H200 once, over 240 s
-# another time; two MLP tests were added since), the benchmarks skip their later parts to fit what is left
+# all: the tests get at most 330 s (9 of them, one at a time, took 226 s on an H200 once,
+# over 240 s another time; they now run in three processes at once), the benchmarks skip
+# their later parts to fit what is left
 # (bench_gpu.json lists what they skipped), and the step probe
 # (bench/gpu_step_probe.py, about 35 s) runs last. GPU_TESTS (a pytest -k expression)
 # and BENCH_VARIANT (bench_gpu.py --variant) narrow a rerun.
@@ -54,11 +55,26 @@ PY
 cat "$OUT/disk.json"
 
 step "GPU tests"
-# GPU_TESTS: a pytest -k expression, to rerun some of them (default: all).
-MNIST_DIR="$MNIST" timeout 330 "$PY" -m pytest -q -m gpu -p no:cacheprovider -s --timeout 120 --durations 0 tests/test_gpu.py \
-  ${GPU_TESTS:+-k "$GPU_TESTS"} --junitxml="$OUT/gpu-tests.xml" >"$OUT/gpu-tests.log" 2>&1
-echo "pytest exit $?" >>"$OUT/gpu-tests.log"
-tail -n 3 "$OUT/gpu-tests.log"
+# Three pytest processes share the GPU at once: the tests check results, not speed, and
+# one at a time they took about 30 s each (most of it process start-up and CUDA
+# initialisation). GPU_TESTS (a pytest -k expression) reruns some of them in one process.
+run_tests() {  # NAME [PYTEST ARGS]: its log and JUnit XML in OUT as gpu-tests-NAME.*
+  MNIST_DIR="$MNIST" timeout 330 "$PY" -m pytest -q -rfEp -m gpu -p no:cacheprovider -s --timeout 120 --durations 0 \
+    --basetemp "/tmp/gpu-tests-$1" tests/test_gpu.py "${@:2}" --junitxml="$OUT/gpu-tests-$1.xml" >"$OUT/gpu-tests-$1.log" 2>&1
+  echo "pytest exit $?" >>"$OUT/gpu-tests-$1.log"
+}
+if [ -n "${GPU_TESTS:-}" ]; then
+  run_tests some -k "$GPU_TESTS"
+else
+  resume="sigkill or sigterm"  # these share the module's uninterrupted reference run
+  ranks="two_ranks or torchrun or one_lenet_epoch or resumes_on_the_cpu"
+  run_tests resume -k "$resume" &
+  run_tests ranks -k "$ranks" &
+  run_tests rest -k "not ($resume or $ranks)" &
+  wait
+fi
+cat "$OUT"/gpu-tests-*.log >"$OUT/gpu-tests.log"
+grep -hE "^pytest exit|^=* ?[0-9]+ (passed|failed|skipped|error)" "$OUT"/gpu-tests-*.log
 # A test cut off by the timeout leaves its runs behind: they must not share the GPU with
 # the benchmarks.
 # (This machine runs nothing else: the pattern matches any harness run on it.)

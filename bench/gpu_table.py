@@ -20,8 +20,11 @@ def main(out: Path) -> None:
     versions = load(out / "versions.json") or {}
     print(f"GPU {versions.get('gpu')}  torch {versions.get('torch')}  CUDA {versions.get('cuda')}  NCCL {versions.get('nccl')}")
     tests = (out / "gpu-tests.log").read_text(errors="replace") if (out / "gpu-tests.log").exists() else ""
-    summary = re.findall(r"^=*\s*(\d+ (?:passed|failed).*?) in [\d.]+s", tests, re.M)
-    print(f"GPU tests: {summary[-1] if summary else 'no result (see gpu-tests.log)'}")
+    summary = re.findall(r"^=*\s*(\d+ (?:passed|failed|skipped|error|deselected).*?) in [\d.]+s", tests, re.M)  # one line per pytest process
+    print(f"GPU tests: {'; '.join(summary) if summary else 'no result (see gpu-tests.log)'}")
+    failed = re.findall(r"^(?:FAILED|ERROR) (\S+)", tests, re.M)
+    if failed:
+        print("  failed: " + ", ".join(failed))
     shared = [json.loads(line) for line in tests.splitlines() if line.startswith('{"shared_gpu_max_param_diff"')]
     if shared:
         print(f"  two ranks on one GPU vs one rank: max |diff| {shared[-1]['one_step']:.2e} after 1 step, "

@@ -128,7 +128,7 @@ class TrainConfig:
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise HarnessError(f"--device '{self.device}' is not one of: auto, cpu, cuda, cuda:N")
         if self.batch_norm and self.model != "lenet":
-            raise HarnessError(f"--batch-norm is for the lenet model (got --model {self.model})")
+            raise HarnessError(f"--batch-norm is for the lenet model (got --model {self.model}; --no-batch-norm turns it off)")
         if self.model == "mlp" and not self.hidden:
             raise HarnessError("--hidden is required for the mlp model (e.g. --hidden 500,300)")
         for name in ("epochs", "batch_size", "macro_batch", "log_every", "eval_batch", "keep_checkpoints"):

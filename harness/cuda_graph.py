@@ -23,6 +23,7 @@ import torch
 
 from harness.data.stream import MacroBatch, MacroBatchStream
 from harness.device import autocast
+from harness.models import buffers_restored
 
 WARM_UP_RUNS = 3  # PyTorch's CUDA graph notes: run a few iterations on a side stream before capture
 
@@ -67,23 +68,29 @@ class GraphedStep:
         return loss
 
     def capture(self) -> None:
-        """Warm up on a side stream, capture, and replay once. Gradients are set to None first, so the
-        captured backward allocates them from the graph's pool: every replay overwrites
-        them, and nothing may set them to None again. The weights are not touched; BatchNorm's
-        running statistics are (Trainer.warm_up puts them back)."""
+        """Warm up on a side stream, capture, and replay once (the first replay uploads the
+        graph to the device, which is then not in the first epoch's time). Gradients are set
+        to None first, so the captured backward allocates them from the graph's pool: every
+        replay overwrites them, and nothing may set them to None again. The weights are not
+        touched, and BatchNorm's running statistics, which the warm-up runs and the replay
+        move, are put back. Every run reads global batch 0 of the (still empty) buffers:
+        a macro-batch may hold only one."""
         self.model.zero_grad(set_to_none=True)
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
-            for _ in range(WARM_UP_RUNS):
-                self.forward_backward()
-                self.model.zero_grad(set_to_none=True)
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        # thread_local: the stream's prefetch thread may copy the next macro-batch meanwhile.
-        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
-            self.loss = self.forward_backward()
-        self.graph.replay()  # the first replay uploads the graph to the device: not in the first epoch's time
+        with buffers_restored(self.model):
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                for _ in range(WARM_UP_RUNS):
+                    self.step.zero_()
+                    self.forward_backward()
+                    self.model.zero_grad(set_to_none=True)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            # thread_local: the stream's prefetch thread may copy the next macro-batch meanwhile.
+            with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+                self.loss = self.forward_backward()
+            self.step.zero_()
+            self.graph.replay()
         self.step.zero_()
         torch.cuda.synchronize(self.device)
 

@@ -167,7 +167,8 @@ class Trainer:
         if config.batch_norm and ctx.world_size > 1:
             # BatchNorm over the global batch, as on one rank: the ranks share each layer's
             # batch statistics (an all-gather per layer and pass), so the weights do not
-            # depend on the world size.
+            # depend on the world size. Its forward also waits for the device once per
+            # layer (PyTorch's SyncBatchNorm), the one host sync inside such a step.
             self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
         self.trained = self.model  # what the step calls: the model, wrapped in DDP and/or compiled
         if ctx.world_size > 1:  # one rank has nothing to all-reduce
@@ -322,39 +323,39 @@ class Trainer:
                         return
 
     def warm_up(self) -> float:
-        """Compile the step (and capture its CUDA graphs) before the clock starts: three
-        forward and backward passes on a batch of zeros, gradients dropped, no optimizer
-        step, BatchNorm's running statistics put back, so the weights, the optimizer and
-        the RNG are as they were. Then the rest of a step, rehearsed on throwaway tensors."""
+        """Capture the step's CUDA graph, or compile the step, before the clock starts, then
+        rehearse the rest of a step on throwaway tensors. Gradients are dropped and BatchNorm's
+        running statistics put back, so the weights, the optimizer and the RNG are as they were."""
         started = time.perf_counter()
-        with buffers_restored(self.model):
-            self.warm_up_passes()
+        if self.graphed:
+            self.graphed.capture()
+        else:
+            self.compile_passes()
         self.rehearse_the_rest_of_a_step()
         seconds = time.perf_counter() - started
         what = "captured the step as one CUDA graph" if self.graphed else f"compiled the step ({self.compile_mode})"
         log.info(f"{what} in {seconds:.2f} s, before training")
         return seconds
 
-    def warm_up_passes(self) -> None:
-        """The CUDA graph's capture, or three eager passes through the compiled step."""
-        if self.graphed:
-            self.graphed.capture()
-            return
+    def compile_passes(self) -> None:
+        """Three forward and backward passes through the compiled step on a batch of zeros."""
         local = self.config.batch_size // self.ctx.world_size
         images = torch.zeros(local, 28, 28, dtype=torch.uint8, device=self.ctx.device)
         labels = torch.zeros(local, dtype=torch.int64, device=self.ctx.device)
-        for _ in range(3):
-            with autocast(self.ctx.device, self.config.precision):
-                self.train_loss_fn(self.trained(self.normalize(images)), labels).backward()
-            self.optimizer.zero_grad(set_to_none=True)
+        with buffers_restored(self.model):
+            for _ in range(3):
+                with autocast(self.ctx.device, self.config.precision):
+                    self.train_loss_fn(self.trained(self.normalize(images)), labels).backward()
+                self.optimizer.zero_grad(set_to_none=True)
         if self.ctx.device.type == "cuda":
             torch.cuda.synchronize(self.ctx.device)
 
     def rehearse_the_rest_of_a_step(self) -> None:
         """The optimizer's update and a sync point's work, once, on throwaway tensors, so that
-        the first time their kernels run is not in the first epoch: on an H200 that epoch
-        took 0.06 s longer than the next ones (docs/gpu-h200-2026-11-26/run5), and a
-        kernel's first launch loads its module (CUDA loads them lazily)."""
+        their kernels' first launches are not in the first epoch. On an H200 that epoch took
+        0.06-0.09 s longer than the next ones (docs/gpu-h200-2026-11-26/run5); that first
+        launches are the cause (CUDA loads a kernel's module at its first launch) is a
+        hypothesis, which bench_gpu.py's first_epoch_extra measures."""
         params = [torch.zeros_like(p, requires_grad=True) for p in self.model.parameters()]
         for p in params:
             p.grad = torch.zeros_like(p)
@@ -366,7 +367,8 @@ class Trainer:
         agree_at_sync_point(self.ctx, window.losses, 0, self.stop_request)
 
     def train_step(self, macro: MacroBatch, i: int) -> None:
-        """One optimizer step on this rank's slice of global batch `i`; nothing here waits for the device."""
+        """One optimizer step on this rank's slice of global batch `i`; nothing here waits for
+        the device (but SyncBatchNorm: --batch-norm on several ranks)."""
         self.fault.before_step(self.progress.step, self.ctx.rank)  # test-only fault injection
         if self.graphed:
             loss = self.graphed()  # the same gather, forward, loss and backward, replayed as one CUDA graph

@@ -11,6 +11,7 @@ from helpers import final_weights, run, summary, train_command, train_ok
 
 from harness import distributed
 from harness.config import TrainConfig, load_preset
+from harness.data.idx import read_idx
 from harness.data.shard_set import ShardSource
 from harness.errors import HarnessError
 from harness.models import buffers_restored, lenet, parameter_checksum
@@ -80,7 +81,68 @@ def test_running_statistics_are_checkpointed_and_resume_exactly(mnist_shards, tm
     weights = final_weights(tmp_path / "whole")
     assert int(weights["1.num_batches_tracked"]) == 60
     assert weights["10.running_mean"].abs().sum() > 0 and not torch.equal(weights["1.running_var"], torch.ones(16))
-    assert summary(tmp_path / "whole")["test_accuracy"] > 0.9  # evaluated with the running statistics
+
+
+def test_the_reported_test_figures_use_the_running_statistics(mnist_shards, mnist_dir, tmp_path):
+    """summary.json's test loss is model.pt's in eval mode (the running statistics), computed
+    here from the IDX files; normalising with each batch's own statistics gives another."""
+    train_ok(mnist_shards, tmp_path / "run", *RUN, "--max-steps", "60")
+    model = lenet(batch_norm=True)
+    model.load_state_dict(final_weights(tmp_path / "run"))
+    images = torch.from_numpy(read_idx(mnist_dir / "t10k-images-idx3-ubyte.gz", 3).copy()).float().div(255).unsqueeze(1)
+    labels = torch.from_numpy(read_idx(mnist_dir / "t10k-labels-idx1-ubyte.gz", 1).astype("int64"))
+
+    def test_loss() -> float:
+        with torch.no_grad():
+            return sum(torch.nn.functional.cross_entropy(model(images[i : i + 2000]), labels[i : i + 2000], reduction="sum").item()
+                       for i in range(0, 10000, 2000)) / 10000
+
+    reported = summary(tmp_path / "run")["test_loss"]
+    model.eval()
+    assert test_loss() == pytest.approx(reported, rel=1e-4)
+    model.train()  # (which also moves the running statistics: so second)
+    assert test_loss() != pytest.approx(reported, rel=1e-3)
+
+
+def test_sync_batch_norm_keeps_the_state_dict_of_batch_norm():
+    """Several GPU ranks train SyncBatchNorm layers; their checkpoint loads into the plain
+    model (one rank, predict) and back, key for key."""
+    plain = lenet(batch_norm=True)
+    synced = torch.nn.SyncBatchNorm.convert_sync_batchnorm(lenet(batch_norm=True))
+    assert isinstance(synced[1], torch.nn.SyncBatchNorm)
+    assert list(synced.state_dict()) == list(plain.state_dict())
+    plain.load_state_dict(synced.state_dict())
+    synced.load_state_dict(plain.state_dict())
+
+
+def test_batch_norm_over_each_half_alone_would_show_in_the_shared_gpu_test(mnist_dir):
+    """tests/test_gpu.py's two ranks with --batch-norm must match one rank within 1e-5 after
+    one step (lr 0.02, batch 100). BatchNorm over each rank's half alone, which SyncBatchNorm
+    prevents, ends that step far outside it: measured here on MNIST's first 100 test images,
+    in the weights and in rank 0's running statistics (DDP broadcasts rank 0's buffers)."""
+    torch.manual_seed(0)
+    model = lenet(batch_norm=True)
+    images = torch.from_numpy(read_idx(mnist_dir / "t10k-images-idx3-ubyte.gz", 3)[:100].copy()).float().div(255).unsqueeze(1)
+    labels = torch.from_numpy(read_idx(mnist_dir / "t10k-labels-idx1-ubyte.gz", 1)[:100].astype("int64"))
+
+    def one_step(ranks: int) -> dict[str, torch.Tensor]:
+        """Each rank's copy on its slice; gradients averaged (DDP); rank 0's model after the step."""
+        copies = []
+        for rows in torch.arange(100).chunk(ranks):
+            copy = lenet(batch_norm=True)
+            copy.load_state_dict(model.state_dict())
+            torch.nn.functional.cross_entropy(copy(images[rows]), labels[rows]).backward()
+            copies.append(copy)
+        with torch.no_grad():
+            for p, *grads in zip(copies[0].parameters(), *(c.parameters() for c in copies)):
+                p -= 0.02 * sum(g.grad for g in grads) / ranks
+        return copies[0].state_dict()
+
+    one, two = one_step(1), one_step(2)
+    weights = max((one[k] - two[k]).abs().max().item() for k, _ in model.named_parameters())
+    statistics = max((one[k] - two[k]).abs().max().item() for k in one if "running" in k)
+    print(f"per-rank BatchNorm after one step: weights {weights:.1e}, running statistics {statistics:.1e}")
+    assert weights > 10 * 1e-5 and statistics > 10 * 1e-5
 
 
 def test_several_cpu_ranks_are_refused_at_start_up(mnist_shards, tmp_path):

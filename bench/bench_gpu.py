@@ -107,6 +107,9 @@ def first_epoch_extra(shards: Path, work: Path, device_args: list[str]) -> dict:
         if "failed" in result:
             found[name] = {"failed": result["failed"]}
             continue
+        if len(result["metrics"]) < 2:
+            found[name] = {"failed": f"{len(result['metrics'])} epoch(s) in metrics.jsonl, not 2"}
+            continue
         first, second = (m["epoch_seconds"] for m in result["metrics"][:2])
         found[name] = {"seconds": round(first - second, 4), "epoch_seconds": [round(first, 4), round(second, 4)],
                        "compile_seconds": result["summary"].get("compile_seconds")}
@@ -379,7 +382,8 @@ def main() -> None:
             })
             ok = [r for r in figures["fast"]["runs"] if "failed" not in r]
             figures["fast"]["mean_test_accuracy"] = sum(r["test_accuracy"] for r in ok) / len(ok) if ok else None
-            figures["fast"]["median_seconds_to_99"] = median([r["seconds_to_99"] for r in ok])
+            figures["fast"]["median_seconds_to_99"] = median([r["seconds_to_99"] for r in ok])  # of the runs that reached 99%
+            figures["fast"]["runs_reaching_99"] = f"{sum(r['seconds_to_99'] is not None for r in ok)} of {len(ok)}"
             save()
         if "fast" in parts and not quick and due("fast's first-epoch extra", 40):
             figures["fast"]["first_epoch_extra"] = first_epoch_extra(shards, work, device_args)

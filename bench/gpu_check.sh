@@ -10,7 +10,7 @@
 # over 240 s another time; they now run in three processes at once), the benchmarks skip
 # their later parts to fit what is left
 # (bench_gpu.json lists what they skipped), and the step probe
-# (bench/gpu_step_probe.py, about 35 s) runs last. GPU_TESTS (a pytest -k expression)
+# (bench/gpu_step_probe.py, about 45 s) runs last. GPU_TESTS (a pytest -k expression)
 # and BENCH_VARIANT (bench_gpu.py --variant) narrow a rerun.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -58,6 +58,7 @@ step "GPU tests"
 # Three pytest processes share the GPU at once: the tests check results, not speed, and
 # one at a time they took about 30 s each (most of it process start-up and CUDA
 # initialisation). GPU_TESTS (a pytest -k expression) reruns some of them in one process.
+rm -f "$OUT"/gpu-tests*  # a rerun into the same OUT must not mix in the last run's logs
 run_tests() {  # NAME [PYTEST ARGS]: its log and JUnit XML in OUT as gpu-tests-NAME.*
   MNIST_DIR="$MNIST" timeout 330 "$PY" -m pytest -q -rfEp -m gpu -p no:cacheprovider -s --timeout 120 --durations 0 \
     --basetemp "/tmp/gpu-tests-$1" tests/test_gpu.py "${@:2}" --junitxml="$OUT/gpu-tests-$1.xml" >"$OUT/gpu-tests-$1.log" 2>&1
@@ -67,10 +68,10 @@ if [ -n "${GPU_TESTS:-}" ]; then
   run_tests some -k "$GPU_TESTS"
 else
   resume="sigkill or sigterm"  # these share the module's uninterrupted reference run
-  ranks="two_ranks or torchrun or one_lenet_epoch or resumes_on_the_cpu"
+  runs="two_ranks or torchrun or one_lenet_epoch or resumes_on_the_cpu"  # whole runs, ranks, devices: about a third
   run_tests resume -k "$resume" &
-  run_tests ranks -k "$ranks" &
-  run_tests rest -k "not ($resume or $ranks)" &
+  run_tests runs -k "$runs" &
+  run_tests graph -k "not ($resume or $runs)" &  # the CUDA-graph step against eager
   wait
 fi
 cat "$OUT"/gpu-tests-*.log >"$OUT/gpu-tests.log"
@@ -78,17 +79,17 @@ grep -hE "^pytest exit|^=* ?[0-9]+ (passed|failed|skipped|error)" "$OUT"/gpu-tes
 # A test cut off by the timeout leaves its runs behind: they must not share the GPU with
 # the benchmarks.
 # (This machine runs nothing else: the pattern matches any harness run on it.)
-pkill -9 -f "[-]m harness train" ; pkill -9 -f "[t]orch.distributed.run" ; sleep 1
+pkill -9 -f "[-]m harness[ .]train" ; pkill -9 -f "[t]orch.distributed.run" ; sleep 1
 
 step "benchmarks"
-left=$(( total - ($(date +%s) - started) - 40 ))  # 40 s: the step probe after them
+left=$(( total - ($(date +%s) - started) - 50 ))  # 50 s: the step probe after them
 # The budget decides which parts start; the timeout also bounds the last one to start.
 MNIST_DIR="$MNIST" timeout $(( left > 30 ? left : 30 )) "$PY" bench/bench_gpu.py --device cuda --budget $(( left > 90 ? left - 40 : 50 )) \
   ${BENCH_VARIANT:+--variant "$BENCH_VARIANT"} --record "$OUT/bench_gpu.json" >/dev/null 2>"$OUT/bench_gpu.log"
 echo "bench exit $?" >>"$OUT/bench_gpu.log"
 
 left=$(( total - ($(date +%s) - started) - 5 ))
-if [ "$left" -ge 35 ]; then  # it took 33 s on the H200
+if [ "$left" -ge 45 ]; then  # 16 combinations took 33 s on the H200; it has 20 now
   step "step probe"
   timeout "$left" "$PY" bench/gpu_step_probe.py >"$OUT/probe.json" 2>"$OUT/probe.log"
   echo "probe exit $?" >>"$OUT/probe.log"

@@ -70,25 +70,31 @@ def test_warm_up_leaves_the_training_state_as_it_was(mnist_shards, tmp_path):
         distributed.shutdown(ctx)
 
 
-def test_running_statistics_are_checkpointed_and_resume_exactly(mnist_shards, tmp_path):
+@pytest.fixture(scope="module")
+def whole_run(mnist_shards, tmp_path_factory):
+    """60 steps of lenet with --batch-norm in one go."""
+    run_dir = tmp_path_factory.mktemp("batch-norm") / "whole"
+    train_ok(mnist_shards, run_dir, *RUN, "--max-steps", "60")
+    return run_dir
+
+
+def test_running_statistics_are_checkpointed_and_resume_exactly(mnist_shards, tmp_path, whole_run):
     """60 steps in one go, and 30 then 30 more from the checkpoint, end bitwise equal,
     running statistics included (the checksum covers the whole state dict)."""
-    train_ok(mnist_shards, tmp_path / "whole", *RUN, "--max-steps", "60")
     train_ok(mnist_shards, tmp_path / "split", *RUN, "--max-steps", "30")
     resumed = train_ok(mnist_shards, tmp_path / "split", *RUN, "--max-steps", "60")
     assert "resuming from" in resumed.stdout
-    assert summary(tmp_path / "split")["param_checksum"] == summary(tmp_path / "whole")["param_checksum"]
-    weights = final_weights(tmp_path / "whole")
+    assert summary(tmp_path / "split")["param_checksum"] == summary(whole_run)["param_checksum"]
+    weights = final_weights(whole_run)
     assert int(weights["1.num_batches_tracked"]) == 60
     assert weights["10.running_mean"].abs().sum() > 0 and not torch.equal(weights["1.running_var"], torch.ones(16))
 
 
-def test_the_reported_test_figures_use_the_running_statistics(mnist_shards, mnist_dir, tmp_path):
+def test_the_reported_test_figures_use_the_running_statistics(mnist_dir, whole_run):
     """summary.json's test loss is model.pt's in eval mode (the running statistics), computed
     here from the IDX files; normalising with each batch's own statistics gives another."""
-    train_ok(mnist_shards, tmp_path / "run", *RUN, "--max-steps", "60")
     model = lenet(batch_norm=True)
-    model.load_state_dict(final_weights(tmp_path / "run"))
+    model.load_state_dict(final_weights(whole_run))
     images = torch.from_numpy(read_idx(mnist_dir / "t10k-images-idx3-ubyte.gz", 3).copy()).float().div(255).unsqueeze(1)
     labels = torch.from_numpy(read_idx(mnist_dir / "t10k-labels-idx1-ubyte.gz", 1).astype("int64"))
 
@@ -97,7 +103,7 @@ def test_the_reported_test_figures_use_the_running_statistics(mnist_shards, mnis
             return sum(torch.nn.functional.cross_entropy(model(images[i : i + 2000]), labels[i : i + 2000], reduction="sum").item()
                        for i in range(0, 10000, 2000)) / 10000
 
-    reported = summary(tmp_path / "run")["test_loss"]
+    reported = summary(whole_run)["test_loss"]
     model.eval()
     assert test_loss() == pytest.approx(reported, rel=1e-4)
     model.train()  # (which also moves the running statistics: so second)

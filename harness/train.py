@@ -608,7 +608,11 @@ def agree_at_sync_point(ctx, window: torch.Tensor, first_step: int, stop_request
         bad_step = first_step + int(nonfinite.nonzero()[0, 0]) if nonfinite.any() else 2**62
         step, rank = min((s[0], r) for r, s in enumerate(ctx.gather([bad_step])))
         raise HarnessError(f"loss is NaN or infinite at step {step + 1} on rank {rank}; stopped every rank; the last checkpoint is intact")
-    stop = stop_request.signal_name or ("stop signal on another rank" if any_stop else "")
+    # Only the all-reduced flag decides, so every rank decides alike: a signal that lands
+    # after this rank's part of the all-reduce waits for the next sync point. (Reading
+    # this rank's own flag here let a rank stop alone, and the others hang in the next
+    # collective: a CI failure.)
+    stop = (stop_request.signal_name or "stop signal on another rank") if any_stop else ""
     return loss_sum / (len(window) * ctx.world_size), stop
 
 

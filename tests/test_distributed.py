@@ -345,3 +345,48 @@ def test_ranks_on_different_kinds_of_device_stop_with_one_clear_error(tmp_path):
     )
     for rank in (0, 1):
         assert f"rank {rank}: ranks are on different kinds of device (rank 0: cpu, rank 1: cuda)" in result.stdout
+
+
+
+class StopRequestStandIn:
+    """harness.stopping.StopRequest without its signal handlers: the test sets signal_name."""
+
+    signal_name: str | None = None
+
+    @property
+    def requested(self) -> bool:
+        return self.signal_name is not None
+
+
+class SignalDuringAllReduce:
+    """One of two ranks at a sync point: the other rank sent the same losses and
+    `others_stop`, and this rank's stop signal lands while the all-reduce runs (`lands`),
+    after this rank's flag went into it."""
+
+    world_size = 2
+
+    def __init__(self, request: StopRequestStandIn, others_stop: bool, lands: bool):
+        self.request, self.others_stop, self.lands = request, others_stop, lands
+
+    def sum(self, packed: torch.Tensor) -> torch.Tensor:
+        total = packed * 2
+        total[2] = packed[2] + float(self.others_stop)
+        if self.lands:
+            self.request.signal_name = "SIGTERM"
+        return total
+
+
+@pytest.mark.parametrize(("others_stop", "lands", "expected"), [
+    (False, True, ""),  # no rank had a signal when the flags were summed: all go on, and stop at the next sync point
+    (True, False, "stop signal on another rank"),
+    (True, True, "SIGTERM"),
+])
+def test_only_the_all_reduced_flag_decides_a_stop(others_stop, lands, expected):
+    """A stop signal that lands on one rank after it sent its flag into a sync point's
+    all-reduce must not stop that rank alone: the others would go on into the next step's
+    all-reduce and wait there (CI saw such a hang: Slurm's scancel landed at a sync point)."""
+    from harness.train import agree_at_sync_point
+
+    request = StopRequestStandIn()
+    mean, stop = agree_at_sync_point(SignalDuringAllReduce(request, others_stop, lands), torch.ones(4), 0, request)
+    assert stop == expected and mean == 1.0

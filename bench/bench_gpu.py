@@ -98,21 +98,20 @@ def first_epoch_extra(shards: Path, work: Path, device_args: list[str]) -> dict:
     longer the first one takes, which its one-epoch time to 99% pays in full. Measured again
     with CUDA_MODULE_LOADING=EAGER (every kernel loaded at start-up) when it is over 10 ms,
     to see whether first kernel launches are the cause."""
-    found = {}
-    for name, env in (("lazy", {}), ("eager_module_loading", {"CUDA_MODULE_LOADING": "EAGER"})):
-        if name != "lazy" and not found["lazy"].get("seconds", 0) > 0.01:
-            break
+    def measure(name: str, env: dict) -> dict:
         log(f"fast preset, 2 epochs, first against second ({name})")
         result = harness(shards, work / f"fast-2ep-{name}", "--preset", "fast", "--epochs", "2", *device_args, env=env)
         if "failed" in result:
-            found[name] = {"failed": result["failed"]}
-            continue
+            return {"failed": result["failed"]}
         if len(result["metrics"]) < 2:
-            found[name] = {"failed": f"{len(result['metrics'])} epoch(s) in metrics.jsonl, not 2"}
-            continue
+            return {"failed": f"{len(result['metrics'])} epoch(s) in metrics.jsonl, not 2"}
         first, second = (m["epoch_seconds"] for m in result["metrics"][:2])
-        found[name] = {"seconds": round(first - second, 4), "epoch_seconds": [round(first, 4), round(second, 4)],
-                       "compile_seconds": result["summary"].get("compile_seconds")}
+        return {"seconds": round(first - second, 4), "epoch_seconds": [round(first, 4), round(second, 4)],
+                "compile_seconds": result["summary"].get("compile_seconds")}
+
+    found = {"lazy": measure("lazy", {})}
+    if found["lazy"].get("seconds", 0) > 0.01:
+        found["eager_module_loading"] = measure("eager_module_loading", {"CUDA_MODULE_LOADING": "EAGER"})
     return found
 
 

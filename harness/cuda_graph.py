@@ -68,8 +68,8 @@ class GraphedStep:
         return loss
 
     def capture(self) -> None:
-        """Warm up on a side stream, capture, and replay once (the first replay uploads the
-        graph to the device, which is then not in the first epoch's time). Gradients are set
+        """Warm up on a side stream, capture, and replay once, so that whatever a graph's first
+        launch costs (not measured apart) is not in the first epoch's time. Gradients are set
         to None first, so the captured backward allocates them from the graph's pool: every
         replay overwrites them, and nothing may set them to None again. The weights are not
         touched, and BatchNorm's running statistics, which the warm-up runs and the replay

@@ -35,7 +35,7 @@ CHOICES = {
     "backend": ("auto", "nccl", "gloo"),
     "lr_schedule": ("exponential", "onecycle"),
     "precision": ("auto", "fp32", "bf16"),
-    "compile": ("auto", "", "gpu", "cuda-graph", "default", "reduce-overhead", "max-autotune"),
+    "compile": ("auto", "", "gpu", "cuda-graph", "cuda-graph-inductor", "default", "reduce-overhead", "max-autotune"),
 }
 
 
@@ -116,6 +116,7 @@ class TrainConfig:
     compile: str = option(
         "auto", "auto: cuda-graph for one rank on a GPU (not when augmenting), else eager; "
         "cuda-graph: the whole step as one CUDA graph (one rank on a GPU); "
+        "cuda-graph-inductor: the same, of the kernels torch.compile's inductor fuses for the step; "
         "torch.compile the model with this mode (default, reduce-overhead: CUDA graphs, max-autotune); "
         "gpu: cuda-graph for one rank on a GPU, reduce-overhead for several, eager on the CPU; '' = eager"
     )

@@ -11,6 +11,13 @@ learning rate may change at every step. The captured kernels are those of the ea
 step, so in deterministic mode the weights are bitwise those of an eager run, and a
 checkpoint moves freely between the two.
 
+`--compile cuda-graph-inductor` captures the same step with the kernels torch.compile's
+inductor generates for it instead of PyTorch's own: the gather with the normalisation,
+each ReLU with its pooling, the loss, and the backward's pointwise work and bias
+gradients fused into Triton kernels, the convolutions and matrix products left to
+cuDNN and cuBLAS. Fewer kernels per step is what a step this small needs (README, "On a
+GPU"); its results are close to the eager step's, not bitwise equal.
+
 One rank only: DDP all-reduces gradients from Python hooks that run during backward,
 which a replayed backward would not call.
 """
@@ -28,11 +35,27 @@ from harness.models import buffers_restored
 WARM_UP_RUNS = 3  # PyTorch's CUDA graph notes: run a few iterations on a side stream before capture
 
 
+def inductor(batch_loss: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
+    """`batch_loss` compiled by inductor for capture: one graph (a graph break is an error,
+    not a silent split), static shapes, and no CUDA graphs of its own (GraphedStep captures
+    the whole step). With deterministic algorithms on, inductor also skips the on-device
+    benchmarking whose choice of kernel could differ between processes, so that a resumed
+    run replays the kernels of an uninterrupted one."""
+    import torch._inductor.config
+
+    if torch.are_deterministic_algorithms_enabled() and hasattr(torch._inductor.config, "deterministic"):
+        torch._inductor.config.deterministic = True
+    return torch.compile(batch_loss, fullgraph=True, dynamic=False)
+
+
 class GraphedStep:
     """Static copies of the current macro-batch, a step counter on the device, and the graph."""
 
     def __init__(self, model: torch.nn.Module, normalize: Callable, loss_fn: Callable, precision: str,
-                 stream: MacroBatchStream, device: torch.device):
+                 stream: MacroBatchStream, device: torch.device,
+                 compiler: Callable[[Callable], Callable] | None = None):
+        """`compiler` (e.g. `inductor`) compiles the step's forward and loss before capture;
+        None captures PyTorch's own kernels."""
         self.model, self.normalize, self.loss_fn, self.precision = model, normalize, loss_fn, precision
         self.global_batch, self.device = stream.global_batch, device
         rows = len(stream.data) if stream.resident else stream.macro_size
@@ -44,6 +67,7 @@ class GraphedStep:
         self.source: torch.Tensor | None = None  # the macro-batch images last copied in
         self.graph: torch.cuda.CUDAGraph | None = None
         self.loss: torch.Tensor | None = None  # written by every replay
+        self.batch_loss = compiler(self.eager_batch_loss) if compiler else self.eager_batch_loss
 
     def load(self, macro: MacroBatch, first_step: int) -> None:
         """Make the next replay train on global batch `first_step` of `macro`. Copies on the
@@ -55,14 +79,18 @@ class GraphedStep:
         self.order[: len(macro.order)].copy_(macro.order)
         self.step.fill_(first_step)
 
-    def forward_backward(self) -> torch.Tensor:
-        """The captured work. Leaves the gradients in the parameters' .grad and advances the step."""
+    def eager_batch_loss(self) -> torch.Tensor:
+        """The loss on the global batch that the device step counter points at."""
         positions = self.step * self.global_batch + self.offsets
         index = self.order.index_select(0, positions)
         images, labels = self.images.index_select(0, index), self.labels.index_select(0, index)
         # No autocast cache: a cached cast made during capture would be stale on replay.
         with autocast(self.device, self.precision, cache=False):
-            loss = self.loss_fn(self.model(self.normalize(images)), labels)
+            return self.loss_fn(self.model(self.normalize(images)), labels)
+
+    def forward_backward(self) -> torch.Tensor:
+        """The captured work. Leaves the gradients in the parameters' .grad and advances the step."""
+        loss = self.batch_loss()
         loss.backward()
         self.step.add_(1)
         return loss

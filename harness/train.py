@@ -32,7 +32,7 @@ from harness.allocator import keep_freed_memory
 from harness.augment import RandomAffine
 from harness.checkpoint import checkpoint_to_resume, state_mismatch
 from harness.config import TrainConfig, add_config_options, build_config
-from harness.cuda_graph import GraphedStep
+from harness.cuda_graph import GraphedStep, inductor
 from harness.data.shard_set import ShardSource, ShardSplit
 from harness.data.stream import MacroBatch, MacroBatchStream
 from harness.device import autocast, set_deterministic
@@ -45,6 +45,8 @@ from harness.stopping import EXIT_STOPPED, StopRequest
 from harness.testhooks import Fault, save_rank_weights
 
 log = logging.getLogger("harness")
+
+GRAPHED_MODES = ("cuda-graph", "cuda-graph-inductor")  # --compile values that capture the whole step (harness/cuda_graph.py)
 
 
 class ProgressBar(tqdm):
@@ -175,8 +177,8 @@ class Trainer:
             self.trained = DistributedDataParallel(self.model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
         self.augment = RandomAffine(config.augment_rotate, config.augment_scale, config.augment_shift, config.seed, ctx.device)
         self.augment_params: torch.Tensor | None = None  # the current macro-batch's, when augmenting
-        self.compile_mode = compile_mode(config.compile, ctx, augmenting=self.augment.active)
-        if self.compile_mode not in ("", "cuda-graph"):
+        self.compile_mode = compile_mode(config.compile, ctx, self.augment.active, sync_batch_norm=config.batch_norm and ctx.world_size > 1)
+        if self.compile_mode not in ("", *GRAPHED_MODES):
             self.trained = torch.compile(self.trained, mode=self.compile_mode)
         # On a GPU one fused kernel updates every parameter (the same arithmetic as the
         # default foreach version); the CPU keeps the default, whose results the tests pin.
@@ -190,8 +192,9 @@ class Trainer:
         self.loss_fn = make_loss(config.loss)  # validation and test: comparable across recipes
         self.train_loss_fn = make_loss(config.loss, label_smoothing=config.label_smoothing)
         self.graphed = None
-        if self.compile_mode == "cuda-graph":
-            self.graphed = GraphedStep(self.model, self.normalize, self.train_loss_fn, config.precision, self.stream, ctx.device)
+        if self.compile_mode in GRAPHED_MODES:
+            compiler = inductor if self.compile_mode == "cuda-graph-inductor" else None
+            self.graphed = GraphedStep(self.model, self.normalize, self.train_loss_fn, config.precision, self.stream, ctx.device, compiler)
 
     def verify_train_shards(self) -> None:
         """Rank r checks the SHA-256 of training shards r, r+W, r+2W, ... (together the
@@ -327,13 +330,18 @@ class Trainer:
         rehearse the rest of a step on throwaway tensors. Gradients are dropped and BatchNorm's
         running statistics put back, so the weights, the optimizer and the RNG are as they were."""
         started = time.perf_counter()
-        if self.graphed:
-            self.graphed.capture()
-        else:
-            self.compile_passes()
+        try:
+            if self.graphed:
+                self.graphed.capture()
+            else:
+                self.compile_passes()
+        except torch._dynamo.exc.BackendCompilerFailed as e:  # e.g. no C++ compiler, or no Triton
+            reason = str(e).strip().splitlines()[0][:300]
+            raise HarnessError(f"--compile {self.compile_mode}: torch.compile could not build the step ({reason}); "
+                               "--compile cuda-graph (on one GPU) or '' needs no compiler") from None
         self.rehearse_the_rest_of_a_step()
         seconds = time.perf_counter() - started
-        what = "captured the step as one CUDA graph" if self.graphed else f"compiled the step ({self.compile_mode})"
+        what = f"captured the step as one CUDA graph ({self.compile_mode})" if self.graphed else f"compiled the step ({self.compile_mode})"
         log.info(f"{what} in {seconds:.2f} s, before training")
         return seconds
 
@@ -558,25 +566,29 @@ class Trainer:
         return evaluate(self.model, *self.test_set(), self.normalize, self.loss_fn, self.config.eval_batch)
 
 
-def compile_mode(requested: str, ctx: distributed.DistContext, augmenting: bool = False) -> str:
-    """What --compile means here: `auto` and `gpu` pick by device, world size and augmentation.
+def compile_mode(requested: str, ctx: distributed.DistContext, augmenting: bool = False, sync_batch_norm: bool = False) -> str:
+    """What --compile means here: `auto` and `gpu` pick by device, world size, augmentation
+    and SyncBatchNorm.
 
     `auto` (the default) takes the CUDA-graph step wherever it works: its weights are
     bitwise the eager step's, it needs no compiler, and on an H200 it ran LeNet 6.9x
     faster than eager (README, "On a GPU"). Elsewhere it stays eager: `gpu`'s choice for
-    several ranks, torch.compile's reduce-overhead, costs a compile at every start."""
+    several ranks, torch.compile's reduce-overhead, costs a compile at every start. `gpu`
+    leaves a step with SyncBatchNorm eager too: its forward waits for the device and
+    all-gathers, which reduce-overhead would have to capture, and that has never run."""
     cuda = ctx.device.type == "cuda"
     graph_fits = cuda and ctx.world_size == 1 and not augmenting
     if requested in ("auto", "gpu"):
-        return "cuda-graph" if graph_fits else "reduce-overhead" if requested == "gpu" and cuda else ""
-    if requested == "cuda-graph" and (not cuda or ctx.world_size > 1):
+        compiles = requested == "gpu" and cuda and not sync_batch_norm
+        return "cuda-graph" if graph_fits else "reduce-overhead" if compiles else ""
+    if requested in GRAPHED_MODES and (not cuda or ctx.world_size > 1):
         raise HarnessError(
-            f"--compile cuda-graph needs one rank on a GPU (here: {ctx.world_size} rank(s) on {ctx.device}): "
+            f"--compile {requested} needs one rank on a GPU (here: {ctx.world_size} rank(s) on {ctx.device}): "
             "DDP all-reduces from hooks that a replayed backward would not call; use reduce-overhead, or gpu"
         )
-    if requested == "cuda-graph" and augmenting:
+    if requested in GRAPHED_MODES and augmenting:
         raise HarnessError(
-            "--compile cuda-graph does not capture augmentation (--augment-rotate/-scale/-shift): "
+            f"--compile {requested} does not capture augmentation (--augment-rotate/-scale/-shift): "
             "use reduce-overhead, or gpu (which picks it when augmenting)"
         )
     return requested

@@ -137,7 +137,8 @@ def test_channels_last_gives_the_same_step(mnist_shards, tmp_path):
 def test_compile_modes_by_device_and_world_size():
     """`--compile auto` (the default) replays the whole step as one CUDA graph for one rank
     on a GPU and is eager elsewhere; `gpu` does the same but compiles with CUDA graphs for
-    several ranks; `cuda-graph` where it cannot work is one clear error."""
+    several ranks (but eager with SyncBatchNorm); `cuda-graph` and `cuda-graph-inductor`
+    where they cannot work are one clear error."""
     from harness.config import TrainConfig
     from harness.distributed import DistContext
     from harness.train import compile_mode
@@ -148,14 +149,17 @@ def test_compile_modes_by_device_and_world_size():
     assert compile_mode("auto", two_gpus) == compile_mode("auto", cpu) == compile_mode("auto", one_gpu, augmenting=True) == ""
     assert compile_mode("gpu", one_gpu) == "cuda-graph"
     assert compile_mode("gpu", two_gpus) == "reduce-overhead"
+    assert compile_mode("gpu", two_gpus, sync_batch_norm=True) == compile_mode("auto", two_gpus, sync_batch_norm=True) == ""
+    assert compile_mode("cuda-graph-inductor", one_gpu) == "cuda-graph-inductor"
     assert compile_mode("gpu", cpu) == "" and compile_mode("", one_gpu) == ""
     # Augmentation is not captured: gpu compiles instead, and cuda-graph says why not.
     assert compile_mode("gpu", one_gpu, augmenting=True) == "reduce-overhead"
-    with pytest.raises(HarnessError, match="--compile cuda-graph does not capture augmentation"):
-        compile_mode("cuda-graph", one_gpu, augmenting=True)
-    for ctx, where in ((cpu, "1 rank(s) on cpu"), (two_gpus, "2 rank(s) on cuda:0")):
-        with pytest.raises(HarnessError, match=re.escape(f"--compile cuda-graph needs one rank on a GPU (here: {where})")):
-            compile_mode("cuda-graph", ctx)
+    for graphed in ("cuda-graph", "cuda-graph-inductor"):
+        with pytest.raises(HarnessError, match=f"--compile {graphed} does not capture augmentation"):
+            compile_mode(graphed, one_gpu, augmenting=True)
+        for ctx, where in ((cpu, "1 rank(s) on cpu"), (two_gpus, "2 rank(s) on cuda:0")):
+            with pytest.raises(HarnessError, match=re.escape(f"--compile {graphed} needs one rank on a GPU (here: {where})")):
+                compile_mode(graphed, ctx)
 
 
 def test_cuda_graph_on_the_cpu_is_one_clear_error(mnist_shards, tmp_path):

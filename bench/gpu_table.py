@@ -29,6 +29,12 @@ def main(out: Path) -> None:
     if shared:
         print(f"  two ranks on one GPU vs one rank: max |diff| {shared[-1]['one_step']:.2e} after 1 step, "
               f"{shared[-1]['shared_gpu_max_param_diff']:.2e} after 50 ({shared[-1]['backend']})")
+    inductor = {}
+    for line in tests.splitlines():
+        if line.startswith('{"inductor_one_step_max_param_diff"'):
+            inductor.update(json.loads(line)["inductor_one_step_max_param_diff"])
+    if inductor:
+        print("  inductor's step vs eager, one step: max |diff| " + "  ".join(f"{k} {v:.2e}" for k, v in inductor.items()))
     probe = load(out / "probe.json")
     if probe:
         steps = probe["graphed_step_ms"]
@@ -54,14 +60,18 @@ def main(out: Path) -> None:
     print(f"  loop by part (s): {lenet.get('loop_seconds_by_part')}")
     disk = load(out / "disk.json") or {}
     print(f"  disk: 6.7 MB written and fsynced in {disk.get('median_ms')} ms (median of 5, {disk.get('dir')})")
+    for key in ("fast", "fast_inductor"):
+        if key not in f or (key == "fast_inductor" and not f[key]["runs"]):
+            continue
+        fast = f[key]
+        print(f"{key} preset: mean acc {fast.get('mean_test_accuracy')}  median s to 99% {fast.get('median_seconds_to_99')} "
+              f"({fast.get('runs_reaching_99')} runs reached 99%)  "
+              f"[targets: >= 0.990, <= 0.15 s]")
+        for r in fast.get("runs", []):
+            print(f"  seed {r.get('seed')}: {r.get('test_accuracy')} after {r.get('epochs')} epochs, to 99%: {r.get('seconds_to_99')} s, "
+                  f"epochs {r.get('epoch_seconds')} s, compile {r.get('compile_seconds')} s" + (" FAILED" if "failed" in r else ""))
+            print(f"    loop {r.get('loop_seconds')} s by part: {r.get('loop_seconds_by_part')}")
     fast = f.get("fast", {})
-    print(f"fast preset: mean acc {fast.get('mean_test_accuracy')}  median s to 99% {fast.get('median_seconds_to_99')} "
-          f"({fast.get('runs_reaching_99')} runs reached 99%)  "
-          f"[targets: >= 0.990, <= 0.15 s]")
-    for r in fast.get("runs", []):
-        print(f"  seed {r.get('seed')}: {r.get('test_accuracy')} after {r.get('epochs')} epochs, to 99%: {r.get('seconds_to_99')} s, "
-              f"epochs {r.get('epoch_seconds')} s, compile {r.get('compile_seconds')} s" + (" FAILED" if "failed" in r else ""))
-        print(f"    loop {r.get('loop_seconds')} s by part: {r.get('loop_seconds_by_part')}")
     for name, extra in fast.get("first_epoch_extra", {}).items():
         print(f"  first epoch minus second ({name} module loading): {extra.get('seconds')} s, epochs {extra.get('epoch_seconds')} s"
               + (" FAILED" if "failed" in extra else ""))

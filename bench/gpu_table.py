@@ -45,6 +45,8 @@ def main(out: Path) -> None:
             print("  first step after capture, ms: " + "  ".join(f"{k}={v}" for k, v in list(firsts.items())[:4]) + "  ...")
         for mode, kernels in probe.get("eager_top_kernels", {}).items():
             print(f"  {mode} eager top kernels (us/step): " + "; ".join(f"{k['kernel'][:40]} {k['us_per_step']}" for k in kernels[:4]))
+        if "optimizer_update_us" in probe:
+            print("  SGD update alone, device us: " + "  ".join(f"{k}={v}" for k, v in probe["optimizer_update_us"].items()))
     bench = load(out / "bench_gpu.json")
     if not bench:
         print("benchmarks: no record (see bench_gpu.log)")

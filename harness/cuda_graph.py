@@ -12,11 +12,12 @@ step, so in deterministic mode the weights are bitwise those of an eager run, an
 checkpoint moves freely between the two.
 
 `--compile cuda-graph-inductor` captures the same step with the kernels torch.compile's
-inductor generates for it instead of PyTorch's own: the gather with the normalisation,
-each ReLU with its pooling, the loss, and the backward's pointwise work and bias
-gradients fused into Triton kernels, the convolutions and matrix products left to
-cuDNN and cuBLAS. Fewer kernels per step is what a step this small needs (README, "On a
-GPU"); its results are close to the eager step's, not bitwise equal.
+inductor generates for it instead of PyTorch's own. The convolutions and matrix products
+stay cuDNN's and cuBLAS's calls (as inductor's CPU code shows); the rest (the gather and
+normalisation, ReLU and pooling, the loss, the backward's pointwise work and bias
+gradients) is expected to fuse into fewer Triton kernels, which is what a step this
+small needs (README, "On a GPU"). Not yet run on a GPU. Its results are close to the
+eager step's, not bitwise equal.
 
 One rank only: DDP all-reduces gradients from Python hooks that run during backward,
 which a replayed backward would not call.
@@ -35,17 +36,19 @@ from harness.models import buffers_restored
 WARM_UP_RUNS = 3  # PyTorch's CUDA graph notes: run a few iterations on a side stream before capture
 
 
-def inductor(batch_loss: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
+def compile_with_inductor(batch_loss: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
     """`batch_loss` compiled by inductor for capture: one graph (a graph break is an error,
     not a silent split), static shapes, and no CUDA graphs of its own (GraphedStep captures
     the whole step). With deterministic algorithms on, inductor also skips the on-device
     benchmarking whose choice of kernel could differ between processes, so that a resumed
-    run replays the kernels of an uninterrupted one."""
+    run can replay the kernels of an uninterrupted one. Both options apply to this compile
+    only."""
     import torch._inductor.config
 
+    options = {"triton.cudagraphs": False}
     if torch.are_deterministic_algorithms_enabled() and hasattr(torch._inductor.config, "deterministic"):
-        torch._inductor.config.deterministic = True
-    return torch.compile(batch_loss, fullgraph=True, dynamic=False)
+        options["deterministic"] = True  # torch 2.8 and later; 2.13 has it
+    return torch.compile(batch_loss, fullgraph=True, dynamic=False, options=options)
 
 
 class GraphedStep:
@@ -54,8 +57,8 @@ class GraphedStep:
     def __init__(self, model: torch.nn.Module, normalize: Callable, loss_fn: Callable, precision: str,
                  stream: MacroBatchStream, device: torch.device,
                  compiler: Callable[[Callable], Callable] | None = None):
-        """`compiler` (e.g. `inductor`) compiles the step's forward and loss before capture;
-        None captures PyTorch's own kernels."""
+        """`compiler` (e.g. `compile_with_inductor`) compiles `eager_batch_loss` (the gather,
+        normalisation, forward and loss) before capture; None captures PyTorch's own kernels."""
         self.model, self.normalize, self.loss_fn, self.precision = model, normalize, loss_fn, precision
         self.global_batch, self.device = stream.global_batch, device
         rows = len(stream.data) if stream.resident else stream.macro_size

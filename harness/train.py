@@ -32,7 +32,7 @@ from harness.allocator import keep_freed_memory
 from harness.augment import RandomAffine
 from harness.checkpoint import checkpoint_to_resume, state_mismatch
 from harness.config import TrainConfig, add_config_options, build_config
-from harness.cuda_graph import GraphedStep, inductor
+from harness.cuda_graph import GraphedStep, compile_with_inductor
 from harness.data.shard_set import ShardSource, ShardSplit
 from harness.data.stream import MacroBatch, MacroBatchStream
 from harness.device import autocast, set_deterministic
@@ -193,7 +193,7 @@ class Trainer:
         self.train_loss_fn = make_loss(config.loss, label_smoothing=config.label_smoothing)
         self.graphed = None
         if self.compile_mode in GRAPHED_MODES:
-            compiler = inductor if self.compile_mode == "cuda-graph-inductor" else None
+            compiler = compile_with_inductor if self.compile_mode == "cuda-graph-inductor" else None
             self.graphed = GraphedStep(self.model, self.normalize, self.train_loss_fn, config.precision, self.stream, ctx.device, compiler)
 
     def verify_train_shards(self) -> None:
@@ -335,7 +335,7 @@ class Trainer:
                 self.graphed.capture()
             else:
                 self.compile_passes()
-        except torch._dynamo.exc.BackendCompilerFailed as e:  # e.g. no C++ compiler, or no Triton
+        except compiler_unusable() as e:
             reason = str(e).strip().splitlines()[0][:300]
             raise HarnessError(f"--compile {self.compile_mode}: torch.compile could not build the step ({reason}); "
                                "--compile cuda-graph (on one GPU) or '' needs no compiler") from None
@@ -575,7 +575,8 @@ def compile_mode(requested: str, ctx: distributed.DistContext, augmenting: bool 
     faster than eager (README, "On a GPU"). Elsewhere it stays eager: `gpu`'s choice for
     several ranks, torch.compile's reduce-overhead, costs a compile at every start. `gpu`
     leaves a step with SyncBatchNorm eager too: its forward waits for the device and
-    all-gathers, which reduce-overhead would have to capture, and that has never run."""
+    all-gathers, which reduce-overhead would have to capture, and that has never run.
+    Asked for by name, reduce-overhead is tried even then."""
     cuda = ctx.device.type == "cuda"
     graph_fits = cuda and ctx.world_size == 1 and not augmenting
     if requested in ("auto", "gpu"):
@@ -592,6 +593,18 @@ def compile_mode(requested: str, ctx: distributed.DistContext, augmenting: bool 
             "use reduce-overhead, or gpu (which picks it when augmenting)"
         )
     return requested
+
+
+def compiler_unusable() -> tuple[type[Exception], ...]:
+    """What torch.compile raises when this machine cannot build kernels: no working C++
+    compiler (inductor's CPU kernels), no Triton, or a GPU too old for Triton. Not a graph
+    break (a bug, whose traceback is wanted). Looked up when needed: importing dynamo
+    takes most of a second."""
+    import torch._dynamo.exc
+    import torch._inductor.exc
+
+    names = ("TritonMissing", "GPUTooOldForTriton")  # not BackendCompilerFailed's subclasses
+    return (torch._dynamo.exc.BackendCompilerFailed, *(getattr(torch._inductor.exc, n) for n in names if hasattr(torch._inductor.exc, n)))
 
 
 def make_schedule(optimizer: torch.optim.Optimizer, config: TrainConfig, steps_per_epoch: int):

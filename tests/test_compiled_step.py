@@ -4,7 +4,8 @@ Capture needs a GPU (tests/test_gpu.py), but the work GraphedStep captures does 
 its forward_backward runs on the CPU as well, compiled or not. Compiled with
 fullgraph=True, a graph break anywhere in a preset's step (the gather, the
 normalisation, the model, the loss, BatchNorm's in-place statistics) fails here, on a
-machine without a GPU, rather than at the start of a GPU run.
+machine without a GPU, rather than at the start of a GPU run; so does a recompile in the
+calls capture makes, which on a GPU would compile inside the capture.
 """
 
 from __future__ import annotations
@@ -14,34 +15,52 @@ import types
 
 import pytest
 import torch
+import torch._dynamo
+import torch._dynamo.testing
 from helpers import run_cli
 
 from harness.config import TrainConfig, load_preset, preset_names
-from harness.cuda_graph import GraphedStep, inductor
-from harness.models import build_model
+from harness.cuda_graph import WARM_UP_RUNS, GraphedStep, compile_with_inductor
+from harness.models import buffers_restored, build_model
 from harness.normalize import Normalizer, make_loss
 
 ROWS = 1024  # four global batches of the largest preset batch (fast: 256)
 STEPS = 2
+CPU = torch.device("cpu")
 
 
-def run_steps(preset: str, compiler=None) -> tuple[torch.nn.Module, list[float], GraphedStep]:
-    """STEPS of the preset's step through GraphedStep.forward_backward (no capture) on random
-    images; the gradients accumulate over the steps, so both steps' show in them."""
-    config = TrainConfig(**load_preset(preset))
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    """Each GraphedStep compiles the same code object, whose compiled versions dynamo
+    counts: a fresh count per test keeps them under its recompile limit."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def graphed_step(preset: str, compiler=None, **overrides) -> GraphedStep:
+    """The preset's GraphedStep as the Trainer builds it (loss with its label smoothing,
+    inputs in its memory format), on random images of its own; not captured."""
+    config = TrainConfig(**{**load_preset(preset), **overrides})
     torch.manual_seed(config.seed)
     model = build_model(config)
+    memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
+    model = model.to(memory_format=memory_format)
     data = torch.Generator().manual_seed(1)
     images = torch.randint(0, 256, (ROWS, 28, 28), dtype=torch.uint8, generator=data)
     stats = {"mean": 0.13, "std": 0.31, "pixel_mean": (images.double() / 255).mean(0).tolist()}
     stream = types.SimpleNamespace(global_batch=config.batch_size, resident=True, data=range(ROWS), macro_size=ROWS)
-    step = GraphedStep(model, Normalizer(config.normalize, stats, torch.device("cpu")), make_loss(config.loss),
-                       "fp32", stream, torch.device("cpu"), compiler)
+    step = GraphedStep(model, Normalizer(config.normalize, stats, CPU, memory_format),
+                       make_loss(config.loss, label_smoothing=config.label_smoothing), config.precision, stream, CPU, compiler)
     step.images.copy_(images)
     step.labels.copy_(torch.randint(0, 10, (ROWS,), generator=data))
     step.order.copy_(torch.randperm(ROWS, generator=data))
-    losses = [step.forward_backward().item() for _ in range(STEPS)]
-    return model, losses, step
+    return step
+
+
+def run_steps(step: GraphedStep) -> list[float]:
+    """STEPS of forward_backward; the gradients accumulate, so both steps' show in them."""
+    return [step.forward_backward().item() for _ in range(STEPS)]
 
 
 def largest_difference(a: torch.nn.Module, b: torch.nn.Module) -> float:
@@ -51,38 +70,65 @@ def largest_difference(a: torch.nn.Module, b: torch.nn.Module) -> float:
     return max((x - y).abs().max().item() for x, y in pairs)
 
 
-@pytest.mark.parametrize("preset", preset_names())
-def test_every_presets_step_compiles_as_one_graph_with_the_eager_results(preset):
+CASES = [(preset, {}) for preset in preset_names()] + [("lenet", {"channels_last": True}), ("fast", {"precision": "bf16"})]
+
+
+@pytest.mark.parametrize(("preset", "overrides"), CASES, ids=[p + "".join(f"-{k}" for k in o) for p, o in CASES])
+def test_every_presets_step_compiles_once_as_one_graph_with_the_eager_results(preset, overrides):
     """aot_eager traces the step as torch.compile does for inductor, then runs PyTorch's own
     kernels, so the results are bitwise the uncompiled step's: gradients, running
-    statistics, losses, and the step counter that picks each step's batch."""
-    eager_model, eager_losses, _ = run_steps(preset)
-    model, losses, step = run_steps(preset, lambda f: torch.compile(f, backend="aot_eager", fullgraph=True, dynamic=False))
+    statistics, losses, and the step counter that picks each step's batch. The calls that
+    GraphedStep.capture makes (warm-up runs, gradients dropped, statistics put back, then
+    the captured run) reuse the one compiled graph: a recompile is an error."""
+    eager = graphed_step(preset, **overrides)
+    eager_losses = run_steps(eager)
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    step = graphed_step(preset, lambda f: torch.compile(f, backend=counter, fullgraph=True, dynamic=False), **overrides)
+    losses = run_steps(step)
     assert losses == eager_losses and len(set(losses)) == STEPS  # two different batches
-    assert largest_difference(model, eager_model) == 0.0
+    assert largest_difference(step.model, eager.model) == 0.0
     assert step.step.item() == STEPS
+    with torch._dynamo.config.patch(error_on_recompile=True), buffers_restored(step.model):
+        for _ in range(WARM_UP_RUNS + 1):  # as capture() calls it
+            step.step.zero_()
+            step.forward_backward()
+            step.model.zero_grad(set_to_none=True)
+    assert counter.frame_count == 1
+
+
+def test_compile_with_inductor_asks_for_no_cuda_graphs_and_deterministic_kernels(monkeypatch):
+    """The options go to this one compile, not to inductor's process-wide config: no CUDA
+    graphs of inductor's own (GraphedStep captures the whole step), and with deterministic
+    algorithms on, no kernel choice by timing."""
+    import torch._inductor.config
+
+    calls = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: calls.append(kwargs) or fn)
+    was_deterministic = torch.are_deterministic_algorithms_enabled()
+    try:
+        for deterministic in (True, False):
+            torch.use_deterministic_algorithms(deterministic)
+            compile_with_inductor(lambda: None)
+    finally:
+        torch.use_deterministic_algorithms(was_deterministic)
+    assert calls == [{"fullgraph": True, "dynamic": False, "options": {"triton.cudagraphs": False, "deterministic": True}},
+                     {"fullgraph": True, "dynamic": False, "options": {"triton.cudagraphs": False}}]
+    assert hasattr(torch._inductor.config, "deterministic")  # the option exists in this torch
 
 
 @pytest.mark.skipif(not (shutil.which("g++") or shutil.which("clang++")), reason="inductor's CPU kernels need a C++ compiler")
 def test_inductor_kernels_match_the_eager_step_closely():
-    """The harness's own compiler: inductor, for the `fast` preset's network (BatchNorm).
-    Its fused kernels round differently from PyTorch's, so the results are close, not equal:
-    on this repository's 2-core Xeon the largest difference over gradients and statistics
-    after two steps was 3.3e-7, the losses equal (1e-5 leaves 30x headroom for other CPUs). With deterministic
-    algorithms on, inductor is told to skip the on-device benchmarking that could pick
-    different kernels in a resumed process."""
-    import torch._inductor.config
-
-    was_deterministic = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
-        with torch._inductor.config.patch(deterministic=False):
-            eager_model, eager_losses, _ = run_steps("fast")
-            model, losses, _ = run_steps("fast", inductor)
-            assert torch._inductor.config.deterministic is True
-    finally:
-        torch.use_deterministic_algorithms(was_deterministic)
-    assert largest_difference(model, eager_model) < 1e-5
+    """The harness's own compiler, inductor, for the `fast` preset's network (BatchNorm).
+    Its fused kernels round differently from PyTorch's, so the results are close, not
+    equal: on this repository's 2-core Xeon the largest difference over gradients and
+    statistics after two steps was 3.3e-7, the losses equal (1e-5 leaves 30x headroom for
+    other CPUs)."""
+    eager = graphed_step("fast")
+    eager_losses = run_steps(eager)
+    step = graphed_step("fast", compile_with_inductor)
+    assert step.batch_loss is not step.eager_batch_loss
+    losses = run_steps(step)
+    assert largest_difference(step.model, eager.model) < 1e-5
     assert losses == pytest.approx(eager_losses, rel=1e-5)
 
 

@@ -31,6 +31,16 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 # bound leaves 4x for other GPUs. bench/gpu_check.sh's table prints both differences.
 SHARED_GPU_ONE_STEP_TOLERANCE = 1e-5
 SHARED_GPU_50_STEP_TOLERANCE = 1e-2
+# One step with inductor's kernels vs PyTorch's from the same weights: they differ only by
+# rounding (3.3e-7 on the CPU, tests/test_compiled_step.py), while a wrong gradient moves a
+# weight by about lr x gradient: ~1e-3 at lenet's lr 0.1, ~1e-4 at fast's first-step lr
+# (0.3 / 25, one-cycle). Not yet measured on a GPU.
+INDUCTOR_ONE_STEP_TOLERANCE = 1e-5
+# Test accuracy after RUN's 300 steps, inductor's kernels vs PyTorch's: rounding-level
+# differences grow over the steps. On the CPU (--compile default, inductor's CPU kernels,
+# vs eager; seeds 0-2) the accuracies differed by 0.05, 0.24 and 0.08 points; one point
+# leaves 4x. Not yet measured on a GPU.
+ACCURACY_AFTER_300_STEPS = 0.01
 # 7 macro-batches per epoch, a sync point every 25 steps, a checkpoint every 50.
 RUN = ("--preset", "lenet", "--epochs", "1", "--max-steps", "300", "--macro-batch", "7000",
        "--log-every", "25", "--checkpoint-every", "50", "--device", "cuda")
@@ -114,17 +124,23 @@ def test_sigterm_checkpoints_and_exits_75_on_the_gpu(mnist_shards, tmp_path, gpu
 def test_sigkill_then_resume_with_inductor_kernels_is_bitwise_exact(mnist_shards, tmp_path, gpu_reference):
     """--compile cuda-graph-inductor: its kernels round differently from the eager step's, so
     its reference is an uninterrupted run of its own, which a killed and resumed run matches
-    bit for bit (--deterministic: inductor picks its kernels without on-device timing). Its
-    300 steps train as the eager run's do: test accuracy within a point of theirs."""
+    bit for bit (--deterministic: inductor picks its kernels without timing them). Each
+    process compiles into a cache of its own, so the resumed one cannot just reload the
+    kernels the uninterrupted one chose. Its 300 steps train as the eager run's do: test
+    accuracy within ACCURACY_AFTER_300_STEPS of theirs."""
     args = (*RUN, "--compile", "cuda-graph-inductor")
-    result = train_ok(mnist_shards, tmp_path / "uninterrupted", *args)
+
+    def own_cache(name: str) -> dict:
+        return {"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / f"inductor-cache-{name}")}
+
+    result = train_ok(mnist_shards, tmp_path / "uninterrupted", *args, env=own_cache("uninterrupted"))
     assert "captured the step as one CUDA graph (cuda-graph-inductor)" in result.stdout + result.stderr
     uninterrupted, eager = summary(tmp_path / "uninterrupted"), summary(gpu_reference)
-    assert abs(uninterrupted["test_accuracy"] - eager["test_accuracy"]) < 0.01, (uninterrupted["test_accuracy"], eager["test_accuracy"])
+    assert abs(uninterrupted["test_accuracy"] - eager["test_accuracy"]) < ACCURACY_AFTER_300_STEPS, (uninterrupted, eager)
     run_dir = tmp_path / "run"
-    killed = start_and_signal(train_command(mnist_shards, run_dir, *args), run_dir, signal.SIGKILL, env=PAUSE)
+    killed = start_and_signal(train_command(mnist_shards, run_dir, *args), run_dir, signal.SIGKILL, env={**PAUSE, **own_cache("killed")})
     assert killed.returncode != 0 and not (run_dir / "summary.json").exists()
-    train_ok(mnist_shards, run_dir, *args)
+    train_ok(mnist_shards, run_dir, *args, env=own_cache("resumed"))
     assert summary(run_dir)["param_checksum"] == uninterrupted["param_checksum"]
 
 
@@ -157,13 +173,13 @@ def test_the_default_graphed_step_is_bitwise_eager_for_other_presets(mnist_shard
 def test_the_inductor_step_is_one_eager_step_up_to_rounding(mnist_shards, tmp_path, preset):
     """One step from the same weights with inductor's kernels and with PyTorch's: the same
     update up to float rounding (a wrong gradient shows as ~1e-3, lr x gradient), BatchNorm's
-    statistics included (fast). On the CPU the two differ by 3.3e-7 (tests/test_compiled_step.py)."""
+    statistics included (fast)."""
     args = ("--preset", preset, "--max-steps", "1", "--device", "cuda", "--deterministic")
     train_ok(mnist_shards, tmp_path / "eager", *args, "--compile", "")
     train_ok(mnist_shards, tmp_path / "inductor", *args, "--compile", "cuda-graph-inductor")
     difference = max_param_diff(tmp_path / "eager", tmp_path / "inductor")
     print(json.dumps({"inductor_one_step_max_param_diff": {preset: difference}}))
-    assert difference < SHARED_GPU_ONE_STEP_TOLERANCE
+    assert difference < INDUCTOR_ONE_STEP_TOLERANCE
 
 
 def test_a_gpu_checkpoint_resumes_on_the_cpu(mnist_shards, tmp_path):

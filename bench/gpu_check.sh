@@ -7,7 +7,7 @@
 # harness itself is installed with --no-deps, so the machine's own torch (a CUDA build)
 # is used. Runs from the repository root. It keeps to GPU_CHECK_SECONDS (default 480) in
 # all: the tests get at most 330 s (9 of them, one at a time, took 226 s on an H200 once,
-# over 240 s another time; they now run in three processes at once), the benchmarks skip
+# over 240 s another time; they now run in four processes at once), the benchmarks skip
 # their later parts to fit what is left
 # (bench_gpu.json lists what they skipped), and the step probe
 # (bench/gpu_step_probe.py, about 45 s) runs last. GPU_TESTS (a pytest -k expression)
@@ -55,7 +55,7 @@ PY
 cat "$OUT/disk.json"
 
 step "GPU tests"
-# Three pytest processes share the GPU at once: the tests check results, not speed, and
+# Four pytest processes share the GPU at once: the tests check results, not speed, and
 # one at a time they took about 30 s each (most of it process start-up and CUDA
 # initialisation). GPU_TESTS (a pytest -k expression) reruns some of them in one process.
 rm -f "$OUT"/gpu-tests*  # a rerun into the same OUT must not mix in the last run's logs
@@ -67,11 +67,13 @@ run_tests() {  # NAME [PYTEST ARGS]: its log and JUnit XML in OUT as gpu-tests-N
 if [ -n "${GPU_TESTS:-}" ]; then
   run_tests some -k "$GPU_TESTS"
 else
-  resume="sigkill or sigterm"  # these share the module's uninterrupted reference run
-  runs="two_ranks or torchrun or one_lenet_epoch or resumes_on_the_cpu"  # whole runs, ranks, devices: about a third
+  inductor="inductor"  # --compile cuda-graph-inductor: each of its runs compiles first
+  resume="(sigkill or sigterm) and not inductor"  # these share the module's uninterrupted reference run
+  runs="two_ranks or torchrun or one_lenet_epoch or resumes_on_the_cpu"  # whole runs, ranks, devices
+  run_tests inductor -k "$inductor" &
   run_tests resume -k "$resume" &
   run_tests runs -k "$runs" &
-  run_tests graph -k "not ($resume or $runs)" &  # the CUDA-graph step against eager
+  run_tests graph -k "not ($inductor or ($resume) or $runs)" &  # the CUDA-graph step against eager
   wait
 fi
 cat "$OUT"/gpu-tests-*.log >"$OUT/gpu-tests.log"

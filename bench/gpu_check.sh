@@ -70,7 +70,8 @@ else
   inductor="inductor"  # --compile cuda-graph-inductor: each of its runs compiles first
   resume="(sigkill or sigterm) and not inductor"  # these share the module's uninterrupted reference run
   runs="two_ranks or torchrun or one_lenet_epoch or resumes_on_the_cpu"  # whole runs, ranks, devices
-  run_tests inductor -k "$inductor" &
+  # Its resume test compiles cold three times (each process into its own cache): 240 s.
+  run_tests inductor -k "$inductor" --timeout 240 &
   run_tests resume -k "$resume" &
   run_tests runs -k "$runs" &
   run_tests graph -k "not ($inductor or ($resume) or $runs)" &  # the CUDA-graph step against eager

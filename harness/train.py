@@ -293,6 +293,8 @@ class Trainer:
         self.compile_seconds = self.warm_up() if self.compile_mode else 0.0
         if self.progress.step == 0 and not self.progress.before_training:  # a resumed run keeps its first figure
             self.test_before_training()
+        if self.progress.epoch < self.config.epochs and not self.finished():
+            self.stream.prepare(self.progress.epoch, self.progress.macro)  # start-up work, not the first epoch's
         started = time.perf_counter()
         try:
             while self.progress.epoch < self.config.epochs and not self.finished():

@@ -269,3 +269,28 @@ def test_resident_split_gives_the_streamed_order(data):
     assembled.resident = False  # the streaming path, one macro-batch of the whole split
     for epoch in (0, 1):
         np.testing.assert_array_equal(epoch_ids(resident, epoch), epoch_ids(assembled, epoch))
+
+
+@pytest.mark.parametrize("macro_batch,prefetch,start_index", [(60000, False, 0), (700, False, 2), (700, True, 2)])
+def test_a_prepared_macro_batch_is_the_one_its_epoch_starts_with(data, monkeypatch, macro_batch, prefetch, start_index):
+    """prepare() loads the macro-batch an epoch starts with ahead of it (the Trainer does so
+    before its clock starts): the epoch then loads only the others, and its batches are an
+    unprepared stream's. A macro-batch prepared for another epoch is not used."""
+    shards, _ = data
+    make = lambda: MacroBatchStream(ShardSplit(shards, "train"), 64, macro_batch, seed=3, device=CPU, prefetch=prefetch)  # noqa: E731
+    unprepared = batches(make(), 1, start_index)
+    stream, loads = make(), []
+    for name in ("_load", "_resident_batch"):
+        original = getattr(stream, name)
+        monkeypatch.setattr(stream, name, lambda *args, original=original, name=name: loads.append((name, *args)) or original(*args))
+    stream.prepare(1, start_index)
+    assert len(loads) == 1
+    prepared = batches(stream, 1, start_index)
+    assert len(loads) == stream.macro_batches_per_epoch - start_index  # the first not again
+    stale = make()
+    stale.prepare(0, start_index)
+    for got in (prepared, batches(stale, 1, start_index)):
+        assert len(got) == len(unprepared) > 0
+        for (ids_a, labels_a), (ids_b, labels_b) in zip(got, unprepared):
+            np.testing.assert_array_equal(ids_a, ids_b)
+            np.testing.assert_array_equal(labels_a, labels_b)

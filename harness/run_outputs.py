@@ -22,7 +22,7 @@ from harness.checkpoint import write_checkpoint
 from harness.errors import HarnessError
 from harness.evaluate import EvalResult, class_report, format_report
 from harness.report import render, run_figures, save_pictures
-from harness.tensorboard import TensorBoardLog, weight_images
+from harness.tensorboard import TensorBoardLog, weight_snapshot
 
 log = logging.getLogger("harness")
 
@@ -76,8 +76,8 @@ class RunOutputs:
         with open(self.run_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(metrics) + "\n")
         self.tensorboard.scalars(step, {"val/loss": metrics["val_loss"], "val/accuracy": metrics["val_accuracy"]})
-        images = weight_images(model)
-        self.background.submit(lambda: self.tensorboard.images(images, step))
+        weights = weight_snapshot(model)
+        self.background.submit(lambda: self.tensorboard.weight_images(weights, step))
         log.info(
             f"epoch {metrics['epoch']}/{epochs}  train loss {metrics['train_loss']:.4f}  "
             f"val loss {metrics['val_loss']:.4f}  val acc {100 * metrics['val_accuracy']:.2f}%  "

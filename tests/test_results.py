@@ -31,6 +31,7 @@ from PIL import Image
 from harness.digit_image import load_digit, mnist_style
 from harness.models import mlp
 from harness.report import confusion_figure, curves_figure, filters_figure, tile_array
+from harness.tensorboard import tile_grid
 
 HIDDEN = [128]
 
@@ -100,6 +101,27 @@ def test_report_figures_hold_the_runs_numbers(run_dir):
     assert shown.shape == (11 * 29 - 1, 12 * 29 - 1)  # 128 tiles of 28x28 in 11 rows of 12, 1-pixel gaps
     assert np.allclose(np.ma.filled(shown, np.nan), tile_array(layer1), equal_nan=True)
     assert np.nanmax(np.abs(tile_array(layer1)[:28, :28])) == pytest.approx(1.0)  # each tile scaled to its own max |w|
+
+
+@pytest.mark.parametrize("shape,upscale", [((16, 1, 3, 3), 8), ((32, 16, 4, 4), 6), ((500, 1, 28, 28), 1)])
+def test_tensorboards_weight_grid_puts_each_filter_in_its_tile(shape, upscale):
+    """tile_grid (the weight images logged every epoch) against the obvious loop over
+    tiles: each filter min-max scaled on its own, upscaled, at its row and column, with one
+    pixel of 0 around every tile; a grid of one input channel is near-square, its empty
+    tiles 0 (500 units: 23 columns, 22 rows)."""
+    n, c, h, w = shape
+    weights = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    tiles = weights.reshape(n * c, h, w)
+    tiles = (tiles - tiles.amin(dim=(1, 2), keepdim=True)) / (tiles.amax(dim=(1, 2), keepdim=True) - tiles.amin(dim=(1, 2), keepdim=True))
+    tiles = tiles.repeat_interleave(upscale, 1).repeat_interleave(upscale, 2)
+    h, w = h * upscale, w * upscale
+    columns = c if c > 1 else int(np.ceil(np.sqrt(n)))
+    rows = -(-n * c // columns)
+    expected = np.zeros((1, rows * (h + 1) + 1, columns * (w + 1) + 1), dtype=np.float32)
+    for i, tile in enumerate(tiles):
+        r, col = divmod(i, columns)
+        expected[0, 1 + r * (h + 1) : 1 + r * (h + 1) + h, 1 + col * (w + 1) : 1 + col * (w + 1) + w] = tile.numpy()
+    np.testing.assert_allclose(tile_grid(weights.numpy(), upscale), expected, rtol=0, atol=1e-6)
 
 
 def test_report_of_an_unfinished_run_draws_the_curves(run_dir, tmp_path, capsys):

@@ -36,16 +36,28 @@ def write_json_atomic(path: Path, obj) -> None:
     write_text_atomic(path, json.dumps(obj, indent=1, sort_keys=True) + "\n")
 
 
-def cpu_tensors(obj):
-    """`obj` with every tensor in it (in dicts, lists, tuples) copied to the CPU, so that a
-    file written on a GPU loads on any machine and onto any device."""
+def map_tensors(obj, fn):
+    """`obj` with `fn(tensor)` in place of every tensor in it (in dicts, lists, tuples)."""
     if isinstance(obj, torch.Tensor):
-        return obj.detach().cpu()
+        return fn(obj)
     if isinstance(obj, dict):
-        return {k: cpu_tensors(v) for k, v in obj.items()}
+        return {k: map_tensors(v, fn) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return type(obj)(cpu_tensors(v) for v in obj)
+        return type(obj)(map_tensors(v, fn) for v in obj)
     return obj
+
+
+def cpu_tensors(obj):
+    """`obj` with every tensor in it on the CPU (a CPU tensor is not copied), so that a file
+    written on a GPU loads on any machine and onto any device."""
+    return map_tensors(obj, lambda t: t.detach().cpu())
+
+
+def tensor_snapshot(obj):
+    """`obj` with every tensor in it copied where it is: on a GPU, copies queued on the
+    device (the host does not wait for them), which later changes to the originals do not
+    reach."""
+    return map_tensors(obj, lambda t: t.detach().clone())
 
 
 def torch_bytes(obj) -> bytes:

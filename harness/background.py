@@ -3,7 +3,7 @@
 On a GPU the training thread only launches work, so whatever it spends writing,
 hashing and fsyncing files at the end of an epoch the GPU spends idle: on an H200
 the end of a LeNet epoch took about 0.3 s against 0.06 s of steps. So the training
-thread takes a snapshot (the serialised checkpoint, the first layers' weights) and
+thread takes a snapshot (copies of the checkpoint's tensors, the first layers' weights) and
 hands the writing to this thread, which runs the jobs one at a time, in order.
 `wait()` is where the training thread catches up: for the previous checkpoint before it
 hands over the next (so at most one is in flight, and every checkpoint asked for is

@@ -16,7 +16,7 @@ import logging
 import sys
 from pathlib import Path
 
-from harness.atomic import torch_bytes, torch_save_atomic, write_json_atomic, write_text_atomic
+from harness.atomic import tensor_snapshot, torch_bytes, torch_save_atomic, write_json_atomic, write_text_atomic
 from harness.background import BackgroundWriter
 from harness.checkpoint import write_checkpoint
 from harness.errors import HarnessError
@@ -85,18 +85,20 @@ class RunOutputs:
         )
 
     def checkpoint(self, state: dict, step: int, epoch: int, keep: int, before_write=None) -> None:
-        """Serialise `state` now (a snapshot: training goes on changing the tensors) and
-        write it on the background writer, once the previous checkpoint is written (so one
-        at most is in flight). `before_write`: test-only, called on the writer
-        thread first."""
-        payload = torch_bytes(state)
+        """Copy `state`'s tensors now (training goes on changing them), then serialise and
+        write the copy on the background writer, once the previous checkpoint is written (so
+        one at most is in flight). On a GPU the copies are queued on the device, so the
+        training thread does not wait for the device-to-host copies and the pickling (on an
+        H200 LeNet's checkpoints took 0.14 s of the training thread over 15 epochs, when it
+        serialised them itself). `before_write`: test-only, called on the writer thread first."""
+        snapshot = tensor_snapshot(state)
         if self.checkpoint_job is not None:
             self.background.wait(self.checkpoint_job)
 
         def write() -> None:
             if before_write:
                 before_write()
-            write_checkpoint(self.run_dir, payload, step, epoch, keep)
+            write_checkpoint(self.run_dir, torch_bytes(snapshot), step, epoch, keep)
 
         self.checkpoint_job = self.background.submit(write)
 

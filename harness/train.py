@@ -266,9 +266,9 @@ class Trainer:
             log.info(f"resuming from {path} (epoch {self.progress.epoch + 1}, step {self.progress.step})")
 
     def checkpoint(self, wait: bool = False) -> None:
-        """Every rank contributes its RNG state; rank 0 serialises the state while the others
-        wait, and its background writer writes the file while training goes on. `wait`:
-        until it is on disk (and the others wait too)."""
+        """Every rank contributes its RNG state; rank 0 copies the state while the others
+        wait, and its background writer serialises it and writes the file while training
+        goes on. `wait`: until it is on disk (and the others wait too)."""
         p = self.progress
         with self.timed("checkpoints"):
             state = self.state_dict()

@@ -459,6 +459,33 @@ def test_slow_checkpoint_write_on_rank_0_does_not_fail_the_job(mnist_shards, tmp
     assert checksum(run_dir) == reference[2]
 
 
+def test_a_checkpoint_holds_the_state_as_it_was_when_asked_for(tmp_path):
+    """RunOutputs.checkpoint copies the tensors and returns; serialising and writing happen
+    later, on the background writer. Training changing the weights in place meanwhile (here
+    before the writer even starts) does not reach the file."""
+    import threading
+
+    from harness.run_outputs import RunOutputs
+
+    weights = torch.arange(6, dtype=torch.float32)
+    state = {"model": {"w": weights}, "optimizer": {"state": {0: {"momentum_buffer": weights * 2}}}, "progress": {"step": 7}}
+    changed = threading.Event()
+    outputs = RunOutputs(tmp_path / "run", resumed_at=None)
+    try:
+        outputs.checkpoint(state, step=7, epoch=0, keep=3, before_write=lambda: changed.wait(10))
+        weights.add_(100)  # the next steps
+        state["optimizer"]["state"][0]["momentum_buffer"].zero_()
+        changed.set()
+        outputs.wait_for_writes()
+    finally:
+        outputs.close()
+    [marker] = ckpt.list_checkpoints(tmp_path / "run")
+    saved = torch.load(marker.with_suffix(".pt"), weights_only=True)
+    assert saved["model"]["w"].tolist() == [0, 1, 2, 3, 4, 5]
+    assert saved["optimizer"]["state"][0]["momentum_buffer"].tolist() == [0, 2, 4, 6, 8, 10]
+    assert saved["progress"] == {"step": 7}
+
+
 def test_training_goes_on_while_a_checkpoint_file_is_written(mnist_shards, tmp_path, reference):
     """The file of the step-150 checkpoint takes 3 s longer to write, on rank 0's background
     writer. Training goes on meanwhile and waits only for what is left of the write at the

@@ -25,7 +25,8 @@ class BackgroundWriter:
     thread, by the next `submit` or `wait`."""
 
     def __init__(self, max_queued: int = 4):
-        # Bounds the snapshots held in memory (a LeNet checkpoint is 6.7 MB).
+        # Bounds the snapshots held in memory (a LeNet checkpoint is 6.7 MB, on the GPU
+        # for a GPU run; RunOutputs keeps one checkpoint at most in flight).
         self.max_queued = max_queued
         self._jobs: collections.deque[Callable[[], object]] = collections.deque()
         self._changed = threading.Condition()
@@ -89,6 +90,7 @@ class BackgroundWriter:
                 with self._changed:
                     self._error = self._error or e
             finally:
+                job = None  # its snapshot (a copy of the whole state) is not held until the next job
                 with self._changed:
                     self._done += 1
                     self._changed.notify_all()

@@ -36,8 +36,8 @@ def save_checkpoint(run_dir: Path, state: dict, step: int, epoch: int, keep: int
 
 def write_checkpoint(run_dir: Path, payload: bytes, step: int, epoch: int, keep: int) -> Path:
     """Write `payload` (a state serialised by torch_bytes, a snapshot) as the checkpoint of
-    `step`, then delete all but the newest `keep` checkpoints. No torch work: it runs on
-    rank 0's background writer (harness.background)."""
+    `step`, then delete all but the newest `keep` checkpoints. It runs on rank 0's
+    background writer (harness.background)."""
     directory = Path(run_dir) / CHECKPOINT_DIR
     path = directory / f"step-{step:08d}.pt"
     try:

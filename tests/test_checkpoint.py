@@ -461,8 +461,8 @@ def test_slow_checkpoint_write_on_rank_0_does_not_fail_the_job(mnist_shards, tmp
 
 def test_a_checkpoint_holds_the_state_as_it_was_when_asked_for(tmp_path):
     """RunOutputs.checkpoint copies the tensors and returns; serialising and writing happen
-    later, on the background writer. Training changing the weights in place meanwhile (here
-    before the writer even starts) does not reach the file."""
+    later, on the background writer. Training changing the weights in place, or the
+    state's dicts, meanwhile (here before the writer even starts) does not reach the file."""
     import threading
 
     from harness.run_outputs import RunOutputs
@@ -475,6 +475,7 @@ def test_a_checkpoint_holds_the_state_as_it_was_when_asked_for(tmp_path):
         outputs.checkpoint(state, step=7, epoch=0, keep=3, before_write=lambda: changed.wait(10))
         weights.add_(100)  # the next steps
         state["optimizer"]["state"][0]["momentum_buffer"].zero_()
+        state["progress"]["step"] = 8
         changed.set()
         outputs.wait_for_writes()
     finally:

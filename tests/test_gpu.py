@@ -124,10 +124,10 @@ def test_sigterm_checkpoints_and_exits_75_on_the_gpu(mnist_shards, tmp_path, gpu
 def test_sigkill_then_resume_with_inductor_kernels_is_bitwise_exact(mnist_shards, tmp_path, gpu_reference):
     """--compile cuda-graph-inductor: its kernels round differently from the eager step's, so
     its reference is an uninterrupted run of its own, which a killed and resumed run matches
-    bit for bit (--deterministic: inductor picks its kernels without timing them). Each
-    process compiles into a cache of its own, so the resumed one cannot just reload the
-    kernels the uninterrupted one chose. Its 300 steps train as the eager run's do: test
-    accuracy within ACCURACY_AFTER_300_STEPS of theirs."""
+    bit for bit (--deterministic: inductor picks its kernels without timing them). The
+    resumed process compiles into a cache of its own, so it cannot just reload the kernels
+    the uninterrupted run (whose cache the killed one shares) chose. Its 300 steps train as
+    the eager run's do: test accuracy within ACCURACY_AFTER_300_STEPS of theirs."""
     args = (*RUN, "--compile", "cuda-graph-inductor")
 
     def own_cache(name: str) -> dict:
@@ -138,7 +138,7 @@ def test_sigkill_then_resume_with_inductor_kernels_is_bitwise_exact(mnist_shards
     uninterrupted, eager = summary(tmp_path / "uninterrupted"), summary(gpu_reference)
     assert abs(uninterrupted["test_accuracy"] - eager["test_accuracy"]) < ACCURACY_AFTER_300_STEPS, (uninterrupted, eager)
     run_dir = tmp_path / "run"
-    killed = start_and_signal(train_command(mnist_shards, run_dir, *args), run_dir, signal.SIGKILL, env={**PAUSE, **own_cache("killed")})
+    killed = start_and_signal(train_command(mnist_shards, run_dir, *args), run_dir, signal.SIGKILL, env={**PAUSE, **own_cache("uninterrupted")})
     assert killed.returncode != 0 and not (run_dir / "summary.json").exists()
     train_ok(mnist_shards, run_dir, *args, env=own_cache("resumed"))
     assert summary(run_dir)["param_checksum"] == uninterrupted["param_checksum"]

@@ -124,6 +124,24 @@ def test_tensorboards_weight_grid_puts_each_filter_in_its_tile(shape, upscale):
     np.testing.assert_allclose(tile_grid(weights.numpy(), upscale), expected, rtol=0, atol=1e-6)
 
 
+def test_the_weight_images_snapshot_is_a_copy():
+    """Rank 0 snapshots the weights for the epoch's images and goes on training while the
+    writer tiles them: the snapshot must not follow the weights (on the CPU, numpy would
+    share their memory)."""
+    from harness.models import lenet
+    from harness.tensorboard import weight_snapshot
+
+    model = lenet()
+    snapshot = weight_snapshot(model)
+    before = [layer.copy() for _, layer in snapshot]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1)
+    assert [name for name, _ in snapshot] == ["conv1", "conv2"]
+    for (_, layer), old in zip(snapshot, before):
+        np.testing.assert_array_equal(layer, old)
+
+
 def test_report_of_an_unfinished_run_draws_the_curves(run_dir, tmp_path, capsys):
     unfinished = tmp_path / "unfinished"
     unfinished.mkdir()

@@ -275,7 +275,8 @@ def test_resident_split_gives_the_streamed_order(data):
 def test_a_prepared_macro_batch_is_the_one_its_epoch_starts_with(data, monkeypatch, macro_batch, prefetch, start_index):
     """prepare() loads the macro-batch an epoch starts with ahead of it (the Trainer does so
     before its clock starts): the epoch then loads only the others, and its batches are an
-    unprepared stream's. A macro-batch prepared for another epoch is not used."""
+    unprepared stream's. A macro-batch prepared for another epoch or another position is
+    not used, and at an epoch's end (a run resumed there) there is nothing to prepare."""
     shards, _ = data
     make = lambda: MacroBatchStream(ShardSplit(shards, "train"), 64, macro_batch, seed=3, device=CPU, prefetch=prefetch)  # noqa: E731
     unprepared = batches(make(), 1, start_index)
@@ -287,9 +288,13 @@ def test_a_prepared_macro_batch_is_the_one_its_epoch_starts_with(data, monkeypat
     assert len(loads) == 1
     prepared = batches(stream, 1, start_index)
     assert len(loads) == stream.macro_batches_per_epoch - start_index  # the first not again
-    stale = make()
-    stale.prepare(0, start_index)
-    for got in (prepared, batches(stale, 1, start_index)):
+    other_epoch, other_index = make(), make()
+    other_epoch.prepare(0, start_index)
+    other_index.prepare(1, 1 - start_index if stream.resident else start_index + 1)
+    at_the_end = make()
+    at_the_end.prepare(1, stream.macro_batches_per_epoch)
+    assert at_the_end._prepared is None
+    for got in (prepared, batches(other_epoch, 1, start_index), batches(other_index, 1, start_index)):
         assert len(got) == len(unprepared) > 0
         for (ids_a, labels_a), (ids_b, labels_b) in zip(got, unprepared):
             np.testing.assert_array_equal(ids_a, ids_b)

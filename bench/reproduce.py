@@ -97,7 +97,8 @@ def run_one(preset: str, seed: int, shards: Path, run_dir: Path, extra: list[str
         "threads_per_rank": summary["threads_per_rank"],
         "others_cores_during_run": others.cores,
         "loadavg_before_after": [load_before, loadavg()],
-        "command": " ".join(command[1:]).replace(str(shards), "SHARDS").replace(str(run_dir), "RUN_DIR"),
+        # Whole arguments only: a relative --shards path such as "shards" is also inside "--shards".
+        "command": " ".join({str(shards): "SHARDS", str(run_dir): "RUN_DIR"}.get(str(arg), str(arg)) for arg in command[1:]),
         "config": summary["config"],
         "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }

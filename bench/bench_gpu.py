@@ -95,25 +95,46 @@ def seconds_to_accuracy(metrics: list[dict], target: float) -> float | None:
 # ----------------------------------------------------------------------------- workers
 
 
+WINDOW_STEPS = 13  # fast's 234 steps an epoch are 18 such windows, none across an epoch's end
+
+
+def window_seconds(run_dir: Path, batch: int) -> list[float]:
+    """Each sync window's seconds, in step order, from the run's TensorBoard samples/s."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    return [round(WINDOW_STEPS * batch / e.value, 5) for e in events.Scalars("train/samples_per_s")]
+
+
 def first_epoch_extra(shards: Path, work: Path, device_args: list[str]) -> dict:
     """The fast preset's first epoch against its second (seed 0, two epochs): how much
-    longer the first one takes, which its one-epoch time to 99% pays in full. Measured again
-    with CUDA_MODULE_LOADING=EAGER (every kernel loaded at start-up) when it is over 10 ms,
-    to see whether first kernel launches are the cause."""
-    def measure(name: str, env: dict) -> dict:
+    longer the first one takes, which its one-epoch time to 99% pays in full. When that is
+    over 10 ms, measured again with CUDA_MODULE_LOADING=EAGER (every kernel loaded at
+    start-up), to see whether first kernel launches are the cause, and with a sync point
+    every 13 steps, to see where in the epoch the extra goes: at the start (one-off costs,
+    or the GPU's clocks still rising) or spread over it."""
+    def measure(name: str, env: dict, *extra: str) -> dict:
         log(f"fast preset, 2 epochs, first against second ({name})")
-        result = harness(shards, work / f"fast-2ep-{name}", "--preset", "fast", "--epochs", "2", *device_args, env=env)
+        run_dir = work / f"fast-2ep-{name}"
+        result = harness(shards, run_dir, "--preset", "fast", "--epochs", "2", *extra, *device_args, env=env)
         if "failed" in result:
             return {"failed": result["failed"]}
         if len(result["metrics"]) < 2:
             return {"failed": f"{len(result['metrics'])} epoch(s) in metrics.jsonl, not 2"}
         first, second = (m["epoch_seconds"] for m in result["metrics"][:2])
-        return {"seconds": round(first - second, 4), "epoch_seconds": [round(first, 4), round(second, 4)],
-                "compile_seconds": result["summary"].get("compile_seconds")}
+        figures = {"seconds": round(first - second, 4), "epoch_seconds": [round(first, 4), round(second, 4)],
+                   "compile_seconds": result["summary"].get("compile_seconds")}
+        if extra:
+            windows = window_seconds(run_dir, result["summary"]["config"]["batch_size"])
+            half = len(windows) // 2
+            figures["first_minus_second_by_window"] = [round(a - b, 5) for a, b in zip(windows[:half], windows[half:])]
+        return figures
 
     found = {"lazy": measure("lazy", {})}
     if found["lazy"].get("seconds", 0) > 0.01:
         found["eager_module_loading"] = measure("eager_module_loading", {"CUDA_MODULE_LOADING": "EAGER"})
+        found["by_window"] = measure("by_window", {}, "--log-every", str(WINDOW_STEPS))
     return found
 
 
@@ -400,7 +421,7 @@ def main() -> None:
         fast_runs("fast", [], eager_fallback=True)  # as the preset is: --compile auto
         if "inductor" in best:  # the lenet runs chose inductor's kernels: the fast preset with them too
             fast_runs("fast_inductor", ["--compile", "cuda-graph-inductor"], eager_fallback=False)
-        if "fast" in parts and not quick and due("fast's first-epoch extra", 40):
+        if "fast" in parts and not quick and due("fast's first-epoch extra", 50):
             figures["fast"]["first_epoch_extra"] = first_epoch_extra(shards, work, device_args)
             save()
 

@@ -76,8 +76,10 @@ def main(out: Path) -> None:
             print(f"    loop {r.get('loop_seconds')} s by part: {r.get('loop_seconds_by_part')}")
     fast = f.get("fast", {})
     for name, extra in fast.get("first_epoch_extra", {}).items():
-        print(f"  first epoch minus second ({name} module loading): {extra.get('seconds')} s, epochs {extra.get('epoch_seconds')} s"
+        print(f"  first epoch minus second ({name}): {extra.get('seconds')} s, epochs {extra.get('epoch_seconds')} s"
               + (" FAILED" if "failed" in extra else ""))
+        if "first_minus_second_by_window" in extra:
+            print(f"    by 13-step window, s: {extra['first_minus_second_by_window']}")
     bare = f.get("harness_vs_bare", {})
     print(f"harness / bare loop ({bare.get('variant')}): {bare.get('median_ratio')}  {bare.get('rounds')}   [target >= 1.0]")
     loader = f.get("harness_vs_dataloader", {})

@@ -156,6 +156,7 @@ def bare_worker(args) -> dict:
 
     from harness.config import load_preset
     from harness.cuda_graph import compile_with_inductor
+    from harness.train import GRAPHED_MODES
     from harness.device import autocast, set_deterministic
     from harness.models import lenet
 
@@ -165,7 +166,7 @@ def bare_worker(args) -> dict:
     images, labels, _, _ = load_mnist(args.device)
     torch.manual_seed(0)
     model = lenet().to(device)
-    graphed = args.compile in ("cuda-graph", "cuda-graph-inductor")  # the step captured whole, as the harness does
+    graphed = args.compile in GRAPHED_MODES  # the step captured whole, as the harness does
     step_model = torch.compile(model, mode=args.compile) if args.compile and not graphed else model
     fused = {"fused": True} if device.type == "cuda" else {}
     optimizer = torch.optim.SGD(model.parameters(), lr=preset["lr"], momentum=preset["momentum"], **fused)

@@ -30,14 +30,14 @@ CHECKPOINT_DIR = "checkpoints"
 
 
 def save_checkpoint(run_dir: Path, state: dict, step: int, epoch: int, keep: int) -> Path:
-    """Write the state for `step`, then delete all but the newest `keep` checkpoints."""
+    """Write the state for `step`, then delete all but the newest `keep` checkpoints. Rank 0
+    runs it on its background writer (harness.background), on a copy of the state."""
     return write_checkpoint(run_dir, torch_bytes(state), step, epoch, keep)
 
 
 def write_checkpoint(run_dir: Path, payload: bytes, step: int, epoch: int, keep: int) -> Path:
-    """Write `payload` (a state serialised by torch_bytes, a snapshot) as the checkpoint of
-    `step`, then delete all but the newest `keep` checkpoints. It runs on rank 0's
-    background writer (harness.background)."""
+    """Write `payload` (a state serialised by torch_bytes) as the checkpoint of `step`, then
+    delete all but the newest `keep` checkpoints."""
     directory = Path(run_dir) / CHECKPOINT_DIR
     path = directory / f"step-{step:08d}.pt"
     try:

@@ -16,9 +16,9 @@ import logging
 import sys
 from pathlib import Path
 
-from harness.atomic import tensor_snapshot, torch_bytes, torch_save_atomic, write_json_atomic, write_text_atomic
+from harness.atomic import tensor_snapshot, torch_save_atomic, write_json_atomic, write_text_atomic
 from harness.background import BackgroundWriter
-from harness.checkpoint import write_checkpoint
+from harness.checkpoint import save_checkpoint
 from harness.errors import HarnessError
 from harness.evaluate import EvalResult, class_report, format_report
 from harness.report import render, run_figures, save_pictures
@@ -101,7 +101,7 @@ class RunOutputs:
         def write() -> None:
             if before_write:
                 before_write()
-            write_checkpoint(self.run_dir, torch_bytes(snapshot), step, epoch, keep)
+            save_checkpoint(self.run_dir, snapshot, step, epoch, keep)
 
         self.checkpoint_job = self.background.submit(write)
 

@@ -293,11 +293,11 @@ class Trainer:
         self.compile_seconds = self.warm_up() if self.compile_mode else 0.0
         if self.progress.step == 0 and not self.progress.before_training:  # a resumed run keeps its first figure
             self.test_before_training()
-        if self.progress.epoch < self.config.epochs and not self.finished():
+        if self.training_left():
             self.stream.prepare(self.progress.epoch, self.progress.macro)  # start-up work, not the first epoch's
         started = time.perf_counter()
         try:
-            while self.progress.epoch < self.config.epochs and not self.finished():
+            while self.training_left():
                 self.train_epoch()
                 self.end_epoch()
             self.wait_for_writes()  # the loop's time includes the last checkpoint's write
@@ -495,6 +495,9 @@ class Trainer:
 
     def stopped_early(self) -> bool:
         return bool(self.config.early_stopping) and self.progress.stale_epochs >= self.config.early_stopping
+
+    def training_left(self) -> bool:
+        return self.progress.epoch < self.config.epochs and not self.finished()
 
     def finished(self) -> bool:
         # Derived, not checkpointed: a finished run resumed with a larger --max-steps or

@@ -347,7 +347,6 @@ def test_ranks_on_different_kinds_of_device_stop_with_one_clear_error(tmp_path):
         assert f"rank {rank}: ranks are on different kinds of device (rank 0: cpu, rank 1: cuda)" in result.stdout
 
 
-
 class StopRequestStandIn:
     """harness.stopping.StopRequest without its signal handlers: the test sets signal_name."""
 

@@ -23,7 +23,7 @@ class Fault:
 
     nan: the loss of that step is NaN; exit: the rank exits with status 1 before that
     step; hang: the rank sleeps forever before that step (a stuck rank, alive but
-    silent); kill: the rank SIGKILLs itself before that step, on torchrun's first
+    silent), until a SIGTERM ends it (see `before_step`); kill: the rank SIGKILLs itself before that step, on torchrun's first
     attempt only (so an elastic restart can succeed); sleep=SECONDS: the rank sleeps that
     long before that step (a window in which a test can signal a run that a GPU would
     otherwise finish first); slowsave=SECONDS: rank 0 takes that long over the
@@ -61,6 +61,11 @@ class Fault:
         if self.kind == "sleep":
             time.sleep(self.seconds)
         if self.kind == "hang":
+            # When another rank fails, torchrun SIGTERMs this one and waits 30 s before a
+            # SIGKILL (torch 2.13's agent ignores TORCH_ELASTIC_SHUTDOWN_TIMEOUT on that path).
+            # Ending at the SIGTERM spares the tests those 30 s; the `freeze` fault still
+            # covers a rank that cannot answer it.
+            signal.signal(signal.SIGTERM, lambda *_: os._exit(128 + signal.SIGTERM))
             while True:
                 time.sleep(3600)
 

@@ -256,8 +256,17 @@ def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return torch.load(Path(run_dir) / "model.pt", weights_only=True)
 
 
-def max_param_diff(a: Path, b: Path) -> float:
-    """Largest absolute difference between two runs' final parameters."""
-    wa, wb = final_weights(a), final_weights(b)
+def checkpoint_weights(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
+    """The model's parameters in a run's checkpoint of that step."""
+    return torch.load(Path(run_dir) / "checkpoints" / f"step-{step:08d}.pt", weights_only=True)["model"]
+
+
+def max_weight_diff(wa: dict[str, torch.Tensor], wb: dict[str, torch.Tensor]) -> float:
+    """Largest absolute difference between two sets of the same parameters."""
     assert wa.keys() == wb.keys()
     return max((wa[k] - wb[k]).abs().max().item() for k in wa)
+
+
+def max_param_diff(a: Path, b: Path) -> float:
+    """Largest absolute difference between two runs' final parameters."""
+    return max_weight_diff(final_weights(a), final_weights(b))

@@ -6,10 +6,15 @@ graph, the step is a single `replay()`: this rank's slice of the global batch, g
 on the device by a step counter that lives on the device too, then normalisation,
 forward, loss and backward into gradients that stay at fixed addresses.
 
-The optimizer step (one fused kernel) and the schedule run outside the graph, so the
-learning rate may change at every step. The captured kernels are those of the eager
-step, so in deterministic mode the weights are bitwise those of an eager run, and a
-checkpoint moves freely between the two.
+The optimizer's update (fused SGD, one kernel) is captured too, after the backward, so a
+training step is one `replay()` and no Python optimizer code runs per step. The graph
+reads the learning rate from a float32 tensor on the device, which `__call__` refills
+whenever the schedule has changed it; the Trainer keeps the lr a float32 value on a GPU
+in every mode, so the eager update uses the same number. The captured kernels are those
+of the eager step, so in deterministic mode the weights are bitwise those of an eager
+run, and a checkpoint moves freely between the two (as it did before the update moved
+into the graph; with it inside, that is what tests/test_gpu.py checks, not yet run on a
+GPU).
 
 `--compile cuda-graph-inductor` captures the same step with the kernels torch.compile's
 inductor generates for it instead of PyTorch's own. The convolutions and matrix products
@@ -31,7 +36,7 @@ import torch
 
 from harness.data.stream import MacroBatch, MacroBatchStream
 from harness.device import autocast
-from harness.models import buffers_restored
+from harness.models import values_restored
 
 WARM_UP_RUNS = 3  # PyTorch's CUDA graph notes: run a few iterations on a side stream before capture
 
@@ -52,14 +57,19 @@ def compile_with_inductor(batch_loss: Callable[[], torch.Tensor]) -> Callable[[]
 
 
 class GraphedStep:
-    """Static copies of the current macro-batch, a step counter on the device, and the graph."""
+    """Static copies of the current macro-batch, a step counter and the lr on the device, and the graph."""
 
-    def __init__(self, model: torch.nn.Module, normalize: Callable, loss_fn: Callable, precision: str,
-                 stream: MacroBatchStream, device: torch.device,
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.SGD, normalize: Callable, loss_fn: Callable,
+                 precision: str, stream: MacroBatchStream, device: torch.device,
                  compiler: Callable[[Callable], Callable] | None = None):
-        """`compiler` (e.g. `compile_with_inductor`) compiles `eager_batch_loss` (the gather,
+        """`optimizer`: SGD over the model's parameters, one parameter group (fused on a GPU).
+        `compiler` (e.g. `compile_with_inductor`) compiles `eager_batch_loss` (the gather,
         normalisation, forward and loss) before capture; None captures PyTorch's own kernels."""
-        self.model, self.normalize, self.loss_fn, self.precision = model, normalize, loss_fn, precision
+        if len(optimizer.param_groups) != 1:
+            raise ValueError("GraphedStep captures an optimizer with one parameter group")
+        self.model, self.optimizer, self.normalize, self.loss_fn, self.precision = model, optimizer, normalize, loss_fn, precision
+        self.lr = torch.tensor(self.group["lr"], dtype=torch.float32, device=device)  # what the captured update reads
+        self.lr_value = self.group["lr"]  # the lr in self.lr
         self.global_batch, self.device = stream.global_batch, device
         rows = len(stream.data) if stream.resident else stream.macro_size
         self.images = torch.zeros(rows, 28, 28, dtype=torch.uint8, device=device)
@@ -91,41 +101,82 @@ class GraphedStep:
         with autocast(self.device, self.precision, cache=False):
             return self.loss_fn(self.model(self.normalize(images)), labels)
 
+    @property
+    def group(self) -> dict:
+        """The optimizer's parameter group, looked up each time: loading a checkpoint
+        (Optimizer.load_state_dict) replaces the group's dict."""
+        return self.optimizer.param_groups[0]
+
     def forward_backward(self) -> torch.Tensor:
-        """The captured work. Leaves the gradients in the parameters' .grad and advances the step."""
+        """Leaves the gradients in the parameters' .grad and advances the step counter."""
         loss = self.batch_loss()
         loss.backward()
         self.step.add_(1)
         return loss
 
+    def training_step(self) -> torch.Tensor:
+        """The captured work: forward, backward and the optimizer's update, at the lr in self.lr."""
+        loss = self.forward_backward()
+        group = self.group
+        group["lr"] = self.lr  # the fused kernel then reads the lr from the device
+        try:
+            self.optimizer.step()
+        finally:
+            group["lr"] = self.lr_value
+        return loss
+
+    def create_momentum_buffers(self) -> list[torch.Tensor]:
+        """SGD's momentum buffers, made now (zeros) where the optimizer has none yet, so that
+        the captured update is the one that reads them. From zeros the first update is the
+        same arithmetic as PyTorch's first step, which copies the gradient into the buffer
+        (momentum x 0 + gradient, exactly); a resumed run's loaded buffers are kept."""
+        if self.group["momentum"] == 0:
+            return []
+        for p in self.group["params"]:
+            state = self.optimizer.state[p]
+            if state.get("momentum_buffer") is None:
+                state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return [self.optimizer.state[p]["momentum_buffer"] for p in self.group["params"]]
+
+    def sync_lr(self) -> None:
+        """Copy the group's lr into the tensor the graph reads, if the schedule changed it
+        (a fill on the compute stream, in order with the replays: no host sync)."""
+        if self.group["lr"] != self.lr_value:
+            self.lr_value = self.group["lr"]
+            self.lr.fill_(self.lr_value)
+
     def capture(self) -> None:
         """Warm up on a side stream, capture, and replay once, so that whatever a graph's first
         launch costs (not measured apart) is not in the first epoch's time. Gradients are set
         to None first, so the captured backward allocates them from the graph's pool: every
-        replay overwrites them, and nothing may set them to None again. The weights are not
-        touched, and BatchNorm's running statistics, which the warm-up runs and the replay
+        replay overwrites them, and nothing may set them to None again; nor may the optimizer
+        state be replaced (load a checkpoint before capture). The weights, the momentum
+        buffers and BatchNorm's running statistics, which the warm-up runs and the replay
         move, are put back. Every run reads global batch 0 of the (still empty) buffers:
         a macro-batch may hold only one."""
         self.model.zero_grad(set_to_none=True)
-        with buffers_restored(self.model):
+        self.sync_lr()  # a resumed run's lr
+        state = [*self.model.parameters(), *self.create_momentum_buffers(), *self.model.buffers()]
+        with values_restored(state):
             side = torch.cuda.Stream(self.device)
             side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(side):
                 for _ in range(WARM_UP_RUNS):
                     self.step.zero_()
-                    self.forward_backward()
+                    self.training_step()
                     self.model.zero_grad(set_to_none=True)
             torch.cuda.current_stream(self.device).wait_stream(side)
             self.graph = torch.cuda.CUDAGraph()
             # thread_local: the stream's prefetch thread may copy the next macro-batch meanwhile.
             with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
-                self.loss = self.forward_backward()
+                self.loss = self.training_step()
             self.step.zero_()
             self.graph.replay()
         self.step.zero_()
         torch.cuda.synchronize(self.device)
 
     def __call__(self) -> torch.Tensor:
-        """One step's gradients and loss: one replay."""
+        """One training step, the optimizer's update included: one replay. Returns its loss."""
+        self.sync_lr()
         self.graph.replay()
         return self.loss

@@ -89,16 +89,22 @@ def build_model(config) -> nn.Sequential:
 
 
 @contextlib.contextmanager
-def buffers_restored(model: nn.Module):
-    """On exit, every buffer (BatchNorm's running statistics) holds its value from entry
-    again, in place: warm-up passes on batches of zeros leave no trace in the model."""
-    saved = [buffer.clone() for buffer in model.buffers()]
+def values_restored(tensors: list[torch.Tensor]):
+    """On exit, each tensor holds its value from entry again, in place (the same storage,
+    which a captured CUDA graph may point at)."""
+    saved = [t.detach().clone() for t in tensors]
     try:
         yield
     finally:
         with torch.no_grad():
-            for buffer, value in zip(model.buffers(), saved):
-                buffer.copy_(value)
+            for t, value in zip(tensors, saved):
+                t.copy_(value)
+
+
+def buffers_restored(model: nn.Module):
+    """On exit, every buffer (BatchNorm's running statistics) holds its value from entry
+    again, in place: warm-up passes on batches of zeros leave no trace in the model."""
+    return values_restored(list(model.buffers()))
 
 
 def first_layer_weights(state: dict[str, torch.Tensor]) -> list[tuple[str, torch.Tensor]]:

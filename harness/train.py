@@ -23,6 +23,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
@@ -188,13 +189,14 @@ class Trainer:
             **fused,
         )
         self.scheduler = make_schedule(self.optimizer, config, self.stream.steps_per_epoch)
+        self.keep_lr_float32()
         self.normalize = Normalizer(config.normalize, self.train_stats, ctx.device, memory_format)
         self.loss_fn = make_loss(config.loss)  # validation and test: comparable across recipes
         self.train_loss_fn = make_loss(config.loss, label_smoothing=config.label_smoothing)
         self.graphed = None
         if self.compile_mode in GRAPHED_MODES:
             compiler = compile_with_inductor if self.compile_mode == "cuda-graph-inductor" else None
-            self.graphed = GraphedStep(self.model, self.normalize, self.train_loss_fn, config.precision, self.stream, ctx.device, compiler)
+            self.graphed = GraphedStep(self.model, self.optimizer, self.normalize, self.train_loss_fn, config.precision, self.stream, ctx.device, compiler)
 
     def verify_train_shards(self) -> None:
         """Rank r checks the SHA-256 of training shards r, r+W, r+2W, ... (together the
@@ -243,6 +245,7 @@ class Trainer:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        self.keep_lr_float32()  # a checkpoint written on the CPU
         self.progress.load_state_dict(state["loop"])
         cpu_rng, gpu_rng = state["rng"]["torch"], state["rng"]["cuda"]
         if isinstance(cpu_rng, torch.Tensor):  # written before RNG states were saved per rank: rank 0's only
@@ -381,7 +384,7 @@ class Trainer:
         the device (but SyncBatchNorm: --batch-norm on several ranks)."""
         self.fault.before_step(self.progress.step, self.ctx.rank)  # test-only fault injection
         if self.graphed:
-            loss = self.graphed()  # the same gather, forward, loss and backward, replayed as one CUDA graph
+            loss = self.graphed()  # the same gather, forward, loss, backward and update, replayed as one CUDA graph
             loss = self.fault.corrupt_loss(loss, self.progress.step, self.ctx.rank)  # the NaN check sees it; the weights do not
         else:
             images, labels = macro.local_batch(i)
@@ -395,10 +398,25 @@ class Trainer:
             loss = self.fault.corrupt_loss(loss, self.progress.step, self.ctx.rank)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
-        self.optimizer.step()
+            self.optimizer.step()
         if self.config.lr_schedule == "onecycle" and self.scheduler.last_epoch + 1 < self.scheduler.total_steps:
-            self.scheduler.step()  # per step, but not past the last one, where the lr would fall below 0
+            self.step_schedule()  # per step, but not past the last one, where the lr would fall below 0
         self.window.add(loss)
+
+    def step_schedule(self) -> None:
+        self.scheduler.step()
+        self.keep_lr_float32()
+
+    def keep_lr_float32(self) -> None:
+        """On a GPU the learning rate is always a float32 value. The CUDA-graph step's update
+        reads it from a float32 tensor (the fused kernel takes no other), and the eager
+        update, given the same number, then does the same arithmetic, so the two modes stay
+        bitwise equal and a checkpoint moves between them. A schedule's next lr is computed
+        from this one, so it is rounded at every change, in every mode. The CPU keeps its
+        float64 values, which its recorded results were trained with."""
+        if self.ctx.device.type == "cuda":
+            for group in self.optimizer.param_groups:
+                group["lr"] = float(np.float32(group["lr"]))
 
     def sync_point(self, lr: float, bar: ProgressBar) -> None:
         """All ranks: log the window's mean loss, fail on a non-finite loss, honour a stop signal."""
@@ -430,7 +448,7 @@ class Trainer:
         p.record_validation(self.validate(lr))
         if p.macro == self.stream.macro_batches_per_epoch:  # the epoch is complete (not cut by --max-steps)
             if self.config.lr_schedule == "exponential":
-                self.scheduler.step()
+                self.step_schedule()
             p.next_epoch()
         if self.stopped_early():
             log.info(f"early stopping: no better {self.val_set} loss for {self.config.early_stopping} epochs")
@@ -617,6 +635,7 @@ def make_schedule(optimizer: torch.optim.Optimizer, config: TrainConfig, steps_p
     if config.lr_schedule == "onecycle":
         steps = config.epochs * steps_per_epoch
         steps = min(steps, config.max_steps) if config.max_steps else steps
+        # cycle_momentum=False: the CUDA-graph step captures the momentum as a constant (only the lr is read from the device).
         return torch.optim.lr_scheduler.OneCycleLR(
             optimizer, max_lr=config.lr, total_steps=steps, pct_start=0.25, anneal_strategy="linear", cycle_momentum=False,
             div_factor=25.0, final_div_factor=1e4,

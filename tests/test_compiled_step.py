@@ -1,7 +1,8 @@
-"""The CUDA-graph step's work compiled by torch.compile (`--compile cuda-graph-inductor`), on the CPU.
+"""The work of the CUDA-graph step, on the CPU: its forward and backward compiled by
+torch.compile (`--compile cuda-graph-inductor`), and the optimizer update it captures.
 
 Capture needs a GPU (tests/test_gpu.py), but the work GraphedStep captures does not:
-its forward_backward runs on the CPU as well, compiled or not. Compiled with
+its training_step runs on the CPU as well, compiled or not. Compiled with
 fullgraph=True, a graph break anywhere in a preset's step (the gather, the
 normalisation, the model, the loss, BatchNorm's in-place statistics) fails here, on a
 machine without a GPU, rather than at the start of a GPU run; so does a recompile in the
@@ -13,6 +14,7 @@ from __future__ import annotations
 import shutil
 import types
 
+import numpy as np
 import pytest
 import torch
 import torch._dynamo
@@ -50,7 +52,9 @@ def graphed_step(preset: str, compiler=None, **overrides) -> GraphedStep:
     images = torch.randint(0, 256, (ROWS, 28, 28), dtype=torch.uint8, generator=data)
     stats = {"mean": 0.13, "std": 0.31, "pixel_mean": (images.double() / 255).mean(0).tolist()}
     stream = types.SimpleNamespace(global_batch=config.batch_size, resident=True, data=range(ROWS), macro_size=ROWS)
-    step = GraphedStep(model, Normalizer(config.normalize, stats, CPU, memory_format),
+    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum, nesterov=config.nesterov,
+                                weight_decay=config.weight_decay, fused=True)  # fused, as on a GPU
+    step = GraphedStep(model, optimizer, Normalizer(config.normalize, stats, CPU, memory_format),
                        make_loss(config.loss, label_smoothing=config.label_smoothing), config.precision, stream, CPU, compiler)
     step.images.copy_(images)
     step.labels.copy_(torch.randint(0, 10, (ROWS,), generator=data))
@@ -142,3 +146,60 @@ def test_a_compiler_that_cannot_build_the_step_is_one_clear_error(mnist_shards, 
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
     assert "error: --compile default: torch.compile could not build the step (InvalidCxxCompiler" in result.stderr
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize("preset", ["lenet", "fast", "mathspp-mlp"])
+def test_the_captured_update_is_the_eager_update(preset):
+    """What GraphedStep captures after the backward: SGD's update with the lr read from a
+    float32 tensor, and momentum buffers it made as zeros before the first step. Given the
+    lr values the Trainer keeps on a GPU (float32 numbers), it is bitwise the eager update
+    (PyTorch's first step copies the gradient into new buffers), over steps where the
+    schedule changes the lr: momentum and weight decay (lenet), Nesterov and BatchNorm
+    (fast), no momentum at all (mathspp-mlp). Each call stands for a replay, which
+    overwrites the gradients the previous one left. (This runs the CPU's fused kernel;
+    the CUDA kernel's arithmetic is tests/test_gpu.py's to check.)"""
+    eager, graphed = graphed_step(preset), graphed_step(preset)
+    buffers = graphed.create_momentum_buffers()
+    lrs_seen = []
+    graphed.optimizer.register_step_pre_hook(lambda optimizer, args, kwargs: lrs_seen.append(optimizer.param_groups[0]["lr"]))
+    lrs = [float(np.float32(graphed.group["lr"] * f)) for f in (1.0, 1.0, 0.9, 0.5)]
+    for lr in lrs:
+        eager.group["lr"] = graphed.group["lr"] = lr
+        eager.model.zero_grad(set_to_none=True)
+        eager.forward_backward()
+        eager.optimizer.step()
+        graphed.model.zero_grad(set_to_none=True)
+        graphed.sync_lr()
+        graphed.training_step()
+        assert lrs_seen[-1] is graphed.lr and graphed.lr.item() == lr  # the update read the tensor
+        assert type(graphed.group["lr"]) is float  # and the group holds a number again
+    pairs = list(zip(eager.model.parameters(), graphed.model.parameters()))
+    if eager.group["momentum"]:
+        pairs += [(eager.optimizer.state[p]["momentum_buffer"], graphed.optimizer.state[q]["momentum_buffer"]) for p, q in pairs]
+        # the update wrote into the buffers made before it (a graph holds their addresses)
+        assert all(graphed.optimizer.state[q]["momentum_buffer"] is b for q, b in zip(graphed.model.parameters(), buffers))
+    assert all(torch.equal(a, b) for a, b in pairs)
+    assert not torch.equal(pairs[0][0], next(graphed_step(preset).model.parameters()))  # the weights moved
+
+
+def test_the_update_uses_a_loaded_checkpoints_buffers_and_its_schedules_lr():
+    """A resumed run loads its checkpoint before capture. Optimizer.load_state_dict
+    replaces the momentum buffers and the parameter group's dict: the update must use the
+    loaded buffers (not zeros in their place) and read the lr from the group that the
+    schedule now changes."""
+    source = graphed_step("lenet")
+    source.model.zero_grad(set_to_none=True)
+    source.forward_backward()
+    source.optimizer.step()
+    step = graphed_step("lenet")
+    step.optimizer.load_state_dict(source.optimizer.state_dict())  # as Trainer.restore does
+    loaded = [step.optimizer.state[p]["momentum_buffer"] for p in step.model.parameters()]
+    assert all(b is a for a, b in zip(loaded, step.create_momentum_buffers()))
+    assert all(a.abs().sum() > 0 for a in loaded)
+    step.optimizer.param_groups[0]["lr"] = 0.5  # the schedule's next lr
+    step.sync_lr()
+    lrs_seen = []
+    step.optimizer.register_step_pre_hook(lambda optimizer, args, kwargs: lrs_seen.append(optimizer.param_groups[0]["lr"]))
+    step.model.zero_grad(set_to_none=True)
+    step.training_step()
+    assert lrs_seen == [step.lr] and lrs_seen[0] is step.lr and step.lr.item() == 0.5

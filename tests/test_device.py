@@ -6,7 +6,9 @@ from __future__ import annotations
 import io
 import json
 import re
+import types
 
+import numpy as np
 import pytest
 import torch
 from helpers import run_cli, summary
@@ -167,3 +169,24 @@ def test_cuda_graph_on_the_cpu_is_one_clear_error(mnist_shards, tmp_path):
                      "--device", "cpu", "--compile", "cuda-graph")
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert "--compile cuda-graph needs one rank on a GPU" in result.stderr
+
+
+def test_on_a_gpu_the_learning_rate_stays_a_float32_value():
+    """The CUDA-graph step's update reads the lr from a float32 tensor; so that the eager
+    update does the same arithmetic, the Trainer rounds the lr to float32 on a GPU, at
+    every change of the schedule (whose next lr is computed from the rounded one). The
+    CPU keeps float64 values."""
+    from harness.train import Trainer
+
+    for device in ("cpu", "cuda"):
+        optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+        trainer = types.SimpleNamespace(ctx=types.SimpleNamespace(device=torch.device(device)), optimizer=optimizer,
+                                        scheduler=torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=0.9))
+        trainer.keep_lr_float32 = lambda: Trainer.keep_lr_float32(trainer)
+        trainer.keep_lr_float32()
+        optimizer.step()  # no gradients: changes nothing, and the schedule does not warn
+        expected = 0.1 if device == "cpu" else float(np.float32(0.1))
+        for _ in range(3):
+            assert optimizer.param_groups[0]["lr"] == expected
+            Trainer.step_schedule(trainer)
+            expected = expected * 0.9 if device == "cpu" else float(np.float32(expected * 0.9))

@@ -113,6 +113,22 @@ def test_sigkill_then_resume_is_bitwise_exact_on_the_gpu(mnist_shards, tmp_path,
     assert summary(run_dir)["param_checksum"] == summary(gpu_reference)["param_checksum"]
 
 
+def test_sigkill_then_resume_of_a_graphed_run_follows_the_schedule(mnist_shards, tmp_path):
+    """The `fast` preset's one-cycle schedule changes the lr at every step. Killed and
+    resumed with the step, its SGD update included, replayed as a CUDA graph, a run ends
+    bitwise equal to an uninterrupted eager run: the resumed graph reads the resumed
+    schedule's lr, and updates the loaded momentum buffers."""
+    args = ("--preset", "fast", "--max-steps", "200", "--log-every", "25", "--checkpoint-every", "50", "--device", "cuda",
+            "--deterministic")
+    train_ok(mnist_shards, tmp_path / "eager", *args, "--compile", "")
+    run_dir = tmp_path / "run"
+    killed = start_and_signal(train_command(mnist_shards, run_dir, *args, "--compile", "cuda-graph"), run_dir, signal.SIGKILL, env=PAUSE)
+    assert killed.returncode != 0 and not (run_dir / "summary.json").exists()
+    result = train_ok(mnist_shards, run_dir, *args, "--compile", "cuda-graph")
+    assert "resuming from" in result.stdout + result.stderr
+    assert summary(run_dir)["param_checksum"] == summary(tmp_path / "eager")["param_checksum"]
+
+
 def test_sigterm_checkpoints_and_exits_75_on_the_gpu(mnist_shards, tmp_path, gpu_reference):
     run_dir = tmp_path / "run"
     stopped = start_and_signal(train_command(mnist_shards, run_dir, *RUN), run_dir, signal.SIGTERM, env=PAUSE)
@@ -147,8 +163,10 @@ def test_sigkill_then_resume_with_inductor_kernels_is_bitwise_exact(mnist_shards
 @pytest.mark.parametrize("macro_batch", ["7000", "60000"])
 def test_the_cuda_graph_step_is_bitwise_the_eager_step(mnist_shards, tmp_path, macro_batch):
     """Streamed macro-batches (7,000 images, copied into the graph's buffers) and the
-    resident split: 300 replayed steps end with the eager run's weights, bit for bit."""
-    args = ("--preset", "lenet", "--epochs", "1", "--max-steps", "300", "--macro-batch", macro_batch, "--device", "cuda")
+    resident split: 700 replayed steps, the SGD update included, end with the eager run's
+    weights, bit for bit. The last 100 are in epoch 2, after the schedule's first lr decay,
+    which the graph reads from its lr tensor."""
+    args = ("--preset", "lenet", "--epochs", "2", "--max-steps", "700", "--macro-batch", macro_batch, "--device", "cuda")
     train_ok(mnist_shards, tmp_path / "eager", *args, "--compile", "")
     result = train_ok(mnist_shards, tmp_path / "graph", *args, "--compile", "cuda-graph")
     assert "captured the step as one CUDA graph" in result.stdout + result.stderr

@@ -185,12 +185,14 @@ def bare_worker(args) -> dict:
     if args.compile == "cuda-graph-inductor":
         batch_loss = compile_with_inductor(batch_loss)
 
-    def forward_backward() -> None:
+    def training_step() -> None:
         batch_loss().backward()
         step.add_(1)
+        optimizer.step()
 
-    if graphed:
-        graph = capture_step(forward_backward, model)
+    if graphed:  # the update captured too, reading its lr from the device, as GraphedStep does
+        optimizer.param_groups[0]["lr"] = torch.tensor(preset["lr"], dtype=torch.float32, device=device)
+        graph = capture_step(training_step, model)
 
     def run(n: int) -> None:
         for _ in range(n):
@@ -198,8 +200,7 @@ def bare_worker(args) -> dict:
                 graph.replay()
             else:
                 optimizer.zero_grad(set_to_none=True)
-                forward_backward()
-            optimizer.step()
+                training_step()
 
     run(min(steps, 100))  # warm-up (and compile)
     if device.type == "cuda":

@@ -49,22 +49,23 @@ def mnist_dir() -> Path:
     return path.resolve()
 
 
-def capture_step(forward_backward, model, warm_up: int = 3):
-    """A training step's forward and backward as one CUDA graph, the way
-    harness/cuda_graph.py captures it: `warm_up` runs on a side stream (gradients dropped),
-    then the capture. Returns the graph; each `replay()` leaves fresh gradients."""
+def capture_step(work, model, warm_up: int = 3):
+    """A training step's `work` (forward and backward, and the optimizer's update if it
+    includes it, as harness/cuda_graph.py's does) as one CUDA graph: `warm_up` runs on a
+    side stream (gradients dropped; the first update makes the momentum buffers), then the
+    capture. Returns the graph; each `replay()` leaves fresh gradients."""
     import torch  # here, not at module level: see the module docstring
 
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         for _ in range(warm_up):
-            forward_backward()
+            work()
             model.zero_grad(set_to_none=True)
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        forward_backward()
+        work()
     return graph
 
 

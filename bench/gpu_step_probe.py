@@ -13,7 +13,10 @@ combination it includes what a process pays once (the optimizer's first kernels)
 suspect for the `fast` preset's slower first epoch. It also lists the eager step's ten
 most expensive kernels (torch.profiler) for the deterministic and the autotuned kernels,
 to show which layer a slow step spends on, and the optimizer's update alone, fused
-against foreach and against a plain update of one flat vector.
+against foreach and against a plain update of one flat vector. Last, the step as the
+harness now captures it (the SGD update inside the graph, its lr read from the device)
+against the update launched after the replay, alternated in one process, with the
+host's time to launch each (whether the loop is bound by the host or by the GPU).
 
 Usage: python bench/gpu_step_probe.py > probe.json   (needs a CUDA GPU)
 """
@@ -139,6 +142,47 @@ def optimizer_update_us() -> dict:
     return results
 
 
+def update_in_graph_ms(batch: int, batch_norm: bool) -> dict:
+    """Milliseconds per step with the fused SGD update launched after the graph's replay,
+    as the probe's other figures are (`after`), and captured inside the graph (`inside`),
+    3 rounds alternated; and microseconds of host time to launch a step (20 steps
+    launched on an idle GPU, so the queue never makes the host wait), lowest of 3."""
+    results = {"after": [], "inside": [], "launch_us_after": [], "launch_us_inside": []}
+    steps = {}
+    for how in ("after", "inside"):
+        model, optimizer, forward_backward = make_step(batch, "fp32", False, batch_norm)
+        if how == "inside":
+            optimizer.param_groups[0]["lr"] = torch.tensor(0.01, dtype=torch.float32, device=DEVICE)
+
+            def work(forward_backward=forward_backward, optimizer=optimizer) -> None:
+                forward_backward(cache=False)
+                optimizer.step()
+
+            graph = capture_step(work, model)
+            steps[how] = graph.replay
+        else:
+            graph = capture_step(lambda forward_backward=forward_backward: forward_backward(cache=False), model)
+            steps[how] = lambda graph=graph, optimizer=optimizer: (graph.replay(), optimizer.step())
+    for _ in range(3):
+        for how, run in steps.items():
+            for _ in range(50):
+                run()
+            torch.cuda.synchronize()
+            started = time.perf_counter()
+            for _ in range(TIMED_STEPS):
+                run()
+            torch.cuda.synchronize()
+            results[how].append(round(1e3 * (time.perf_counter() - started) / TIMED_STEPS, 4))
+            started = time.perf_counter()
+            for _ in range(20):
+                run()
+            results[f"launch_us_{how}"].append(round(1e6 * (time.perf_counter() - started) / 20, 1))
+            torch.cuda.synchronize()
+    for key in ("launch_us_after", "launch_us_inside"):
+        results[key] = min(results[key])
+    return results
+
+
 def main() -> None:
     record = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "cuda": torch.version.cuda,
               "cudnn": torch.backends.cudnn.version(), "graphed_step_ms": {}, "first_step_ms": {}, "eager_top_kernels": {}}
@@ -157,6 +201,14 @@ def main() -> None:
         set_deterministic(deterministic)
         record["eager_top_kernels"]["det" if deterministic else "nondet"] = top_kernels(100)
     record["optimizer_update_us"] = optimizer_update_us()
+    set_deterministic(False)
+    record["update_in_graph_ms"] = {}
+    for batch, batch_norm in ((100, False), (256, True)):
+        name = f"nondet/fp32/nchw/batch{batch}" + ("/batch_norm" if batch_norm else "")
+        try:
+            record["update_in_graph_ms"][name] = update_in_graph_ms(batch, batch_norm)
+        except Exception as e:  # the others' figures are kept
+            record["update_in_graph_ms"][name] = f"failed: {type(e).__name__}: {str(e)[:300]}"
     print(json.dumps(record, indent=1))
 
 

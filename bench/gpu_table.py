@@ -47,6 +47,12 @@ def main(out: Path) -> None:
             print(f"  {mode} eager top kernels (us/step): " + "; ".join(f"{k['kernel'][:40]} {k['us_per_step']}" for k in kernels[:4]))
         if "optimizer_update_us" in probe:
             print("  SGD update alone, device us: " + "  ".join(f"{k}={v}" for k, v in probe["optimizer_update_us"].items()))
+        for name, r in probe.get("update_in_graph_ms", {}).items():
+            if isinstance(r, str):
+                print(f"  update in the graph, {name}: {r[:100]}")
+            else:
+                print(f"  update after / inside the graph, {name}: ms {r['after']} / {r['inside']}; "
+                      f"host launch us {r['launch_us_after']} / {r['launch_us_inside']}")
     bench = load(out / "bench_gpu.json")
     if not bench:
         print("benchmarks: no record (see bench_gpu.log)")

@@ -23,14 +23,15 @@ class Fault:
 
     nan: the loss of that step is NaN; exit: the rank exits with status 1 before that
     step; hang: the rank sleeps forever before that step (a stuck rank, alive but
-    silent), until a SIGTERM ends it (see `before_step`); kill: the rank SIGKILLs itself before that step, on torchrun's first
-    attempt only (so an elastic restart can succeed); sleep=SECONDS: the rank sleeps that
-    long before that step (a window in which a test can signal a run that a GPU would
-    otherwise finish first); slowsave=SECONDS: rank 0 takes that long over the
-    checkpoint of that step while the other ranks wait (a slow shared filesystem);
-    slowwrite=SECONDS: rank 0's background writer takes that much longer to write that
-    step's checkpoint file, while training goes on; freeze:
-    rank 0 stops itself (SIGSTOP) while writing that checkpoint, heartbeat included.
+    silent), until a SIGTERM ends it (see `before_step`); kill: the rank SIGKILLs itself
+    before that step, on torchrun's first attempt only (so an elastic restart can
+    succeed); sleep=SECONDS: the rank sleeps that long before that step (a window in
+    which a test can signal a run that a GPU would otherwise finish first);
+    slowsave=SECONDS: rank 0 takes that long over the checkpoint of that step while the
+    other ranks wait (a slow shared filesystem); slowwrite=SECONDS: rank 0's background
+    writer takes that much longer to write that step's checkpoint file, while training
+    goes on; freeze: rank 0 stops itself (SIGSTOP) while writing that checkpoint,
+    heartbeat included.
     Unset, nothing is injected.
     """
 

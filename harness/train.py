@@ -410,10 +410,11 @@ class Trainer:
     def keep_lr_float32(self) -> None:
         """On a GPU the learning rate is always a float32 value. The CUDA-graph step's update
         reads it from a float32 tensor (the fused kernel takes no other), and the eager
-        update, given the same number, then does the same arithmetic, so the two modes stay
-        bitwise equal and a checkpoint moves between them. A schedule's next lr is computed
-        from this one, so it is rounded at every change, in every mode. The CPU keeps its
-        float64 values, which its recorded results were trained with."""
+        update, given the same number, then does the same arithmetic, so that the two modes
+        end bitwise equal and a checkpoint moves between them (tests/test_gpu.py checks
+        both). A schedule's next lr is computed from this one, so it is rounded at every
+        change, in every mode. The CPU keeps its float64 values, which its recorded results
+        were trained with."""
         if self.ctx.device.type == "cuda":
             for group in self.optimizer.param_groups:
                 group["lr"] = float(np.float32(group["lr"]))

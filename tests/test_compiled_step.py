@@ -203,3 +203,49 @@ def test_the_update_uses_a_loaded_checkpoints_buffers_and_its_schedules_lr():
     step.model.zero_grad(set_to_none=True)
     step.training_step()
     assert lrs_seen == [step.lr] and lrs_seen[0] is step.lr and step.lr.item() == 0.5
+
+
+class CpuGraph:
+    """A stand-in for torch.cuda.CUDAGraph on the CPU: a replay runs the step's work again
+    (a real replay relaunches its kernels, which overwrite the gradients)."""
+
+    def __init__(self, step: GraphedStep):
+        self.step = step
+
+    def replay(self) -> None:
+        self.step.model.zero_grad(set_to_none=True)
+        self.step.loss = self.step.training_step()
+
+
+@pytest.mark.parametrize("preset", ["lenet", "fast"])
+def test_capture_leaves_the_state_as_it_was_and_replays_train_as_eager(preset, monkeypatch):
+    """GraphedStep.capture with CUDA's streams and graphs stood in for (its warm-up runs,
+    the capture and the replay then really run on the CPU; on a GPU the capture only
+    records): afterwards the weights, BatchNorm's statistics (fast), the step counter and
+    the lr are as they were and the momentum buffers are zeros, so that the replays that
+    follow train as the eager step does, bitwise, with a schedule changing the lr. The
+    restoring is what a GPU run would otherwise be the first to check."""
+    import contextlib
+
+    step, eager = graphed_step(preset), graphed_step(preset)
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: types.SimpleNamespace(wait_stream=lambda other: None))
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: types.SimpleNamespace(wait_stream=lambda other: None))
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "graph", lambda graph, **kwargs: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: CpuGraph(step))
+    before = {name: t.clone() for name, t in step.model.state_dict().items()}
+    step.capture()
+    after = step.model.state_dict()
+    assert all(torch.equal(after[name], t) for name, t in before.items())
+    assert all(not b.any() for b in (step.optimizer.state[p]["momentum_buffer"] for p in step.model.parameters()))
+    assert step.step.item() == 0 and type(step.group["lr"]) is float and step.lr.item() == np.float32(step.group["lr"])
+    for factor in (1.0, 0.5, 0.5):
+        lr = float(np.float32(step.group["lr"] * factor))
+        eager.group["lr"] = step.group["lr"] = lr
+        eager.model.zero_grad(set_to_none=True)
+        eager.forward_backward()
+        eager.optimizer.step()
+        step()
+    assert all(torch.equal(a, b) for a, b in zip(eager.model.state_dict().values(), step.model.state_dict().values()))
+    assert step.step.item() == eager.step.item() == 3

@@ -67,6 +67,20 @@ def run_steps(step: GraphedStep) -> list[float]:
     return [step.forward_backward().item() for _ in range(STEPS)]
 
 
+def eager_update(step: GraphedStep) -> None:
+    """One eager training step on `step`'s next batch, as the Trainer takes it off the graph."""
+    step.model.zero_grad(set_to_none=True)
+    step.forward_backward()
+    step.optimizer.step()
+
+
+def lrs_seen_by_updates(step: GraphedStep) -> list:
+    """The group's lr as each later optimizer.step() found it (a float, or the device tensor)."""
+    seen = []
+    step.optimizer.register_step_pre_hook(lambda optimizer, args, kwargs: seen.append(optimizer.param_groups[0]["lr"]))
+    return seen
+
+
 def largest_difference(a: torch.nn.Module, b: torch.nn.Module) -> float:
     """Over every gradient and buffer (BatchNorm's running statistics)."""
     pairs = [(p.grad, q.grad) for p, q in zip(a.parameters(), b.parameters())]
@@ -160,14 +174,11 @@ def test_the_captured_update_is_the_eager_update(preset):
     the CUDA kernel's arithmetic is tests/test_gpu.py's to check.)"""
     eager, graphed = graphed_step(preset), graphed_step(preset)
     buffers = graphed.create_momentum_buffers()
-    lrs_seen = []
-    graphed.optimizer.register_step_pre_hook(lambda optimizer, args, kwargs: lrs_seen.append(optimizer.param_groups[0]["lr"]))
+    lrs_seen = lrs_seen_by_updates(graphed)
     lrs = [float(np.float32(graphed.group["lr"] * f)) for f in (1.0, 1.0, 0.9, 0.5)]
     for lr in lrs:
         eager.group["lr"] = graphed.group["lr"] = lr
-        eager.model.zero_grad(set_to_none=True)
-        eager.forward_backward()
-        eager.optimizer.step()
+        eager_update(eager)
         graphed.model.zero_grad(set_to_none=True)
         graphed.sync_lr()
         graphed.training_step()
@@ -188,9 +199,7 @@ def test_the_update_uses_a_loaded_checkpoints_buffers_and_its_schedules_lr():
     loaded buffers (not zeros in their place) and read the lr from the group that the
     schedule now changes."""
     source = graphed_step("lenet")
-    source.model.zero_grad(set_to_none=True)
-    source.forward_backward()
-    source.optimizer.step()
+    eager_update(source)
     step = graphed_step("lenet")
     step.optimizer.load_state_dict(source.optimizer.state_dict())  # as Trainer.restore does
     loaded = [step.optimizer.state[p]["momentum_buffer"] for p in step.model.parameters()]
@@ -198,8 +207,7 @@ def test_the_update_uses_a_loaded_checkpoints_buffers_and_its_schedules_lr():
     assert all(a.abs().sum() > 0 for a in loaded)
     step.optimizer.param_groups[0]["lr"] = 0.5  # the schedule's next lr
     step.sync_lr()
-    lrs_seen = []
-    step.optimizer.register_step_pre_hook(lambda optimizer, args, kwargs: lrs_seen.append(optimizer.param_groups[0]["lr"]))
+    lrs_seen = lrs_seen_by_updates(step)
     step.model.zero_grad(set_to_none=True)
     step.training_step()
     assert lrs_seen == [step.lr] and lrs_seen[0] is step.lr and step.lr.item() == 0.5
@@ -243,9 +251,7 @@ def test_capture_leaves_the_state_as_it_was_and_replays_train_as_eager(preset, m
     for factor in (1.0, 0.5, 0.5):
         lr = float(np.float32(step.group["lr"] * factor))
         eager.group["lr"] = step.group["lr"] = lr
-        eager.model.zero_grad(set_to_none=True)
-        eager.forward_backward()
-        eager.optimizer.step()
+        eager_update(eager)
         step()
     assert all(torch.equal(a, b) for a, b in zip(eager.model.state_dict().values(), step.model.state_dict().values()))
     assert step.step.item() == eager.step.item() == 3

@@ -116,17 +116,22 @@ def load_verified(marker_or_pt: Path) -> dict:
 
 
 def _unpickle(payload: bytes, path: Path) -> dict:
-    """torch.load with weights_only=True: tensors and plain containers only, nothing from the
-    file is called. A payload that matches its marker yet does not load was crafted or
-    written by something else; whatever torch raises for it, it is that file's problem."""
+    """A payload that matches its marker yet does not load was crafted or written by
+    something else; whatever torch raises for it, it is that file's problem."""
     try:
-        # map_location: tensors stay on the CPU whatever device wrote them; load_state_dict
-        # then copies them to this rank's device.
-        with warnings.catch_warnings():  # a crafted payload's quirks (pickle protocol 4, ...) are reported as errors, not warnings
-            warnings.simplefilter("ignore")
-            return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+        return load_tensors_only(io.BytesIO(payload))
     except Exception as e:  # noqa: BLE001 (untrusted bytes: any failure means "not a checkpoint")
         raise HarnessError(f"{path}: not a loadable checkpoint ({type(e).__name__}: {one_line(e)})") from None
+
+
+def load_tensors_only(source):
+    """torch.load with weights_only=True (tensors and plain containers; nothing from the file
+    is called), onto the CPU whatever device wrote it: load_state_dict then copies the
+    tensors to this rank's device. torch's warnings about a file's quirks (a crafted one's
+    pickle protocol 4, ...) are silenced: the caller reports a file that fails as one error."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.load(source, map_location="cpu", weights_only=True)
 
 
 def _check_top_level(state, meta: dict, path: Path) -> None:

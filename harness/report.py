@@ -20,6 +20,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from PIL import Image
 
+from harness.checkpoint import load_tensors_only
 from harness.errors import HarnessError
 from harness.models import first_layer_weights
 
@@ -171,7 +172,7 @@ def read_metrics(run_dir: Path) -> list[dict]:
 def load_torch_file(path: Path):
     """What torch.save wrote (tensors on the CPU, nothing but tensors and plain containers)."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return load_tensors_only(path)
     except Exception as e:  # torch raises many kinds for a damaged or foreign file
         raise HarnessError(f"{path}: not a saved model or checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})") from None
 

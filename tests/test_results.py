@@ -20,6 +20,7 @@ import threading
 import time
 import urllib.parse
 import urllib.request
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -289,8 +290,11 @@ def test_predict_from_a_checkpoint(run_dir, mnist_shards, tmp_path, capsys):
         assert by_checkpoint["model"] == str(path)
         assert by_checkpoint["predictions"] == by_run["predictions"]
     (tmp_path / "junk.pt").write_bytes(b"\x80\x04junk")
-    status, _, err = cli(capsys, "predict", tmp_path / "junk.pt", "--shards", mnist_shards, "--index", "3")
+    with warnings.catch_warnings(record=True) as warned:  # the one error alone: no torch warning about the file's pickle protocol
+        warnings.simplefilter("always")
+        status, _, err = cli(capsys, "predict", tmp_path / "junk.pt", "--shards", mnist_shards, "--index", "3")
     assert status == 2 and err.startswith(f"error: {tmp_path / 'junk.pt'}: not a saved model or checkpoint")
+    assert [str(w.message) for w in warned] == []
 
 
 # --- TensorBoard through a real server --------------------------------------------------------------

@@ -13,6 +13,16 @@ from harness.data.sources import load_source
 from harness.errors import HarnessError
 
 
+@pytest.fixture(scope="session", autouse=True)
+def subprocess_tmpdir(tmp_path_factory):
+    """The processes the tests start keep their temporary files under pytest's basetemp,
+    which pytest prunes, not in /tmp: torchrun's agent leaves a torchelastic_* directory
+    behind per run (about 40 a suite run)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TMPDIR", str(tmp_path_factory.mktemp("tmp")))
+        yield
+
+
 @pytest.fixture(scope="session")
 def mnist_dir() -> Path:
     """The MNIST IDX files: $MNIST_DIR when set, else downloaded once (MD5-checked) into a cache."""

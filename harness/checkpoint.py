@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import logging
 import re
+import time
 import warnings
 from pathlib import Path
 
@@ -37,9 +39,17 @@ def save_checkpoint(run_dir: Path, state: dict, step: int, epoch: int, keep: int
 
 def write_checkpoint(run_dir: Path, payload: bytes, step: int, epoch: int, keep: int) -> Path:
     """Write `payload` (a state serialised by torch_bytes) as the checkpoint of `step`, then
-    delete all but the newest `keep` checkpoints."""
+    delete all but the newest `keep` checkpoints up to it.
+
+    A committed checkpoint is never replaced: between the two renames the old marker would
+    not match the new payload, and a failed write would take the good one with it. The
+    loop checkpoints a step at most once, and a resumed run sets aside the checkpoints
+    past its start (`set_aside_checkpoints_after`), so only a second run writing into the
+    same RUN_DIR meets this."""
     directory = Path(run_dir) / CHECKPOINT_DIR
     path = directory / f"step-{step:08d}.pt"
+    if path.with_suffix(".json").exists():
+        raise HarnessError(f"{path}: a checkpoint of step {step} exists already and is kept; is another run writing to {run_dir}?")
     try:
         directory.mkdir(parents=True, exist_ok=True)
         write_bytes_atomic(path, payload)
@@ -50,13 +60,45 @@ def write_checkpoint(run_dir: Path, payload: bytes, step: int, epoch: int, keep:
         path.unlink(missing_ok=True)  # no marker was written, or it is being removed with its payload
         path.with_suffix(".json").unlink(missing_ok=True)
         raise HarnessError(f"{path}: could not write checkpoint ({e.strerror or e}); the previous checkpoints are intact") from None
-    for old in list_checkpoints(run_dir)[keep:]:
+    older = [marker for marker in list_checkpoints(run_dir) if marker_step(marker) < step]
+    for old in older[keep - 1 :]:
         old.with_suffix(".pt").unlink(missing_ok=True)
         old.unlink(missing_ok=True)
     return path
 
 
+def set_aside_checkpoints_after(run_dir: Path, step: int) -> Path | None:
+    """Move the checkpoints of steps after `step`, the one a run starts from (0: a fresh
+    start), into checkpoints/set-aside-TIME/, and say so. They are from a run this one does
+    not continue: damaged ones the resume skipped, or newer ones when --resume named an
+    older checkpoint. Left in place, they would outrank the new checkpoints (resume and
+    pruning go by step number); moved, nothing is lost. Returns that folder, or None."""
+    directory = Path(run_dir) / CHECKPOINT_DIR
+    later = [p for p in directory.glob("step-*") if (m := CHECKPOINT_NAME.fullmatch(p.name)) and int(m["step"]) > step]
+    if not later:
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    aside = directory / f"set-aside-{stamp}"
+    try:
+        for n in itertools.count(1):  # a folder of its own, even when two starts share a second
+            try:
+                aside.mkdir()
+                break
+            except FileExistsError:
+                aside = directory / f"set-aside-{stamp}-{n}"
+        for path in later:
+            path.rename(aside / path.name)
+        fsync_dir(directory)
+    except OSError as e:
+        raise HarnessError(f"{aside}: could not set aside the checkpoints after step {step} ({e.strerror or e})") from None
+    names = sorted({p.with_suffix("").name for p in later})
+    start = f"continues from step {step}" if step else "starts afresh"
+    log.warning(f"moved checkpoint(s) {', '.join(names)} to {aside}: this run {start}, not from them")
+    return aside
+
+
 MARKER_NAME = re.compile(r"step-(?P<step>[0-9]{1,18})\.json")
+CHECKPOINT_NAME = re.compile(r"step-(?P<step>[0-9]{1,18})\.(json|pt)")  # a marker or a payload
 MARKER_MAX_BYTES = 65536  # a marker is ~150 bytes
 MAX_CHECKPOINT_BYTES = 1 << 40  # far above any model here; only keeps the number sane
 MARKER_SCHEMA = {
@@ -81,6 +123,10 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     not the text: step-100000000 comes after step-99999999. Other names are not ours."""
     markers = [(int(m["step"]), p) for p in (Path(run_dir) / CHECKPOINT_DIR).glob("step-*.json") if (m := MARKER_NAME.fullmatch(p.name))]
     return [p for _, p in sorted(markers, reverse=True)]
+
+
+def marker_step(marker: Path) -> int:
+    return int(MARKER_NAME.fullmatch(marker.name)["step"])
 
 
 def read_marker(marker: Path) -> dict:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from harness.atomic import tensor_snapshot, torch_save_atomic, write_json_atomic, write_text_atomic
 from harness.background import BackgroundWriter
-from harness.checkpoint import save_checkpoint
+from harness.checkpoint import save_checkpoint, set_aside_checkpoints_after
 from harness.errors import HarnessError
 from harness.evaluate import EvalResult, class_report, format_report
 from harness.report import render, run_figures, save_pictures
@@ -58,9 +58,12 @@ class RunOutputs:
     def __init__(self, run_dir: Path, resumed_at: int | None):
         """`resumed_at`: the step a resumed run continues from; None for a fresh start."""
         self.run_dir = prepare_run_dir(run_dir, resuming=resumed_at is not None)
+        set_aside_checkpoints_after(self.run_dir, resumed_at or 0)
         # TensorBoard hides events at or after purge_step that earlier event files hold,
-        # so steps redone after a resume are not shown twice.
-        self.tensorboard = TensorBoardLog(self.run_dir, purge_step=resumed_at or 0)
+        # so steps redone after a resume are not shown twice. The checkpoint a run resumes
+        # from was written after its step's events, which the resumed run does not log
+        # again: they stay.
+        self.tensorboard = TensorBoardLog(self.run_dir, purge_step=resumed_at + 1 if resumed_at else 0)
         # Checkpoint files and weight images are written off the training thread.
         self.background = BackgroundWriter()
         self.checkpoint_job: int | None = None  # the background writer's number of the last checkpoint

@@ -43,8 +43,10 @@ PICTURE_TAGS = {"training_curves": "report/training_curves", "filters": "report/
 
 
 class TensorBoardLog:
-    def __init__(self, run_dir, purge_step: int = 0):
-        self.writer = SummaryWriter(log_dir=str(run_dir), purge_step=purge_step or None)
+    def __init__(self, run_dir, purge_step: int):
+        """`purge_step`: TensorBoard hides the events of earlier files in the directory at
+        this step and after (0: all of them)."""
+        self.writer = SummaryWriter(log_dir=str(run_dir), purge_step=purge_step)
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
         for tag, value in values.items():

@@ -26,7 +26,8 @@ class Fault:
     silent), until a SIGTERM ends it (see `before_step`); kill: the rank SIGKILLs itself
     before that step, on torchrun's first attempt only (so an elastic restart can
     succeed); sleep=SECONDS: the rank sleeps that long before that step (a window in
-    which a test can signal a run that a GPU would otherwise finish first);
+    which a test can signal a run that a GPU would otherwise finish first); term: the
+    rank sends itself a SIGTERM before that step (a stop signal at a chosen step);
     slowsave=SECONDS: rank 0 takes that long over the checkpoint of that step while the
     other ranks wait (a slow shared filesystem); slowwrite=SECONDS: rank 0's background
     writer takes that much longer to write that step's checkpoint file, while training
@@ -61,6 +62,8 @@ class Fault:
             os.kill(os.getpid(), signal.SIGKILL)
         if self.kind == "sleep":
             time.sleep(self.seconds)
+        if self.kind == "term":
+            os.kill(os.getpid(), signal.SIGTERM)
         if self.kind == "hang":
             # When another rank fails, torchrun SIGTERMs this one and waits 30 s before a
             # SIGKILL (torch 2.13's agent ignores TORCH_ELASTIC_SHUTDOWN_TIMEOUT on that path).

@@ -131,6 +131,7 @@ class Trainer:
         self.threads, self.threads_why = distributed.choose_threads(config.threads, ctx.local_world_size)
         set_deterministic(config.deterministic)
         self.stop_request, self.fault = StopRequest(), Fault.from_env()
+        self.stop_reason = ""  # set once every rank has agreed to stop on a signal
         # Where the loop's time goes (this process's, in seconds): summary.json's loop_seconds_by_part.
         self.spent = dict.fromkeys(("steps", "validation", "epoch_outputs", "checkpoints"), 0.0)
         self.build_data()
@@ -303,6 +304,8 @@ class Trainer:
             while self.training_left():
                 self.train_epoch()
                 self.end_epoch()
+                if self.stop_reason:
+                    self.stop()
             self.wait_for_writes()  # the loop's time includes the last checkpoint's write
             return self.finish(time.perf_counter() - started)
         finally:
@@ -431,15 +434,23 @@ class Trainer:
             rate = window.count * self.config.batch_size / (now - window.started)
             self.outputs.tensorboard.scalars(self.progress.step, {"train/loss": mean_loss, "train/lr": lr, "train/samples_per_s": rate})
             bar.set_postfix(loss=f"{mean_loss:.4f}")
-        if stop or self.checkpoint_due():
+        # Where the epoch ends here, end_epoch checkpoints, after validating, and a stop
+        # waits for it: a step is checkpointed once, in the state a resume continues from.
+        epoch_ends = self.epoch_ends_here()
+        if (stop or self.checkpoint_due()) and not epoch_ends:
             self.checkpoint(wait=bool(stop))  # the stop record names a checkpoint that is on disk
         window.restart()  # after the checkpoint, whose time is not the steps'
-        if stop:
-            if self.outputs:
-                self.outputs.stopped(self.progress.step, stop)
-            self.ctx.barrier()  # no rank exits, and so no launcher ends the job, before the record is written
-            log.warning(f"{stop}: stopped at step {self.progress.step} and checkpointed; run again to resume")
-            raise Stopped(stop)
+        self.stop_reason = stop
+        if stop and not epoch_ends:
+            self.stop()
+
+    def stop(self) -> None:
+        """All ranks, once the stop's checkpoint is on disk: record the stop, then raise Stopped."""
+        if self.outputs:
+            self.outputs.stopped(self.progress.step, self.stop_reason)
+        self.ctx.barrier()  # no rank exits, and so no launcher ends the job, before the record is written
+        log.warning(f"{self.stop_reason}: stopped at step {self.progress.step} and checkpointed; run again to resume")
+        raise Stopped(self.stop_reason)
 
     def end_epoch(self) -> None:
         """Validate (rank 0), decide on early stopping (every rank, from the broadcast loss), checkpoint."""
@@ -455,7 +466,7 @@ class Trainer:
             log.info(f"early stopping: no better {self.val_set} loss for {self.config.early_stopping} epochs")
         if self.reached_max_steps():
             log.info(f"stopping after --max-steps {self.config.max_steps}")
-        self.checkpoint()
+        self.checkpoint(wait=bool(self.stop_reason))
 
     @contextlib.contextmanager
     def timed(self, part: str):
@@ -505,6 +516,10 @@ class Trainer:
         if self._test_set is None:
             self._test_set = self.load_eval_set("test")
         return self._test_set
+
+    def epoch_ends_here(self) -> bool:
+        """The step just taken ends the epoch's training: its last, or --max-steps."""
+        return self.progress.macro == self.stream.macro_batches_per_epoch or self.reached_max_steps()
 
     def checkpoint_due(self) -> bool:
         return bool(self.config.checkpoint_every) and self.progress.step % self.config.checkpoint_every == 0

@@ -93,6 +93,40 @@ def test_sigterm_checkpoints_and_exits_with_the_stop_status(mnist_shards, tmp_pa
     assert checksum(run_dir) == reference[1]
 
 
+# The small shard set (conftest's `shards`): 10 steps of 20 images per epoch, a sync point every 5.
+SMALL = ("--model", "mlp", "--hidden", "32", "--device", "cpu", "--batch-size", "20", "--epochs", "3", "--log-every", "5",
+         "--threads", "1")
+
+
+def scalar_steps(run_dir: Path, tag: str) -> list[int]:
+    """The steps TensorBoard shows for `tag`, over every event file of the run (purges applied)."""
+    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    events.Reload()
+    return [e.step for e in events.Scalars(tag)]
+
+
+def test_a_stop_at_an_epochs_end_waits_for_its_validation_and_checkpoint(shards, tmp_path):
+    """A SIGTERM during an epoch's last step stops the run after that epoch's validation,
+    with the epoch's checkpoint: a step is checkpointed once, in the state a resume
+    continues from. The resumed run ends as an uninterrupted one, and TensorBoard shows
+    each step once, the stop step's points included."""
+    train_ok(shards, tmp_path / "whole", *SMALL)
+    run_dir = tmp_path / "stopped"
+    stopped = run(train_command(shards, run_dir, *SMALL), env={"HARNESS_TEST_FAULT": "term@9"})  # during step 10
+    assert stopped.returncode == EXIT_STOPPED, stopped.stderr[-3000:]
+    assert json.loads((run_dir / "stopped.json").read_text())["step"] == 10
+    (marker,) = ckpt.list_checkpoints(run_dir)
+    loop = ckpt.load_verified(marker)["loop"]
+    assert (loop["step"], loop["epoch"], loop["macro"], loop["last_metrics"]["epoch"]) == (10, 1, 0, 1)  # validated, then saved
+    resumed = train_ok(shards, run_dir, *SMALL)
+    assert "resuming from" in resumed.stdout
+    assert summary(run_dir)["param_checksum"] == summary(tmp_path / "whole")["param_checksum"]
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in metrics] == [1, 2, 3]
+    for tag in ("train/loss", "val/loss", "val/accuracy"):
+        assert scalar_steps(run_dir, tag) == scalar_steps(tmp_path / "whole", tag), tag
+
+
 def test_torchrun_elastic_restart_after_a_worker_is_killed(mnist_shards, tmp_path, reference):
     """Rank 1 SIGKILLs itself before step 120 on the first attempt; torchrun restarts the group,
     which resumes from the step-100 checkpoint and finishes with the uninterrupted weights."""
@@ -118,6 +152,10 @@ def test_truncated_newest_checkpoint_falls_back_to_the_previous(mnist_shards, tm
     assert "skipping checkpoint" in result.stdout + result.stderr and "step-00000150.pt" in result.stdout + result.stderr
     assert "step 100)" in result.stdout
     assert checksum(run_dir) == reference[1]
+    # The damaged step 150 was moved aside, not left to outrank (and prune) the new ones.
+    (aside,) = (run_dir / "checkpoints").glob("set-aside-*")
+    assert sorted(p.name for p in aside.iterdir()) == ["step-00000150.json", "step-00000150.pt"]
+    assert [p.name for p in ckpt.list_checkpoints(run_dir)] == ["step-00000300.json", "step-00000250.json", "step-00000200.json"]
 
 
 def test_flipped_byte_is_caught_by_the_sha256(tmp_path):
@@ -320,6 +358,9 @@ def test_resume_auto_skips_malformed_newest_checkpoints(tmp_path):
     assert f"step-00000003.pt: does not fit this run's model and optimizer (model.{first_weight}: a torch.float32 tensor of shape (3, 3)" in output
     assert f"resuming from {run_dir / 'checkpoints' / 'step-00000002.pt'} (epoch 1, step 2)" in output
     assert summary(run_dir)["steps"] == 6
+    (aside,) = (run_dir / "checkpoints").glob("set-aside-*")  # the skipped ones, kept for a look
+    assert sorted(p.name for p in aside.iterdir()) == [f"step-0000000{s}.{e}" for s in (3, 4) for e in ("json", "pt")]
+    assert [ckpt.marker_step(m) for m in ckpt.list_checkpoints(run_dir)] == [6, 5, 4, 3, 2]
 
 
 def test_keep_last_k(tmp_path):
@@ -328,6 +369,42 @@ def test_keep_last_k(tmp_path):
     assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step-00000005.json", "step-00000004.json"]
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
         "step-00000004.json", "step-00000004.pt", "step-00000005.json", "step-00000005.pt"]
+
+
+def test_a_committed_checkpoint_is_never_replaced(tmp_path):
+    """Replacing step-N in place would leave a moment when its marker and payload disagree,
+    and a failed write would remove the good one: a second write of a step is refused."""
+    save_steps(tmp_path, 5)
+    with pytest.raises(HarnessError, match="step-00000005.pt: a checkpoint of step 5 exists already and is kept"):
+        ckpt.save_checkpoint(tmp_path, small_state(99), step=5, epoch=1, keep=1)
+    assert ckpt.load_verified(tmp_path / "checkpoints" / "step-00000005.pt")["model"]["w"].tolist() == [5.0] * 3
+
+
+def test_pruning_keeps_the_new_checkpoint_whatever_lies_past_it(tmp_path):
+    """Only checkpoints before the one written count toward --keep-checkpoints; one past it
+    (which a resume would have set aside) is neither kept in its place nor deleted."""
+    save_steps(tmp_path, 10, 20)
+    ckpt.save_checkpoint(tmp_path, small_state(15), step=15, epoch=0, keep=1)
+    assert [ckpt.marker_step(m) for m in ckpt.list_checkpoints(tmp_path)] == [20, 15]
+    ckpt.save_checkpoint(tmp_path, small_state(16), step=16, epoch=0, keep=2)
+    assert [ckpt.marker_step(m) for m in ckpt.list_checkpoints(tmp_path)] == [20, 16, 15]
+
+
+def test_checkpoints_past_the_start_are_set_aside_not_deleted(tmp_path, caplog):
+    save_steps(tmp_path, 1, 2, 3)
+    directory = tmp_path / "checkpoints"
+    (directory / "step-00000004.pt").write_bytes(b"a payload whose marker was never written")
+    (directory / "notes.txt").write_text("not ours")
+    with caplog.at_level("WARNING", logger="harness"):
+        aside = ckpt.set_aside_checkpoints_after(tmp_path, 1)
+    assert sorted(p.name for p in aside.iterdir()) == ["step-00000002.json", "step-00000002.pt", "step-00000003.json",
+                                                        "step-00000003.pt", "step-00000004.pt"]
+    assert sorted(p.name for p in directory.iterdir() if p.is_file()) == ["notes.txt", "step-00000001.json", "step-00000001.pt"]
+    assert f"moved checkpoint(s) step-00000002, step-00000003, step-00000004 to {aside}: this run continues from step 1" in caplog.text
+    assert ckpt.set_aside_checkpoints_after(tmp_path, 1) is None  # nothing past step 1 now
+    again = ckpt.set_aside_checkpoints_after(tmp_path, 0)  # a fresh start: all of them, in a folder of their own
+    assert again != aside and sorted(p.name for p in again.iterdir()) == ["step-00000001.json", "step-00000001.pt"]
+    assert "this run starts afresh" in caplog.text
 
 
 def test_disk_full_leaves_no_partial_checkpoint(tmp_path, monkeypatch):

@@ -457,8 +457,9 @@ class Trainer:
         p = self.progress
         self.spent["steps"] += p.epoch_seconds
         lr = self.optimizer.param_groups[0]["lr"]
-        p.record_validation(self.validate(lr))
+        val_loss = self.validate(lr)
         if p.macro == self.stream.macro_batches_per_epoch:  # the epoch is complete (not cut by --max-steps)
+            p.record_validation(val_loss)  # early stopping compares whole epochs only
             if self.config.lr_schedule == "exponential":
                 self.step_schedule()
             p.next_epoch()

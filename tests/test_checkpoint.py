@@ -127,6 +127,17 @@ def test_a_stop_at_an_epochs_end_waits_for_its_validation_and_checkpoint(shards,
         assert scalar_steps(run_dir, tag) == scalar_steps(tmp_path / "whole", tag), tag
 
 
+def test_a_partial_epochs_validation_does_not_count_toward_early_stopping(shards, tmp_path):
+    """--max-steps 15 ends mid-epoch 2: that validation is logged, but early stopping, whose
+    count the checkpoint carries into a resumed run, compares whole epochs only."""
+    run_dir = tmp_path / "run"
+    train_ok(shards, run_dir, *SMALL, "--early-stopping", "1", "--max-steps", "15")
+    loop = ckpt.load_verified(ckpt.list_checkpoints(run_dir)[0])["loop"]
+    first_epoch = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])
+    assert (loop["step"], loop["best_val"], loop["stale_epochs"]) == (15, first_epoch["val_loss"], 0)
+    assert loop["last_metrics"]["step"] == 15  # the partial epoch was validated
+
+
 def test_torchrun_elastic_restart_after_a_worker_is_killed(mnist_shards, tmp_path, reference):
     """Rank 1 SIGKILLs itself before step 120 on the first attempt; torchrun restarts the group,
     which resumes from the step-100 checkpoint and finishes with the uninterrupted weights."""

@@ -244,7 +244,7 @@ class Trainer:
 
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(self.optimizer, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.keep_lr_float32()  # a checkpoint written on the CPU
         self.progress.load_state_dict(state["loop"])
@@ -658,6 +658,21 @@ def make_schedule(optimizer: torch.optim.Optimizer, config: TrainConfig, steps_p
             div_factor=25.0, final_div_factor=1e4,
         )
     return torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=config.lr_decay)
+
+
+IMPLEMENTATION_FLAGS = ("foreach", "fused", "differentiable")  # how an optimizer computes its update, not what
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict) -> None:
+    """Load a saved optimizer state, keeping this run's choice of update kernel.
+    Optimizer.load_state_dict takes the saved groups whole, flags included: a CPU
+    checkpoint (fused unset) would turn a GPU run's fused update into the foreach one,
+    which reads a tensor lr back to the host and so cannot be captured in a CUDA graph;
+    a GPU checkpoint would run the CPU's fused kernel instead of the CPU's default."""
+    own = [{flag: group[flag] for flag in IMPLEMENTATION_FLAGS if flag in group} for group in optimizer.param_groups]
+    optimizer.load_state_dict(saved)
+    for group, flags in zip(optimizer.param_groups, own):
+        group.update(flags)
 
 
 def agree_at_sync_point(ctx, window: torch.Tensor, first_step: int, stop_request: StopRequest) -> tuple[float, str]:

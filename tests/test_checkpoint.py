@@ -24,6 +24,7 @@ from harness.data.pack import pack
 from harness.data.sources import load_source
 from harness.errors import HarnessError
 from harness.stopping import EXIT_STOPPED
+from harness.train import load_optimizer_state
 
 # 7 macro-batches per epoch (7,000 images each), a sync point every 25 steps and a
 # checkpoint every 50: kills land mid-epoch and mid-macro-batch.
@@ -136,6 +137,21 @@ def test_a_partial_epochs_validation_does_not_count_toward_early_stopping(shards
     first_epoch = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])
     assert (loop["step"], loop["best_val"], loop["stale_epochs"]) == (15, first_epoch["val_loss"], 0)
     assert loop["last_metrics"]["step"] == 15  # the partial epoch was validated
+
+
+def test_a_resumed_optimizer_keeps_this_runs_update_kernel():
+    """A saved optimizer state carries its writer's foreach/fused flags; the run that loads
+    it keeps its own (a GPU run's CUDA graph can capture only the fused update) and takes
+    the rest, the lr among it."""
+    params = [torch.nn.Parameter(torch.ones(3))]
+    default = torch.optim.SGD(params, lr=0.1, momentum=0.9)  # as the CPU builds it
+    fused = torch.optim.SGD(params, lr=0.1, momentum=0.9, fused=True)  # as a GPU run does (the CPU has a fused SGD too)
+    gpu_state, cpu_state = fused.state_dict(), default.state_dict()
+    gpu_state["param_groups"][0]["lr"] = cpu_state["param_groups"][0]["lr"] = 0.05
+    load_optimizer_state(default, gpu_state)
+    load_optimizer_state(fused, cpu_state)
+    assert (default.param_groups[0]["fused"], default.param_groups[0]["lr"]) == (None, 0.05)
+    assert (fused.param_groups[0]["fused"], fused.param_groups[0]["lr"]) == (True, 0.05)
 
 
 def test_torchrun_elastic_restart_after_a_worker_is_killed(mnist_shards, tmp_path, reference):

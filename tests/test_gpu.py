@@ -200,7 +200,10 @@ def test_the_inductor_step_is_one_eager_step_up_to_rounding(mnist_shards, tmp_pa
     assert difference < INDUCTOR_ONE_STEP_TOLERANCE
 
 
-def test_a_gpu_checkpoint_resumes_on_the_cpu(mnist_shards, tmp_path):
+def test_a_checkpoint_moves_between_the_gpu_and_the_cpu(mnist_shards, tmp_path):
+    """A GPU checkpoint resumes on the CPU, and that CPU checkpoint back on the GPU with the
+    CUDA-graph step: each run keeps its own device's update kernel (load_optimizer_state),
+    and the graph can capture only the GPU's fused one."""
     run_dir = tmp_path / "run"
     train_ok(mnist_shards, run_dir, *RUN[:-2], "--max-steps", "50", "--device", "cuda")
     result = run(train_command(mnist_shards, run_dir, *RUN[:-2], "--max-steps", "100", "--device", "cpu"))
@@ -209,6 +212,11 @@ def test_a_gpu_checkpoint_resumes_on_the_cpu(mnist_shards, tmp_path):
     s = summary(run_dir)
     assert s["device"] == "cpu" and s["steps"] == 100 and s["test_accuracy"] > 0.9
     assert all(t.device.type == "cpu" for t in torch.load(run_dir / "model.pt", weights_only=True).values())
+    result = run(train_command(mnist_shards, run_dir, *RUN[:-2], "--max-steps", "150", "--device", "cuda"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resuming from" in result.stdout and "captured the step as one CUDA graph" in result.stdout + result.stderr
+    s = summary(run_dir)
+    assert s["device"].startswith("cuda") and s["steps"] == 150 and s["test_accuracy"] > 0.9
 
 
 if __name__ == "__main__":

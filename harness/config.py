@@ -89,7 +89,7 @@ class TrainConfig:
     augment_scale: float = option(0.0, "augmentation: scale each training image by a factor in [1 - x, 1 + x]")
     augment_shift: float = option(0.0, "augmentation: shift each training image by up to this many pixels along each axis")
     holdout: int = option(0, "validate on the last N training images instead of the test set")
-    early_stopping: int = option(0, "stop after this many epochs without a better validation loss; 0 = off")
+    early_stopping: int = option(0, "stop after this many epochs without a better validation loss (whole epochs: not one cut by --max-steps); 0 = off")
     seed: int = option(0, "initial weights and data order")
     shuffle: bool = option(
         True, "a seeded order every epoch; --no-shuffle walks the training split in file order every epoch (each rank "

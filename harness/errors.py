@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import gc
+import os
+import signal
 import sys
 
 EXIT_USAGE = 2  # a problem the user can fix: bad input, bad option, unusable directory
@@ -18,13 +20,24 @@ class HarnessError(Exception):
     exit_status = EXIT_USAGE
 
 
+EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE  # what a shell reports for a C tool that SIGPIPE ended
+
+
 def run_guarded(function, args) -> int:
-    """Run a command; a HarnessError becomes one line on stderr and its exit status."""
+    """Run a command; a HarnessError becomes one line on stderr and its exit status.
+    Output piped into a reader that stops early (`harness show ... | head`) ends the
+    command quietly, as it ends a C tool, not with a BrokenPipeError traceback."""
     try:
-        return function(args) or 0
+        status = function(args) or 0
+        sys.stdout.flush()  # here, where a closed pipe can still be caught
+        return status
     except HarnessError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_status
+    except BrokenPipeError:
+        # Python flushes stdout again at exit: point it at /dev/null so that flush is quiet.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
     finally:
         # A failed run's exception chain can keep objects alive in reference cycles, among
         # them a DDP model holding the process group, whose gloo threads must not outlive

@@ -297,6 +297,16 @@ def test_predict_from_a_checkpoint(run_dir, mnist_shards, tmp_path, capsys):
     assert [str(w.message) for w in warned] == []
 
 
+def test_output_piped_into_a_reader_that_stops_early_ends_quietly(shards):
+    """`harness show ... | head -1`: the reader closes the pipe, and the command ends as a C
+    tool does (status 141, 128 + SIGPIPE) with nothing on stderr, not with a BrokenPipeError."""
+    process = subprocess.Popen([sys.executable, "-m", "harness", "show", "--shards", str(shards), "--index", "0"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process.stdout.close()  # before the command (a second or more of imports) writes anything
+    _, err = process.communicate(timeout=120)
+    assert (process.returncode, err) == (141, "")
+
+
 # --- TensorBoard through a real server --------------------------------------------------------------
 
 

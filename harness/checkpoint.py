@@ -257,7 +257,7 @@ def refuse_other_experiment(state: dict, path: Path, config) -> None:
     if changed:
         raise DifferentExperiment(
             f"{path}: was written with a different {', '.join('--' + c.replace('_', '-') for c in changed)}; "
-            "resuming would mix two experiments (use a new --run-dir, or --resume never there)"
+            "resuming would mix two experiments: train with the new settings in a new --run-dir"
         )
 
 

@@ -41,8 +41,8 @@ def prepare_run_dir(run_dir: Path, resuming: bool) -> Path:
         for name in ("metrics.jsonl", "summary.json"):
             if (run_dir / name).exists():
                 raise HarnessError(
-                    f"{run_dir}: already holds a run ({name} exists) and no valid checkpoint to resume from; "
-                    "pick a new --run-dir"
+                    f"{run_dir}: already holds a run ({name} exists) that this one would not continue "
+                    "(--resume never, or no valid checkpoint to resume from); pick a new --run-dir"
                 )
     try:
         run_dir.mkdir(parents=True, exist_ok=True)

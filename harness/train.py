@@ -32,7 +32,7 @@ from harness import distributed
 from harness.allocator import keep_freed_memory
 from harness.augment import RandomAffine
 from harness.checkpoint import checkpoint_to_resume, state_mismatch
-from harness.config import TrainConfig, add_config_options, build_config
+from harness.config import TrainConfig, add_config_options, build_config, preset_names
 from harness.cuda_graph import GraphedStep, compile_with_inductor
 from harness.data.shard_set import ShardSource, ShardSplit
 from harness.data.stream import MacroBatch, MacroBatchStream
@@ -430,6 +430,7 @@ class Trainer:
         # GPU the host runs ahead of them) and the all-reduce.
         now = time.perf_counter()
         self.progress.add_window(mean_loss, window.count, now - window.started)
+        self.spent["steps"] += now - window.started  # this process's: a resumed epoch's earlier windows are in epoch_seconds only
         if self.ctx.is_main:
             rate = window.count * self.config.batch_size / (now - window.started)
             self.outputs.tensorboard.scalars(self.progress.step, {"train/loss": mean_loss, "train/lr": lr, "train/samples_per_s": rate})
@@ -455,7 +456,6 @@ class Trainer:
     def end_epoch(self) -> None:
         """Validate (rank 0), decide on early stopping (every rank, from the broadcast loss), checkpoint."""
         p = self.progress
-        self.spent["steps"] += p.epoch_seconds
         lr = self.optimizer.param_groups[0]["lr"]
         val_loss = self.validate(lr)
         if p.macro == self.stream.macro_batches_per_epoch:  # the epoch is complete (not cut by --max-steps)
@@ -737,14 +737,14 @@ def default_run_dir(name: str, ctx: distributed.DistContext) -> Path:
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     parser = parser or argparse.ArgumentParser(prog="python -m harness.train", description="Train on packed shards.")
-    parser.add_argument("--preset", help="lenet, neupy-mlp, theanets-mlp or mathspp-mlp")
+    parser.add_argument("--preset", help=f"one of {', '.join(preset_names())} (harness/presets/*.toml); options given as well override it")
     parser.add_argument(
         "--shards", default="shards",
         help="shard directory (default shards/), or a URL: https://HOST/PATH/, gs://BUCKET/PATH/ (sftp://, ftps://, "
         "scp:// too) or 'pipe:COMMAND {name}' (e.g. 'pipe:aws s3 cp s3://BUCKET/mnist/{name} -'), whose manifest.json "
         "and shards are fetched into --shard-cache",
     )
-    parser.add_argument("--shard-cache", type=Path, help="where shards from a URL are kept (default ~/.cache/mnist-harness/shards, or $HARNESS_CACHE/shards)")
+    parser.add_argument("--shard-cache", type=Path, help="shards from a URL are kept in its shards/ folder (default ~/.cache/mnist-harness, or $HARNESS_CACHE)")
     parser.add_argument("--shard-cache-limit-gb", type=float, help="evict least recently used cached shards beyond this size (default: no limit)")
     parser.add_argument(
         "--run-dir", type=Path,

@@ -11,6 +11,9 @@ N=${1:?usage: launch/accelerate.sh N [PRESET] [options...]}
 PRESET=${2:-lenet}
 shift; shift || true
 RUN_DIR=${RUN_DIR:-runs/${PRESET}-acc${N}-$(date +%Y%m%d-%H%M%S)}
+# accelerate starts torchrun: as in launch/torchrun.sh, a store per attempt keeps an
+# elastically restarted group from reading the last attempt's addresses (pytorch/pytorch#135712).
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
 exec accelerate launch --config_file launch/accelerate.yaml --num_processes "$N" \
   ${MAIN_PROCESS_PORT:+--main_process_port "$MAIN_PROCESS_PORT"} \
   -m harness.train --preset "$PRESET" --shards "${SHARDS:-shards}" --run-dir "$RUN_DIR" "$@"

@@ -60,6 +60,9 @@ def test_sigkill_then_resume_is_bitwise_exact(mnist_shards, tmp_path, reference,
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resuming from" in result.stdout
     assert checksum(run_dir) == reference[nproc]
+    # The split of the loop's time is this process's: the epoch's steps before the kill are not in it.
+    parts = summary(run_dir)["loop_seconds_by_part"]
+    assert parts["other"] > -0.01 and sum(parts.values()) == pytest.approx(summary(run_dir)["total_seconds"], abs=0.01), parts
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in metrics] == [1]
     # Steps logged before the kill and redone after it are shown once (purge_step).
@@ -526,6 +529,7 @@ def test_changed_config_is_refused_on_resume(mnist_shards, tmp_path):
     result = run(command(mnist_shards, run_dir, "--lr", "0.05"))
     assert result.returncode == 2
     assert "different --lr" in result.stderr and "step-00000050.pt" in result.stderr
+    assert result.stderr.rstrip().endswith("train with the new settings in a new --run-dir")  # advice that works (--resume never there is refused)
 
 
 def test_world_size_change_on_resume_continues(mnist_shards, tmp_path, reference):
@@ -542,7 +546,7 @@ def test_resume_never_refuses_a_run_dir_with_a_run(mnist_shards, tmp_path):
     assert run(command(mnist_shards, run_dir, "--max-steps", "25")).returncode == 0
     before = (run_dir / "metrics.jsonl").read_bytes()
     result = run(command(mnist_shards, run_dir, "--resume", "never"))
-    assert result.returncode == 2 and "already holds a run" in result.stderr
+    assert result.returncode == 2 and "already holds a run (metrics.jsonl exists) that this one would not continue (--resume never" in result.stderr
     assert (run_dir / "metrics.jsonl").read_bytes() == before
 
 

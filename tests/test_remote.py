@@ -301,7 +301,7 @@ def test_show_reads_an_image_from_a_url_and_names_a_damaged_one(server, shards, 
     local = cli(capsys, "show", "--shards", shards, "--index", "7")
     assert local[0] == 0
     assert cli(capsys, "show", "--shards", server.url, "--index", "7") == local
-    assert list((tmp_path / "cache" / "shards" / "shards").glob("*-train-000000.tar"))  # $HARNESS_CACHE/shards is the shard cache
+    assert list((tmp_path / "cache" / "shards").glob("*-train-000000.tar"))  # $HARNESS_CACHE/shards/ holds the shards
     server.fail("test-000000.tar", "flip")
     rc, _, err = cli(capsys, "show", "--shards", server.url, "--split", "test", "--index", "0")
     assert_one_error(rc, err, f"{server.url}test-000000.tar", "SHA-256", "not retried")

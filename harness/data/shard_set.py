@@ -25,7 +25,8 @@ from harness.errors import HarnessError
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("HARNESS_CACHE") or Path.home() / ".cache" / "mnist-harness") / "shards"
+    """$HARNESS_CACHE, else ~/.cache/mnist-harness: the shards go into its shards/ folder."""
+    return Path(os.environ.get("HARNESS_CACHE") or Path.home() / ".cache" / "mnist-harness")
 
 
 class ShardSource:

@@ -23,9 +23,11 @@ Usage: python bench/gpu_step_probe.py > probe.json   (needs a CUDA GPU)
 
 from __future__ import annotations
 
+import argparse
 import itertools
 import json
 import os
+import sys
 import time
 
 import torch
@@ -184,6 +186,9 @@ def update_in_graph_ms(batch: int, batch_norm: bool) -> dict:
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("gpu_step_probe.py: no CUDA GPU here (it times GPU kernels)")
     record = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "cuda": torch.version.cuda,
               "cudnn": torch.backends.cudnn.version(), "graphed_step_ms": {}, "first_step_ms": {}, "eager_top_kernels": {}}
     combinations = [(*c, False) for c in itertools.product((True, False), ("fp32", "bf16"), (False, True), (100, 512))]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import re
 import tomllib
 import types
@@ -132,14 +133,25 @@ class TrainConfig:
             raise HarnessError(f"--batch-norm is for the lenet model (got --model {self.model}; --no-batch-norm turns it off)")
         if self.model == "mlp" and not self.hidden:
             raise HarnessError("--hidden is required for the mlp model (e.g. --hidden 500,300)")
+        if any(size < 1 for size in self.hidden):
+            raise HarnessError(f"--hidden {','.join(map(str, self.hidden))}: every layer needs at least 1 unit")
+        for name, value in dataclasses.asdict(self).items():
+            if isinstance(value, float) and not math.isfinite(value):
+                raise HarnessError(f"--{flag(name)} must be a finite number (got {value})")
         for name in ("epochs", "batch_size", "macro_batch", "log_every", "eval_batch", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise HarnessError(f"--{flag(name)} must be at least 1 (got {getattr(self, name)})")
+        for name in ("seed", "holdout", "early_stopping", "max_steps", "checkpoint_every", "threads", "momentum", "weight_decay"):
+            if getattr(self, name) < 0:
+                raise HarnessError(f"--{flag(name)} must be 0 or more (got {getattr(self, name)})")
         for name in ("timeout", "rank0_timeout"):
+            if not 0 < getattr(self, name) <= MAX_WAIT_SECONDS:
+                raise HarnessError(f"--{flag(name)} must be positive and at most {MAX_WAIT_SECONDS:g} s, a week (got {getattr(self, name)})")
+        for name in ("lr", "lr_decay"):
             if getattr(self, name) <= 0:
                 raise HarnessError(f"--{flag(name)} must be positive (got {getattr(self, name)})")
-        if self.lr <= 0:
-            raise HarnessError(f"--lr must be positive (got {self.lr})")
+        if self.batch_norm and self.batch_size < 2:
+            raise HarnessError("--batch-norm needs --batch-size 2 or more: BatchNorm normalises over the batch")
         if self.nesterov and self.momentum <= 0:
             raise HarnessError("--nesterov needs a positive --momentum")
         if not 0 <= self.label_smoothing < 1 or (self.label_smoothing and self.loss != "cross_entropy"):
@@ -147,6 +159,10 @@ class TrainConfig:
         if min(self.augment_rotate, self.augment_scale, self.augment_shift) < 0 or self.augment_scale >= 1:
             raise HarnessError("--augment-rotate, --augment-scale and --augment-shift must be >= 0, and --augment-scale < 1")
 
+
+# A wait across ranks longer than this is a hang by another name; and torch's timedelta-based
+# timeouts overflow on numbers far larger.
+MAX_WAIT_SECONDS = 7 * 24 * 3600.0
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 TYPES = typing.get_type_hints(TrainConfig)

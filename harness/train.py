@@ -150,6 +150,11 @@ class Trainer:
         config, ctx = self.config, self.ctx
         self.verify_train_shards()
         self.n_train = self.shards.manifest["splits"]["train"]["samples"] - config.holdout
+        if self.n_train < config.batch_size:
+            raise HarnessError(
+                f"--holdout {config.holdout}: leaves {max(self.n_train, 0):,} of the {self.n_train + config.holdout:,} training images "
+                f"in {self.shards.url('manifest.json')}, fewer than one --batch-size {config.batch_size}"
+            )
         train_data = ShardSplit(self.shards, "train", 0, self.n_train, verify=False)  # verified just above
         self.stream = MacroBatchStream(
             train_data, config.batch_size, config.macro_batch, config.seed, ctx.device, shuffle=config.shuffle,

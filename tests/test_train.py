@@ -219,6 +219,40 @@ def test_bad_options_are_clear_errors(mnist_shards, tmp_path):
     assert result.returncode == 2 and "--normalize 'zscore'" in result.stderr
 
 
+@pytest.mark.parametrize("option,problem", [
+    (("--momentum", "-1"), "--momentum must be 0 or more (got -1.0)"),
+    (("--weight-decay", "-0.1"), "--weight-decay must be 0 or more"),
+    (("--lr-decay", "-1"), "--lr-decay must be positive"),  # would train with lr -0.1 from epoch 2: gradient ascent
+    (("--hidden", "0"), "--hidden 0: every layer needs at least 1 unit"),
+    (("--seed", "-1"), "--seed must be 0 or more"),
+    (("--max-steps", "-3"), "--max-steps must be 0 or more"),  # ran no step and wrote a model
+    (("--early-stopping", "-1"), "--early-stopping must be 0 or more"),
+    (("--checkpoint-every", "-1"), "--checkpoint-every must be 0 or more"),  # checkpointed every step
+    (("--timeout", "nan"), "--timeout must be a finite number (got nan)"),
+    (("--rank0-timeout", "nan"), "--rank0-timeout must be a finite number"),  # no wait is longer than NaN: never timed out
+    (("--timeout", "1e30"), "--timeout must be positive and at most 604800 s"),  # overflowed torch's timedelta
+    (("--augment-rotate", "nan"), "--augment-rotate must be a finite number"),  # warped every image to blank
+    (("--model", "lenet", "--batch-norm", "--batch-size", "1"), "--batch-norm needs --batch-size 2 or more"),
+])
+def test_nonsense_option_values_are_one_clear_error(capsys, tmp_path, option, problem):
+    """Each of these gave a traceback, or trained on nonsense and exited 0, before the check."""
+    from harness.train import main
+
+    assert main(["--model", "mlp", "--hidden", "32", "--run-dir", str(tmp_path / "r"), *option]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {problem}") and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_holdout_that_leaves_no_batch_to_train_on_is_refused(shards, tmp_path, capsys):
+    from harness.train import main
+
+    assert main(["--model", "mlp", "--hidden", "32", "--shards", str(shards), "--run-dir", str(tmp_path / "r"),
+                 "--batch-size", "20", "--holdout", "190", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert f"error: --holdout 190: leaves 10 of the 200 training images in {shards / 'manifest.json'}, fewer than one --batch-size 20" in err
+
+
 def test_holdout_validation_and_early_stopping(mnist_shards, mnist_dir, tmp_path):
     """theanets-mlp validates on the last 10,000 training images, stops when the validation
     loss has not improved for --early-stopping epochs, and tests on the test set at the end.

@@ -16,6 +16,7 @@ import argparse
 import dataclasses
 import math
 import re
+import reprlib
 import tomllib
 import types
 import typing
@@ -173,6 +174,34 @@ RESUMABLE_CHANGES = {
     "epochs", "max_steps", "log_every", "eval_batch", "device", "backend", "threads", "checkpoint_every", "keep_checkpoints",
     "timeout", "rank0_timeout", "deterministic", "compile", "channels_last",
 }
+
+
+def config_from_saved(saved, where: str) -> TrainConfig:
+    """The config a run recorded (its summary.json or a checkpoint), checked as the command
+    line's is: a run directory may come from someone else. Fields it lacks (added since)
+    keep their defaults; fields this version does not know are ignored."""
+    if not isinstance(saved, dict):
+        raise HarnessError(f"{where}: its config is not a mapping")
+    values = {name: value for name, value in saved.items() if name in FIELDS}
+    for name, value in values.items():
+        if not _of_type(value, TYPES[name]):
+            raise HarnessError(f"{where}: config.{name} is {reprlib.repr(value)}, not of type {getattr(TYPES[name], '__name__', TYPES[name])}")
+    config = TrainConfig(**values)
+    try:
+        config.validate()
+    except HarnessError as e:
+        raise HarnessError(f"{where}: its config: {e}") from None
+    return config
+
+
+def _of_type(value, kind) -> bool:
+    if kind is bool or kind is int:
+        return type(value) is kind
+    if kind is float:
+        return type(value) in (int, float)
+    if kind is str:
+        return isinstance(value, str)
+    return isinstance(value, list) and all(type(v) is int for v in value)  # list[int], the one container field
 
 
 def flag(name: str) -> str:

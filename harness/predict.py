@@ -15,13 +15,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from harness.checkpoint import load_newest_valid, load_verified
-from harness.config import FIELDS, TrainConfig
+from harness.checkpoint import load_newest_valid, load_verified, structure_mismatch
+from harness.config import TrainConfig, config_from_saved
 from harness.data.manifest import STATS_SCHEMA
 from harness.errors import HarnessError
 from harness.models import build_model
 from harness.normalize import STATS_USED, Normalizer
-from harness.report import load_torch_file, model_state, read_json
+from harness.report import SUMMARY_SCHEMA, load_torch_file, model_state, read_run_json
 from harness.validation import first_violation
 
 
@@ -33,7 +33,7 @@ class Trained:
     source: Path  # the weights' file
 
 
-def saved_run(path: Path) -> tuple[dict, dict, dict | None, Path]:
+def saved_run(path: Path) -> tuple[dict, TrainConfig, dict | None, Path]:
     """(state dict, config, normalisation statistics or None, weights file) from a run
     directory, a checkpoint (verified against its step-N.json marker when that is beside
     it), or a model.pt with the run's summary.json beside it."""
@@ -54,18 +54,17 @@ def saved_run(path: Path) -> tuple[dict, dict, dict | None, Path]:
     summary_path = path.parent / "summary.json"
     if not summary_path.is_file():
         raise HarnessError(f"{path}: no summary.json beside it to say which model it holds (give the run directory or a checkpoint)")
-    summary = read_json(summary_path)
-    return model_state(saved, path), summary["config"], summary.get("normalization_stats"), path
+    summary = read_run_json(summary_path, {**SUMMARY_SCHEMA, "required": ["config"]}, "run summary")
+    return model_state(saved, path), config_from_saved(summary["config"], str(summary_path)), summary.get("normalization_stats"), path
 
 
-def checkpoint_parts(state: dict, path: Path) -> tuple[dict, dict, dict | None, Path]:
-    return model_state(state, path), state["config"], state.get("normalization_stats"), path
+def checkpoint_parts(state: dict, path: Path) -> tuple[dict, TrainConfig, dict | None, Path]:
+    return model_state(state, path), config_from_saved(state["config"], str(path)), state.get("normalization_stats"), path
 
 
 def load_trained(path: Path, shards: str | Path | None = None) -> Trained:
     """The trained model in eval mode on the CPU, with the input preparation it was trained with."""
-    state, saved_config, stats, source = saved_run(Path(path))
-    config = TrainConfig(**{k: v for k, v in saved_config.items() if k in FIELDS})  # fields added later keep their defaults
+    state, config, stats, source = saved_run(Path(path))
     if stats is None and STATS_USED[config.normalize]:  # a run written before the statistics were saved
         if shards is None:
             raise HarnessError(f"{source}: the run's inputs were normalised with '{config.normalize}', whose statistics it does not record; pass --shards DIR")
@@ -76,11 +75,13 @@ def load_trained(path: Path, shards: str | Path | None = None) -> Trained:
     problem = first_violation({"properties": {"normalization_stats": needed}}, {"normalization_stats": stats or {}})
     if problem:
         raise HarnessError(f"{source}: the run's {problem}")
+    with torch.device("meta"):  # shapes only: a config is checked against the weights before it allocates anything
+        expected = build_model(config).state_dict()
+    problem = structure_mismatch(state, expected, "")
+    if problem:
+        raise HarnessError(f"{source}: weights do not fit the {config.model} model of its config ({problem})")
     model = build_model(config)
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        raise HarnessError(f"{source}: weights do not fit the {config.model} model of its config ({str(e).splitlines()[0]})") from None
+    model.load_state_dict(state)
     return Trained(model.eval(), config, Normalizer(config.normalize, stats or {}, torch.device("cpu")), source)
 
 

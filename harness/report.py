@@ -23,6 +23,7 @@ from PIL import Image
 from harness.checkpoint import load_tensors_only
 from harness.errors import HarnessError
 from harness.models import first_layer_weights
+from harness.validation import first_violation, read_json_file
 
 REPORT_DIR = "report"
 PICTURES = ("training_curves", "filters", "confusion_matrix")
@@ -45,7 +46,7 @@ def curves_figure(metrics: list[dict], before_training: dict | None = None) -> F
     accuracy.plot(epochs, [100 * m["val_accuracy"] for m in metrics], "o-", color="C2", label="validation")
     best = max(metrics, key=lambda m: m["val_accuracy"])
     title = f"validation accuracy: best {100 * best['val_accuracy']:.2f}% (epoch {best['epoch']})"
-    if before_training:
+    if before_training and "test_accuracy" in before_training:
         title += f"\nbefore training: {100 * before_training['test_accuracy']:.2f}% on the test set"
     accuracy.set(xlabel="epoch", ylabel="accuracy (%)", title=title)
     for axes in (losses, accuracy):
@@ -150,13 +151,37 @@ def save_pictures(pictures: dict[str, np.ndarray], run_dir: Path) -> list[Path]:
 # --- from a run directory -------------------------------------------------------------------------
 
 
-def read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except OSError as e:
-        raise HarnessError(f"{path}: cannot read ({e.strerror or e})") from None
-    except json.JSONDecodeError as e:
-        raise HarnessError(f"{path}: not valid JSON ({e})") from None
+# What `report` and `predict` read from a run directory, which may come from someone else:
+# each file is checked for the fields they use before anything is drawn or built.
+RUN_JSON_MAX_BYTES = 64 << 20  # a summary or test report is a few kB, metrics.jsonl ~300 bytes an epoch
+NUMBER = {"type": "number"}
+METRICS_LINE_SCHEMA = {
+    "type": "object",
+    "required": ["epoch", "train_loss", "val_loss", "val_accuracy"],
+    "properties": {"epoch": {"type": "integer", "minimum": 1}, "train_loss": NUMBER, "val_loss": NUMBER,
+                   "val_accuracy": {"type": "number", "minimum": 0, "maximum": 1}},
+}
+SUMMARY_SCHEMA = {
+    "type": "object",
+    "properties": {"config": {"type": "object"},
+                   "before_training": {"type": "object", "properties": {"test_loss": NUMBER, "test_accuracy": NUMBER}}},
+}
+CLASSES = 10
+TEST_REPORT_SCHEMA = {
+    "type": "object",
+    "required": ["confusion"],
+    "properties": {"confusion": {"type": "array", "minItems": CLASSES, "maxItems": CLASSES, "items": {
+        "type": "array", "minItems": CLASSES, "maxItems": CLASSES, "items": {"type": "integer", "minimum": 0}}}},
+}
+
+
+def read_run_json(path: Path, schema: dict, what: str) -> dict:
+    """A run's JSON file, checked against `schema`; HarnessError naming the file and field."""
+    value = read_json_file(path, RUN_JSON_MAX_BYTES, what)
+    problem = first_violation(schema, value)
+    if problem:
+        raise HarnessError(f"{path}: {problem}")
+    return value
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -164,9 +189,24 @@ def read_metrics(run_dir: Path) -> list[dict]:
     if not path.is_file():
         raise HarnessError(f"{run_dir}: no metrics.jsonl: not a run directory, or the run has not finished an epoch")
     try:
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    except json.JSONDecodeError as e:
-        raise HarnessError(f"{path}: not one JSON object per line ({e})") from None
+        if path.stat().st_size > RUN_JSON_MAX_BYTES:
+            raise HarnessError(f"{path}: larger than {RUN_JSON_MAX_BYTES} bytes; not a run's metrics")
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise HarnessError(f"{path}: unreadable ({getattr(e, 'strerror', None) or e})") from None
+    metrics = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)  # NaN allowed: a diverged validation loss is a metric too
+        except json.JSONDecodeError as e:
+            raise HarnessError(f"{path}: line {number}: not a JSON object ({e})") from None
+        problem = first_violation(METRICS_LINE_SCHEMA, entry)
+        if problem:
+            raise HarnessError(f"{path}: line {number}: {problem}")
+        metrics.append(entry)
+    return metrics
 
 
 def load_torch_file(path: Path):
@@ -195,9 +235,9 @@ def write_report(run_dir: Path) -> tuple[list[Path], list[str]]:
     if not run_dir.is_dir():
         raise HarnessError(f"{run_dir}: run directory not found")
     metrics = read_metrics(run_dir)
-    summary = read_json(run_dir / "summary.json") if (run_dir / "summary.json").is_file() else {}
+    summary = read_run_json(run_dir / "summary.json", SUMMARY_SCHEMA, "run summary") if (run_dir / "summary.json").is_file() else {}
     state = load_weights(run_dir / "model.pt") if (run_dir / "model.pt").is_file() else None
-    report = read_json(run_dir / "test_report.json") if (run_dir / "test_report.json").is_file() else None
+    report = read_run_json(run_dir / "test_report.json", TEST_REPORT_SCHEMA, "test report") if (run_dir / "test_report.json").is_file() else None
     figures = run_figures(metrics, state, report and report["confusion"], summary.get("before_training"))
     skipped = [f"{name}: no {needs} (the run has not finished)" for name, needs in (("filters", "model.pt"), ("confusion_matrix", "test_report.json")) if name not in figures]
     return save_pictures(render(figures), run_dir), skipped

@@ -13,6 +13,7 @@ import io
 import json
 import os
 import pickle
+import shutil
 import tarfile
 from pathlib import Path
 
@@ -366,3 +367,65 @@ def test_a_pax_header_claiming_terabytes_is_refused_without_allocating_them(shar
     reseal(shards)
     rc, _, err = cli(capsys, "show", "--shards", shards, "--index", "0")
     assert_one_error(rc, err, "train-000000.tar")
+
+
+# --- run directories from someone else: `harness predict` and `harness report` ----------------------
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory) -> Path:
+    """A finished 2-epoch MLP run on the small shard set (seconds)."""
+    base = tmp_path_factory.mktemp("small-run")
+    shards = base / "shards"
+    pack(load_source(write_source(base / "src")), shards, shard_size=80, block_size=20)
+    result = run_cli("train", "--model", "mlp", "--hidden", "16", "--batch-size", "20", "--epochs", "2", "--device", "cpu",
+                     "--threads", "1", "--shards", shards, "--run-dir", base / "run")
+    assert result.returncode == 0, result.stderr[-2000:]
+    return base / "run"
+
+
+def edit_json(path: Path, edit) -> None:
+    path.write_text(json.dumps(edit(json.loads(path.read_text()))))
+
+
+def with_config(**changes):
+    return lambda summary: {**summary, "config": {**summary["config"], **changes}}
+
+
+@pytest.mark.parametrize("edit,fragments", [
+    (with_config(hidden=[-1]), ("summary.json: its config: --hidden -1: every layer needs at least 1 unit",)),
+    (with_config(model="foo"), ("summary.json: its config: --model 'foo' is not one of",)),
+    (with_config(normalize="bogus"), ("summary.json: its config: --normalize 'bogus'",)),
+    (with_config(lr="0.1"), ("summary.json: config.lr is '0.1', not of type float",)),
+    (lambda summary: [1], ("summary.json: [1] is not of type 'object'",)),
+    (lambda summary: {k: v for k, v in summary.items() if k != "config"}, ("summary.json: 'config' is a required property",)),
+    # Weights of 16 hidden units; a config of 10 million would have built a 31 GB model before the mismatch showed.
+    (with_config(hidden=[10_000_000]), ("model.pt: weights do not fit the mlp model of its config",
+                                        "expected a torch.float32 tensor of shape (10000000, 784)")),
+], ids=["negative-layer", "unknown-model", "unknown-normalisation", "lr-as-text", "not-a-mapping", "no-config", "huge-layer"])
+def test_predict_checks_a_runs_config_before_building_its_model(small_run, tmp_path, capsys, edit, fragments):
+    """A run directory's summary.json says which model its weights fit; a crafted one is one
+    error naming the file and field, before anything of its size is allocated."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(small_run, run_dir)
+    edit_json(run_dir / "summary.json", edit)
+    before = snapshot(run_dir)
+    rc, _, err = cli(capsys, "predict", run_dir, "--shards", small_run.parent / "shards", "--index", "0")
+    assert_one_error(rc, err, *fragments)
+    assert snapshot(run_dir) == before
+
+
+@pytest.mark.parametrize("name,text,fragment", [
+    ("metrics.jsonl", '{"epoch": 1}\n', "metrics.jsonl: line 1: 'train_loss' is a required property"),
+    ("metrics.jsonl", "[1, 2]\n", "metrics.jsonl: line 1: [1, 2] is not of type 'object'"),
+    ("metrics.jsonl", '{"epoch": 1, "train_loss": 1, "val_loss": 1, "val_accuracy": 7}\n', "line 1: val_accuracy: 7 is greater than the maximum of 1"),
+    ("test_report.json", '{"set": "test"}', "test_report.json: 'confusion' is a required property"),
+    ("test_report.json", '{"confusion": [[1, 2], [3, 4]]}', "test_report.json: confusion: [[1, 2], [3, 4]] is too short"),
+    ("summary.json", "[1]", "summary.json: [1] is not of type 'object'"),
+], ids=["metrics-line-fields", "metrics-line-array", "metrics-accuracy", "report-no-confusion", "report-small-confusion", "summary-array"])
+def test_report_checks_a_runs_files_before_drawing(small_run, tmp_path, capsys, name, text, fragment):
+    run_dir = tmp_path / "run"
+    shutil.copytree(small_run, run_dir)
+    (run_dir / name).write_text(text)
+    rc, _, err = cli(capsys, "report", run_dir)
+    assert_one_error(rc, err, fragment)

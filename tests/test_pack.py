@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import os
+import shutil
+import subprocess
 import tracemalloc
 from pathlib import Path
 
 import numpy as np
 import pytest
 import webdataset as wds
-from helpers import MNIST_BYTES, MNIST_SHA256, write_idx
+from helpers import MNIST_BYTES, MNIST_SHA256, assert_one_error, cli, snapshot, write_idx
 
 import harness.data.pack as pack_module
 from harness.cli import main as cli_main
@@ -18,6 +22,7 @@ from harness.data.idx import read_idx
 from harness.data.pack import pack
 from harness.data.sources import load_source
 from harness.data.stream import ShardSplit
+from harness.errors import HarnessError
 
 
 @pytest.fixture
@@ -139,6 +144,177 @@ def test_manifest_is_published_last(source, tmp_path, monkeypatch):
     monkeypatch.setattr(pack_module.os, "replace", replace)
     pack(load_source(source), out, shard_size=200, block_size=50)
     assert moved[-1] == "manifest.json"
+
+
+# --- where the output directory is ------------------------------------------------------------------
+
+
+def shard_names(manifest: dict) -> set[str]:
+    return {s["name"] for split in manifest["splits"].values() for s in split["shards"]}
+
+
+def test_pack_into_existing_empty_directory_builds_inside_it(source, tmp_path, monkeypatch):
+    """An existing --out may be a mount point, or sit in a directory this user cannot write:
+    the temporary directory goes inside it (same filesystem), not beside it, and goes away."""
+    out = tmp_path / "shards"
+    out.mkdir()
+    written_in = set()
+    real = pack_module._write_shard
+
+    def write_shard(path, *args, **kwargs):
+        written_in.add(Path(path).parent)
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(pack_module, "_write_shard", write_shard)
+    manifest = pack(load_source(source), out, shard_size=200, block_size=50)
+    assert written_in == {out / f".packing-{os.getpid()}"}
+    assert {p.name for p in out.iterdir()} == shard_names(manifest) | {"manifest.json"}  # no temporary folder left
+    assert {p.name for p in tmp_path.iterdir()} == {"src", "shards"}
+    assert len(ShardSplit(out, "train").load_all()[1]) == 530  # verifies sizes and SHA-256 too
+
+
+@pytest.fixture
+def mount_point(tmp_path):
+    """An empty tmpfs mounted at tmp_path/mnt: another filesystem than its parent's. Needs
+    the right to mount (root here; often not in CI or a container), skipped without it."""
+    directory = tmp_path / "mnt"
+    directory.mkdir()
+    if shutil.which("mount") is None:
+        pytest.skip("no mount command")
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32m", "tmpfs", str(directory)], check=False, capture_output=True, text=True)
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip() or result.returncode}")
+    try:
+        assert directory.stat().st_dev != tmp_path.stat().st_dev
+        yield directory
+    finally:
+        subprocess.run(["umount", str(directory)], check=True)
+
+
+def test_pack_into_a_mount_point(source, tmp_path, mount_point, capsys):
+    """The case that failed with `OSError: [Errno 18] Invalid cross-device link` after all
+    the packing work: --out an existing empty directory on another filesystem than its parent."""
+    rc, stdout, err = cli(capsys, "pack", "--source", source, "--out", mount_point, "--shard-size", "200", "--block-size", "50")
+    assert rc == 0, err
+    assert f"wrote {mount_point}/manifest.json" in stdout
+    manifest = json.loads((mount_point / "manifest.json").read_text())
+    assert {p.name for p in mount_point.iterdir()} == shard_names(manifest) | {"manifest.json"}
+    assert temp_dirs(tmp_path) == []
+    assert len(ShardSplit(mount_point, "train").load_all()[1]) == 530
+
+
+def test_pack_into_existing_directory_writes_nothing_in_its_parent(source, tmp_path, monkeypatch):
+    """--out exists but its parent is not writable (`/scratch/alice` under a root-owned
+    `/scratch`). As root, permissions stop nothing, so the kernel's answer is simulated:
+    a directory made in the parent gets EACCES (EEXIST where the name exists, as mkdir(2)
+    answers). Nothing else of the pack is faked."""
+    out = tmp_path / "shards"
+    out.mkdir()
+    real_mkdir = os.mkdir
+
+    def mkdir(path, *args, **kwargs):
+        if Path(path).parent == tmp_path:
+            if Path(path).exists():
+                raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(path))
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        return real_mkdir(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "mkdir", mkdir)
+    manifest = pack(load_source(source), out, shard_size=200, block_size=50)
+    assert {p.name for p in out.iterdir()} == shard_names(manifest) | {"manifest.json"}
+    assert {p.name for p in tmp_path.iterdir()} == {"src", "shards"}
+
+
+@pytest.mark.parametrize("existing", [False, True], ids=["new-dir", "existing-dir"])
+@pytest.mark.parametrize("how", ["simulated", "chmod"])
+def test_unwritable_output_location_is_one_error(source, tmp_path, capsys, monkeypatch, existing, how):
+    """Where the temporary directory cannot be made (in --out when it exists, else in its
+    parent): one error naming --out and the OS's reason, before any packing work.
+    `chmod` does it for real (skipped as root, whom permissions do not stop); `simulated`
+    makes os.mkdir answer EACCES there, as the kernel would."""
+    parent = tmp_path / "place"
+    parent.mkdir()
+    out = parent / "shards"
+    locked = out if existing else parent
+    if existing:
+        out.mkdir()
+        (out / "README.md").write_text("keep me\n")
+    before = snapshot(tmp_path / "place")
+    if how == "chmod":
+        if os.geteuid() == 0:
+            pytest.skip("running as root: permissions do not stop it (the simulated case covers it)")
+        locked.chmod(0o555)
+    else:
+        real_mkdir = os.mkdir
+
+        def mkdir(path, *args, **kwargs):
+            if Path(path).parent == locked:
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+            return real_mkdir(path, *args, **kwargs)
+
+        monkeypatch.setattr(os, "mkdir", mkdir)
+    try:
+        rc, stdout, err = cli(capsys, "pack", "--source", source, "--out", out)
+    finally:
+        locked.chmod(0o755)
+    assert_one_error(rc, err, str(out), "cannot create a temporary directory", str(locked), os.strerror(errno.EACCES))
+    assert "wrote" not in stdout
+    assert snapshot(tmp_path / "place") == before and out.exists() == existing
+    assert temp_dirs(parent) == [] and (not existing or temp_dirs(out) == [])
+
+
+@pytest.mark.parametrize("existing", [False, True], ids=["new-dir", "existing-dir-with-readme"])
+def test_failed_publish_is_one_error_and_publishes_nothing(source, tmp_path, capsys, monkeypatch, existing):
+    """A rename that the OS refuses while publishing (simulated: EXDEV, the error an --out on
+    another filesystem gave) is one error naming --out and the reason; shards already moved
+    into an existing --out are taken out again, and no temporary directory is left."""
+    out = tmp_path / "shards"
+    if existing:
+        out.mkdir()
+        (out / "README.md").write_text("keep me\n")
+    real_replace = os.replace
+    moved_in = []
+
+    def refuse(src, dst):
+        raise OSError(errno.EXDEV, os.strerror(errno.EXDEV), str(src), None, str(dst))
+
+    def replace(src, dst):
+        if Path(dst).parent == out and Path(dst).name == "manifest.json":
+            moved_in.extend(sorted(p.name for p in out.glob("*.tar")))  # the shards went in first
+            refuse(src, dst)
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(pack_module.os, "rename", refuse)
+    monkeypatch.setattr(pack_module.os, "replace", replace)
+    rc, stdout, err = cli(capsys, "pack", "--source", source, "--out", out, "--shard-size", "200", "--block-size", "50")
+    assert_one_error(rc, err, str(out), "could not write the shards", os.strerror(errno.EXDEV), "nothing was published")
+    assert "wrote" not in stdout
+    if existing:
+        assert moved_in == ["test-000000.tar", "train-000000.tar", "train-000001.tar", "train-000002.tar"]
+        assert files_of(out) == {"README.md": b"keep me\n"}  # the shards moved in are gone again
+    else:
+        assert not out.exists()
+    assert temp_dirs(tmp_path) == []
+    monkeypatch.undo()  # nothing left blocks a second attempt
+    pack(load_source(source), out, shard_size=200, block_size=50)
+    assert (out / "manifest.json").is_file()
+
+
+def test_pack_write_error_is_one_error(source, tmp_path, monkeypatch):
+    """An OSError while writing a shard (simulated: the disk fills) is a HarnessError naming
+    --out and the reason, and the temporary directory goes away."""
+    real = pack_module._write_shard
+
+    def write_shard(path, *args, **kwargs):
+        if Path(path).name == "train-000001.tar":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(pack_module, "_write_shard", write_shard)
+    with pytest.raises(HarnessError) as raised:
+        pack(load_source(source), tmp_path / "out", shard_size=200, block_size=50)
+    assert str(raised.value) == f"{tmp_path / 'out'}: could not write the shards (No space left on device); nothing was published"
+    assert {p.name for p in tmp_path.iterdir()} == {"src"}
 
 
 # --- manifest ----------------------------------------------------------------------------------------

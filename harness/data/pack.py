@@ -8,7 +8,10 @@ tops out near 5k images/s; blocks of 1,000 read two orders of magnitude faster.
 Packing is deterministic (fixed tar metadata, no timestamps: the same input
 gives byte-identical shards) and atomic: everything is written to a temporary
 directory first, and `manifest.json`, the file that makes a shard set look
-complete, is the last thing to appear in the output directory.
+complete, is the last thing to appear in the output directory. The temporary
+directory sits on the output's filesystem, so that publishing is renames only:
+beside a new output directory (which it then becomes), or inside an existing one
+(a mount point, or a directory whose parent is not writable, works too).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from harness import __version__
-from harness.atomic import write_json_atomic
+from harness.atomic import fsync_dir, write_json_atomic
 from harness.data.manifest import FORMAT_VERSION, MANIFEST_NAME, MAX_BLOCK_SIZE
 from harness.data.sources import IMAGE_SHAPE, Dataset, sha256_of
 from harness.errors import HarnessError
@@ -135,10 +138,7 @@ def pack(
     if shard_size % block_size:
         raise HarnessError(f"--shard-size {shard_size} must be a multiple of --block-size {block_size}")
     check_output_dir(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.packing-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    tmp = _make_temp_dir(out_dir)
     try:
         splits, train_sums = {}, PixelSums()
         for split, data in dataset.splits.items():
@@ -164,18 +164,52 @@ def pack(
         }
         write_json_atomic(tmp / MANIFEST_NAME, manifest)
         _publish(tmp, out_dir)
+    except OSError as e:  # disk full, I/O error, a directory that refuses the rename: nothing was published
+        raise HarnessError(f"{out_dir}: could not write the shards ({_reason(e)}); nothing was published") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return manifest
 
 
+def _reason(e: OSError) -> str:
+    """The OS's reason for `e`, with the path it names when it names one."""
+    return f"{e.strerror or e}: {e.filename}" if e.filename else str(e.strerror or e)
+
+
+def _make_temp_dir(out_dir: Path) -> Path:
+    """An empty temporary directory on `out_dir`'s filesystem: inside `out_dir` when it
+    exists (it may be a mount point, or sit in a directory this user cannot write),
+    else beside it, in its parent (created if need be), so that it can become `out_dir`."""
+    if out_dir.is_dir():
+        tmp = out_dir / f".packing-{os.getpid()}"
+    else:
+        tmp = out_dir.parent / f".{out_dir.name}.packing-{os.getpid()}"
+    try:
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # a leftover of an earlier process with this PID
+        tmp.mkdir()
+    except OSError as e:
+        raise HarnessError(f"{out_dir}: cannot create a temporary directory in {tmp.parent} ({_reason(e)})") from None
+    return tmp
+
+
 def _publish(tmp: Path, out_dir: Path) -> None:
-    """Move a finished pack into place; the manifest goes last."""
-    if not out_dir.exists():
-        os.rename(tmp, out_dir)  # one atomic step
+    """Move a finished pack into place; the manifest goes last. On failure, what was
+    moved is taken out again: `out_dir` holds what it held before."""
+    if tmp.parent != out_dir:
+        os.rename(tmp, out_dir)  # one atomic step (onto a new, or meanwhile created empty, out_dir)
         return
-    # out_dir exists (e.g. the tracked shards/ with its README): move shards in, manifest last.
-    for path in sorted(tmp.iterdir()):
-        if path.name != MANIFEST_NAME:
-            os.replace(path, out_dir / path.name)
-    os.replace(tmp / MANIFEST_NAME, out_dir / MANIFEST_NAME)
+    # out_dir exists (e.g. the tracked shards/ with its README, or a mount point): move the
+    # shards in, make their renames durable, then the manifest, the commit point.
+    moved = []
+    try:
+        for path in sorted(tmp.iterdir()):
+            if path.name != MANIFEST_NAME:
+                os.replace(path, out_dir / path.name)
+                moved.append(out_dir / path.name)
+        fsync_dir(out_dir)
+        os.replace(tmp / MANIFEST_NAME, out_dir / MANIFEST_NAME)
+    except BaseException:
+        for path in moved:
+            path.unlink(missing_ok=True)
+        raise

@@ -13,6 +13,7 @@ from harness.data.idx import read_idx
 from harness.data.pack import pack
 from harness.data.sources import load_source
 from harness.data.stream import ShardSplit
+from harness.errors import HarnessError
 
 
 def random_split(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -105,6 +106,49 @@ def test_read_csv(tmp_path, header):
     # The header row (when present) is not a sample; every data row is.
     assert pixels.shape == (25, 784) and pixels.dtype == np.uint8
     np.testing.assert_array_equal(pixels, images.reshape(25, 784))
+    np.testing.assert_array_equal(got_labels, labels)
+
+
+@pytest.mark.parametrize("newline", ["\n", "\r\n"], ids=["lf", "crlf"])
+@pytest.mark.parametrize("bom", [False, True], ids=["no-bom", "bom"])
+@pytest.mark.parametrize("header", [False, True], ids=["no-header", "header"])
+def test_read_csv_with_byte_order_mark(tmp_path, header, bom, newline):
+    """Some spreadsheet programs start a CSV with a UTF-8 byte order mark (and end lines in
+    CRLF). The mark is not part of the first field: without a header, the first row is still
+    an image (it was taken for a header, and lost); every variant reads the same."""
+    images, labels = random_split(25, seed=6)
+    path = tmp_path / "digits.csv"
+    write_csv(path, images, labels, header)
+    text = path.read_text().replace("\n", newline)
+    path.write_bytes((b"\xef\xbb\xbf" if bom else b"") + text.encode())
+    pixels, got_labels = read_csv(path)
+    assert pixels.shape == (25, 784) and got_labels.shape == (25,)
+    np.testing.assert_array_equal(pixels, images.reshape(25, 784))
+    np.testing.assert_array_equal(got_labels, labels)
+
+
+@pytest.mark.parametrize("header", [False, True], ids=["no-header", "header"])
+def test_csv_with_byte_order_mark_errors_name_the_editor_line(tmp_path, header):
+    """Dropping the mark shifts no line number: a bad field is reported where an editor shows it."""
+    images, labels = random_split(4, seed=9)
+    path = tmp_path / "digits.csv"
+    write_csv(path, images, labels, header)
+    lines = path.read_text().splitlines()
+    lines[2] = lines[2].replace(",", ",x", 1)  # line 3: field 2 becomes `x...`
+    path.write_bytes(b"\xef\xbb\xbf" + "\n".join(lines).encode() + b"\n")
+    with pytest.raises(HarnessError, match=r": line 3, field 2 \('x"):
+        read_csv(path)
+
+
+@pytest.mark.parametrize("header", [False, True], ids=["no-header", "header"])
+def test_csv_header_is_the_first_line_that_is_not_blank(tmp_path, header):
+    """Blank lines are skipped wherever they are, before a header too."""
+    images, labels = random_split(5, seed=10)
+    path = tmp_path / "digits.csv"
+    write_csv(path, images, labels, header)
+    path.write_text("\n \t\n" + path.read_text())
+    pixels, got_labels = read_csv(path)
+    np.testing.assert_array_equal(pixels, images.reshape(5, 784))
     np.testing.assert_array_equal(got_labels, labels)
 
 

@@ -1,15 +1,18 @@
 """Reader for the CSV layout `label,p0,...,p783`, with or without a header row.
 
-The format as read here: lines end in "\\n" (a "\\r" before it is dropped), so a line
-number in an error is the one an editor shows; an optional header row (its first field
-not an integer); blank lines skipped; every other line exactly 785 fields, each a decimal
-integer with an optional sign and optional spaces or tabs around it. Rows are checked
-against that before numpy parses them, so that numpy's own, more lenient reading of
-whitespace never decides what is accepted.
+The format as read here: an optional UTF-8 byte order mark at the start (dropped; some
+spreadsheet programs write one); lines end in "\\n" (a "\\r" before it is dropped), so a
+line number in an error is the one an editor shows; an optional header row (the first
+line that is not blank, when its first field is not an integer); blank lines skipped;
+every other line exactly 785 fields, each a decimal integer with an optional sign and
+optional spaces or tabs around it. Rows are checked against that before numpy parses
+them, so that numpy's own, more lenient reading of whitespace never decides what is
+accepted.
 """
 
 from __future__ import annotations
 
+import codecs
 import io
 import re
 from pathlib import Path
@@ -52,11 +55,13 @@ def read_csv(path: Path, num_pixels: int = 784) -> tuple[np.ndarray, np.ndarray]
 
 def data_rows(path: Path) -> list[tuple[int, bytes]]:
     """(file line number, line) of every data row: the header and blank lines left out."""
-    lines = [line.removesuffix(b"\r") for line in path.read_bytes().split(b"\n")]
-    first_data_line = 0
-    if lines and not INTEGER_FIELD.fullmatch(lines[0].split(b",")[0]):
-        first_data_line = 1  # a header row such as `label,pixel0,...`
-    rows = [(n, line) for n, line in enumerate(lines[first_data_line:], start=first_data_line + 1) if line.strip(b" \t")]
+    # A byte order mark is not part of the first field: left there, it would make the first
+    # data row of a header-less file look like a header, and that image would be lost.
+    content = path.read_bytes().removeprefix(codecs.BOM_UTF8)
+    lines = [line.removesuffix(b"\r") for line in content.split(b"\n")]
+    rows = [(n, line) for n, line in enumerate(lines, start=1) if line.strip(b" \t")]
+    if rows and not INTEGER_FIELD.fullmatch(rows[0][1].split(b",")[0]):
+        rows = rows[1:]  # a header row such as `label,pixel0,...`
     if not rows:
         raise HarnessError(f"{path}: no data rows")
     return rows

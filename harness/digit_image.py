@@ -5,6 +5,13 @@ anti-aliasing, hence the grey levels), then placing it in a 28x28 field so that 
 centre of mass is at the centre: light ink (255) on a dark (0) background. Pictures
 of any size, colour or greyscale, dark ink on light paper or light on dark, go
 through the same steps here.
+
+The steps work on one 8-bit band: the alpha channel of a picture with transparency, else
+its grey levels (16-bit, 32-bit and float greys are scaled to 0..255 first: see `greys`).
+A picture longer than MAX_SIDE pixels is box-averaged down to that size (a big JPEG is
+decoded smaller to begin with) before anything is expanded to floats, so what a file can
+make this take is what Pillow needs to decode it, at most 4 bytes a pixel up to Pillow's
+decompression-bomb limit (~179 MP), plus at most 5 bytes a pixel to take the band out.
 """
 
 from __future__ import annotations
@@ -18,32 +25,92 @@ from harness.errors import HarnessError
 
 FIELD, BOX = 28, 20
 NOISE_FLOOR = 0.2  # ink below this fraction of the strongest is paper texture, shadow or JPEG noise
+# The digit ends up at most 20 pixels on its long side (BOX). Reduced to 2048 pixels on its long
+# side, a picture whose digit spans even 1/100 of it still gives that digit 20 pixels, so the
+# reduction loses nothing the 20x20 box keeps; the work after it is at most 2048x2048 = 4.2 MP
+# (34 MB a float64 array) whatever the picture's size.
+MAX_SIDE = 2048
 
 
 def read_image(path: Path) -> Image.Image:
     """Decode an image file (PNG, JPEG or any format Pillow reads); one clear error otherwise."""
     try:
         with Image.open(path) as image:
+            if max(image.size) > MAX_SIDE:
+                image.draft(None, (MAX_SIDE, MAX_SIDE))  # a big JPEG decodes at 1/2, 1/4 or 1/8 scale
             image.load()
-            return ImageOps.exif_transpose(image)  # phone photos store their rotation in EXIF
+            # Phone photos store their rotation in EXIF. In place: no copy of a picture without one.
+            ImageOps.exif_transpose(image, in_place=True)
+            return image
     except FileNotFoundError:
         raise HarnessError(f"{path}: file not found") from None
+    except MemoryError:
+        raise HarnessError(f"{path}: not enough memory to decode the image") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise HarnessError(f"{path}: not a readable image ({type(e).__name__}: {e})") from None
 
 
-def ink_of(image: Image.Image) -> np.ndarray:
-    """Ink strength per pixel in [0, 1], whatever the polarity. A picture with transparency
-    (a drawing app's canvas) has its strokes in the alpha channel; otherwise the paper is the
-    grey level most common along the border, and ink is how far a pixel is from it."""
+def shrink(image: Image.Image) -> Image.Image:
+    """Box-average (Pillow's reduce) by the least integer factor that brings the long side
+    to MAX_SIDE pixels or fewer; a picture already that small is returned as it is."""
+    factor = -(-max(image.size) // MAX_SIDE)
+    if factor == 1:
+        return image
+    if image.mode.startswith("I;16"):  # reduce refuses 16-bit; resize's box filter is the same average
+        return image.resize((-(-image.width // factor), -(-image.height // factor)), Image.Resampling.BOX)
+    return image.reduce(factor)
+
+
+def greys(image: Image.Image) -> Image.Image:
+    """The picture's grey levels as an 8-bit (L) image, shrunk. Pillow's convert("L") clips
+    deeper greys at 255, so those are scaled here, by the full range their values follow so
+    that such a picture is exactly as light or dark as its 8-bit version: 0..65535 for 16-bit
+    (I;16), and for 32-bit integers (I) within it (Pillow's mode for 16-bit PGM); 0..1 for
+    floats (F) within it. 8-bit levels v8 come back exactly (round(v / 257) of v = 257 * v8,
+    even with noise of up to 128 added; round(255 * v) of v = v8 / 255). Values outside those
+    ranges follow none, so they are scaled by the picture's own darkest..lightest; that
+    re-quantises them, which can change the digit as any other re-quantisation (a JPEG) can.
+    A uniform picture stays blank."""
+    if image.mode.startswith("I;16"):
+        low, high = 0, 65535
+    elif image.mode in ("I", "F"):
+        low, high = image.getextrema()
+        full = 1 if image.mode == "F" else 65535
+        if low >= 0 and high <= full:
+            low, high = 0, full
+    else:
+        return shrink(image.convert("L"))
+    levels = np.asarray(shrink(image), dtype=np.float64)
+    scale = 255 / (high - low) if high > low else 0.0
+    return Image.fromarray(np.round((levels - low) * scale).astype(np.uint8), "L")
+
+
+def ink_band(image: Image.Image) -> tuple[Image.Image, bool]:
+    """The 8-bit band that holds the ink, shrunk, and whether it is the alpha channel: a
+    picture with transparency (a drawing app's canvas) has its strokes there, unless it is
+    opaque throughout; otherwise the grey levels."""
     if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
-        alpha = np.asarray(image.convert("RGBA"), dtype=np.float64)[..., 3] / 255.0
-        if alpha.min() < 1.0:
-            return alpha
-    grey = np.asarray(image.convert("L"), dtype=np.float64) / 255.0
-    border = np.concatenate([grey[0], grey[-1], grey[:, 0], grey[:, -1]])
+        alpha = image.getchannel("A") if image.mode in ("RGBA", "LA", "PA") else image.convert("RGBA").getchannel("A")
+        if alpha.getextrema()[0] < 255:
+            return shrink(alpha), True
+    return greys(image), False
+
+
+def ink_of(image: Image.Image) -> np.ndarray:
+    """Ink strength per pixel in [0, 1], whatever the polarity: the alpha channel of a
+    picture with transparency; otherwise the paper is the grey level most common along the
+    border, and ink is how far a pixel is from it. Float64, as always: float32 changed the
+    result of up to 6% of ordinary test pictures (by up to 25 grey levels for a JPEG), and the
+    band is at most MAX_SIDE x MAX_SIDE, so float64 costs at most 17 MB more an array."""
+    band, is_alpha = ink_band(image)
+    levels = np.asarray(band, dtype=np.float64)
+    levels /= 255.0
+    if is_alpha:
+        return levels
+    border = np.concatenate([levels[0], levels[-1], levels[:, 0], levels[:, -1]])
     paper = float(np.median(border))
-    return np.clip(paper - grey if paper > 0.5 else grey - paper, 0.0, None)
+    ink = np.subtract(paper, levels, out=levels) if paper > 0.5 else np.subtract(levels, paper, out=levels)
+    return np.clip(ink, 0.0, None, out=ink)
 
 
 def fit_box(ink: np.ndarray) -> np.ndarray:
@@ -74,6 +141,13 @@ def centre_by_mass(digit: np.ndarray) -> np.ndarray:
 
 def mnist_style(image: Image.Image, name: str = "image") -> np.ndarray:
     """uint8 [28, 28]: the picture's digit as MNIST would hold it."""
+    try:
+        return _mnist_style(image, name)
+    except MemoryError:
+        raise HarnessError(f"{name}: not enough memory to convert the {image.width}x{image.height} picture") from None
+
+
+def _mnist_style(image: Image.Image, name: str) -> np.ndarray:
     ink = ink_of(image)
     if ink.max() < 0.05:
         raise HarnessError(f"{name}: no digit found (the picture is blank: every pixel is within 5% of the background)")

@@ -8,6 +8,7 @@ grids are tiled here.
 from __future__ import annotations
 
 import math
+import threading
 
 import numpy as np
 import torch
@@ -45,8 +46,18 @@ PICTURE_TAGS = {"training_curves": "report/training_curves", "filters": "report/
 class TensorBoardLog:
     def __init__(self, run_dir, purge_step: int):
         """`purge_step`: TensorBoard hides the events of earlier files in the directory at
-        this step and after (0: all of them)."""
-        self.writer = SummaryWriter(log_dir=str(run_dir), purge_step=purge_step)
+        this step and after (0: all of them). The event file is created with the first
+        event, so a process that logs nothing (a rerun of a finished run) adds none."""
+        self.run_dir, self.purge_step = run_dir, purge_step
+        self._writer: SummaryWriter | None = None
+        self._lock = threading.Lock()  # the background writer logs weight images too
+
+    @property
+    def writer(self) -> SummaryWriter:
+        with self._lock:
+            if self._writer is None:
+                self._writer = SummaryWriter(log_dir=str(self.run_dir), purge_step=self.purge_step)
+            return self._writer
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
         for tag, value in values.items():
@@ -69,7 +80,8 @@ class TensorBoardLog:
         self.writer.add_text("val/class_report", "    " + report.replace("\n", "\n    "), step)
 
     def close(self) -> None:
-        self.writer.close()
+        if self._writer is not None:
+            self._writer.close()
 
 
 def weight_snapshot(model: torch.nn.Module) -> list[tuple[str, np.ndarray]]:

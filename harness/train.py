@@ -298,6 +298,11 @@ class Trainer:
     # --- the loop ---------------------------------------------------------------------------------
 
     def fit(self) -> dict:
+        if not self.training_left() and self.finished_before():
+            log.info(f"{self.run_dir}: this run has finished (summary.json); nothing to train, no file rewritten")
+            if self.outputs:
+                self.outputs.close()
+            return json.loads((self.run_dir / "summary.json").read_text()) if self.ctx.is_main else {}
         self.log_start()
         self.compile_seconds = self.warm_up() if self.compile_mode else 0.0
         if self.progress.step == 0 and not self.progress.before_training:  # a resumed run keeps its first figure
@@ -316,6 +321,14 @@ class Trainer:
         finally:
             if self.outputs:
                 self.outputs.close()
+
+    def finished_before(self) -> bool:
+        """Whether a run resumed with nothing left to train had already written its
+        summary: then a rerun leaves its files as they are (the summary's times among
+        them). A run stopped by a signal after its last step has not: it finishes now.
+        Rank 0 looks; every rank takes its answer."""
+        written = self.ctx.is_main and (self.run_dir / "summary.json").is_file()
+        return bool(self.ctx.gather([int(written)])[0][0])
 
     def train_epoch(self) -> None:
         """Steps from the current position to the end of the epoch (or to --max-steps)."""

@@ -11,6 +11,7 @@ import gzip
 import hashlib
 import json
 import re
+import shutil
 import sys
 import time
 from datetime import datetime
@@ -19,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import MNIST_TEST_HISTOGRAM, final_weights, run, run_cli, summary
+from helpers import MNIST_TEST_HISTOGRAM, final_weights, run, run_cli, snapshot, summary
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -188,16 +189,16 @@ def test_mlp_run_logs_first_layer_tiles(mnist_shards, tmp_path):
     assert image.width == 23 * 29 + 1
 
 
-def test_rerunning_a_finished_run_changes_nothing(lenet_run, mnist_shards):
-    """The default --resume auto picks up the final checkpoint: no step is redone."""
-    run_dir, _, _ = lenet_run
-    before = json.loads((run_dir / "summary.json").read_text())
-    metrics = (run_dir / "metrics.jsonl").read_bytes()
+def test_rerunning_a_finished_run_changes_nothing(lenet_run, mnist_shards, tmp_path):
+    """The default --resume auto picks up the final checkpoint: no step is redone, and no
+    file of the run is rewritten (its summary's times were lost to a rerun's once)."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(lenet_run[0], run_dir)
+    before = snapshot(run_dir)
     result = run_cli("train", "--preset", "lenet", "--shards", mnist_shards, "--run-dir", run_dir, "--epochs", "1", "--device", "cpu")
     assert result.returncode == 0, result.stderr
-    after = json.loads((run_dir / "summary.json").read_text())
-    assert after["param_checksum"] == before["param_checksum"] and after["steps"] == before["steps"]
-    assert (run_dir / "metrics.jsonl").read_bytes() == metrics
+    assert "this run has finished (summary.json); nothing to train, no file rewritten" in result.stdout
+    assert snapshot(run_dir) == before
 
 
 def test_train_help_lists_every_option():
@@ -315,6 +316,20 @@ def test_without_run_dir_a_run_goes_to_runs_preset_timestamp(mnist_shards, tmp_p
     assert result.returncode == 0, result.stderr
     assert summary(tmp_path / "runs" / "lenet-slurm-4242")["steps"] == 2
     assert "wrote runs/lenet-slurm-4242" in result.stdout
+
+
+def test_every_rank_takes_rank_0s_timestamp_for_the_run_directory(monkeypatch):
+    """Ranks start at different moments, possibly in different seconds: the directory's
+    name is rank 0's clock, which the gather hands every rank."""
+    from harness.train import default_run_dir
+
+    class Rank1:  # its own clock reads a second later than rank 0's
+        def gather(self, values):
+            return [[20261127101500], values]
+
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    monkeypatch.setattr(time, "strftime", lambda _: "20261127101501")
+    assert default_run_dir("lenet", Rank1()) == Path("runs/lenet-20261127-101500")
 
 
 def test_without_run_dir_every_rank_writes_to_the_same_run(mnist_shards, tmp_path):

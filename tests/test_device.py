@@ -103,6 +103,8 @@ def test_saved_files_hold_cpu_tensors():
     state = {"model": {"w": torch.ones(2, device="meta")}, "rng": [torch.zeros(3, dtype=torch.uint8)], "step": 4}
     with pytest.raises(NotImplementedError):
         cpu_tensors(state)  # meta tensors have no data to copy: the conversion really copies
+    with pytest.raises(NotImplementedError):
+        torch_bytes(state)  # and the save path converts before it writes
     state = {"model": {"w": torch.ones(2)}, "rng": [torch.zeros(3, dtype=torch.uint8)], "step": 4}
     loaded = torch.load(io.BytesIO(torch_bytes(state)), weights_only=True)
     assert loaded["step"] == 4 and loaded["model"]["w"].device.type == "cpu"

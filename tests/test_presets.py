@@ -148,6 +148,28 @@ def test_augmented_training_is_world_size_invariant_and_resumes_exactly(mnist_sh
     assert summary(tmp_path / "resumed")["param_checksum"] == summary(tmp_path / "one")["param_checksum"]
 
 
+def test_label_smoothing_leaves_the_test_loss_plain(shards, tmp_path):
+    """The run's test loss is plain cross-entropy of its final weights, recomputed here,
+    though it trained with smoothed targets (the smoothed loss of these weights is higher)."""
+    from harness.data.shard_set import ShardSource, ShardSplit
+    from harness.predict import load_trained
+
+    run_dir = tmp_path / "run"
+    result = run_cli("train", "--model", "mlp", "--hidden", "16", "--batch-size", "20", "--epochs", "1", "--device", "cpu",
+                     "--threads", "1", "--label-smoothing", "0.1", "--shards", shards, "--run-dir", run_dir)
+    assert result.returncode == 0, result.stderr
+    trained = load_trained(run_dir)
+    images, labels = ShardSplit(ShardSource(shards), "test", 0).load_all()
+    with torch.no_grad():
+        logits = trained.model(trained.normalize(torch.from_numpy(images)))
+    targets = torch.from_numpy(labels).long()
+    plain = torch.nn.functional.cross_entropy(logits, targets).item()
+    smoothed = torch.nn.functional.cross_entropy(logits, targets, label_smoothing=0.1).item()
+    recorded = json.loads((run_dir / "summary.json").read_text())["test_loss"]
+    # The same arithmetic on the same CPU, summed in other batches: float rounding only.
+    assert recorded == pytest.approx(plain, rel=1e-5) and abs(smoothed - plain) > 1e-3
+
+
 def test_label_smoothing_changes_training_loss_only():
     from harness.normalize import make_loss
 

@@ -427,5 +427,7 @@ def test_report_checks_a_runs_files_before_drawing(small_run, tmp_path, capsys, 
     run_dir = tmp_path / "run"
     shutil.copytree(small_run, run_dir)
     (run_dir / name).write_text(text)
+    before = snapshot(run_dir)
     rc, _, err = cli(capsys, "report", run_dir)
     assert_one_error(rc, err, fragment)
+    assert snapshot(run_dir) == before  # the pictures already there are not redrawn from it

@@ -11,8 +11,9 @@ or 100 per process, 1 or 2 threads). Measured, max |difference| of LeNet's param
 
 A real defect moves the weights far more. On the Xeon: one optimizer step fewer (49 vs 50
 steps at lr 0.02) differs by 7.8e-3; 9 vs 10 steps at lr 0.1 by 1.5e-2; a different batch
-order (another macro-batch size) by 5.5e-2. So each bound below sits about a factor of 10
-above the largest noise seen and a factor of 10 below a one-step difference.
+order (another macro-batch size) by 5.5e-2. So the 10- and 50-step bounds below sit 13-15x
+above the largest noise seen and 15x below a one-step difference; the one-step bound sits
+67x above its noise and 1,000x below a wrong slice.
 """
 
 from __future__ import annotations

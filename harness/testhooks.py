@@ -4,6 +4,8 @@ HARNESS_TEST_FAULT=KIND@STEP[:RANK] injects a fault into one rank (see `Fault`).
 HARNESS_TEST_RANK_WEIGHTS=DIR makes every rank save its final parameters as
 DIR/rank-R.pt, so that a test can compare the ranks' weights itself instead of
 trusting the run's own `ranks_identical`.
+HARNESS_TEST_RANK_RNG=DIR makes the ranks' CPU generator states differ (see
+`diverge_rank_rng`) and every rank save its final state as DIR/rank-R-rng.pt.
 """
 
 from __future__ import annotations
@@ -90,6 +92,21 @@ class Fault:
 
     def corrupt_loss(self, loss, step: int, rank: int):
         return loss * float("nan") if self.kind == "nan" and step == self.step and rank == self.rank else loss
+
+
+def diverge_rank_rng(rank: int, fresh_start: bool) -> None:
+    """On a fresh start, rank R draws R + 1 numbers from torch's CPU generator, after the
+    initial weights: training draws none after those, so without this every rank's state
+    would be the same, and a test could not tell a rank's own state from another's."""
+    if os.environ.get("HARNESS_TEST_RANK_RNG") and fresh_start:
+        torch.rand(rank + 1)
+
+
+def save_rank_rng(rank: int) -> None:
+    directory = os.environ.get("HARNESS_TEST_RANK_RNG")
+    if directory:
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        torch.save(torch.get_rng_state(), Path(directory) / f"rank-{rank}-rng.pt")
 
 
 def save_rank_weights(model: torch.nn.Module, rank: int) -> None:

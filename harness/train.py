@@ -43,7 +43,7 @@ from harness.models import buffers_restored, build_model, parameter_checksum
 from harness.normalize import Normalizer, make_loss, stats_used
 from harness.run_outputs import RunOutputs, setup_logging
 from harness.stopping import EXIT_STOPPED, StopRequest
-from harness.testhooks import Fault, save_rank_weights
+from harness.testhooks import Fault, diverge_rank_rng, save_rank_rng, save_rank_weights
 
 log = logging.getLogger("harness")
 
@@ -141,6 +141,7 @@ class Trainer:
         self.last_eval: tuple[int, EvalResult] | None = None  # (step, result) of rank 0's latest validation
         self._test_set: tuple[torch.Tensor, torch.Tensor] | None = None  # holdout runs: loaded when first needed
         self.restore()
+        diverge_rank_rng(ctx.rank, fresh_start=not self.progress.step)  # test-only
         self.outputs = RunOutputs(self.run_dir, resumed_at=self.progress.step or None) if ctx.is_main else None
         if self.outputs:
             self.outputs.keep_epochs(self.progress.epoch)
@@ -574,6 +575,7 @@ class Trainer:
         """Every rank reports its step count and parameter digest; rank 0 tests and writes the summary."""
         checksum = parameter_checksum(self.model)
         save_rank_weights(self.model, self.ctx.rank)  # test-only
+        save_rank_rng(self.ctx.rank)  # test-only
         per_rank = self.ctx.gather([self.progress.step, *distributed.digest_ints(checksum)])
         ranks_agree = all(r[1:] == per_rank[0][1:] for r in per_rank)
         if not ranks_agree:

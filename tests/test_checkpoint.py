@@ -8,6 +8,7 @@ import io
 import json
 import os
 import pickle
+import shutil
 import signal
 import subprocess
 import time
@@ -640,9 +641,25 @@ def test_rank_0_frozen_during_a_checkpoint_write_ends_the_job_after_the_timeout(
     assert elapsed < 150, elapsed
 
 
-def test_checkpoints_hold_every_ranks_rng_state(mnist_shards, tmp_path, reference):
-    run_dir = tmp_path / "run"
-    assert run(command(mnist_shards, run_dir, "--max-steps", "50", nproc=2)).returncode == 0
+def test_every_rank_gets_its_own_rng_state_back(mnist_shards, tmp_path):
+    """A checkpoint holds each rank's CPU generator state, and a resumed rank R gets rank R's
+    back. A test hook makes the ranks' states differ (training draws nothing from it after
+    the initial weights), so rank 0's state saved twice, or a rank restoring another's,
+    shows; each rank saves its state at the end of both runs."""
+    run_dir, rng = tmp_path / "run", tmp_path / "rng"
+    env = {"HARNESS_TEST_RANK_RNG": str(rng)}
+    assert run(command(mnist_shards, run_dir, "--max-steps", "50", nproc=2), env=env).returncode == 0
     _, state = ckpt.load_newest_valid(run_dir)
-    assert len(state["rng"]["torch"]) == 2 and all(t.dtype == torch.uint8 for t in state["rng"]["torch"])
+    saved = state["rng"]["torch"]
+    assert len(saved) == 2 and all(t.dtype == torch.uint8 for t in saved) and not torch.equal(saved[0], saved[1])
     assert all(t.device.type == "cpu" for t in state["model"].values())
+
+    def ended_equal_saved() -> bool:
+        ended = [torch.load(rng / f"rank-{r}-rng.pt", weights_only=True) for r in (0, 1)]
+        return all(torch.equal(ended[r], saved[r]) for r in (0, 1))
+
+    assert ended_equal_saved()  # the checkpoint holds each rank's own
+    shutil.rmtree(rng)  # the resumed run writes them again
+    result = run(command(mnist_shards, run_dir, "--max-steps", "100", nproc=2), env=env)
+    assert result.returncode == 0 and "resuming from" in result.stdout, result.stderr[-3000:]
+    assert ended_equal_saved()  # each rank restored its own (and drew nothing since)

@@ -121,8 +121,8 @@ OPTIONAL_STATE_KEYS = {"normalization_stats"}  # what `harness predict` normalis
 def list_checkpoints(run_dir: Path) -> list[Path]:
     """Commit markers (.json), newest (highest step number) first. Ordered by the number,
     not the text: step-100000000 comes after step-99999999. Other names are not ours."""
-    markers = [(int(m["step"]), p) for p in (Path(run_dir) / CHECKPOINT_DIR).glob("step-*.json") if (m := MARKER_NAME.fullmatch(p.name))]
-    return [p for _, p in sorted(markers, reverse=True)]
+    markers = [p for p in (Path(run_dir) / CHECKPOINT_DIR).glob("step-*.json") if MARKER_NAME.fullmatch(p.name)]
+    return sorted(markers, key=marker_step, reverse=True)
 
 
 def marker_step(marker: Path) -> int:

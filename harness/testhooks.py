@@ -102,15 +102,15 @@ def diverge_rank_rng(rank: int, fresh_start: bool) -> None:
         torch.rand(rank + 1)
 
 
-def save_rank_rng(rank: int) -> None:
-    directory = os.environ.get("HARNESS_TEST_RANK_RNG")
-    if directory:
-        Path(directory).mkdir(parents=True, exist_ok=True)
-        torch.save(torch.get_rng_state(), Path(directory) / f"rank-{rank}-rng.pt")
-
-
-def save_rank_weights(model: torch.nn.Module, rank: int) -> None:
-    directory = os.environ.get("HARNESS_TEST_RANK_WEIGHTS")
-    if directory:
-        Path(directory).mkdir(parents=True, exist_ok=True)
-        torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, Path(directory) / f"rank-{rank}.pt")
+def save_rank_files(model: torch.nn.Module, rank: int) -> None:
+    """At a run's end, each rank's own: its parameters as HARNESS_TEST_RANK_WEIGHTS/rank-R.pt
+    and its CPU generator's state as HARNESS_TEST_RANK_RNG/rank-R-rng.pt, where set."""
+    wanted = (
+        ("HARNESS_TEST_RANK_WEIGHTS", f"rank-{rank}.pt", lambda: {k: v.detach().cpu() for k, v in model.state_dict().items()}),
+        ("HARNESS_TEST_RANK_RNG", f"rank-{rank}-rng.pt", torch.get_rng_state),
+    )
+    for variable, name, value in wanted:
+        directory = os.environ.get(variable)
+        if directory:
+            Path(directory).mkdir(parents=True, exist_ok=True)
+            torch.save(value(), Path(directory) / name)

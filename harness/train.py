@@ -43,7 +43,7 @@ from harness.models import buffers_restored, build_model, parameter_checksum
 from harness.normalize import Normalizer, make_loss, stats_used
 from harness.run_outputs import RunOutputs, setup_logging
 from harness.stopping import EXIT_STOPPED, StopRequest
-from harness.testhooks import Fault, diverge_rank_rng, save_rank_rng, save_rank_weights
+from harness.testhooks import Fault, diverge_rank_rng, save_rank_files
 
 log = logging.getLogger("harness")
 
@@ -447,11 +447,11 @@ class Trainer:
         mean_loss, stop = agree_at_sync_point(self.ctx, window.losses[: window.count], self.progress.step - window.count, self.stop_request)
         # After the sync, so the window's time includes the device finishing its steps (on a
         # GPU the host runs ahead of them) and the all-reduce.
-        now = time.perf_counter()
-        self.progress.add_window(mean_loss, window.count, now - window.started)
-        self.spent["steps"] += now - window.started  # this process's: a resumed epoch's earlier windows are in epoch_seconds only
+        seconds = time.perf_counter() - window.started
+        self.progress.add_window(mean_loss, window.count, seconds)
+        self.spent["steps"] += seconds  # this process's: a resumed epoch's earlier windows are in epoch_seconds only
         if self.ctx.is_main:
-            rate = window.count * self.config.batch_size / (now - window.started)
+            rate = window.count * self.config.batch_size / seconds
             self.outputs.tensorboard.scalars(self.progress.step, {"train/loss": mean_loss, "train/lr": lr, "train/samples_per_s": rate})
             bar.set_postfix(loss=f"{mean_loss:.4f}")
         # Where the epoch ends here, end_epoch checkpoints, after validating, and a stop
@@ -574,8 +574,7 @@ class Trainer:
     def finish(self, seconds: float) -> dict:
         """Every rank reports its step count and parameter digest; rank 0 tests and writes the summary."""
         checksum = parameter_checksum(self.model)
-        save_rank_weights(self.model, self.ctx.rank)  # test-only
-        save_rank_rng(self.ctx.rank)  # test-only
+        save_rank_files(self.model, self.ctx.rank)  # test-only
         per_rank = self.ctx.gather([self.progress.step, *distributed.digest_ints(checksum)])
         ranks_agree = all(r[1:] == per_rank[0][1:] for r in per_rank)
         if not ranks_agree:

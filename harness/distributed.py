@@ -28,6 +28,7 @@ from harness.errors import HarnessError
 log = logging.getLogger("harness")
 
 DEFAULT_TIMEOUT_S = 300.0
+LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")  # what env:// rendezvous reads
 
 
 class CommunicationError(HarnessError):
@@ -111,23 +112,51 @@ class DistContext:
             self._wait_for_main(store, key, what)
 
     def _wait_for_main(self, store, key: str, what: str) -> None:
-        # Polled with store.check: store.wait with a short timeout would log a c10d warning
-        # on every slice. The poll interval grows from 1 ms to 0.1 s, so a short wait ends
-        # promptly and a long one costs little.
-        started = last_change = time.monotonic()
-        last_beat, pause = -1, 0.001
-        while not store.check([f"{key}/done"]):
-            now, beat = time.monotonic(), store.add(f"{key}/beat", 0)
-            if beat != last_beat:
-                last_beat, last_change = beat, now
-            if now - last_change > self.timeout_s:
+        watch = _MainWatch(store, key)
+        started = time.monotonic()
+        while not watch.finished.wait(0.05):
+            now = time.monotonic()
+            if now - watch.last_change > self.timeout_s:
                 raise CommunicationError(
                     f"rank {self.rank}: rank 0 stopped responding during its {what}: no heartbeat for --timeout {self.timeout_s:g} s"
                 )
             if now - started > self.main_timeout_s:
                 raise CommunicationError(f"rank {self.rank}: rank 0's {what} took longer than --rank0-timeout {self.main_timeout_s:g} s")
-            time.sleep(pause)
-            pause = min(pause * 2, 0.1)
+        if watch.error is not None:
+            raise watch.error
+
+
+class _MainWatch:
+    """Polls rank 0's done flag and heartbeat in the store from a daemon thread.
+
+    The store's server can live in rank 0's own process (the launchers set
+    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1), and a store call to a process that is frozen,
+    or on a node that dropped off the network, blocks for ever: the store's timeout does
+    not cover it (measured: check, add, get and wait all still blocked 12 s into a 3 s
+    timeout). So the calls run here, and the waiting rank judges the heartbeat by
+    `last_change`, which a blocked call stops too. The poll interval grows from 1 ms to
+    0.1 s, so a short wait ends promptly and a long one costs little; store.check rather
+    than a short store.wait, which would log a c10d warning on every slice.
+    """
+
+    def __init__(self, store, key: str):
+        self.finished = threading.Event()
+        self.error: BaseException | None = None  # the store's own, e.g. rank 0's process died
+        self.last_change = time.monotonic()
+        threading.Thread(target=self._poll, args=(store, key), name="harness-main-watch", daemon=True).start()
+
+    def _poll(self, store, key: str) -> None:
+        last_beat, pause = -1, 0.001
+        try:
+            while not store.check([f"{key}/done"]):
+                beat = store.add(f"{key}/beat", 0)
+                if beat != last_beat:
+                    last_beat, self.last_change = beat, time.monotonic()
+                time.sleep(pause)
+                pause = min(pause * 2, 0.1)
+        except Exception as error:  # noqa: BLE001 - handed to the waiting thread, which raises it
+            self.error = error
+        self.finished.set()
 
 
 @contextlib.contextmanager
@@ -196,7 +225,15 @@ def init_distributed(
     # Under a launcher (torchrun, accelerate, srun + torchrun) there is a process group even
     # for one rank, so that path is the same at every size; a plain `python -m harness`
     # has none.
-    if "MASTER_ADDR" in env and "WORLD_SIZE" in env and not dist.is_initialized():
+    launched = "MASTER_ADDR" in env and "WORLD_SIZE" in env
+    if launched or world_size > 1:
+        missing = [name for name in LAUNCHER_VARIABLES if name not in env]
+        if missing:
+            raise HarnessError(
+                f"WORLD_SIZE={world_size} is set but {' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not: start the ranks with torchrun "
+                f"(or another launcher that sets {', '.join(LAUNCHER_VARIABLES)}), or unset WORLD_SIZE for one process"
+            )
+    if launched and not dist.is_initialized():
         # torch.distributed.nn.functional binds `group.WORLD` as default arguments when it
         # is first imported, and DDP's constructor imports it (through torch._dynamo).
         # Imported after init_process_group, it would hold the default group for the life
@@ -208,8 +245,21 @@ def init_distributed(
 
         gpu_shared = requested_device.startswith("cuda:") and ctx.local_world_size > 1
         ctx.backend = process_group_backend(backend, ctx.device, gpu_shared)
-        dist.init_process_group(ctx.backend, timeout=datetime.timedelta(seconds=timeout_s))
-        check_same_device_type(ctx)
+        try:
+            dist.init_process_group(ctx.backend, timeout=datetime.timedelta(seconds=timeout_s))
+        except (RuntimeError, ValueError) as error:  # torch's DistStoreError and DistNetworkError are RuntimeErrors
+            raise CommunicationError(
+                f"rank {ctx.rank}: could not join the process group at {env['MASTER_ADDR']}:{env['MASTER_PORT']} "
+                f"({str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__}): every rank must "
+                f"start within --timeout {timeout_s:g} s of the others, with the same MASTER_ADDR, MASTER_PORT and WORLD_SIZE"
+            ) from None
+        try:
+            check_same_device_type(ctx)
+        except RuntimeError as error:  # another rank died at start-up
+            failure = explain_collective_failure(error, ctx.rank, timeout_s)
+            if failure is None:
+                raise
+            raise failure from None
     return ctx
 
 

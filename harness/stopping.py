@@ -15,7 +15,8 @@ EXIT_STOPPED = 75
 
 
 class StopRequest:
-    """Set by SIGTERM (Slurm's warning before preemption or the time limit) or SIGUSR1."""
+    """Set by SIGTERM (Slurm's warning before preemption or the time limit) or SIGUSR1
+    (useful without a launcher only: torchrun has no handler for it and dies of it)."""
 
     def __init__(self):
         self.signal_name: str | None = None

@@ -628,13 +628,17 @@ def test_training_goes_on_while_a_checkpoint_file_is_written(mnist_shards, tmp_p
     assert (run_dir / "checkpoints" / "step-00000150.pt").stat().st_mtime - logged >= slow - 0.1
 
 
-def test_rank_0_frozen_during_a_checkpoint_write_ends_the_job_after_the_timeout(mnist_shards, tmp_path):
+@pytest.mark.parametrize("store_in", ["agent", "rank 0"])
+def test_rank_0_frozen_during_a_checkpoint_write_ends_the_job_after_the_timeout(mnist_shards, tmp_path, store_in):
     """Rank 0 stops (SIGSTOP, heartbeat thread included) while writing the step-50
     checkpoint: rank 1 sees the heartbeat stop and ends the job after --timeout. A stopped
-    process cannot act on torchrun's SIGTERM, so torchrun's SIGKILL ends it 30 s later."""
+    process cannot act on torchrun's SIGTERM, so torchrun's SIGKILL ends it 30 s later.
+    The store rank 1 polls lives in torchrun's agent by default, and in rank 0's own
+    process with the launchers' TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1: there the frozen
+    rank 0 cannot answer the poll at all, which hung rank 1 for ever before."""
     started = time.monotonic()
-    result = run(command(mnist_shards, tmp_path / "run", "--timeout", "10", nproc=2),
-                 env={"HARNESS_TEST_FAULT": "freeze@50:0"}, timeout=240)
+    env = {"HARNESS_TEST_FAULT": "freeze@50:0", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1" if store_in == "rank 0" else "0"}
+    result = run(command(mnist_shards, tmp_path / "run", "--timeout", "10", nproc=2), env=env, timeout=240)
     elapsed = time.monotonic() - started
     assert result.returncode != 0
     assert "rank 1: rank 0 stopped responding during its checkpoint write: no heartbeat for --timeout 10 s" in result.stdout + result.stderr

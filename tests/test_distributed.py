@@ -352,6 +352,30 @@ def test_ranks_on_different_kinds_of_device_stop_with_one_clear_error(tmp_path):
         assert f"rank {rank}: ranks are on different kinds of device (rank 0: cpu, rank 1: cuda)" in result.stdout
 
 
+def test_a_rank_whose_partners_never_come_gets_one_clear_error(mnist_shards, tmp_path):
+    """Rank 0 of two, started alone (a partner that crashed before joining, or one given
+    another MASTER_PORT): one error line after --timeout, not a traceback."""
+    env = {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    result = run(train_command(mnist_shards, tmp_path / "run", "--preset", "lenet", "--max-steps", "5", "--timeout", "3"), env=env, timeout=120)
+    assert result.returncode == 1, result.stderr
+    [line] = result.stderr.strip().splitlines()
+    # torch's own words in the parentheses (here "Timed out after 4 seconds waiting for clients. 1/2 clients joined.")
+    assert line.startswith(f"error: rank 0: could not join the process group at 127.0.0.1:{env['MASTER_PORT']} (Timed out"), line
+    assert line.endswith("): every rank must start within --timeout 3 s of the others, with the same MASTER_ADDR, MASTER_PORT and WORLD_SIZE"), line
+    assert not (tmp_path / "run").exists()
+
+
+def test_world_size_without_the_rest_of_the_launchers_environment_is_refused(mnist_shards, tmp_path):
+    """WORLD_SIZE=2 alone (a stray export) would train one process as if it were one of two,
+    and then fail in DDP's constructor with a traceback."""
+    result = run(train_command(mnist_shards, tmp_path / "run", "--preset", "lenet", "--max-steps", "5"), env={"WORLD_SIZE": "2", "RANK": "0"})
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: WORLD_SIZE=2 is set but MASTER_ADDR and MASTER_PORT are not: start the ranks with torchrun "
+        "(or another launcher that sets RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT), or unset WORLD_SIZE for one process"
+    ], result.stderr
+
+
 class StopRequestStandIn:
     """harness.stopping.StopRequest without its signal handlers: the test sets signal_name."""
 

@@ -137,8 +137,9 @@ class TrainConfig:
         if any(size < 1 for size in self.hidden):
             raise HarnessError(f"--hidden {','.join(map(str, self.hidden))}: every layer needs at least 1 unit")
         for name, value in dataclasses.asdict(self).items():
-            if isinstance(value, float) and not math.isfinite(value):
-                raise HarnessError(f"--{flag(name)} must be a finite number (got {value})")
+            # Training runs in float32: a larger value would become inf on the way.
+            if isinstance(value, float) and not (math.isfinite(value) and abs(value) <= FLOAT32_MAX):
+                raise HarnessError(f"--{flag(name)} must be a finite number of at most {FLOAT32_MAX:.3g} in size (got {value})")
         for name in ("epochs", "batch_size", "macro_batch", "log_every", "eval_batch", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise HarnessError(f"--{flag(name)} must be at least 1 (got {getattr(self, name)})")
@@ -160,6 +161,8 @@ class TrainConfig:
         if min(self.augment_rotate, self.augment_scale, self.augment_shift) < 0 or self.augment_scale >= 1:
             raise HarnessError("--augment-rotate, --augment-scale and --augment-shift must be >= 0, and --augment-scale < 1")
 
+
+FLOAT32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max
 
 # A wait across ranks longer than this is a hang by another name; and torch's timedelta-based
 # timeouts overflow on numbers far larger.

@@ -229,10 +229,11 @@ def test_bad_options_are_clear_errors(mnist_shards, tmp_path):
     (("--max-steps", "-3"), "--max-steps must be 0 or more"),  # ran no step and wrote a model
     (("--early-stopping", "-1"), "--early-stopping must be 0 or more"),
     (("--checkpoint-every", "-1"), "--checkpoint-every must be 0 or more"),  # checkpointed every step
-    (("--timeout", "nan"), "--timeout must be a finite number (got nan)"),
+    (("--timeout", "nan"), "--timeout must be a finite number of at most 3.4e+38 in size (got nan)"),
     (("--rank0-timeout", "nan"), "--rank0-timeout must be a finite number"),  # no wait is longer than NaN: never timed out
     (("--timeout", "1e30"), "--timeout must be positive and at most 604800 s"),  # overflowed torch's timedelta
     (("--augment-rotate", "nan"), "--augment-rotate must be a finite number"),  # warped every image to blank
+    (("--lr", "1e39"), "--lr must be a finite number of at most 3.4e+38 in size (got 1e+39)"),  # overflowed float32: a traceback
     (("--model", "lenet", "--batch-norm", "--batch-size", "1"), "--batch-norm needs --batch-size 2 or more"),
 ])
 def test_nonsense_option_values_are_one_clear_error(capsys, tmp_path, option, problem):

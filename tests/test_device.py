@@ -120,7 +120,10 @@ def test_bf16_autocast_from_accelerates_environment(mnist_shards, tmp_path):
     s_bf16, s_fp32 = summary(tmp_path / "bf16"), summary(tmp_path / "fp32")
     assert s_bf16["config"]["precision"] == "bf16" and s_fp32["config"]["precision"] == "fp32"
     assert s_bf16["param_checksum"] != s_fp32["param_checksum"]
-    assert s_bf16["test_accuracy"] > 0.8
+    # Chance is 0.10. bench/tolerance_noise.py measured 30 bf16 steps at 0.866-0.871 for this
+    # test's seed 0 under each of the CPU kernel sets (AVX-512, AVX2, none) and 0.79-0.87
+    # over seeds 0-2: 0.7 sits below all of them and far above a run that does not learn.
+    assert s_bf16["test_accuracy"] > 0.7
     fp16 = run_cli(*args, "--run-dir", tmp_path / "fp16", env={"ACCELERATE_MIXED_PRECISION": "fp16"})
     assert fp16.returncode == 2 and "'fp16' is not supported" in fp16.stderr
     # A run may not change precision on resume: that would be another experiment.
@@ -134,6 +137,8 @@ def test_channels_last_gives_the_same_step(mnist_shards, tmp_path):
     assert run_cli(*args, "--run-dir", tmp_path / "a").returncode == 0
     assert run_cli(*args, "--run-dir", tmp_path / "b", "--channels-last").returncode == 0
     a, b = (torch.load(tmp_path / d / "model.pt", weights_only=True) for d in "ab")
+    # bench/tolerance_noise.py: at most 1.5e-8 (seeds 0-2, each CPU kernel set); a wrong
+    # gradient would move a weight by about lr x gradient, ~1e-3.
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
     assert json.loads((tmp_path / "b" / "summary.json").read_text())["config"]["channels_last"] is True
 

@@ -83,7 +83,9 @@ def short_runs(mnist_shards, tmp_path_factory):
 
 @pytest.mark.parametrize("world_size", [2, 4])
 def test_ddp_reaches_single_process_accuracy(short_runs, world_size):
-    """The same training up to float order: test accuracy within 0.3 points (30 of 10,000 images)."""
+    """The same training up to float order: test accuracy within 0.3 points (30 of 10,000 images).
+    bench/tolerance_noise.py, under each CPU kernel set (AVX-512, AVX2, none): one process
+    reached 0.9676-0.9681, and 2 or 4 processes differed from it by at most 0.0006."""
     one, many = summary(short_runs / "w1"), summary(short_runs / f"w{world_size}")
     assert many["world_size"] == world_size
     assert one["test_accuracy"] > 0.9

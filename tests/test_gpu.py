@@ -26,9 +26,10 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 # Two ranks sharing one GPU vs one rank (lenet, lr 0.02, as the CPU's world-size tests).
 # After one step the two differ only by float summation order: a gradient that was not
-# all-reduced, or averaged wrongly, shows as ~1e-3 (lr x gradient). After 50 steps that
-# order noise has grown: measured on an H200 (torch 2.11, CUDA 13, gloo): 2.5e-3; the
-# bound leaves 4x for other GPUs. bench/gpu_check.sh's table prints both differences.
+# all-reduced, or averaged wrongly, shows as ~1e-3 (lr x gradient); measured on an H200
+# (torch 2.11, CUDA 13, gloo; docs/gpu-h200-2026-11-26/run3): 3.7e-9, so 1e-5 sits 2,700x
+# above that noise and 100x below the defect. After 50 steps the order noise has grown:
+# 2.5e-3 on the same H200; the bound leaves 4x for other GPUs. bench/gpu_check.sh's table prints both differences.
 SHARED_GPU_ONE_STEP_TOLERANCE = 1e-5
 SHARED_GPU_50_STEP_TOLERANCE = 1e-2
 # One step with inductor's kernels vs PyTorch's from the same weights: they differ only by

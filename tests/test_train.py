@@ -297,6 +297,8 @@ def test_mse_loss_trains(mnist_shards, tmp_path):
     assert result.returncode == 0, result.stderr
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["config"]["loss"] == "mse" and summary["config"]["nesterov"] is False
+    # bench/tolerance_noise.py: 0.943-0.948 over seeds 0-2, the same under each CPU kernel
+    # set; chance is 0.10.
     assert summary["test_accuracy"] > 0.8, summary["test_accuracy"]
 
 

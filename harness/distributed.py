@@ -114,7 +114,7 @@ class DistContext:
     def _wait_for_main(self, store, key: str, what: str) -> None:
         watch = _MainWatch(store, key)
         started = time.monotonic()
-        while not watch.finished.wait(0.05):
+        while not watch.finished.wait(0.05):  # wakes at once when rank 0 is done; else looks at the clock
             now = time.monotonic()
             if now - watch.last_change > self.timeout_s:
                 raise CommunicationError(
@@ -185,13 +185,19 @@ GLOO_PAIR_CLOSED_ON_TIMEOUT = "Application timeout caused pair closure"
 COLLECTIVE_ERROR_MARKS = ("gloo", "NCCL", "c10d", GLOO_PAIR_CLOSED_ON_TIMEOUT)
 
 
+def first_line(error: BaseException) -> str:
+    """An error's first line of text (torch's carry C++ frames after it), or its type's name."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 def explain_collective_failure(error: BaseException, rank: int, timeout_s: float) -> CommunicationError | None:
     """One clear error for a collective that failed (gloo and NCCL raise RuntimeErrors
     naming themselves); None for any other error, which keeps its traceback."""
     text = str(error).strip()
     if not (isinstance(error, dist.DistError) or (isinstance(error, RuntimeError) and any(s in text for s in COLLECTIVE_ERROR_MARKS))):
         return None
-    detail = text.splitlines()[0] if text else type(error).__name__
+    detail = first_line(error)
     if any(s in text.lower() for s in ("timed out", GLOO_PAIR_CLOSED_ON_TIMEOUT.lower())):
         return CommunicationError(
             f"rank {rank}: no answer from another rank within --timeout {timeout_s:g} s ({detail}); "
@@ -250,7 +256,7 @@ def init_distributed(
         except (RuntimeError, ValueError) as error:  # torch's DistStoreError and DistNetworkError are RuntimeErrors
             raise CommunicationError(
                 f"rank {ctx.rank}: could not join the process group at {env['MASTER_ADDR']}:{env['MASTER_PORT']} "
-                f"({str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__}): every rank must "
+                f"({first_line(error)}): every rank must "
                 f"start within --timeout {timeout_s:g} s of the others, with the same MASTER_ADDR, MASTER_PORT and WORLD_SIZE"
             ) from None
         try:

@@ -175,6 +175,16 @@ def rank_processes(run_dir: Path) -> list[dict]:
     return ranks
 
 
+@pytest.mark.parametrize("option", ["--run-dir", "--run-dir=/tmp/elsewhere", "--preset", "--shards"])
+def test_options_the_script_sets_itself_are_refused(option):
+    """The script looks for RUN_DIR/stopped.json to requeue: a --run-dir among the options
+    would win in the harness, and a stopped job would be reported as failed, not requeued.
+    Checked before anything of Slurm's is read, so no cluster is needed."""
+    result = subprocess.run(["bash", str(SBATCH), "--epochs", "1", option, "x"], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"slurm/train.sbatch: set RUN_DIR, PRESET and SHARDS in the environment, not {option.split('=')[0]} among the options"
+
+
 def test_sbatch_two_ranks(slurm_job_name, mnist_shards, tmp_path):
     run_dir, output = tmp_path / "run", tmp_path / "slurm-%j.out"
     proc = submit(slurm_job_name, mnist_shards, run_dir, output, "--max-steps", "30", *TRAIN_ARGS, wait=True)

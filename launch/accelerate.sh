@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Data-parallel run under `accelerate launch`, with the config in launch/accelerate.yaml.
 #   launch/accelerate.sh N [PRESET] [extra `harness train` options...]
+# Environment: SHARDS, RUN_DIR as in torchrun.sh; MAIN_PROCESS_PORT (default the config's
+# 29500; when it is taken, accelerate warns and picks a free port itself).
 # The same config works on a CPU-only machine: accelerate starts N processes through
 # torchrun and the harness picks gloo when there is no CUDA. (accelerate's own --cpu /
 # MULTI_CPU mode needs mpirun and otherwise quietly runs a single process.)

@@ -69,6 +69,21 @@ def ddp_world_sizes(shards, work, kernel_env, seed):
     }
 
 
+def ddp_weights_50_steps(shards, work, kernel_env, seed):
+    """test_distributed.test_world_size_invariance (and the URL and Slurm tests that share its
+    bound): LeNet's weights after 50 steps at lr 0.02, 1 process vs 2 and 4, and the defect
+    the bound must still catch, one step fewer (49 vs 50 steps, one process)."""
+    args = ("--preset", "lenet", "--lr", "0.02", "--threads", "1", "--seed", seed)
+    for w in (1, 2, 4):
+        train(shards, work / f"w{w}", kernel_env, *args, "--max-steps", 50, nproc=w)
+    train(shards, work / "w1-49", kernel_env, *args, "--max-steps", 49)
+    return {
+        "weight_gap_2_processes": max_weight_difference(work / "w1", work / "w2"),
+        "weight_gap_4_processes": max_weight_difference(work / "w1", work / "w4"),
+        "weight_gap_one_step_fewer": max_weight_difference(work / "w1", work / "w1-49"),
+    }
+
+
 def bf16_30_steps(shards, work, kernel_env, seed):
     """test_device.test_bf16_autocast_from_accelerates_environment: 30 LeNet steps in bf16."""
     args = ("--preset", "lenet", "--max-steps", "30", "--threads", "1", "--precision", "bf16", "--seed", seed)
@@ -90,7 +105,7 @@ def channels_last_one_step(shards, work, kernel_env, seed):
     return {"max_weight_difference": max_weight_difference(work / "contiguous", work / "channels-last")}
 
 
-CONFIGURATIONS = {f.__name__: f for f in (ddp_world_sizes, bf16_30_steps, mse_mlp_300_steps, channels_last_one_step)}
+CONFIGURATIONS = {f.__name__: f for f in (ddp_world_sizes, ddp_weights_50_steps, bf16_30_steps, mse_mlp_300_steps, channels_last_one_step)}
 
 
 def kernel_sets_below(native: str) -> list[str]:
@@ -104,7 +119,7 @@ def kernel_sets_below(native: str) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configurations", nargs="+", choices=sorted(CONFIGURATIONS), default=list(CONFIGURATIONS))
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds for every configuration but ddp_world_sizes, which runs seed 0 as its test does")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds for every configuration but the ddp_ ones, which run seed 0 as their tests do")
     options = parser.parse_args()
     mnist = mnist_dir()
     import torch
@@ -121,7 +136,7 @@ def main() -> None:
         shards = Path(tmp) / "shards"
         pack(load_source(mnist), shards)
         for name in options.configurations:
-            seeds = [0] if name == "ddp_world_sizes" else options.seeds
+            seeds = [0] if name.startswith("ddp_") else options.seeds
             runs = []
             for kernel_set in kernel_sets:
                 for seed in seeds:

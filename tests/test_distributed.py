@@ -9,11 +9,20 @@ or 100 per process, 1 or 2 threads). Measured, max |difference| of LeNet's param
   10 steps, lr 0.1          -                    7.5e-8 (1 vs 2), 6.5e-5 (1 vs 4)
   50 steps, lr 0.02         1.5e-7               1.8e-7 (1 vs 2), 3.7e-5 (1 vs 4, and 1 vs 2 threads)
 
-A real defect moves the weights far more. On the Xeon: one optimizer step fewer (49 vs 50
-steps at lr 0.02) differs by 7.8e-3; 9 vs 10 steps at lr 0.1 by 1.5e-2; a different batch
-order (another macro-batch size) by 5.5e-2. So the 10- and 50-step bounds below sit 13-15x
-above the largest noise seen and 15x below a one-step difference; the one-step bound sits
-67x above its noise and 1,000x below a wrong slice.
+The Xeon has AVX-512. Capped to the kernels of older CPUs (bench/tolerance_noise.py,
+ATEN_CPU_CAPABILITY and DNNL_MAX_CPU_ISA), the 50-step noise was far larger: with AVX2
+kernels 4.5e-4 (1 vs 2) and 1.8e-7 (1 vs 4); with no SIMD kernels 1.1e-3 (1 vs 2), 8.6e-5
+(1 vs 4), and 1.3e-3 in test_two_ranks_streaming_from_a_url_match_one_process. The 1- and
+10-step tests passed under both.
+
+A real defect moves the weights far more. One optimizer step fewer (49 vs 50 steps at
+lr 0.02) differs by 7.8e-3 under every kernel set; 9 vs 10 steps at lr 0.1 by 1.5e-2; a
+different batch order (another macro-batch size) by 5.5e-2. The 10-step bound sits 15x
+above the largest noise seen and 15x below a one-step difference. The 50-step bound
+(3e-3) sits 2.3x above the largest noise seen (1.3e-3, no SIMD kernels) and 2.6x below a
+one-step difference: it was 5e-4, which the AVX2 kernels' 4.5e-4 nearly reached and the
+plain kernels passed. The one-step bound sits 67x above its noise and 1,000x below a
+wrong slice.
 """
 
 from __future__ import annotations
@@ -44,7 +53,7 @@ from harness.data.sources import load_source
 
 TIMEOUT = 420
 ONE_STEP_TOLERANCE = 1e-6  # noise 1.5e-8; a wrong slice or a sum instead of a mean: > 1e-3
-FIFTY_STEPS_TOLERANCE = 5e-4  # noise up to 3.7e-5; one step more or less: 7.8e-3
+FIFTY_STEPS_TOLERANCE = 3e-3  # noise up to 1.3e-3 (no SIMD kernels); one step more or less: 7.8e-3
 TEN_STEPS_TOLERANCE = 1e-3  # at lr 0.1: noise up to 6.5e-5; one step more or less: 1.5e-2
 
 

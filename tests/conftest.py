@@ -17,9 +17,14 @@ from harness.errors import HarnessError
 def subprocess_tmpdir(tmp_path_factory):
     """The processes the tests start keep their temporary files under pytest's basetemp,
     which pytest prunes, not in /tmp: torchrun's agent leaves a torchelastic_* directory
-    behind per run (about 40 a suite run)."""
+    behind per run (about 40 a suite run). So does inductor's cache, for this process too
+    (it took /tmp before TMPDIR was set): a kernel cached by another run of another torch
+    build or kernel set must not be loaded here, as one was once, and crashed pytest with
+    a segmentation fault."""
+    tmp = tmp_path_factory.mktemp("tmp")
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("TMPDIR", str(tmp_path_factory.mktemp("tmp")))
+        patch.setenv("TMPDIR", str(tmp))
+        patch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp / "torchinductor"))
         yield
 
 

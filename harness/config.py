@@ -120,7 +120,8 @@ class TrainConfig:
         "cuda-graph: the whole step as one CUDA graph (one rank on a GPU); "
         "cuda-graph-inductor: the same, of the kernels torch.compile's inductor fuses for the step; "
         "torch.compile the model with this mode (default, reduce-overhead: CUDA graphs, max-autotune); "
-        "gpu: cuda-graph for one rank on a GPU, reduce-overhead for several (eager with --batch-norm), eager on the CPU; '' = eager"
+        "gpu: cuda-graph-inductor for one rank on a GPU, reduce-overhead for several (eager with --batch-norm), eager on the CPU; "
+        "'' = eager"
     )
     channels_last: bool = option(False, "channels-last memory layout for the CNN's activations")
 

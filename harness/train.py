@@ -632,15 +632,18 @@ def compile_mode(requested: str, ctx: distributed.DistContext, augmenting: bool 
     `auto` (the default) takes the CUDA-graph step wherever it works: its weights are
     bitwise the eager step's, it needs no compiler, and on an H200 it ran LeNet 6.9x
     faster than eager (README, "On a GPU"). Elsewhere it stays eager: `gpu`'s choice for
-    several ranks, torch.compile's reduce-overhead, costs a compile at every start. `gpu`
-    leaves a step with SyncBatchNorm eager too: its forward waits for the device and
-    all-gathers, which reduce-overhead would have to capture, and that has never run.
-    Asked for by name, reduce-overhead is tried even then."""
+    several ranks, torch.compile's reduce-overhead, costs a compile at every start.
+    `gpu` pays a compile for speed: on one GPU the graph of inductor's kernels (1.33x the
+    plain graph's LeNet throughput on an H200, docs/gpu-h200-2026-11-27), for several
+    ranks reduce-overhead. It leaves a step with SyncBatchNorm eager: its forward waits
+    for the device and all-gathers, which reduce-overhead would have to capture, and that
+    has never run. Asked for by name, reduce-overhead is tried even then."""
     cuda = ctx.device.type == "cuda"
     graph_fits = cuda and ctx.world_size == 1 and not augmenting
-    if requested in ("auto", "gpu"):
-        compiles = requested == "gpu" and cuda and not sync_batch_norm
-        return "cuda-graph" if graph_fits else "reduce-overhead" if compiles else ""
+    if requested == "auto":
+        return "cuda-graph" if graph_fits else ""
+    if requested == "gpu":
+        return "cuda-graph-inductor" if graph_fits else "reduce-overhead" if cuda and not sync_batch_norm else ""
     if requested in GRAPHED_MODES and (not cuda or ctx.world_size > 1):
         raise HarnessError(
             f"--compile {requested} needs one rank on a GPU (here: {ctx.world_size} rank(s) on {ctx.device}): "

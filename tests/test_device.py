@@ -156,7 +156,7 @@ def test_compile_modes_by_device_and_world_size():
     assert TrainConfig().compile == "auto"
     assert compile_mode("auto", one_gpu) == "cuda-graph"
     assert compile_mode("auto", two_gpus) == compile_mode("auto", cpu) == compile_mode("auto", one_gpu, augmenting=True) == ""
-    assert compile_mode("gpu", one_gpu) == "cuda-graph"
+    assert compile_mode("gpu", one_gpu) == "cuda-graph-inductor"
     assert compile_mode("gpu", two_gpus) == "reduce-overhead"
     assert compile_mode("gpu", two_gpus, sync_batch_norm=True) == compile_mode("auto", two_gpus, sync_batch_norm=True) == ""
     assert compile_mode("cuda-graph-inductor", one_gpu) == "cuda-graph-inductor"

@@ -178,15 +178,15 @@ def test_the_cuda_graph_step_is_bitwise_the_eager_step(mnist_shards, tmp_path, m
 
 @pytest.mark.parametrize("preset", ["mathspp-mlp", "neupy-mlp", "fast"])
 def test_the_default_graphed_step_is_bitwise_eager_for_other_presets(mnist_shards, tmp_path, preset):
-    """--compile auto (the default) captures every preset's step on one GPU, not only
-    LeNet's: an MLP with an MSE loss on one-hot targets at batch 1 (mathspp-mlp), one whose
+    """--compile auto (the default; `fast` asks for inductor's kernels, so auto is named)
+    captures every preset's step on one GPU, not only LeNet's: an MLP with an MSE loss on one-hot targets at batch 1 (mathspp-mlp), one whose
     inputs are shifted by a per-pixel mean tensor (neupy-mlp), and LeNet with BatchNorm,
     whose running statistics the graph updates in place and the warm-up must leave as they
     were (fast, made deterministic here), end with the eager step's weights and statistics."""
     args = ("--preset", preset, "--epochs", "1", "--max-steps", "200", "--device", "cuda", "--deterministic")
     train_ok(mnist_shards, tmp_path / "eager", *args, "--compile", "")
-    result = train_ok(mnist_shards, tmp_path / "graph", *args)
-    assert "captured the step as one CUDA graph" in result.stdout + result.stderr
+    result = train_ok(mnist_shards, tmp_path / "graph", *args, "--compile", "auto")
+    assert "captured the step as one CUDA graph (cuda-graph)" in result.stdout + result.stderr
     assert summary(tmp_path / "graph")["param_checksum"] == summary(tmp_path / "eager")["param_checksum"]
 
 

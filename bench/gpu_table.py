@@ -68,8 +68,8 @@ def main(out: Path) -> None:
     print(f"  loop by part (s): {lenet.get('loop_seconds_by_part')}")
     disk = load(out / "disk.json") or {}
     print(f"  disk: 6.7 MB written and fsynced in {disk.get('median_ms')} ms (median of 5, {disk.get('dir')})")
-    for key in ("fast", "fast_inductor"):
-        if key not in f or (key == "fast_inductor" and not f[key]["runs"]):
+    for key in ("fast", "fast_inductor", "fast_cuda_graph"):  # fast_inductor: records before fast took --compile gpu
+        if key not in f or (key != "fast" and not f[key]["runs"]):
             continue
         fast = f[key]
         print(f"{key} preset: mean acc {fast.get('mean_test_accuracy')}  median s to 99% {fast.get('median_seconds_to_99')} "
@@ -87,7 +87,12 @@ def main(out: Path) -> None:
         if "first_minus_second_by_window" in extra:
             print(f"    by 13-step window, s: {extra['first_minus_second_by_window']}")
     bare = f.get("harness_vs_bare", {})
-    print(f"harness / bare loop ({bare.get('variant')}): {bare.get('median_ratio')}  {bare.get('rounds')}   [target >= 1.0]")
+    print(f"harness / bare loop ({bare.get('variant')}): {bare.get('median_ratio')}   [target >= 1.0]")
+    for r in bare.get("rounds", []):
+        print(f"  img/s: harness {r['harness']}  bare {r['bare']}  ratio {r['ratio']}"
+              + (f"  bare with the harness's loss window and syncs {r['bare_like_harness']}" if "bare_like_harness" in r else ""))
+        if "harness_ms_per_step_by_window" in r:
+            print(f"    ms/step: bare {r['bare_ms_per_step']}, harness by sync window {r['harness_ms_per_step_by_window']}")
     loader = f.get("harness_vs_dataloader", {})
     print(f"harness / DataLoader loop: {loader.get('ratio')}x ({loader.get('harness_samples_per_s')} vs "
           f"{loader.get('dataloader_samples_per_s')} img/s)   [target >= 10]")

@@ -2,7 +2,7 @@
 # Every GPU check and benchmark, in one run on a GPU machine with no network.
 #   bench/gpu_check.sh MNIST_DIR OUT_DIR [WHEELS_DIR]
 # MNIST_DIR: the four MNIST IDX files. OUT_DIR: where JSON records and logs go (it ends
-# with a one-screen table, also in OUT_DIR/table.txt). WHEELS_DIR: wheels of what the
+# with a one-screen table, also in OUT_DIR/table.txt; the logs end up in OUT_DIR/logs.tar.gz). WHEELS_DIR: wheels of what the
 # machine's Python lacks (webdataset, braceexpand), installed with --no-index; the
 # harness itself is installed with --no-deps, so the machine's own torch (a CUDA build)
 # is used. Runs from the repository root. It keeps to GPU_CHECK_SECONDS (default 480) in
@@ -104,3 +104,8 @@ fi
 
 step "done"
 "$PY" bench/gpu_table.py "$OUT" | tee "$OUT/table.txt"
+# The device tool brings back at most 8 files from OUT (2026-11-27 lost the step probe's
+# record and a test log to that): the table, the records it reads, and the logs in one archive.
+kept="table.txt versions.json disk.json gpu-tests.log bench_gpu.json probe.json"
+logs=$(cd "$OUT" && for f in *; do [[ " $kept logs.tar.gz " == *" $f "* ]] || echo "$f"; done)
+if [ -n "$logs" ] && (cd "$OUT" && tar czf logs.tar.gz $logs); then (cd "$OUT" && rm -f $logs); fi

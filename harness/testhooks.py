@@ -23,7 +23,8 @@ import torch
 class Fault:
     """A fault to inject from HARNESS_TEST_FAULT=KIND@STEP[:RANK].
 
-    nan: the loss of that step is NaN; exit: the rank exits with status 1 before that
+    nan: the loss of that step is NaN; infweights: after that step's update one weight
+    is infinite (an update that overflowed, which no loss has seen yet); exit: the rank exits with status 1 before that
     step; hang: the rank sleeps forever before that step (a stuck rank, alive but
     silent), until a SIGTERM ends it (see `before_step`); kill: the rank SIGKILLs itself
     before that step, on torchrun's first attempt only (so an elastic restart can
@@ -89,6 +90,11 @@ class Fault:
         if self.kind == "slowwrite" and step == self.step and rank == self.rank:
             return lambda: time.sleep(self.seconds)
         return None
+
+    def corrupt_weights(self, model: torch.nn.Module, step: int, rank: int) -> None:
+        if self.kind == "infweights" and step == self.step and rank == self.rank:
+            with torch.no_grad():
+                next(model.parameters()).view(-1)[0] = float("inf")
 
     def corrupt_loss(self, loss, step: int, rank: int):
         return loss * float("nan") if self.kind == "nan" and step == self.step and rank == self.rank else loss

@@ -281,6 +281,7 @@ class Trainer:
         goes on. `wait`: until it is on disk (and the others wait too)."""
         p = self.progress
         with self.timed("checkpoints"):
+            self.refuse_nonfinite_state()
             state = self.state_dict()
             with self.ctx.main_only("checkpoint write"):
                 if self.ctx.is_main:
@@ -289,6 +290,18 @@ class Trainer:
                     self.outputs.checkpoint(state, p.step, p.epoch, self.config.keep_checkpoints, before_write=slow_write)
                     if wait:
                         self.outputs.wait_for_writes()
+
+    def refuse_nonfinite_state(self) -> None:
+        """Every rank, before a checkpoint: the sync points check the losses, but the last
+        update before a checkpoint has made no loss yet, and an overflowing one leaves
+        infinite weights. Such a state is not written, so that the newest checkpoint stays
+        one to resume from. One device sync, where a checkpoint waits for the device anyway."""
+        tensors = [*self.model.parameters(), *(s["momentum_buffer"] for s in self.optimizer.state.values() if s.get("momentum_buffer") is not None)]
+        if not bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()):
+            raise HarnessError(
+                f"the weights or momentum are NaN or infinite after step {self.progress.step} on rank {self.ctx.rank} "
+                "(an update overflowed: lower --lr?); stopped without checkpointing them; the last checkpoint is intact"
+            )
 
     def wait_for_writes(self) -> None:
         """All ranks: until rank 0's background writes are on disk (a write's error raised here)."""
@@ -421,6 +434,7 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
+        self.fault.corrupt_weights(self.model, self.progress.step, self.ctx.rank)  # test-only
         if self.config.lr_schedule == "onecycle" and self.scheduler.last_epoch + 1 < self.scheduler.total_steps:
             self.step_schedule()  # per step, but not past the last one, where the lr would fall below 0
         self.window.add(loss)

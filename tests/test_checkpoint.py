@@ -478,6 +478,22 @@ def test_nan_on_one_rank_stops_every_rank_naming_the_step(mnist_shards, tmp_path
     assert all(torch.isfinite(t).all() for t in state["model"].values())
 
 
+def test_an_overflowed_update_is_not_checkpointed(mnist_shards, tmp_path):
+    """The update of step 100 leaves an infinite weight, and step 100 is checkpointed before
+    any loss has seen it: the run stops there with one clear error instead of writing it
+    (which would have been the checkpoint a resume loads), and the step-50 one stays newest."""
+    run_dir = tmp_path / "run"
+    result = run(command(mnist_shards, run_dir), env={"HARNESS_TEST_FAULT": "infweights@99"}, timeout=240)
+    output = result.stdout + result.stderr
+    assert result.returncode == 2, output[-3000:]  # HarnessError's status, as for a NaN loss
+    assert "error: the weights or momentum are NaN or infinite after step 100 on rank 0" in output
+    assert "Traceback" not in output
+    path, state = ckpt.load_newest_valid(run_dir)
+    assert path.name == "step-00000050.pt"
+    assert all(torch.isfinite(t).all() for t in state["model"].values())
+    assert not (run_dir / "summary.json").exists()
+
+
 def test_a_rank_that_exits_early_ends_the_others(mnist_shards, tmp_path):
     """Rank 1 exits before step 40 under its own torchrun agent, as on another node, so no
     launcher kills rank 0 for it: rank 0 must notice by itself, at its next collective, and

@@ -117,7 +117,8 @@ class RunOutputs:
         self.background.close()
 
     def stopped(self, step: int, signal_name: str) -> None:
-        """The run stopped on a signal and checkpointed at `step`. Under torchrun the exit
+        """The run stopped on a signal at `step`, its newest checkpoint's (or a fresh run's 0:
+        a signal during start-up stops it before training). Under torchrun the exit
         status 75 does not reach the launcher, so a batch script reads this file to tell
         such a stop (requeue, resume) from a failure."""
         write_json_atomic(self.run_dir / STOPPED, {"step": step, "signal": signal_name})

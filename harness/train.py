@@ -55,7 +55,7 @@ class ProgressBar(tqdm):
 
 
 class Stopped(Exception):
-    """Raised on every rank after a stop signal was honoured and checkpointed."""
+    """Raised on every rank after a stop signal was honoured: checkpointed, or before the first step."""
 
 
 @dataclasses.dataclass
@@ -116,8 +116,10 @@ class LossWindow:
 class Trainer:
     """One rank's training run: built once from the config, then `fit()`."""
 
-    def __init__(self, config: TrainConfig, shards: ShardSource, run_dir: Path, ctx: distributed.DistContext, resume: str = "auto"):
-        """`resume`: auto (the newest valid checkpoint in RUN_DIR), never, or a checkpoint's path."""
+    def __init__(self, config: TrainConfig, shards: ShardSource, run_dir: Path, ctx: distributed.DistContext, resume: str = "auto",
+                 stop_request: StopRequest | None = None):
+        """`resume`: auto (the newest valid checkpoint in RUN_DIR), never, or a checkpoint's path.
+        `stop_request`: the process's signal handlers, if installed before (see `train`)."""
         if config.batch_size % ctx.world_size:
             raise HarnessError(f"--batch-size {config.batch_size} is not divisible by the world size {ctx.world_size}")
         if config.batch_norm and ctx.world_size > 1 and ctx.device.type != "cuda":
@@ -130,7 +132,7 @@ class Trainer:
         self.malloc = keep_freed_memory()
         self.threads, self.threads_why = distributed.choose_threads(config.threads, ctx.local_world_size)
         set_deterministic(config.deterministic)
-        self.stop_request, self.fault = StopRequest(), Fault.from_env()
+        self.stop_request, self.fault = stop_request or StopRequest(), Fault.from_env()
         self.stop_reason = ""  # set once every rank has agreed to stop on a signal
         # Where the loop's time goes (this process's, in seconds): summary.json's loop_seconds_by_part.
         self.spent = dict.fromkeys(("steps", "validation", "epoch_outputs", "checkpoints"), 0.0)
@@ -323,6 +325,7 @@ class Trainer:
             self.test_before_training()
         if self.training_left():
             self.stream.prepare(self.progress.epoch, self.progress.macro)  # start-up work, not the first epoch's
+            self.stop_if_signalled_during_start_up()
         started = time.perf_counter()
         try:
             while self.training_left():
@@ -478,13 +481,23 @@ class Trainer:
         if stop and not epoch_ends:
             self.stop()
 
-    def stop(self) -> None:
+    def stop(self, what: str = "and checkpointed") -> None:
         """All ranks, once the stop's checkpoint is on disk: record the stop, then raise Stopped."""
         if self.outputs:
             self.outputs.stopped(self.progress.step, self.stop_reason)
         self.ctx.barrier()  # no rank exits, and so no launcher ends the job, before the record is written
-        log.warning(f"{self.stop_reason}: stopped at step {self.progress.step} and checkpointed; run again to resume")
+        log.warning(f"{self.stop_reason}: stopped at step {self.progress.step} {what}; run again to resume")
         raise Stopped(self.stop_reason)
+
+    def stop_if_signalled_during_start_up(self) -> None:
+        """All ranks, before the first step: a stop signal that came during start-up (joining
+        the process group, reading the data, compiling) stops the run now, as at a sync
+        point, with nothing new to checkpoint: a batch script requeues it, and it resumes
+        from where it started. One all-reduce, so that every rank decides alike."""
+        asked = torch.tensor([float(self.stop_request.requested)], dtype=torch.float64, device=self.ctx.device)
+        if self.ctx.sum(asked).item():
+            self.stop_reason = self.stop_request.signal_name or "stop signal on another rank"
+            self.stop("before training, with nothing new to checkpoint")
 
     def end_epoch(self) -> None:
         """Validate (rank 0), decide on early stopping (every rank, from the broadcast loss), checkpoint."""
@@ -739,6 +752,9 @@ def train(config: TrainConfig, shards: str | Path, run_dir: Path | None, resume:
     `shards` is a directory or a URL (its files cached in `cache_dir`, at most
     `cache_limit_gb`). Without a `run_dir`, the run goes to default_run_dir(`name`, or
     the model's name)."""
+    # First: from here on a SIGTERM (Slurm's preemption or time limit) is a stop to honour,
+    # not the end of the process, through joining the process group and all of start-up.
+    stop_request = StopRequest()
     ctx = distributed.init_distributed(config.device, config.timeout, config.rank0_timeout, config.backend)
     try:
         setup_logging(ctx.rank)
@@ -747,7 +763,7 @@ def train(config: TrainConfig, shards: str | Path, run_dir: Path | None, resume:
         if cache_limit_gb is not None and not (math.isfinite(cache_limit_gb) and cache_limit_gb > 0):
             raise HarnessError(f"--shard-cache-limit-gb {cache_limit_gb}: give a positive number of gigabytes")
         limit = None if cache_limit_gb is None else int(cache_limit_gb * 1e9)
-        summary = Trainer(config, ShardSource(shards, cache_dir, limit), run_dir, ctx, resume).fit()
+        summary = Trainer(config, ShardSource(shards, cache_dir, limit), run_dir, ctx, resume, stop_request).fit()
         ctx.barrier()  # every rank tears the process group down together
         log.info(f"wrote {run_dir}")
         return summary

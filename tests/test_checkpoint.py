@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import ROOT, Payload, free_port, run, start_and_signal, summary, tiny_training_objects, train_command, train_ok, write_source
+from helpers import (ROOT, Payload, free_port, run, signal_tree, start_and_signal, summary, tiny_training_objects, train_command, train_ok,
+                     write_source)
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from harness import checkpoint as ckpt
@@ -100,6 +101,43 @@ def test_sigterm_checkpoints_and_exits_with_the_stop_status(mnist_shards, tmp_pa
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"step {stop_step})" in result.stdout
     assert checksum(run_dir) == reference[1]
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_sigterm_during_start_up_stops_before_training_for_a_requeue(mnist_shards, tmp_path, reference, nproc):
+    """A SIGTERM to every process of the job as soon as rank 0 has joined the process group
+    (Slurm's preemption can come at any time): the ranks finish starting up, agree to stop
+    before their first step, and leave stopped.json for train.sbatch to requeue on. Before,
+    the signal killed the ranks outright and the job was not requeued. The rerun trains
+    from the start (there is no checkpoint) and, with one process, ends as the reference."""
+    run_dir = tmp_path / "run"
+    process = subprocess.Popen(command(mnist_shards, run_dir, nproc=nproc), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    output = []
+    try:
+        for line in process.stdout:  # EOF if the run ends without the line
+            output.append(line)
+            if line.startswith("run directory "):  # rank 0's first line, once every rank has joined
+                signal_tree(process, signal.SIGTERM)
+                break
+        output.append(process.communicate(timeout=120)[0])
+    finally:
+        if process.poll() is None:
+            signal_tree(process, signal.SIGKILL)
+            process.wait()
+    output = "".join(output)
+    assert "SIGTERM: stopped at step 0 before training, with nothing new to checkpoint" in output, output[-3000:]
+    if nproc == 1:
+        assert process.returncode == EXIT_STOPPED and "Traceback" not in output
+    else:  # torchrun's agent, signalled too, exits 1 and prints its SignalException's traceback
+        assert "[rank 1] WARNING SIGTERM: stopped at step 0 before training" in output
+    assert json.loads((run_dir / "stopped.json").read_text()) == {"step": 0, "signal": "SIGTERM"}
+    assert ckpt.list_checkpoints(run_dir) == []
+    result = run(command(mnist_shards, run_dir, nproc=nproc))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert summary(run_dir)["steps"] == 300 and not (run_dir / "stopped.json").exists()
+    if nproc == 1:
+        assert checksum(run_dir) == reference[1]
 
 
 # The small shard set (conftest's `shards`): 10 steps of 20 images per epoch, a sync point every 5.

@@ -106,6 +106,13 @@ step "done"
 "$PY" bench/gpu_table.py "$OUT" | tee "$OUT/table.txt"
 # The device tool brings back at most 8 files from OUT (2026-11-27 lost the step probe's
 # record and a test log to that): the table, the records it reads, and the logs in one archive.
-kept="table.txt versions.json disk.json gpu-tests.log bench_gpu.json probe.json"
-logs=$(cd "$OUT" && for f in *; do [[ " $kept logs.tar.gz " == *" $f "* ]] || echo "$f"; done)
-if [ -n "$logs" ] && (cd "$OUT" && tar czf logs.tar.gz $logs); then (cd "$OUT" && rm -f $logs); fi
+kept=(table.txt versions.json disk.json gpu-tests.log bench_gpu.json probe.json logs.tar.gz)
+logs=()
+for f in "$OUT"/* "$OUT"/.[!.]*; do
+  [ -e "$f" ] || continue  # an unmatched pattern
+  name=${f##*/}
+  [[ " ${kept[*]} " == *" $name "* ]] || logs+=("$name")
+done
+if [ ${#logs[@]} -gt 0 ] && tar -C "$OUT" -czf "$OUT/logs.tar.gz" -- "${logs[@]}"; then
+  (cd "$OUT" && rm -rf -- "${logs[@]}")
+fi

@@ -78,7 +78,7 @@ def main(out: Path) -> None:
         for r in fast.get("runs", []):
             print(f"  seed {r.get('seed')}: {r.get('test_accuracy')} after {r.get('epochs')} epochs, to 99%: {r.get('seconds_to_99')} s, "
                   f"epochs {r.get('epoch_seconds')} s, compile {r.get('compile_seconds')} s" + (" FAILED" if "failed" in r else "")
-                  + (" (EAGER: the graphed run failed)" if "compiled_run_failed" in r else ""))
+                  + (" (the FALLBACK: the run as asked failed)" if "compiled_run_failed" in r else ""))
             print(f"    loop {r.get('loop_seconds')} s by part: {r.get('loop_seconds_by_part')}")
     fast = f.get("fast", {})
     for name, extra in fast.get("first_epoch_extra", {}).items():

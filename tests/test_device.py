@@ -145,8 +145,9 @@ def test_channels_last_gives_the_same_step(mnist_shards, tmp_path):
 
 def test_compile_modes_by_device_and_world_size():
     """`--compile auto` (the default) replays the whole step as one CUDA graph for one rank
-    on a GPU and is eager elsewhere; `gpu` does the same but compiles with CUDA graphs for
-    several ranks (but eager with SyncBatchNorm); `cuda-graph` and `cuda-graph-inductor`
+    on a GPU and is eager elsewhere; `gpu` replays the graph of inductor's kernels for one
+    rank on a GPU, compiles with CUDA graphs for several ranks (but eager with
+    SyncBatchNorm) and is eager on the CPU; `cuda-graph` and `cuda-graph-inductor`
     where they cannot work are one clear error."""
     from harness.config import TrainConfig
     from harness.distributed import DistContext

@@ -22,8 +22,9 @@
               1200 steps after 100 of warm-up. Target >= 1.0. To say where a gap comes
               from: the harness's ms per step in each sync window of that epoch (the
               first holds the epoch's start), and in round 1 the bare loop again with
-              the harness's per-step work on the device added (each loss copied into a
-              window, and a host sync every 100 steps).
+              the harness's per-step work on the device added (each loss written into a
+              window, inside the graph as the harness does, and a host sync every 100
+              steps).
 6. extras     the fast preset with the plain CUDA graph (--compile auto); how much longer
               the preset's first epoch (as it is) takes than a second one (a two-epoch
               run); then further lenet variants (eager, bf16, torch.compile modes).
@@ -197,20 +198,19 @@ def bare_worker(args) -> dict:
     if args.compile == "cuda-graph-inductor":
         batch_loss = compile_with_inductor(batch_loss)
 
-    last = {}  # the step's loss: in a graph, the tensor each replay overwrites
+    window = torch.zeros(HARNESS_SYNC_EVERY, device=device)  # --like-harness: the step's losses since the last sync
 
     def training_step() -> None:
         loss = batch_loss()
         loss.backward()
+        if args.like_harness:  # as GraphedStep writes each loss into the training loop's window
+            window.index_copy_(0, torch.remainder(step, HARNESS_SYNC_EVERY).view(1), loss.detach().view(1))
         step.add_(1)
         optimizer.step()
-        last["loss"] = loss
 
     if graphed:  # the update captured too, reading its lr from the device, as GraphedStep does
         optimizer.param_groups[0]["lr"] = torch.tensor(preset["lr"], dtype=torch.float32, device=device)
         graph = capture_step(training_step, model)
-
-    window = torch.zeros(HARNESS_SYNC_EVERY, device=device)
 
     def run(n: int) -> None:
         for i in range(n):
@@ -219,10 +219,8 @@ def bare_worker(args) -> dict:
             else:
                 optimizer.zero_grad(set_to_none=True)
                 training_step()
-            if args.like_harness:  # what harness.train's LossWindow and sync point do on the device
-                window[i % HARNESS_SYNC_EVERY] = last["loss"].detach()
-                if (i + 1) % HARNESS_SYNC_EVERY == 0:
-                    window.sum().item()
+            if args.like_harness and (i + 1) % HARNESS_SYNC_EVERY == 0:  # the harness's sync point, at its least
+                window.sum().item()
 
     run(min(steps, 100))  # warm-up (and compile)
     if device.type == "cuda":

@@ -6,23 +6,23 @@ graph, the step is a single `replay()`: this rank's slice of the global batch, g
 on the device by a step counter that lives on the device too, then normalisation,
 forward, loss and backward into gradients that stay at fixed addresses.
 
-The optimizer's update (fused SGD, one kernel) is captured too, after the backward, so a
+The optimizer's update (fused SGD, one kernel) is captured too, after the backward, and
+so is the write of the step's loss into the training loop's window (`losses`), so a
 training step is one `replay()` and no Python optimizer code runs per step. The graph
 reads the learning rate from a float32 tensor on the device, which `__call__` refills
 whenever the schedule has changed it; the Trainer keeps the lr a float32 value on a GPU
 in every mode, so the eager update uses the same number. The captured kernels are those
 of the eager step, so in deterministic mode the weights are bitwise those of an eager
-run, and a checkpoint moves freely between the two (as it did before the update moved
-into the graph; with it inside, that is what tests/test_gpu.py checks, not yet run on a
-GPU).
+run, and a checkpoint moves freely between the two (tests/test_gpu.py; on an H200,
+docs/gpu-h200-2026-11-27).
 
 `--compile cuda-graph-inductor` captures the same step with the kernels torch.compile's
 inductor generates for it instead of PyTorch's own. The convolutions and matrix products
 stay cuDNN's and cuBLAS's calls (as inductor's CPU code shows); the rest (the gather and
 normalisation, ReLU and pooling, the loss, the backward's pointwise work and bias
-gradients) is expected to fuse into fewer Triton kernels, which is what a step this
-small needs (README, "On a GPU"). Not yet run on a GPU. Its results are close to the
-eager step's, not bitwise equal.
+gradients) fuses into fewer Triton kernels, which is what a step this small needs: on an
+H200 LeNet's autotuned step ran 1.33x faster (README, "On a GPU"). Its results are close
+to the eager step's, not bitwise equal.
 
 One rank only: DDP all-reduces gradients from Python hooks that run during backward,
 which a replayed backward would not call.
@@ -76,6 +76,9 @@ class GraphedStep:
         self.labels = torch.zeros(rows, dtype=torch.int64, device=device)
         self.order = torch.zeros(stream.macro_size, dtype=torch.int64, device=device)
         self.step = torch.zeros((), dtype=torch.int64, device=device)  # the global batch within the macro-batch
+        # Each step's loss, in its step's slot: the training loop's LossWindow reads it, and
+        # the graph writing it spares a launch per step to copy it there.
+        self.losses = torch.zeros(stream.most_steps_per_macro, device=device)
         self.offsets = torch.arange(self.global_batch, device=device)
         self.source: torch.Tensor | None = None  # the macro-batch images last copied in
         self.graph: torch.cuda.CUDAGraph | None = None
@@ -108,9 +111,11 @@ class GraphedStep:
         return self.optimizer.param_groups[0]
 
     def forward_backward(self) -> torch.Tensor:
-        """Leaves the gradients in the parameters' .grad and advances the step counter."""
+        """Leaves the gradients in the parameters' .grad, the loss in its step's slot of
+        `losses`, and advances the step counter."""
         loss = self.batch_loss()
         loss.backward()
+        self.losses.index_copy_(0, self.step.view(1), loss.detach().view(1).to(self.losses.dtype))
         self.step.add_(1)
         return loss
 
@@ -176,7 +181,8 @@ class GraphedStep:
         torch.cuda.synchronize(self.device)
 
     def __call__(self) -> torch.Tensor:
-        """One training step, the optimizer's update included: one replay. Returns its loss."""
+        """One training step, the optimizer's update included: one replay. Returns its loss
+        (also written into its step's slot of `losses`)."""
         self.sync_lr()
         self.graph.replay()
         return self.loss

@@ -99,18 +99,30 @@ class Progress:
 
 
 class LossWindow:
-    """Per-step losses since the last sync point, kept on the device (no host sync per step)."""
+    """Per-step losses since the last sync point, kept on the device (no host sync per step).
 
-    def __init__(self, size: int, device: torch.device):
-        self.losses = torch.zeros(size, device=device)
-        self.count, self.started = 0, time.perf_counter()
+    A window never spans macro-batches (each one ends at a sync point), so every loss has
+    the slot of its step within the macro-batch in `losses`; the window is the `count`
+    slots from `first`. An eager step's loss is written there by `add`; the CUDA-graph
+    step writes its own from inside the graph (`losses` is GraphedStep's), which spares
+    a launch per step."""
 
-    def add(self, loss: torch.Tensor) -> None:
-        self.losses[self.count] = loss.detach()
+    def __init__(self, losses: torch.Tensor):
+        self.losses = losses
+        self.first, self.count, self.started = 0, 0, time.perf_counter()
+
+    def add(self, loss: torch.Tensor | None) -> None:
+        """The next step's loss; None where the CUDA graph has written it."""
+        if loss is not None:
+            self.losses[self.first + self.count] = loss.detach()
         self.count += 1
 
-    def restart(self) -> None:
-        self.count, self.started = 0, time.perf_counter()
+    def values(self) -> torch.Tensor:
+        return self.losses[self.first : self.first + self.count]
+
+    def restart(self, first: int) -> None:
+        """A new window, from step `first` of the macro-batch."""
+        self.first, self.count, self.started = first, 0, time.perf_counter()
 
 
 class Trainer:
@@ -139,7 +151,7 @@ class Trainer:
         self.build_data()
         self.build_model()
         self.progress = Progress()
-        self.window = LossWindow(config.log_every, ctx.device)
+        self.window = LossWindow(self.graphed.losses if self.graphed else torch.zeros(self.stream.most_steps_per_macro, device=ctx.device))
         self.last_eval: tuple[int, EvalResult] | None = None  # (step, result) of rank 0's latest validation
         self._test_set: tuple[torch.Tensor, torch.Tensor] | None = None  # holdout runs: loaded when first needed
         self.restore()
@@ -352,7 +364,7 @@ class Trainer:
         p, show = self.progress, self.ctx.is_main and sys.stderr.isatty()
         lr = self.optimizer.param_groups[0]["lr"]
         with ProgressBar(total=self.stream.steps_per_epoch, initial=p.epoch_steps, desc=f"epoch {p.epoch + 1}/{self.config.epochs}", leave=False, disable=not show) as bar:
-            self.window.restart()
+            self.window.restart(p.step_in_macro)
             for macro in self.stream.epoch(p.epoch, start_index=p.macro):
                 macro.wait_until_ready()
                 if self.graphed:
@@ -413,9 +425,9 @@ class Trainer:
         optimizer = type(self.optimizer)(params, **self.optimizer.defaults)
         optimizer.step()  # creates the momentum buffers
         optimizer.step()  # reads them
-        window = LossWindow(1, self.ctx.device)
+        window = LossWindow(torch.zeros(1, device=self.ctx.device))
         window.add(torch.zeros((), device=self.ctx.device))
-        agree_at_sync_point(self.ctx, window.losses, 0, self.stop_request)
+        agree_at_sync_point(self.ctx, window.values(), 0, self.stop_request)
 
     def train_step(self, macro: MacroBatch, i: int) -> None:
         """One optimizer step on this rank's slice of global batch `i`; nothing here waits for
@@ -423,7 +435,8 @@ class Trainer:
         self.fault.before_step(self.progress.step, self.ctx.rank)  # test-only fault injection
         if self.graphed:
             loss = self.graphed()  # the same gather, forward, loss, backward and update, replayed as one CUDA graph
-            loss = self.fault.corrupt_loss(loss, self.progress.step, self.ctx.rank)  # the NaN check sees it; the weights do not
+            corrupted = self.fault.corrupt_loss(loss, self.progress.step, self.ctx.rank)  # the NaN check sees it; the weights do not
+            loss = None if corrupted is loss else corrupted  # None: the graph has written the loss into the window
         else:
             images, labels = macro.local_batch(i)
             inputs = self.normalize(images)
@@ -461,7 +474,7 @@ class Trainer:
     def sync_point(self, lr: float, bar: ProgressBar) -> None:
         """All ranks: log the window's mean loss, fail on a non-finite loss, honour a stop signal."""
         window = self.window
-        mean_loss, stop = agree_at_sync_point(self.ctx, window.losses[: window.count], self.progress.step - window.count, self.stop_request)
+        mean_loss, stop = agree_at_sync_point(self.ctx, window.values(), self.progress.step - window.count, self.stop_request)
         # After the sync, so the window's time includes the device finishing its steps (on a
         # GPU the host runs ahead of them) and the all-reduce.
         seconds = time.perf_counter() - window.started
@@ -476,7 +489,7 @@ class Trainer:
         epoch_ends = self.epoch_ends_here()
         if (stop or self.checkpoint_due()) and not epoch_ends:
             self.checkpoint(wait=bool(stop))  # the stop record names a checkpoint that is on disk
-        window.restart()  # after the checkpoint, whose time is not the steps'
+        window.restart(self.progress.step_in_macro)  # after the checkpoint, whose time is not the steps'
         self.stop_reason = stop
         if stop and not epoch_ends:
             self.stop()

@@ -51,7 +51,8 @@ def graphed_step(preset: str, compiler=None, **overrides) -> GraphedStep:
     data = torch.Generator().manual_seed(1)
     images = torch.randint(0, 256, (ROWS, 28, 28), dtype=torch.uint8, generator=data)
     stats = {"mean": 0.13, "std": 0.31, "pixel_mean": (images.double() / 255).mean(0).tolist()}
-    stream = types.SimpleNamespace(global_batch=config.batch_size, resident=True, data=range(ROWS), macro_size=ROWS)
+    stream = types.SimpleNamespace(global_batch=config.batch_size, resident=True, data=range(ROWS), macro_size=ROWS,
+                                   most_steps_per_macro=ROWS // config.batch_size)
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum, nesterov=config.nesterov,
                                 weight_decay=config.weight_decay, fused=True)  # fused, as on a GPU
     step = GraphedStep(model, optimizer, Normalizer(config.normalize, stats, CPU, memory_format),
@@ -104,6 +105,7 @@ def test_every_presets_step_compiles_once_as_one_graph_with_the_eager_results(pr
     step = graphed_step(preset, lambda f: torch.compile(f, backend=counter, fullgraph=True, dynamic=False), **overrides)
     losses = run_steps(step)
     assert losses == eager_losses and len(set(losses)) == STEPS  # two different batches
+    assert step.losses[:STEPS].tolist() == losses  # each in its step's slot, where the training loop's window reads it
     assert largest_difference(step.model, eager.model) == 0.0
     assert step.step.item() == STEPS
     with torch._dynamo.config.patch(error_on_recompile=True), buffers_restored(step.model):

@@ -98,6 +98,11 @@ class MacroBatchStream:
         self._copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self._prepared: tuple[int, int, MacroBatch] | None = None  # (epoch, index, macro-batch) from prepare()
 
+    @property
+    def most_steps_per_macro(self) -> int:
+        """Steps in the largest macro-batch (an epoch's last may hold fewer)."""
+        return min(self.macro_steps, self.steps_per_epoch)
+
     def _epoch_plan(self, epoch: int, skip: int) -> Iterator[tuple[int, int, int, int]]:
         """The epoch's image sequence from `skip` images in, as pieces (shard, block, lo, hi):
         rows lo:hi of that block of that shard, in the range. Shards in a seeded order, the

@@ -177,6 +177,20 @@ def test_the_cuda_graph_step_is_bitwise_the_eager_step(mnist_shards, tmp_path, m
     assert summary(tmp_path / "graph")["param_checksum"] == summary(tmp_path / "eager")["param_checksum"]
 
 
+@pytest.mark.parametrize("compile_mode", ["cuda-graph", "cuda-graph-inductor"])
+def test_a_nan_loss_in_the_graphed_step_stops_the_run_naming_the_step(mnist_shards, tmp_path, compile_mode):
+    """The graph writes each step's loss into the window that the sync point checks; a NaN
+    loss there (test-only fault: the loss the window holds, not the weights) stops the run
+    at the next sync point, naming its step, with the last checkpoint before it intact."""
+    run_dir = tmp_path / "run"
+    result = run(train_command(mnist_shards, run_dir, *RUN, "--compile", compile_mode), env={"HARNESS_TEST_FAULT": "nan@60"})
+    output = result.stdout + result.stderr
+    assert result.returncode == 2, output[-3000:]
+    assert "loss is NaN or infinite at step 61 on rank 0" in output
+    assert f"captured the step as one CUDA graph ({compile_mode})" in output
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("*.pt")) == ["step-00000050.pt"]
+
+
 @pytest.mark.parametrize("preset", ["mathspp-mlp", "neupy-mlp", "fast"])
 def test_the_default_graphed_step_is_bitwise_eager_for_other_presets(mnist_shards, tmp_path, preset):
     """--compile auto (the default; `fast` asks for inductor's kernels, so auto is named)

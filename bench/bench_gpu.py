@@ -199,12 +199,13 @@ def bare_worker(args) -> dict:
         batch_loss = compile_with_inductor(batch_loss)
 
     window = torch.zeros(HARNESS_SYNC_EVERY, device=device)  # --like-harness: the step's losses since the last sync
+    slots = torch.arange(HARNESS_SYNC_EVERY, device=device)
 
     def training_step() -> None:
         loss = batch_loss()
         loss.backward()
         if args.like_harness:  # as GraphedStep writes each loss into the training loop's window
-            window.index_copy_(0, torch.remainder(step, HARNESS_SYNC_EVERY).view(1), loss.detach().view(1))
+            torch.where(slots == torch.remainder(step, HARNESS_SYNC_EVERY), loss.detach(), window, out=window)
         step.add_(1)
         optimizer.step()
 

@@ -79,6 +79,7 @@ class GraphedStep:
         # Each step's loss, in its step's slot: the training loop's LossWindow reads it, and
         # the graph writing it spares a launch per step to copy it there.
         self.losses = torch.zeros(stream.most_steps_per_macro, device=device)
+        self.slots = torch.arange(stream.most_steps_per_macro, device=device)
         self.offsets = torch.arange(self.global_batch, device=device)
         self.source: torch.Tensor | None = None  # the macro-batch images last copied in
         self.graph: torch.cuda.CUDAGraph | None = None
@@ -115,7 +116,9 @@ class GraphedStep:
         `losses`, and advances the step counter."""
         loss = self.batch_loss()
         loss.backward()
-        self.losses.index_copy_(0, self.step.view(1), loss.detach().view(1).to(self.losses.dtype))
+        # Two small kernels, also with deterministic algorithms on (index_copy_ then sorts
+        # its index: some ten kernels), and no host sync: capturable.
+        torch.where(self.slots == self.step, loss.detach().to(self.losses.dtype), self.losses, out=self.losses)
         self.step.add_(1)
         return loss
 

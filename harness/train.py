@@ -306,15 +306,18 @@ class Trainer:
                         self.outputs.wait_for_writes()
 
     def refuse_nonfinite_state(self) -> None:
-        """Every rank, before a checkpoint: the sync points check the losses, but the last
+        """All ranks, before a checkpoint: the sync points check the losses, but the last
         update before a checkpoint has made no loss yet, and an overflowing one leaves
         infinite weights. Such a state is not written, so that the newest checkpoint stays
-        one to resume from. One device sync, where a checkpoint waits for the device anyway."""
+        one to resume from. The ranks gather their verdicts, so that every rank stops alike
+        (one small all-gather; a checkpoint comes right after a sync point anyway)."""
         tensors = [*self.model.parameters(), *(s["momentum_buffer"] for s in self.optimizer.state.values() if s.get("momentum_buffer") is not None)]
-        if not bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()):
+        finite = bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
+        bad = [rank for rank, (ok,) in enumerate(self.ctx.gather([int(finite)])) if not ok]
+        if bad:
             raise HarnessError(
-                f"the weights or momentum are NaN or infinite after step {self.progress.step} on rank {self.ctx.rank} "
-                "(an update overflowed: lower --lr?); stopped without checkpointing them; the last checkpoint is intact"
+                f"the weights or momentum are NaN or infinite after step {self.progress.step} on rank {bad[0]} "
+                "(an update overflowed: lower --lr?); stopped every rank without checkpointing them; the last checkpoint is intact"
             )
 
     def wait_for_writes(self) -> None:
@@ -331,15 +334,17 @@ class Trainer:
             if self.outputs:
                 self.outputs.close()
             return json.loads((self.run_dir / "summary.json").read_text()) if self.ctx.is_main else {}
-        self.log_start()
-        self.compile_seconds = self.warm_up() if self.compile_mode else 0.0
-        if self.progress.step == 0 and not self.progress.before_training:  # a resumed run keeps its first figure
-            self.test_before_training()
-        if self.training_left():
-            self.stream.prepare(self.progress.epoch, self.progress.macro)  # start-up work, not the first epoch's
-            self.stop_if_signalled_during_start_up()
-        started = time.perf_counter()
         try:
+            self.log_start()
+            if self.training_left():
+                self.stop_if_signalled_during_start_up()  # before the compile: it can outlast a launcher's grace period
+            self.compile_seconds = self.warm_up() if self.compile_mode else 0.0
+            if self.progress.step == 0 and not self.progress.before_training:  # a resumed run keeps its first figure
+                self.test_before_training()
+            if self.training_left():
+                self.stream.prepare(self.progress.epoch, self.progress.macro)  # start-up work, not the first epoch's
+                self.stop_if_signalled_during_start_up()
+            started = time.perf_counter()
             while self.training_left():
                 self.train_epoch()
                 self.end_epoch()

@@ -516,16 +516,21 @@ def test_nan_on_one_rank_stops_every_rank_naming_the_step(mnist_shards, tmp_path
     assert all(torch.isfinite(t).all() for t in state["model"].values())
 
 
-def test_an_overflowed_update_is_not_checkpointed(mnist_shards, tmp_path):
-    """The update of step 100 leaves an infinite weight, and step 100 is checkpointed before
-    any loss has seen it: the run stops there with one clear error instead of writing it
-    (which would have been the checkpoint a resume loads), and the step-50 one stays newest."""
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_an_overflowed_update_is_not_checkpointed(mnist_shards, tmp_path, nproc):
+    """The update of step 100 leaves an infinite weight on the last rank, and step 100 is
+    checkpointed before any loss has seen it: every rank stops there with the same clear
+    error instead of writing it (which would have been the checkpoint a resume loads), and
+    the step-50 one stays newest."""
     run_dir = tmp_path / "run"
-    result = run(command(mnist_shards, run_dir), env={"HARNESS_TEST_FAULT": "infweights@99"}, timeout=240)
+    result = run(command(mnist_shards, run_dir, nproc=nproc), env={"HARNESS_TEST_FAULT": f"infweights@99:{nproc - 1}"}, timeout=240)
     output = result.stdout + result.stderr
-    assert result.returncode == 2, output[-3000:]  # HarnessError's status, as for a NaN loss
-    assert "error: the weights or momentum are NaN or infinite after step 100 on rank 0" in output
-    assert "Traceback" not in output
+    error = f"error: the weights or momentum are NaN or infinite after step 100 on rank {nproc - 1}"
+    assert output.count(error) == nproc, output[-3000:]  # every rank, not only the one whose weights overflowed
+    if nproc == 1:
+        assert result.returncode == 2 and "Traceback" not in output  # HarnessError's status, as for a NaN loss
+    else:
+        assert result.returncode != 0 and "lost contact" not in output
     path, state = ckpt.load_newest_valid(run_dir)
     assert path.name == "step-00000050.pt"
     assert all(torch.isfinite(t).all() for t in state["model"].values())

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import signal
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -51,6 +52,11 @@ RUN = ("--preset", "lenet", "--epochs", "1", "--max-steps", "300", "--macro-batc
 # On a GPU the 300 steps take about a second: rank 0 pauses 5 s before step 130, so the
 # test's signal (1 s after the first checkpoint, at step 50) lands mid-run.
 PAUSE = {"HARNESS_TEST_FAULT": "sleep=5@130"}
+
+
+def train_losses(run_dir: Path) -> list[float]:
+    """Each metrics.jsonl line's mean training loss (the sync windows' losses, averaged)."""
+    return [json.loads(line)["train_loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_one_lenet_epoch_on_the_gpu_reaches_98_percent(mnist_shards, tmp_path):
@@ -175,15 +181,19 @@ def test_the_cuda_graph_step_is_bitwise_the_eager_step(mnist_shards, tmp_path, m
     result = train_ok(mnist_shards, tmp_path / "graph", *args, "--compile", "cuda-graph")
     assert "captured the step as one CUDA graph" in result.stdout + result.stderr
     assert summary(tmp_path / "graph")["param_checksum"] == summary(tmp_path / "eager")["param_checksum"]
+    # The losses too, which the graph writes into the sync point's window itself.
+    assert train_losses(tmp_path / "graph") == train_losses(tmp_path / "eager")
 
 
 @pytest.mark.parametrize("compile_mode", ["cuda-graph", "cuda-graph-inductor"])
 def test_a_nan_loss_in_the_graphed_step_stops_the_run_naming_the_step(mnist_shards, tmp_path, compile_mode):
-    """The graph writes each step's loss into the window that the sync point checks; a NaN
-    loss there (test-only fault: the loss the window holds, not the weights) stops the run
-    at the next sync point, naming its step, with the last checkpoint before it intact."""
+    """The graph writes each step's loss into the window that the sync point checks. A
+    test-only fault makes one weight infinite after step 60's update, so the graph itself
+    computes step 61's loss as NaN or infinite and writes it there: the run stops at the
+    next sync point (the macro-batch's end at step 70, before the next checkpoint), naming
+    step 61, with the step-50 checkpoint intact. (The CPU gives the same with --device cpu.)"""
     run_dir = tmp_path / "run"
-    result = run(train_command(mnist_shards, run_dir, *RUN, "--compile", compile_mode), env={"HARNESS_TEST_FAULT": "nan@60"})
+    result = run(train_command(mnist_shards, run_dir, *RUN, "--compile", compile_mode), env={"HARNESS_TEST_FAULT": "infweights@59"})
     output = result.stdout + result.stderr
     assert result.returncode == 2, output[-3000:]
     assert "loss is NaN or infinite at step 61 on rank 0" in output

@@ -249,20 +249,23 @@ def test_stopped_job_requeues_itself_and_resumes(slurm_job_name, two_node_run, m
     """SIGTERM as at the time limit: the ranks checkpoint and stop, the batch script requeues the
     job, and the second attempt resumes and ends with the uninterrupted run's weights, bit for bit."""
     run_dir = tmp_path / "run"
-    job_id, output = start_job(slurm_job_name, mnist_shards, run_dir, tmp_path, *COMPARED_ARGS, nodes=2)
-    # Once both ranks catch SIGTERM, a signal sent now is honoured at a sync point before step 50
-    # (the handler is in place before the data is loaded, let alone trained on).
+    # Rank 0 pauses 5 s before step 26, so that a signal sent 1 s after training starts lands
+    # mid-run on any machine (the weights are unchanged). A signal during start-up would stop
+    # the run before its first step, with no checkpoint (tests/test_checkpoint.py).
+    job_id, output = start_job(slurm_job_name, mnist_shards, run_dir, tmp_path, *COMPARED_ARGS, nodes=2,
+                               env={"HARNESS_TEST_FAULT": "sleep=5@25"})
     deadline = time.monotonic() + JOB_TIMEOUT
-    while sum(r["catches_sigterm"] for r in rank_processes(run_dir)) < 2:
-        assert job_state(job_id).get("JobState") in ACTIVE, f"job {job_id} ended before its ranks started:\n{tail(output)}"
-        assert time.monotonic() < deadline, f"job {job_id}: no ranks after {JOB_TIMEOUT}s:\n{tail(output)}"
+    while "before training: " not in tail(output, 100_000):  # rank 0's last line of start-up
+        assert job_state(job_id).get("JobState") in ACTIVE, f"job {job_id} ended before training:\n{tail(output)}"
+        assert time.monotonic() < deadline, f"job {job_id}: no training after {JOB_TIMEOUT}s:\n{tail(output)}"
         time.sleep(0.1)
+    time.sleep(1.0)
     subprocess.run(["scancel", "--signal=TERM", job_id], check=True, timeout=60)
     state = wait_for_end(job_id, output)
 
     log = tail(output, 100_000)
     assert (state.get("JobState"), state.get("ExitCode"), state.get("Restarts")) == ("COMPLETED", "0:0", "1"), log[-4000:]
-    stopped = re.search(rf"job {job_id}: stopped at step (\d+) and checkpointed; requeueing \(requeue 1 of at most 20\)", log)
+    stopped = re.search(rf"job {job_id}: stopped at step (\d+); requeueing \(requeue 1 of at most 20\)", log)
     assert stopped, log[-4000:]
     step = int(stopped[1])
     assert 0 < step < 50

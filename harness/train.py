@@ -311,12 +311,13 @@ class Trainer:
         infinite weights. Such a state is not written, so that the newest checkpoint stays
         one to resume from. The ranks gather their verdicts, so that every rank stops alike
         (one small all-gather; a checkpoint comes right after a sync point anyway)."""
-        tensors = [*self.model.parameters(), *(s["momentum_buffer"] for s in self.optimizer.state.values() if s.get("momentum_buffer") is not None)]
+        momentum = (s["momentum_buffer"] for s in self.optimizer.state.values() if s.get("momentum_buffer") is not None)
+        tensors = [*self.model.parameters(), *momentum, *self.model.buffers()]  # buffers: BatchNorm's running statistics
         finite = bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
         bad = [rank for rank, (ok,) in enumerate(self.ctx.gather([int(finite)])) if not ok]
         if bad:
             raise HarnessError(
-                f"the weights or momentum are NaN or infinite after step {self.progress.step} on rank {bad[0]} "
+                f"the weights, momentum or running statistics are NaN or infinite after step {self.progress.step} on rank {bad[0]} "
                 "(an update overflowed: lower --lr?); stopped every rank without checkpointing them; the last checkpoint is intact"
             )
 

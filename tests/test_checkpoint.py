@@ -525,7 +525,7 @@ def test_an_overflowed_update_is_not_checkpointed(mnist_shards, tmp_path, nproc)
     run_dir = tmp_path / "run"
     result = run(command(mnist_shards, run_dir, nproc=nproc), env={"HARNESS_TEST_FAULT": f"infweights@99:{nproc - 1}"}, timeout=240)
     output = result.stdout + result.stderr
-    error = f"error: the weights or momentum are NaN or infinite after step 100 on rank {nproc - 1}"
+    error = f"error: the weights, momentum or running statistics are NaN or infinite after step 100 on rank {nproc - 1}"
     assert output.count(error) == nproc, output[-3000:]  # every rank, not only the one whose weights overflowed
     if nproc == 1:
         assert result.returncode == 2 and "Traceback" not in output  # HarnessError's status, as for a NaN loss

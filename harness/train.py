@@ -354,6 +354,7 @@ class Trainer:
             self.wait_for_writes()  # the loop's time includes the last checkpoint's write
             return self.finish(time.perf_counter() - started)
         finally:
+            self.stream.close()
             if self.outputs:
                 self.outputs.close()
 
@@ -371,7 +372,7 @@ class Trainer:
         lr = self.optimizer.param_groups[0]["lr"]
         with ProgressBar(total=self.stream.steps_per_epoch, initial=p.epoch_steps, desc=f"epoch {p.epoch + 1}/{self.config.epochs}", leave=False, disable=not show) as bar:
             self.window.restart(p.step_in_macro)
-            for macro in self.stream.epoch(p.epoch, start_index=p.macro):
+            for macro in self.stream.epoch(p.epoch, start_index=p.macro, next_epoch_follows=self.next_epoch_follows()):
                 macro.wait_until_ready()
                 if self.graphed:
                     self.graphed.load(macro, p.step_in_macro)
@@ -592,6 +593,13 @@ class Trainer:
 
     def reached_max_steps(self) -> bool:
         return bool(self.config.max_steps) and self.progress.step >= self.config.max_steps
+
+    def next_epoch_follows(self) -> bool:
+        """Whether the epoch in progress will be followed by another, as far as is known
+        before it ends (early stopping and stop signals are not: the stream then drops the
+        next epoch's first macro-batch, which it loaded ahead)."""
+        c = self.config
+        return self.progress.epoch + 1 < c.epochs and not (c.max_steps and c.max_steps <= (self.progress.epoch + 1) * self.stream.steps_per_epoch)
 
     def stopped_early(self) -> bool:
         return bool(self.config.early_stopping) and self.progress.stale_epochs >= self.config.early_stopping

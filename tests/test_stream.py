@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections import Counter
 from pathlib import Path
 
@@ -280,10 +281,8 @@ def test_a_prepared_macro_batch_is_the_one_its_epoch_starts_with(data, monkeypat
     shards, _ = data
     make = lambda: MacroBatchStream(ShardSplit(shards, "train"), 64, macro_batch, seed=3, device=CPU, prefetch=prefetch)  # noqa: E731
     unprepared = batches(make(), 1, start_index)
-    stream, loads = make(), []
-    for name in ("_load", "_resident_batch"):
-        original = getattr(stream, name)
-        monkeypatch.setattr(stream, name, lambda *args, original=original, name=name: loads.append((name, *args)) or original(*args))
+    stream = make()
+    loads = record_loads(stream, monkeypatch)
     stream.prepare(1, start_index)
     assert len(loads) == 1
     prepared = batches(stream, 1, start_index)
@@ -293,9 +292,81 @@ def test_a_prepared_macro_batch_is_the_one_its_epoch_starts_with(data, monkeypat
     other_index.prepare(1, 1 - start_index if stream.resident else start_index + 1)
     at_the_end = make()
     at_the_end.prepare(1, stream.macro_batches_per_epoch)
-    assert at_the_end._prepared is None
+    assert at_the_end._ahead is None
     for got in (prepared, batches(other_epoch, 1, start_index), batches(other_index, 1, start_index)):
-        assert len(got) == len(unprepared) > 0
-        for (ids_a, labels_a), (ids_b, labels_b) in zip(got, unprepared):
-            np.testing.assert_array_equal(ids_a, ids_b)
-            np.testing.assert_array_equal(labels_a, labels_b)
+        assert_same_batches(got, unprepared)
+    for used in (stream, other_epoch, other_index):
+        used.close()
+
+
+def record_loads(stream: MacroBatchStream, monkeypatch) -> list[tuple[str, int, int]]:
+    """The list that the (thread name, epoch, index) of each macro-batch `stream` loads from
+    now on is appended to."""
+    loads, load = [], stream._load
+    monkeypatch.setattr(stream, "_load", lambda epoch, index: loads.append((threading.current_thread().name, epoch, index)) or load(epoch, index))
+    return loads
+
+
+@pytest.mark.parametrize("macro_batch", [700, 60000])
+def test_the_next_epoch_is_loaded_while_this_one_trains(data, monkeypatch, macro_batch):
+    """With the prefetch thread, and the next epoch to follow, an epoch's first macro-batch
+    (or a resident split's next order) is loaded on the reader thread during the epoch
+    before: on a GPU no epoch starts with the device idle while the host reads. The
+    batches are those of a stream without the thread, and only the very first load is the
+    caller's."""
+    shards, _ = data
+    make = lambda prefetch: MacroBatchStream(ShardSplit(shards, "train"), 64, macro_batch, seed=5, device=CPU, prefetch=prefetch)  # noqa: E731
+    stream = make(True)
+    loads = record_loads(stream, monkeypatch)
+    try:
+        got = [batches_of(stream.epoch(epoch, next_epoch_follows=epoch < 2)) for epoch in range(3)]
+    finally:
+        stream.close()
+    plain = make(False)
+    for epoch in range(3):
+        assert_same_batches(got[epoch], batches_of(plain.epoch(epoch)))
+    per_epoch = stream.macro_batches_per_epoch
+    assert [(e, i) for _, e, i in loads] == [(e, i) for e in range(3) for i in range(per_epoch)]  # each once, in order
+    assert loads[0][0] == "MainThread" and all(name.startswith("harness-prefetch") for name, _, _ in loads[1:])
+    assert not [t for t in threading.enumerate() if t.name.startswith("harness-prefetch")]  # close() ended it
+
+
+def test_a_macro_batch_loaded_ahead_but_not_asked_for_is_dropped(data, monkeypatch):
+    """A load ahead that the caller does not take (training stopped early, or went on
+    elsewhere) is not used: the stream loads what is asked for. A load that failed on the
+    reader thread raises its error where its macro-batch is taken, and nowhere else."""
+    shards, _ = data
+    stream = MacroBatchStream(ShardSplit(shards, "train"), 64, 700, seed=5, device=CPU, prefetch=True)
+    loads = record_loads(stream, monkeypatch)
+    try:
+        first = next(stream.epoch(0))  # the generator is left at macro-batch 0, macro-batch 1 loading ahead
+        assert_same_batches(batches_of([first]), batches(MacroBatchStream(ShardSplit(shards, "train"), 64, 700, seed=5, device=CPU), 0)[: first.steps])
+        again = batches_of(stream.epoch(1, 2))  # a resume elsewhere: epoch 1 from macro-batch 2
+        assert_same_batches(again, batches(MacroBatchStream(ShardSplit(shards, "train"), 64, 700, seed=5, device=CPU), 1, 2))
+        assert ("MainThread", 1, 2) in loads
+
+        original = stream._load
+
+        def damaged(epoch, index):
+            if (epoch, index) == (2, 0):
+                raise HarnessError("shard train-000001.tar: damaged")
+            return original(epoch, index)
+
+        monkeypatch.setattr(stream, "_load", damaged)
+        epoch_1 = stream.epoch(1, stream.macro_batches_per_epoch - 1, next_epoch_follows=True)
+        next(epoch_1)  # epoch 2's first macro-batch is now loading ahead, and fails there
+        with pytest.raises(HarnessError, match="train-000001.tar: damaged"):
+            next(stream.epoch(2))
+    finally:
+        stream.close()
+
+
+def batches_of(macro_batches) -> list[tuple[np.ndarray, np.ndarray]]:
+    return [(ids_of(images), labels.numpy()) for macro in macro_batches for images, labels in map(macro.local_batch, range(macro.steps))]
+
+
+def assert_same_batches(got, expected) -> None:
+    assert len(got) == len(expected) > 0
+    for (ids_a, labels_a), (ids_b, labels_b) in zip(got, expected):
+        np.testing.assert_array_equal(ids_a, ids_b)
+        np.testing.assert_array_equal(labels_a, labels_b)

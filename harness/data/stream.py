@@ -17,7 +17,7 @@ resident on its device (one copy per run), since each epoch's slices touch all o
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -70,8 +70,10 @@ class MacroBatchStream:
     When one macro-batch holds the whole split, the split stays resident on the device
     (one host-to-device copy per run) and each epoch only sends this rank's order, an
     index array. Otherwise each macro-batch's rows for this rank are read from the shards
-    and copied; on a GPU the next one is read in a background thread into pinned memory
-    and copied on a side stream while the current one trains.
+    and copied. On a GPU the next macro-batch (or the next epoch's order) is prepared in a
+    background thread into pinned memory and copied on a side stream while the current one
+    trains, across epoch ends too when the caller says another epoch follows: then no
+    epoch starts with the GPU idle while the host reads.
     """
 
     def __init__(
@@ -96,7 +98,9 @@ class MacroBatchStream:
         self.prefetch = (device.type == "cuda") if prefetch is None else prefetch
         self._split: tuple[torch.Tensor, torch.Tensor] | None = None  # the resident split, loaded on first use
         self._copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-        self._prepared: tuple[int, int, MacroBatch] | None = None  # (epoch, index, macro-batch) from prepare()
+        self._reader: ThreadPoolExecutor | None = None  # the prefetch thread, started when first needed
+        # (epoch, index, macro-batch) loaded ahead: by prepare(), or loading on the reader thread.
+        self._ahead: tuple[int, int, MacroBatch | Future[MacroBatch]] | None = None
 
     @property
     def most_steps_per_macro(self) -> int:
@@ -172,8 +176,8 @@ class MacroBatchStream:
         self.preload()
         pieces, _, size = self._pieces(epoch, 0)
         sequence = np.concatenate([self.data.block_layout(shard)[b][0] - self.data.start + np.arange(lo, hi) for shard, b, lo, hi in pieces])
-        order = torch.from_numpy(sequence[self._rank_positions(epoch, 0, size)]).to(self.device, non_blocking=True)
-        return MacroBatch(epoch, 0, *self._split, order, self.local_batch_size)
+        (order,), ready = self._copy_in(torch.from_numpy(sequence[self._rank_positions(epoch, 0, size)]))
+        return MacroBatch(epoch, 0, *self._split, order, self.local_batch_size, ready)
 
     def _assemble(self, epoch: int, index: int) -> tuple[np.ndarray, np.ndarray]:
         """Host arrays of this rank's rows of macro-batch `index` of `epoch`, in step order.
@@ -202,23 +206,27 @@ class MacroBatchStream:
         return images, labels
 
     def _to_device(self, epoch: int, index: int, host: tuple[np.ndarray, np.ndarray]) -> MacroBatch:
-        """One host-to-device transfer per tensor; on a GPU from pinned memory on the copy stream.
-        The rows are already in step order, so the order is 0, 1, 2, ..."""
-        images, labels = (torch.from_numpy(a) for a in host)
-        order = torch.arange(len(labels))
+        """The assembled rows on the device. They are already in step order, so the order is 0, 1, 2, ...
+        The labels are widened on the host: on the device that would be one more kernel, on
+        the copy stream so as not to read them before their copy has landed."""
+        images, labels = host
+        tensors, ready = self._copy_in(torch.from_numpy(images), torch.from_numpy(labels.astype(np.int64)), torch.arange(len(labels)))
+        return MacroBatch(epoch, index, *tensors, self.local_batch_size, ready)
+
+    def _copy_in(self, *tensors: torch.Tensor) -> tuple[list[torch.Tensor], torch.cuda.Event | None]:
+        """Host tensors onto the device, one transfer each. On a GPU from pinned memory on the
+        copy stream, so that the host does not wait, with the event that marks them landed
+        (MacroBatch.wait_until_ready makes the compute stream wait for it)."""
         if self._copy_stream is None:
-            return MacroBatch(epoch, index, images.to(self.device), labels.long().to(self.device), order.to(self.device), self.local_batch_size)
+            return [t.to(self.device) for t in tensors], None
         with torch.cuda.stream(self._copy_stream):
-            images, labels, order = (t.pin_memory().to(self.device, non_blocking=True) for t in (images, labels, order))
-            # Widened on the copy stream too: on any other stream this could read the
-            # labels before their copy has landed.
-            labels = labels.long()
+            copies = [t.pin_memory().to(self.device, non_blocking=True) for t in tensors]
             ready = torch.cuda.Event()
             ready.record()
-        return MacroBatch(epoch, index, images, labels, order, self.local_batch_size, ready)
+        return copies, ready
 
     def _load(self, epoch: int, index: int) -> MacroBatch:
-        return self._to_device(epoch, index, self._assemble(epoch, index))
+        return self._resident_batch(epoch) if self.resident else self._to_device(epoch, index, self._assemble(epoch, index))
 
     def prepare(self, epoch: int, start_index: int = 0) -> None:
         """Load the macro-batch that `epoch(epoch, start_index)` starts with now, before the
@@ -226,31 +234,39 @@ class MacroBatchStream:
         one-off start-up (a process's first epoch order took 8-11 ms against 1 ms for the
         next ones on a 2-core Xeon). Nothing, where that epoch yields nothing from there
         (a run resumed at an epoch's end)."""
-        if start_index >= self.macro_batches_per_epoch:
-            return
-        self._prepared = (epoch, start_index, self._prepared_or_load(epoch, start_index))
+        if start_index < self.macro_batches_per_epoch:
+            self._ahead = (epoch, start_index, self._take(epoch, start_index))
 
-    def _prepared_or_load(self, epoch: int, start_index: int) -> MacroBatch:
-        """The prepared macro-batch if it is this one (used once), else a fresh load."""
-        prepared, self._prepared = self._prepared, None
-        if prepared and prepared[:2] == (epoch, start_index):
-            return prepared[2]
-        return self._resident_batch(epoch) if self.resident else self._load(epoch, start_index)
+    def epoch(self, epoch: int, start_index: int = 0, next_epoch_follows: bool = False) -> Iterator[MacroBatch]:
+        """Macro-batches of `epoch` from `start_index` on. With the prefetch thread, each
+        one's successor loads while it trains; `next_epoch_follows` (the caller will train
+        `epoch + 1` next) makes the next epoch's first macro-batch the last one's successor."""
+        for index in range(start_index, self.macro_batches_per_epoch):
+            batch = self._take(epoch, index)
+            if self.prefetch and index + 1 < self.macro_batches_per_epoch:
+                self._load_ahead(epoch, index + 1)
+            elif self.prefetch and next_epoch_follows:
+                self._load_ahead(epoch + 1, 0)
+            yield batch
 
-    def epoch(self, epoch: int, start_index: int = 0) -> Iterator[MacroBatch]:
-        """Macro-batches of `epoch` from `start_index` on."""
-        if self.resident:
-            if start_index == 0:
-                yield self._prepared_or_load(epoch, 0)
-            return
-        if not self.prefetch:
-            for index in range(start_index, self.macro_batches_per_epoch):
-                yield self._prepared_or_load(epoch, index) if index == start_index else self._load(epoch, index)
-            return
-        with ThreadPoolExecutor(1, thread_name_prefix="harness-prefetch") as reader:
-            upcoming = reader.submit(self._prepared_or_load, epoch, start_index)
-            for index in range(start_index, self.macro_batches_per_epoch):
-                batch = upcoming.result()
-                if index + 1 < self.macro_batches_per_epoch:
-                    upcoming = reader.submit(self._load, epoch, index + 1)
-                yield batch
+    def _take(self, epoch: int, index: int) -> MacroBatch:
+        """Macro-batch `index` of `epoch`: the one loaded ahead if it is this one (used once),
+        else loaded now. A load ahead of some other one is dropped."""
+        ahead, self._ahead = self._ahead, None
+        if ahead and ahead[:2] == (epoch, index):
+            return ahead[2].result() if isinstance(ahead[2], Future) else ahead[2]
+        if ahead and isinstance(ahead[2], Future):
+            ahead[2].cancel()  # one the reader has begun runs to its end, unused
+        return self._load(epoch, index)
+
+    def _load_ahead(self, epoch: int, index: int) -> None:
+        if self._reader is None:
+            self._reader = ThreadPoolExecutor(1, thread_name_prefix="harness-prefetch")
+        self._ahead = (epoch, index, self._reader.submit(self._load, epoch, index))
+
+    def close(self) -> None:
+        """Stop the prefetch thread, after the load it is running (one not begun is dropped)."""
+        self._ahead = None
+        if self._reader is not None:
+            self._reader.shutdown(wait=True, cancel_futures=True)
+            self._reader = None

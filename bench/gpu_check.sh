@@ -53,6 +53,8 @@ print(json.dumps({"dir": tempfile.gettempdir(), "write_fsync_6.7MB_ms": [round(1
                   "median_ms": round(1e3 * statistics.median(times), 2)}))
 PY
 cat "$OUT/disk.json"
+# How long rank 0's checkpoint writer keeps the training thread from the GIL (a few seconds).
+timeout 60 "$PY" bench/bench_writer_gil.py >"$OUT/writer_gil.json" 2>>"$OUT/gpu_check.log"
 
 step "GPU tests"
 # Four pytest processes share the GPU at once: the tests check results, not speed, and
@@ -105,7 +107,7 @@ step "done"
 "$PY" bench/gpu_table.py "$OUT" | tee "$OUT/table.txt"
 # The device tool brings back at most 8 files from OUT (2026-11-27 lost the step probe's
 # record and a test log to that): the table, the records it reads, and the logs in one archive.
-kept=(table.txt versions.json disk.json gpu-tests.log bench_gpu.json probe.json logs.tar.gz)
+kept=(table.txt versions.json disk.json writer_gil.json gpu-tests.log bench_gpu.json probe.json logs.tar.gz)
 logs=()
 for f in "$OUT"/* "$OUT"/.[!.]*; do
   [ -e "$f" ] || continue  # an unmatched pattern

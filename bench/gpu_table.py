@@ -53,6 +53,12 @@ def main(out: Path) -> None:
             else:
                 print(f"  update after / inside the graph, {name}: ms {r['after']} / {r['inside']}; "
                       f"host launch us {r['launch_us_after']} / {r['launch_us_inside']}")
+    disk = load(out / "disk.json") or {}
+    print(f"disk: 6.7 MB written and fsynced in {disk.get('median_ms')} ms (median of 5, {disk.get('dir')})")
+    writer = (load(out / "writer_gil.json") or {}).get("figures", {})
+    if writer:
+        print("writer thread keeps the training thread from the GIL, longest stretch ms (first call; later median/max): "
+              + "  ".join(f"{job} {v['first']['longest_ms']}; {v['later_longest_ms_median']}/{v['later_longest_ms_max']}" for job, v in writer.items()))
     bench = load(out / "bench_gpu.json")
     if not bench:
         print("benchmarks: no record (see bench_gpu.log)")
@@ -66,8 +72,6 @@ def main(out: Path) -> None:
           f"wall {lenet.get('wall_seconds')} s   [targets: >= 0.992, <= 2 s]")
     print(f"  step {lenet.get('step_ms')} ms at batch 100, {lenet.get('achieved_tflops')} TFLOP/s")
     print(f"  loop by part (s): {lenet.get('loop_seconds_by_part')}")
-    disk = load(out / "disk.json") or {}
-    print(f"  disk: 6.7 MB written and fsynced in {disk.get('median_ms')} ms (median of 5, {disk.get('dir')})")
     for key in ("fast", "fast_inductor", "fast_cuda_graph"):  # fast_inductor: records before fast took --compile gpu
         if key not in f or (key != "fast" and not f[key]["runs"]):
             continue

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from harness.atomic import tensor_snapshot, torch_save_atomic, write_json_atomic, write_text_atomic
 from harness.background import BackgroundWriter
-from harness.checkpoint import save_checkpoint, set_aside_checkpoints_after
+from harness.checkpoint import CHECKPOINT_DIR, save_checkpoint, set_aside_checkpoints_after
 from harness.errors import HarnessError
 from harness.evaluate import EvalResult, class_report, format_report
 from harness.report import render, run_figures, save_pictures
@@ -32,14 +32,18 @@ STOPPED = "stopped.json"
 def prepare_run_dir(run_dir: Path, resuming: bool) -> Path:
     """Create RUN_DIR, or check that an existing one may be used.
 
-    A fresh start in a directory that already holds epoch results would mix two
-    runs, so it is refused; a directory holding only TensorBoard events from a
-    run killed before its first checkpoint is fine (those events are purged).
+    A fresh start in a directory that already holds a run's results would mix two runs, so
+    it is refused: a finished run (summary.json), or epoch results (metrics.jsonl) beside
+    checkpoints, which are there to resume from. A run killed before its first checkpoint
+    leaves only TensorBoard events and perhaps the first epoch's metrics line: a fresh
+    start there is its restart (a batch script's rerun, torchrun's --max-restarts), and
+    drops both (Trainer's keep_epochs, TensorBoard's purge).
     """
     run_dir = Path(run_dir)
     if not resuming:
-        for name in ("metrics.jsonl", "summary.json"):
-            if (run_dir / name).exists():
+        checkpoints = any((run_dir / CHECKPOINT_DIR).glob("step-*"))  # committed ones (a write's temporary file is .step-*)
+        for name, refused in (("metrics.jsonl", checkpoints), ("summary.json", True)):
+            if refused and (run_dir / name).exists():
                 raise HarnessError(
                     f"{run_dir}: already holds a run ({name} exists) that this one would not continue "
                     "(--resume never, or no valid checkpoint to resume from); pick a new --run-dir"

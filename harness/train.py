@@ -158,7 +158,9 @@ class Trainer:
         diverge_rank_rng(ctx.rank, fresh_start=not self.progress.step)  # test-only
         self.outputs = RunOutputs(self.run_dir, resumed_at=self.progress.step or None) if ctx.is_main else None
         if self.outputs:
-            self.outputs.keep_epochs(self.progress.epoch)
+            # The lines of epochs this run will redo go; with nothing left to train (a run
+            # stopped at its last step), the last one, a partial epoch's at --max-steps, stays.
+            self.outputs.keep_epochs(self.progress.epoch + (0 if self.training_left() else 1))
 
     def build_data(self) -> None:
         """The training range as a macro-batch stream, and (rank 0) the validation set on the device."""
@@ -360,10 +362,12 @@ class Trainer:
 
     def finished_before(self) -> bool:
         """Whether a run resumed with nothing left to train had already written its
-        summary: then a rerun leaves its files as they are (the summary's times among
-        them). A run stopped by a signal after its last step has not: it finishes now.
-        Rank 0 looks; every rank takes its answer."""
-        written = self.ctx.is_main and (self.run_dir / "summary.json").is_file()
+        summary, at this step: then a rerun leaves its files as they are (the summary's
+        times among them). A run stopped by a signal after its last step has not: it
+        finishes now; so does one extended (a larger --max-steps or --epochs) and stopped
+        at its new last step, whose summary.json is the shorter run's. Rank 0 looks; every
+        rank takes its answer."""
+        written = self.ctx.is_main and summary_steps(self.run_dir / "summary.json") == self.progress.step
         return bool(self.ctx.gather([int(written)])[0][0])
 
     def train_epoch(self) -> None:
@@ -677,6 +681,15 @@ class Trainer:
         if not self.config.holdout and self.last_eval and self.last_eval[0] == self.progress.step:
             return self.last_eval[1]
         return evaluate(self.model, *self.test_set(), self.normalize, self.loss_fn, self.config.eval_batch)
+
+
+def summary_steps(path: Path) -> int | None:
+    """The step count a run's summary.json records; None without a readable one."""
+    try:
+        steps = json.loads(path.read_text()).get("steps") if path.is_file() else None
+    except (OSError, ValueError, AttributeError):  # unreadable, not JSON, not an object: not a finished run's
+        return None
+    return steps if isinstance(steps, int) else None
 
 
 def compile_mode(requested: str, ctx: distributed.DistContext, augmenting: bool = False, sync_batch_norm: bool = False) -> str:

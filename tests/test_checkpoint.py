@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import (ROOT, Payload, free_port, run, signal_tree, start_and_signal, summary, tiny_training_objects, train_command, train_ok,
-                     write_source)
+                     wait_for, write_source)
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from harness import checkpoint as ckpt
@@ -177,6 +177,57 @@ def test_a_stop_at_an_epochs_end_waits_for_its_validation_and_checkpoint(shards,
     assert [m["epoch"] for m in metrics] == [1, 2, 3]
     for tag in ("train/loss", "val/loss", "val/accuracy"):
         assert scalar_steps(run_dir, tag) == scalar_steps(tmp_path / "whole", tag), tag
+
+
+def test_an_extended_run_stopped_at_its_new_last_step_finishes_when_rerun(shards, tmp_path):
+    """A finished run extended with a larger --max-steps, and stopped by a signal at its
+    new last step (mid-epoch 2): the rerun has nothing left to train, but the summary.json
+    there is the shorter run's, so it finishes now: the summary, model.pt and the metrics
+    line of the partial epoch are an uninterrupted 15-step run's, and stopped.json goes.
+    (It used to take the old summary for its own, and keep all three stale for good; and
+    the resume dropped the partial epoch's line, which nothing wrote again.)"""
+    whole, run_dir = tmp_path / "whole", tmp_path / "run"
+    train_ok(shards, whole, *SMALL, "--max-steps", "15")
+    train_ok(shards, run_dir, *SMALL, "--max-steps", "12")
+    stopped = run(train_command(shards, run_dir, *SMALL, "--max-steps", "15"), env={"HARNESS_TEST_FAULT": "term@14"})  # during step 15
+    assert stopped.returncode == EXIT_STOPPED, stopped.stderr[-3000:]
+    assert json.loads((run_dir / "stopped.json").read_text())["step"] == 15 and summary(run_dir)["steps"] == 12
+    rerun = train_ok(shards, run_dir, *SMALL, "--max-steps", "15")
+    assert "nothing to train" not in rerun.stdout
+    assert not (run_dir / "stopped.json").exists()
+    assert summary(run_dir)["steps"] == 15 and summary(run_dir)["param_checksum"] == summary(whole)["param_checksum"]
+    assert torch.equal(torch.load(run_dir / "model.pt")["1.weight"], torch.load(whole / "model.pt")["1.weight"])
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [(m["epoch"], m["step"]) for m in metrics] == [(1, 10), (2, 15)]
+    again = train_ok(shards, run_dir, *SMALL, "--max-steps", "15")  # now it has finished
+    assert "this run has finished (summary.json); nothing to train" in again.stdout
+
+
+def test_a_run_killed_before_its_first_checkpoint_starts_again(shards, tmp_path):
+    """Killed after the first epoch's validation (its metrics line written) but before its
+    checkpoint was: the directory holds no checkpoint to resume from, so the rerun of the
+    same command (a batch script's, torchrun --max-restarts') starts afresh there, where
+    it used to be refused ("already holds a run"), and ends as an uninterrupted run."""
+    whole, run_dir = tmp_path / "whole", tmp_path / "run"
+    train_ok(shards, whole, *SMALL)
+    # The background writer sleeps 60 s before it writes step 10's checkpoint (epoch 1's).
+    process = subprocess.Popen(train_command(shards, run_dir, *SMALL), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               env={**os.environ, "HARNESS_TEST_FAULT": "slowwrite=60@10"})
+    try:
+        # (Epoch 2's line may follow before the kill: its checkpoint waits for epoch 1's.)
+        wait_for(lambda: (run_dir / "metrics.jsonl").is_file() and (run_dir / "metrics.jsonl").read_text().strip(), 120,
+                 "the first epoch's metrics line")
+    finally:
+        process.kill()
+        process.wait(timeout=60)
+    assert not list((run_dir / "checkpoints").glob("step-*"))
+    rerun = train_ok(shards, run_dir, *SMALL)
+    assert "resuming" not in rerun.stdout
+    assert summary(run_dir)["param_checksum"] == summary(whole)["param_checksum"]
+    assert [json.loads(line)["epoch"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+    (run_dir / "summary.json").unlink()  # a finished run's directory, but for its summary: still refused
+    refused = run(train_command(shards, run_dir, *SMALL, "--resume", "never"))
+    assert refused.returncode == 2 and "already holds a run (metrics.jsonl exists)" in refused.stderr
 
 
 def test_a_partial_epochs_validation_does_not_count_toward_early_stopping(shards, tmp_path):

@@ -232,6 +232,11 @@ def init_distributed(
     # for one rank, so that path is the same at every size; a plain `python -m harness`
     # has none.
     launched = "MASTER_ADDR" in env and "WORLD_SIZE" in env
+    if not 0 <= ctx.rank < world_size:  # a stray RANK export, say, which would make this process take another's slices
+        raise HarnessError(
+            f"RANK={ctx.rank} with WORLD_SIZE={world_size}{'' if 'WORLD_SIZE' in env else ' (unset)'}: a rank is 0 to WORLD_SIZE-1; "
+            "start the ranks with torchrun, or unset RANK for one process"
+        )
     if launched or world_size > 1:
         missing = [name for name in LAUNCHER_VARIABLES if name not in env]
         if missing:

@@ -387,6 +387,20 @@ def test_world_size_without_the_rest_of_the_launchers_environment_is_refused(mni
     ], result.stderr
 
 
+@pytest.mark.parametrize("env", [{"RANK": "1"}, {"RANK": "2", "WORLD_SIZE": "2"}, {"RANK": "-1"}])
+def test_a_rank_outside_the_world_size_is_refused(mnist_shards, tmp_path, env):
+    """A stray RANK=1 with no WORLD_SIZE made the process take rank 1 of 1's slices: an
+    IndexError traceback from the stream."""
+    result = run(train_command(mnist_shards, tmp_path / "run", "--preset", "lenet", "--max-steps", "5"), env=env)
+    assert result.returncode == 2
+    unset = "" if "WORLD_SIZE" in env else " (unset)"
+    assert result.stderr.strip().splitlines() == [
+        f"error: RANK={env['RANK']} with WORLD_SIZE={env.get('WORLD_SIZE', '1')}{unset}: a rank is 0 to WORLD_SIZE-1; "
+        "start the ranks with torchrun, or unset RANK for one process"
+    ], result.stderr
+    assert not (tmp_path / "run").exists()
+
+
 class StopRequestStandIn:
     """harness.stopping.StopRequest without its signal handlers: the test sets signal_name."""
 

@@ -185,6 +185,67 @@ def test_options_the_script_sets_itself_are_refused(option):
     assert result.stderr.strip() == f"slurm/train.sbatch: set RUN_DIR, PRESET and SHARDS in the environment, not {option.split('=')[0]} among the options"
 
 
+STUB_SRUN = """#!/bin/bash
+printf '%s\\n' "$@" > "$STUB_OUT/srun-args"
+case $STUB_SRUN in
+  finish-then-fail) echo '{"steps": 2}' > "$RUN_DIR/summary.json"; exit 1 ;;
+  fail) exit 1 ;;
+  stop) printf '{\\n "signal": "SIGTERM",\\n "step": 7\\n}\\n' > "$RUN_DIR/stopped.json"; exit 1 ;;  # as the harness writes it
+esac
+"""
+
+
+def run_script_with_stubs(tmp_path: Path, *options: str, restart_count: int = 0, srun: str = "fail") -> tuple[subprocess.CompletedProcess, list[str]]:
+    """The batch script outside Slurm, with stand-ins for srun, scontrol and sinfo: its own
+    bookkeeping (the options it passes on, what it makes of the step's end) without a
+    cluster. Returns the result and the arguments srun got."""
+    stubs, out = tmp_path / "stubs", tmp_path / "out"
+    stubs.mkdir(exist_ok=True)
+    out.mkdir(exist_ok=True)
+    for name, text in (("srun", STUB_SRUN), ("sinfo", "#!/bin/bash\necho 127.0.0.1\n"),
+                       ("scontrol", '#!/bin/bash\ncase "$*" in *hostnames*) echo node1 ;; *"show job"*) echo " Requeue=1 " ;; '
+                                    'requeue*) echo requeued >> "$STUB_OUT/requeued" ;; esac\n')):
+        (stubs / name).write_text(text)
+        (stubs / name).chmod(0o755)
+    env = {**os.environ, "PATH": f"{stubs}:{os.environ['PATH']}", "STUB_OUT": str(out), "STUB_SRUN": srun, "RUN_DIR": str(tmp_path / "run"),
+           "SLURM_SUBMIT_DIR": str(ROOT), "SLURM_JOB_ID": "4242", "SLURM_NNODES": "1", "SLURM_JOB_NODELIST": "node1",
+           "SLURM_CPUS_ON_NODE": "1", "SLURM_RESTART_COUNT": str(restart_count)}
+    result = subprocess.run(["bash", str(SBATCH), *options], capture_output=True, text=True, timeout=60, cwd=ROOT, env=env)
+    args_file = out / "srun-args"
+    return result, args_file.read_text().splitlines() if args_file.exists() else []
+
+
+@pytest.mark.parametrize("restart_count", [0, 1])
+def test_resume_among_the_options_is_for_the_first_attempt_only(tmp_path, restart_count):
+    """`sbatch train.sbatch --resume PATH`: the first attempt starts from PATH; a requeued
+    one goes on from the newest checkpoint (auto). Passed again, --resume took every
+    attempt back to PATH, or failed once PATH had been pruned."""
+    options = ("--epochs", "2", "--resume", "runs/x/checkpoints/step-00000010.pt", "--seed", "3", "--resume=never")
+    _, srun_args = run_script_with_stubs(tmp_path, *options, restart_count=restart_count)
+    passed_on = srun_args[srun_args.index("--run-dir") + 2 :]
+    assert passed_on == (list(options) if restart_count == 0 else ["--epochs", "2", "--seed", "3"])
+
+
+@pytest.mark.parametrize("srun,status,line", [
+    ("fail", 1, "job 4242: training failed (srun exit status 1); not requeued"),
+    ("finish-then-fail", 0, "job 4242: finished (srun exit status 1: a stop signal came at the end); run files in {run_dir}"),
+    ("stop", None, "job 4242: stopped at step 7; requeueing (requeue 1 of at most 20)"),
+])
+def test_an_earlier_summary_does_not_make_a_failed_attempt_finished(tmp_path, srun, status, line):
+    """RUN_DIR holds the summary.json of a run that finished before (and is now extended):
+    an attempt that fails is a failure, not "finished" with exit 0, and one that writes a
+    new summary before the step fails did finish. A stopped one is requeued."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "summary.json").write_text('{"steps": 1}')
+    result, _ = run_script_with_stubs(tmp_path, "--max-steps", "2", srun=srun)
+    assert line.format(run_dir=run_dir) in result.stdout + result.stderr, result.stdout + result.stderr
+    if status is not None:
+        assert result.returncode == status
+    else:
+        assert (tmp_path / "out" / "requeued").read_text() == "requeued\n"
+
+
 def test_sbatch_two_ranks(slurm_job_name, mnist_shards, tmp_path):
     run_dir, output = tmp_path / "run", tmp_path / "slurm-%j.out"
     proc = submit(slurm_job_name, mnist_shards, run_dir, output, "--max-steps", "30", *TRAIN_ARGS, wait=True)

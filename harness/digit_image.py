@@ -22,6 +22,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from harness.errors import HarnessError
+from harness.validation import one_line
 
 FIELD, BOX = 28, 20
 NOISE_FLOOR = 0.2  # ink below this fraction of the strongest is paper texture, shadow or JPEG noise
@@ -39,8 +40,8 @@ def read_image(path: Path) -> Image.Image:
             if max(image.size) > MAX_SIDE:
                 image.draft(None, (MAX_SIDE, MAX_SIDE))  # a big JPEG decodes at 1/2, 1/4 or 1/8 scale
             image.load()
-            # Phone photos store their rotation in EXIF. In place: no copy of a picture without one.
-            ImageOps.exif_transpose(image, in_place=True)
+            check_grey_conversion(image, path)
+            transpose_by_exif(image, path)
             return image
     except FileNotFoundError:
         raise HarnessError(f"{path}: file not found") from None
@@ -48,6 +49,30 @@ def read_image(path: Path) -> Image.Image:
         raise HarnessError(f"{path}: not enough memory to decode the image") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise HarnessError(f"{path}: not a readable image ({type(e).__name__}: {e})") from None
+
+
+def check_grey_conversion(image: Image.Image, path: Path) -> None:
+    """Refuse a picture whose mode Pillow opens but cannot convert as `ink_band` and `greys`
+    do (LAB, La), here, where the file can be named. Tried on a 1x1 picture of the mode: no
+    copy of the picture itself."""
+    probe = Image.new(image.mode, (1, 1))
+    try:
+        probe.convert("L")
+        if "transparency" in image.info:
+            probe.convert("RGBA")
+    except ValueError as e:
+        raise HarnessError(f"{path}: a {image.mode} picture, which cannot be converted to grey levels ({e})") from None
+
+
+def transpose_by_exif(image: Image.Image, path: Path) -> None:
+    """Turn the picture upright as its EXIF orientation says (phone photos store their
+    rotation there); in place: no copy of a picture without one."""
+    try:
+        ImageOps.exif_transpose(image, in_place=True)
+    except MemoryError:
+        raise
+    except Exception as e:  # noqa: BLE001 (Pillow's EXIF parser on untrusted bytes: struct.error, KeyError, TypeError...)
+        raise HarnessError(f"{path}: damaged EXIF data ({one_line(e) or type(e).__name__})") from None
 
 
 def shrink(image: Image.Image) -> Image.Image:

@@ -109,12 +109,17 @@ def buffers_restored(model: nn.Module):
 
 def first_layer_weights(state: dict[str, torch.Tensor]) -> list[tuple[str, torch.Tensor]]:
     """Weights worth looking at as images, from a model's state dict (in module order): both
-    conv layers of the CNN, or an MLP's first Linear as one 28x28 tile per unit. [n, c, h, w] each."""
+    conv layers of the CNN, or an MLP's first Linear as one 28x28 tile per unit. [n, c, h, w] each.
+    ValueError for a state dict of neither kind (a saved model can come from anywhere)."""
     convs = [t.detach() for t in state.values() if t.ndim == 4]
     if convs:
         return [(f"conv{i + 1}", w) for i, w in enumerate(convs[:2])]
-    first = next(t.detach() for t in state.values() if t.ndim == 2)
-    return [("layer1", first.reshape(-1, 1, 28, 28))]
+    first = next((t.detach() for t in state.values() if t.ndim == 2), None)
+    if first is None:
+        raise ValueError("holds no 4-D (conv) or 2-D (linear) weight to draw")
+    if first.shape[1] != 28 * 28:
+        raise ValueError(f"its first 2-D weight is {first.shape[0]}x{first.shape[1]}; an MLP's first layer takes 784 (28x28) inputs")
+    return [("layer1", first.reshape(-1, 1, 28, 28))]  # splits one dimension: a view, never a copy
 
 
 def parameter_checksum(model: nn.Module) -> str:

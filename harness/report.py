@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import reprlib
 from pathlib import Path
 
 import numpy as np
@@ -21,12 +22,14 @@ from matplotlib.ticker import MaxNLocator
 from PIL import Image
 
 from harness.checkpoint import load_tensors_only
+from harness.config import FLOAT32_MAX
 from harness.errors import HarnessError
 from harness.models import first_layer_weights
 from harness.validation import first_violation, read_json_file
 
 REPORT_DIR = "report"
 PICTURES = ("training_curves", "filters", "confusion_matrix")
+FILTERS_WIDTH = 10.0  # inches; at 100 dpi, 1,000 pixels
 
 
 # --- figures --------------------------------------------------------------------------------------
@@ -57,17 +60,30 @@ def curves_figure(metrics: list[dict], before_training: dict | None = None) -> F
     return figure
 
 
+def tile_layout(n: int, c: int) -> tuple[int, int]:
+    """(rows, columns) of tiles for n filters of c input channels: with several input
+    channels, one column per filter and one row per input channel; else one row of up to
+    32 tiles, or a near-square grid."""
+    columns = n if c > 1 or n <= 32 else math.ceil(math.sqrt(n))
+    rows = c if c > 1 else math.ceil(n / columns)
+    return rows, columns
+
+
+def grid_shape(shape) -> tuple[int, int]:
+    """tile_array's (height, width) in cells for [n, c, h, w] weights: a NaN cell between tiles."""
+    n, c, h, w = shape
+    rows, columns = tile_layout(n, c)
+    return rows * (h + 1) - 1, columns * (w + 1) - 1
+
+
 def tile_array(weights: torch.Tensor) -> np.ndarray:
-    """[n, c, h, w] → one 2-D array with NaN gaps. With several input channels, one column
-    per filter and one row per input channel; else one row of up to 32 tiles, or a
-    near-square grid. Each tile is scaled to its own largest |w|, so that it shows its
-    pattern whatever its norm."""
+    """[n, c, h, w] → one 2-D array with NaN gaps, tiles laid out as `tile_layout` says.
+    Each tile is scaled to its own largest |w|, so that it shows its pattern whatever its norm."""
     n, c, h, w = weights.shape
     tiles = weights.float().cpu().numpy()
     tiles = tiles / np.maximum(np.abs(tiles).max(axis=(2, 3), keepdims=True), 1e-12)
-    columns = n if c > 1 or n <= 32 else math.ceil(math.sqrt(n))
-    rows = c if c > 1 else math.ceil(n / columns)
-    grid = np.full((rows * (h + 1) - 1, columns * (w + 1) - 1), np.nan)
+    columns = tile_layout(n, c)[1]
+    grid = np.full(grid_shape(weights.shape), np.nan)
     for f in range(n):
         for channel in range(c):
             r, col = (channel, f) if c > 1 else divmod(f, columns)
@@ -78,8 +94,8 @@ def tile_array(weights: torch.Tensor) -> np.ndarray:
 def filters_figure(layers: list[tuple[str, torch.Tensor]]) -> Figure:
     """conv1 and conv2 grids of a CNN, one above the other, or an MLP's first layer as 28x28 tiles."""
     grids = [(name, weights.shape, tile_array(weights)) for name, weights in layers]
-    width = 10.0
-    heights = [width * grid.shape[0] / grid.shape[1] + 0.5 for _, _, grid in grids]  # + room for the title
+    width = FILTERS_WIDTH
+    heights = [panel_height(grid.shape) for _, _, grid in grids]
     figure = Figure(figsize=(width, sum(heights) + 0.4), layout="constrained")
     for axes, (name, shape, grid) in zip(np.atleast_1d(figure.subplots(len(grids), 1, height_ratios=heights)), grids):
         n, c, h, w = shape
@@ -89,6 +105,12 @@ def filters_figure(layers: list[tuple[str, torch.Tensor]]) -> Figure:
         axes.set_axis_off()
     figure.suptitle("first-layer weights (each tile scaled to its own largest |w|; red +, blue -)", fontsize=10)
     return figure
+
+
+def panel_height(grid_shape: tuple[int, int]) -> float:
+    """Inches of the filters figure that a grid of `grid_shape` cells takes: its aspect at
+    FILTERS_WIDTH, plus room for the title."""
+    return FILTERS_WIDTH * grid_shape[0] / grid_shape[1] + 0.5
 
 
 def confusion_figure(confusion: np.ndarray) -> Figure:
@@ -154,25 +176,37 @@ def save_pictures(pictures: dict[str, np.ndarray], run_dir: Path) -> list[Path]:
 # What `report` and `predict` read from a run directory, which may come from someone else:
 # each file is checked for the fields they use before anything is drawn or built.
 RUN_JSON_MAX_BYTES = 64 << 20  # a summary or test report is a few kB, metrics.jsonl ~300 bytes an epoch
+# Counts are drawn as floats (axis limits, colour scales): these bounds keep them finite,
+# and far above any real run's (an epoch of MNIST takes seconds; a test set is 10,000 images).
+MAX_EPOCH = 10**9
+MAX_COUNT = 2**31 - 1
+MAX_INT_DIGITS = 18  # of any integer in metrics.jsonl: all of them then fit an int64 and a float
 NUMBER = {"type": "number"}
+FRACTION = {"type": "number", "minimum": 0, "maximum": 1}
 METRICS_LINE_SCHEMA = {
     "type": "object",
     "required": ["epoch", "train_loss", "val_loss", "val_accuracy"],
-    "properties": {"epoch": {"type": "integer", "minimum": 1}, "train_loss": NUMBER, "val_loss": NUMBER,
-                   "val_accuracy": {"type": "number", "minimum": 0, "maximum": 1}},
+    "properties": {"epoch": {"type": "integer", "minimum": 1, "maximum": MAX_EPOCH}, "train_loss": NUMBER, "val_loss": NUMBER,
+                   "val_accuracy": FRACTION},
 }
 SUMMARY_SCHEMA = {
     "type": "object",
     "properties": {"config": {"type": "object"},
-                   "before_training": {"type": "object", "properties": {"test_loss": NUMBER, "test_accuracy": NUMBER}}},
+                   "before_training": {"type": "object", "properties": {"test_loss": NUMBER, "test_accuracy": FRACTION}}},
 }
 CLASSES = 10
 TEST_REPORT_SCHEMA = {
     "type": "object",
     "required": ["confusion"],
     "properties": {"confusion": {"type": "array", "minItems": CLASSES, "maxItems": CLASSES, "items": {
-        "type": "array", "minItems": CLASSES, "maxItems": CLASSES, "items": {"type": "integer", "minimum": 0}}}},
+        "type": "array", "minItems": CLASSES, "maxItems": CLASSES, "items": {"type": "integer", "minimum": 0, "maximum": MAX_COUNT}}}},
 }
+# What tile_array and the filters figure can draw in bounded memory: a grid of at most 16.8M
+# cells (134 MB of float64; an MLP of up to ~19,900 units), panels at most 50 inches (5,000
+# pixels) high, kernels no larger than the images they filter.
+MAX_GRID_CELLS = 1 << 24
+MAX_PANEL_INCHES = 50
+MAX_KERNEL = 28
 
 
 def read_run_json(path: Path, schema: dict, what: str) -> dict:
@@ -199,14 +233,44 @@ def read_metrics(run_dir: Path) -> list[dict]:
         if not line.strip():
             continue
         try:
-            entry = json.loads(line)  # NaN allowed: a diverged validation loss is a metric too
-        except json.JSONDecodeError as e:
-            raise HarnessError(f"{path}: line {number}: not a JSON object ({e})") from None
-        problem = first_violation(METRICS_LINE_SCHEMA, entry)
+            entry = parse_metrics_line(line)
+        except ValueError as e:
+            raise HarnessError(f"{path}: line {number}: {e}") from None
+        problem = first_violation(METRICS_LINE_SCHEMA, entry) or loss_problem(entry)
         if problem:
             raise HarnessError(f"{path}: line {number}: {problem}")
         metrics.append(entry)
     return metrics
+
+
+def loss_problem(entry: dict) -> str | None:
+    """A finite loss beyond float32's range, which no run writes (its losses are float32, or
+    inf or NaN when it diverged) and which matplotlib's axis overflows on; None if none is."""
+    for name in ("train_loss", "val_loss"):
+        if math.isfinite(entry[name]) and abs(entry[name]) > FLOAT32_MAX:
+            return f"{name}: {entry[name]:.4g} is beyond float32's range (a run's losses are float32, inf or NaN)"
+    return None
+
+
+def parse_metrics_line(line: str):
+    """One line of metrics.jsonl, parsed; ValueError saying why it is not one. NaN and
+    Infinity are allowed (a diverged loss is a metric too); deep nesting and long integers
+    are not (Python would raise RecursionError, or ValueError past its int digit limit)."""
+    try:
+        return json.loads(line, parse_int=bounded_int)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"not a JSON object ({e})") from None
+    except RecursionError:
+        raise ValueError("not a JSON object (nested too deeply)") from None
+
+
+def bounded_int(digits: str) -> int:
+    """A JSON integer of at most MAX_INT_DIGITS digits; json.loads's `parse_int` hook, which
+    sees the digits before int() does."""
+    length = len(digits.lstrip("-"))
+    if length > MAX_INT_DIGITS:
+        raise ValueError(f"an integer of {length} digits; at most {MAX_INT_DIGITS} are read")
+    return int(digits)
 
 
 def load_torch_file(path: Path):
@@ -226,7 +290,41 @@ def model_state(saved, path: Path) -> dict:
 
 
 def load_weights(path: Path) -> dict:
-    return model_state(load_torch_file(path), path)
+    """A saved model's state dict, checked to be one the filters figure can draw."""
+    state = model_state(load_torch_file(path), path)
+    sparse = next((name for name, t in state.items() if t.layout != torch.strided), None)
+    if sparse is not None:  # not even reshape works on those
+        raise HarnessError(f"{path}: {reprlib.repr(sparse)} is a {state[sparse].layout} tensor; a model's weights are dense")
+    try:
+        layers = first_layer_weights(state)
+    except ValueError as e:
+        raise HarnessError(f"{path}: {e}") from None
+    for name, weights in layers:
+        problem = drawing_problem(weights)
+        if problem:
+            raise HarnessError(f"{path}: {name} weights {tuple(weights.shape)}: {problem}")
+    return state
+
+
+def drawing_problem(weights: torch.Tensor) -> str | None:
+    """Why tile_array could not draw `weights` [n, c, h, w] in bounded memory; None if it can.
+    A tensor whose storage is smaller than its elements (expand()ed: stride 0) is refused
+    too: a 1 kB file could otherwise make tile_array compute on gigabytes."""
+    n, c, h, w = weights.shape
+    if weights.device.type != "cpu" or not weights.is_floating_point():
+        return f"are a {weights.dtype} tensor on {weights.device}; floating-point CPU weights were expected"
+    if weights.numel() == 0:
+        return "are empty"
+    if weights.untyped_storage().nbytes() < weights.numel() * weights.element_size():
+        return f"have {weights.numel()} elements in a storage of {weights.untyped_storage().nbytes()} bytes (an expanded tensor)"
+    if max(h, w) > MAX_KERNEL:
+        return f"are {h}x{w} kernels; filters of 28x28 images are at most {MAX_KERNEL}x{MAX_KERNEL}"
+    height, width = grid_shape(weights.shape)
+    if height * width > MAX_GRID_CELLS:
+        return f"would be drawn as {height}x{width} cells; at most {MAX_GRID_CELLS} are drawn"
+    if panel_height((height, width)) > MAX_PANEL_INCHES:
+        return f"would be drawn {panel_height((height, width)):.0f} inches high ({c} input channels for {n} filters); at most {MAX_PANEL_INCHES}"
+    return None
 
 
 def write_report(run_dir: Path) -> tuple[list[Path], list[str]]:

@@ -8,14 +8,21 @@ so "no traceback" is checked too). A few run the real command as a subprocess.
 from __future__ import annotations
 
 import gzip
+import io
+import json
+import struct
 import tracemalloc
+import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import assert_one_error, cli, csv_row, idx_bytes, run_cli, snapshot, write_csv_source, write_idx, write_source
+import torch
+from helpers import assert_one_error, cli, csv_row, idx_bytes, run_cli, snapshot, write_csv_source, write_idx, write_manifest, write_source
+from PIL import Image
 
 from harness.data.idx import read_idx
+from harness.digit_image import load_digit
 from harness.errors import HarnessError
 
 
@@ -317,3 +324,103 @@ def test_empty_source_directory(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     rc, _, err = cli(capsys, "pack", "--source", tmp_path / "empty", "--out", tmp_path / "out")
     assert_one_error(rc, err, "empty", "no train split found")
+
+
+# --- inputs the reviews found to escape as tracebacks or to take unbounded memory --------------------
+
+
+def edited_manifest(shards: Path, edit) -> None:
+    """Apply `edit` to the shard set's manifest.json and write it back."""
+    manifest = json.loads((shards / "manifest.json").read_text())
+    edit(manifest)
+    write_manifest(shards, manifest)
+
+
+@pytest.mark.parametrize("field,value,where", [("image_shape", [28.0, 28.0], "image_shape["), ("num_classes", 10.0, "num_classes")])
+def test_manifest_float_where_an_integer_belongs(shards, capsys, field, value, where):
+    """JSON Schema's `const` compares as Python does (28.0 == 28): a float shape passed it and
+    reached numpy's reshape as a TypeError."""
+    edited_manifest(shards, lambda manifest: manifest.update({field: value}))
+    rc, _, err = cli(capsys, "show", "--shards", shards, "--split", "test", "--index", "3")
+    assert_one_error(rc, err, "manifest.json", where, "is not of type 'integer'")
+
+
+def test_manifest_count_its_shard_bytes_cannot_hold(shards, capsys):
+    """A million samples in blocks of 1 declared for a 50-image shard of ~50 kB: refused from
+    the manifest, before a reader lays out a million blocks (2**31 of them took ~200 GB)."""
+    def inflate(manifest):
+        test = manifest["splits"]["test"]
+        test["samples"] = test["shards"][0]["samples"] = 10**6
+        test["block_size"] = 1
+    edited_manifest(shards, inflate)
+    tracemalloc.start()
+    try:
+        rc, _, err = cli(capsys, "show", "--shards", shards, "--split", "test", "--index", "0")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert_one_error(rc, err, "manifest.json", "splits.test.shards[0].bytes", "is less than a shard of 1000000 images")
+    assert peak < 32 << 20, f"{peak / 2**20:.0f} MiB allocated"  # 16 MiB of it: the manifest's read buffer
+
+
+def test_lab_picture_is_one_error(tmp_path):
+    """Pillow opens a LAB TIFF but cannot convert it to grey levels."""
+    path = tmp_path / "lab.tif"
+    picture = np.full((60, 60), 255, np.uint8)
+    picture[10:50, 27:33] = 0
+    Image.fromarray(picture).convert("RGB").convert("LAB").save(path)
+    with pytest.raises(HarnessError, match=r"lab\.tif: a LAB picture, which cannot be converted to grey levels"):
+        load_digit(path)
+
+
+def test_png_with_truncated_exif_is_one_error(tmp_path):
+    """An eXIf chunk of 11 bytes: Pillow's EXIF parser raises struct.error."""
+    buffer = io.BytesIO()
+    Image.fromarray(np.where(np.arange(1600).reshape(40, 40) % 40 // 5 == 4, 0, 255).astype(np.uint8)).save(buffer, "PNG")
+    png, exif = buffer.getvalue(), b"Exif\x00\x00MM\x00*\x00"
+    chunk = struct.pack(">I", len(exif)) + b"eXIf" + exif + struct.pack(">I", zlib.crc32(b"eXIf" + exif))
+    at = png.index(b"IDAT") - 4
+    path = tmp_path / "exif.png"
+    path.write_bytes(png[:at] + chunk + png[at:])
+    with pytest.raises(HarnessError, match=r"exif\.png: damaged EXIF data"):
+        load_digit(path)
+
+
+GOOD_METRICS = '{"epoch": 1, "train_loss": 0.5, "val_loss": 0.4, "val_accuracy": 0.9}\n'
+
+
+@pytest.mark.parametrize("line,fragment", [
+    ("[" * 100000 + "]" * 100000, "not a JSON object (nested too deeply)"),
+    ('{"epoch": 1, "train_loss": 1' + "0" * 5000 + ', "val_loss": 0.4, "val_accuracy": 0.9}', "an integer of 5001 digits"),
+    ('{"epoch": 1' + "0" * 400 + ', "train_loss": 0.5, "val_loss": 0.4, "val_accuracy": 0.9}', "an integer of 401 digits"),
+    ('{"epoch": 10000000000, "train_loss": 0.5, "val_loss": 0.4, "val_accuracy": 0.9}', "epoch: 10000000000 is greater than the maximum"),
+    ('{"epoch": 1, "train_loss": 1e300, "val_loss": -1e300, "val_accuracy": 0.9}', "train_loss: 1e+300 is beyond float32's range"),
+], ids=["deep", "5000-digits", "epoch-10**400", "epoch-10**10", "loss-1e300"])
+def test_report_metrics_lines_that_raised(tmp_path, capsys, line, fragment):
+    """Lines that passed (or got past) report's checks and then raised RecursionError,
+    ValueError (int's digit limit) or OverflowError (matplotlib's axis)."""
+    (tmp_path / "metrics.jsonl").write_text(GOOD_METRICS + line + "\n")
+    rc, _, err = cli(capsys, "report", tmp_path)
+    assert_one_error(rc, err, f"{tmp_path / 'metrics.jsonl'}: line 2: {fragment}")
+    assert not (tmp_path / "report").exists()
+
+
+@pytest.mark.parametrize("state,fragment", [
+    ({"w": torch.zeros(3)}, "holds no 4-D (conv) or 2-D (linear) weight"),
+    ({"w": torch.zeros(3, 5)}, "first 2-D weight is 3x5"),
+    # 1.6M elements on one float of storage (the review's 4096x4096 took 1.9 GB, then asked for 4.5 GB).
+    ({"conv": torch.zeros(1).expand(256, 256, 5, 5)}, "1638400 elements in a storage of 4 bytes"),
+    ({"conv": torch.zeros(4, 256, 3, 3)}, "682 inches high"),
+], ids=["no-2d-or-4d", "not-784-inputs", "expanded", "too-tall"])
+def test_report_model_it_cannot_draw(tmp_path, capsys, state, fragment):
+    (tmp_path / "metrics.jsonl").write_text(GOOD_METRICS)
+    torch.save(state, tmp_path / "model.pt")
+    rc, _, err = cli(capsys, "report", tmp_path)
+    assert_one_error(rc, err, str(tmp_path / "model.pt"), fragment)
+
+
+def test_pack_refuses_images_all_one_value(tmp_path, capsys):
+    """Their pixel std of 0 is one every reader of the shard set refuses: refused before packing."""
+    source = write_source(tmp_path / "src", n_train=30, n_test=10)
+    write_idx(source / "train-images-idx3-ubyte.gz", np.full((30, 28, 28), 7), gz=True)
+    pack_refused(capsys, tmp_path, source, "train-images-idx3-ubyte.gz", "every pixel of every training image is 7", "std of 0")

@@ -4,7 +4,9 @@ A manifest travels with its shards (a shared filesystem, a bucket, a colleague's
 directory), so it is checked like any other input before anything it names is opened:
 against MANIFEST_SCHEMA (jsonschema), then for what a schema cannot say: shard names are
 the packer's own, numbered from 0 in order (so no path, URL or `pipe:` ever reaches a
-reader), the shards' counts add up to the split's, each size is one its images can have,
+reader), the shards' counts add up to the split's, each size is one its images can have
+(at most what they can take up, at least a label byte and tar headers' worth: so a size
+bounds the count of blocks a reader lays out),
 and the pixel mean agrees with the per-pixel means.
 """
 
@@ -27,6 +29,7 @@ MAX_BLOCK_SIZE = 100_000  # one block is decoded in memory at a time: at most 78
 # The smallest nonzero standard deviation of 8-bit pixels scaled to [0, 1] over N pixels is
 # about 1/(255 sqrt(N)): above 1e-8 up to 10^11 pixels. Below it, 1/std overflows float32.
 MIN_PIXEL_STD = 1e-8
+TAR_HEADER_BYTES = 512  # every tar member starts with one
 
 _COUNT = {"type": "integer", "minimum": 1, "maximum": MAX_SAMPLES}
 _FRACTION = {"type": "number", "minimum": 0, "maximum": 1}
@@ -65,11 +68,12 @@ STATS_SCHEMA = {
 MANIFEST_SCHEMA = {
     "type": "object",
     "properties": {
-        "format_version": {"const": FORMAT_VERSION},
+        # `const` alone compares as Python does (28.0 == 28): "type" keeps the floats out.
+        "format_version": {"type": "integer", "const": FORMAT_VERSION},
         "dataset": {"type": "string"},
         "packed_by": {"type": "string"},
-        "image_shape": {"const": list(IMAGE_SHAPE)},  # the models are built for 28x28
-        "num_classes": {"const": NUM_CLASSES},
+        "image_shape": {"const": list(IMAGE_SHAPE), "items": {"type": "integer"}},  # the models are built for 28x28
+        "num_classes": {"type": "integer", "const": NUM_CLASSES},
         "source": {"type": "object"},
         "splits": {
             "type": "object",
@@ -96,10 +100,16 @@ def load_manifest(shard_dir: Path) -> dict:
     version = manifest.get("format_version") if isinstance(manifest, dict) else None
     if isinstance(manifest, dict) and version != FORMAT_VERSION:
         raise HarnessError(f"{path}: format_version is {version!r}; this harness reads version {FORMAT_VERSION}")
-    problem = first_violation(MANIFEST_SCHEMA, manifest) or _layout_problem(manifest)
+    problem = manifest_problem(manifest)
     if problem:
         raise HarnessError(f"{path}: {problem}")
     return manifest
+
+
+def manifest_problem(manifest) -> str | None:
+    """The first way `manifest` fails a reader's checks, as `field: problem`; None if it passes
+    (the packer asks too, so that it never publishes a set its readers refuse)."""
+    return first_violation(MANIFEST_SCHEMA, manifest) or _layout_problem(manifest)
 
 
 def _layout_problem(manifest: dict) -> str | None:
@@ -110,9 +120,9 @@ def _layout_problem(manifest: dict) -> str | None:
             expected = f"{split}-{i:06d}.tar"
             if shard["name"] != expected:
                 return f"{field}.shards[{i}].name: {shard['name']!r}; {expected!r} was expected (the packer numbers a split's shards from 0)"
-            limit = max_shard_bytes(shard["samples"], info["block_size"], math.prod(IMAGE_SHAPE))
-            if shard["bytes"] > limit:
-                return f"{field}.shards[{i}].bytes: {shard['bytes']} is more than a shard of {shard['samples']} images can be ({limit})"
+            problem = _shard_size_problem(shard, info["block_size"])
+            if problem:
+                return f"{field}.shards[{i}].bytes: {problem}"
         held = sum(shard["samples"] for shard in info["shards"])
         if held != info["samples"]:
             return f"{field}.samples: {info['samples']}, but the shards hold {held} ({' + '.join(str(s['samples']) for s in info['shards'][:5])}{' + ...' if len(info['shards']) > 5 else ''})"
@@ -120,6 +130,30 @@ def _layout_problem(manifest: dict) -> str | None:
     average = math.fsum(stats["pixel_mean"]) / len(stats["pixel_mean"])
     if abs(stats["mean"] - average) > 1e-6:
         return f"train_stats.mean: {stats['mean']} is not the average of pixel_mean ({average:.8f})"
+    return None
+
+
+def min_shard_bytes(samples: int, block_size: int) -> int:
+    """A size no shard of `samples` images in blocks of `block_size` can be under: a label
+    byte per image and three tar headers per block. Loose on purpose: a shard short of
+    bytes beyond this still reaches the indexer, which names the short or damaged member;
+    this bound only has to keep the declared block count (and so every per-block list a
+    reader builds before indexing) proportional to the shard's real size."""
+    return samples + -(-samples // block_size) * 3 * TAR_HEADER_BYTES
+
+
+def _shard_size_problem(shard: dict, block_size: int) -> str | None:
+    """Why a shard's recorded bytes cannot hold its recorded samples; None if they can.
+    (A local shard's real size is checked against `bytes` when its split is opened, before
+    any layout is built; a fetched one's only as it arrives.)"""
+    samples, size = shard["samples"], shard["bytes"]
+    high = max_shard_bytes(samples, block_size, math.prod(IMAGE_SHAPE))
+    if size > high:
+        return f"{size} is more than a shard of {samples} images can be ({high})"
+    low = min_shard_bytes(samples, block_size)
+    if size < low:
+        return (f"{size} is less than a shard of {samples} images in blocks of {block_size} can be "
+                f"({low}: a label byte per image and three {TAR_HEADER_BYTES}-byte tar headers per block)")
     return None
 
 

@@ -30,7 +30,7 @@ import numpy as np
 
 from harness import __version__
 from harness.atomic import fsync_dir, write_json_atomic
-from harness.data.manifest import FORMAT_VERSION, MANIFEST_NAME, MAX_BLOCK_SIZE
+from harness.data.manifest import FORMAT_VERSION, MANIFEST_NAME, MAX_BLOCK_SIZE, manifest_problem
 from harness.data.sources import IMAGE_SHAPE, Dataset, sha256_of
 from harness.errors import HarnessError
 
@@ -138,6 +138,7 @@ def pack(
     if shard_size % block_size:
         raise HarnessError(f"--shard-size {shard_size} must be a multiple of --block-size {block_size}")
     check_output_dir(out_dir)
+    check_train_images_vary(dataset)
     tmp = _make_temp_dir(out_dir)
     try:
         splits, train_sums = {}, PixelSums()
@@ -162,6 +163,9 @@ def pack(
             "splits": splits,
             "train_stats": train_sums.statistics(),
         }
+        problem = manifest_problem(manifest)
+        if problem:  # e.g. a std too small to divide by, which the readers refuse
+            raise HarnessError(f"{dataset.name}: the packed set would fail its readers' checks ({problem}); nothing was published")
         write_json_atomic(tmp / MANIFEST_NAME, manifest)
         _publish(tmp, out_dir)
     except OSError as e:  # disk full, I/O error, a directory that refuses the rename: nothing was published
@@ -169,6 +173,27 @@ def pack(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return manifest
+
+
+def check_train_images_vary(dataset: Dataset) -> None:
+    """Refuse a source whose training pixels are all one value, before anything is written:
+    its std of 0 is one the readers refuse (normalising would divide by it), and there is
+    nothing to learn from it. Reads only until a pixel differs: one block of ordinary data."""
+    split = dataset.splits["train"]
+    chunks, first = split.chunks(DEFAULT_BLOCK_SIZE), None
+    try:
+        for images, _ in chunks:
+            if first is None:
+                first = images.flat[0]
+            if (images != first).any():
+                return
+    finally:
+        chunks.close()  # a generator: closing it closes the source files it has open
+    source = getattr(split, "images_file", dataset.name)  # the IDX file; a CSV source by its name
+    raise HarnessError(
+        f"{source}: every pixel of every training image is {first}: a pixel std of 0, which the shard set's "
+        "readers refuse (normalising divides by it, and there is nothing to learn); nothing was packed"
+    )
 
 
 def _reason(e: OSError) -> str:

@@ -9,13 +9,19 @@ its SHA-256 check. Loading falls back to the newest checkpoint that verifies.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import itertools
 import logging
+import math
+import os
+import pickletools
 import re
+import reprlib
 import time
 import warnings
+import zipfile
 from pathlib import Path
 
 import torch
@@ -24,7 +30,7 @@ from harness.atomic import fsync_dir, torch_bytes, write_bytes_atomic, write_jso
 from harness.config import changed_fields
 from harness.data.manifest import STATS_SCHEMA
 from harness.errors import HarnessError
-from harness.validation import first_violation, one_line, read_json_file
+from harness.validation import first_violation, one_line, open_regular_file, plain_data_problem, read_json_file
 
 log = logging.getLogger("harness")
 
@@ -116,6 +122,11 @@ MARKER_SCHEMA = {
 STATE_KEYS = {"model", "optimizer", "scheduler", "loop", "rng", "config", "world_size"}
 # Held by checkpoints written since it was added, absent from older ones (which still resume).
 OPTIONAL_STATE_KEYS = {"normalization_stats"}  # what `harness predict` normalises with
+# torch.save's own tuples nest 3 deep (a tensor's size in its rebuild arguments). Hashing a
+# tuple (a dict key) recurses through the tuples in it with no recursion limit: a key of a
+# million nested tuples, 1 MB of pickle, crashes the interpreter inside torch.load.
+MAX_TUPLE_NESTING = 100
+TUPLE_OPCODES = {"TUPLE", "TUPLE1", "TUPLE2", "TUPLE3", "EMPTY_TUPLE"}
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
@@ -148,12 +159,13 @@ def load_verified(marker_or_pt: Path) -> dict:
     path = marker.with_suffix(".pt")
     meta = read_marker(marker)
     try:
-        size = path.stat().st_size
-        if size != meta["bytes"]:  # before reading: a marker's size is the most that is read
-            raise HarnessError(f"{path}: checkpoint is truncated or corrupt ({size} bytes; {marker.name} records {meta['bytes']})")
-        payload = path.read_bytes()
+        with open_regular_file(path) as f:
+            size = os.fstat(f.fileno()).st_size
+            if size != meta["bytes"]:  # before reading: a marker's size is the most that is read
+                raise HarnessError(f"{path}: checkpoint is truncated or corrupt ({size} bytes; {marker.name} records {meta['bytes']})")
+            payload = f.read(size + 1)
     except OSError as e:
-        raise HarnessError(f"{path}: unreadable checkpoint ({e})") from None
+        raise HarnessError(f"{path}: unreadable checkpoint ({e.strerror or e})") from None
     if len(payload) != meta["bytes"] or hashlib.sha256(payload).hexdigest() != meta["sha256"]:
         raise HarnessError(f"{path}: checkpoint is truncated or corrupt (size or SHA-256 differs from {marker.name})")
     state = _unpickle(payload, path)
@@ -173,37 +185,125 @@ def _unpickle(payload: bytes, path: Path) -> dict:
 def load_tensors_only(source):
     """torch.load with weights_only=True (tensors and plain containers; nothing from the file
     is called), onto the CPU whatever device wrote it: load_state_dict then copies the
-    tensors to this rank's device. torch's warnings about a file's quirks (a crafted one's
-    pickle protocol 4, ...) are silenced: the caller reports a file that fails as one error."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return torch.load(source, map_location="cpu", weights_only=True)
+    tensors to this rank's device. `source`: a path (read only if it is a regular file) or
+    an open binary file. ValueError for one that torch.load could not read in memory
+    bounded by its size (archive_problem). torch's warnings about a file's quirks (a
+    crafted one's pickle protocol 4, ...) are silenced: the caller reports a file that
+    fails as one error."""
+    opened = open_regular_file(source) if isinstance(source, (str, os.PathLike)) else contextlib.nullcontext(source)
+    with opened as archive:
+        problem = archive_problem(archive)
+        if problem:
+            raise ValueError(problem)
+        archive.seek(0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.load(archive, map_location="cpu", weights_only=True)
+
+
+def archive_problem(archive) -> str | None:
+    """Why the open binary file `archive` is not a zip archive as torch.save writes one, as
+    its central directory (read with zipfile) and pickle tell before torch.load reads it;
+    None if it is one. torch.save stores its records uncompressed, and torch.load reads
+    each record whole into memory: a compressed one could inflate a megabyte to gigabytes,
+    so only stored records that together fit in the file are read."""
+    size = archive.seek(0, os.SEEK_END)
+    archive.seek(0)
+    if archive.read(4) != b"PK\x03\x04":  # what torch.load goes by: anything else it reads in its legacy format
+        return "not a zip archive (torch.save writes one)"
+    with zipfile.ZipFile(archive) as zipped:
+        records = zipped.infolist()
+        compressed = next((r for r in records if r.compress_type != zipfile.ZIP_STORED or r.compress_size != r.file_size), None)
+        if compressed:
+            return f"record {one_line(repr(compressed.filename))} is compressed; torch.save stores its records uncompressed"
+        claimed = sum(r.file_size for r in records)
+        if claimed > size:
+            return f"its records claim {claimed} bytes, more than the file's {size}"
+        pickles = [r for r in records if r.filename.endswith("data.pkl")]
+        deep = next((r for r in pickles if tuples_nest_deeper(zipped.read(r), MAX_TUPLE_NESTING)), None)
+    return f"{deep.filename} nests tuples more than {MAX_TUPLE_NESTING} deep" if deep else None
+
+
+def tuples_nest_deeper(pickle_bytes: bytes, limit: int) -> bool:
+    """Whether the pickle builds a tuple nested more than `limit` deep, found from its opcodes
+    without unpickling it. Only tuples count: other containers hash by identity or not at
+    all. A memoised value keeps the depth it was stored with (a tuple cannot change)."""
+    stack, marks, memo = [], [], {}
+    for opcode, arg, _ in pickletools.genops(pickle_bytes):
+        if opcode.name == "MARK":
+            marks.append(len(stack))
+            continue
+        if opcode.name in ("PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE"):
+            memo[len(memo) if arg is None else arg] = stack[-1] if stack else 0
+            continue
+        popped = []
+        if pickletools.markobject in opcode.stack_before:  # the items above the last mark
+            start = marks.pop() if marks else 0
+            popped, stack[start:] = stack[start:], []
+        below = len([s for s in opcode.stack_before if s not in (pickletools.markobject, pickletools.stackslice)])
+        if below:
+            popped, stack[-below:] = popped + stack[-below:], []
+        depth = _pushed_depth(opcode.name, arg, popped, memo)
+        if depth > limit:
+            return True
+        stack += [depth] * len(opcode.stack_after)
+    return False
+
+
+def _pushed_depth(name: str, arg, popped: list[int], memo: dict) -> int:
+    """How deeply tuples nest in what opcode `name` pushes, from the depths it `popped`."""
+    if name in TUPLE_OPCODES:
+        return 1 + max(popped, default=0)
+    if name in ("GET", "BINGET", "LONG_BINGET"):
+        return memo.get(arg, 0)
+    return max(popped, default=0) if name == "DUP" else 0
 
 
 def _check_top_level(state, meta: dict, path: Path) -> None:
-    if not isinstance(state, dict) or not STATE_KEYS <= set(state) <= STATE_KEYS | OPTIONAL_STATE_KEYS:
-        keys = sorted(map(str, state)) if isinstance(state, dict) else type(state).__name__
-        raise HarnessError(f"{path}: does not hold a training state (holds {one_line(keys)}; expected {sorted(STATE_KEYS)})")
-    problem = first_violation({"properties": {"normalization_stats": STATS_SCHEMA}}, {k: v for k, v in state.items() if k in OPTIONAL_STATE_KEYS})
+    problem = _top_level_problem(state, meta)
     if problem:
         raise HarnessError(f"{path}: {problem}")
-    loop, world = state["loop"], state["world_size"]
-    if not isinstance(loop, dict) or loop.get("step") != meta["step"]:
-        raise HarnessError(f"{path}: loop.step is not the marker's step {meta['step']}")
-    if not isinstance(state["config"], dict) or not all(_plain(v) for v in state["config"].values()) or type(world) is not int or world < 1:
-        raise HarnessError(f"{path}: config is not a mapping, or world_size {one_line(repr(world))} is not a positive integer")
+
+
+def _top_level_problem(state, meta: dict) -> str | None:
+    """The first way `state` is not a training state of the marker's step; None if it is one.
+    Types are checked exactly before anything is compared or printed: a crafted file's
+    tensor has no truth value, and its containers can hold themselves (plain_data_problem)."""
+    if type(state) is not dict or not all(type(k) is str for k in state) or not STATE_KEYS <= set(state) <= STATE_KEYS | OPTIONAL_STATE_KEYS:
+        held = _key_names(state) if type(state) is dict else f"a {type(state).__name__}"
+        return f"does not hold a training state (holds {held}; expected {sorted(STATE_KEYS)})"
+    if "normalization_stats" in state:
+        problem = stats_problem(state["normalization_stats"])
+        if problem:
+            return problem
+    loop, config, world = state["loop"], state["config"], state["world_size"]
+    problem = plain_data_problem(loop, "loop") or (None if type(loop) is dict else "loop: not a mapping")
+    if problem or type(loop.get("step")) is not int or loop["step"] != meta["step"]:
+        return problem or f"loop.step is not the marker's step {meta['step']}"
+    problem = plain_data_problem(config, "config") or (None if type(config) is dict else "config: not a mapping")
+    if problem:
+        return problem
+    if type(world) is not int or world < 1:
+        return f"world_size {reprlib.repr(world)} is not a positive integer"
+    return None
+
+
+def stats_problem(stats, required=()) -> str | None:
+    """Why the normalisation statistics a checkpoint or run records are not usable, as
+    `normalization_stats.field: problem`; None if they are. They are checked as a
+    manifest's are, and for NaN besides: JSON cannot hold it, a pickle can, and it passes
+    every bound (any comparison with NaN is false); predict would print probability nan."""
+    schema = {"properties": {"normalization_stats": {**STATS_SCHEMA, "required": list(required)}}}
+    problem = plain_data_problem(stats, "normalization_stats") or first_violation(schema, {"normalization_stats": stats})
+    if problem:
+        return problem
+    values = [("mean", stats.get("mean")), ("std", stats.get("std")), *((f"pixel_mean[{i}]", v) for i, v in enumerate(stats.get("pixel_mean", [])))]
+    return next((f"normalization_stats.{name}: {value} is not a finite number" for name, value in values if value is not None and not math.isfinite(value)), None)
 
 
 class DifferentExperiment(HarnessError):
     """A checkpoint that verifies but was written with other data, model or optimizer
     settings: the run is refused, not continued from an older checkpoint or from scratch."""
-
-
-def _plain(value) -> bool:
-    """A config value as TrainConfig has them: no tensors (whose comparison is no bool)."""
-    if isinstance(value, (list, tuple)):
-        return all(_plain(v) for v in value)
-    return value is None or isinstance(value, (bool, int, float, str))
 
 
 def load_newest_valid(run_dir: Path, fits=None) -> tuple[Path, dict] | None:
@@ -286,17 +386,18 @@ def loop_template(saved: dict, loop: dict) -> dict:
     template = {**loop, "last_metrics": saved.get("last_metrics")}
     if "before_training" not in saved:
         template.pop("before_training", None)
-    elif saved["before_training"]:
+    elif not (type(saved["before_training"]) is dict and not saved["before_training"]):  # not {}: the figures (a tensor has no truth value)
         template["before_training"] = {"test_loss": 0.0, "test_accuracy": 0.0}
     return template
 
 
 def structure_mismatch(value, template, where: str) -> str | None:
     """Where `value` differs from `template` in structure: dict keys, sequence lengths, tensor
-    shapes and dtypes, kinds of scalar. None if nowhere."""
+    shapes and dtypes, kinds of scalar, and tensors whose storage holds their elements. None
+    if nowhere."""
     if isinstance(template, torch.Tensor):
         if isinstance(value, torch.Tensor) and value.shape == template.shape and value.dtype == template.dtype:
-            return None
+            return _storage_problem(value, where)
         return f"{where}: {_describe(value)}; expected a {template.dtype} tensor of shape {tuple(template.shape)}"
     if isinstance(template, dict):
         if not isinstance(value, dict) or set(value) != set(template):
@@ -307,6 +408,18 @@ def structure_mismatch(value, template, where: str) -> str | None:
             return f"{where}: {_describe(value)}; expected a sequence of {len(template)}"
         return next((m for i, (v, t) in enumerate(zip(value, template)) if (m := structure_mismatch(v, t, f"{where}[{i}]"))), None)
     return None if _same_kind(value, template) else f"{where}: {_describe(value)}; expected a {type(template).__name__}"
+
+
+def _storage_problem(tensor: torch.Tensor, where: str) -> str | None:
+    """A tensor that is not dense, or whose storage is smaller than its elements: expanded
+    (stride 0), a few bytes of a file hold a tensor of any shape, which passes a shape check
+    and then makes a model of that shape as large as it likes."""
+    if tensor.layout != torch.strided:
+        return f"{where}: a {tensor.layout} tensor; expected a dense one"
+    held, needed = tensor.untyped_storage().nbytes(), tensor.numel() * tensor.element_size()
+    if held < needed:
+        return f"{where}: a tensor of shape {tuple(tensor.shape)} whose storage holds {held} of its {needed} bytes (expanded?)"
+    return None
 
 
 def _same_kind(value, template) -> bool:
@@ -323,8 +436,13 @@ def _describe(value) -> str:
     if isinstance(value, torch.Tensor):
         return f"a {value.dtype} tensor of shape {tuple(value.shape)}"
     if isinstance(value, dict):
-        return one_line(sorted(map(str, value)))
+        return _key_names(value)
     return f"a {type(value).__name__}" + (f" of {len(value)}" if isinstance(value, (list, tuple)) else "")
+
+
+def _key_names(mapping: dict) -> str:
+    """A mapping's keys for a message: a crafted key can be a long or deeply nested tuple."""
+    return one_line(sorted(k if type(k) is str else reprlib.repr(k) for k in mapping))
 
 
 def optimizer_mismatch(saved, optimizer) -> str | None:

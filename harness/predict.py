@@ -15,14 +15,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from harness.checkpoint import load_newest_valid, load_verified, structure_mismatch
+from harness.checkpoint import load_newest_valid, load_verified, stats_problem, structure_mismatch
 from harness.config import TrainConfig, config_from_saved
-from harness.data.manifest import STATS_SCHEMA
 from harness.errors import HarnessError
 from harness.models import build_model
 from harness.normalize import STATS_USED, Normalizer
 from harness.report import SUMMARY_SCHEMA, load_torch_file, model_state, read_run_json
-from harness.validation import first_violation
+
+# The largest preset model, lenet's, has 838,858 parameters, and the presets' MLPs 2 hidden
+# layers. A run's config may ask for about 1,200 times that, 10**9 parameters (4 GB of
+# float32), in up to 1,000 hidden layers: beyond that predict refuses to build the model.
+MAX_PARAMETERS = 10**9
+MAX_HIDDEN_LAYERS = 1000
 
 
 @dataclasses.dataclass
@@ -65,24 +69,43 @@ def checkpoint_parts(state: dict, path: Path) -> tuple[dict, TrainConfig, dict |
 def load_trained(path: Path, shards: str | Path | None = None) -> Trained:
     """The trained model in eval mode on the CPU, with the input preparation it was trained with."""
     state, config, stats, source = saved_run(Path(path))
+    stats = normalization_stats(stats, config, shards, source)
+    check_weights_fit(state, config, source)
+    model = build_model(config)
+    model.load_state_dict(state)
+    return Trained(model.eval(), config, Normalizer(config.normalize, stats, torch.device("cpu")), source)
+
+
+def normalization_stats(stats: dict | None, config: TrainConfig, shards, source: Path) -> dict:
+    """The statistics the run normalised its inputs with (those it records, or for a run
+    written before they were, the shard set's), checked as a manifest's are."""
     if stats is None and STATS_USED[config.normalize]:  # a run written before the statistics were saved
         if shards is None:
             raise HarnessError(f"{source}: the run's inputs were normalised with '{config.normalize}', whose statistics it does not record; pass --shards DIR")
         from harness.data.shard_set import ShardSource
 
         stats = ShardSource(shards).manifest["train_stats"]
-    needed = {**STATS_SCHEMA, "required": list(STATS_USED[config.normalize])}  # checked as the manifest's are
-    problem = first_violation({"properties": {"normalization_stats": needed}}, {"normalization_stats": stats or {}})
+    problem = stats_problem(stats or {}, STATS_USED[config.normalize])
     if problem:
         raise HarnessError(f"{source}: the run's {problem}")
-    with torch.device("meta"):  # shapes only: a config is checked against the weights before it allocates anything
+    return stats or {}
+
+
+def check_weights_fit(state: dict, config: TrainConfig, source: Path) -> None:
+    """HarnessError unless the weights fit the config's model, and that model is of a size
+    predict builds: checked on the meta device (shapes only), before anything is allocated.
+    structure_mismatch also refuses a tensor whose storage does not hold its elements, so
+    the weights file holds every weight the model would."""
+    if config.model == "mlp" and len(config.hidden) > MAX_HIDDEN_LAYERS:
+        raise HarnessError(f"{source}: its config has {len(config.hidden)} hidden layers; predict builds at most {MAX_HIDDEN_LAYERS}")
+    with torch.device("meta"):
         expected = build_model(config).state_dict()
     problem = structure_mismatch(state, expected, "")
     if problem:
         raise HarnessError(f"{source}: weights do not fit the {config.model} model of its config ({problem})")
-    model = build_model(config)
-    model.load_state_dict(state)
-    return Trained(model.eval(), config, Normalizer(config.normalize, stats or {}, torch.device("cpu")), source)
+    parameters = sum(t.numel() for t in expected.values())
+    if parameters > MAX_PARAMETERS:
+        raise HarnessError(f"{source}: its config's {config.model} model has {parameters:,} parameters; predict builds at most {MAX_PARAMETERS:,}")
 
 
 @torch.no_grad()

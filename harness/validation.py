@@ -3,8 +3,11 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import reprlib
+import stat
 from functools import lru_cache
 from pathlib import Path
 
@@ -13,6 +16,10 @@ import jsonschema
 from harness.errors import HarnessError
 
 MAX_MESSAGE = 200  # a violation quotes the offending value: a crafted one could be megabytes
+# Plain data from a pickle (a checkpoint's config, loop state, statistics), counted as one per
+# value plus one per character of a string: a run's hold a few thousand at most, nested 2 deep.
+MAX_PLAIN_SIZE = 100_000
+MAX_PLAIN_DEPTH = 20
 
 
 def one_line(text) -> str:
@@ -48,7 +55,7 @@ def read_json_file(path: Path, max_bytes: int, what: str):
     """A small JSON file, parsed strictly; HarnessError naming it if it is unreadable,
     larger than `max_bytes` (checked before reading) or not JSON."""
     try:
-        with open(path, "rb") as f:
+        with open_regular_file(path) as f:
             payload = f.read(max_bytes + 1)
     except OSError as e:
         raise HarnessError(f"{path}: unreadable {what} ({e.strerror or e})") from None
@@ -58,6 +65,55 @@ def read_json_file(path: Path, max_bytes: int, what: str):
         return strict_json_loads(payload)
     except ValueError as e:
         raise HarnessError(f"{path}: not valid JSON ({one_line(e)})") from None
+
+
+def open_regular_file(path):
+    """`path` opened for reading in binary, if it is a regular file; OSError otherwise. It is
+    opened without blocking, then checked: open() of a FIFO would wait for a writer forever,
+    and a device could be read without end."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def plain_data_problem(value, name: str) -> str | None:
+    """Why `value` is not plain data of bounded size, as `field: problem`; None if it is.
+    Plain data is what JSON holds: None, bools, ints, floats, strings, and lists, tuples and
+    string-keyed dicts of them. From a pickle, a container can hold itself, or one container
+    many times over (64 levels of x = [x, x] in a 54 KB file make 2**64 paths): the walk
+    counts every value it meets, shared or not, and stops at MAX_PLAIN_SIZE, which bounds
+    whatever compares, prints or validates a value that passes."""
+    pending, size = [(value, 0, (name,))], 1  # a field's name as (parent's, key): built only for a problem
+    while pending:
+        item, depth, field = pending.pop()
+        kind = type(item)
+        size += len(item) if kind in (list, tuple, dict, str) else 0
+        if size > MAX_PLAIN_SIZE:
+            return f"{_field_name(field)}: more than {MAX_PLAIN_SIZE} values and characters in all (a container inside itself?)"
+        if kind in (list, tuple, dict):
+            if depth == MAX_PLAIN_DEPTH:
+                return f"{_field_name(field)}: nested more than {MAX_PLAIN_DEPTH} deep"
+            if kind is dict and not all(type(key) is str for key in item):
+                return f"{_field_name(field)}: a mapping with a key that is not a string"
+            children = item.items() if kind is dict else enumerate(item)
+            pending.extend((child, depth + 1, (field, key)) for key, child in children)
+        elif kind not in (type(None), bool, int, float, str):
+            return f"{_field_name(field)}: a {kind.__name__}, not plain data"
+    return None
+
+
+def _field_name(field: tuple) -> str:
+    """`loop.last_metrics.epoch` from plain_data_problem's (parent, key) chain."""
+    parts = []
+    while len(field) == 2:
+        field, key = field
+        parts.append(f"[{key}]" if type(key) is int else f".{key[:50]}")
+    return one_line(field[0] + "".join(reversed(parts)))
 
 
 @lru_cache(maxsize=None)

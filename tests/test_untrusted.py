@@ -15,17 +15,23 @@ import os
 import pickle
 import shutil
 import tarfile
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from helpers import Payload, assert_one_error, cli, npy_bytes, reseal, run_cli, snapshot, tar_members, write_manifest, write_source, write_tar
+from helpers import (Payload, assert_one_error, cli, npy_bytes, reseal, run_cli, snapshot, tar_members, tiny_training_objects, write_manifest,
+                     write_source, write_tar)
 
+from harness import checkpoint as ckpt
+from harness import predict as predict_command
+from harness.config import config_from_saved
 from harness.data.pack import pack
 from harness.data.sources import load_source
 from harness.data.stream import MacroBatchStream, ShardSplit
 from harness.errors import HarnessError
+from harness.models import build_model
 
 
 def manifest_of(shards: Path) -> dict:
@@ -402,7 +408,8 @@ def with_config(**changes):
     # Weights of 16 hidden units; a config of 10 million would have built a 31 GB model before the mismatch showed.
     (with_config(hidden=[10_000_000]), ("model.pt: weights do not fit the mlp model of its config",
                                         "expected a torch.float32 tensor of shape (10000000, 784)")),
-], ids=["negative-layer", "unknown-model", "unknown-normalisation", "lr-as-text", "not-a-mapping", "no-config", "huge-layer"])
+    (with_config(hidden=[1] * 1001), ("model.pt: its config has 1001 hidden layers; predict builds at most 1000",)),
+], ids=["negative-layer", "unknown-model", "unknown-normalisation", "lr-as-text", "not-a-mapping", "no-config", "huge-layer", "many-layers"])
 def test_predict_checks_a_runs_config_before_building_its_model(small_run, tmp_path, capsys, edit, fragments):
     """A run directory's summary.json says which model its weights fit; a crafted one is one
     error naming the file and field, before anything of its size is allocated."""
@@ -431,3 +438,206 @@ def test_report_checks_a_runs_files_before_drawing(small_run, tmp_path, capsys, 
     rc, _, err = cli(capsys, "report", run_dir)
     assert_one_error(rc, err, fragment)
     assert snapshot(run_dir) == before  # the pictures already there are not redrawn from it
+
+
+# --- checkpoints from someone else: `harness predict` and `harness train --resume auto` -------------
+#
+# Whoever crafts a checkpoint also writes its marker, with the payload's true size and SHA-256
+# (`crafted_checkpoint`): the checks under test are the ones after the hash check.
+
+
+def crafted_checkpoint(run_dir: Path, state, step: int) -> Path:
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    return ckpt.write_checkpoint(run_dir, buffer.getvalue(), step, epoch=0, keep=10)
+
+
+def tiny_state(step: int) -> dict:
+    """What Trainer.state_dict() holds, for helpers.tiny_training_objects."""
+    model, optimizer, scheduler = tiny_training_objects()
+    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "loop": {"step": step, "epoch": 0, "last_metrics": {}, "before_training": {}},
+            "rng": {"torch": [torch.get_rng_state()], "cuda": []}, "config": {"lr": 0.1}, "world_size": 1}
+
+
+def resume_auto_step(run_dir: Path, caplog, skipped: Path) -> int:
+    """The step `--resume auto` continues from (the newest checkpoint that loads and fits this
+    run's objects), checking that it warned about `skipped` by name."""
+    model, optimizer, scheduler = tiny_training_objects()
+
+    def fits(state: dict, path: Path) -> None:
+        problem = ckpt.state_mismatch(state, model, optimizer, scheduler, tiny_state(0)["loop"])
+        if problem:
+            raise HarnessError(f"{path}: does not fit this run's model and optimizer ({problem})")
+
+    with caplog.at_level("WARNING", logger="harness"):
+        found = ckpt.load_newest_valid(run_dir, fits)
+    assert any("skipping checkpoint" in r.message and skipped.name in r.message for r in caplog.records), caplog.text
+    return found[1]["loop"]["step"]
+
+
+def torch_zip(pickle_bytes: bytes, compress_type: int = zipfile.ZIP_STORED) -> bytes:
+    """A zip laid out as torch.save writes one, around `pickle_bytes`."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr("archive/data.pkl", pickle_bytes, compress_type=compress_type)
+        archive.writestr("archive/byteorder", b"little")
+        archive.writestr("archive/version", b"3\n")
+    return buffer.getvalue()
+
+
+def write_raw_checkpoint(run_dir: Path, payload: bytes, step: int) -> Path:
+    return ckpt.write_checkpoint(run_dir, payload, step, epoch=0, keep=10)
+
+
+def holding_itself() -> list:
+    value = []
+    value.append(value)
+    return value
+
+
+def shared(levels: int, width: int) -> list:
+    """`levels` of x = [x] * width: width**levels paths through a few bytes of pickle."""
+    value = [None]
+    for _ in range(levels):
+        value = [value] * width
+    return value
+
+
+CRAFTED_CONTENTS = {  # id: (edit of a state, whether loading it fails: the others fail to fit this run)
+    "step-tensor": (lambda s: s["loop"].update(step=torch.tensor([2, 2])), True),
+    "config-holds-itself": (lambda s: s["config"].update(x=holding_itself()), True),
+    "config-64-shared-levels": (lambda s: s["config"].update(x=shared(64, 2)), True),
+    "config-15-wide-shared-levels": (lambda s: s["config"].update(x=shared(15, 10)), True),
+    "last-metrics-64-shared-levels": (lambda s: s["loop"].update(last_metrics={"x": shared(64, 2)}), True),
+    "stats-64-shared-levels": (lambda s: s.update(normalization_stats={"mean": shared(64, 2)}), True),
+    "before-training-tensor": (lambda s: s["loop"].update(before_training=torch.tensor([1.0, 2.0])), False),
+}
+
+
+@pytest.mark.timeout(60)  # the shared levels made them hang
+@pytest.mark.parametrize("name", CRAFTED_CONTENTS)
+def test_crafted_checkpoint_contents_are_skipped_with_a_warning(tmp_path, caplog, capsys, name):
+    """Tensors where numbers belong (no truth value) and containers that hold themselves or
+    share one container many times over (unbounded walks) are what torch.load(weights_only=True)
+    allows: `--resume auto` skips such a checkpoint for the one before, `harness predict`
+    names it in one error."""
+    edit, fails_to_load = CRAFTED_CONTENTS[name]
+    crafted_checkpoint(tmp_path, tiny_state(1), 1)
+    state = tiny_state(2)
+    edit(state)
+    pt = crafted_checkpoint(tmp_path, state, 2)
+    assert resume_auto_step(tmp_path, caplog, pt) == 1
+    if fails_to_load:
+        rc, _, err = cli(capsys, "predict", pt, tmp_path / "digit.png")
+        assert_one_error(rc, err, str(pt))
+
+
+def deep_tuple_key(depth: int) -> bytes:
+    """A checkpoint's zip whose pickle is {((...(),...),): 1}, `depth` tuples deep."""
+    return torch_zip(b"\x80\x02}" + b")" + b"\x85" * depth + b"K\x01s.")
+
+
+def test_a_key_of_deeply_nested_tuples_is_skipped(tmp_path, caplog):
+    """str() of a key 5000 tuples deep raised RecursionError."""
+    crafted_checkpoint(tmp_path, tiny_state(1), 1)
+    pt = write_raw_checkpoint(tmp_path, deep_tuple_key(5000), 2)
+    assert resume_auto_step(tmp_path, caplog, pt) == 1
+    assert "nests tuples more than 100 deep" in caplog.text
+
+
+def test_a_million_nested_tuples_are_refused_before_torch_load(tmp_path):
+    """Hashing a key a million tuples deep (1 MB of pickle) crashed the interpreter inside
+    torch.load (a segmentation fault; in a process of its own here for that reason)."""
+    pt = write_raw_checkpoint(tmp_path, deep_tuple_key(1_000_000), 2)
+    result = run_cli("predict", pt, tmp_path / "digit.png", timeout=120)
+    assert_one_error(result.returncode, result.stderr, str(pt), "nests tuples more than 100 deep")
+
+
+def beyond_the_file(payload: bytes) -> bytes:
+    """`payload` with its central directory's first entry claiming 2 GiB (stored)."""
+    entry = payload.index(b"PK\x01\x02")
+    sizes = (2**31).to_bytes(4, "little") * 2  # compressed and uncompressed size
+    return payload[: entry + 20] + sizes + payload[entry + 28 :]
+
+
+@pytest.mark.parametrize("bomb,fragment", [
+    (lambda: torch_zip(b"\x80\x02}q\x00." + bytes(64 << 20), zipfile.ZIP_DEFLATED), "record 'archive/data.pkl' is compressed"),
+    (lambda: beyond_the_file(torch_zip(b"\x80\x02}q\x00.")), "its records claim 2147483"),
+], ids=["deflated", "sizes-beyond-the-file"])
+def test_a_checkpoint_zip_is_checked_before_torch_load_inflates_it(small_run, tmp_path, caplog, capsys, bomb, fragment):
+    """torch.load reads each record of the zip whole into memory: a 64 MB record deflated to
+    64 KB (1.5 GB from 1.5 MB took 3.3 GB), or one that claims more than the file holds.
+    torch.save stores its records uncompressed, so a compressed one is refused, for a
+    checkpoint and for the model.pt that `harness report` draws."""
+    crafted_checkpoint(tmp_path, tiny_state(1), 1)
+    pt = write_raw_checkpoint(tmp_path, bomb(), 2)
+    assert resume_auto_step(tmp_path, caplog, pt) == 1
+    assert fragment in caplog.text
+    run_dir = tmp_path / "run"
+    shutil.copytree(small_run, run_dir)
+    (run_dir / "model.pt").write_bytes(bomb())
+    rc, _, err = cli(capsys, "report", run_dir)
+    assert_one_error(rc, err, "model.pt", fragment)
+
+
+def run_state(small_run: Path) -> dict:
+    return ckpt.load_verified(ckpt.list_checkpoints(small_run)[0])
+
+
+@pytest.mark.parametrize("marker", [True, False], ids=["checkpoint", "loose-file"])
+@pytest.mark.parametrize("field", ["mean", "std", "pixel_mean"])
+def test_nan_normalization_statistics_are_refused(small_run, tmp_path, capsys, field, marker):
+    """JSON cannot hold NaN, a pickle can, and NaN passes every bound of the statistics'
+    schema (any comparison with it is false): predict printed probability nan for every class."""
+    state = run_state(small_run)
+    stats = {"mean": 0.13, "std": 0.31, "pixel_mean": [0.1] * 784}
+    stats[field] = [0.1] * 783 + [float("nan")] if field == "pixel_mean" else float("nan")
+    normalize = "unit_minus_pixel_mean" if field == "pixel_mean" else "standardize"
+    state = {**state, "config": {**state["config"], "normalize": normalize}, "normalization_stats": stats}
+    if marker:
+        pt = crafted_checkpoint(tmp_path, state, state["loop"]["step"])
+    else:
+        pt = tmp_path / "crafted.pt"
+        torch.save(state, pt)
+    rc, _, err = cli(capsys, "predict", pt, "--shards", small_run.parent / "shards", "--index", "0")
+    assert_one_error(rc, err, str(pt), f"normalization_stats.{field}", "nan is not a finite number")
+
+
+def test_predict_refuses_weights_whose_storage_does_not_hold_them(small_run, tmp_path, capsys):
+    """Expanded (stride-0) tensors of any shape fit in a few bytes: a 3.5 KB checkpoint whose
+    config has a hidden layer of 2**31 units passed the shape check, then building its model
+    asked for 6.7 TB."""
+    state = run_state(small_run)
+    config = {**state["config"], "hidden": [2**31]}
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in build_model(config_from_saved(config, "crafted")).state_dict().items()}
+    state = {**state, "config": config, "model": {k: torch.zeros(1).expand(shape) for k, shape in shapes.items()}}
+    pt = crafted_checkpoint(tmp_path, state, state["loop"]["step"])
+    assert pt.stat().st_size < 100_000  # the run's optimizer state; each weight tensor 4 bytes
+    rc, _, err = cli(capsys, "predict", pt, "--shards", small_run.parent / "shards", "--index", "0")
+    assert_one_error(rc, err, str(pt), "weights do not fit", "storage holds 4 of its 6734508720128 bytes")
+
+
+def test_predict_builds_models_of_a_bounded_size(small_run, capsys, monkeypatch):
+    """Weights that fill the file as their config asks are refused past MAX_PARAMETERS too:
+    here, a bound lowered below the small run's 12,730."""
+    monkeypatch.setattr(predict_command, "MAX_PARAMETERS", 12_729)
+    rc, _, err = cli(capsys, "predict", small_run, "--shards", small_run.parent / "shards", "--index", "0")
+    assert_one_error(rc, err, "model.pt: its config's mlp model has 12,730 parameters; predict builds at most 12,729")
+
+
+@pytest.mark.timeout(60)  # open() of the FIFO waited for a writer forever
+def test_a_checkpoint_marker_that_is_a_fifo_is_skipped(small_run, tmp_path, caplog, capsys):
+    """A copied or unpacked run directory can hold a FIFO where a marker belongs: it is not
+    opened for reading (which blocks until something writes), and the checkpoint before it is used."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(small_run, run_dir)
+    (run_dir / "model.pt").unlink()  # predict then takes the newest valid checkpoint, as --resume auto does
+    fifo = run_dir / "checkpoints" / "step-99999999.json"
+    os.mkfifo(fifo)
+    with caplog.at_level("WARNING", logger="harness"):
+        rc, out, err = cli(capsys, "predict", run_dir, "--shards", small_run.parent / "shards", "--index", "0")
+    assert rc == 0, err
+    assert out.startswith("test[0]: ")
+    assert f"{fifo}: unreadable checkpoint marker (not a regular file)" in caplog.text

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -11,6 +12,21 @@ from helpers import mnist_cache_dir, mnist_source, write_source
 from harness.data.pack import pack
 from harness.data.sources import load_source
 from harness.errors import HarnessError
+
+
+@pytest.fixture(autouse=True)
+def no_logging_handlers_left_behind():
+    """A test that runs the harness in this process (harness.train's main) has its
+    setup_logging add a handler on the stream pytest captured for that test; left on the
+    root logger, it made a later test's warnings "--- Logging error ---" tracebacks on a
+    closed file. Handlers pytest adds and removes itself are left to it."""
+    root = logging.getLogger()
+    before, level = list(root.handlers), root.level
+    yield
+    for handler in list(root.handlers):
+        if handler not in before and type(handler) is logging.StreamHandler:
+            root.removeHandler(handler)
+    root.setLevel(level)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -21,7 +21,7 @@ from harness.background import BackgroundWriter
 from harness.checkpoint import CHECKPOINT_DIR, save_checkpoint, set_aside_checkpoints_after
 from harness.errors import HarnessError
 from harness.evaluate import EvalResult, class_report, format_report
-from harness.report import render, run_figures, save_pictures
+from harness.report import SUMMARY_SCHEMA, read_metrics, read_run_json, render, run_figures, save_pictures
 from harness.tensorboard import TensorBoardLog, weight_snapshot
 
 log = logging.getLogger("harness")
@@ -74,10 +74,9 @@ class RunOutputs:
 
     def keep_epochs(self, completed: int) -> None:
         """Drop metrics lines of epochs after the checkpoint (they will be redone)."""
-        path = self.run_dir / "metrics.jsonl"
-        if path.exists():
-            lines = [line for line in path.read_text().splitlines() if line and json.loads(line)["epoch"] <= completed]
-            write_text_atomic(path, "".join(line + "\n" for line in lines))
+        if (self.run_dir / "metrics.jsonl").exists():
+            kept = [entry for entry in read_metrics(self.run_dir) if entry["epoch"] <= completed]
+            write_text_atomic(self.run_dir / "metrics.jsonl", "".join(json.dumps(entry) + "\n" for entry in kept))
 
     def epoch(self, metrics: dict, epochs: int, model, step: int) -> None:
         with open(self.run_dir / "metrics.jsonl", "a") as f:
@@ -146,12 +145,20 @@ class RunOutputs:
 
     def pictures(self, state: dict, confusion, before_training: dict | None, step: int) -> None:
         """The report's pictures (harness.report), as PNG files in RUN_DIR/report/ and in TensorBoard."""
-        path = self.run_dir / "metrics.jsonl"
-        metrics = [json.loads(line) for line in path.read_text().splitlines() if line] if path.exists() else []
+        metrics = read_metrics(self.run_dir) if (self.run_dir / "metrics.jsonl").exists() else []
         pictures = render(run_figures(metrics, state, confusion.numpy(), before_training))
         self.tensorboard.pictures(pictures, step)
         saved = save_pictures(pictures, self.run_dir)
         log.info(f"pictures: {', '.join(str(p) for p in saved)}")
+
+
+def read_summary(run_dir: Path) -> dict | None:
+    """RUN_DIR's summary.json, which a finished run writes last; None if there is none that
+    reads as one (missing, unreadable, not a regular file, or not a JSON object)."""
+    try:
+        return read_run_json(run_dir / "summary.json", SUMMARY_SCHEMA, "run summary")
+    except HarnessError:
+        return None
 
 
 def setup_logging(rank: int) -> None:

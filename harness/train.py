@@ -41,7 +41,7 @@ from harness.errors import HarnessError, run_guarded
 from harness.evaluate import EvalResult, evaluate
 from harness.models import buffers_restored, build_model, parameter_checksum
 from harness.normalize import Normalizer, make_loss, stats_used
-from harness.run_outputs import RunOutputs, setup_logging
+from harness.run_outputs import RunOutputs, read_summary, setup_logging
 from harness.stopping import EXIT_STOPPED, StopRequest
 from harness.testhooks import Fault, diverge_rank_rng, save_rank_files
 
@@ -336,7 +336,7 @@ class Trainer:
             log.info(f"{self.run_dir}: this run has finished (summary.json); nothing to train, no file rewritten")
             if self.outputs:
                 self.outputs.close()
-            return json.loads((self.run_dir / "summary.json").read_text()) if self.ctx.is_main else {}
+            return (read_summary(self.run_dir) or {}) if self.ctx.is_main else {}
         try:
             self.log_start()
             if self.training_left():
@@ -367,7 +367,7 @@ class Trainer:
         finishes now; so does one extended (a larger --max-steps or --epochs) and stopped
         at its new last step, whose summary.json is the shorter run's. Rank 0 looks; every
         rank takes its answer."""
-        written = self.ctx.is_main and summary_steps(self.run_dir / "summary.json") == self.progress.step
+        written = self.ctx.is_main and summary_steps(self.run_dir) == self.progress.step
         return bool(self.ctx.gather([int(written)])[0][0])
 
     def train_epoch(self) -> None:
@@ -683,12 +683,10 @@ class Trainer:
         return evaluate(self.model, *self.test_set(), self.normalize, self.loss_fn, self.config.eval_batch)
 
 
-def summary_steps(path: Path) -> int | None:
-    """The step count a run's summary.json records; None without a readable one."""
-    try:
-        steps = json.loads(path.read_text()).get("steps") if path.is_file() else None
-    except (OSError, ValueError, AttributeError):  # unreadable, not JSON, not an object: not a finished run's
-        return None
+def summary_steps(run_dir: Path) -> int | None:
+    """The step count RUN_DIR's summary.json records; None without a readable one (then
+    it is not a finished run's)."""
+    steps = (read_summary(run_dir) or {}).get("steps")
     return steps if isinstance(steps, int) else None
 
 

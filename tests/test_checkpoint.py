@@ -203,6 +203,21 @@ def test_an_extended_run_stopped_at_its_new_last_step_finishes_when_rerun(shards
     assert "this run has finished (summary.json); nothing to train" in again.stdout
 
 
+def test_a_resume_with_a_damaged_metrics_line_is_one_clear_error(shards, tmp_path):
+    """A resume rewrites metrics.jsonl without the epochs it will redo; a line there that is
+    not a metrics line is one error naming the file and line (it was a JSON traceback), and
+    the file is left as it was."""
+    run_dir = tmp_path / "run"
+    train_ok(shards, run_dir, *SMALL, "--max-steps", "12")
+    with open(run_dir / "metrics.jsonl", "a") as f:
+        f.write('{"epoch": "three"}\n')
+    before = (run_dir / "metrics.jsonl").read_bytes()
+    result = run(train_command(shards, run_dir, *SMALL, "--max-steps", "15"))
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert f"{run_dir / 'metrics.jsonl'}: line 3: " in result.stderr and "Traceback" not in result.stderr
+    assert (run_dir / "metrics.jsonl").read_bytes() == before
+
+
 def test_a_run_killed_before_its_first_checkpoint_starts_again(shards, tmp_path):
     """Killed after the first epoch's validation (its metrics line written) but before its
     checkpoint was: the directory holds no checkpoint to resume from, so the rerun of the

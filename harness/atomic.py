@@ -9,9 +9,14 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
+import stat
 from pathlib import Path
 
 import torch
+
+
+TEMPORARY_NAME = re.compile(r"\..+\.tmp-[0-9]+")  # .NAME.tmp-PID, the writer's process id
 
 
 def write_bytes_atomic(path: Path, payload: bytes) -> None:
@@ -26,6 +31,21 @@ def write_bytes_atomic(path: Path, payload: bytes) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def remove_interrupted_writes(directory: Path) -> list[Path]:
+    """Remove the temporary files that writes killed mid-way (SIGKILL, a node lost) left in
+    `directory`: nothing reads them, and a checkpoint's is as large as the checkpoint.
+    Called as a run starts in its directory, where no other run writes. Returns them."""
+    removed = []
+    for path in Path(directory).glob(".*.tmp-*"):
+        try:
+            if TEMPORARY_NAME.fullmatch(path.name) and stat.S_ISREG(path.lstat().st_mode):
+                path.unlink()
+                removed.append(path)
+        except FileNotFoundError:
+            pass
+    return removed
 
 
 def write_text_atomic(path: Path, text: str) -> None:

@@ -16,7 +16,7 @@ import logging
 import sys
 from pathlib import Path
 
-from harness.atomic import tensor_snapshot, torch_save_atomic, write_json_atomic, write_text_atomic
+from harness.atomic import remove_interrupted_writes, tensor_snapshot, torch_save_atomic, write_json_atomic, write_text_atomic
 from harness.background import BackgroundWriter
 from harness.checkpoint import CHECKPOINT_DIR, save_checkpoint, set_aside_checkpoints_after
 from harness.errors import HarnessError
@@ -62,6 +62,9 @@ class RunOutputs:
     def __init__(self, run_dir: Path, resumed_at: int | None):
         """`resumed_at`: the step a resumed run continues from; None for a fresh start."""
         self.run_dir = prepare_run_dir(run_dir, resuming=resumed_at is not None)
+        leftovers = [p for d in (self.run_dir, self.run_dir / CHECKPOINT_DIR) for p in remove_interrupted_writes(d)]
+        if leftovers:
+            log.info(f"removed {len(leftovers)} temporary file(s) of writes an earlier attempt did not finish: {', '.join(p.name for p in leftovers)}")
         set_aside_checkpoints_after(self.run_dir, resumed_at or 0)
         # TensorBoard hides events at or after purge_step that earlier event files hold,
         # so steps redone after a resume are not shown twice. The checkpoint a run resumes

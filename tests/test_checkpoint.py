@@ -732,6 +732,25 @@ def test_a_checkpoint_holds_the_state_as_it_was_when_asked_for(tmp_path):
     assert saved["progress"] == {"step": 7}
 
 
+def test_a_start_removes_the_temporary_files_of_killed_writes(tmp_path, caplog):
+    """A SIGKILL during an atomic write leaves its .NAME.tmp-PID file (as large as a
+    checkpoint), which nothing reads: the next start in the directory removes those, and
+    only those."""
+    from harness.run_outputs import RunOutputs
+
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    leftovers = [run_dir / "checkpoints" / ".step-00000010.pt.tmp-4242", run_dir / ".summary.json.tmp-17"]
+    kept = [run_dir / "checkpoints" / ".notes.tmp", run_dir / "notes.tmp-1", run_dir / ".model.pt.tmp-x"]
+    for path in leftovers + kept:
+        path.write_bytes(b"partial")
+    (run_dir / ".folder.tmp-5").mkdir()
+    with caplog.at_level("INFO", logger="harness"):
+        RunOutputs(run_dir, resumed_at=None).close()
+    assert not any(p.exists() for p in leftovers) and all(p.exists() for p in kept) and (run_dir / ".folder.tmp-5").is_dir()
+    assert "removed 2 temporary file(s) of writes an earlier attempt did not finish" in caplog.text
+
+
 def test_training_goes_on_while_a_checkpoint_file_is_written(mnist_shards, tmp_path, reference):
     """The file of the step-150 checkpoint takes 3 s longer to write, on rank 0's background
     writer. Training goes on meanwhile and waits only for what is left of the write at the

@@ -208,7 +208,8 @@ class MacroBatchStream:
     def _to_device(self, epoch: int, index: int, host: tuple[np.ndarray, np.ndarray]) -> MacroBatch:
         """The assembled rows on the device. They are already in step order, so the order is 0, 1, 2, ...
         The labels are widened on the host: on the device that would be one more kernel, on
-        the copy stream so as not to read them before their copy has landed."""
+        the copy stream so as not to read them before their copy has landed. It copies 7
+        more bytes an image, 0.9% beside the image's 784."""
         images, labels = host
         tensors, ready = self._copy_in(torch.from_numpy(images), torch.from_numpy(labels.astype(np.int64)), torch.arange(len(labels)))
         return MacroBatch(epoch, index, *tensors, self.local_batch_size, ready)

@@ -21,12 +21,14 @@ class HarnessError(Exception):
 
 
 EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE  # what a shell reports for a C tool that SIGPIPE ended
+EXIT_INTERRUPTED = 128 + signal.SIGINT  # likewise for one that Ctrl-C ended
 
 
 def run_guarded(function, args) -> int:
     """Run a command; a HarnessError becomes one line on stderr and its exit status.
     Output piped into a reader that stops early (`harness show ... | head`) ends the
-    command quietly, as it ends a C tool, not with a BrokenPipeError traceback."""
+    command quietly, as it ends a C tool, not with a BrokenPipeError traceback; so does
+    Ctrl-C, with one line instead of a KeyboardInterrupt traceback."""
     try:
         status = function(args) or 0
         sys.stdout.flush()  # here, where a closed pipe can still be caught
@@ -34,6 +36,9 @@ def run_guarded(function, args) -> int:
     except HarnessError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_status
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except BrokenPipeError:
         # Python flushes stdout again at exit: point it at /dev/null so that flush is quiet.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -89,10 +89,14 @@ def sync_points(steps: int = 300, log_every: int = 25, macro_steps: int = 7000 /
     return points
 
 
-def test_sigterm_checkpoints_and_exits_with_the_stop_status(mnist_shards, tmp_path, reference):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_stop_signal_checkpoints_and_exits_with_the_stop_status(mnist_shards, tmp_path, reference, sig):
+    """SIGTERM (Slurm's) and a first Ctrl-C (SIGINT) each stop the run at a sync point with
+    a checkpoint it resumes from exactly."""
     run_dir = tmp_path / "run"
-    stopped = start_and_signal(command(mnist_shards, run_dir), run_dir, signal.SIGTERM, env=PAUSE)
+    stopped = start_and_signal(command(mnist_shards, run_dir), run_dir, sig, env=PAUSE)
     assert stopped.returncode == EXIT_STOPPED
+    assert json.loads((run_dir / "stopped.json").read_text())["signal"] == sig.name
     markers = ckpt.list_checkpoints(run_dir)
     stop_step = json.loads(markers[0].read_text())["step"]
     assert stop_step in sync_points(), stop_step  # every rank stopped at the same sync point
@@ -101,6 +105,29 @@ def test_sigterm_checkpoints_and_exits_with_the_stop_status(mnist_shards, tmp_pa
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"step {stop_step})" in result.stdout
     assert checksum(run_dir) == reference[1]
+
+
+def test_a_second_ctrl_c_interrupts_at_once_with_one_line(capsys):
+    """After a stop is asked for, Ctrl-C raises KeyboardInterrupt as Python's own handler
+    does (a stop that takes too long, or a hung run, can still be ended), and a command
+    ends on it with one line and status 130 (128 + SIGINT), as a C tool does."""
+    from harness.errors import run_guarded
+    from harness.stopping import StopRequest
+
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        request = StopRequest()
+        os.kill(os.getpid(), signal.SIGINT)
+        assert request.signal_name == "SIGINT"
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+        request = StopRequest()
+        os.kill(os.getpid(), signal.SIGTERM)  # Ctrl-C after a SIGTERM, too
+        assert run_guarded(lambda args: os.kill(os.getpid(), signal.SIGINT), None) == 130
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    assert capsys.readouterr().err == "interrupted\n"
 
 
 @pytest.mark.parametrize("nproc", [1, 2])

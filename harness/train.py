@@ -356,9 +356,9 @@ class Trainer:
             self.wait_for_writes()  # the loop's time includes the last checkpoint's write
             return self.finish(time.perf_counter() - started)
         finally:
-            self.stream.close()
-            if self.outputs:
+            if self.outputs:  # first: the checkpoint writes matter more than a load ahead
                 self.outputs.close()
+            self.stream.close()
 
     def finished_before(self) -> bool:
         """Whether a run resumed with nothing left to train had already written its

@@ -40,6 +40,12 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.end_headers()
         if kind in ("stall", "slow"):
             time.sleep(1.0 if kind == "stall" else 0.5)
+        if kind == "trickle":  # a live server far too slow: the whole file takes 30 s
+            for piece in range(30):
+                self.wfile.write(body[piece * len(body) // 30 : (piece + 1) * len(body) // 30])
+                self.wfile.flush()
+                time.sleep(1.0)
+            return
         if kind == "drop":  # promise the whole file, send half, hang up
             self.wfile.write(body[: len(body) // 2])
             return
@@ -63,8 +69,8 @@ class ShardServer:
 
     def fail(self, name: str, kind, count: float = math.inf) -> None:
         """Answer the first `count` GETs of `name` with fault `kind`: 404, 429, 503, 'drop',
-        'flip' (one byte changed), 'long', 'wrong-length', 'stall' (1 s before the body), 'slow' (0.5 s)
-        or 'alt' (the file NAME.alt instead: a set republished between two GETs)."""
+        'flip' (one byte changed), 'long', 'wrong-length', 'stall' (1 s before the body), 'slow' (0.5 s),
+        'trickle' (the body in 30 pieces a second apart) or 'alt' (the file NAME.alt instead: a set republished between two GETs)."""
         self.server.faults[name] = (kind, count)
 
     def gets(self, name: str) -> int:

@@ -35,6 +35,7 @@ import shlex
 import signal
 import subprocess
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -126,6 +127,13 @@ class RemoteShards:
         self.lock_timeout_s, self.deadline_s = worst_download if lock_timeout_s is None else lock_timeout_s, deadline_s
         self.shard_dir = self.cache_dir / "shards"
         self.bytes_fetched = 0  # bytes received over the network (or from the command) by this object
+        # While set (by ShardSource.fetches_cancelled, from another thread), a fetch gives up
+        # within a chunk, a read's timeout or a lock poll, with a HarnessError.
+        self.cancelled = threading.Event()
+
+    def _check_cancelled(self, url: str) -> None:
+        if self.cancelled.is_set():
+            raise HarnessError(f"{url}: fetch cancelled (the run is ending)")
 
     def location(self, name: str) -> str:
         """The URL (or the command, as `pipe:COMMAND`) of file `name` of the set."""
@@ -206,7 +214,8 @@ class RemoteShards:
                             f"{path}: another process has held this lock for over {self.lock_timeout_s:g} s "
                             f"(while {doing}); is it stuck? (a lock is released when its process exits)"
                         ) from None
-                    time.sleep(0.05)
+                    if self.cancelled.wait(0.05):
+                        self._check_cancelled(str(path))
             try:
                 yield
             finally:
@@ -267,6 +276,7 @@ class RemoteShards:
         With `sha256`, the file must be exactly `cap` bytes with that digest; without, at most `cap`."""
         url = self.location(name)
         for attempt in range(1, self.attempts + 1):
+            self._check_cancelled(url)
             try:
                 return self._attempt(url, target, cap, sha256)
             except _Failure as e:
@@ -282,7 +292,7 @@ class RemoteShards:
             if not failure.transient:
                 raise HarnessError(f"{url}: {one_line(failure)} (after {attempt} attempt{'s' * (attempt > 1)}; not retried)")
             if attempt < self.attempts:
-                time.sleep(self.backoff_s * 2 ** (attempt - 1))
+                self.cancelled.wait(self.backoff_s * 2 ** (attempt - 1))
         raise HarnessError(f"{url}: {one_line(failure)} (after {self.attempts} attempt{'s' * (self.attempts > 1)})")
 
     def _attempt(self, url: str, target: Path, cap: int, sha256: str | None) -> None:
@@ -293,6 +303,7 @@ class RemoteShards:
                 raise _Failure(f"Content-Length {length}; {'the manifest says' if sha256 else 'the limit is'} {cap} bytes", False)
             digest, size = hashlib.sha256(), 0
             for chunk in chunks:
+                self._check_cancelled(url)
                 size += len(chunk)
                 self.bytes_fetched += len(chunk)
                 if size > cap:

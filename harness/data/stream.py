@@ -266,8 +266,10 @@ class MacroBatchStream:
         self._ahead = (epoch, index, self._reader.submit(self._load, epoch, index))
 
     def close(self) -> None:
-        """Stop the prefetch thread, after the load it is running (one not begun is dropped)."""
+        """Stop the prefetch thread: a load not begun is dropped, and one under way is cut
+        short where it downloads a shard (one from local files is quick to finish)."""
         self._ahead = None
         if self._reader is not None:
-            self._reader.shutdown(wait=True, cancel_futures=True)
+            with self.data.source.fetches_cancelled():
+                self._reader.shutdown(wait=True, cancel_futures=True)
             self._reader = None

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 from pathlib import Path
 
 import pytest
+import torch
 from helpers import mnist_cache_dir, mnist_source, write_source
 
 from harness.data.pack import pack
@@ -15,18 +17,38 @@ from harness.errors import HarnessError
 
 
 @pytest.fixture(autouse=True)
-def no_logging_handlers_left_behind():
-    """A test that runs the harness in this process (harness.train's main) has its
-    setup_logging add a handler on the stream pytest captured for that test; left on the
-    root logger, it made a later test's warnings "--- Logging error ---" tracebacks on a
-    closed file. Handlers pytest adds and removes itself are left to it."""
+def no_harness_state_left_behind():
+    """A test that runs the harness in this process (harness.train's main, a Trainer)
+    changes process-wide state that later tests would inherit:
+    - setup_logging adds a handler on the stream pytest captured for that test; left on
+      the root logger, it made a later test's warnings "--- Logging error ---" tracebacks
+      on a closed file (handlers pytest adds and removes itself are left to it);
+    - StopRequest installs its handlers, which would swallow a SIGTERM or a first Ctrl-C
+      meant for pytest;
+    - set_deterministic and --threads set torch's deterministic mode, cuDNN flags and
+      thread count, so later in-process tests would run differently by test order."""
     root = logging.getLogger()
     before, level = list(root.handlers), root.level
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    backends = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark,
+                torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    cublas = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
     yield
     for handler in list(root.handlers):
         if handler not in before and type(handler) is logging.StreamHandler:
             root.removeHandler(handler)
     root.setLevel(level)
+    for sig, handler in handlers.items():
+        signal.signal(sig, handler)
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(deterministic)
+    (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark,
+     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) = backends
+    if cublas is None:
+        os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+    else:
+        os.environ["CUBLAS_WORKSPACE_CONFIG"] = cublas
 
 
 @pytest.fixture(scope="session", autouse=True)

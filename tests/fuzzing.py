@@ -558,8 +558,10 @@ def run_case(kind: str, seed: int, seeds: Seeds, work: Path) -> Outcome:
     """One mutated input of `kind`, from `seed`; its directory is removed afterwards."""
     case_dir = Path(work) / f"case-{kind}-{seed}"
     rng = np.random.default_rng([KINDS.index(kind), seed])
+    # pytest-timeout's own alarm uses the same timer: it is put back, less the case's time.
     previous = signal.signal(signal.SIGALRM, _alarm)
-    signal.alarm(CASE_TIMEOUT_S)
+    outer, _ = signal.setitimer(signal.ITIMER_REAL, CASE_TIMEOUT_S)
+    started = time.monotonic()
     try:
         verdict = CHECKS[kind](kind, seeds, case_dir, rng)
     except _Timeout:
@@ -567,8 +569,10 @@ def run_case(kind: str, seed: int, seeds: Seeds, work: Path) -> Outcome:
     except Exception as e:  # noqa: BLE001 (an exception escaping the harness is what this looks for)
         verdict = f"failure: {type(e).__name__} escaped: {str(e)[:300]}"
     finally:
-        signal.alarm(0)
+        signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
+        if outer:
+            signal.setitimer(signal.ITIMER_REAL, max(outer - (time.monotonic() - started), 0.001))
         shutil.rmtree(case_dir, ignore_errors=True)
     name, _, detail = verdict.partition(": ")
     return Outcome(kind, seed, name, detail)

@@ -179,10 +179,24 @@ def tiny_training_objects():
 
 
 def run(command: list[str], env: dict | None = None, timeout: float = 420, cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    """A command as a user would run it, from the repository root; output captured as text."""
-    return subprocess.run(
-        [str(c) for c in command], cwd=cwd, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}
-    )
+    """A command as a user would run it, from the repository root; output captured as text.
+    Past `timeout` it is killed with all its processes (subprocess.run would kill only
+    torchrun's agent, and leave its workers, which run in sessions of their own)."""
+    args = [str(c) for c in command]
+    process = subprocess.Popen(args, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except BaseException:
+        kill_tree(process)
+        raise
+    return subprocess.CompletedProcess(args, process.returncode, stdout, stderr)
+
+
+def kill_tree(process: subprocess.Popen) -> None:
+    """SIGKILL a process that may still run, and everything it started, and reap it."""
+    if process.poll() is None:
+        signal_tree(process, signal.SIGKILL)
+        process.wait()
 
 
 def run_cli(*args, timeout: float = 600, env: dict | None = None, cwd: Path = ROOT) -> subprocess.CompletedProcess:

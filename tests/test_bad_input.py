@@ -240,7 +240,9 @@ def test_corrupted_shard_detected_by_train(shards, tmp_path):
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1, result.stderr
     assert "train-000001.tar" in errors[0] and "SHA-256" in errors[0]
-    assert not (tmp_path / "run" / "summary.json").exists()
+    run_dir = tmp_path / "run"  # refused before the first step: nothing of a run's results there
+    assert not any((run_dir / name).exists() for name in ("summary.json", "metrics.jsonl", "checkpoints"))
+    assert "before training: " not in result.stdout and "epoch 1/1" not in result.stdout
 
 
 def test_corrupted_shard_detected_by_show_subprocess(shards):

@@ -38,6 +38,7 @@ from helpers import (
     ROOT,
     checkpoint_weights,
     free_port,
+    kill_tree,
     max_param_diff,
     max_weight_diff,
     run,
@@ -223,7 +224,7 @@ def test_two_torchrun_agents_rendezvous_on_loopback(mnist_shards, tmp_path):
         outputs = [agent.communicate(timeout=TIMEOUT)[0] for agent in agents]
     finally:
         for agent in agents:
-            agent.kill()
+            kill_tree(agent)
     assert [a.returncode for a in agents] == [0, 0], "\n".join(f"--- node {i}:\n{out[-4000:]}" for i, out in enumerate(outputs))
     s = summary(tmp_path / "run")
     assert s["world_size"] == 2 and s["steps_per_rank"] == [20, 20]

@@ -318,7 +318,11 @@ class TensorBoardServer:
         self.process = subprocess.Popen([str(c) for c in command], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         self.lines: queue.Queue[str] = queue.Queue()
         threading.Thread(target=lambda: [self.lines.put(line) for line in self.process.stdout], daemon=True).start()
-        self.url = self._wait_for_url(60)
+        try:
+            self.url = self._wait_for_url(60)
+        except BaseException:  # the caller gets no server to stop
+            self.stop()
+            raise
 
     def _wait_for_url(self, timeout: float) -> str:
         deadline, seen = time.monotonic() + timeout, []

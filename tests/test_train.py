@@ -336,7 +336,9 @@ def test_every_rank_takes_rank_0s_timestamp_for_the_run_directory(monkeypatch):
 
 
 def test_without_run_dir_every_rank_writes_to_the_same_run(mnist_shards, tmp_path):
-    """The ranks start at different moments; they all take rank 0's timestamp."""
+    """Without --run-dir, a torchrun job makes one directory under ./runs, named by rank
+    0's clock through a real gather, and every rank trains into it. (Ranks whose clocks
+    read different seconds are the unit test's above: here both start in one second.)"""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
                "-m", "harness.train", "--preset", "lenet", "--shards", mnist_shards, "--max-steps", "2", "--threads", "1"]
     result = run(command, cwd=tmp_path)

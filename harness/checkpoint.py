@@ -338,6 +338,8 @@ def checkpoint_to_resume(ctx, run_dir: Path, resume: str, config, fits=None) -> 
     if resume == "auto":
         found = load_newest_valid(run_dir, usable)
     elif resume != "never":
+        if not Path(resume).is_file():
+            raise HarnessError(f"--resume {resume}: no such checkpoint file (give auto, never, or a checkpoint's step-N.pt)")
         found = (Path(resume), load_verified(Path(resume)))
         usable(found[1], found[0])
     # Every rank must resume from the same checkpoint (RUN_DIR on a shared filesystem).

@@ -147,6 +147,10 @@ class TrainConfig:
         for name in ("seed", "holdout", "early_stopping", "max_steps", "checkpoint_every", "threads", "momentum", "weight_decay"):
             if getattr(self, name) < 0:
                 raise HarnessError(f"--{flag(name)} must be 0 or more (got {getattr(self, name)})")
+        if self.seed > MAX_SEED:
+            raise HarnessError(f"--seed must be at most {MAX_SEED} (2**64 - 1, what torch.manual_seed takes; got {self.seed})")
+        if self.threads > MAX_THREADS:
+            raise HarnessError(f"--threads must be at most {MAX_THREADS} (got {self.threads}); 0 = usable cores / ranks on this node")
         for name in ("timeout", "rank0_timeout"):
             if not 0 < getattr(self, name) <= MAX_WAIT_SECONDS:
                 raise HarnessError(f"--{flag(name)} must be positive and at most {MAX_WAIT_SECONDS:g} s, a week (got {getattr(self, name)})")
@@ -161,6 +165,11 @@ class TrainConfig:
             raise HarnessError(f"--label-smoothing {self.label_smoothing}: needs --loss cross_entropy and a value in [0, 1)")
         if min(self.augment_rotate, self.augment_scale, self.augment_shift) < 0 or self.augment_scale >= 1:
             raise HarnessError("--augment-rotate, --augment-scale and --augment-shift must be >= 0, and --augment-scale < 1")
+        if self.model != "mlp":
+            # These shape only the MLP: accepted for lenet, they would be recorded in summary.json unused.
+            unused = [f"--{flag(name)}" for name in MLP_ONLY if getattr(self, name) != getattr(MLP_DEFAULTS, name)]
+            if unused:
+                raise HarnessError(f"{', '.join(unused)} {'is' if len(unused) == 1 else 'are'} for the mlp model, not --model {self.model} (from the preset or the command line)")
 
 
 FLOAT32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max
@@ -169,8 +178,18 @@ FLOAT32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max
 # timeouts overflow on numbers far larger.
 MAX_WAIT_SECONDS = 7 * 24 * 3600.0
 
+MAX_SEED = 2**64 - 1  # torch.manual_seed's range
+MAX_THREADS = 4096  # torch.set_num_threads takes a C int; far more threads than any node's cores
+# The largest preset model, lenet's, has 838,858 parameters, and the presets' MLPs 2 hidden
+# layers. A config may ask for about 1,200 times that, 10**9 parameters (4 GB of float32),
+# in up to 1,000 hidden layers: beyond that train refuses the config, and predict a run's.
+MAX_PARAMETERS = 10**9
+MAX_HIDDEN_LAYERS = 1000
+MLP_ONLY = ("hidden", "activation", "output_activation", "leaky_slope")
+
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 TYPES = typing.get_type_hints(TrainConfig)
+MLP_DEFAULTS = TrainConfig()
 
 # Fields that may differ when a run resumes; any other change would make the resumed
 # run a different experiment, so it is refused.
@@ -286,8 +305,21 @@ def build_config(preset: str | None, args: argparse.Namespace) -> TrainConfig:
     values.update({name: getattr(args, name) for name in FIELDS if getattr(args, name, None) is not None})
     config = TrainConfig(**values)
     config.validate()
+    check_model_size(config)
     config.precision = resolve_precision(config.precision)  # recorded as what the run used
     return config
+
+
+def check_model_size(config: TrainConfig) -> None:
+    """An MLP too large to build is one error, before anything is allocated."""
+    if config.model != "mlp":
+        return
+    if len(config.hidden) > MAX_HIDDEN_LAYERS:
+        raise HarnessError(f"--hidden: {len(config.hidden)} hidden layers; at most {MAX_HIDDEN_LAYERS}")
+    sizes = [28 * 28, *config.hidden, 10]
+    parameters = sum(a * b + b for a, b in zip(sizes, sizes[1:]))
+    if parameters > MAX_PARAMETERS:
+        raise HarnessError(f"--hidden {','.join(map(str, config.hidden))}: the mlp would have {parameters:,} parameters; at most {MAX_PARAMETERS:,}")
 
 
 # What a checkpoint written before a field existed ran with.

@@ -214,16 +214,31 @@ def digest_ints(text: str) -> list[int]:
     return list(hashlib.sha256(text.encode()).digest()[:8])
 
 
+def env_int(name: str, default: int, least: int | None = None) -> int:
+    """A launcher variable as an int; a malformed one (a stray export) is one error naming it."""
+    text = os.environ.get(name)
+    if text is None:
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or (least is not None and value < least):
+        what = "an integer" if least is None else f"an integer of at least {least}"
+        raise HarnessError(f"{name}={text!r} is not {what}: start the ranks with a launcher, or unset {name}")
+    return value
+
+
 def init_distributed(
     requested_device: str = "auto", timeout_s: float = DEFAULT_TIMEOUT_S, main_timeout_s: float = 3600.0, backend: str = "auto"
 ) -> DistContext:
     env = os.environ
-    world_size = int(env.get("WORLD_SIZE", "1"))
+    world_size = env_int("WORLD_SIZE", 1, 1)
     ctx = DistContext(
-        rank=int(env.get("RANK", "0")),
+        rank=env_int("RANK", 0),  # its range is checked below, against WORLD_SIZE
         world_size=world_size,
-        local_rank=int(env.get("LOCAL_RANK", "0")),
-        local_world_size=int(env.get("LOCAL_WORLD_SIZE", "1")),
+        local_rank=env_int("LOCAL_RANK", 0, 0),
+        local_world_size=env_int("LOCAL_WORLD_SIZE", 1, 1),
         timeout_s=timeout_s,
         main_timeout_s=main_timeout_s,
     )

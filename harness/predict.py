@@ -16,17 +16,12 @@ import numpy as np
 import torch
 
 from harness.checkpoint import load_newest_valid, load_verified, stats_problem, structure_mismatch
-from harness.config import TrainConfig, config_from_saved
+from harness.config import MAX_HIDDEN_LAYERS, MAX_PARAMETERS, TrainConfig, config_from_saved
 from harness.errors import HarnessError
 from harness.models import build_model
 from harness.normalize import STATS_USED, Normalizer
 from harness.report import SUMMARY_SCHEMA, load_torch_file, model_state, read_run_json
 
-# The largest preset model, lenet's, has 838,858 parameters, and the presets' MLPs 2 hidden
-# layers. A run's config may ask for about 1,200 times that, 10**9 parameters (4 GB of
-# float32), in up to 1,000 hidden layers: beyond that predict refuses to build the model.
-MAX_PARAMETERS = 10**9
-MAX_HIDDEN_LAYERS = 1000
 
 
 @dataclasses.dataclass

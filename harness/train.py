@@ -827,6 +827,9 @@ def default_run_dir(name: str, ctx: distributed.DistContext) -> Path:
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     parser = parser or argparse.ArgumentParser(prog="python -m harness.train", description="Train on packed shards.")
+    # No prefixes (--run-d for --run-dir): slurm/train.sbatch must see --run-dir, --preset,
+    # --shards and --resume spelled out to refuse or drop them.
+    parser.allow_abbrev = False
     parser.add_argument("--preset", help=f"one of {', '.join(preset_names())} (harness/presets/*.toml); options given as well override it")
     parser.add_argument(
         "--shards", default="shards",

@@ -1,0 +1,82 @@
+"""Bad options, launcher variables and launcher arguments: each is one clear error (a
+HarnessError, or a usage line and status 2), not a traceback or a silently ignored value."""
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from harness.checkpoint import checkpoint_to_resume
+from harness.cli import build_parser as build_cli_parser
+from harness.config import build_config
+from harness.distributed import init_distributed
+from harness.errors import HarnessError
+from harness.train import build_parser
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def config_of(*argv):
+    args = build_parser().parse_args(list(argv))
+    return build_config(args.preset, args)
+
+
+@pytest.mark.parametrize("argv", [["--run-d", "x"], ["--pres", "lenet"], ["--res", "never"]])
+def test_train_options_are_not_abbreviated(argv):
+    # slurm/train.sbatch refuses --run-dir/--preset/--shards and drops --resume on a requeue
+    # only when spelled out; a prefix must not reach the harness as the option.
+    for parse in (build_parser().parse_args, lambda a: build_cli_parser().parse_args(["train", *a])):
+        with pytest.raises(SystemExit) as e:
+            parse(argv)
+        assert e.value.code == 2
+
+
+@pytest.mark.parametrize("option", [["--activation", "tanh"], ["--hidden", "7"], ["--output-activation", "relu"], ["--leaky-slope", "0.2"]])
+def test_mlp_only_options_refused_for_lenet(option):
+    with pytest.raises(HarnessError, match=f"{option[0]} is for the mlp model"):
+        config_of("--preset", "lenet", *option)
+
+
+def test_mlp_presets_still_valid():
+    assert config_of("--preset", "mathspp-mlp").activation == "leaky_relu"
+    assert config_of("--preset", "lenet").hidden == []
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--seed", str(2**64)], "--seed must be at most"),
+    (["--threads", str(2**40)], "--threads must be at most"),
+    (["--model", "mlp", "--hidden", str(10**20)], "parameters; at most"),
+    (["--model", "mlp", "--hidden", "10000000"], "parameters; at most"),
+    (["--model", "mlp", "--hidden", ",".join(["1"] * 1001)], "1001 hidden layers"),
+])
+def test_out_of_range_options(argv, message):
+    with pytest.raises(HarnessError, match=message):
+        config_of(*argv)
+
+
+def test_largest_seed_accepted():
+    assert config_of("--seed", str(2**64 - 1)).seed == 2**64 - 1
+
+
+@pytest.mark.parametrize("env", [{"WORLD_SIZE": "two"}, {"LOCAL_RANK": "x"}, {"LOCAL_WORLD_SIZE": "0"}, {"RANK": ""}])
+def test_malformed_launcher_variables(monkeypatch, env):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(HarnessError, match=next(iter(env))):
+        init_distributed("cpu")
+
+
+def test_resume_path_that_does_not_exist(tmp_path):
+    missing = tmp_path / "step-00000200.pt"
+    with pytest.raises(HarnessError, match=f"--resume {missing}: no such checkpoint"):
+        checkpoint_to_resume(None, tmp_path, str(missing), config_of("--preset", "lenet"))
+
+
+@pytest.mark.parametrize("script", ["launch/torchrun.sh", "launch/accelerate.sh"])
+def test_launcher_process_count_checked(script):
+    result = subprocess.run(["bash", str(ROOT / script), "lenet", "--epochs", "1"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "N is the number of processes, got 'lenet'" in result.stderr
+    assert "Traceback" not in result.stderr

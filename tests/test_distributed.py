@@ -200,12 +200,21 @@ def test_ranks_that_fetch_different_manifests_stop_at_start_up(tmp_path, monkeyp
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+ONE_STEP = ("--preset", "lenet", "--max-steps", "1", "--threads", "1")
+
+
+@pytest.fixture(scope="module")
+def one_step(mnist_shards, tmp_path_factory):
+    """One LeNet step in one process: the run that one DDP step must equal."""
+    run_dir = tmp_path_factory.mktemp("one-step") / "w1"
+    train_ok(mnist_shards, run_dir, *ONE_STEP)
+    return run_dir
+
+
 @pytest.mark.parametrize("world_size", [2, 4])
-def test_one_ddp_step_equals_one_step_on_the_global_batch(mnist_shards, tmp_path, world_size):
-    args = ("--preset", "lenet", "--max-steps", "1", "--threads", "1")
-    train_ok(mnist_shards, tmp_path / "w1", *args)
-    torchrun(world_size, mnist_shards, tmp_path / "many", *args)
-    assert max_param_diff(tmp_path / "w1", tmp_path / "many") < ONE_STEP_TOLERANCE
+def test_one_ddp_step_equals_one_step_on_the_global_batch(mnist_shards, one_step, tmp_path, world_size):
+    torchrun(world_size, mnist_shards, tmp_path / "many", *ONE_STEP)
+    assert max_param_diff(one_step, tmp_path / "many") < ONE_STEP_TOLERANCE
 
 
 def test_two_torchrun_agents_rendezvous_on_loopback(mnist_shards, tmp_path):
@@ -258,18 +267,20 @@ def test_dev_and_torchrun_launchers(mnist_shards, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def uneven_shards(mnist_dir, tmp_path_factory):
-    """Three train shards of 25,000, 25,000 and 10,000 images: fewer shards than 4 ranks, unequal sizes."""
-    out = tmp_path_factory.mktemp("uneven") / "shards"
-    pack(load_source(mnist_dir), out, shard_size=25000, block_size=500)
+def uneven_shards(tmp_path_factory):
+    """Three train shards of 1,000, 1,000 and 560 images (synthetic): fewer shards than 4
+    ranks, unequal sizes, and a last block of 60."""
+    base = tmp_path_factory.mktemp("uneven")
+    out = base / "shards"
+    pack(load_source(write_source(base / "source", n_train=2560, n_test=100)), out, shard_size=1000, block_size=250)
     return out
 
 
 @pytest.mark.parametrize("world_size", [2, 4])
 def test_uneven_shards_full_epoch_equal_steps(uneven_shards, tmp_path, world_size):
-    args = ("--preset", "neupy-mlp", "--hidden", "32", "--epochs", "1", "--threads", "1")
+    args = ("--preset", "neupy-mlp", "--hidden", "32", "--epochs", "1", "--macro-batch", "640", "--threads", "1")  # 4 macro-batches across shards
     torchrun(world_size, uneven_shards, tmp_path / "run", *args, env={"HARNESS_TEST_RANK_WEIGHTS": str(tmp_path / "ranks")})
-    assert summary(tmp_path / "run")["steps_per_rank"] == [60000 // 128] * world_size
+    assert summary(tmp_path / "run")["steps_per_rank"] == [2560 // 128] * world_size
     ranks = rank_weights(tmp_path / "ranks")
     assert len(ranks) == world_size and all(torch.equal(r[k], ranks[0][k]) for r in ranks for k in r)
 

@@ -30,7 +30,7 @@ import numpy as np
 
 from harness import __version__
 from harness.atomic import fsync_dir, write_json_atomic
-from harness.data.manifest import FORMAT_VERSION, MANIFEST_NAME, MAX_BLOCK_SIZE, manifest_problem
+from harness.data.manifest import FORMAT_VERSION, MANIFEST_NAME, MAX_BLOCK_SIZE, MAX_BLOCKS_PER_SHARD, manifest_problem
 from harness.data.sources import IMAGE_SHAPE, Dataset, sha256_of
 from harness.errors import HarnessError
 
@@ -137,6 +137,8 @@ def pack(
         raise HarnessError(f"--block-size {block_size} is larger than {MAX_BLOCK_SIZE}, the most a reader decodes at once")
     if shard_size % block_size:
         raise HarnessError(f"--shard-size {shard_size} must be a multiple of --block-size {block_size}")
+    if shard_size // block_size > MAX_BLOCKS_PER_SHARD:
+        raise HarnessError(f"--shard-size {shard_size} / --block-size {block_size}: at most {MAX_BLOCKS_PER_SHARD:,} blocks a shard")
     check_output_dir(out_dir)
     check_train_images_vary(dataset)
     tmp = _make_temp_dir(out_dir)

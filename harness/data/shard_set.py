@@ -139,7 +139,6 @@ class ShardSplit:
         self.block_size = info["block_size"]
         self.image_shape = tuple(self.manifest["image_shape"])
         self._index: dict[int, list[IndexedBlock]] = {}
-        self._layouts: dict[int, list[tuple[int, int]]] = {}  # block_layout's, built on first use
         self._bytes = [0]  # bytes read from shard files: indexing plus images
         self.pages: set | None = None  # a set here collects the file pages the image reads touch
 
@@ -161,14 +160,8 @@ class ShardSplit:
     def block_layout(self, shard: int) -> list[tuple[int, int]]:
         """(first sample index, image count) of each block of a shard, in file order, as the
         packer lays them out: consecutive blocks of block_size, the last one shorter."""
-        if shard not in self._layouts:
-            if self.source.remote:
-                # The manifest's sizes of a URL's shards are checked only as they arrive: fetch
-                # (size and SHA-256 checked) before building a list as long as the entry claims.
-                self.source.shard_path(self.split, shard)
-            first, count, size = self.shard_firsts[shard], self.shard_counts[shard], self.block_size
-            self._layouts[shard] = [(first + k, min(size, count - k)) for k in range(0, count, size)]
-        return self._layouts[shard]
+        first, count, size = self.shard_firsts[shard], self.shard_counts[shard], self.block_size
+        return [(first + k, min(size, count - k)) for k in range(0, count, size)]
 
     def blocks(self, shard: int) -> list[IndexedBlock]:
         """A shard's blocks, indexed (and checked against the manifest) on first use."""

@@ -175,7 +175,8 @@ class MacroBatchStream:
         """The whole split on the device, and this rank's order as indices into it."""
         self.preload()
         pieces, _, size = self._pieces(epoch, 0)
-        sequence = np.concatenate([self.data.block_layout(shard)[b][0] - self.data.start + np.arange(lo, hi) for shard, b, lo, hi in pieces])
+        layouts = {shard: self.data.block_layout(shard) for shard in {piece[0] for piece in pieces}}  # once a shard, not a piece
+        sequence = np.concatenate([layouts[shard][b][0] - self.data.start + np.arange(lo, hi) for shard, b, lo, hi in pieces])
         (order,), ready = self._copy_in(torch.from_numpy(sequence[self._rank_positions(epoch, 0, size)]))
         return MacroBatch(epoch, 0, *self._split, order, self.local_batch_size, ready)
 

@@ -165,11 +165,6 @@ class TrainConfig:
             raise HarnessError(f"--label-smoothing {self.label_smoothing}: needs --loss cross_entropy and a value in [0, 1)")
         if min(self.augment_rotate, self.augment_scale, self.augment_shift) < 0 or self.augment_scale >= 1:
             raise HarnessError("--augment-rotate, --augment-scale and --augment-shift must be >= 0, and --augment-scale < 1")
-        if self.model != "mlp":
-            # These shape only the MLP: accepted for lenet, they would be recorded in summary.json unused.
-            unused = [f"--{flag(name)}" for name in MLP_ONLY if getattr(self, name) != getattr(MLP_DEFAULTS, name)]
-            if unused:
-                raise HarnessError(f"{', '.join(unused)} {'is' if len(unused) == 1 else 'are'} for the mlp model, not --model {self.model} (from the preset or the command line)")
 
 
 FLOAT32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max
@@ -185,11 +180,11 @@ MAX_THREADS = 4096  # torch.set_num_threads takes a C int; far more threads than
 # in up to 1,000 hidden layers: beyond that train refuses the config, and predict a run's.
 MAX_PARAMETERS = 10**9
 MAX_HIDDEN_LAYERS = 1000
-MLP_ONLY = ("hidden", "activation", "output_activation", "leaky_slope")
+MLP_ONLY = ("hidden", "activation", "output_activation", "leaky_slope")  # options that shape only the MLP
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 TYPES = typing.get_type_hints(TrainConfig)
-MLP_DEFAULTS = TrainConfig()
+DEFAULTS = TrainConfig()
 
 # Fields that may differ when a run resumes; any other change would make the resumed
 # run a different experiment, so it is refused.
@@ -305,14 +300,20 @@ def build_config(preset: str | None, args: argparse.Namespace) -> TrainConfig:
     values.update({name: getattr(args, name) for name in FIELDS if getattr(args, name, None) is not None})
     config = TrainConfig(**values)
     config.validate()
-    check_model_size(config)
+    check_mlp_options(config)
     config.precision = resolve_precision(config.precision)  # recorded as what the run used
     return config
 
 
-def check_model_size(config: TrainConfig) -> None:
-    """An MLP too large to build is one error, before anything is allocated."""
+def check_mlp_options(config: TrainConfig) -> None:
+    """A new run's MLP options: refused for another model, which would ignore them but
+    record them in summary.json (runs recorded so before are still read: config_from_saved
+    does not ask); an MLP too large to build is one error, before anything is allocated."""
     if config.model != "mlp":
+        unused = [f"--{flag(name)}" for name in MLP_ONLY if getattr(config, name) != getattr(DEFAULTS, name)]
+        if unused:
+            raise HarnessError(f"{', '.join(unused)} {'is' if len(unused) == 1 else 'are'} for the mlp model, "
+                               f"not --model {config.model} (from the preset or the command line)")
         return
     if len(config.hidden) > MAX_HIDDEN_LAYERS:
         raise HarnessError(f"--hidden: {len(config.hidden)} hidden layers; at most {MAX_HIDDEN_LAYERS}")
@@ -328,7 +329,9 @@ VALUES_BEFORE_FIELD = {"precision": "fp32"}
 
 def changed_fields(saved: dict, config: TrainConfig) -> list[str]:
     """Fields whose change would make a resumed run a different experiment."""
-    current, defaults = dataclasses.asdict(config), dataclasses.asdict(TrainConfig())
+    current, defaults = dataclasses.asdict(config), dataclasses.asdict(DEFAULTS)
     before = {**defaults, **VALUES_BEFORE_FIELD}
     resumable = RESUMABLE_CHANGES - ({"epochs", "max_steps"} if config.lr_schedule == "onecycle" else set())  # they set its length
+    if config.model != "mlp":  # unused (a run may have recorded, say, --activation tanh before they were refused)
+        resumable = resumable | set(MLP_ONLY)
     return sorted(k for k in current if k not in resumable and saved.get(k, before[k]) != current[k])

@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source launch/env.sh
-N=${1:?usage: launch/torchrun.sh N [PRESET] [options...]}
+N=${1:-}
 [[ $N =~ ^[1-9][0-9]*$ ]] || { echo "launch/torchrun.sh: N is the number of processes, got '$N' (usage: launch/torchrun.sh N [PRESET] [options...])" >&2; exit 2; }
 PRESET=${2:-lenet}
 shift; shift || true

@@ -674,7 +674,7 @@ def test_resume_from_a_missing_checkpoint_is_a_clear_error(mnist_shards, tmp_pat
     missing = tmp_path / "checkpoints" / "step-00000100.pt"
     result = run(command(mnist_shards, tmp_path / "run", "--resume", missing))
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == [f"error: {missing.with_suffix('.json')}: unreadable checkpoint marker (No such file or directory)"]
+    assert result.stderr.strip().splitlines() == [f"error: --resume {missing}: no such checkpoint file (give auto, never, or a checkpoint's step-N.pt)"]
 
 
 def test_changed_config_is_refused_on_resume(mnist_shards, tmp_path):
@@ -767,6 +767,27 @@ def test_a_start_removes_the_temporary_files_of_killed_writes(tmp_path, caplog):
         RunOutputs(run_dir, resumed_at=None).close()
     assert not any(p.exists() for p in leftovers) and all(p.exists() for p in kept) and (run_dir / ".folder.tmp-5").is_dir()
     assert "removed 2 temporary file(s) of writes an earlier attempt did not finish" in caplog.text
+
+
+def test_a_resume_drops_a_metrics_line_a_crash_cut_short(tmp_path):
+    """metrics.jsonl's line for an epoch is written before the epoch's checkpoint, so a line
+    a crash cut short (no newline) is of an epoch the resume redoes: it is dropped with the
+    other redone lines, not refused as damage. A restart from step 0 reads no line at all."""
+    from harness.run_outputs import RunOutputs
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    line = lambda epoch: json.dumps({"epoch": epoch, "train_loss": 0.5, "val_loss": 0.4, "val_accuracy": 0.9})  # noqa: E731
+    (run_dir / "metrics.jsonl").write_text(line(1) + "\n" + line(2) + "\n" + line(3)[:20])
+    outputs = RunOutputs(run_dir, resumed_at=20)
+    try:
+        outputs.keep_epochs(1)
+        assert (run_dir / "metrics.jsonl").read_text() == line(1) + "\n"
+        (run_dir / "metrics.jsonl").write_text("not a metrics line\n")
+        outputs.keep_epochs(0)
+        assert (run_dir / "metrics.jsonl").read_text() == ""
+    finally:
+        outputs.close()
 
 
 def test_training_goes_on_while_a_checkpoint_file_is_written(mnist_shards, tmp_path, reference):

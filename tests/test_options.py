@@ -75,8 +75,22 @@ def test_resume_path_that_does_not_exist(tmp_path):
 
 
 @pytest.mark.parametrize("script", ["launch/torchrun.sh", "launch/accelerate.sh"])
-def test_launcher_process_count_checked(script):
-    result = subprocess.run(["bash", str(ROOT / script), "lenet", "--epochs", "1"], capture_output=True, text=True, timeout=60)
+@pytest.mark.parametrize("args", [["lenet", "--epochs", "1"], []])
+def test_launcher_process_count_checked(script, args):
+    result = subprocess.run(["bash", str(ROOT / script), *args], capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
-    assert "N is the number of processes, got 'lenet'" in result.stderr
+    assert f"N is the number of processes, got '{args[0] if args else ''}'" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_lenet_run_that_recorded_mlp_options_is_still_read_and_resumed():
+    """Runs made before the refusal recorded, say, activation tanh for lenet: predict and
+    report still read their config, and the same run resumes without the option."""
+    from dataclasses import asdict
+
+    from harness.config import changed_fields, config_from_saved
+
+    old = {**asdict(config_of("--preset", "lenet")), "activation": "tanh", "hidden": [7]}
+    assert config_from_saved(old, "run/summary.json").activation == "tanh"
+    assert changed_fields(old, config_of("--preset", "lenet")) == []
+    assert changed_fields(old, config_of("--preset", "lenet", "--lr", "0.05")) == ["lr"]

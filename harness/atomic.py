@@ -16,12 +16,17 @@ from pathlib import Path
 import torch
 
 
-TEMPORARY_NAME = re.compile(r"\..+\.tmp-[0-9]+")  # .NAME.tmp-PID, the writer's process id
+TEMPORARY_NAME = re.compile(r"\..+\.tmp-[0-9]+")  # temporary_path's names
+
+
+def temporary_path(path: Path) -> Path:
+    """Where `path` is written before it is renamed into place: .NAME.tmp-PID, beside it."""
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
 
 
 def write_bytes_atomic(path: Path, payload: bytes) -> None:
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = temporary_path(path)
     try:
         with open(tmp, "wb") as f:
             f.write(payload)

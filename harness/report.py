@@ -218,14 +218,17 @@ def read_run_json(path: Path, schema: dict, what: str) -> dict:
     return value
 
 
-def read_metrics(run_dir: Path) -> list[dict]:
+def read_metrics(run_dir: Path, whole_lines_only: bool = False) -> list[dict]:
+    """RUN_DIR's metrics.jsonl, each line checked. `whole_lines_only`: a last line without
+    its newline (a crash or a full disk cut its write short) is left out, not refused."""
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         raise HarnessError(f"{run_dir}: no metrics.jsonl: not a run directory, or the run has not finished an epoch")
     try:
         if path.stat().st_size > RUN_JSON_MAX_BYTES:
             raise HarnessError(f"{path}: larger than {RUN_JSON_MAX_BYTES} bytes; not a run's metrics")
-        lines = path.read_text().splitlines()
+        text = path.read_text()
+        lines = text.splitlines()[: -1 if whole_lines_only and text and not text.endswith("\n") else None]
     except (OSError, UnicodeDecodeError) as e:
         raise HarnessError(f"{path}: unreadable ({getattr(e, 'strerror', None) or e})") from None
     metrics = []

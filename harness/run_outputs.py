@@ -76,9 +76,10 @@ class RunOutputs:
         self.checkpoint_job: int | None = None  # the background writer's number of the last checkpoint
 
     def keep_epochs(self, completed: int) -> None:
-        """Drop metrics lines of epochs after the checkpoint (they will be redone)."""
+        """Drop metrics lines of epochs after the checkpoint (they will be redone). A line is
+        written before its epoch's checkpoint, so one cut short by a crash is one of those."""
         if (self.run_dir / "metrics.jsonl").exists():
-            kept = [entry for entry in read_metrics(self.run_dir) if entry["epoch"] <= completed]
+            kept = [entry for entry in read_metrics(self.run_dir, whole_lines_only=True) if entry["epoch"] <= completed] if completed else []
             write_text_atomic(self.run_dir / "metrics.jsonl", "".join(json.dumps(entry) + "\n" for entry in kept))
 
     def epoch(self, metrics: dict, epochs: int, model, step: int) -> None:
@@ -157,11 +158,19 @@ class RunOutputs:
 
 def read_summary(run_dir: Path) -> dict | None:
     """RUN_DIR's summary.json, which a finished run writes last; None if there is none that
-    reads as one (missing, unreadable, not a regular file, or not a JSON object)."""
+    reads as one (missing, unreadable, not a regular file, not strict JSON, or not of
+    SUMMARY_SCHEMA's shape)."""
     try:
         return read_run_json(run_dir / "summary.json", SUMMARY_SCHEMA, "run summary")
     except HarnessError:
         return None
+
+
+def summary_steps(run_dir: Path) -> int | None:
+    """The step count RUN_DIR's summary.json records; None without a readable one (then
+    it is not a finished run's)."""
+    steps = (read_summary(run_dir) or {}).get("steps")
+    return steps if isinstance(steps, int) else None
 
 
 def setup_logging(rank: int) -> None:

@@ -19,8 +19,10 @@ class StopRequest:
     """Set by SIGTERM (Slurm's warning before preemption or the time limit), SIGUSR1
     (useful without a launcher only: torchrun has no handler for it and dies of it) or a
     first SIGINT (Ctrl-C; under torchrun, which forwards it to the ranks). A SIGINT after
-    any of them raises KeyboardInterrupt, as Python's own handler does: a stop that takes
-    too long, or a hung run, can still be ended at once."""
+    any of them raises KeyboardInterrupt, as Python's own handler does, so that a stop that
+    takes too long can still be cut short. (Like Python's own, it is raised when the main
+    thread next runs Python code: a rank blocked in a collective gets it when the
+    collective returns or times out, after --timeout at most.)"""
 
     def __init__(self):
         self.signal_name: str | None = None

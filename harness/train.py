@@ -41,7 +41,7 @@ from harness.errors import HarnessError, run_guarded
 from harness.evaluate import EvalResult, evaluate
 from harness.models import buffers_restored, build_model, parameter_checksum
 from harness.normalize import Normalizer, make_loss, stats_used
-from harness.run_outputs import RunOutputs, read_summary, setup_logging
+from harness.run_outputs import RunOutputs, read_summary, setup_logging, summary_steps
 from harness.stopping import EXIT_STOPPED, StopRequest
 from harness.testhooks import Fault, diverge_rank_rng, save_rank_files
 
@@ -356,9 +356,11 @@ class Trainer:
             self.wait_for_writes()  # the loop's time includes the last checkpoint's write
             return self.finish(time.perf_counter() - started)
         finally:
-            if self.outputs:  # first: the checkpoint writes matter more than a load ahead
-                self.outputs.close()
-            self.stream.close()
+            try:
+                if self.outputs:  # first: the checkpoint writes matter more than a load ahead
+                    self.outputs.close()
+            finally:
+                self.stream.close()
 
     def finished_before(self) -> bool:
         """Whether a run resumed with nothing left to train had already written its
@@ -681,13 +683,6 @@ class Trainer:
         if not self.config.holdout and self.last_eval and self.last_eval[0] == self.progress.step:
             return self.last_eval[1]
         return evaluate(self.model, *self.test_set(), self.normalize, self.loss_fn, self.config.eval_batch)
-
-
-def summary_steps(run_dir: Path) -> int | None:
-    """The step count RUN_DIR's summary.json records; None without a readable one (then
-    it is not a finished run's)."""
-    steps = (read_summary(run_dir) or {}).get("steps")
-    return steps if isinstance(steps, int) else None
 
 
 def compile_mode(requested: str, ctx: distributed.DistContext, augmenting: bool = False, sync_batch_norm: bool = False) -> str:

@@ -558,9 +558,11 @@ def run_case(kind: str, seed: int, seeds: Seeds, work: Path) -> Outcome:
     """One mutated input of `kind`, from `seed`; its directory is removed afterwards."""
     case_dir = Path(work) / f"case-{kind}-{seed}"
     rng = np.random.default_rng([KINDS.index(kind), seed])
-    # pytest-timeout's own alarm uses the same timer: it is put back, less the case's time.
+    # pytest-timeout's own alarm uses the same timer: it is put back, less the case's time
+    # (and the case's alarm never outlasts it).
+    outer = signal.getitimer(signal.ITIMER_REAL)[0]
     previous = signal.signal(signal.SIGALRM, _alarm)
-    outer, _ = signal.setitimer(signal.ITIMER_REAL, CASE_TIMEOUT_S)
+    signal.setitimer(signal.ITIMER_REAL, min(CASE_TIMEOUT_S, outer) if outer else CASE_TIMEOUT_S)
     started = time.monotonic()
     try:
         verdict = CHECKS[kind](kind, seeds, case_dir, rng)

@@ -268,11 +268,11 @@ def test_dev_and_torchrun_launchers(mnist_shards, tmp_path):
 
 @pytest.fixture(scope="module")
 def uneven_shards(tmp_path_factory):
-    """Three train shards of 1,000, 1,000 and 560 images (synthetic): fewer shards than 4
-    ranks, unequal sizes, and a last block of 60."""
+    """Three train shards of 1,000, 1,000 and 600 images (synthetic): fewer shards than 4
+    ranks, unequal sizes, a last block of 100, and 40 images past the last full batch."""
     base = tmp_path_factory.mktemp("uneven")
     out = base / "shards"
-    pack(load_source(write_source(base / "source", n_train=2560, n_test=100)), out, shard_size=1000, block_size=250)
+    pack(load_source(write_source(base / "source", n_train=2600, n_test=100)), out, shard_size=1000, block_size=250)
     return out
 
 
@@ -280,7 +280,7 @@ def uneven_shards(tmp_path_factory):
 def test_uneven_shards_full_epoch_equal_steps(uneven_shards, tmp_path, world_size):
     args = ("--preset", "neupy-mlp", "--hidden", "32", "--epochs", "1", "--macro-batch", "640", "--threads", "1")  # 4 macro-batches across shards
     torchrun(world_size, uneven_shards, tmp_path / "run", *args, env={"HARNESS_TEST_RANK_WEIGHTS": str(tmp_path / "ranks")})
-    assert summary(tmp_path / "run")["steps_per_rank"] == [2560 // 128] * world_size
+    assert summary(tmp_path / "run")["steps_per_rank"] == [2600 // 128] * world_size
     ranks = rank_weights(tmp_path / "ranks")
     assert len(ranks) == world_size and all(torch.equal(r[k], ranks[0][k]) for r in ranks for k in r)
 

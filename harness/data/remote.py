@@ -127,9 +127,17 @@ class RemoteShards:
         self.lock_timeout_s, self.deadline_s = worst_download if lock_timeout_s is None else lock_timeout_s, deadline_s
         self.shard_dir = self.cache_dir / "shards"
         self.bytes_fetched = 0  # bytes received over the network (or from the command) by this object
-        # While set (by ShardSource.fetches_cancelled, from another thread), a fetch gives up
-        # within a chunk, a read's timeout or a lock poll, with a HarnessError.
-        self.cancelled = threading.Event()
+        self.cancelled = threading.Event()  # see fetches_cancelled
+
+    @contextmanager
+    def fetches_cancelled(self) -> Iterator[None]:
+        """Within: a fetch on another thread gives up at its next chunk, read timeout, retry
+        or lock poll, with a HarnessError. After (if the body ended normally): fetches work
+        again. An exception in the body (a second Ctrl-C) leaves them cancelled, so that a
+        fetch still running then does not go on."""
+        self.cancelled.set()
+        yield
+        self.cancelled.clear()
 
     def _check_cancelled(self, url: str) -> None:
         if self.cancelled.is_set():

@@ -12,9 +12,8 @@ that trains on 1/W of a macro-batch reads about 1/W of its bytes.
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -57,18 +56,11 @@ class ShardSource:
     def url(self, name: str) -> str:
         return self.remote.location(name) if self.remote else str(self.directory / name)
 
-    @contextmanager
-    def fetches_cancelled(self) -> Iterator[None]:
-        """Within: a shard's download on another thread (the stream's reader) gives up soon,
-        so that a stopping run does not wait up to the download's deadline for data it will
-        not use. After: fetches work again."""
-        if self.remote:
-            self.remote.cancelled.set()
-        try:
-            yield
-        finally:
-            if self.remote:
-                self.remote.cancelled.clear()
+    def fetches_cancelled(self):
+        """A context within which a shard's download on another thread (the stream's reader)
+        gives up soon (RemoteShards.fetches_cancelled): a stopping run does not wait up to
+        the download's deadline for data it will not use."""
+        return self.remote.fetches_cancelled() if self.remote else contextlib.nullcontext()
 
     def shards(self, split: str) -> list[dict]:
         return split_info(self.manifest, split, self.location)["shards"]

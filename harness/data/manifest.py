@@ -124,13 +124,13 @@ def _layout_problem(manifest: dict) -> str | None:
             expected = f"{split}-{i:06d}.tar"
             if shard["name"] != expected:
                 return f"{field}.shards[{i}].name: {shard['name']!r}; {expected!r} was expected (the packer numbers a split's shards from 0)"
+            problem = _shard_size_problem(shard, info["block_size"])
+            if problem:
+                return f"{field}.shards[{i}].bytes: {problem}"
             blocks = -(-shard["samples"] // info["block_size"])
             if blocks > MAX_BLOCKS_PER_SHARD:
                 return (f"{field}.shards[{i}].samples: {shard['samples']} images in blocks of {info['block_size']} "
                         f"are {blocks:,} blocks; a shard holds at most {MAX_BLOCKS_PER_SHARD:,}")
-            problem = _shard_size_problem(shard, info["block_size"])
-            if problem:
-                return f"{field}.shards[{i}].bytes: {problem}"
         held = sum(shard["samples"] for shard in info["shards"])
         if held != info["samples"]:
             return f"{field}.samples: {info['samples']}, but the shards hold {held} ({' + '.join(str(s['samples']) for s in info['shards'][:5])}{' + ...' if len(info['shards']) > 5 else ''})"

@@ -166,13 +166,6 @@ def read_summary(run_dir: Path) -> dict | None:
         return None
 
 
-def summary_steps(run_dir: Path) -> int | None:
-    """The step count RUN_DIR's summary.json records; None without a readable one (then
-    it is not a finished run's)."""
-    steps = (read_summary(run_dir) or {}).get("steps")
-    return steps if isinstance(steps, int) else None
-
-
 def setup_logging(rank: int) -> None:
     """Rank 0 prints progress; other ranks print only warnings and errors."""
     logging.basicConfig(

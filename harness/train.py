@@ -41,7 +41,7 @@ from harness.errors import HarnessError, run_guarded
 from harness.evaluate import EvalResult, evaluate
 from harness.models import buffers_restored, build_model, parameter_checksum
 from harness.normalize import Normalizer, make_loss, stats_used
-from harness.run_outputs import RunOutputs, read_summary, setup_logging, summary_steps
+from harness.run_outputs import RunOutputs, read_summary, setup_logging
 from harness.stopping import EXIT_STOPPED, StopRequest
 from harness.testhooks import Fault, diverge_rank_rng, save_rank_files
 
@@ -332,11 +332,12 @@ class Trainer:
     # --- the loop ---------------------------------------------------------------------------------
 
     def fit(self) -> dict:
-        if not self.training_left() and self.finished_before():
+        finished = self.summary_written_before() if not self.training_left() else None
+        if finished is not None:
             log.info(f"{self.run_dir}: this run has finished (summary.json); nothing to train, no file rewritten")
             if self.outputs:
                 self.outputs.close()
-            return (read_summary(self.run_dir) or {}) if self.ctx.is_main else {}
+            return finished
         try:
             self.log_start()
             if self.training_left():
@@ -362,15 +363,16 @@ class Trainer:
             finally:
                 self.stream.close()
 
-    def finished_before(self) -> bool:
-        """Whether a run resumed with nothing left to train had already written its
-        summary, at this step: then a rerun leaves its files as they are (the summary's
-        times among them). A run stopped by a signal after its last step has not: it
-        finishes now; so does one extended (a larger --max-steps or --epochs) and stopped
-        at its new last step, whose summary.json is the shorter run's. Rank 0 looks; every
-        rank takes its answer."""
-        written = self.ctx.is_main and summary_steps(self.run_dir) == self.progress.step
-        return bool(self.ctx.gather([int(written)])[0][0])
+    def summary_written_before(self) -> dict | None:
+        """The summary a run resumed with nothing left to train had already written, at
+        this step (rank 0's; {} on the others), or None: then a rerun leaves its files as
+        they are (the summary's times among them). A run stopped by a signal after its last
+        step has none: it finishes now; so does one extended (a larger --max-steps or
+        --epochs) and stopped at its new last step, whose summary.json is the shorter run's.
+        Rank 0 reads it once; every rank takes its answer."""
+        summary = read_summary(self.run_dir) if self.ctx.is_main else None
+        written = summary is not None and type(summary.get("steps")) is int and summary["steps"] == self.progress.step
+        return (summary or {}) if self.ctx.gather([int(written)])[0][0] else None
 
     def train_epoch(self) -> None:
         """Steps from the current position to the end of the epoch (or to --max-steps)."""

@@ -210,8 +210,10 @@ MAX_KERNEL = 28
 
 
 def read_run_json(path: Path, schema: dict, what: str) -> dict:
-    """A run's JSON file, checked against `schema`; HarnessError naming the file and field."""
-    value = read_json_file(path, RUN_JSON_MAX_BYTES, what)
+    """A run's JSON file, checked against `schema`; HarnessError naming the file and field.
+    NaN and Infinity are read: Python's json writes a diverged loss so, in summary.json as
+    in metrics.jsonl, and refusing them took a finished run for an unfinished one."""
+    value = read_json_file(path, RUN_JSON_MAX_BYTES, what, nonfinite_ok=True)
     problem = first_violation(schema, value)
     if problem:
         raise HarnessError(f"{path}: {problem}")

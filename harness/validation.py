@@ -41,19 +41,19 @@ def _no_duplicate_keys(pairs: list) -> dict:
     return seen
 
 
-def strict_json_loads(text: str | bytes):
-    """json.loads, refusing what Python accepts but JSON does not (NaN, Infinity), duplicate
-    keys (which one would win is a guess) and nesting deep enough to exhaust the stack.
-    Every problem is a ValueError."""
+def strict_json_loads(text: str | bytes, nonfinite_ok: bool = False):
+    """json.loads, refusing what Python accepts but JSON does not (NaN, Infinity; unless
+    `nonfinite_ok`), duplicate keys (which one would win is a guess) and nesting deep
+    enough to exhaust the stack. Every problem is a ValueError."""
     try:
-        return json.loads(text, parse_constant=_no_constants, object_pairs_hook=_no_duplicate_keys)
+        return json.loads(text, parse_constant=float if nonfinite_ok else _no_constants, object_pairs_hook=_no_duplicate_keys)
     except RecursionError:
         raise ValueError("nested too deeply") from None
 
 
-def read_json_file(path: Path, max_bytes: int, what: str):
-    """A small JSON file, parsed strictly; HarnessError naming it if it is unreadable,
-    larger than `max_bytes` (checked before reading) or not JSON."""
+def read_json_file(path: Path, max_bytes: int, what: str, nonfinite_ok: bool = False):
+    """A small JSON file, parsed strictly (see strict_json_loads); HarnessError naming it if
+    it is unreadable, larger than `max_bytes` (checked before reading) or not JSON."""
     try:
         with open_regular_file(path) as f:
             payload = f.read(max_bytes + 1)
@@ -62,7 +62,7 @@ def read_json_file(path: Path, max_bytes: int, what: str):
     if len(payload) > max_bytes:
         raise HarnessError(f"{path}: larger than {max_bytes} bytes; not a {what}")
     try:
-        return strict_json_loads(payload)
+        return strict_json_loads(payload, nonfinite_ok)
     except ValueError as e:
         raise HarnessError(f"{path}: not valid JSON ({one_line(e)})") from None
 

@@ -201,6 +201,25 @@ def test_rerunning_a_finished_run_changes_nothing(lenet_run, mnist_shards, tmp_p
     assert snapshot(run_dir) == before
 
 
+def test_a_finished_run_with_a_diverged_test_loss_is_still_finished(lenet_run, mnist_shards, tmp_path):
+    """Python's json writes a non-finite loss as NaN or Infinity. summary.json's reader
+    refused those, so such a run looked unfinished: a rerun wrote its files again, and
+    `harness report` failed on it."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(lenet_run[0], run_dir)
+    written = json.loads((run_dir / "summary.json").read_text())
+    written["test_loss"] = float("inf")  # what a run whose logits overflowed float32 writes
+    written["final"]["val_loss"] = float("nan")
+    (run_dir / "summary.json").write_text(json.dumps(written))
+    before = snapshot(run_dir)
+    result = run_cli("train", "--preset", "lenet", "--shards", mnist_shards, "--run-dir", run_dir, "--epochs", "1", "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    assert "this run has finished (summary.json); nothing to train, no file rewritten" in result.stdout
+    assert snapshot(run_dir) == before
+    report = run_cli("report", run_dir)
+    assert report.returncode == 0, report.stderr
+
+
 def test_train_help_lists_every_option():
     """`harness train --help` formats every field's help (a bare % in one used to crash it)."""
     from harness.config import FIELDS, flag

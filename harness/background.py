@@ -58,13 +58,21 @@ class BackgroundWriter:
                 self._changed.wait()
             self._raise_error()
 
-    def close(self) -> None:
+    def close(self, wait: bool = True) -> None:
         """Finish the queued jobs and stop the thread. An error is logged, not raised: on the
         normal path `wait()` has raised it already, and on a failure it must not hide the
-        first error."""
+        first error. `wait=False` (a second Ctrl-C, which ends the run at once): the queued
+        jobs are dropped and the one running is not waited for (the thread is a daemon; its
+        files are written atomically, so one cut short leaves only a temporary file)."""
         with self._changed:
             self._closing = True
+            if not wait:
+                self._jobs.clear()
             self._changed.notify_all()
+        if not wait:
+            if self._done < self._submitted:
+                log.warning("interrupted: not waiting for the background writer's file write in progress")
+            return
         self._thread.join()
         if self._error is not None:
             log.error(f"background writer: {self._error}")

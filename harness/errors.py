@@ -47,4 +47,7 @@ def run_guarded(function, args) -> int:
         # A failed run's exception chain can keep objects alive in reference cycles, among
         # them a DDP model holding the process group, whose gloo threads must not outlive
         # the interpreter (see distributed.init_distributed): free them while it is whole.
-        gc.collect()
+        try:
+            gc.collect()
+        except KeyboardInterrupt:  # a second Ctrl-C just after a stop's checkpoint: the command has ended
+            pass

@@ -119,9 +119,10 @@ class RunOutputs:
         """Until the checkpoints and images handed to the background writer are on disk."""
         self.background.wait()
 
-    def close(self) -> None:
-        """Let the background writer finish (a failed run still lands the checkpoint being written)."""
-        self.background.close()
+    def close(self, wait: bool = True) -> None:
+        """Let the background writer finish (a failed run still lands the checkpoint being
+        written); `wait=False`: not (an interrupted run ends at once)."""
+        self.background.close(wait)
 
     def stopped(self, step: int, signal_name: str) -> None:
         """The run stopped on a signal at `step`, its newest checkpoint's (or a fresh run's 0:

@@ -338,6 +338,7 @@ class Trainer:
             if self.outputs:
                 self.outputs.close()
             return finished
+        interrupted = False
         try:
             self.log_start()
             if self.training_left():
@@ -356,10 +357,13 @@ class Trainer:
                     self.stop()
             self.wait_for_writes()  # the loop's time includes the last checkpoint's write
             return self.finish(time.perf_counter() - started)
+        except KeyboardInterrupt:  # a second Ctrl-C: "ends it at once", not after a write in progress
+            interrupted = True
+            raise
         finally:
             try:
                 if self.outputs:  # first: the checkpoint writes matter more than a load ahead
-                    self.outputs.close()
+                    self.outputs.close(wait=not interrupted)
             finally:
                 self.stream.close()
 

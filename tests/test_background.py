@@ -98,3 +98,17 @@ def test_wait_for_one_job_does_not_wait_for_later_ones():
     writer.wait()
     assert ran == ["checkpoint", "images"]
     writer.close()
+
+
+def test_close_without_waiting_leaves_a_running_job_and_drops_the_queued_ones():
+    """A second Ctrl-C ends the run at once: close(wait=False) returns while a job (a
+    checkpoint write on a slow filesystem) still runs, and the jobs queued behind it never run."""
+    ran, writer = [], BackgroundWriter()
+    first, release, started = blocked_job(ran, "first")
+    writer.submit(first)
+    writer.submit(lambda: ran.append("second"))
+    assert started.wait(WAIT)
+    writer.close(wait=False)  # returns although "first" is blocked
+    release.set()
+    writer._thread.join(WAIT)
+    assert ran == ["first"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import gc
 import hashlib
 import io
 import json
@@ -11,11 +12,12 @@ import pickle
 import shutil
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import (ROOT, Payload, run, signal_tree, start_and_signal, summary, tiny_training_objects, train_command, train_ok,
+from helpers import (ROOT, Payload, kill_tree, run, signal_tree, start_and_signal, summary, tiny_training_objects, train_command, train_ok,
                      wait_for, write_source)
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -23,7 +25,7 @@ from harness import checkpoint as ckpt
 from harness.config import load_preset
 from harness.data.pack import pack
 from harness.data.sources import load_source
-from harness.errors import HarnessError
+from harness.errors import HarnessError, run_guarded
 from harness.stopping import EXIT_STOPPED
 from harness.train import load_optimizer_state
 
@@ -119,6 +121,42 @@ def test_a_first_ctrl_c_asks_for_a_stop_and_a_second_interrupts(capsys):
     os.kill(os.getpid(), signal.SIGTERM)  # Ctrl-C after a SIGTERM, too
     assert run_guarded(lambda args: os.kill(os.getpid(), signal.SIGINT), None) == 130
     assert capsys.readouterr().err == "interrupted\n"
+
+
+def test_a_second_ctrl_c_as_a_stopped_run_ends_keeps_its_stop_status(monkeypatch, capsys):
+    """A second Ctrl-C 0.05-0.1 s after the stop's checkpoint (a reviewer's repro) landed in
+    run_guarded's closing gc.collect: a KeyboardInterrupt traceback, and status 130 for a
+    run that had stopped and checkpointed (75)."""
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(gc, "collect", interrupted)  # where the second SIGINT's handler raised
+    assert run_guarded(lambda args: EXIT_STOPPED, None) == EXIT_STOPPED
+    assert capsys.readouterr().err == ""
+
+
+def test_a_second_ctrl_c_does_not_wait_for_a_checkpoint_write_in_progress(shards, tmp_path):
+    """README: a second SIGINT "ends it at once". The background writer is writing the
+    step-10 checkpoint slowly (60 s, a slow filesystem): the run used to wait it out before
+    it exited (57 s measured), past torchrun's 30 s grace period."""
+    run_dir = tmp_path / "run"
+    cmd = train_command(shards, run_dir, "--model", "mlp", "--hidden", "8", "--epochs", "50", "--batch-size", "20", "--threads", "1", "--device", "cpu")
+    process = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               env={**os.environ, "HARNESS_TEST_FAULT": "slowwrite=60@10:0"})
+    try:
+        metrics = run_dir / "metrics.jsonl"
+        wait_for(lambda: metrics.exists() and metrics.read_text().strip(), 120, "epoch 1's validation")  # its checkpoint comes next
+        time.sleep(1.0)
+        process.send_signal(signal.SIGINT)
+        time.sleep(0.5)
+        process.send_signal(signal.SIGINT)
+        started = time.monotonic()
+        output = process.communicate(timeout=40)[0]
+        assert time.monotonic() - started < 15, output
+        assert process.returncode == 130, output
+        assert "interrupted" in output.splitlines()[-1]
+    finally:
+        kill_tree(process)
 
 
 @pytest.mark.parametrize("nproc", [1, 2])

@@ -272,7 +272,7 @@ def init_distributed(
         gpu_shared = requested_device.startswith("cuda:") and ctx.local_world_size > 1
         ctx.backend = process_group_backend(backend, ctx.device, gpu_shared)
         try:
-            dist.init_process_group(ctx.backend, timeout=datetime.timedelta(seconds=timeout_s))
+            init_process_group_bounded(ctx.backend, timeout_s, ctx.device)
         except (RuntimeError, ValueError) as error:  # torch's DistStoreError and DistNetworkError are RuntimeErrors
             raise CommunicationError(
                 f"rank {ctx.rank}: could not join the process group at {env['MASTER_ADDR']}:{env['MASTER_PORT']} "
@@ -287,6 +287,37 @@ def init_distributed(
                 raise
             raise failure from None
     return ctx
+
+
+def init_process_group_bounded(backend: str, timeout_s: float, device: torch.device) -> None:
+    """dist.init_process_group, given at most 2 x timeout_s + 10 s in all.
+
+    Its own timeout does not cover a store that accepts the connection but never answers
+    (rank 0 frozen, by SIGSTOP or a hung node, after it opened its store's port): the
+    kernel completes the connection, and the TCPStore client's first ping then waits in
+    recv for ever (measured: still there 90 s into a 5 s timeout, and deaf to SIGTERM).
+    So the call runs on a daemon thread, which is left behind if it never returns; the
+    main thread stays free for the signal handlers and raises here instead. CUDA's current
+    device is per thread: the joining thread takes this rank's, as the main thread has."""
+    limit = 2 * timeout_s + 10  # the store's connect and the gloo rendezvous may each take up to timeout_s
+    outcome: list[BaseException | None] = []
+
+    def join() -> None:
+        try:
+            if device.type == "cuda":
+                torch.cuda.set_device(device)
+            dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+            outcome.append(None)
+        except BaseException as error:  # noqa: BLE001 - raised on the main thread below
+            outcome.append(error)
+
+    thread = threading.Thread(target=join, name="harness-join-process-group", daemon=True)
+    thread.start()
+    thread.join(limit)
+    if not outcome:
+        raise RuntimeError(f"no answer from the process group's store within {limit:g} s: is rank 0's process frozen?")
+    if outcome[0] is not None:
+        raise outcome[0]
 
 
 def check_same_device_type(ctx: DistContext) -> None:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -386,6 +387,23 @@ def test_a_rank_whose_partners_never_come_gets_one_clear_error(mnist_shards, tmp
     assert line.startswith(f"error: rank 0: could not join the process group at 127.0.0.1:{env['MASTER_PORT']} (Timed out"), line
     assert line.endswith("): every rank must start within --timeout 3 s of the others, with the same MASTER_ADDR, MASTER_PORT and WORLD_SIZE"), line
     assert not (tmp_path / "run").exists()
+
+
+def test_a_store_that_accepts_but_never_answers_ends_the_join(tmp_path):
+    """A rank 0 frozen (SIGSTOP, a hung node) after it opened its store's port: the kernel
+    still completes connections to it, nothing answers, and the TCPStore client's first
+    ping waited in recv for ever, whatever --timeout said. A listening socket that is never
+    accepted stands in for it here; the join must end with the one clear error."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        port = silent.getsockname()[1]
+        env = {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        code = "import sys\nfrom harness import distributed\nfrom harness.errors import run_guarded\nsys.exit(run_guarded(lambda _: distributed.init_distributed('cpu', 2) and 0, None))\n"
+        result = run([sys.executable, "-c", code], env=env, timeout=50)
+    assert result.returncode == 1, result.stderr
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith(f"error: rank 1: could not join the process group at 127.0.0.1:{port} (no answer from the process group's store within 14 s"), line
 
 
 def test_world_size_without_the_rest_of_the_launchers_environment_is_refused(mnist_shards, tmp_path):

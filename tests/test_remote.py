@@ -384,3 +384,111 @@ def test_closing_a_stream_cuts_short_the_download_its_reader_has_begun(server, s
     shard_dir = tmp_path / "cache" / "shards"
     assert not [p for p in shard_dir.iterdir() if p.name.endswith(("train-000001.tar", "train-000001.tar.part"))]  # nor half-kept
     assert source.shard_path("train", 1).is_file() and server.gets("train-000001.tar") == 2
+
+
+@pytest.fixture
+def dripping_server(monkeypatch):
+    """A server that answers every request with a status line and then one header byte every
+    0.2 s, for ever: each read is well within any timeout, and the headers never end."""
+    import socket
+    import threading
+
+    for key, value in NO_PROXY.items():
+        monkeypatch.setenv(key, value)
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    closing = threading.Event()
+
+    def drip(connection):
+        with connection:
+            try:
+                connection.recv(65536)
+                connection.sendall(b"HTTP/1.1 200 OK\r\nX-Slow: ")
+                while not closing.wait(0.2):
+                    connection.sendall(b"a")
+            except OSError:  # the client cut the connection, as it should
+                pass
+
+    def serve():
+        while not closing.is_set():
+            try:
+                connection, _ = listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=drip, args=(connection,), daemon=True).start()
+
+    threading.Thread(target=serve, daemon=True).start()
+    yield f"http://127.0.0.1:{listener.getsockname()[1]}/set/"
+    closing.set()
+    listener.close()
+
+
+def test_a_server_that_drips_its_headers_is_cut_off_at_the_deadline(dripping_server, tmp_path):
+    """The deadline bounds an attempt from the request on, not only once the body flows:
+    a server that sends a header a byte at a time (each read within the 5 s timeout) held
+    urlopen for hours."""
+    shard_set = remote(dripping_server, tmp_path / "cache", attempts=1, deadline_s=2.0)
+    started = time.monotonic()
+    with pytest.raises(HarnessError, match=r"train-000000\.tar: took longer than 2 s; stopped reading \(after 1 attempt\)"):
+        shard_set.shard_path("train-000000.tar", 100, "0" * 64)
+    assert time.monotonic() - started < 6
+
+
+def test_a_cancel_cuts_a_fetch_whose_headers_drip(dripping_server, tmp_path):
+    """A stopping run's close (fetches_cancelled) ends a fetch still waiting for its headers
+    at once, not at the attempt's deadline (30 min by default)."""
+    import threading
+
+    shard_set = remote(dripping_server, tmp_path / "cache", attempts=1)
+    outcome = []
+
+    def fetch():
+        try:
+            shard_set.shard_path("train-000000.tar", 100, "0" * 64)
+        except HarnessError as e:
+            outcome.append(str(e))
+
+    thread = threading.Thread(target=fetch, daemon=True)
+    thread.start()
+    time.sleep(1.0)
+    started = time.monotonic()
+    with shard_set.fetches_cancelled():
+        thread.join(5)
+    assert not thread.is_alive() and time.monotonic() - started < 3
+    assert outcome and "fetch cancelled (the run is ending)" in outcome[0], outcome
+
+
+def test_pack_download_cuts_off_a_mirror_that_drips_its_headers(dripping_server, tmp_path):
+    """`harness pack --source download`: a mirror that drips its headers is given up at the deadline."""
+    from harness.data.download import Published, fetch_checked
+
+    started = time.monotonic()
+    problem = fetch_checked(dripping_server + "x.gz", tmp_path / "x.gz", Published(100, "0" * 64, "0" * 32), timeout_s=5, deadline_s=2)
+    assert problem == "took longer than 2 s; stopped reading"
+    assert time.monotonic() - started < 6 and not list(tmp_path.iterdir())
+
+
+def test_a_cancel_cuts_a_pipe_fetch_waiting_for_output(tmp_path):
+    """A `pipe:` command that has said nothing yet: a stopping run's close ends the fetch at
+    once. Its reads waited for output up to the silence timeout (60 s by default) before
+    they looked at the cancel."""
+    import threading
+
+    shard_set = remote("pipe:sleep 60; cat /nonexistent/{name}", tmp_path / "cache", attempts=1, timeout_s=60.0)
+    outcome = []
+
+    def fetch_in_thread():
+        try:
+            shard_set.shard_path("train-000000.tar", 100, "0" * 64)
+        except HarnessError as e:
+            outcome.append(str(e))
+
+    thread = threading.Thread(target=fetch_in_thread, daemon=True)
+    thread.start()
+    time.sleep(1.0)
+    started = time.monotonic()
+    with shard_set.fetches_cancelled():
+        thread.join(10)
+    assert not thread.is_alive() and time.monotonic() - started < 3
+    assert outcome and "fetch cancelled (the run is ending)" in outcome[0], outcome

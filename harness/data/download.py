@@ -14,11 +14,14 @@ from __future__ import annotations
 import hashlib
 import http.client
 import os
+import socket
+import threading
 import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Self
 
 from harness.errors import HarnessError
 
@@ -86,6 +89,80 @@ def digests_of(path: Path) -> dict[str, str]:
     return {name: h.hexdigest() for name, h in hashes.items()}
 
 
+class Watchdog:
+    """Cuts one download's connections (shuts their sockets down, so that a read blocked on
+    another thread returns at once) when its deadline passes or `cancelled` is set.
+
+    urlopen's timeout bounds each read only, and the body's loop looks at the deadline
+    between chunks: a server that sends the status line and then a header (or, chunked, a
+    chunk-size line) a byte at a time, each within the timeout, held urlopen or read1 for
+    hours, past the deadline and deaf to a cancel (`fired` then says which cut it)."""
+
+    def __init__(self, deadline: float, cancelled: threading.Event | None = None):
+        self.deadline, self.cancelled = deadline, cancelled or threading.Event()
+        self.fired = ""  # "deadline" or "cancelled", once the connections are cut
+        self._sockets: list[socket.socket] = []  # duplicates: valid until closed here, whatever urllib does
+        self._lock, self._done = threading.Lock(), threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="harness-download-watchdog", daemon=True)
+
+    def __enter__(self) -> Self:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._done.set()
+        self._thread.join()
+        for sock in self._sockets:
+            sock.close()
+
+    def watch(self, sock: socket.socket) -> socket.socket:
+        with self._lock:
+            self._sockets.append(socket.socket(fileno=os.dup(sock.fileno())))
+            if self.fired:
+                _cut(self._sockets[-1])
+        return sock
+
+    def _watch(self) -> None:
+        while not self._done.wait(0.05):
+            if self.cancelled.is_set() or time.monotonic() > self.deadline:
+                with self._lock:
+                    self.fired = "cancelled" if self.cancelled.is_set() else "deadline"
+                    for sock in self._sockets:
+                        _cut(sock)
+                return
+
+
+def _cut(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:  # already closed by the other side
+        pass
+
+
+def open_watched(url: str, timeout_s: float, watchdog: Watchdog):
+    """urllib.request.urlopen(url, timeout=timeout_s), its connections (redirects too) handed
+    to `watchdog` as they are made, before the TLS handshake and the headers."""
+
+    def watched(connection_class):
+        class Connection(connection_class):
+            def __init__(self, *args, **kwargs):
+                super().__init__(*args, **kwargs)
+                create = self._create_connection
+                self._create_connection = lambda *a, **k: watchdog.watch(create(*a, **k))
+
+        return Connection
+
+    class HTTPHandler(urllib.request.HTTPHandler):
+        def http_open(self, req):
+            return self.do_open(watched(http.client.HTTPConnection), req)
+
+    class HTTPSHandler(urllib.request.HTTPSHandler):
+        def https_open(self, req):
+            return self.do_open(watched(http.client.HTTPSConnection), req, context=self._context)
+
+    return urllib.request.build_opener(HTTPHandler, HTTPSHandler).open(url, timeout=timeout_s)
+
+
 def download_mnist(
     dest: Path,
     mirrors: tuple[str, ...] | list[str] = MIRRORS,
@@ -120,12 +197,16 @@ def download_mnist(
 def fetch_checked(url: str, target: Path, published: Published, timeout_s: float, deadline_s: float) -> str | None:
     """Download `url` to `target` if it is the published file; otherwise what was wrong."""
     tmp = target.with_name(f".{target.name}.part-{os.getpid()}")
-    try:
-        with urllib.request.urlopen(url, timeout=timeout_s) as response, open(tmp, "wb") as out:
-            problem, size, digests = _stream(response, out, published, time.monotonic() + deadline_s, deadline_s)
-        problem = problem or published.problem(size, digests)
-    except (urllib.error.URLError, http.client.HTTPException, OSError, TimeoutError, ValueError) as e:
-        problem = str(e)
+    deadline = time.monotonic() + deadline_s
+    with Watchdog(deadline) as watchdog:
+        try:
+            with open_watched(url, timeout_s, watchdog) as response, open(tmp, "wb") as out:
+                problem, size, digests = _stream(response, out, published, deadline, deadline_s)
+            problem = problem or published.problem(size, digests)
+        except (urllib.error.URLError, http.client.HTTPException, OSError, TimeoutError, ValueError) as e:
+            problem = str(e)
+    if watchdog.fired:
+        problem = f"took longer than {deadline_s:g} s; stopped reading"
     if problem:
         tmp.unlink(missing_ok=True)
         return problem

@@ -38,12 +38,11 @@ import tempfile
 import threading
 import time
 import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from harness.data.download import CHUNK
+from harness.data.download import CHUNK, Watchdog, open_watched
 from harness.data.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES
 from harness.errors import HarnessError
 from harness.validation import one_line
@@ -327,17 +326,26 @@ class RemoteShards:
 
     @contextmanager
     def _http(self, url: str, deadline: float):
-        """(chunks, Content-Length or None) of an HTTP GET; a timeout per read and a deadline."""
-        with urllib.request.urlopen(url, timeout=self.timeout_s) as response:
-            length = response.headers.get("Content-Length")
+        """(chunks, Content-Length or None) of an HTTP GET; a timeout per read and a deadline,
+        which (with a cancel) also cuts a read in progress: see download.Watchdog."""
+        with Watchdog(deadline, self.cancelled) as watchdog:
+            try:
+                with open_watched(url, self.timeout_s, watchdog) as response:
+                    length = response.headers.get("Content-Length")
 
-            def chunks():
-                while chunk := response.read1(CHUNK):
-                    if time.monotonic() > deadline:
-                        raise _Failure(f"took longer than {self.deadline_s:g} s; stopped reading", True)
-                    yield chunk
+                    def chunks():
+                        while chunk := response.read1(CHUNK):
+                            if time.monotonic() > deadline:
+                                raise _Failure(f"took longer than {self.deadline_s:g} s; stopped reading", True)
+                            yield chunk
 
-            yield chunks(), int(length) if length and length.isdigit() else None
+                    yield chunks(), int(length) if length and length.isdigit() else None
+            except Exception:
+                if watchdog.fired == "cancelled":
+                    raise HarnessError(f"{url}: fetch cancelled (the run is ending)") from None
+                if watchdog.fired == "deadline":
+                    raise _Failure(f"took longer than {self.deadline_s:g} s; stopped reading", True) from None
+                raise
 
     @contextmanager
     def _pipe(self, command: str, deadline: float):
@@ -348,24 +356,31 @@ class RemoteShards:
                 command, shell=True, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=stderr, start_new_session=True
             )
             try:
-                yield self._pipe_chunks(process, stderr, deadline), None
+                yield self._pipe_chunks(command, process, stderr, deadline), None
             finally:
                 if process.poll() is None:
                     os.killpg(process.pid, signal.SIGKILL)
                     process.wait()
                 process.stdout.close()
 
-    def _pipe_chunks(self, process: subprocess.Popen, stderr, deadline: float) -> Iterator[bytes]:
+    def _pipe_chunks(self, command: str, process: subprocess.Popen, stderr, deadline: float) -> Iterator[bytes]:
         fd = process.stdout.fileno()
+        heard = time.monotonic()  # the command's last output, for the silence timeout
         while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
+            self._check_cancelled(f"pipe:{command}")
+            now = time.monotonic()
+            if now > deadline:
                 raise _Failure(f"took longer than {self.deadline_s:g} s; stopped reading", True)
-            if not select.select([fd], [], [], min(self.timeout_s, left))[0]:
-                raise _Failure(f"no output for {min(self.timeout_s, left):g} s; stopped reading", True)
+            if now - heard > self.timeout_s:
+                raise _Failure(f"no output for {self.timeout_s:g} s; stopped reading", True)
+            # waits of 0.1 s at most, so that a cancel (a stopping run's close) is seen at once,
+            # not after the silence timeout (60 s by default)
+            if not select.select([fd], [], [], 0.1)[0]:
+                continue
             chunk = os.read(fd, CHUNK)
             if not chunk:
                 break
+            heard = time.monotonic()
             yield chunk
         try:
             status = process.wait(timeout=self.timeout_s)

@@ -95,7 +95,9 @@ class DistContext:
         They wait on the process group's store rather than in a collective, so a slow
         disk does not trip --timeout: rank 0 bumps a heartbeat every few seconds while it
         works, and the others wait as long as it beats (up to --rank0-timeout). A rank 0
-        that died or hung stops beating and ends the job after --timeout.
+        that died or froze stops beating and ends the job after --timeout. The beat comes
+        from a thread of its own, so a rank 0 whose main thread is stuck (a write to a hung
+        filesystem) still beats: the others then wait up to --rank0-timeout.
         """
         self._main_work += 1
         if not self.distributed:
@@ -165,8 +167,14 @@ def _heartbeat(store, key: str, interval: float):
     stop = threading.Event()
 
     def beat():
+        failures = 0
         while not stop.wait(interval):
-            store.add(key, 1)
+            try:
+                store.add(key, 1)
+            except Exception as error:  # noqa: BLE001 - one failed call (a network blip) must not end the beats for good
+                failures += 1
+                if failures == 1:
+                    log.warning(f"heartbeat: {first_line(error)}; beating on")
 
     store.add(key, 1)
     thread = threading.Thread(target=beat, name="harness-heartbeat", daemon=True)

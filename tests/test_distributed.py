@@ -46,6 +46,7 @@ from helpers import (
     summary,
     train_command,
     train_ok,
+    wait_for,
     write_source,
 )
 from shard_server import ShardServer
@@ -473,3 +474,25 @@ def test_only_the_all_reduced_flag_decides_a_stop(others_stop, lands, expected):
     request = StopRequestStandIn()
     mean, stop = agree_at_sync_point(SignalDuringAllReduce(request, others_stop, lands), torch.ones(4), 0, request)
     assert stop == expected and mean == 1.0
+
+
+def test_a_failed_heartbeat_call_does_not_end_the_beats():
+    """One store call of rank 0's heartbeat that fails (a network blip to torchrun's agent)
+    ended the beating thread for good, so the other ranks gave a healthy rank 0 up after
+    --timeout. It beats on."""
+    from harness.distributed import _heartbeat
+
+    class FlakyStore:
+        calls = value = 0
+
+        def add(self, key, amount):
+            self.calls += 1
+            if self.calls == 2:  # the first beat after the one at the block's start
+                raise RuntimeError("Connection reset by peer")
+            self.value += amount
+            return self.value
+
+    store = FlakyStore()
+    with _heartbeat(store, "harness/main/1/beat", interval=0.01):
+        wait_for(lambda: store.calls >= 5, 5, "beats after the failed one")
+    assert store.value >= 4

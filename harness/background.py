@@ -62,8 +62,9 @@ class BackgroundWriter:
         """Finish the queued jobs and stop the thread. An error is logged, not raised: on the
         normal path `wait()` has raised it already, and on a failure it must not hide the
         first error. `wait=False` (a second Ctrl-C, which ends the run at once): the queued
-        jobs are dropped and the one running is not waited for (the thread is a daemon; its
-        files are written atomically, so one cut short leaves only a temporary file)."""
+        jobs are dropped and the one running is not waited for (the thread is a daemon). A
+        write cut short leaves a temporary file, or a checkpoint's payload without its marker,
+        which the next start removes or sets aside; never a damaged file under a real name."""
         with self._changed:
             self._closing = True
             if not wait:

@@ -386,10 +386,16 @@ def test_closing_a_stream_cuts_short_the_download_its_reader_has_begun(server, s
     assert source.shard_path("train", 1).is_file() and server.gets("train-000001.tar") == 2
 
 
+HEADERS_DRIP = b"HTTP/1.1 200 OK\r\nX-Slow: "  # then a byte of that header every 0.2 s
+BODY_DRIP = b"HTTP/1.0 200 OK\r\n\r\n{"  # no Content-Length: then a byte of the body every 0.2 s
+
+
 @pytest.fixture
-def dripping_server(monkeypatch):
+def dripping_server(monkeypatch, request):
     """A server that answers every request with a status line and then one header byte every
-    0.2 s, for ever: each read is well within any timeout, and the headers never end."""
+    0.2 s, for ever: each read is well within any timeout, and the headers never end.
+    Parametrized indirectly with BODY_DRIP, it drips a body of no stated length instead."""
+    start = getattr(request, "param", HEADERS_DRIP)
     import socket
     import threading
 
@@ -404,9 +410,9 @@ def dripping_server(monkeypatch):
         with connection:
             try:
                 connection.recv(65536)
-                connection.sendall(b"HTTP/1.1 200 OK\r\nX-Slow: ")
+                connection.sendall(start)
                 while not closing.wait(0.2):
-                    connection.sendall(b"a")
+                    connection.sendall(b" ")
             except OSError:  # the client cut the connection, as it should
                 pass
 
@@ -421,6 +427,7 @@ def dripping_server(monkeypatch):
     threading.Thread(target=serve, daemon=True).start()
     yield f"http://127.0.0.1:{listener.getsockname()[1]}/set/"
     closing.set()
+    listener.shutdown(socket.SHUT_RDWR)  # close() alone leaves the accept() above blocked, and its thread alive
     listener.close()
 
 
@@ -492,3 +499,16 @@ def test_a_cancel_cuts_a_pipe_fetch_waiting_for_output(tmp_path):
         thread.join(10)
     assert not thread.is_alive() and time.monotonic() - started < 3
     assert outcome and "fetch cancelled (the run is ending)" in outcome[0], outcome
+
+
+@pytest.mark.parametrize("dripping_server", [BODY_DRIP], indirect=True, ids=["body"])
+def test_a_manifest_cut_at_the_deadline_is_not_taken_as_whole(dripping_server, tmp_path):
+    """A read from the socket the watchdog shut ends like a whole body. A shard's size shows
+    the cut; a manifest has none, so its cut body ("{" and spaces) was taken as the manifest
+    (and refused as JSON, not retried)."""
+    # The deadline falls between two drips (at 1.0 and 1.2 s), so the watchdog's cut, not the
+    # next byte's check of the clock, ends the read.
+    shard_set = remote(dripping_server, tmp_path / "cache", attempts=1, deadline_s=1.1)
+    with pytest.raises(HarnessError, match=r"manifest\.json: took longer than 1.1 s; stopped reading \(after 1 attempt\)"):
+        with shard_set.fetched_manifest():
+            pass

@@ -205,7 +205,7 @@ def fetch_checked(url: str, target: Path, published: Published, timeout_s: float
             problem = problem or published.problem(size, digests)
         except (urllib.error.URLError, http.client.HTTPException, OSError, TimeoutError, ValueError) as e:
             problem = str(e)
-    if watchdog.fired:
+    if problem and watchdog.fired:  # whatever the cut read raised, or the short file it left
         problem = f"took longer than {deadline_s:g} s; stopped reading"
     if problem:
         tmp.unlink(missing_ok=True)

@@ -338,14 +338,20 @@ class RemoteShards:
                             if time.monotonic() > deadline:
                                 raise _Failure(f"took longer than {self.deadline_s:g} s; stopped reading", True)
                             yield chunk
+                        # A socket the watchdog shut reads as the end of the body: a body cut
+                        # short, not a whole one (a manifest has no size to show it).
+                        self._raise_if_cut(url, watchdog)
 
                     yield chunks(), int(length) if length and length.isdigit() else None
-            except Exception:
-                if watchdog.fired == "cancelled":
-                    raise HarnessError(f"{url}: fetch cancelled (the run is ending)") from None
-                if watchdog.fired == "deadline":
-                    raise _Failure(f"took longer than {self.deadline_s:g} s; stopped reading", True) from None
+            except (OSError, http.client.HTTPException):  # what a read from a shut socket raises
+                self._raise_if_cut(url, watchdog)
                 raise
+
+    def _raise_if_cut(self, url: str, watchdog: Watchdog) -> None:
+        if watchdog.fired == "cancelled":
+            raise HarnessError(f"{url}: fetch cancelled (the run is ending)") from None
+        if watchdog.fired == "deadline":
+            raise _Failure(f"took longer than {self.deadline_s:g} s; stopped reading", True) from None
 
     @contextmanager
     def _pipe(self, command: str, deadline: float):
@@ -380,8 +386,8 @@ class RemoteShards:
             chunk = os.read(fd, CHUNK)
             if not chunk:
                 break
-            heard = time.monotonic()
             yield chunk
+            heard = time.monotonic()  # the time the caller took to write the chunk is not the command's silence
         try:
             status = process.wait(timeout=self.timeout_s)
         except subprocess.TimeoutExpired:

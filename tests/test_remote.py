@@ -7,8 +7,10 @@ import fcntl
 import json
 import os
 import shlex
+import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -396,9 +398,6 @@ def dripping_server(monkeypatch, request):
     0.2 s, for ever: each read is well within any timeout, and the headers never end.
     Parametrized indirectly with BODY_DRIP, it drips a body of no stated length instead."""
     start = getattr(request, "param", HEADERS_DRIP)
-    import socket
-    import threading
-
     for key, value in NO_PROXY.items():
         monkeypatch.setenv(key, value)
     listener = socket.socket()
@@ -442,47 +441,10 @@ def test_a_server_that_drips_its_headers_is_cut_off_at_the_deadline(dripping_ser
     assert time.monotonic() - started < 6
 
 
-def test_a_cancel_cuts_a_fetch_whose_headers_drip(dripping_server, tmp_path):
-    """A stopping run's close (fetches_cancelled) ends a fetch still waiting for its headers
-    at once, not at the attempt's deadline (30 min by default)."""
-    import threading
-
-    shard_set = remote(dripping_server, tmp_path / "cache", attempts=1)
-    outcome = []
-
-    def fetch():
-        try:
-            shard_set.shard_path("train-000000.tar", 100, "0" * 64)
-        except HarnessError as e:
-            outcome.append(str(e))
-
-    thread = threading.Thread(target=fetch, daemon=True)
-    thread.start()
-    time.sleep(1.0)
-    started = time.monotonic()
-    with shard_set.fetches_cancelled():
-        thread.join(5)
-    assert not thread.is_alive() and time.monotonic() - started < 3
-    assert outcome and "fetch cancelled (the run is ending)" in outcome[0], outcome
-
-
-def test_pack_download_cuts_off_a_mirror_that_drips_its_headers(dripping_server, tmp_path):
-    """`harness pack --source download`: a mirror that drips its headers is given up at the deadline."""
-    from harness.data.download import Published, fetch_checked
-
-    started = time.monotonic()
-    problem = fetch_checked(dripping_server + "x.gz", tmp_path / "x.gz", Published(100, "0" * 64, "0" * 32), timeout_s=5, deadline_s=2)
-    assert problem == "took longer than 2 s; stopped reading"
-    assert time.monotonic() - started < 6 and not list(tmp_path.iterdir())
-
-
-def test_a_cancel_cuts_a_pipe_fetch_waiting_for_output(tmp_path):
-    """A `pipe:` command that has said nothing yet: a stopping run's close ends the fetch at
-    once. Its reads waited for output up to the silence timeout (60 s by default) before
-    they looked at the cancel."""
-    import threading
-
-    shard_set = remote("pipe:sleep 60; cat /nonexistent/{name}", tmp_path / "cache", attempts=1, timeout_s=60.0)
+def assert_a_cancel_ends_the_fetch(shard_set: RemoteShards) -> None:
+    """A fetch on another thread, as the stream's reader thread fetches, left 1 s to start
+    waiting, then cancelled as a stopping run's close cancels it: it ends within 3 s, with
+    the cancel's error."""
     outcome = []
 
     def fetch_in_thread():
@@ -499,6 +461,29 @@ def test_a_cancel_cuts_a_pipe_fetch_waiting_for_output(tmp_path):
         thread.join(10)
     assert not thread.is_alive() and time.monotonic() - started < 3
     assert outcome and "fetch cancelled (the run is ending)" in outcome[0], outcome
+
+
+def test_a_cancel_cuts_a_fetch_whose_headers_drip(dripping_server, tmp_path):
+    """A stopping run's close (fetches_cancelled) ends a fetch still waiting for its headers
+    at once, not at the attempt's deadline (30 min by default)."""
+    assert_a_cancel_ends_the_fetch(remote(dripping_server, tmp_path / "cache", attempts=1))
+
+
+def test_pack_download_cuts_off_a_mirror_that_drips_its_headers(dripping_server, tmp_path):
+    """`harness pack --source download`: a mirror that drips its headers is given up at the deadline."""
+    from harness.data.download import Published, fetch_checked
+
+    started = time.monotonic()
+    problem = fetch_checked(dripping_server + "x.gz", tmp_path / "x.gz", Published(100, "0" * 64, "0" * 32), timeout_s=5, deadline_s=2)
+    assert problem == "took longer than 2 s; stopped reading"
+    assert time.monotonic() - started < 6 and not list(tmp_path.iterdir())
+
+
+def test_a_cancel_cuts_a_pipe_fetch_waiting_for_output(tmp_path):
+    """A `pipe:` command that has said nothing yet: a stopping run's close ends the fetch at
+    once. Its reads waited for output up to the silence timeout (60 s by default) before
+    they looked at the cancel."""
+    assert_a_cancel_ends_the_fetch(remote("pipe:sleep 60; cat /nonexistent/{name}", tmp_path / "cache", attempts=1, timeout_s=60.0))
 
 
 @pytest.mark.parametrize("dripping_server", [BODY_DRIP], indirect=True, ids=["body"])

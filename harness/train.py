@@ -347,7 +347,9 @@ class Trainer:
             if self.progress.step == 0 and not self.progress.before_training:  # a resumed run keeps its first figure
                 self.test_before_training()
             if self.training_left():
-                self.stream.prepare(self.progress.epoch, self.progress.macro)  # start-up work, not the first epoch's
+                # Start-up work, not the first epoch's. A stop signal cuts short its wait (for a
+                # shard download, say), and the next line stops.
+                self.stream.prepare(self.progress.epoch, self.progress.macro, give_up=lambda: self.stop_request.requested)
                 self.stop_if_signalled_during_start_up()
             started = time.perf_counter()
             while self.training_left():
@@ -493,6 +495,10 @@ class Trainer:
     def sync_point(self, lr: float, bar: ProgressBar) -> None:
         """All ranks: log the window's mean loss, fail on a non-finite loss, honour a stop signal."""
         window = self.window
+        if self.progress.step_in_macro == 0 and not self.reached_max_steps():
+            # A macro-batch ended: its successor must be loaded before the all-reduce, so
+            # that a stop signal that comes while it loads is this sync point's, on every rank.
+            self.stream.load_next(give_up=lambda: self.stop_request.requested)
         mean_loss, stop = agree_at_sync_point(self.ctx, window.values(), self.progress.step - window.count, self.stop_request)
         # After the sync, so the window's time includes the device finishing its steps (on a
         # GPU the host runs ahead of them) and the all-reduce.

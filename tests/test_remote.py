@@ -7,6 +7,7 @@ import fcntl
 import json
 import os
 import shlex
+import signal
 import socket
 import subprocess
 import sys
@@ -497,3 +498,92 @@ def test_a_manifest_cut_at_the_deadline_is_not_taken_as_whole(dripping_server, t
     with pytest.raises(HarnessError, match=r"manifest\.json: took longer than 1.1 s; stopped reading \(after 1 attempt\)"):
         with shard_set.fetched_manifest():
             pass
+
+
+def trickling_stream(server, shards, tmp_path):
+    """A stream whose second macro-batch is shard 1, which the server sends over 30 s."""
+    import torch
+
+    from harness.data.shard_set import ShardSource, ShardSplit
+    from harness.data.stream import MacroBatchStream
+
+    server.fail("train-000001.tar", "trickle", count=1)
+    source = ShardSource(server.url, tmp_path / "cache")
+    return MacroBatchStream(ShardSplit(source, "train"), 20, 80, seed=0, device=torch.device("cpu"), shuffle=False)
+
+
+@pytest.mark.parametrize("where", ["prepare", "load_next"])
+def test_a_stop_cuts_short_the_wait_for_a_macro_batch_that_downloads(server, shards, tmp_path, where):
+    """The Trainer waits for a macro-batch's load (at start-up in prepare, else in load_next
+    at the sync point before it) only until a stop signal comes, which `give_up` stands in
+    for here: the stop is then agreed on at that sync point, not after a download that can
+    outlast a launcher's grace period. Shard 1 takes 30 s; the wait ends 1 s in, 0.1 s after
+    give_up turns true (its polling interval), and 5 s leaves room for a slow machine."""
+    stream = trickling_stream(server, shards, tmp_path)
+    try:
+        if where == "load_next":
+            next(stream.epoch(0))  # macro-batch 0 is shard 0; shard 1's is the next to load
+        started = time.monotonic()
+        if where == "prepare":
+            stream.prepare(0, 1, give_up=lambda: time.monotonic() > started + 1)
+        else:
+            stream.load_next(give_up=lambda: time.monotonic() > started + 1)
+        assert 1 <= time.monotonic() - started < 5 and server.gets("train-000001.tar") == 1
+    finally:
+        closing = time.monotonic()
+        stream.close()
+        assert time.monotonic() - closing < 10  # as in the test above
+
+
+@pytest.mark.timeout(180)
+def test_sigterm_while_a_shard_downloads_stops_at_once_with_a_checkpoint(server, shards, tmp_path):
+    """A SIGTERM while the next macro-batch's shard downloads: the run stops within seconds,
+    checkpointed at the sync point that ends the macro-batch before it, and resumes from
+    there. Before, the stop waited for the download (30 s here; up to 5 attempts of 30 min
+    with a stalled server), past torchrun's 30 s grace period and Slurm's KillWait.
+
+    The cache holds one shard, so every macro-batch (one 80-image shard, 4 steps of 20)
+    downloads its shard. Once the run has fetched a shard for training, every later GET
+    trickles (30 s a shard); the SIGTERM comes 1 s into one. The stop took 1.5 s from the
+    signal on a 2-core Xeon; 10 s leaves room for a slow machine, and the old code's 29 s is
+    far outside it."""
+    from helpers import train_command
+
+    names = [s["name"] for s in train_shards(shards)]
+    limit_gb = max(s["bytes"] for s in train_shards(shards)) * 1.5 / 1e9
+    run_dir = tmp_path / "run"
+    command = train_command(server.url, run_dir, "--model", "mlp", "--hidden", "32", "--device", "cpu", "--batch-size", "20",
+                            "--macro-batch", "80", "--epochs", "30", "--threads", "1", "--shard-cache", tmp_path / "cache",
+                            "--shard-cache-limit-gb", f"{limit_gb:.12f}")
+
+    def train_gets() -> int:
+        return sum(server.gets(name) for name in names)
+
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for(lambda: train_gets() > len(names) or process.poll() is not None, 60, "a training download")  # start-up checks each once
+        for name in names:
+            server.fail(name, "trickle")
+        before = train_gets()
+        wait_for(lambda: train_gets() > before or process.poll() is not None, 60, "a trickling download")
+        assert process.poll() is None, process.communicate()[0][-3000:]
+        time.sleep(1.0)
+        signalled = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        output = process.communicate(timeout=60)[0]
+        took = time.monotonic() - signalled
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 75, output[-3000:]
+    assert took < 10, f"the stop took {took:.1f} s"
+    print(f"stop took {took:.2f} s")
+    step = json.loads((run_dir / "stopped.json").read_text())["step"]
+    assert step % 10 in (0, 4, 8) and (run_dir / "checkpoints" / f"step-{step:08d}.pt").is_file(), step  # a macro-batch's end
+
+    server.server.faults.clear()
+    resumed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"step-{step:08d}.pt (epoch {step // 10 + 1}, step {step})" in resumed.stdout, resumed.stdout[-3000:]
+    assert json.loads((run_dir / "summary.json").read_text())["steps"] == 300

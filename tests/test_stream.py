@@ -327,8 +327,8 @@ def test_the_next_epoch_is_loaded_while_this_one_trains(data, monkeypatch, macro
         assert_same_batches(got[epoch], batches_of(plain.epoch(epoch)))
     per_epoch = stream.macro_batches_per_epoch
     assert [(e, i) for _, e, i in loads] == [(e, i) for e in range(3) for i in range(per_epoch)]  # each once, in order
-    assert loads[0][0] == "MainThread" and all(name.startswith("harness-prefetch") for name, _, _ in loads[1:])
-    assert not [t for t in threading.enumerate() if t.name.startswith("harness-prefetch")]  # close() ended it
+    assert loads[0][0] == "MainThread" and all(name.startswith("harness-reader") for name, _, _ in loads[1:])
+    assert not [t for t in threading.enumerate() if t.name.startswith("harness-reader")]  # close() ended it
 
 
 def test_a_macro_batch_loaded_ahead_but_not_asked_for_is_dropped(data, monkeypatch):

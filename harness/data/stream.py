@@ -17,6 +17,8 @@ resident on its device (one copy per run), since each epoch's slices touch all o
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from concurrent import futures
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Iterator
@@ -98,9 +100,9 @@ class MacroBatchStream:
         self.prefetch = (device.type == "cuda") if prefetch is None else prefetch
         self._split: tuple[torch.Tensor, torch.Tensor] | None = None  # the resident split, loaded on first use
         self._copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-        self._reader: ThreadPoolExecutor | None = None  # the prefetch thread, started when first needed
-        # (epoch, index, macro-batch) loaded ahead: by prepare(), or loading on the reader thread.
-        self._ahead: tuple[int, int, MacroBatch | Future[MacroBatch]] | None = None
+        self._reader: ThreadPoolExecutor | None = None  # the reader thread, started when first needed
+        # (epoch, index, macro-batch) next to train: loading on the reader thread (or loaded), or not yet begun (None).
+        self._ahead: tuple[int, int, MacroBatch | Future[MacroBatch] | None] | None = None
 
     @property
     def most_steps_per_macro(self) -> int:
@@ -212,7 +214,7 @@ class MacroBatchStream:
         the copy stream so as not to read them before their copy has landed. It copies 7
         more bytes an image, 0.9% beside the image's 784."""
         images, labels = host
-        tensors, ready = self._copy_in(torch.from_numpy(images), torch.from_numpy(labels.astype(np.int64)), torch.arange(len(labels)))
+        tensors, ready = self._copy_in(torch.from_numpy(images), torch.from_numpy(labels.astype(np.int64)), torch.from_numpy(np.arange(len(labels))))
         return MacroBatch(epoch, index, *tensors, self.local_batch_size, ready)
 
     def _copy_in(self, *tensors: torch.Tensor) -> tuple[list[torch.Tensor], torch.cuda.Event | None]:
@@ -230,44 +232,66 @@ class MacroBatchStream:
     def _load(self, epoch: int, index: int) -> MacroBatch:
         return self._resident_batch(epoch) if self.resident else self._to_device(epoch, index, self._assemble(epoch, index))
 
-    def prepare(self, epoch: int, start_index: int = 0) -> None:
+    def prepare(self, epoch: int, start_index: int = 0, give_up: Callable[[], bool] = lambda: False) -> None:
         """Load the macro-batch that `epoch(epoch, start_index)` starts with now, before the
         training clock starts, as the resident split is: the first epoch then pays no
         one-off start-up (a process's first epoch order took 8-11 ms against 1 ms for the
         next ones on a 2-core Xeon). Nothing, where that epoch yields nothing from there
-        (a run resumed at an epoch's end)."""
+        (a run resumed at an epoch's end). Waits as `load_next` does."""
         if start_index < self.macro_batches_per_epoch:
-            self._ahead = (epoch, start_index, self._take(epoch, start_index))
+            self._ahead = (epoch, start_index, self._submit(epoch, start_index))
+            self.load_next(give_up)
 
     def epoch(self, epoch: int, start_index: int = 0, next_epoch_follows: bool = False) -> Iterator[MacroBatch]:
-        """Macro-batches of `epoch` from `start_index` on. With the prefetch thread, each
-        one's successor loads while it trains; `next_epoch_follows` (the caller will train
-        `epoch + 1` next) makes the next epoch's first macro-batch the last one's successor."""
+        """Macro-batches of `epoch` from `start_index` on. Each one names its successor as
+        the next to load: with the prefetch thread it loads at once, while this one trains;
+        else when `load_next` asks for it (or when it is taken). `next_epoch_follows` (the
+        caller will train `epoch + 1` next) makes the next epoch's first macro-batch the
+        last one's successor."""
         for index in range(start_index, self.macro_batches_per_epoch):
             batch = self._take(epoch, index)
-            if self.prefetch and index + 1 < self.macro_batches_per_epoch:
-                self._load_ahead(epoch, index + 1)
-            elif self.prefetch and next_epoch_follows:
-                self._load_ahead(epoch + 1, 0)
+            if index + 1 < self.macro_batches_per_epoch:
+                self._plan(epoch, index + 1)
+            elif next_epoch_follows:
+                self._plan(epoch + 1, 0)
             yield batch
 
+    def load_next(self, give_up: Callable[[], bool]) -> None:
+        """Have the next macro-batch loaded, on the reader thread, or return early once
+        `give_up()` is true. The Trainer calls it at the sync point that ends a
+        macro-batch, before that sync point's all-reduce, with "a stop signal came" as
+        `give_up`: a signal that comes while a shard downloads (up to 5 attempts of up to
+        30 min each) then stops every rank at that sync point within 0.1 s, rather than
+        after the download, which can outlast a launcher's grace period."""
+        if self._ahead is None or give_up():
+            return
+        epoch, index, loaded = self._ahead
+        if loaded is None:
+            loaded = self._submit(epoch, index)
+            self._ahead = (epoch, index, loaded)
+        while isinstance(loaded, Future) and not loaded.done() and not give_up():
+            futures.wait([loaded], timeout=0.1)
+
     def _take(self, epoch: int, index: int) -> MacroBatch:
-        """Macro-batch `index` of `epoch`: the one loaded ahead if it is this one (used once),
-        else loaded now. A load ahead of some other one is dropped."""
+        """Macro-batch `index` of `epoch`: the one planned or loaded ahead if it is this one
+        (used once), else loaded now. A load ahead of some other one is dropped."""
         ahead, self._ahead = self._ahead, None
-        if ahead and ahead[:2] == (epoch, index):
+        if ahead and ahead[:2] == (epoch, index) and ahead[2] is not None:
             return ahead[2].result() if isinstance(ahead[2], Future) else ahead[2]
         if ahead and isinstance(ahead[2], Future):
             ahead[2].cancel()  # one the reader has begun runs to its end, unused
         return self._load(epoch, index)
 
-    def _load_ahead(self, epoch: int, index: int) -> None:
+    def _plan(self, epoch: int, index: int) -> None:
+        self._ahead = (epoch, index, self._submit(epoch, index) if self.prefetch else None)
+
+    def _submit(self, epoch: int, index: int) -> Future[MacroBatch]:
         if self._reader is None:
-            self._reader = ThreadPoolExecutor(1, thread_name_prefix="harness-prefetch")
-        self._ahead = (epoch, index, self._reader.submit(self._load, epoch, index))
+            self._reader = ThreadPoolExecutor(1, thread_name_prefix="harness-reader")
+        return self._reader.submit(self._load, epoch, index)
 
     def close(self) -> None:
-        """Stop the prefetch thread: a load not begun is dropped, and one under way is cut
+        """Stop the reader thread: a load not begun is dropped, and one under way is cut
         short where it downloads a shard (one from local files is quick to finish)."""
         self._ahead = None
         if self._reader is not None:

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -204,6 +205,122 @@ def test_a_held_lock_is_waited_for_a_bounded_time(server, shards, tmp_path):
         with pytest.raises(HarnessError, match="held this lock for over 0.3 s"):
             fetch(shard_set, shard)
     assert fetch(shard_set, shard).read_bytes() == (shards / shard["name"]).read_bytes()
+
+
+@contextmanager
+def holding(lock: Path, work):
+    """A thread that holds `lock` (a real flock, on an open file of its own, as another
+    process would) while it runs work(done), then lets it go; `done` is set, and the thread
+    joined, on leaving."""
+    locked, done = threading.Event(), threading.Event()
+
+    def hold():
+        with open(lock, "ab") as held:
+            fcntl.flock(held, fcntl.LOCK_EX)
+            locked.set()
+            work(done)
+
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    thread = threading.Thread(target=hold, daemon=True)
+    thread.start()
+    assert locked.wait(5)
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join(10)
+        assert not thread.is_alive()
+
+
+def stalling(**options) -> dict:
+    """Options under which a holder is given up after 1.02 s of a still part file
+    (stall_s: two 0.5 s read timeouts and the longest backoff), the lock itself after 10 s."""
+    return {"timeout_s": 0.5, "lock_timeout_s": 10.0, **options}
+
+
+def timed_fetch(shard_set: RemoteShards, shard: dict) -> tuple[Path, float]:
+    started = time.monotonic()
+    return fetch(shard_set, shard), time.monotonic() - started
+
+
+@pytest.mark.parametrize("part", ["absent", "reserved"])
+def test_a_holder_whose_part_file_is_still_is_given_up(server, shards, tmp_path, part):
+    """A holder that stopped (SIGSTOP, a hung disk, a deadlock) is given up on once its part
+    file has not changed for stall_s, not after lock_timeout_s (hours by default). A part
+    reserved at the shard's full length (sparse, as under a cache limit) and never written is
+    still too."""
+    shard = train_shards(shards)[0]
+    shard_set = remote(server.url, tmp_path / "cache", **stalling())
+    cached = shard_set.cached_path(shard["name"], shard["sha256"])
+    lock, part_file = lock_path(cached), part_path(cached)
+    with holding(lock, lambda done: done.wait()):
+        if part == "reserved":
+            with open(part_file, "wb") as f:
+                f.truncate(shard["bytes"])
+        started = time.monotonic()
+        with pytest.raises(HarnessError) as error:
+            fetch(shard_set, shard)
+        waited = time.monotonic() - started
+    message = str(error.value)
+    assert f"{lock}: the process holding this lock has not written to {part_file} for over 1.02 s" in message, message
+    assert f"it is stuck (stopped, or on a hung disk or network): end it (`lsof {lock}`" in message and "\n" not in message
+    assert 1.0 < waited < 5 and server.gets(shard["name"]) == 0
+    assert fetch(shard_set, shard).read_bytes() == (shards / shard["name"]).read_bytes()  # once the holder is gone
+
+
+@pytest.mark.parametrize("writes", ["appends", "rewrites its start"])
+def test_a_holder_whose_download_moves_is_waited_for(server, shards, tmp_path, writes):
+    """A live holder writes its part file every 0.3 s for 3 s, three times the stall bound,
+    then renames it into place: the waiter waits it out and uses that file. Rewriting the
+    start of a reserved part (as a retry does) changes only its mtime: progress too."""
+    shard = train_shards(shards)[0]
+    shard_set = remote(server.url, tmp_path / "cache", **stalling())
+    cached = shard_set.cached_path(shard["name"], shard["sha256"])
+    data = (shards / shard["name"]).read_bytes()
+
+    def download(done):
+        with open(part_path(cached), "wb") as out:
+            if writes == "rewrites its start":
+                out.truncate(len(data))
+            for i in range(10):
+                if done.wait(0.3):
+                    return
+                if writes == "appends":
+                    out.write(data[i * len(data) // 10 : (i + 1) * len(data) // 10])
+                else:
+                    out.seek(0)
+                    out.write(data[:1000])
+                out.flush()
+            out.seek(0)
+            out.write(data)
+        os.replace(part_path(cached), cached)
+
+    with holding(lock_path(cached), download):
+        path, waited = timed_fetch(shard_set, shard)
+    assert path == cached and path.read_bytes() == data
+    assert waited > 2.5 and server.gets(shard["name"]) == 0
+
+
+def test_a_held_eviction_lock_is_given_up_after_the_stall_bound(server, shards, tmp_path):
+    """The eviction lock has no part file: it is held only to scan the cache and evict (well
+    under a second), so one held for stall_s is held by a stuck process."""
+    shard = train_shards(shards)[0]
+    shard_set = remote(server.url, tmp_path / "cache", cache_limit_bytes=10 * shard["bytes"], **stalling())
+    lock = tmp_path / "cache" / "shards" / ".cache.lock"
+    with holding(lock, lambda done: done.wait()):
+        started = time.monotonic()
+        with pytest.raises(HarnessError, match=r"\.cache\.lock: another process has held this lock for over 1\.02 s, though"):
+            fetch(shard_set, shard)
+        assert 1.0 < time.monotonic() - started < 5
+    assert fetch(shard_set, shard).read_bytes() == (shards / shard["name"]).read_bytes()
+
+
+def test_a_cancel_ends_a_wait_for_a_lock(server, tmp_path):
+    """A stopping run's close ends a fetch that waits for another process's download at
+    once, not at the stall bound (here 10 s) or lock_timeout_s."""
+    shard_set = remote(server.url, tmp_path / "cache")
+    with holding(lock_path(shard_set.cached_path("train-000000.tar", "0" * 64)), lambda done: done.wait()):
+        assert_a_cancel_ends_the_fetch(shard_set)
 
 
 def test_names_are_plain_file_names(server, tmp_path):

@@ -17,10 +17,13 @@ digest or another HTTP 4xx would only fail again, so they fail at once. Every fa
 one HarnessError naming the URL (or command).
 
 The ranks on one node share a cache directory: a per-shard `flock` makes one of them
-download a shard while the others wait (for at most `lock_timeout_s`, never forever) and
-then find it cached. Lock files (empty) stay in the cache; deleting them safely would
-race with a waiter. gs://, sftp://, ftps:// and scp:// locations run the commands webdataset's
-gopen runs for them (gsutil, curl). `file://` URLs are not remote: ShardSource reads the path.
+download a shard while the others wait and then find it cached. They wait as long as the
+download moves (its part file changes), at most `lock_timeout_s`: a holder that is stopped
+(SIGSTOP, a hung disk, a deadlock) is given up on once its part file has been still for
+`stall_s`, not after the hours a whole download may take. Lock files (empty) stay in the
+cache; deleting them safely would race with a waiter. gs://, sftp://, ftps:// and scp://
+locations run the commands webdataset's gopen runs for them (gsutil, curl). `file://` URLs
+are not remote: ShardSource reads the path.
 """
 
 from __future__ import annotations
@@ -101,7 +104,8 @@ class RemoteShards:
     one file; transient failures are tried `attempts` times in all, waiting
     backoff_s * 2**k after the k-th. `cache_limit_bytes` bounds all the shards cached in
     `cache_dir`, from any location (None: no limit). `lock_timeout_s` bounds the wait for
-    another process's download of the same shard (default: that download's worst case).
+    another process's download of the same shard (default: that download's worst case);
+    the wait ends sooner, after `stall_s`, if that download stops moving (see _flock).
     """
 
     def __init__(
@@ -124,6 +128,12 @@ class RemoteShards:
         # By default a waiter outlasts the worst case of the download it waits for.
         worst_download = attempts * deadline_s + backoff_s * 2**attempts
         self.lock_timeout_s, self.deadline_s = worst_download if lock_timeout_s is None else lock_timeout_s, deadline_s
+        # The longest a live download leaves its part file unwritten (a waiter gives up on it
+        # after that): each read waits timeout_s at most; one that times out is retried after
+        # a backoff, and the retry brings bytes within another timeout_s (a command's output
+        # must; a server's answer and first bytes normally do). 124 s by default.
+        longest_backoff = backoff_s * 2 ** (attempts - 2) if attempts > 1 else 0.0
+        self.stall_s = 2 * timeout_s + longest_backoff
         self.shard_dir = self.cache_dir / "shards"
         self.bytes_fetched = 0  # bytes received over the network (or from the command) by this object
         self.cancelled = threading.Event()  # see fetches_cancelled
@@ -188,7 +198,7 @@ class RemoteShards:
         if _touch_if_complete(cached, size):
             return cached
         _make_dir(self.shard_dir)
-        with self._flock(lock_path(cached), f"downloading {name}"):
+        with self._flock(lock_path(cached), f"downloading {name}", part_path(cached)):
             if _touch_if_complete(cached, size):  # another process fetched it while this one waited
                 return cached
             part = part_path(cached)
@@ -203,9 +213,13 @@ class RemoteShards:
     # --- the cache ------------------------------------------------------------------------------
 
     @contextmanager
-    def _flock(self, path: Path, doing: str) -> Iterator[None]:
-        """Hold an exclusive flock on `path`; HarnessError after lock_timeout_s of waiting."""
-        deadline = time.monotonic() + self.lock_timeout_s
+    def _flock(self, path: Path, doing: str, part: Path | None = None) -> Iterator[None]:
+        """Hold an exclusive flock on `path`. HarnessError after lock_timeout_s of waiting, or
+        once the holder has stopped: its `part` file has not changed for stall_s. Without a
+        part (the eviction lock, held only to scan the cache and evict, which takes well
+        under a second), once it has been held for stall_s."""
+        now = time.monotonic()
+        deadline, holder = now + self.lock_timeout_s, _PartWatch(part, now)
         try:
             f = open(path, "ab")  # noqa: SIM115 (closed by the with below; opened here so that an OSError names the file)
         except OSError as e:
@@ -216,17 +230,30 @@ class RemoteShards:
                     fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
                     break
                 except BlockingIOError:
-                    if time.monotonic() > deadline:
+                    now = time.monotonic()
+                    if now > deadline:
                         raise HarnessError(
                             f"{path}: another process has held this lock for over {self.lock_timeout_s:g} s "
                             f"(while {doing}); is it stuck? (a lock is released when its process exits)"
                         ) from None
+                    if holder.still_for(now) > self.stall_s:
+                        raise HarnessError(self._stuck_holder(path, doing, part)) from None
                     if self.cancelled.wait(0.05):
                         self._check_cancelled(str(path))
             try:
                 yield
             finally:
                 fcntl.flock(f, fcntl.LOCK_UN)
+
+    def _stuck_holder(self, path: Path, doing: str, part: Path | None) -> str:
+        if part is None:
+            still = f"another process has held this lock for over {self.stall_s:g} s, though it takes it only to scan the cache"
+        else:  # a live download writes to its part file more often than that
+            still = f"the process holding this lock has not written to {part} for over {self.stall_s:g} s"
+        return (
+            f"{path}: {still} (while {doing}); it is stuck (stopped, or on a hung disk or network): end it "
+            f"(`lsof {path}` shows it, with W after its FD; its lock goes when it exits) and run again"
+        )
 
     def _reserve(self, part: Path, size: int, name: str) -> None:
         """Make room for `size` more bytes, evicting least recently used shards, and create
@@ -399,17 +426,46 @@ class RemoteShards:
 
 
 def _write(out, chunk: bytes | None, target: Path) -> None:
-    """Write a chunk to `out`, or (None) end the file there and flush it to disk. A local
-    problem (a full disk) is not the server's: a HarnessError naming the file, not retried."""
+    """Write a chunk to `out` (through to the file, so that a waiting process sees it move
+    however small the chunks: see _PartWatch), or (None) end the file there and flush it to
+    disk. A local problem (a full disk) is not the server's: a HarnessError naming the file,
+    not retried."""
     try:
         if chunk is not None:
             out.write(chunk)
+            out.flush()
         else:
             out.truncate()
             out.flush()
             os.fsync(out.fileno())
     except OSError as e:
         raise HarnessError(f"{target}: cannot write ({e.strerror or e})") from None
+
+
+class _PartWatch:
+    """How long the part file that a lock's holder downloads into has been still. Any change
+    is progress: its length, its mtime (a reserved part is sparse at full length, so writes
+    into it change only that; so do a retry's rewrites), its appearing or going. After the
+    body the holder syncs the file and renames it, still for as long as that takes: a disk
+    that takes longer than the stall bound over it is taken for a hung one."""
+
+    def __init__(self, part: Path | None, now: float):
+        self.part = part
+        self.seen, self.since = self._look(), now
+
+    def still_for(self, now: float) -> float:
+        seen = self._look()
+        if seen != self.seen:
+            self.seen, self.since = seen, now
+        return now - self.since
+
+    def _look(self) -> tuple[int, int] | None:
+        """(length, mtime) of the part file; None if there is none."""
+        try:
+            st = self.part.stat() if self.part else None
+        except OSError:
+            return None
+        return (st.st_size, st.st_mtime_ns) if st else None
 
 
 def _replace(part: Path, cached: Path) -> None:

@@ -652,26 +652,31 @@ def test_a_stop_cuts_short_the_wait_for_a_macro_batch_that_downloads(server, sha
         assert time.monotonic() - closing < 10  # as in the test above
 
 
-@pytest.mark.timeout(180)
-def test_sigterm_while_a_shard_downloads_stops_at_once_with_a_checkpoint(server, shards, tmp_path):
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_sigterm_while_a_shard_downloads_stops_at_once_with_a_checkpoint(server, shards, tmp_path, nproc):
     """A SIGTERM while the next macro-batch's shard downloads: the run stops within seconds,
     checkpointed at the sync point that ends the macro-batch before it, and resumes from
     there. Before, the stop waited for the download (30 s here; up to 5 attempts of 30 min
     with a stalled server), past torchrun's 30 s grace period and Slurm's KillWait.
 
-    The cache holds one shard, so every macro-batch (one 80-image shard, 4 steps of 20)
-    downloads its shard. Once the run has fetched a shard for training, every later GET
-    trickles (30 s a shard); the SIGTERM comes 1 s into one. The stop took 1.5 s from the
-    signal on a 2-core Xeon; 10 s leaves room for a slow machine, and the old code's 29 s is
-    far outside it."""
+    The cache holds one shard a rank (the ranks of a node share it: one downloads a shard
+    while the other waits for its lock), so every macro-batch (one 80-image shard, 4 steps
+    of 20) downloads its shard. Once the run has fetched a shard for training, every later GET
+    trickles (30 s a shard); the SIGTERM comes 1 s into one. The stop (checkpoint, stop
+    record, the process's exit) took 1.5 s from the signal on a quiet 2-core Xeon with one
+    process, and 6.9 s (one process) and 4.1 s (torchrun, which forwards the signal to its two
+    ranks) with the machine's both cores busy with other tests; 20 s leaves room for a slower
+    machine. The old code took 29 s (one process): the rest of the download, then the stop. torchrun's own exit status does not pass the ranks' 75 on:
+    stopped.json says the run stopped."""
     from helpers import train_command
 
     names = [s["name"] for s in train_shards(shards)]
-    limit_gb = max(s["bytes"] for s in train_shards(shards)) * 1.5 / 1e9
+    limit_gb = max(s["bytes"] for s in train_shards(shards)) * (nproc + 0.2) / 1e9
     run_dir = tmp_path / "run"
     command = train_command(server.url, run_dir, "--model", "mlp", "--hidden", "32", "--device", "cpu", "--batch-size", "20",
                             "--macro-batch", "80", "--epochs", "30", "--threads", "1", "--shard-cache", tmp_path / "cache",
-                            "--shard-cache-limit-gb", f"{limit_gb:.12f}")
+                            "--shard-cache-limit-gb", f"{limit_gb:.12f}", nproc=nproc)
 
     def train_gets() -> int:
         return sum(server.gets(name) for name in names)
@@ -693,9 +698,8 @@ def test_sigterm_while_a_shard_downloads_stops_at_once_with_a_checkpoint(server,
         if process.poll() is None:
             process.kill()
             process.wait()
-    assert process.returncode == 75, output[-3000:]
-    assert took < 10, f"the stop took {took:.1f} s"
-    print(f"stop took {took:.2f} s")
+    assert process.returncode == (75 if nproc == 1 else 1), output[-3000:]
+    assert took < 20, f"the stop took {took:.1f} s"
     step = json.loads((run_dir / "stopped.json").read_text())["step"]
     assert step % 10 in (0, 4, 8) and (run_dir / "checkpoints" / f"step-{step:08d}.pt").is_file(), step  # a macro-batch's end
 

@@ -212,6 +212,18 @@ def train_command(shards: Path, run_dir: Path, *train_args, nproc: int = 1, laun
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *launcher_args, *train]
 
 
+# The run of the checkpoint and failure tests (test_checkpoint.py, test_failures.py): 300
+# LeNet steps in 9 macro-batches per epoch (7,000 images each, 70 steps), a sync point
+# every 25 steps and a checkpoint every 50: kills land mid-epoch and mid-macro-batch.
+CHECKPOINTED_RUN = ("--preset", "lenet", "--epochs", "1", "--max-steps", "300", "--macro-batch", "7000",
+                    "--log-every", "25", "--checkpoint-every", "50", "--threads", "1")
+
+
+def checkpointed_run(shards: Path, run_dir: Path, *extra: str, nproc: int = 1, launcher_args: tuple = ()) -> list[str]:
+    """The command of CHECKPOINTED_RUN, with `extra` options after its own."""
+    return train_command(shards, run_dir, *CHECKPOINTED_RUN, *extra, nproc=nproc, launcher_args=launcher_args)
+
+
 def train_ok(shards: Path, run_dir: Path, *train_args, nproc: int = 1, launcher_args: tuple = (), env: dict | None = None) -> subprocess.CompletedProcess:
     """Train, and fail the test with the output's tail unless it exits 0."""
     result = run(train_command(shards, run_dir, *train_args, nproc=nproc, launcher_args=launcher_args), env=env)

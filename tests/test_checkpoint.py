@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import (ROOT, Payload, kill_tree, run, signal_tree, start_and_signal, summary, tiny_training_objects, train_command, train_ok,
-                     wait_for, write_source)
+from helpers import (ROOT, Payload, checkpointed_run, kill_tree, run, signal_tree, start_and_signal, summary, tiny_training_objects,
+                     train_command, train_ok, wait_for, write_source)
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from harness import checkpoint as ckpt
@@ -29,18 +29,10 @@ from harness.errors import HarnessError, run_guarded
 from harness.stopping import EXIT_STOPPED
 from harness.train import load_optimizer_state
 
-# 9 macro-batches per epoch (7,000 images each, 70 steps), a sync point every 25 steps and
-# a checkpoint every 50: kills land mid-epoch and mid-macro-batch.
-RUN = ("--preset", "lenet", "--epochs", "1", "--max-steps", "300", "--macro-batch", "7000",
-       "--log-every", "25", "--checkpoint-every", "50", "--threads", "1")
 # A signal lands 1 s after the step-50 checkpoint appears (start_and_signal); here the 250
 # steps left take about 5 s, but a CPU 3x faster would finish first. Rank 0 pauses 5 s
 # before step 130, so the signal lands mid-run on any machine (the weights are unchanged).
 PAUSE = {"HARNESS_TEST_FAULT": "sleep=5@130"}
-
-
-def command(shards: Path, run_dir: Path, *extra: str, nproc: int = 1, launcher_args: tuple = ()) -> list[str]:
-    return train_command(shards, run_dir, *RUN, *extra, nproc=nproc, launcher_args=launcher_args)
 
 
 def checksum(run_dir: Path) -> str:
@@ -52,7 +44,7 @@ def reference(mnist_shards, tmp_path_factory):
     """Uninterrupted runs with 1 and 2 processes: the checksums a resumed run must reproduce."""
     base = tmp_path_factory.mktemp("reference")
     for nproc in (1, 2):
-        result = run(command(mnist_shards, base / f"w{nproc}", nproc=nproc))
+        result = run(checkpointed_run(mnist_shards, base / f"w{nproc}", nproc=nproc))
         assert result.returncode == 0, result.stderr[-3000:]
     return {nproc: checksum(base / f"w{nproc}") for nproc in (1, 2)}
 
@@ -60,10 +52,10 @@ def reference(mnist_shards, tmp_path_factory):
 def test_sigkill_then_resume_is_bitwise_exact(mnist_shards, tmp_path, reference):
     """One process (two ranks killed and resumed: test_torchrun_elastic_restart_after_a_worker_is_killed)."""
     run_dir = tmp_path / "run"
-    killed = start_and_signal(command(mnist_shards, run_dir), run_dir, signal.SIGKILL, env=PAUSE)
+    killed = start_and_signal(checkpointed_run(mnist_shards, run_dir), run_dir, signal.SIGKILL, env=PAUSE)
     assert killed.returncode != 0
     assert not (run_dir / "summary.json").exists(), "the kill came too late to test anything"
-    result = run(command(mnist_shards, run_dir))
+    result = run(checkpointed_run(mnist_shards, run_dir))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resuming from" in result.stdout
     assert checksum(run_dir) == reference[1]
@@ -80,7 +72,7 @@ def test_sigkill_then_resume_is_bitwise_exact(mnist_shards, tmp_path, reference)
 
 
 def sync_points(steps: int = 300, log_every: int = 25, macro_steps: int = 7000 // load_preset("lenet")["batch_size"], checkpoint_every: int = 50) -> set[int]:
-    """Steps after which RUN's loop syncs: a full --log-every window, a macro-batch's end, a due checkpoint, the last step."""
+    """Steps after which CHECKPOINTED_RUN's loop syncs: a full --log-every window, a macro-batch's end, a due checkpoint, the last step."""
     points, window = set(), 0
     for step in range(1, steps + 1):
         window += 1
@@ -92,14 +84,14 @@ def sync_points(steps: int = 300, log_every: int = 25, macro_steps: int = 7000 /
 
 def test_sigterm_checkpoints_and_exits_with_the_stop_status(mnist_shards, tmp_path, reference):
     run_dir = tmp_path / "run"
-    stopped = start_and_signal(command(mnist_shards, run_dir), run_dir, signal.SIGTERM, env=PAUSE)
+    stopped = start_and_signal(checkpointed_run(mnist_shards, run_dir), run_dir, signal.SIGTERM, env=PAUSE)
     assert stopped.returncode == EXIT_STOPPED
     assert json.loads((run_dir / "stopped.json").read_text())["signal"] == "SIGTERM"
     markers = ckpt.list_checkpoints(run_dir)
     stop_step = json.loads(markers[0].read_text())["step"]
     assert stop_step in sync_points(), stop_step  # every rank stopped at the same sync point
     assert stop_step < 300
-    result = run(command(mnist_shards, run_dir))
+    result = run(checkpointed_run(mnist_shards, run_dir))
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"step {stop_step})" in result.stdout
     assert checksum(run_dir) == reference[1]
@@ -167,7 +159,7 @@ def test_sigterm_during_start_up_stops_before_training_for_a_requeue(mnist_shard
     the signal killed the ranks outright and the job was not requeued. The rerun trains
     from the start (there is no checkpoint) and, with one process, ends as the reference."""
     run_dir = tmp_path / "run"
-    process = subprocess.Popen(command(mnist_shards, run_dir, nproc=nproc), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    process = subprocess.Popen(checkpointed_run(mnist_shards, run_dir, nproc=nproc), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     output = []
     try:
@@ -189,7 +181,7 @@ def test_sigterm_during_start_up_stops_before_training_for_a_requeue(mnist_shard
         assert "[rank 1] WARNING SIGTERM: stopped at step 0 before training" in output
     assert json.loads((run_dir / "stopped.json").read_text()) == {"step": 0, "signal": "SIGTERM"}
     assert ckpt.list_checkpoints(run_dir) == []
-    result = run(command(mnist_shards, run_dir, nproc=nproc))
+    result = run(checkpointed_run(mnist_shards, run_dir, nproc=nproc))
     assert result.returncode == 0, result.stderr[-3000:]
     assert summary(run_dir)["steps"] == 300 and not (run_dir / "stopped.json").exists()
     assert checksum(run_dir) == reference[nproc]
@@ -331,7 +323,7 @@ def test_torchrun_elastic_restart_after_a_worker_is_killed(mnist_shards, tmp_pat
     which resumes from the step-100 checkpoint and finishes with the uninterrupted weights."""
     run_dir = tmp_path / "run"
     env = {"HARNESS_TEST_FAULT": "kill@120:1", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}  # as launch/torchrun.sh sets it
-    result = run(command(mnist_shards, run_dir, nproc=2, launcher_args=("--max-restarts=1",)), env=env)
+    result = run(checkpointed_run(mnist_shards, run_dir, nproc=2, launcher_args=("--max-restarts=1",)), env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps_per_rank"] == [300, 300]
@@ -342,12 +334,12 @@ def test_torchrun_elastic_restart_after_a_worker_is_killed(mnist_shards, tmp_pat
 
 def test_truncated_newest_checkpoint_falls_back_to_the_previous(mnist_shards, tmp_path, reference):
     run_dir = tmp_path / "run"
-    result = run(command(mnist_shards, run_dir, "--max-steps", "150", "--keep-checkpoints", "5"))
+    result = run(checkpointed_run(mnist_shards, run_dir, "--max-steps", "150", "--keep-checkpoints", "5"))
     assert result.returncode == 0, result.stderr[-3000:]
     newest = ckpt.list_checkpoints(run_dir)[0].with_suffix(".pt")
     assert newest.name == "step-00000150.pt"
     newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
-    result = run(command(mnist_shards, run_dir))
+    result = run(checkpointed_run(mnist_shards, run_dir))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "skipping checkpoint" in result.stdout + result.stderr and "step-00000150.pt" in result.stdout + result.stderr
     assert "step 100)" in result.stdout
@@ -625,10 +617,10 @@ def test_disk_full_leaves_no_partial_checkpoint(tmp_path, monkeypatch):
 def test_resume_from_a_named_checkpoint(mnist_shards, tmp_path, reference):
     """--resume PATH continues another run directory's checkpoint in a new one, exactly."""
     first = tmp_path / "first"
-    result = run(command(mnist_shards, first, "--max-steps", "150", "--keep-checkpoints", "5"))
+    result = run(checkpointed_run(mnist_shards, first, "--max-steps", "150", "--keep-checkpoints", "5"))
     assert result.returncode == 0, result.stderr[-3000:]
     path = first / "checkpoints" / "step-00000100.pt"
-    result = run(command(mnist_shards, tmp_path / "second", "--resume", path))
+    result = run(checkpointed_run(mnist_shards, tmp_path / "second", "--resume", path))
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"resuming from {path} (epoch 1, step 100)" in result.stdout
     assert checksum(tmp_path / "second") == reference[1]
@@ -636,15 +628,15 @@ def test_resume_from_a_named_checkpoint(mnist_shards, tmp_path, reference):
 
 def test_resume_from_a_missing_checkpoint_is_a_clear_error(mnist_shards, tmp_path):
     missing = tmp_path / "checkpoints" / "step-00000100.pt"
-    result = run(command(mnist_shards, tmp_path / "run", "--resume", missing))
+    result = run(checkpointed_run(mnist_shards, tmp_path / "run", "--resume", missing))
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [f"error: --resume {missing}: no such checkpoint file (give auto, never, or a checkpoint's step-N.pt)"]
 
 
 def test_changed_config_is_refused_on_resume(mnist_shards, tmp_path):
     run_dir = tmp_path / "run"
-    assert run(command(mnist_shards, run_dir, "--max-steps", "50")).returncode == 0
-    result = run(command(mnist_shards, run_dir, "--lr", "0.05"))
+    assert run(checkpointed_run(mnist_shards, run_dir, "--max-steps", "50")).returncode == 0
+    result = run(checkpointed_run(mnist_shards, run_dir, "--lr", "0.05"))
     assert result.returncode == 2
     assert "different --lr" in result.stderr and "step-00000050.pt" in result.stderr
     assert result.stderr.rstrip().endswith("train with the new settings in a new --run-dir")  # advice that works (--resume never there is refused)
@@ -652,8 +644,8 @@ def test_changed_config_is_refused_on_resume(mnist_shards, tmp_path):
 
 def test_world_size_change_on_resume_continues(mnist_shards, tmp_path, reference):
     run_dir = tmp_path / "run"
-    assert run(command(mnist_shards, run_dir, "--max-steps", "100")).returncode == 0
-    result = run(command(mnist_shards, run_dir, nproc=2))
+    assert run(checkpointed_run(mnist_shards, run_dir, "--max-steps", "100")).returncode == 0
+    result = run(checkpointed_run(mnist_shards, run_dir, nproc=2))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resuming a world-size-1 run with world size 2" in result.stdout + result.stderr
     assert json.loads((run_dir / "summary.json").read_text())["steps_per_rank"] == [300, 300]
@@ -661,9 +653,9 @@ def test_world_size_change_on_resume_continues(mnist_shards, tmp_path, reference
 
 def test_resume_never_refuses_a_run_dir_with_a_run(mnist_shards, tmp_path):
     run_dir = tmp_path / "run"
-    assert run(command(mnist_shards, run_dir, "--max-steps", "25")).returncode == 0
+    assert run(checkpointed_run(mnist_shards, run_dir, "--max-steps", "25")).returncode == 0
     before = (run_dir / "metrics.jsonl").read_bytes()
-    result = run(command(mnist_shards, run_dir, "--resume", "never"))
+    result = run(checkpointed_run(mnist_shards, run_dir, "--resume", "never"))
     assert result.returncode == 2 and "already holds a run (metrics.jsonl exists) that this one would not continue (--resume never" in result.stderr
     assert (run_dir / "metrics.jsonl").read_bytes() == before
 
@@ -671,7 +663,7 @@ def test_resume_never_refuses_a_run_dir_with_a_run(mnist_shards, tmp_path):
 def test_unwritable_run_dir_is_a_clear_error(mnist_shards, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("")
-    result = run(command(mnist_shards, blocker / "run"))
+    result = run(checkpointed_run(mnist_shards, blocker / "run"))
     assert result.returncode == 2 and "not writable" in result.stderr and str(blocker) in result.stderr
 
 
@@ -680,7 +672,7 @@ def test_slow_checkpoint_write_on_rank_0_does_not_fail_the_job(mnist_shards, tmp
     --timeout: rank 1 waits on rank 0's heartbeat instead of timing out, and the run ends
     with the uninterrupted run's weights."""
     run_dir = tmp_path / "run"
-    result = run(command(mnist_shards, run_dir, "--timeout", "10", nproc=2), env={"HARNESS_TEST_FAULT": "slowsave=20@50:0"})
+    result = run(checkpointed_run(mnist_shards, run_dir, "--timeout", "10", nproc=2), env={"HARNESS_TEST_FAULT": "slowsave=20@50:0"})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert checksum(run_dir) == reference[2]
     assert summary(run_dir)["loop_seconds_by_part"]["checkpoints"] >= 20  # the slow write happened, inside the loop
@@ -760,7 +752,7 @@ def test_training_goes_on_while_a_checkpoint_file_is_written(mnist_shards, tmp_p
     end (step 300), so the loop's checkpoint time is well under the 3 s a write on the
     training thread would cost. The weights are those of an uninterrupted run."""
     run_dir, slow = tmp_path / "run", 3.0
-    result = run(command(mnist_shards, run_dir, "--checkpoint-every", "150"), env={"HARNESS_TEST_FAULT": f"slowwrite={slow:g}@150"})
+    result = run(checkpointed_run(mnist_shards, run_dir, "--checkpoint-every", "150"), env={"HARNESS_TEST_FAULT": f"slowwrite={slow:g}@150"})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     parts = summary(run_dir)["loop_seconds_by_part"]
     # Training overlapped the write by the 150 steps' time (steps 150-300 are half the
@@ -782,7 +774,7 @@ def test_every_rank_gets_its_own_rng_state_back(mnist_shards, tmp_path):
     shows; each rank saves its state at the end of both runs."""
     run_dir, rng = tmp_path / "run", tmp_path / "rng"
     env = {"HARNESS_TEST_RANK_RNG": str(rng)}
-    assert run(command(mnist_shards, run_dir, "--max-steps", "50", nproc=2), env=env).returncode == 0
+    assert run(checkpointed_run(mnist_shards, run_dir, "--max-steps", "50", nproc=2), env=env).returncode == 0
     _, state = ckpt.load_newest_valid(run_dir)
     saved = state["rng"]["torch"]
     assert len(saved) == 2 and all(t.dtype == torch.uint8 for t in saved) and not torch.equal(saved[0], saved[1])
@@ -794,6 +786,6 @@ def test_every_rank_gets_its_own_rng_state_back(mnist_shards, tmp_path):
 
     assert ended_equal_saved()  # the checkpoint holds each rank's own
     shutil.rmtree(rng)  # the resumed run writes them again
-    result = run(command(mnist_shards, run_dir, "--max-steps", "100", nproc=2), env=env)
+    result = run(checkpointed_run(mnist_shards, run_dir, "--max-steps", "100", nproc=2), env=env)
     assert result.returncode == 0 and "resuming from" in result.stdout, result.stderr[-3000:]
     assert ended_equal_saved()  # each rank restored its own (and drew nothing since)

@@ -10,8 +10,7 @@ import time
 
 import pytest
 import torch
-from helpers import ROOT, free_port, kill_tree, run
-from test_checkpoint import RUN, command  # the same 300-step run, checkpointed every 50 steps
+from helpers import CHECKPOINTED_RUN, ROOT, checkpointed_run, free_port, kill_tree, run
 
 from harness import checkpoint as ckpt
 
@@ -19,7 +18,7 @@ from harness import checkpoint as ckpt
 def test_nan_on_one_rank_stops_every_rank_naming_the_step(mnist_shards, tmp_path):
     run_dir = tmp_path / "run"
     started = time.monotonic()
-    result = run(command(mnist_shards, run_dir, nproc=2), env={"HARNESS_TEST_FAULT": "nan@60:1"}, timeout=240)
+    result = run(checkpointed_run(mnist_shards, run_dir, nproc=2), env={"HARNESS_TEST_FAULT": "nan@60:1"}, timeout=240)
     output = result.stdout + result.stderr
     assert result.returncode != 0
     assert "loss is NaN or infinite at step 61 on rank 1" in output
@@ -38,7 +37,7 @@ def test_an_overflowed_update_is_not_checkpointed(mnist_shards, tmp_path, nproc)
     error instead of writing it (which would have been the checkpoint a resume loads), and
     the step-50 one stays newest."""
     run_dir = tmp_path / "run"
-    result = run(command(mnist_shards, run_dir, nproc=nproc), env={"HARNESS_TEST_FAULT": f"infweights@99:{nproc - 1}"}, timeout=240)
+    result = run(checkpointed_run(mnist_shards, run_dir, nproc=nproc), env={"HARNESS_TEST_FAULT": f"infweights@99:{nproc - 1}"}, timeout=240)
     output = result.stdout + result.stderr
     error = f"error: the weights, momentum or running statistics are NaN or infinite after step 100 on rank {nproc - 1}"
     assert output.count(error) == nproc, output[-3000:]  # every rank, not only the one whose weights overflowed
@@ -61,7 +60,7 @@ def test_a_rank_that_exits_early_ends_the_others(mnist_shards, tmp_path):
            "HARNESS_TEST_FAULT": "exit@40:1"}
     started = time.monotonic()
     agents = [
-        subprocess.Popen(["bash", str(ROOT / "launch" / "multinode.sh"), "2", str(node), endpoint, "1", "lenet", *RUN[2:], "--timeout", "600"],
+        subprocess.Popen(["bash", str(ROOT / "launch" / "multinode.sh"), "2", str(node), endpoint, "1", "lenet", *CHECKPOINTED_RUN[2:], "--timeout", "600"],
                          cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for node in (0, 1)
     ]
@@ -82,7 +81,7 @@ def test_a_stuck_rank_fails_the_job_within_the_timeout(mnist_shards, tmp_path):
     --timeout seconds and the job ends with an error naming that timeout, instead of
     waiting forever."""
     started = time.monotonic()
-    result = run(command(mnist_shards, tmp_path / "run", "--timeout", "15", nproc=2), env={"HARNESS_TEST_FAULT": "hang@40:1"}, timeout=240)
+    result = run(checkpointed_run(mnist_shards, tmp_path / "run", "--timeout", "15", nproc=2), env={"HARNESS_TEST_FAULT": "hang@40:1"}, timeout=240)
     elapsed = time.monotonic() - started
     assert result.returncode != 0
     assert "error: rank 0: no answer from another rank within --timeout 15 s" in result.stdout + result.stderr, result.stderr[-4000:]
@@ -99,7 +98,7 @@ def test_rank_0_frozen_during_a_checkpoint_write_ends_the_job_after_the_timeout(
     rank 0 cannot answer the poll at all, which hung rank 1 for ever before."""
     started = time.monotonic()
     env = {"HARNESS_TEST_FAULT": "freeze@50:0", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1" if store_in == "rank 0" else "0"}
-    result = run(command(mnist_shards, tmp_path / "run", "--timeout", "10", nproc=2), env=env, timeout=240)
+    result = run(checkpointed_run(mnist_shards, tmp_path / "run", "--timeout", "10", nproc=2), env=env, timeout=240)
     elapsed = time.monotonic() - started
     assert result.returncode != 0
     assert "rank 1: rank 0 stopped responding during its checkpoint write: no heartbeat for --timeout 10 s" in result.stdout + result.stderr

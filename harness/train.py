@@ -21,6 +21,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -163,7 +164,15 @@ class Trainer:
             self.outputs.keep_epochs(self.progress.epoch + (0 if self.training_left() else 1))
 
     def build_data(self) -> None:
-        """The training range as a macro-batch stream, and (rank 0) the validation set on the device."""
+        """The training range as a macro-batch stream, and (rank 0) the validation set on the device.
+
+        From a URL into an empty cache, reading the shards here is downloading them. A stop
+        signal cuts those downloads short: what they were for is left undone, and fit stops
+        the run before anything uses it, on every rank alike."""
+        with self.shards.fetches_cancelled_when(lambda: self.stop_request.requested):
+            self._build_data()
+
+    def _build_data(self) -> None:
         config, ctx = self.config, self.ctx
         self.verify_train_shards()
         self.n_train = self.shards.manifest["splits"]["train"]["samples"] - config.holdout
@@ -177,11 +186,23 @@ class Trainer:
             train_data, config.batch_size, config.macro_batch, config.seed, ctx.device, shuffle=config.shuffle,
             rank=ctx.rank, world_size=ctx.world_size,
         )
-        self.stream.preload()
+        with self.unless_stopped():
+            self.stream.preload()
         self.train_stats = train_data.manifest["train_stats"]
         self.val_set = "holdout" if config.holdout else "test"
         if ctx.is_main:
-            self.val_images, self.val_labels = self.load_eval_set("train", self.n_train) if config.holdout else self.load_eval_set("test")
+            with self.unless_stopped():
+                self.val_images, self.val_labels = self.load_eval_set("train", self.n_train) if config.holdout else self.load_eval_set("test")
+
+    @contextlib.contextmanager
+    def unless_stopped(self) -> Iterator[None]:
+        """Start-up work whose failure, once a stop signal has come, is the cut download
+        (see build_data): the stop follows, as it would have without the failure."""
+        try:
+            yield
+        except HarnessError:
+            if not self.stop_request.requested:
+                raise
 
     def build_model(self) -> None:
         """Model, optimizer and schedule; the same initial weights on every rank and world size."""
@@ -228,7 +249,8 @@ class Trainer:
         ctx, shards = self.ctx, self.shards
         problem = ""
         try:
-            shards.check("train", list(range(ctx.rank, len(shards.shards("train")), ctx.world_size)))
+            with self.unless_stopped():
+                shards.check("train", list(range(ctx.rank, len(shards.shards("train")), ctx.world_size)))
         except (HarnessError, OSError) as e:  # whatever it is, every rank must reach the gather
             problem = str(e)
         manifest = distributed.digest_ints(json.dumps(shards.manifest, sort_keys=True))
@@ -341,8 +363,9 @@ class Trainer:
         interrupted = False
         try:
             self.log_start()
-            if self.training_left():
-                self.stop_if_signalled_during_start_up()  # before the compile: it can outlast a launcher's grace period
+            # Before the compile, which can outlast a launcher's grace period; also where a
+            # stop that cut start-up's downloads short stops the run (see build_data).
+            self.stop_if_signalled_during_start_up()
             self.compile_seconds = self.warm_up() if self.compile_mode else 0.0
             if self.progress.step == 0 and not self.progress.before_training:  # a resumed run keeps its first figure
                 self.test_before_training()

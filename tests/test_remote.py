@@ -708,3 +708,43 @@ def test_sigterm_while_a_shard_downloads_stops_at_once_with_a_checkpoint(server,
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"step-{step:08d}.pt (epoch {step // 10 + 1}, step {step})" in resumed.stdout, resumed.stdout[-3000:]
     assert json.loads((run_dir / "summary.json").read_text())["steps"] == 300
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_sigterm_while_start_up_downloads_the_shards_stops_before_training(server, shards, tmp_path, nproc):
+    """A SIGTERM while start-up fetches the training shards into an empty cache (to hash
+    them) stops the run within seconds, before training, with the stop record a requeue
+    goes by, and without taking the cut download for a damaged shard; the rerun fetches
+    the shard again and trains. Shard 1 takes 30 s to arrive, and the signal comes 1 s into
+    it. The stop took 1.2 s (one process) and 2.1 s (torchrun, two ranks) from the signal
+    on a 2-core Xeon; 20 s leaves room for a slower or busier machine (the other test's
+    stop took 4-5x longer with both cores busy). The old code took 29.3 s and 29.6 s: it
+    waited for the download."""
+    from helpers import train_command
+
+    server.fail("train-000001.tar", "trickle", count=1)
+    run_dir = tmp_path / "run"
+    command = train_command(server.url, run_dir, "--model", "mlp", "--hidden", "32", "--device", "cpu", "--batch-size", "20",
+                            "--epochs", "1", "--threads", "1", "--shard-cache", tmp_path / "cache", nproc=nproc)
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for(lambda: server.gets("train-000001.tar") or process.poll() is not None, 60, "shard 1's download")
+        assert process.poll() is None, process.communicate()[0][-3000:]
+        time.sleep(1.0)
+        signalled = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        output = process.communicate(timeout=60)[0]
+        took = time.monotonic() - signalled
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == (75 if nproc == 1 else 1), output[-3000:]
+    assert took < 20, f"the stop took {took:.1f} s"
+    assert json.loads((run_dir / "stopped.json").read_text()) == {"step": 0, "signal": "SIGTERM"}
+    assert "SIGTERM: stopped at step 0 before training" in output and "manifest" not in output, output[-3000:]
+
+    resumed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert server.gets("train-000001.tar") == 2

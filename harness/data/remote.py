@@ -41,7 +41,7 @@ import tempfile
 import threading
 import time
 import urllib.error
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -147,6 +147,28 @@ class RemoteShards:
         self.cancelled.set()
         yield
         self.cancelled.clear()
+
+    @contextmanager
+    def fetches_cancelled_when(self, asked: Callable[[], bool]) -> Iterator[None]:
+        """Within: fetches, on this thread too, are cancelled (as by fetches_cancelled) once
+        `asked()` is true, a stop signal at start-up; they stay cancelled after. A thread
+        looks every 0.1 s, since a signal handler must not set the event itself: it could
+        run on this thread while the thread is inside the event's lock."""
+        done = threading.Event()
+
+        def watch() -> None:
+            while not done.wait(0.1):
+                if asked():
+                    self.cancelled.set()
+                    return
+
+        watcher = threading.Thread(target=watch, name="harness-stop-watch", daemon=True)
+        watcher.start()
+        try:
+            yield
+        finally:
+            done.set()
+            watcher.join()
 
     def _check_cancelled(self, url: str) -> None:
         if self.cancelled.is_set():

@@ -62,6 +62,11 @@ class ShardSource:
         the download's deadline for data it will not use."""
         return self.remote.fetches_cancelled() if self.remote else contextlib.nullcontext()
 
+    def fetches_cancelled_when(self, asked):
+        """A context within which downloads give up soon once `asked()` is true
+        (RemoteShards.fetches_cancelled_when)."""
+        return self.remote.fetches_cancelled_when(asked) if self.remote else contextlib.nullcontext()
+
     def shards(self, split: str) -> list[dict]:
         return split_info(self.manifest, split, self.location)["shards"]
 

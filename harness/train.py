@@ -406,7 +406,6 @@ class Trainer:
     def train_epoch(self) -> None:
         """Steps from the current position to the end of the epoch (or to --max-steps)."""
         p, show = self.progress, self.ctx.is_main and sys.stderr.isatty()
-        lr = self.optimizer.param_groups[0]["lr"]
         with ProgressBar(total=self.stream.steps_per_epoch, initial=p.epoch_steps, desc=f"epoch {p.epoch + 1}/{self.config.epochs}", leave=False, disable=not show) as bar:
             self.window.restart(p.step_in_macro)
             for macro in self.stream.epoch(p.epoch, start_index=p.macro, next_epoch_follows=self.next_epoch_follows()):
@@ -420,7 +419,7 @@ class Trainer:
                     p.advance(last_in_macro=i + 1 == macro.steps)
                     bar.update()
                     if self.window.count == self.config.log_every or p.step_in_macro == 0 or self.checkpoint_due() or self.reached_max_steps():
-                        self.sync_point(lr, bar)
+                        self.sync_point(bar)
                     if self.reached_max_steps():
                         return
 
@@ -515,9 +514,9 @@ class Trainer:
             for group in self.optimizer.param_groups:
                 group["lr"] = float(np.float32(group["lr"]))
 
-    def sync_point(self, lr: float, bar: ProgressBar) -> None:
+    def sync_point(self, bar: ProgressBar) -> None:
         """All ranks: log the window's mean loss, fail on a non-finite loss, honour a stop signal."""
-        window = self.window
+        window, lr = self.window, self.optimizer.param_groups[0]["lr"]  # now: a one-cycle schedule moves it every step
         if self.progress.step_in_macro == 0 and not self.reached_max_steps():
             # A macro-batch ended: its successor must be loaded before the all-reduce, so
             # that a stop signal that comes while it loads is this sync point's, on every rank.

@@ -53,3 +53,37 @@ def test_a_onecycle_run_ends_on_its_last_step_lr(mnist_shards, tmp_path):
     metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     lr = load_preset("fast")["lr"]
     assert metrics[-1]["lr"] == pytest.approx(lr / 25 / 1e4)
+
+
+def logged_lrs(shards, run_dir, *schedule: str) -> tuple[dict[int, float], list[float]]:
+    """An MLP run of 3 epochs of 10 steps (lr 0.1, with `schedule`'s options), a sync point
+    every 2 steps: TensorBoard's train/lr by step, and metrics.jsonl's lr of each epoch."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    result = run_cli("train", "--shards", shards, "--run-dir", run_dir, "--model", "mlp", "--hidden", "16", "--batch-size", "20",
+                     "--epochs", "3", "--lr", "0.1", *schedule, "--log-every", "2", "--device", "cpu", "--threads", "1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    events.Reload()
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {e.step: e.value for e in events.Scalars("train/lr")}, [m["lr"] for m in metrics]
+
+
+def test_a_runs_logged_lr_follows_its_one_cycle_schedule(shards, tmp_path):
+    """TensorBoard's train/lr at a sync point is the lr then (the next step's): a one-cycle
+    schedule moves it every step. It was the lr at the epoch's start, so the curve showed
+    steps where the schedule is a smooth rise and fall."""
+    logged, per_epoch = logged_lrs(shards, tmp_path / "run", "--lr-schedule", "onecycle")
+    seen = lrs(TrainConfig(lr=0.1, epochs=3, lr_schedule="onecycle"), steps_per_epoch=10, steps=30, per_step=True)
+    assert sorted(logged) == list(range(2, 31, 2))
+    # After step s the next step's lr; after the last, the schedule is not stepped (see the test above).
+    assert [logged[s] for s in sorted(logged)] == pytest.approx([seen[min(s, 29)] for s in sorted(logged)], rel=1e-6)  # TensorBoard keeps float32
+    assert per_epoch == pytest.approx([logged[10], logged[20], logged[30]], rel=1e-6)
+
+
+def test_a_runs_exponential_schedule_decays_once_per_epoch(shards, tmp_path):
+    """The Trainer steps an exponential schedule at each epoch's end, after its validation:
+    every sync point of an epoch logs that epoch's lr, as metrics.jsonl does."""
+    logged, per_epoch = logged_lrs(shards, tmp_path / "run", "--lr-schedule", "exponential", "--lr-decay", "0.9")
+    assert per_epoch == pytest.approx([0.1, 0.09, 0.081])
+    assert [logged[s] for s in sorted(logged)] == pytest.approx([0.1 * 0.9 ** ((s - 1) // 10) for s in sorted(logged)], rel=1e-6)

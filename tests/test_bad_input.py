@@ -225,9 +225,12 @@ def test_truncated_shard_show(shards, capsys):
     assert_one_error(rc, err, "train-000000.tar", f"{size - 512} bytes", f"records {size}", "truncated")
 
 
-def test_corrupted_shard_detected_by_train(shards, tmp_path):
-    """`harness train` refuses a shard whose bytes changed, before any training."""
-    path = shards / "train-000001.tar"
+@pytest.mark.parametrize("name", ["train-000001.tar", "test-000000.tar"])
+def test_corrupted_shard_detected_by_train(shards, tmp_path, name):
+    """`harness train` refuses a shard whose bytes changed, a training or a test shard
+    (hashed on different paths: every rank its share of the training shards; rank 0 the
+    test split as it loads it), before any training."""
+    path = shards / name
     data = bytearray(path.read_bytes())
     middle = len(data) // 2
     data[middle] ^= 0xFF
@@ -239,7 +242,7 @@ def test_corrupted_shard_detected_by_train(shards, tmp_path):
     assert "Traceback" not in result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1, result.stderr
-    assert "train-000001.tar" in errors[0] and "SHA-256" in errors[0]
+    assert name in errors[0] and "SHA-256" in errors[0]
     run_dir = tmp_path / "run"  # refused before the first step: nothing of a run's results there
     assert not any((run_dir / name).exists() for name in ("summary.json", "metrics.jsonl", "checkpoints"))
     assert "before training: " not in result.stdout and "epoch 1/1" not in result.stdout

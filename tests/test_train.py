@@ -171,6 +171,7 @@ def test_test_report_is_consistent(lenet_run):
         c = row["class"]
         assert row["recall"] == pytest.approx(confusion[c, c] / confusion[c].sum())
         assert row["precision"] == pytest.approx(confusion[c, c] / confusion[:, c].sum())
+        assert row["f1"] == pytest.approx(2 * row["precision"] * row["recall"] / (row["precision"] + row["recall"]))
         assert row["support"] == MNIST_TEST_HISTOGRAM[c]
     assert "confusion matrix" in result.stdout
 

@@ -117,6 +117,12 @@ def test_metrics_jsonl_contract(lenet_run):
     assert METRIC_KEYS <= row.keys()
     assert 0.98 <= row["val_accuracy"] <= 1.0  # a fraction, not a percentage
     assert row["lr"] == pytest.approx(0.1)
+    # train_loss is the epoch's mean step loss: here the mean of train/loss's six 100-step windows.
+    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    events.Reload()
+    windows = [e.value for e in events.Scalars("train/loss")]
+    assert len(windows) * 100 == LENET_STEPS
+    assert row["train_loss"] == pytest.approx(sum(windows) / len(windows), rel=1e-5)  # TensorBoard keeps float32
     # The rate is the epoch's images over its measured training time, and that time lies
     # inside the wall time the test measured around the whole command.
     assert 0 < row["epoch_seconds"] < wall

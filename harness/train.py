@@ -380,6 +380,8 @@ class Trainer:
                 self.end_epoch()
                 if self.stop_reason:
                     self.stop()
+                if self.training_left():
+                    self.stop_if_signalled_while_the_next_epoch_loads()
             self.wait_for_writes()  # the loop's time includes the last checkpoint's write
             return self.finish(time.perf_counter() - started)
         except KeyboardInterrupt:  # a second Ctrl-C: "ends it at once", not after a write in progress
@@ -517,9 +519,10 @@ class Trainer:
     def sync_point(self, bar: ProgressBar) -> None:
         """All ranks: log the window's mean loss, fail on a non-finite loss, honour a stop signal."""
         window, lr = self.window, self.optimizer.param_groups[0]["lr"]  # now: a one-cycle schedule moves it every step
-        if self.progress.step_in_macro == 0 and not self.reached_max_steps():
+        if self.progress.step_in_macro == 0 and not self.epoch_ends_here():
             # A macro-batch ended: its successor must be loaded before the all-reduce, so
             # that a stop signal that comes while it loads is this sync point's, on every rank.
+            # (At an epoch's end, see stop_if_signalled_while_the_next_epoch_loads.)
             self.stream.load_next(give_up=lambda: self.stop_request.requested)
         mean_loss, stop = agree_at_sync_point(self.ctx, window.values(), self.progress.step - window.count, self.stop_request)
         # After the sync, so the window's time includes the device finishing its steps (on a
@@ -558,6 +561,19 @@ class Trainer:
         if self.ctx.sum(asked).item():
             self.stop_reason = self.stop_request.signal_name or "stop signal on another rank"
             self.stop("before training, with nothing new to checkpoint")
+
+    def stop_if_signalled_while_the_next_epoch_loads(self) -> None:
+        """All ranks, between two epochs: the next epoch's first macro-batch loads (with the
+        prefetch thread, since the last one's training, through validation), and a stop
+        signal that comes meanwhile, or came during validation, stops the run here, at the
+        epoch's checkpoint. The sync point at an epoch's end does not wait for it, so that
+        the load overlaps validation and an early stop does not wait for a load it drops."""
+        self.stream.load_next(give_up=lambda: self.stop_request.requested)
+        asked = torch.tensor([float(self.stop_request.requested)], dtype=torch.float64, device=self.ctx.device)
+        if self.ctx.sum(asked).item():
+            self.stop_reason = self.stop_request.signal_name or "stop signal on another rank"
+            self.wait_for_writes()  # the stop record names a checkpoint that is on disk
+            self.stop()
 
     def end_epoch(self) -> None:
         """Validate (rank 0), decide on early stopping (every rank, from the broadcast loss), checkpoint."""

@@ -128,12 +128,11 @@ class RemoteShards:
         # By default a waiter outlasts the worst case of the download it waits for.
         worst_download = attempts * deadline_s + backoff_s * 2**attempts
         self.lock_timeout_s, self.deadline_s = worst_download if lock_timeout_s is None else lock_timeout_s, deadline_s
-        # The longest a live download leaves its part file unwritten (a waiter gives up on it
-        # after that): each read waits timeout_s at most; one that times out is retried after
-        # a backoff, and the retry brings bytes within another timeout_s (a command's output
-        # must; a server's answer and first bytes normally do). 124 s by default.
-        longest_backoff = backoff_s * 2 ** (attempts - 2) if attempts > 1 else 0.0
-        self.stall_s = 2 * timeout_s + longest_backoff
+        # The longest a live download may leave its part file unwritten (a waiter gives up on
+        # it after that): every attempt silent (connecting, the headers and the first read of
+        # the body each wait up to timeout_s), and the backoffs between them. 907.5 s by
+        # default: a holder that rides out a 15-minute outage is still waited for.
+        self.stall_s = attempts * 3 * timeout_s + sum(backoff_s * 2**k for k in range(attempts - 1))
         self.shard_dir = self.cache_dir / "shards"
         self.bytes_fetched = 0  # bytes received over the network (or from the command) by this object
         self.cancelled = threading.Event()  # see fetches_cancelled
@@ -473,9 +472,14 @@ class _PartWatch:
 
     def __init__(self, part: Path | None, now: float):
         self.part = part
-        self.seen, self.since = self._look(), now
+        self.seen, self.since, self.polled = self._look(), now, now
 
     def still_for(self, now: float) -> float:
+        """Polled every 0.05 s. A longer gap is this process's own pause (a suspended job,
+        SIGSTOP), which says nothing of the holder: it does not count as stillness."""
+        if now - self.polled > 1.0:
+            self.since += now - self.polled
+        self.polled = now
         seen = self._look()
         if seen != self.seen:
             self.seen, self.since = seen, now

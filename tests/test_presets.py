@@ -122,6 +122,23 @@ def test_augmentation_geometry():
     assert any(torch.allclose(turned, torch.rot90(x, k, (2, 3)), atol=1e-5) for k in (1, 3))
 
 
+def test_augmentation_vertical_shift_and_scale():
+    """dy moves an image as dx does, along the rows; a scale of 2 magnifies about the centre:
+    output column j samples input column j/2 + 6.75 (pixel centres at (2j+1)/28 - 1, grid
+    coordinate halved). On a horizontal ramp (value = column) bilinear interpolation is exact,
+    so the row must be that ramp up to float32 rounding (no border reached: 6.75 to 20.25)."""
+    from harness.augment import RandomAffine
+
+    augment = RandomAffine(10, 0.1, 2, seed=0, device=CPU)
+    x = torch.rand(3, 1, 28, 28)
+    one_pixel_down = torch.tensor([[0.0, 1.0, 0.0, 2 / 28]] * 3)  # dy: sample one pixel below
+    assert torch.allclose(augment(x, one_pixel_down)[..., :-1, :], x[..., 1:, :], atol=1e-5)
+    ramp = torch.arange(28.0).expand(1, 1, 28, 28)
+    magnified = augment(ramp, torch.tensor([[0.0, 2.0, 0.0, 0.0]]))
+    expected = torch.arange(28.0) / 2 + 6.75
+    assert torch.allclose(magnified[0, 0], expected.expand(28, 28), atol=1e-4)
+
+
 def test_augmentation_draws_depend_only_on_seed_epoch_and_macro_batch():
     from harness.augment import RandomAffine
 

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import MNIST_TEST_HISTOGRAM, cli, final_weights, run_cli
+from helpers import MNIST_TEST_HISTOGRAM, cli, final_weights, run_cli, train_ok
 from PIL import Image
 
 from harness.digit_image import load_digit, mnist_style
@@ -94,8 +94,13 @@ def test_report_figures_hold_the_runs_numbers(run_dir):
     assert list(accuracy.lines[0].get_ydata()) == [100 * m["val_accuracy"] for m in rows]
     assert "before training" in accuracy.get_title()
     confusion = np.array(json.loads((run_dir / "test_report.json").read_text())["confusion"])
-    counts = sorted(int(t.get_text()) for t in confusion_figure(confusion).axes[0].texts)
-    assert counts == sorted(confusion[confusion > 0].tolist())  # every non-zero cell is labelled with its count
+    axes = confusion_figure(confusion).axes[0]
+    # every non-zero cell is labelled with its count at its place: x = predicted class, y = true class
+    labels = {(round(t.get_position()[1]), round(t.get_position()[0])): int(t.get_text()) for t in axes.texts}
+    assert labels == {(int(true), int(predicted)): int(confusion[true, predicted]) for true, predicted in zip(*np.nonzero(confusion))}
+    assert not np.array_equal(confusion, confusion.T)  # (so that a transposed figure shows)
+    shown = axes.images[0].get_array()  # the image is the matrix, row = true class, its zeros masked (no colour on a log scale)
+    assert np.array_equal(np.ma.filled(shown, 0), confusion) and np.array_equal(np.ma.getmaskarray(shown), confusion == 0)
     assert confusion.sum(axis=1).tolist() == MNIST_TEST_HISTOGRAM
     layer1 = final_weights(run_dir)["1.weight"].reshape(-1, 1, 28, 28)
     shown = filters_figure([("layer1", layer1)]).axes[0].images[0].get_array()
@@ -277,6 +282,29 @@ def test_predict_checks_the_runs_normalisation_statistics(run_dir, tmp_path, cap
         status, out, err = cli(capsys, "predict", tmp_path, "--shards", tmp_path, "--index", "0")
         assert status == 2 and not out and err.count("\n") == 1, err
         assert err.startswith(f"error: {tmp_path / 'model.pt'}: the run's normalization_stats") and message in err, err
+
+
+def test_predict_uses_batch_norms_running_statistics(shards, tmp_path, capsys):
+    """predict runs the model in eval mode: a BatchNorm LeNet (one epoch of the small shard set)
+    gives image 3 the same outputs alone as among images 0-3, and those of model.pt in eval mode
+    on x/255 ("unit"); in training mode BatchNorm would use each call's batch statistics."""
+    from harness.data.shard_set import ShardSplit
+    from harness.models import lenet
+
+    train_ok(shards, tmp_path / "run", "--preset", "lenet", "--batch-norm", "--epochs", "1", "--device", "cpu", "--threads", "1")
+
+    def outputs(*indices) -> np.ndarray:
+        status, out, err = cli(capsys, "predict", tmp_path / "run", "--shards", shards, "--index", *indices, "--json")
+        assert status == 0, err
+        return np.array([row["outputs"] for row in json.loads(out)["predictions"]])
+
+    together = outputs(0, 1, 2, 3)
+    model = lenet(batch_norm=True)
+    model.load_state_dict(final_weights(tmp_path / "run"))
+    images = torch.from_numpy(ShardSplit(shards, "test").load_all()[0][:4].copy()).float().div(255).unsqueeze(1)
+    with torch.no_grad():
+        np.testing.assert_allclose(together, model.eval()(images).numpy(), rtol=0, atol=2e-6)  # 6 decimals in the JSON
+    np.testing.assert_allclose(outputs(3)[0], together[3], rtol=0, atol=2e-6)
 
 
 def test_predict_from_a_checkpoint(run_dir, mnist_shards, tmp_path, capsys):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import io
 import json
 import re
 import shutil
@@ -27,6 +28,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from harness.config import load_preset
 from harness.models import first_layer_weights, lenet
 from harness.report import filters_figure
+from harness.tensorboard import tile_grid
 
 SCALAR_TAGS = {"train/loss", "train/lr", "train/samples_per_s", "val/loss", "val/accuracy"}
 METRIC_KEYS = {"epoch", "train_loss", "val_loss", "val_accuracy", "lr", "epoch_seconds", "train_samples_per_s"}
@@ -194,6 +196,16 @@ def test_mlp_run_logs_first_layer_tiles(mnist_shards, tmp_path):
     image = events.Images("weights/layer1")[-1]
     # 500 tiles of 28x28 in a 23-column grid with 1-pixel gaps
     assert image.width == 23 * 29 + 1
+    # its pixels are model.pt's first layer (the epoch ends at the last step), each tile min-max
+    # scaled to 0-255 (tile_grid is checked against a loop over tiles in test_results.py)
+    with Image.open(io.BytesIO(image.encoded_image_string)) as png:
+        pixels = np.asarray(png.convert("L"))
+    [(name, weights)] = first_layer_weights(final_weights(run_dir))
+    assert name == "layer1"
+    expected = np.clip(tile_grid(weights.numpy(), 1)[0] * 255, 0, 255).astype(np.uint8)
+    assert np.array_equal(pixels, expected)
+    first = pixels[1:29, 1:29]  # the first tile spans 0 to 255
+    assert first.min() == 0 and first.max() >= 254
 
 
 def test_rerunning_a_finished_run_changes_nothing(lenet_run, mnist_shards, tmp_path):

@@ -557,9 +557,7 @@ class Trainer:
         the process group, reading the data, compiling) stops the run now, as at a sync
         point, with nothing new to checkpoint: a batch script requeues it, and it resumes
         from where it started. One all-reduce, so that every rank decides alike."""
-        asked = torch.tensor([float(self.stop_request.requested)], dtype=torch.float64, device=self.ctx.device)
-        if self.ctx.sum(asked).item():
-            self.stop_reason = self.stop_request.signal_name or "stop signal on another rank"
+        if self.stop_asked_on_any_rank():
             self.stop("before training, with nothing new to checkpoint")
 
     def stop_if_signalled_while_the_next_epoch_loads(self) -> None:
@@ -569,11 +567,18 @@ class Trainer:
         epoch's checkpoint. The sync point at an epoch's end does not wait for it, so that
         the load overlaps validation and an early stop does not wait for a load it drops."""
         self.stream.load_next(give_up=lambda: self.stop_request.requested)
-        asked = torch.tensor([float(self.stop_request.requested)], dtype=torch.float64, device=self.ctx.device)
-        if self.ctx.sum(asked).item():
-            self.stop_reason = self.stop_request.signal_name or "stop signal on another rank"
+        if self.stop_asked_on_any_rank():
             self.wait_for_writes()  # the stop record names a checkpoint that is on disk
             self.stop()
+
+    def stop_asked_on_any_rank(self) -> bool:
+        """All ranks: whether any rank got a stop signal (setting stop_reason if so). One
+        all-reduce, so that every rank decides alike."""
+        asked = torch.tensor([float(self.stop_request.requested)], dtype=torch.float64, device=self.ctx.device)
+        if not self.ctx.sum(asked).item():
+            return False
+        self.stop_reason = self.stop_request.signal_name or "stop signal on another rank"
+        return True
 
     def end_epoch(self) -> None:
         """Validate (rank 0), decide on early stopping (every rank, from the broadcast loss), checkpoint."""

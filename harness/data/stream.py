@@ -258,11 +258,11 @@ class MacroBatchStream:
 
     def load_next(self, give_up: Callable[[], bool]) -> None:
         """Have the next macro-batch loaded, on the reader thread, or return early once
-        `give_up()` is true. The Trainer calls it at the sync point that ends a
-        macro-batch, before that sync point's all-reduce, with "a stop signal came" as
-        `give_up`: a signal that comes while a shard downloads (up to 5 attempts of up to
-        30 min each) then stops every rank at that sync point within 0.1 s, rather than
-        after the download, which can outlast a launcher's grace period."""
+        `give_up()` is true. The Trainer calls it before an all-reduce that can stop the
+        run (the sync point that ends a macro-batch; between two epochs, after validation),
+        with "a stop signal came" as `give_up`: a signal that comes while a shard downloads
+        (up to 5 attempts of up to 30 min each) then stops every rank there within 0.1 s,
+        rather than after the download, which can outlast a launcher's grace period."""
         if self._ahead is None or give_up():
             return
         epoch, index, loaded = self._ahead

@@ -154,7 +154,6 @@ class Trainer:
         self.progress = Progress()
         self.window = LossWindow(self.graphed.losses if self.graphed else torch.zeros(self.stream.most_steps_per_macro, device=ctx.device))
         self.last_eval: tuple[int, EvalResult] | None = None  # (step, result) of rank 0's latest validation
-        self._test_set: tuple[torch.Tensor, torch.Tensor] | None = None  # holdout runs: loaded when first needed
         self.restore()
         diverge_rank_rng(ctx.rank, fresh_start=not self.progress.step)  # test-only
         self.outputs = RunOutputs(self.run_dir, resumed_at=self.progress.step or None) if ctx.is_main else None
@@ -164,7 +163,7 @@ class Trainer:
             self.outputs.keep_epochs(self.progress.epoch + (0 if self.training_left() else 1))
 
     def build_data(self) -> None:
-        """The training range as a macro-batch stream, and (rank 0) the validation set on the device.
+        """The training range as a macro-batch stream, and (rank 0) the validation and test sets on the device.
 
         From a URL into an empty cache, reading the shards here is downloading them. A stop
         signal cuts those downloads short: what they were for is left undone, and fit stops
@@ -192,7 +191,10 @@ class Trainer:
         self.val_set = "holdout" if config.holdout else "test"
         if ctx.is_main:
             with self.unless_stopped():
-                self.val_images, self.val_labels = self.load_eval_set("train", self.n_train) if config.holdout else self.load_eval_set("test")
+                # A holdout run needs the test split too (before training and at the end):
+                # it is loaded here, where a stop signal cuts its download short as well.
+                self.test_images, self.test_labels = self.load_eval_set("test")
+                self.val_images, self.val_labels = self.load_eval_set("train", self.n_train) if config.holdout else (self.test_images, self.test_labels)
 
     @contextlib.contextmanager
     def unless_stopped(self) -> Iterator[None]:
@@ -632,18 +634,10 @@ class Trainer:
         initialisation is degenerate), recorded in summary.json and TensorBoard at step 0."""
         with self.ctx.main_only("test before training"):
             if self.ctx.is_main:
-                result = evaluate(self.model, *self.test_set(), self.normalize, self.loss_fn, self.config.eval_batch)
+                result = evaluate(self.model, self.test_images, self.test_labels, self.normalize, self.loss_fn, self.config.eval_batch)
                 self.progress.before_training = {"test_loss": result.loss, "test_accuracy": result.accuracy}
                 self.outputs.tensorboard.scalars(0, {"test/loss": result.loss, "test/accuracy": result.accuracy})
                 log.info(f"before training: test loss {result.loss:.4f}  accuracy {100 * result.accuracy:.2f}%")
-
-    def test_set(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The 10,000 test images on the device (rank 0): the validation set unless the run validates on a holdout."""
-        if not self.config.holdout:
-            return self.val_images, self.val_labels
-        if self._test_set is None:
-            self._test_set = self.load_eval_set("test")
-        return self._test_set
 
     def epoch_ends_here(self) -> bool:
         """The step just taken ends the epoch's training: its last, or --max-steps."""
@@ -737,7 +731,7 @@ class Trainer:
         step, else a fresh evaluation (holdout runs, a resumed finished run)."""
         if not self.config.holdout and self.last_eval and self.last_eval[0] == self.progress.step:
             return self.last_eval[1]
-        return evaluate(self.model, *self.test_set(), self.normalize, self.loss_fn, self.config.eval_batch)
+        return evaluate(self.model, self.test_images, self.test_labels, self.normalize, self.loss_fn, self.config.eval_batch)
 
 
 def compile_mode(requested: str, ctx: distributed.DistContext, augmenting: bool = False, sync_batch_norm: bool = False) -> str:

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -652,6 +653,24 @@ def test_a_stop_cuts_short_the_wait_for_a_macro_batch_that_downloads(server, sha
         assert time.monotonic() - closing < 10  # as in the test above
 
 
+def sigterm_during(command: list, started: Callable[[], bool], what: str) -> tuple[int, str, float]:
+    """Run `command`, wait for `started()` (a download it makes), send SIGTERM 1 s into it;
+    the exit status, the output, and the seconds from the signal to the exit."""
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for(lambda: started() or process.poll() is not None, 60, what)
+        assert process.poll() is None, process.communicate()[0][-3000:]
+        time.sleep(1.0)
+        signalled = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        output = process.communicate(timeout=60)[0]
+        return process.returncode, output, time.monotonic() - signalled
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("nproc", [1, 2])
 def test_sigterm_while_a_shard_downloads_stops_at_once_with_a_checkpoint(server, shards, tmp_path, nproc):
@@ -667,8 +686,9 @@ def test_sigterm_while_a_shard_downloads_stops_at_once_with_a_checkpoint(server,
     record, the process's exit) took 1.5 s from the signal on a quiet 2-core Xeon with one
     process, and 6.9 s (one process) and 4.1 s (torchrun, which forwards the signal to its two
     ranks) with the machine's both cores busy with other tests; 20 s leaves room for a slower
-    machine. The old code took 29 s (one process): the rest of the download, then the stop. torchrun's own exit status does not pass the ranks' 75 on:
-    stopped.json says the run stopped."""
+    machine. The old code took 29 s (one process): the rest of the download, then the stop.
+    torchrun's own exit status does not pass the ranks' 75 on: stopped.json says the run
+    stopped."""
     from helpers import train_command
 
     names = [s["name"] for s in train_shards(shards)]
@@ -681,24 +701,19 @@ def test_sigterm_while_a_shard_downloads_stops_at_once_with_a_checkpoint(server,
     def train_gets() -> int:
         return sum(server.gets(name) for name in names)
 
-    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        wait_for(lambda: train_gets() > len(names) or process.poll() is not None, 60, "a training download")  # start-up checks each once
-        for name in names:
-            server.fail(name, "trickle")
-        before = train_gets()
-        wait_for(lambda: train_gets() > before or process.poll() is not None, 60, "a trickling download")
-        assert process.poll() is None, process.communicate()[0][-3000:]
-        time.sleep(1.0)
-        signalled = time.monotonic()
-        process.send_signal(signal.SIGTERM)
-        output = process.communicate(timeout=60)[0]
-        took = time.monotonic() - signalled
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-    assert process.returncode == (75 if nproc == 1 else 1), output[-3000:]
+    trickling_since: list[int] = []  # the training GETs made before every later one trickles
+
+    def trickling() -> bool:
+        """Once the run fetches a shard for training (start-up checked each once), every later
+        GET trickles; true once one has begun."""
+        if not trickling_since and train_gets() > len(names):
+            for name in names:
+                server.fail(name, "trickle")
+            trickling_since.append(train_gets())
+        return bool(trickling_since) and train_gets() > trickling_since[0]
+
+    returncode, output, took = sigterm_during(command, trickling, "a trickling training download")
+    assert returncode == (75 if nproc == 1 else 1), output[-3000:]
     assert took < 20, f"the stop took {took:.1f} s"
     step = json.loads((run_dir / "stopped.json").read_text())["step"]
     assert step % 10 in (0, 4, 8) and (run_dir / "checkpoints" / f"step-{step:08d}.pt").is_file(), step  # a macro-batch's end
@@ -711,40 +726,33 @@ def test_sigterm_while_a_shard_downloads_stops_at_once_with_a_checkpoint(server,
 
 
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize("nproc", [1, 2])
-def test_sigterm_while_start_up_downloads_the_shards_stops_before_training(server, shards, tmp_path, nproc):
-    """A SIGTERM while start-up fetches the training shards into an empty cache (to hash
-    them) stops the run within seconds, before training, with the stop record a requeue
-    goes by, and without taking the cut download for a damaged shard; the rerun fetches
-    the shard again and trains. Shard 1 takes 30 s to arrive, and the signal comes 1 s into
-    it. The stop took 1.2 s (one process) and 2.1 s (torchrun, two ranks) from the signal
-    on a 2-core Xeon; 20 s leaves room for a slower or busier machine (the other test's
-    stop took 4-5x longer with both cores busy). The old code took 29.3 s and 29.6 s: it
-    waited for the download."""
+@pytest.mark.parametrize(("nproc", "slow_shard", "options"), [
+    (1, "train-000001.tar", []),
+    (2, "train-000001.tar", []),
+    (1, "test-000000.tar", ["--holdout", "40"]),  # the test split, which a holdout run also loads at start-up
+])
+def test_sigterm_while_start_up_downloads_the_shards_stops_before_training(server, shards, tmp_path, nproc, slow_shard, options):
+    """A SIGTERM while start-up fetches the shards into an empty cache (the training shards
+    to hash them, the test split to hold it) stops the run within seconds, before training,
+    with the stop record a requeue goes by, and without taking the cut download for a
+    damaged shard; the rerun fetches the shard again and trains. The shard takes 30 s to
+    arrive, and the signal comes 1 s into it. The stop took 1.2 s (one process) and 2.1 s
+    (torchrun, two ranks) from the signal on a 2-core Xeon; 20 s leaves room for a slower
+    or busier machine (the other test's stop took 4-5x longer with both cores busy). The
+    old code took 29.3 s and 29.6 s: it waited for the download (with --holdout, 29 s too:
+    the test split was loaded after start-up's stop check, before the first epoch)."""
     from helpers import train_command
 
-    server.fail("train-000001.tar", "trickle", count=1)
+    server.fail(slow_shard, "trickle", count=1)
     run_dir = tmp_path / "run"
     command = train_command(server.url, run_dir, "--model", "mlp", "--hidden", "32", "--device", "cpu", "--batch-size", "20",
-                            "--epochs", "1", "--threads", "1", "--shard-cache", tmp_path / "cache", nproc=nproc)
-    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        wait_for(lambda: server.gets("train-000001.tar") or process.poll() is not None, 60, "shard 1's download")
-        assert process.poll() is None, process.communicate()[0][-3000:]
-        time.sleep(1.0)
-        signalled = time.monotonic()
-        process.send_signal(signal.SIGTERM)
-        output = process.communicate(timeout=60)[0]
-        took = time.monotonic() - signalled
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-    assert process.returncode == (75 if nproc == 1 else 1), output[-3000:]
+                            "--epochs", "1", "--threads", "1", "--shard-cache", tmp_path / "cache", *options, nproc=nproc)
+    returncode, output, took = sigterm_during(command, lambda: server.gets(slow_shard) > 0, f"{slow_shard}'s download")
+    assert returncode == (75 if nproc == 1 else 1), output[-3000:]
     assert took < 20, f"the stop took {took:.1f} s"
     assert json.loads((run_dir / "stopped.json").read_text()) == {"step": 0, "signal": "SIGTERM"}
     assert "SIGTERM: stopped at step 0 before training" in output and "manifest" not in output, output[-3000:]
 
     resumed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert server.gets("train-000001.tar") == 2
+    assert server.gets(slow_shard) == 2

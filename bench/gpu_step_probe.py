@@ -151,8 +151,14 @@ def update_in_graph_ms(batch: int, batch_norm: bool) -> dict:
     launched on an idle GPU, so the queue never makes the host wait), lowest of 3."""
     results = {"after": [], "inside": [], "launch_us_after": [], "launch_us_inside": []}
     steps = {}
+    # A graph replays on the memory of the tensors it was captured with (the resident data,
+    # the step counter) and does not keep them alive: each way's closure must be. Without
+    # this, "after"'s data was freed when "inside" was made, and the reused memory gave
+    # nll_loss labels out of range (the H200 check of 2026-11-28).
+    kept_alive = []
     for how in ("after", "inside"):
         model, optimizer, forward_backward = make_step(batch, "fp32", False, batch_norm)
+        kept_alive.append(forward_backward)
         if how == "inside":
             optimizer.param_groups[0]["lr"] = torch.tensor(0.01, dtype=torch.float32, device=DEVICE)
 

@@ -32,6 +32,14 @@ class Handler(http.server.BaseHTTPRequestHandler):
             pass
 
     def send_faulty(self, body: bytes, kind) -> None:
+        if kind == "silent":  # each wait just inside a 0.5 s timeout: the headers, then no body at all
+            time.sleep(0.4)
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.flush()
+            time.sleep(0.4)
+            return
         if kind == "flip":
             body = body[:100] + bytes([body[100] ^ 1]) + body[101:]
         self.send_response(200)
@@ -70,6 +78,7 @@ class ShardServer:
     def fail(self, name: str, kind, count: float = math.inf) -> None:
         """Answer the first `count` GETs of `name` with fault `kind`: 404, 429, 503, 'drop',
         'flip' (one byte changed), 'long', 'wrong-length', 'stall' (1 s before the body), 'slow' (0.5 s),
+        'silent' (the headers after 0.4 s, then 0.4 s later a hang-up with no body),
         'trickle' (the body in 30 pieces a second apart) or 'alt' (the file NAME.alt instead: a set republished between two GETs)."""
         self.server.faults[name] = (kind, count)
 

@@ -302,6 +302,43 @@ def test_a_holder_whose_download_moves_is_waited_for(server, shards, tmp_path, w
     assert waited > 2.5 and server.gets(shard["name"]) == 0
 
 
+def test_a_holder_riding_out_its_retries_is_waited_for(server, shards, tmp_path):
+    """A holder whose first two attempts get the headers and then no body (each wait just
+    inside its 0.5 s timeout) leaves its part file unwritten for about 1.7 s, longer than
+    two timeouts and a backoff, then downloads the shard on its third attempt: a waiter
+    whose stall bound is the holder's silent worst case (3 attempts of 3 waits of 0.5 s,
+    4.5 s) waits it out and uses that file."""
+    shard = train_shards(shards)[0]
+    server.fail(shard["name"], "silent", count=2)
+    holder_set, waiter_set = (remote(server.url, tmp_path / "cache", **stalling(attempts=3)) for _ in range(2))
+    assert waiter_set.stall_s == pytest.approx(4.5 + 0.01 + 0.02)
+    held: list[Path] = []
+    holder = threading.Thread(target=lambda: held.append(fetch(holder_set, shard)), daemon=True)
+    holder.start()
+    try:
+        wait_for(lambda: server.gets(shard["name"]) > 0, 10, "the holder's first GET")
+        path, waited = timed_fetch(waiter_set, shard)
+    finally:
+        holder.join(20)
+    assert held == [path] and path.read_bytes() == (shards / shard["name"]).read_bytes()
+    assert waited > 1.2 and server.gets(shard["name"]) == 3  # the waiter fetched nothing itself
+
+
+def test_a_waiters_own_pause_does_not_count_as_the_holders_stillness(tmp_path):
+    """A gap of over 1 s between two polls is the waiting process's own pause (a suspended
+    job: its holder was stopped too), not time in which the holder failed to write."""
+    from harness.data.remote import _PartWatch
+
+    part = tmp_path / "x.part"
+    part.write_bytes(b"1")
+    watch = _PartWatch(part, now=100.0)
+    assert watch.still_for(100.5) == pytest.approx(0.5)
+    assert watch.still_for(400.5) == pytest.approx(0.5)  # suspended for 300 s between two polls
+    assert watch.still_for(401.0) == pytest.approx(1.0)
+    part.write_bytes(b"12")
+    assert watch.still_for(401.05) == 0
+
+
 def test_a_held_eviction_lock_is_given_up_after_the_stall_bound(server, shards, tmp_path):
     """The eviction lock has no part file: it is held only to scan the cache and evict (well
     under a second), so one held for stall_s is held by a stuck process."""

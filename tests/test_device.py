@@ -141,6 +141,10 @@ def test_channels_last_gives_the_same_step(mnist_shards, tmp_path):
     # gradient would move a weight by about lr x gradient, ~1e-3.
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
     assert json.loads((tmp_path / "b" / "summary.json").read_text())["config"]["channels_last"] is True
+    # The layout was used, not only recorded: model.pt keeps the weights' strides. (The
+    # first convolution's one input channel makes both layouts the same; the second has 16.)
+    assert b["3.weight"].is_contiguous(memory_format=torch.channels_last) and not b["3.weight"].is_contiguous()
+    assert a["3.weight"].is_contiguous()
 
 
 def test_compile_modes_by_device_and_world_size():

@@ -94,3 +94,24 @@ def test_a_lenet_run_that_recorded_mlp_options_is_still_read_and_resumed():
     assert config_from_saved(old, "run/summary.json").activation == "tanh"
     assert changed_fields(old, config_of("--preset", "lenet")) == []
     assert changed_fields(old, config_of("--preset", "lenet", "--lr", "0.05")) == ["lr"]
+
+
+def test_threads_split_the_usable_cores_between_a_nodes_ranks(monkeypatch):
+    """--threads 0 (the default): the cores this process may run on (its affinity mask,
+    which Slurm and taskset narrow), divided between the node's ranks, at least one each;
+    a --threads given wins. torch is told, and the why is logged."""
+    import os
+
+    import torch
+
+    from harness.distributed import choose_threads
+
+    before = torch.get_num_threads()
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 2, 4, 6, 8, 10, 12})  # 7 cores of a larger machine
+    try:
+        assert choose_threads(0, 1) == (7, "7 cores / 1 local rank(s)") and torch.get_num_threads() == 7
+        assert choose_threads(0, 2) == (3, "7 cores / 2 local rank(s)") and torch.get_num_threads() == 3
+        assert choose_threads(0, 8) == (1, "7 cores / 8 local rank(s)") and torch.get_num_threads() == 1
+        assert choose_threads(5, 8) == (5, "--threads") and torch.get_num_threads() == 5
+    finally:
+        torch.set_num_threads(before)

@@ -35,7 +35,8 @@ class Fault:
     other ranks wait (a slow shared filesystem); slowwrite=SECONDS: rank 0's background
     writer takes that much longer to write that step's checkpoint file, while training
     goes on; freeze: rank 0 stops itself (SIGSTOP) while writing that checkpoint,
-    heartbeat included.
+    heartbeat included; slowstop=SECONDS: the rank sends itself a SIGTERM before that
+    step (as term), and rank 0 takes SECONDS more over the stop record.
     Unset, nothing is injected.
     """
 
@@ -65,7 +66,7 @@ class Fault:
             os.kill(os.getpid(), signal.SIGKILL)
         if self.kind == "sleep":
             time.sleep(self.seconds)
-        if self.kind == "term":
+        if self.kind in ("term", "slowstop"):
             os.kill(os.getpid(), signal.SIGTERM)
         if self.kind == "hang":
             # When another rank fails, torchrun SIGTERMs this one and waits 30 s before a
@@ -83,6 +84,11 @@ class Fault:
             time.sleep(self.seconds)
         if self.kind == "freeze":
             os.kill(os.getpid(), signal.SIGSTOP)
+
+    def before_stop_record(self) -> None:
+        """Rank 0, about to write a stop's record (stopped.json)."""
+        if self.kind == "slowstop":
+            time.sleep(self.seconds)
 
     def checkpoint_write_hook(self, step: int, rank: int):
         """slowwrite: a callable for the background writer to run before it writes that

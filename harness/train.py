@@ -548,9 +548,13 @@ class Trainer:
 
     def stop(self, what: str = "and checkpointed") -> None:
         """All ranks, once the stop's checkpoint is on disk: record the stop, then raise Stopped."""
-        if self.outputs:
-            self.outputs.stopped(self.progress.step, self.stop_reason)
-        self.ctx.barrier()  # no rank exits, and so no launcher ends the job, before the record is written
+        # No rank exits, and so no launcher ends the job, before the record is written; a
+        # slow filesystem holds the others up to --rank0-timeout, as a checkpoint's write does.
+        with self.ctx.main_only("stop record"):
+            if self.outputs:
+                self.fault.before_stop_record()
+                self.outputs.stopped(self.progress.step, self.stop_reason)
+        self.ctx.barrier()  # then all exit together: rank 0's process may serve the store the others waited on
         log.warning(f"{self.stop_reason}: stopped at step {self.progress.step} {what}; run again to resume")
         raise Stopped(self.stop_reason)
 

@@ -789,3 +789,19 @@ def test_every_rank_gets_its_own_rng_state_back(mnist_shards, tmp_path):
     result = run(checkpointed_run(mnist_shards, run_dir, "--max-steps", "100", nproc=2), env=env)
     assert result.returncode == 0 and "resuming from" in result.stdout, result.stderr[-3000:]
     assert ended_equal_saved()  # each rank restored its own (and drew nothing since)
+
+
+def test_a_slow_stop_record_on_rank_0_does_not_fail_the_job(shards, tmp_path):
+    """Rank 0 takes 12 s over stopped.json (a slow shared filesystem), over twice --timeout:
+    rank 1 waits on rank 0's heartbeat, as it does through a slow checkpoint write, and both
+    stop with the record a batch script requeues by. (Rank 1 used to wait in a barrier,
+    which --timeout bounds: the job failed instead.)"""
+    run_dir = tmp_path / "run"
+    command = train_command(shards, run_dir, *SMALL, "--timeout", "5", nproc=2)
+    stopped = run(command, env={"HARNESS_TEST_FAULT": "slowstop=12@7:1"})  # rank 1 signalled during step 8
+    output = stopped.stdout + stopped.stderr
+    assert json.loads((run_dir / "stopped.json").read_text()) == {"step": 10, "signal": "stop signal on another rank"}, output[-3000:]
+    assert output.count("stopped at step 10 and checkpointed; run again to resume") == 2, output[-3000:]
+    assert "exitcode: 75" in output and "exitcode: 1" not in output, output[-3000:]  # torchrun's account of its ranks
+    resumed = train_ok(shards, run_dir, *SMALL, "--timeout", "5", nproc=2)
+    assert "resuming from" in resumed.stdout and summary(run_dir)["steps"] == 30

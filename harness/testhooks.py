@@ -36,7 +36,9 @@ class Fault:
     writer takes that much longer to write that step's checkpoint file, while training
     goes on; freeze: rank 0 stops itself (SIGSTOP) while writing that checkpoint,
     heartbeat included; slowstop=SECONDS: the rank sends itself a SIGTERM before that
-    step (as term), and rank 0 takes SECONDS more over the stop record.
+    step (as term), and rank 0 takes SECONDS more over the stop record; termval: rank 0
+    sends itself a SIGTERM as it validates after that step (after the epoch's last sync
+    point: the stop between two epochs).
     Unset, nothing is injected.
     """
 
@@ -84,6 +86,11 @@ class Fault:
             time.sleep(self.seconds)
         if self.kind == "freeze":
             os.kill(os.getpid(), signal.SIGSTOP)
+
+    def during_validation(self, step: int) -> None:
+        """Rank 0, about to validate after `step`."""
+        if self.kind == "termval" and step == self.step:
+            os.kill(os.getpid(), signal.SIGTERM)
 
     def before_stop_record(self) -> None:
         """Rank 0, about to write a stop's record (stopped.json)."""

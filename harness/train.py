@@ -615,6 +615,7 @@ class Trainer:
         p, loss = self.progress, torch.zeros(1, dtype=torch.float64, device=self.ctx.device)
         with self.ctx.main_only("validation"):
             if self.ctx.is_main:
+                self.fault.during_validation(p.step)  # test-only
                 with self.timed("validation"):
                     result = evaluate(self.model, self.val_images, self.val_labels, self.normalize, self.loss_fn, self.config.eval_batch)
                 self.last_eval = (p.step, result)

@@ -226,6 +226,25 @@ def test_a_stop_at_an_epochs_end_waits_for_its_validation_and_checkpoint(shards,
         assert scalar_steps(run_dir, tag) == scalar_steps(tmp_path / "whole", tag), tag
 
 
+def test_a_stop_during_validation_stops_between_the_epochs_with_the_epochs_checkpoint(shards, tmp_path):
+    """A SIGTERM to rank 0 while it validates epoch 1, after the epoch's last sync point:
+    both ranks stop before epoch 2 (the all-reduce between epochs), with epoch 1's
+    checkpoint, not at epoch 2's first sync point; resumed, the run ends as an
+    uninterrupted one. (Rank 1 had no signal: torchrun forwards none here.)"""
+    train_ok(shards, tmp_path / "whole", *SMALL, nproc=2)
+    run_dir = tmp_path / "stopped"
+    stopped = run(train_command(shards, run_dir, *SMALL, nproc=2), env={"HARNESS_TEST_FAULT": "termval@10"})
+    output = stopped.stdout + stopped.stderr
+    assert json.loads((run_dir / "stopped.json").read_text()) == {"step": 10, "signal": "SIGTERM"}, output[-3000:]
+    assert "[rank 1] WARNING stop signal on another rank: stopped at step 10" in output, output[-3000:]
+    (marker,) = ckpt.list_checkpoints(run_dir)
+    loop = ckpt.load_verified(marker)["loop"]
+    assert (loop["step"], loop["epoch"], loop["macro"]) == (10, 1, 0)
+    resumed = train_ok(shards, run_dir, *SMALL, nproc=2)
+    assert "resuming from" in resumed.stdout
+    assert summary(run_dir)["param_checksum"] == summary(tmp_path / "whole")["param_checksum"]
+
+
 def test_an_extended_run_stopped_at_its_new_last_step_finishes_when_rerun(shards, tmp_path):
     """A finished run extended with a larger --max-steps, and stopped by a signal at its
     new last step (mid-epoch 2): the rerun has nothing left to train, but the summary.json

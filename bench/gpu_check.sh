@@ -71,7 +71,7 @@ if [ -n "${GPU_TESTS:-}" ]; then
 else
   inductor="inductor"  # --compile cuda-graph-inductor: each of its runs compiles first
   resume="(sigkill or sigterm) and not inductor"  # these share the module's uninterrupted reference run
-  runs="two_ranks or torchrun or one_lenet_epoch or moves_between_the_gpu_and_the_cpu"  # whole runs, ranks, devices
+  runs="two_ranks or torchrun or one_lenet_epoch or moves_between_the_gpu_and_the_cpu or second_ctrl_c"  # whole runs, ranks, devices, an interrupt
   # Each of its runs compiles first, two of them cold in the resume test: 240 s a test,
   # 400 s in all (past that the process is killed and the group leaves no summary).
   TESTS_TIMEOUT=400 run_tests inductor -k "$inductor" --timeout 240 &

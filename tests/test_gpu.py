@@ -7,13 +7,18 @@ machine pytest reports them as skipped.
 from __future__ import annotations
 
 import json
+import os
 import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 from helpers import (
+    ROOT,
+    kill_tree,
     max_param_diff,
     run,
     run_cli,
@@ -21,6 +26,7 @@ from helpers import (
     summary,
     train_command,
     train_ok,
+    wait_for,
 )
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -245,6 +251,32 @@ def test_a_checkpoint_moves_between_the_gpu_and_the_cpu(mnist_shards, tmp_path):
     assert "resuming from" in result.stdout and "captured the step as one CUDA graph" in result.stdout + result.stderr
     s = summary(run_dir)
     assert s["device"].startswith("cuda") and s["steps"] == 150 and s["test_accuracy"] > 0.9
+
+
+def test_a_second_ctrl_c_does_not_wait_for_a_gpu_checkpoint_write(mnist_shards, tmp_path):
+    """As on the CPU (tests/test_checkpoint.py): the writer takes 60 s over step 50's
+    checkpoint (its tensors copied off the GPU first), and training, at step 100's
+    checkpoint, waits for it. A first Ctrl-C asks for a stop; a second ends the run at once
+    (status 130), with no step-50 checkpoint under its real name."""
+    run_dir = tmp_path / "run"
+    process = subprocess.Popen(train_command(mnist_shards, run_dir, *RUN), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True, env={**os.environ, "HARNESS_TEST_FAULT": "slowwrite=60@50:0"})
+    try:
+        # The event file comes with the figures of the initial weights, after the capture;
+        # the 100 steps then take well under a second.
+        wait_for(lambda: list(run_dir.glob("events.out.tfevents.*")) or process.poll() is not None, 240, "training's start")
+        time.sleep(5.0)
+        assert process.poll() is None, process.communicate()[0][-3000:]
+        process.send_signal(signal.SIGINT)
+        time.sleep(0.5)
+        process.send_signal(signal.SIGINT)
+        started = time.monotonic()
+        output = process.communicate(timeout=40)[0]
+        assert time.monotonic() - started < 15, output[-3000:]
+        assert process.returncode == 130 and "interrupted" in output.splitlines()[-1], output[-3000:]
+    finally:
+        kill_tree(process)
+    assert not (run_dir / "checkpoints" / "step-00000050.pt").exists()
 
 
 if __name__ == "__main__":

@@ -18,7 +18,14 @@ harness now captures it (the SGD update inside the graph, its lr read from the d
 against the update launched after the replay, alternated in one process, with the
 host's time to launch each (whether the loop is bound by the host or by the GPU).
 
-Usage: python bench/gpu_step_probe.py > probe.json   (needs a CUDA GPU)
+With --inductor it times only the step as `--compile cuda-graph-inductor` captures it
+(inductor's forward and backward kernels, autotuned cuDNN), with inductor's default
+kernel choice and with max_autotune (Triton templates for the convolutions and matmuls,
+benchmarked at compile time), alternated, at the lenet preset's batch; and how long each
+compile took. The question it answers: whether a faster step than 0.216 ms (the H200's
+lenet run on 2026-11-28) is there to take.
+
+Usage: python bench/gpu_step_probe.py [--inductor] > probe.json   (needs a CUDA GPU)
 """
 
 from __future__ import annotations
@@ -42,8 +49,9 @@ TIMED_STEPS = 500
 ROWS = 10_000
 
 
-def make_step(batch: int, precision: str, channels_last: bool, batch_norm: bool = False):
-    """A model, its optimizer and a forward+backward over resident random data."""
+def make_step(batch: int, precision: str, channels_last: bool, batch_norm: bool = False, compiler=None):
+    """A model, its optimizer and a forward+backward over resident random data; `compiler`
+    (e.g. torch.compile with options) compiles the batch's loss, as the harness's does."""
     torch.manual_seed(0)
     model = lenet(batch_norm=batch_norm).to(DEVICE)
     if channels_last:
@@ -54,23 +62,27 @@ def make_step(batch: int, precision: str, channels_last: bool, batch_norm: bool 
     step = torch.zeros((), dtype=torch.int64, device=DEVICE)
     offsets = torch.arange(batch, device=DEVICE)
 
-    def forward_backward(cache: bool = True) -> None:
+    def batch_loss(cache: bool) -> torch.Tensor:
         index = (step * batch + offsets) % ROWS
         x = images.index_select(0, index).float().div_(255)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast(DEVICE, precision, cache=cache):
-            loss = torch.nn.functional.cross_entropy(model(x), labels.index_select(0, index))
-        loss.backward()
+            return torch.nn.functional.cross_entropy(model(x), labels.index_select(0, index))
+
+    loss_of = compiler(batch_loss) if compiler else batch_loss
+
+    def forward_backward(cache: bool = True) -> None:
+        loss_of(cache).backward()
         step.add_(1)
 
     return model, optimizer, forward_backward
 
 
-def graphed_step_ms(batch: int, precision: str, channels_last: bool, batch_norm: bool = False) -> tuple[float, float]:
+def graphed_step_ms(batch: int, precision: str, channels_last: bool, batch_norm: bool = False, compiler=None) -> tuple[float, float]:
     """Milliseconds of the first step after capture (the optimizer's first step, its state
     and kernels, included) and of a step in steady state."""
-    model, optimizer, forward_backward = make_step(batch, precision, channels_last, batch_norm)
+    model, optimizer, forward_backward = make_step(batch, precision, channels_last, batch_norm, compiler)
     graph = capture_step(lambda: forward_backward(cache=False), model)  # no autocast cache in a graph
     torch.cuda.synchronize()
     started = time.perf_counter()
@@ -191,12 +203,54 @@ def update_in_graph_ms(batch: int, batch_norm: bool) -> dict:
     return results
 
 
+def inductor_compiler(max_autotune: bool):
+    """torch.compile as harness/cuda_graph.py's compile_with_inductor calls it (autotuned
+    kernels: deterministic mode off), with or without max_autotune."""
+    options = {"triton.cudagraphs": False, "max_autotune": max_autotune}
+    return lambda batch_loss: torch.compile(batch_loss, fullgraph=True, dynamic=False, options=options)
+
+
+def inductor_steps(rounds: int = 3) -> dict:
+    """The lenet step (batch 100, fp32) with inductor's kernels, default and max_autotune:
+    the compile-and-capture seconds of each, then `rounds` alternated timings of each."""
+    set_deterministic(False)
+    results = {"compile_and_capture_s": {}, "graphed_step_ms": {"default": [], "max_autotune": []}}
+    steps, kept_alive = {}, []  # see update_in_graph_ms: each way's data must outlive its graph's replays
+    for name in ("default", "max_autotune"):
+        torch.compiler.reset()  # each compiles afresh, not from the other's cached graph
+        started = time.perf_counter()
+        model, optimizer, forward_backward = make_step(100, "fp32", False, compiler=inductor_compiler(name == "max_autotune"))
+        graph = capture_step(lambda forward_backward=forward_backward: forward_backward(cache=False), model)
+        torch.cuda.synchronize()
+        results["compile_and_capture_s"][name] = round(time.perf_counter() - started, 2)
+        kept_alive.append(forward_backward)
+        steps[name] = lambda graph=graph, optimizer=optimizer: (graph.replay(), optimizer.step())
+    for _ in range(rounds):
+        for name, run in steps.items():
+            for _ in range(50):
+                run()
+            torch.cuda.synchronize()
+            started = time.perf_counter()
+            for _ in range(TIMED_STEPS):
+                run()
+            torch.cuda.synchronize()
+            results["graphed_step_ms"][name].append(round(1e3 * (time.perf_counter() - started) / TIMED_STEPS, 4))
+    return results
+
+
 def main() -> None:
-    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--inductor", action="store_true", help="time only inductor's step, default against max_autotune")
+    args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("gpu_step_probe.py: no CUDA GPU here (it times GPU kernels)")
     record = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "cuda": torch.version.cuda,
               "cudnn": torch.backends.cudnn.version(), "graphed_step_ms": {}, "first_step_ms": {}, "eager_top_kernels": {}}
+    if args.inductor:
+        record = {key: record[key] for key in ("gpu", "torch", "cuda", "cudnn")}
+        record["inductor"] = inductor_steps()
+        print(json.dumps(record, indent=1))
+        return
     combinations = [(*c, False) for c in itertools.product((True, False), ("fp32", "bf16"), (False, True), (100, 512))]
     combinations += [(deterministic, "fp32", False, 256, batch_norm) for deterministic in (False, True) for batch_norm in (False, True)]
     for deterministic, precision, channels_last, batch, batch_norm in combinations:

@@ -824,3 +824,23 @@ def test_a_slow_stop_record_on_rank_0_does_not_fail_the_job(shards, tmp_path):
     assert "exitcode: 75" in output and "exitcode: 1" not in output, output[-3000:]  # torchrun's account of its ranks
     resumed = train_ok(shards, run_dir, *SMALL, "--timeout", "5", nproc=2)
     assert "resuming from" in resumed.stdout and summary(run_dir)["steps"] == 30
+
+
+def test_ranks_that_find_different_checkpoints_are_refused(tmp_path):
+    """RUN_DIR on node-local disks: rank 0 finds step 2, rank 1 nothing. Resuming from
+    different steps would train divergent weights, or hang, so every rank stops with one
+    error that says why. (Rank 1's answer comes through the fake gather.)"""
+    import dataclasses
+
+    from harness.config import TrainConfig
+
+    class TwoRanks:  # rank 0 of two; the other rank found no checkpoint
+        world_size = 2
+
+        def gather(self, values):
+            return [values, [-1]]
+
+    save_steps(tmp_path, 1, 2)
+    config = dataclasses.replace(TrainConfig(), lr=0.1, precision="fp32")  # small_state's config (without precision: fp32, as before the field)
+    with pytest.raises(HarnessError, match=r"ranks found different checkpoints \(steps \[2, -1\]\); RUN_DIR must be on a filesystem every node shares"):
+        ckpt.checkpoint_to_resume(TwoRanks(), tmp_path, "auto", config)

@@ -496,3 +496,21 @@ def test_a_failed_heartbeat_call_does_not_end_the_beats():
     with _heartbeat(store, "harness/main/1/beat", interval=0.01):
         wait_for(lambda: store.calls >= 5, 5, "beats after the failed one")
     assert store.value >= 4
+
+
+@pytest.mark.timeout(30)  # without the --rank0-timeout check the wait never ends
+def test_a_rank_0_that_beats_but_never_finishes_fails_after_rank0_timeout():
+    """Rank 0 alive (its heartbeat thread beats) but its work never ends, e.g. its main
+    thread stuck on a hung filesystem: a waiting rank gives up after --rank0-timeout, with
+    one line that names it, not after --timeout (the beats go on) and not never."""
+    import time
+
+    from harness.distributed import CommunicationError, DistContext, _heartbeat
+
+    store = torch.distributed.HashStore()
+    waiting = DistContext(rank=1, world_size=2, timeout_s=10.0, main_timeout_s=0.3)
+    started = time.monotonic()
+    with _heartbeat(store, "harness/main/1/beat", interval=0.05), pytest.raises(CommunicationError) as error:
+        waiting._wait_for_main(store, "harness/main/1", "validation")
+    assert str(error.value) == "rank 1: rank 0's validation took longer than --rank0-timeout 0.3 s"
+    assert 0.3 < time.monotonic() - started < 5

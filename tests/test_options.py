@@ -96,6 +96,22 @@ def test_a_lenet_run_that_recorded_mlp_options_is_still_read_and_resumed():
     assert changed_fields(old, config_of("--preset", "lenet", "--lr", "0.05")) == ["lr"]
 
 
+def test_a_one_cycle_runs_length_cannot_change_on_resume():
+    """--epochs and --max-steps may change on resume (a run extended), except under the
+    one-cycle schedule, whose length they set: its saved schedule would end at the old
+    length (the lr past its end, or PyTorch's error there), so such a resume is refused."""
+    from dataclasses import asdict
+
+    from harness.config import changed_fields
+
+    one_cycle = asdict(config_of("--preset", "fast"))
+    assert one_cycle["lr_schedule"] == "onecycle"
+    assert changed_fields(one_cycle, config_of("--preset", "fast", "--epochs", "4")) == ["epochs"]
+    assert changed_fields(one_cycle, config_of("--preset", "fast", "--max-steps", "100")) == ["max_steps"]
+    exponential = asdict(config_of("--preset", "lenet"))
+    assert changed_fields(exponential, config_of("--preset", "lenet", "--epochs", "30", "--max-steps", "100")) == []
+
+
 def test_threads_split_the_usable_cores_between_a_nodes_ranks(monkeypatch):
     """--threads 0 (the default): the cores this process may run on (its affinity mask,
     which Slurm and taskset narrow), divided between the node's ranks, at least one each;

@@ -109,6 +109,9 @@ def test_order_is_seeded_by_seed_and_epoch(data):
         for b in range(a + 1, 3):
             assert not np.array_equal(epochs[a], epochs[b])
             assert np.mean(epochs[a] == epochs[b]) < 0.05  # reshuffled, not just rotated or swapped
+            # The blocks that make up a macro-batch (640 images at batch 64) change too, not
+            # only the order within it: each epoch's macro-batches hold other images.
+            assert set(epochs[a][:640]) != set(epochs[b][:640])
     assert not np.array_equal(first, epoch_ids(make(1), 0))
     # With one macro-batch for the whole set, a global batch mixes images from across it.
     whole = epoch_ids(MacroBatchStream(ShardSplit(shards, "train"), 64, 60000, seed=0, device=CPU), 0)

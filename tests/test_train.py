@@ -270,6 +270,8 @@ def test_bad_options_are_clear_errors(mnist_shards, tmp_path):
     (("--timeout", "nan"), "--timeout must be a finite number of at most 3.4e+38 in size (got nan)"),
     (("--rank0-timeout", "nan"), "--rank0-timeout must be a finite number"),  # no wait is longer than NaN: never timed out
     (("--timeout", "1e30"), "--timeout must be positive and at most 604800 s"),  # overflowed torch's timedelta
+    (("--timeout", "0"), "--timeout must be positive"),  # a heartbeat every 0 s, and every wait failed at once
+    (("--rank0-timeout", "0"), "--rank0-timeout must be positive"),
     (("--augment-rotate", "nan"), "--augment-rotate must be a finite number"),  # warped every image to blank
     (("--lr", "1e39"), "--lr must be a finite number of at most 3.4e+38 in size (got 1e+39)"),  # overflowed float32: a traceback
     (("--model", "lenet", "--batch-norm", "--batch-size", "1"), "--batch-norm needs --batch-size 2 or more"),

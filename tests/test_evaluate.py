@@ -1,0 +1,30 @@
+"""harness.evaluate on its own: the figures do not depend on the evaluation batch."""
+
+from __future__ import annotations
+
+import torch
+
+from harness.evaluate import evaluate
+
+
+def test_the_figures_do_not_depend_on_the_eval_batch():
+    """10 images in batches of 3 (the last one short), 10 and 100 give the loss and
+    accuracy of one full-batch computation: the loss is summed per image, so a short last
+    batch weighs as its images, not as a whole batch (--eval-batch need not divide the
+    test or holdout size). The model is left in training mode, as it was."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 10))
+    images = torch.randint(0, 256, (10, 28, 28), dtype=torch.uint8)
+    to_float = lambda x: x.float().div(255)  # noqa: E731 - the Normalizer's job, simplified
+    with torch.no_grad():
+        outputs = model(to_float(images))
+    labels = outputs.argmax(1)
+    labels[:4] = (labels[:4] + 1) % 10  # 6 of the 10 predicted right, spread over the batches
+    expected_loss = torch.nn.functional.cross_entropy(outputs, labels).item()
+    expected_accuracy = 0.6
+    for batch in (3, 10, 100):
+        result = evaluate(model, images, labels, to_float, torch.nn.CrossEntropyLoss(), batch=batch)
+        assert abs(result.loss - expected_loss) < 1e-6, batch
+        assert result.accuracy == expected_accuracy and result.samples == 10
+        assert result.confusion.sum() == 10 and result.confusion.diag().sum() == round(10 * expected_accuracy)
+        assert model.training

@@ -423,7 +423,7 @@ def test_unreadable_marker_falls_back_to_the_previous_checkpoint(tmp_path, caplo
 @pytest.mark.parametrize(
     "changes",
     [{"bytes": None}, {"sha256": None}, {"step": None}, {"file": None}, {"epoch": None}, {"bytes": -1}, {"bytes": 2**60},
-     {"bytes": "12"}, {"step": 2.0}, {"step": True}, {"sha256": "X" * 64}, {"file": "step-00000001.pt"}, {"file": "../../x.pt"},
+     {"bytes": "12"}, {"step": 2.0}, {"step": True}, {"epoch": True}, {"sha256": "X" * 64}, {"file": "step-00000001.pt"}, {"file": "../../x.pt"},
      {"step": 1}],
     ids=lambda c: "-".join(f"{k}={v!r}"[:24] for k, v in c.items()),
 )

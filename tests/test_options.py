@@ -115,7 +115,7 @@ def test_a_one_cycle_runs_length_cannot_change_on_resume():
 def test_threads_split_the_usable_cores_between_a_nodes_ranks(monkeypatch):
     """--threads 0 (the default): the cores this process may run on (its affinity mask,
     which Slurm and taskset narrow), divided between the node's ranks, at least one each;
-    a --threads given wins. torch is told, and the why is logged."""
+    a --threads given wins. torch is told, and the reason is returned for the start-up log."""
     import os
 
     import torch

@@ -90,16 +90,19 @@ def graphed_step_ms(batch: int, precision: str, channels_last: bool, batch_norm:
     optimizer.step()
     torch.cuda.synchronize()
     first_ms = 1e3 * (time.perf_counter() - started)
+    return first_ms, steady_step_ms(lambda: (graph.replay(), optimizer.step()))
+
+
+def steady_step_ms(run) -> float:
+    """Milliseconds per `run()` (a step) over TIMED_STEPS, after 50 untimed ones."""
     for _ in range(50):
-        graph.replay()
-        optimizer.step()
+        run()
     torch.cuda.synchronize()
     started = time.perf_counter()
     for _ in range(TIMED_STEPS):
-        graph.replay()
-        optimizer.step()
+        run()
     torch.cuda.synchronize()
-    return first_ms, 1e3 * (time.perf_counter() - started) / TIMED_STEPS
+    return 1e3 * (time.perf_counter() - started) / TIMED_STEPS
 
 
 def top_kernels(batch: int) -> list[dict]:
@@ -185,14 +188,7 @@ def update_in_graph_ms(batch: int, batch_norm: bool) -> dict:
             steps[how] = lambda graph=graph, optimizer=optimizer: (graph.replay(), optimizer.step())
     for _ in range(3):
         for how, run in steps.items():
-            for _ in range(50):
-                run()
-            torch.cuda.synchronize()
-            started = time.perf_counter()
-            for _ in range(TIMED_STEPS):
-                run()
-            torch.cuda.synchronize()
-            results[how].append(round(1e3 * (time.perf_counter() - started) / TIMED_STEPS, 4))
+            results[how].append(round(steady_step_ms(run), 4))
             started = time.perf_counter()
             for _ in range(20):
                 run()
@@ -229,14 +225,7 @@ def inductor_steps(rounds: int = 3) -> dict:
         steps[name] = lambda graph=graph, optimizer=optimizer: (graph.replay(), optimizer.step())
     for _ in range(rounds):
         for name, run in steps.items():
-            for _ in range(50):
-                run()
-            torch.cuda.synchronize()
-            started = time.perf_counter()
-            for _ in range(TIMED_STEPS):
-                run()
-            torch.cuda.synchronize()
-            results["graphed_step_ms"][name].append(round(1e3 * (time.perf_counter() - started) / TIMED_STEPS, 4))
+            results["graphed_step_ms"][name].append(round(steady_step_ms(run), 4))
     return results
 
 

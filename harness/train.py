@@ -617,7 +617,7 @@ class Trainer:
             if self.ctx.is_main:
                 self.fault.during_validation(p.step)  # test-only
                 with self.timed("validation"):
-                    result = evaluate(self.model, self.val_images, self.val_labels, self.normalize, self.loss_fn, self.config.eval_batch)
+                    result = self.evaluate_on(self.val_images, self.val_labels)
                 self.last_eval = (p.step, result)
                 p.last_metrics = {
                     "epoch": p.epoch + 1,  # a partial epoch (--max-steps) too; a resume drops its line
@@ -634,12 +634,16 @@ class Trainer:
                 loss[0] = result.loss
         return self.ctx.broadcast_from_main(loss).item()
 
+    def evaluate_on(self, images: torch.Tensor, labels: torch.Tensor) -> EvalResult:
+        """Rank 0: the model's figures on a split held on the device (validation or test)."""
+        return evaluate(self.model, images, labels, self.normalize, self.loss_fn, self.config.eval_batch)
+
     def test_before_training(self) -> None:
         """Rank 0: the test-set figures of the initial weights (chance, ~10%, unless the
         initialisation is degenerate), recorded in summary.json and TensorBoard at step 0."""
         with self.ctx.main_only("test before training"):
             if self.ctx.is_main:
-                result = evaluate(self.model, self.test_images, self.test_labels, self.normalize, self.loss_fn, self.config.eval_batch)
+                result = self.evaluate_on(self.test_images, self.test_labels)
                 self.progress.before_training = {"test_loss": result.loss, "test_accuracy": result.accuracy}
                 self.outputs.tensorboard.scalars(0, {"test/loss": result.loss, "test/accuracy": result.accuracy})
                 log.info(f"before training: test loss {result.loss:.4f}  accuracy {100 * result.accuracy:.2f}%")
@@ -736,7 +740,7 @@ class Trainer:
         step, else a fresh evaluation (holdout runs, a resumed finished run)."""
         if not self.config.holdout and self.last_eval and self.last_eval[0] == self.progress.step:
             return self.last_eval[1]
-        return evaluate(self.model, self.test_images, self.test_labels, self.normalize, self.loss_fn, self.config.eval_batch)
+        return self.evaluate_on(self.test_images, self.test_labels)
 
 
 def compile_mode(requested: str, ctx: distributed.DistContext, augmenting: bool = False, sync_batch_norm: bool = False) -> str:

@@ -43,6 +43,17 @@ def tile_grid(weights: np.ndarray, upscale: int = 1, pad: int = 1) -> np.ndarray
 PICTURE_TAGS = {"training_curves": "report/training_curves", "filters": "report/filters", "confusion_matrix": "val/confusion_matrix"}
 
 
+# Events a stalled disk may hold up before an add_* call waits for it. SummaryWriter's
+# own writer thread writes them; its queue, 10 by default, is what the training thread
+# waits on once it is full. Rank 0 logs the train scalars at sync points outside
+# main_only, while the other ranks wait in the next all-reduce, bounded by --timeout: so
+# the queue holds more than a --timeout of a stall's events. The `lenet` preset on an
+# H200 reaches a sync point every 100 steps of 0.22 ms, 3 scalars each: 139 events a
+# second, 42,000 in the default --timeout's 300 s. A queued scalar event takes 84 bytes
+# (tracemalloc, tensorboard 2.21): 8.4 MB at most.
+EVENTS_QUEUED = 100_000
+
+
 class TensorBoardLog:
     def __init__(self, run_dir, purge_step: int):
         """`purge_step`: TensorBoard hides the events of earlier files in the directory at
@@ -56,8 +67,13 @@ class TensorBoardLog:
     def writer(self) -> SummaryWriter:
         with self._lock:
             if self._writer is None:
-                self._writer = SummaryWriter(log_dir=str(self.run_dir), purge_step=self.purge_step)
+                # Creating the writer writes the event file's first record and flushes it.
+                self._writer = SummaryWriter(log_dir=str(self.run_dir), purge_step=self.purge_step, max_queue=EVENTS_QUEUED)
             return self._writer
+
+    def open(self) -> None:
+        """Create the event file now (see Trainer.fit), not at the first event."""
+        self.writer
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
         for tag, value in values.items():

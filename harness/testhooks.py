@@ -38,7 +38,8 @@ class Fault:
     heartbeat included; slowstop=SECONDS: the rank sends itself a SIGTERM before that
     step (as term), and rank 0 takes SECONDS more over the stop record; termval: rank 0
     sends itself a SIGTERM as it validates after that step (after the epoch's last sync
-    point: the stop between two epochs).
+    point: the stop between two epochs); slowevents=SECONDS (any STEP): rank 0 takes that
+    long more to create TensorBoard's event file.
     Unset, nothing is injected.
     """
 
@@ -95,6 +96,11 @@ class Fault:
     def before_stop_record(self) -> None:
         """Rank 0, about to write a stop's record (stopped.json)."""
         if self.kind == "slowstop":
+            time.sleep(self.seconds)
+
+    def before_event_file(self) -> None:
+        """Rank 0, about to create TensorBoard's event file."""
+        if self.kind == "slowevents":
             time.sleep(self.seconds)
 
     def checkpoint_write_hook(self, step: int, rank: int):

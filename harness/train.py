@@ -368,6 +368,7 @@ class Trainer:
             # Before the compile, which can outlast a launcher's grace period; also where a
             # stop that cut start-up's downloads short stops the run (see build_data).
             self.stop_if_signalled_during_start_up()
+            self.open_event_file()
             self.compile_seconds = self.warm_up() if self.compile_mode else 0.0
             if self.progress.step == 0 and not self.progress.before_training:  # a resumed run keeps its first figure
                 self.test_before_training()
@@ -395,6 +396,15 @@ class Trainer:
                     self.outputs.close(wait=not interrupted)
             finally:
                 self.stream.close()
+
+    def open_event_file(self) -> None:
+        """Rank 0 creates TensorBoard's event file (a write to the run directory) here, where
+        the other ranks wait on its heartbeat up to --rank0-timeout, and not at the first
+        sync point's scalars, where they would wait in an all-reduce that --timeout bounds."""
+        with self.ctx.main_only("TensorBoard event file"):
+            if self.outputs:
+                self.fault.before_event_file()
+                self.outputs.tensorboard.open()
 
     def summary_written_before(self) -> dict | None:
         """The summary a run resumed with nothing left to train had already written, at

@@ -826,6 +826,16 @@ def test_a_slow_stop_record_on_rank_0_does_not_fail_the_job(shards, tmp_path):
     assert "resuming from" in resumed.stdout and summary(run_dir)["steps"] == 30
 
 
+def test_a_slow_event_file_creation_on_rank_0_does_not_fail_the_job(shards, tmp_path):
+    """Rank 0 takes 8 s more to create TensorBoard's event file, over --timeout: it does so
+    in main_only, so rank 1 waits on its heartbeat, and the run finishes. (The file used to
+    be created by rank 0's first scalars, at the first sync point of a resumed run, while
+    rank 1 waited in an all-reduce that --timeout bounds.)"""
+    run_dir = tmp_path / "run"
+    train_ok(shards, run_dir, *SMALL, "--timeout", "5", nproc=2, env={"HARNESS_TEST_FAULT": "slowevents=8@0"})
+    assert summary(run_dir)["steps"] == 30 and len(scalar_events(run_dir, "train/loss")) == 6
+
+
 def test_ranks_that_find_different_checkpoints_are_refused(tmp_path):
     """RUN_DIR on node-local disks: rank 0 finds step 2, rank 1 nothing. Resuming from
     different steps would train divergent weights, or hang, so every rank stops with one

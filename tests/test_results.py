@@ -130,6 +130,38 @@ def test_tensorboards_weight_grid_puts_each_filter_in_its_tile(shape, upscale):
     np.testing.assert_allclose(tile_grid(weights.numpy(), upscale), expected, rtol=0, atol=1e-6)
 
 
+def test_a_stalled_event_file_write_does_not_hold_up_the_scalars(tmp_path, monkeypatch):
+    """Rank 0 logs the train scalars at sync points, where the other ranks wait in an
+    all-reduce that --timeout bounds. SummaryWriter's own thread writes the events; with
+    its default queue of 10, add_scalar waited for a stalled disk after 4 sync points. A
+    --timeout's worth of the `lenet` preset's sync points on an H200 (42,000 events; see
+    EVENTS_QUEUED) now queue without a wait, and reach the file once the disk is back."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.summary.writer.record_writer import RecordWriter
+
+    from harness.tensorboard import TensorBoardLog
+
+    events = TensorBoardLog(tmp_path, purge_step=0)
+    events.open()  # as Trainer.fit does, before the first sync point
+    disk_back, write = threading.Event(), RecordWriter.write
+    monkeypatch.setattr(RecordWriter, "write", lambda self, data: (disk_back.wait(120), write(self, data))[1])
+    sync_points, logged = 14_000, threading.Event()
+
+    def log_scalars():
+        for step in range(sync_points):
+            events.scalars(step, {"train/loss": 0.1, "train/lr": 0.01, "train/samples_per_s": 1e6})
+        logged.set()
+
+    threading.Thread(target=log_scalars, daemon=True).start()
+    try:
+        assert logged.wait(60), "add_scalar waited for the stalled event file write"
+    finally:
+        disk_back.set()
+    events.close()
+    shown = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0}).Reload()
+    assert [e.step for e in shown.Scalars("train/loss")] == list(range(sync_points))
+
+
 def test_the_weight_images_snapshot_is_a_copy():
     """Rank 0 snapshots the weights for the epoch's images and goes on training while the
     writer tiles them: the snapshot must not follow the weights (on the CPU, numpy would

@@ -121,7 +121,9 @@ MARKER_SCHEMA = {
 # What every checkpoint holds at its top level (Trainer.state_dict); `fits` checks the rest.
 STATE_KEYS = {"model", "optimizer", "scheduler", "loop", "rng", "config", "world_size"}
 # Held by checkpoints written since it was added, absent from older ones (which still resume).
-OPTIONAL_STATE_KEYS = {"normalization_stats"}  # what `harness predict` normalises with
+# normalization_stats: what `harness predict` normalises with; shard_set_sha256: the data
+# (manifest.shard_set_sha256), which a resumed run must share.
+OPTIONAL_STATE_KEYS = {"normalization_stats", "shard_set_sha256"}
 # torch.save's own tuples nest 3 deep (a tensor's size in its rebuild arguments). Hashing a
 # tuple (a dict key) recurses through the tuples in it with no recursion limit: a key of a
 # million nested tuples, 1 MB of pickle, crashes the interpreter inside torch.load.
@@ -276,6 +278,9 @@ def _top_level_problem(state, meta: dict) -> str | None:
         problem = stats_problem(state["normalization_stats"])
         if problem:
             return problem
+    digest = state.get("shard_set_sha256")
+    if digest is not None and not (type(digest) is str and re.fullmatch("[0-9a-f]{64}", digest)):
+        return f"shard_set_sha256: {reprlib.repr(digest)} is not a SHA-256 in hex"
     loop, config, world = state["loop"], state["config"], state["world_size"]
     problem = plain_data_problem(loop, "loop") or (None if type(loop) is dict else "loop: not a mapping")
     if problem or type(loop.get("step")) is not int or loop["step"] != meta["step"]:
@@ -323,14 +328,15 @@ def load_newest_valid(run_dir: Path, fits=None) -> tuple[Path, dict] | None:
     return None
 
 
-def checkpoint_to_resume(ctx, run_dir: Path, resume: str, config, fits=None) -> tuple[Path, dict] | None:
+def checkpoint_to_resume(ctx, run_dir: Path, resume: str, config, shard_set: str | None = None, fits=None) -> tuple[Path, dict] | None:
     """The checkpoint a run continues from: `resume` is auto (the newest valid one in
     RUN_DIR), never, or a path. Every rank must find the same one, and it must have been
-    written with the same data, model and optimizer settings; `fits(state, path)` raises
-    HarnessError for a state this run's model and optimizer cannot take."""
+    written with the same data (`shard_set`: manifest.shard_set_sha256), model and
+    optimizer settings; `fits(state, path)` raises HarnessError for a state this run's
+    model and optimizer cannot take."""
 
     def usable(state: dict, path: Path) -> None:
-        refuse_other_experiment(state, path, config)
+        refuse_other_experiment(state, path, config, shard_set)
         if fits:
             fits(state, path)
 
@@ -354,11 +360,15 @@ def checkpoint_to_resume(ctx, run_dir: Path, resume: str, config, fits=None) -> 
     return found
 
 
-def refuse_other_experiment(state: dict, path: Path, config) -> None:
-    changed = changed_fields(state["config"], config)
+def refuse_other_experiment(state: dict, path: Path, config, shard_set: str | None = None) -> None:
+    """DifferentExperiment if the checkpoint was written with other settings or another shard
+    set (one written before checkpoints recorded theirs is taken as this one)."""
+    changed = ["--" + c.replace("_", "-") for c in changed_fields(state["config"], config)]
+    if shard_set and state.get("shard_set_sha256", shard_set) != shard_set:
+        changed.append("shard set (--shards: other images, or packed with another --block-size or --shard-size)")
     if changed:
         raise DifferentExperiment(
-            f"{path}: was written with a different {', '.join('--' + c.replace('_', '-') for c in changed)}; "
+            f"{path}: was written with a different {', '.join(changed)}; "
             "resuming would mix two experiments: train with the new settings in a new --run-dir"
         )
 

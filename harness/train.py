@@ -35,6 +35,7 @@ from harness.augment import RandomAffine
 from harness.checkpoint import checkpoint_to_resume, state_mismatch
 from harness.config import TrainConfig, add_config_options, build_config, preset_names
 from harness.cuda_graph import GraphedStep, compile_with_inductor
+from harness.data.manifest import shard_set_sha256
 from harness.data.shard_set import ShardSource, ShardSplit
 from harness.data.stream import MacroBatch, MacroBatchStream
 from harness.device import autocast, set_deterministic
@@ -188,6 +189,7 @@ class Trainer:
         with self.unless_stopped():
             self.stream.preload()
         self.train_stats = train_data.manifest["train_stats"]
+        self.shard_set = shard_set_sha256(self.shards.manifest)  # a resumed run must train on the same
         self.val_set = "holdout" if config.holdout else "test"
         if ctx.is_main:
             with self.unless_stopped():
@@ -285,6 +287,7 @@ class Trainer:
             "rng": {"torch": self.ctx.gather_tensors(torch.get_rng_state()), "cuda": self.ctx.gather_tensors(gpu_rng) if cuda else []},
             "config": dataclasses.asdict(self.config),
             "normalization_stats": stats_used(self.config.normalize, self.train_stats),
+            "shard_set_sha256": self.shard_set,
             "world_size": self.ctx.world_size,
         }
 
@@ -309,7 +312,7 @@ class Trainer:
             raise HarnessError(f"{path}: does not fit this run's model and optimizer ({problem})")
 
     def restore(self) -> None:
-        found = checkpoint_to_resume(self.ctx, self.run_dir, self.resume, self.config, fits=self.check_state)
+        found = checkpoint_to_resume(self.ctx, self.run_dir, self.resume, self.config, self.shard_set, fits=self.check_state)
         if found:
             path, state = found
             self.load_state_dict(state)
@@ -733,6 +736,7 @@ class Trainer:
             "backend": self.ctx.backend,
             "config": dataclasses.asdict(self.config),
             "normalization_stats": stats_used(self.config.normalize, self.train_stats),
+            "shard_set_sha256": self.shard_set,
         }
         self.outputs.finish(summary, test, "test", self.model)
         return summary

@@ -444,7 +444,7 @@ def torch_bytes(obj) -> bytes:
 @pytest.mark.parametrize(
     "payload",
     ["garbage", "pickle", "torch-pickle", "list", "missing-keys", "extra-key", "step-differs", "tensor-config", "world-size-0",
-     "std-zero", "stats-tensor"],
+     "std-zero", "stats-tensor", "shard-set-tensor"],
 )
 def test_checkpoint_that_does_not_load_falls_back_to_the_previous(tmp_path, caplog, payload):
     """A .pt that matches its marker but is not a loadable training state (crafted, or
@@ -463,6 +463,7 @@ def test_checkpoint_that_does_not_load_falls_back_to_the_previous(tmp_path, capl
         "world-size-0": torch_bytes({**small_state(2), "world_size": 0}),
         "std-zero": torch_bytes({**small_state(2), "normalization_stats": {"mean": 0.13, "std": 0.0}}),  # predict would divide by it
         "stats-tensor": torch_bytes({**small_state(2), "normalization_stats": {"pixel_mean": torch.zeros(784)}}),
+        "shard-set-tensor": torch_bytes({**small_state(2), "shard_set_sha256": torch.zeros(32, dtype=torch.uint8)}),
     }[payload]
     pt = tmp_path / "checkpoints" / "step-00000002.pt"
     pt.write_bytes(crafted)
@@ -659,6 +660,28 @@ def test_changed_config_is_refused_on_resume(mnist_shards, tmp_path):
     assert result.returncode == 2
     assert "different --lr" in result.stderr and "step-00000050.pt" in result.stderr
     assert result.stderr.rstrip().endswith("train with the new settings in a new --run-dir")  # advice that works (--resume never there is refused)
+
+
+def test_another_shard_set_is_refused_on_resume_and_a_copy_is_not(shards, tmp_path):
+    """Checkpoints record the shard set they were trained on (its manifest's blocks and
+    shards, hashed). The same images packed in blocks of 40 (another order) are refused
+    before anything is written: the run used to go on, on the other data, and a finished
+    run resumed on a smaller set rewrote its metrics with the other set's. The same set
+    copied elsewhere resumes."""
+    run_dir = tmp_path / "run"
+    train_ok(shards, run_dir, *SMALL, "--max-steps", "10")
+    files = {p: p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()}
+    reblocked = tmp_path / "reblocked"
+    pack(load_source(tmp_path / "src"), reblocked, shard_size=80, block_size=40)  # the `shards` fixture's images
+    result = run(train_command(reblocked, run_dir, *SMALL))
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+        f"error: {run_dir / 'checkpoints' / 'step-00000010.pt'}: was written with a different shard set (--shards: other images, "
+        "or packed with another --block-size or --shard-size); resuming would mix two experiments: train with the new settings in a new --run-dir"
+    ], result.stderr[-3000:]
+    assert {p: p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()} == files
+    copy = shutil.copytree(shards, tmp_path / "copy")
+    resumed = train_ok(copy, run_dir, *SMALL)
+    assert "resuming from" in resumed.stdout and summary(run_dir)["steps"] == 30
 
 
 def test_world_size_change_on_resume_continues(mnist_shards, tmp_path, reference):

@@ -12,6 +12,8 @@ and the pixel mean agrees with the per-pixel means.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from pathlib import Path
 
@@ -108,6 +110,16 @@ def load_manifest(shard_dir: Path) -> dict:
     if problem:
         raise HarnessError(f"{path}: {problem}")
     return manifest
+
+
+def shard_set_sha256(manifest: dict) -> str:
+    """What a run's results depend on in a checked manifest: each split's block size and its
+    shards' names, image counts and SHA-256s, hashed. The same set copied elsewhere, or
+    served from a URL, has the same digest; another packing of it (another --block-size or
+    --shard-size, which reorder the images) or other images have another."""
+    layout = {split: [manifest["splits"][split]["block_size"], [[s["name"], s["samples"], s["sha256"]] for s in manifest["splits"][split]["shards"]]]
+              for split in SPLITS}
+    return hashlib.sha256(json.dumps(layout, sort_keys=True).encode()).hexdigest()
 
 
 def manifest_problem(manifest) -> str | None:

@@ -6,6 +6,7 @@ import gc
 import os
 import signal
 import sys
+import threading
 
 EXIT_USAGE = 2  # a problem the user can fix: bad input, bad option, unusable directory
 
@@ -22,13 +23,30 @@ class HarnessError(Exception):
 
 EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE  # what a shell reports for a C tool that SIGPIPE ended
 EXIT_INTERRUPTED = 128 + signal.SIGINT  # likewise for one that Ctrl-C ended
+EXIT_TERMINATED = 128 + signal.SIGTERM
+EXIT_OS_ERROR = 1  # the system refused a file operation: a full disk, a read-only directory
+
+
+class Terminated(BaseException):
+    """SIGTERM (kill's default, a scheduler's) to a command: it ends as Ctrl-C ends one,
+    through its cleanup (`harness pack` removes its temporary directory), where Python's
+    default action for the signal would end the process on the spot. `harness train`
+    installs its own handler: there a SIGTERM asks for a stop at the next sync point."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated
 
 
 def run_guarded(function, args) -> int:
     """Run a command; a HarnessError becomes one line on stderr and its exit status.
     Output piped into a reader that stops early (`harness show ... | head`) ends the
     command quietly, as it ends a C tool, not with a BrokenPipeError traceback; so does
-    Ctrl-C, with one line instead of a KeyboardInterrupt traceback."""
+    Ctrl-C, with one line instead of a KeyboardInterrupt traceback, and an error the
+    operating system reports (a full disk, a read-only run directory, a file where a
+    directory is wanted), with one line: the file, where the system names it, and its reason."""
+    on_main_thread = threading.current_thread() is threading.main_thread()  # where Python runs signal handlers
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if on_main_thread else None
     try:
         status = function(args) or 0
         sys.stdout.flush()  # here, where a closed pipe can still be caught
@@ -39,15 +57,26 @@ def run_guarded(function, args) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except Terminated:
+        print("terminated", file=sys.stderr)
+        return EXIT_TERMINATED
     except BrokenPipeError:
         # Python flushes stdout again at exit: point it at /dev/null so that flush is quiet.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_BROKEN_PIPE
+    except OSError as e:
+        if e.errno is None:  # not the system's: shown in full, as a bug's would be
+            raise
+        # A write that fails (ENOSPC, say) names no file: the system's reason alone.
+        print(f"error: {'' if e.filename is None else f'{e.filename}: '}{e.strerror}", file=sys.stderr)
+        return EXIT_OS_ERROR
     finally:
         # A failed run's exception chain can keep objects alive in reference cycles, among
         # them a DDP model holding the process group, whose gloo threads must not outlive
         # the interpreter (see distributed.init_distributed): free them while it is whole.
         try:
             gc.collect()
-        except KeyboardInterrupt:  # a second Ctrl-C just after a stop's checkpoint: the command has ended
+        except (KeyboardInterrupt, Terminated):  # a second Ctrl-C just after a stop's checkpoint: the command has ended
             pass
+        if on_main_thread:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)  # None: a handler set outside Python

@@ -7,9 +7,11 @@ so "no traceback" is checked too). A few run the real command as a subprocess.
 
 from __future__ import annotations
 
+import errno
 import gzip
 import io
 import json
+import os
 import struct
 import tracemalloc
 import zlib
@@ -422,6 +424,35 @@ def test_report_model_it_cannot_draw(tmp_path, capsys, state, fragment):
     torch.save(state, tmp_path / "model.pt")
     rc, _, err = cli(capsys, "report", tmp_path)
     assert_one_error(rc, err, str(tmp_path / "model.pt"), fragment)
+
+
+def test_report_where_a_file_is_in_the_way_is_one_error(tmp_path, capsys):
+    """An error the operating system reports for a file (here a file named `report` where
+    the pictures' folder goes; a read-only or full disk alike) is one line naming the file
+    and the system's reason, with status 1: it used to be a traceback."""
+    (tmp_path / "metrics.jsonl").write_text(GOOD_METRICS)
+    (tmp_path / "report").write_text("notes\n")
+    rc, out, err = cli(capsys, "report", tmp_path)
+    assert (rc, err) == (1, f"error: {tmp_path / 'report'}: File exists\n"), err
+    assert (tmp_path / "report").read_text() == "notes\n"
+
+
+def test_system_errors_without_a_file_are_one_line_and_others_are_not_hidden(capsys):
+    """A failed write names no file (ENOSPC from a full disk): the system's reason alone.
+    An OSError that is not the system's (no errno) is a bug, shown in full."""
+    from harness.errors import run_guarded
+
+    def disk_full(args):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    assert run_guarded(disk_full, None) == 1
+    assert capsys.readouterr().err == "error: No space left on device\n"
+
+    def bug(args):
+        raise OSError("not the system's")
+
+    with pytest.raises(OSError, match="not the system's"):
+        run_guarded(bug, None)
 
 
 def test_pack_refuses_images_all_one_value(tmp_path, capsys):

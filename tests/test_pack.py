@@ -7,14 +7,16 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
+import sys
 import tracemalloc
 from pathlib import Path
 
 import numpy as np
 import pytest
 import webdataset as wds
-from helpers import MNIST_BYTES, MNIST_SHA256, assert_one_error, cli, snapshot, write_idx
+from helpers import MNIST_BYTES, MNIST_SHA256, ROOT, assert_one_error, cli, snapshot, wait_for, write_idx
 
 import harness.data.pack as pack_module
 from harness.cli import main as cli_main
@@ -444,3 +446,24 @@ def test_pixel_statistics_are_exact_whatever_the_blocks():
     assert sums.statistics()["mean"] == round(float(scaled.mean()), 8)
     assert sums.statistics()["std"] == round(float(scaled.std()), 8)
     assert sums.statistics()["pixel_mean"] == [round(float(v), 8) for v in scaled.mean(axis=0)]
+
+
+@pytest.mark.parametrize("sig,status,line", [(signal.SIGTERM, 143, "terminated"), (signal.SIGINT, 130, "interrupted")], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_during_a_pack_leaves_nothing_behind(mnist_dir, tmp_path, sig, status, line):
+    """`harness pack` signalled while it writes shards ends with one line and 128 + the
+    signal, and removes its temporary directory: nothing is published. A SIGTERM (kill's
+    default, a scheduler's) used to end the process on the spot and leave the partial
+    shards in a hidden .packing-PID directory, which no later pack removed."""
+    out = tmp_path / "shards"
+    command = [sys.executable, "-m", "harness", "pack", "--source", str(mnist_dir), "--out", str(out), "--shard-size", "5000"]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: list(tmp_path.glob(".shards.packing-*/train-000001.tar")) or process.poll() is not None, 120, "the second shard")
+        assert process.poll() is None, "the pack ended before the signal"
+        process.send_signal(sig)
+        _, err = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert (process.returncode, err.strip().splitlines()[-1:]) == (status, [line]), err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [], "the pack left files behind"

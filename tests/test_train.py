@@ -367,12 +367,42 @@ def test_every_rank_takes_rank_0s_timestamp_for_the_run_directory(monkeypatch):
     from harness.train import default_run_dir
 
     class Rank1:  # its own clock reads a second later than rank 0's
+        is_main = False
+
         def gather(self, values):
-            return [[20261127101500], values]
+            return [[20261127101500, 1], values]
 
     monkeypatch.delenv("SLURM_JOB_ID", raising=False)
     monkeypatch.setattr(time, "strftime", lambda _: "20261127101501")
     assert default_run_dir("lenet", Rank1()) == Path("runs/lenet-20261127-101500")
+
+
+def test_runs_started_in_the_same_second_get_directories_of_their_own(monkeypatch, tmp_path):
+    """Rank 0 creates the directory it names: a second run in the same second (a sweep
+    started from a loop) takes NAME-STAMP-2, a third -3. The runs used to share one
+    directory: the second to finish failed at its end, its training lost, and both wrote
+    metrics.jsonl. Rank 1 takes rank 0's suffix through the gather."""
+    from harness.train import default_run_dir
+
+    class Rank0:
+        is_main = True
+
+        def gather(self, values):
+            return [values]
+
+    class Rank1:
+        is_main = False
+
+        def gather(self, values):
+            return [[20261127101500, 3], values]
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    monkeypatch.setattr(time, "strftime", lambda _: "20261127101500")
+    names = [default_run_dir("lenet", Rank0()) for _ in range(3)]
+    assert names == [Path("runs/lenet-20261127-101500"), Path("runs/lenet-20261127-101500-2"), Path("runs/lenet-20261127-101500-3")]
+    assert all(n.is_dir() for n in names)
+    assert default_run_dir("lenet", Rank1()) == Path("runs/lenet-20261127-101500-3") and len(list(Path("runs").iterdir())) == 3
 
 
 def test_without_run_dir_every_rank_writes_to_the_same_run(mnist_shards, tmp_path):

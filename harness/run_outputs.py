@@ -46,7 +46,7 @@ def prepare_run_dir(run_dir: Path, resuming: bool) -> Path:
             if refused and (run_dir / name).exists():
                 raise HarnessError(
                     f"{run_dir}: already holds a run ({name} exists) that this one would not continue "
-                    "(--resume never, or no valid checkpoint to resume from); pick a new --run-dir"
+                    "(--resume never, another run's checkpoint, or no valid checkpoint to resume from); pick a new --run-dir"
                 )
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -59,9 +59,11 @@ def prepare_run_dir(run_dir: Path, resuming: bool) -> Path:
 
 
 class RunOutputs:
-    def __init__(self, run_dir: Path, resumed_at: int | None):
-        """`resumed_at`: the step a resumed run continues from; None for a fresh start."""
-        self.run_dir = prepare_run_dir(run_dir, resuming=resumed_at is not None)
+    def __init__(self, run_dir: Path, resumed_at: int | None, from_another_run: bool = False):
+        """`resumed_at`: the step a resumed run continues from; None for a fresh start.
+        `from_another_run`: that step's checkpoint is another run directory's (--resume
+        PATH), so RUN_DIR starts a run and must hold none, as for a fresh start."""
+        self.run_dir = prepare_run_dir(run_dir, resuming=resumed_at is not None and not from_another_run)
         leftovers = [p for d in (self.run_dir, self.run_dir / CHECKPOINT_DIR) for p in remove_interrupted_writes(d)]
         if leftovers:
             log.info(f"removed {len(leftovers)} temporary file(s) of writes an earlier attempt did not finish: {', '.join(p.name for p in leftovers)}")

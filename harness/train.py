@@ -33,7 +33,7 @@ from tqdm import tqdm
 from harness import distributed
 from harness.allocator import keep_freed_memory
 from harness.augment import RandomAffine
-from harness.checkpoint import checkpoint_to_resume, state_mismatch
+from harness.checkpoint import CHECKPOINT_DIR, checkpoint_to_resume, state_mismatch
 from harness.config import TrainConfig, add_config_options, build_config, preset_names
 from harness.cuda_graph import GraphedStep, compile_with_inductor
 from harness.data.manifest import shard_set_sha256
@@ -158,11 +158,22 @@ class Trainer:
         self.last_eval: tuple[int, EvalResult] | None = None  # (step, result) of rank 0's latest validation
         self.restore()
         diverge_rank_rng(ctx.rank, fresh_start=not self.progress.step)  # test-only
-        self.outputs = RunOutputs(self.run_dir, resumed_at=self.progress.step or None) if ctx.is_main else None
+        from_another_run = self.resumes_another_run()
+        if from_another_run and not self.training_left():
+            limits = f"--epochs {config.epochs}" + (f", --max-steps {config.max_steps}" if config.max_steps else "")
+            raise HarnessError(
+                f"--resume {resume}: nothing is left to train from it (step {self.progress.step}, {self.progress.epoch} epochs done; "
+                f"{limits}{'; early stopping ended its run' if self.stopped_early() else ''})"
+            )
+        self.outputs = RunOutputs(self.run_dir, resumed_at=self.progress.step or None, from_another_run=from_another_run) if ctx.is_main else None
         if self.outputs:
             # The lines of epochs this run will redo go; with nothing left to train (a run
             # stopped at its last step), the last one, a partial epoch's at --max-steps, stays.
             self.outputs.keep_epochs(self.progress.epoch + (0 if self.training_left() else 1))
+
+    def resumes_another_run(self) -> bool:
+        """--resume names a checkpoint from outside RUN_DIR/checkpoints."""
+        return self.resume not in ("auto", "never") and Path(self.resume).resolve().parent != (self.run_dir / CHECKPOINT_DIR).resolve()
 
     def build_data(self) -> None:
         """The training range as a macro-batch stream, and (rank 0) the validation and test sets on the device.

@@ -646,6 +646,33 @@ def test_resume_from_a_named_checkpoint(mnist_shards, tmp_path, reference):
     assert checksum(tmp_path / "second") == reference[1]
 
 
+def test_another_runs_checkpoint_does_not_overwrite_a_run_or_finish_with_nothing_trained(shards, tmp_path):
+    """--resume PATH with another run directory's checkpoint starts a run in RUN_DIR: one
+    that holds a finished run is refused, as a fresh start there is (its summary, model
+    and report used to be replaced by the other run's, beside its own metrics); and one
+    with nothing left to train (step 20 with --max-steps 10) is refused before RUN_DIR is
+    made (it used to write a summary and model with no metrics.jsonl, which `report`
+    then refused)."""
+    other, finished = tmp_path / "other", tmp_path / "finished"
+    train_ok(shards, other, *SMALL)
+    train_ok(shards, finished, *SMALL, "--max-steps", "10")
+    files = {p: p.read_bytes() for p in sorted(finished.rglob("*")) if p.is_file()}
+    step_20 = other / "checkpoints" / "step-00000020.pt"
+    result = run(train_command(shards, finished, *SMALL, "--resume", step_20))
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+        f"error: {finished}: already holds a run (metrics.jsonl exists) that this one would not continue "
+        "(--resume never, another run's checkpoint, or no valid checkpoint to resume from); pick a new --run-dir"
+    ], result.stderr[-3000:]
+    assert {p: p.read_bytes() for p in sorted(finished.rglob("*")) if p.is_file()} == files
+    result = run(train_command(shards, tmp_path / "new", *SMALL, "--max-steps", "10", "--resume", step_20))
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+        f"error: --resume {step_20}: nothing is left to train from it (step 20, 2 epochs done; --epochs 3, --max-steps 10)"
+    ], result.stderr[-3000:]
+    assert not (tmp_path / "new").exists()
+    own = finished / "checkpoints" / "step-00000010.pt"  # a run's own checkpoint, named: it continues there
+    assert "resuming from" in train_ok(shards, finished, *SMALL, "--resume", own).stdout and summary(finished)["steps"] == 30
+
+
 def test_resume_from_a_missing_checkpoint_is_a_clear_error(mnist_shards, tmp_path):
     missing = tmp_path / "checkpoints" / "step-00000100.pt"
     result = run(checkpointed_run(mnist_shards, tmp_path / "run", "--resume", missing))

@@ -80,9 +80,12 @@ class RunOutputs:
     def keep_epochs(self, completed: int) -> None:
         """Drop metrics lines of epochs after the checkpoint (they will be redone). A line is
         written before its epoch's checkpoint, so one cut short by a crash is one of those."""
-        if (self.run_dir / "metrics.jsonl").exists():
+        path = self.run_dir / "metrics.jsonl"
+        if path.exists():
             kept = [entry for entry in read_metrics(self.run_dir, whole_lines_only=True) if entry["epoch"] <= completed] if completed else []
-            write_text_atomic(self.run_dir / "metrics.jsonl", "".join(json.dumps(entry) + "\n" for entry in kept))
+            text = "".join(json.dumps(entry) + "\n" for entry in kept)
+            if path.read_bytes() != text.encode():  # a finished run rerun leaves its file as it is
+                write_text_atomic(path, text)
 
     def epoch(self, metrics: dict, epochs: int, model, step: int) -> None:
         with open(self.run_dir / "metrics.jsonl", "a") as f:

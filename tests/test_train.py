@@ -210,14 +210,17 @@ def test_mlp_run_logs_first_layer_tiles(mnist_shards, tmp_path):
 
 def test_rerunning_a_finished_run_changes_nothing(lenet_run, mnist_shards, tmp_path):
     """The default --resume auto picks up the final checkpoint: no step is redone, and no
-    file of the run is rewritten (its summary's times were lost to a rerun's once)."""
+    file of the run is rewritten (its summary's times were lost to a rerun's once; and
+    metrics.jsonl was replaced by an equal copy, a new inode and time)."""
     run_dir = tmp_path / "run"
     shutil.copytree(lenet_run[0], run_dir)
     before = snapshot(run_dir)
+    written = {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in run_dir.rglob("*") if p.is_file()}
     result = run_cli("train", "--preset", "lenet", "--shards", mnist_shards, "--run-dir", run_dir, "--epochs", "1", "--device", "cpu")
     assert result.returncode == 0, result.stderr
     assert "this run has finished (summary.json); nothing to train, no file rewritten" in result.stdout
     assert snapshot(run_dir) == before
+    assert {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in run_dir.rglob("*") if p.is_file()} == written
 
 
 def test_a_finished_run_with_a_diverged_test_loss_is_still_finished(lenet_run, mnist_shards, tmp_path):

@@ -11,12 +11,14 @@ cd "$(dirname "$0")/.."
 source launch/env.sh
 N=${1:-}
 [[ $N =~ ^[1-9][0-9]*$ ]] || { echo "launch/accelerate.sh: N is the number of processes, got '$N' (usage: launch/accelerate.sh N [PRESET] [options...])" >&2; exit 2; }
-PRESET=${2:-lenet}
-shift; shift || true
-RUN_DIR=${RUN_DIR:-runs/${PRESET}-acc${N}-$(date +%Y%m%d-%H%M%S)}
+shift
+PRESET=lenet
+if [ $# -gt 0 ] && [[ $1 != -* ]]; then PRESET=$1; shift; fi
+RUN_DIR_OPTION=()
+if [ -n "${RUN_DIR:-}" ]; then RUN_DIR_OPTION=(--run-dir "$RUN_DIR"); fi
 # accelerate starts torchrun: as in launch/torchrun.sh, a store per attempt keeps an
 # elastically restarted group from reading the last attempt's addresses (pytorch/pytorch#135712).
 export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
 exec accelerate launch --config_file launch/accelerate.yaml --num_processes "$N" \
   ${MAIN_PROCESS_PORT:+--main_process_port "$MAIN_PROCESS_PORT"} \
-  -m harness.train --preset "$PRESET" --shards "${SHARDS:-shards}" --run-dir "$RUN_DIR" "$@"
+  -m harness.train --preset "$PRESET" --shards "${SHARDS:-shards}" "${RUN_DIR_OPTION[@]}" "$@"

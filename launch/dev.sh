@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Single-device dev run: train a preset on packed shards.
 #   launch/dev.sh [PRESET] [extra `harness train` options...]
-# Environment: SHARDS (default shards), RUN_DIR (default runs/PRESET-<timestamp>).
+# PRESET defaults to lenet (also when the first argument is an option). Environment:
+# SHARDS (default shards), RUN_DIR (default: the harness's runs/PRESET-<timestamp>).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source launch/env.sh
-PRESET=${1:-lenet}
-shift || true
-RUN_DIR=${RUN_DIR:-runs/${PRESET}-$(date +%Y%m%d-%H%M%S)}
-exec python3 -m harness train --preset "$PRESET" --shards "${SHARDS:-shards}" --run-dir "$RUN_DIR" "$@"
+PRESET=lenet
+if [ $# -gt 0 ] && [[ $1 != -* ]]; then PRESET=$1; shift; fi
+RUN_DIR_OPTION=()
+if [ -n "${RUN_DIR:-}" ]; then RUN_DIR_OPTION=(--run-dir "$RUN_DIR"); fi
+exec python3 -m harness train --preset "$PRESET" --shards "${SHARDS:-shards}" "${RUN_DIR_OPTION[@]}" "$@"

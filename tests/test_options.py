@@ -1,6 +1,7 @@
 """Bad options, launcher variables and launcher arguments: each is one clear error (a
 HarnessError, or a usage line and status 2), not a traceback or a silently ignored value."""
 
+import os
 import subprocess
 from pathlib import Path
 
@@ -81,6 +82,18 @@ def test_launcher_process_count_checked(script, args):
     assert result.returncode == 2
     assert f"N is the number of processes, got '{args[0] if args else ''}'" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("script", [["launch/dev.sh"], ["launch/torchrun.sh", "1"]], ids=["dev", "torchrun"])
+def test_launchers_take_options_without_a_preset(script, tmp_path):
+    """`launch/dev.sh --max-steps 3` trains the default preset: the option used to be taken
+    for the preset's name (`argument --preset: expected one argument`). A missing shard
+    directory here shows that the options reached the harness."""
+    result = subprocess.run(["bash", str(ROOT / script[0]), *script[1:], "--max-steps", "3"], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "SHARDS": str(tmp_path / "none")})
+    output = result.stdout + result.stderr
+    assert result.returncode != 0 and f"error: {tmp_path / 'none'}: shard directory not found" in output, output[-3000:]
+    assert "expected one argument" not in output
 
 
 def test_a_lenet_run_that_recorded_mlp_options_is_still_read_and_resumed():

@@ -344,8 +344,15 @@ def checkpoint_to_resume(ctx, run_dir: Path, resume: str, config, shard_set: str
     if resume == "auto":
         found = load_newest_valid(run_dir, usable)
     elif resume != "never":
+        if Path(resume).is_dir():
+            raise HarnessError(f"--resume {resume}: is a directory (give auto, never, or a checkpoint's step-N.pt)")
         if not Path(resume).is_file():
             raise HarnessError(f"--resume {resume}: no such checkpoint file (give auto, never, or a checkpoint's step-N.pt)")
+        if not Path(resume).with_suffix(".json").exists():
+            raise HarnessError(
+                f"--resume {resume}: not a checkpoint: it has no marker {Path(resume).with_suffix('.json').name} beside it "
+                "(a run's checkpoints are RUN_DIR/checkpoints/step-N.pt; its model.pt holds the final weights only)"
+            )
         found = (Path(resume), load_verified(Path(resume)))
         usable(found[1], found[0])
     # Every rank must resume from the same checkpoint (RUN_DIR on a shared filesystem).

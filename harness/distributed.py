@@ -209,11 +209,11 @@ def explain_collective_failure(error: BaseException, rank: int, timeout_s: float
     if any(s in text.lower() for s in ("timed out", GLOO_PAIR_CLOSED_ON_TIMEOUT.lower())):
         return CommunicationError(
             f"rank {rank}: no answer from another rank within --timeout {timeout_s:g} s ({detail}); "
-            "that rank is stuck or far behind: see its log; the last checkpoint is intact"
+            "that rank is stuck or far behind: see its log; any checkpoint already written is intact"
         )
     return CommunicationError(
         f"rank {rank}: lost contact with another rank ({detail}); it died or its network failed: "
-        "see its log; the last checkpoint is intact"
+        "see its log; any checkpoint already written is intact"
     )
 
 

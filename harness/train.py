@@ -189,9 +189,10 @@ class Trainer:
         self.verify_train_shards()
         self.n_train = self.shards.manifest["splits"]["train"]["samples"] - config.holdout
         if self.n_train < config.batch_size:
+            images = f"{self.n_train + config.holdout:,} training images in {self.shards.url('manifest.json')}"
             raise HarnessError(
-                f"--holdout {config.holdout}: leaves {max(self.n_train, 0):,} of the {self.n_train + config.holdout:,} training images "
-                f"in {self.shards.url('manifest.json')}, fewer than one --batch-size {config.batch_size}"
+                f"--holdout {config.holdout}: leaves {max(self.n_train, 0):,} of the {images}, fewer than one --batch-size {config.batch_size}"
+                if config.holdout else f"--batch-size {config.batch_size}: more than the {images}"
             )
         train_data = ShardSplit(self.shards, "train", 0, self.n_train, verify=False)  # verified just above
         self.stream = MacroBatchStream(
@@ -359,7 +360,7 @@ class Trainer:
         if bad:
             raise HarnessError(
                 f"the weights, momentum or running statistics are NaN or infinite after step {self.progress.step} on rank {bad[0]} "
-                "(an update overflowed: lower --lr?); stopped every rank without checkpointing them; the last checkpoint is intact"
+                "(an update overflowed: lower --lr?); stopped every rank without checkpointing them; any checkpoint already written is intact"
             )
 
     def wait_for_writes(self) -> None:
@@ -854,7 +855,7 @@ def agree_at_sync_point(ctx, window: torch.Tensor, first_step: int, stop_request
     if any_nonfinite:
         bad_step = first_step + int(nonfinite.nonzero()[0, 0]) if nonfinite.any() else 2**62
         step, rank = min((s[0], r) for r, s in enumerate(ctx.gather([bad_step])))
-        raise HarnessError(f"loss is NaN or infinite at step {step + 1} on rank {rank}; stopped every rank; the last checkpoint is intact")
+        raise HarnessError(f"loss is NaN or infinite at step {step + 1} on rank {rank}; stopped every rank; any checkpoint already written is intact")
     # Only the all-reduced flag decides, so every rank decides alike: a signal that lands
     # after this rank's part of the all-reduce waits for the next sync point. (Reading
     # this rank's own flag here let a rank stop alone, and the others hang in the next

@@ -272,6 +272,15 @@ def test_shard_directory_missing(tmp_path, capsys):
     assert_one_error(rc, err, "nowhere", "not found")
 
 
+def test_shards_that_name_a_file_or_an_unknown_url_scheme(shards, capsys):
+    """The manifest itself, and an s3:// URL, used to be "shard directory not found" (the
+    URL shown as `s3:/bucket`, as a path)."""
+    rc, _, err = cli(capsys, "show", "--shards", shards / "manifest.json", "--index", "0")
+    assert_one_error(rc, err, f"{shards / 'manifest.json'}: is a file; --shards names the shard directory")
+    rc, _, err = cli(capsys, "show", "--shards", "s3://bucket/mnist/", "--index", "0")
+    assert_one_error(rc, err, "--shards s3://bucket/mnist/: no reader for s3:// locations", "'pipe:aws s3 cp s3://BUCKET/PATH/{name} -'")
+
+
 def test_manifest_not_json(shards, capsys):
     (shards / "manifest.json").write_text('{"format_version": 1, "splits": ')
     rc, _, err = cli(capsys, "show", "--shards", shards, "--index", "0")

@@ -75,6 +75,18 @@ def test_resume_path_that_does_not_exist(tmp_path):
         checkpoint_to_resume(None, tmp_path, str(missing), config_of("--preset", "lenet"))
 
 
+def test_resume_path_that_is_a_directory_or_not_a_checkpoint(tmp_path):
+    """A run's checkpoints/ directory, and its model.pt (weights only): the errors used to
+    say "no such checkpoint file" of an existing directory, and name model.json, a file
+    the user never gave, as an "unreadable checkpoint marker"."""
+    config = config_of("--preset", "lenet")
+    with pytest.raises(HarnessError, match=f"^--resume {tmp_path}: is a directory"):
+        checkpoint_to_resume(None, tmp_path, str(tmp_path), config)
+    (tmp_path / "model.pt").write_bytes(b"weights")
+    with pytest.raises(HarnessError, match=f"^--resume {tmp_path / 'model.pt'}: not a checkpoint: it has no marker model.json beside it"):
+        checkpoint_to_resume(None, tmp_path, str(tmp_path / "model.pt"), config)
+
+
 @pytest.mark.parametrize("script", ["launch/torchrun.sh", "launch/accelerate.sh"])
 @pytest.mark.parametrize("args", [["lenet", "--epochs", "1"], []])
 def test_launcher_process_count_checked(script, args):

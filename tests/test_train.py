@@ -418,3 +418,12 @@ def test_without_run_dir_every_rank_writes_to_the_same_run(mnist_shards, tmp_pat
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     (run_dir,) = (tmp_path / "runs").iterdir()
     assert summary(run_dir)["steps_per_rank"] == [2, 2]
+
+
+def test_a_batch_larger_than_the_training_split_names_the_batch_size(shards, tmp_path, capsys):
+    """Without --holdout the error is the batch size's: it used to blame `--holdout 0`."""
+    from harness.train import main
+
+    assert main(["--model", "mlp", "--hidden", "32", "--shards", str(shards), "--run-dir", str(tmp_path / "r"),
+                 "--batch-size", "400", "--device", "cpu"]) == 2
+    assert capsys.readouterr().err == f"error: --batch-size 400: more than the 200 training images in {shards / 'manifest.json'}\n"

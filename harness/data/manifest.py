@@ -98,6 +98,8 @@ def load_manifest(shard_dir: Path) -> dict:
     field and the problem otherwise."""
     shard_dir = Path(shard_dir)
     path = shard_dir / MANIFEST_NAME
+    if shard_dir.is_file():
+        raise HarnessError(f"{shard_dir}: is a file; --shards names the shard directory (the one holding {MANIFEST_NAME})")
     if not shard_dir.is_dir():
         raise HarnessError(f"{shard_dir}: shard directory not found (run `harness pack` first)")
     if not path.is_file():

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +51,11 @@ class ShardSource:
                 except HarnessError as e:  # name the URL, not the fetched copy
                     raise HarnessError(str(e).replace(str(fetched / MANIFEST_NAME), self.url(MANIFEST_NAME))) from None
         else:
+            if isinstance(location, str) and re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", location) and not os.path.lexists(location):
+                raise HarnessError(
+                    f"--shards {location}: no reader for {location.split('://')[0]}:// locations; give a directory, an "
+                    "https://, gs://, sftp://, ftps:// or scp:// URL, or 'pipe:COMMAND {name}' (e.g. 'pipe:aws s3 cp s3://BUCKET/PATH/{name} -')"
+                )
             self.directory = Path(location)
             self.manifest = load_manifest(self.directory)
 

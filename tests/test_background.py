@@ -112,3 +112,21 @@ def test_close_without_waiting_leaves_a_running_job_and_drops_the_queued_ones():
     release.set()
     writer._thread.join(WAIT)
     assert ran == ["first"]
+
+
+def test_the_first_error_of_several_is_the_one_raised():
+    """Several jobs fail: the first's error is raised, not a later one's."""
+    writer, release = BackgroundWriter(), threading.Event()
+    writer.submit(lambda: release.wait(10))
+
+    def fails(message):
+        def job():
+            raise OSError(message)
+        return job
+
+    writer.submit(fails("first"))
+    writer.submit(fails("second"))
+    release.set()
+    with pytest.raises(OSError, match="first"):
+        writer.wait()
+    writer.close()

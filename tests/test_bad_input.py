@@ -111,7 +111,7 @@ def test_idx_header_promising_more_than_the_limit(tmp_path, capsys, gz):
     (source / name).write_bytes(gzip.compress(header + bytes(784)) if gz else header + bytes(784))
     # Packing streams the file, so no size limit applies: the image shape is what is wrong.
     pack_refused(capsys, tmp_path, source, name, "images are 4294967295x4294967295; expected 28x28")
-    # Read whole (training, `harness show`), the size it promises is refused first.
+    # Read whole (read_idx: library and bench code), the size it promises is refused first.
     with pytest.raises(HarnessError, match="4294967295x4294967295x4294967295 .* more than the 1073741824 this reader accepts"):
         read_idx(source / name, 3)
 

@@ -22,10 +22,12 @@ from helpers import (ROOT, Payload, checkpointed_run, kill_tree, run, signal_tre
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from harness import checkpoint as ckpt
+from harness.atomic import write_bytes_atomic
 from harness.config import load_preset
 from harness.data.pack import pack
 from harness.data.sources import load_source
 from harness.errors import HarnessError, run_guarded
+from harness.run_outputs import prepare_run_dir
 from harness.stopping import EXIT_STOPPED
 from harness.train import load_optimizer_state
 
@@ -904,3 +906,33 @@ def test_ranks_that_find_different_checkpoints_are_refused(tmp_path):
     config = dataclasses.replace(TrainConfig(), lr=0.1, precision="fp32")  # small_state's config (without precision: fp32, as before the field)
     with pytest.raises(HarnessError, match=r"ranks found different checkpoints \(steps \[2, -1\]\); RUN_DIR must be on a filesystem every node shares"):
         ckpt.checkpoint_to_resume(TwoRanks(), tmp_path, "auto", config)
+
+
+def test_a_failed_atomic_write_keeps_the_old_file(tmp_path, monkeypatch):
+    """A write that fails (the disk fills at its fsync) leaves the old file as it was, and no
+    temporary file (were the temporary the target, the write would truncate it, and the
+    cleanup delete it)."""
+    path = tmp_path / "summary.json"
+    path.write_bytes(b"old")
+
+    def full_disk(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        write_bytes_atomic(path, b"new")
+    monkeypatch.undo()
+    assert path.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["summary.json"]
+
+
+def test_a_fresh_start_never_overwrites_a_finished_run(tmp_path):
+    """A fresh start in a finished run's directory is refused (summary.json): a finished run without
+    checkpoints (--checkpoint-every 0, or pruned by hand) would be trained over."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "summary.json").write_text('{"steps": 10}')
+    (run_dir / "model.pt").write_bytes(b"weights")
+    with pytest.raises(HarnessError, match=r"already holds a run \(summary.json exists\)"):
+        prepare_run_dir(run_dir, resuming=False)
+    assert (run_dir / "model.pt").read_bytes() == b"weights"

@@ -125,3 +125,15 @@ def test_out_of_memory_is_one_clear_error(digits, tmp_path, monkeypatch):
         with pytest.raises(HarnessError, match=f"^{path}: not a readable image \\(DecompressionBombError: "):
             load_digit(path)
     assert load_digit(path).max() == 255  # the picture itself is fine
+
+
+def test_an_opaque_rgba_picture_is_read_by_its_grey_levels(tmp_path):
+    """A picture with an alpha channel that is opaque throughout (a screenshot) is read by
+    its grey levels, as without the channel: read by its alpha, it had 'no digit'."""
+    from harness.digit_image import load_digit
+
+    canvas = np.full((100, 100, 4), 255, np.uint8)
+    canvas[30:70, 45:55, :3] = 0  # a black bar (a "1") on white, alpha 255 everywhere
+    Image.fromarray(canvas, "RGBA").save(tmp_path / "opaque.png")
+    Image.fromarray(canvas[..., :3], "RGB").save(tmp_path / "rgb.png")
+    assert np.array_equal(load_digit(tmp_path / "opaque.png"), load_digit(tmp_path / "rgb.png"))

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from harness.evaluate import evaluate
+from harness.evaluate import class_report, evaluate
 
 
 def test_the_figures_do_not_depend_on_the_eval_batch():
@@ -28,3 +29,12 @@ def test_the_figures_do_not_depend_on_the_eval_batch():
         assert result.accuracy == expected_accuracy and result.samples == 10
         assert result.confusion.sum() == 10 and result.confusion.diag().sum() == round(10 * expected_accuracy)
         assert model.training
+
+
+def test_class_report_figures():
+    """test_report.json's per-class figures from a hand-built confusion matrix (rows: true classes)."""
+    confusion = torch.zeros(10, 10, dtype=torch.int64)
+    confusion[0, 0], confusion[0, 1], confusion[1, 0], confusion[1, 1] = 6, 2, 4, 8  # class 0: 8 true, 10 predicted
+    row = class_report(confusion)[0]
+    assert row["precision"] == pytest.approx(0.6) and row["recall"] == pytest.approx(0.75) and row["support"] == 8
+    assert row["f1"] == pytest.approx(2 * 0.6 * 0.75 / 1.35)

@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tracemalloc
@@ -16,9 +17,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import webdataset as wds
-from helpers import MNIST_BYTES, MNIST_SHA256, ROOT, assert_one_error, cli, snapshot, wait_for, write_idx
+from helpers import MNIST_BYTES, MNIST_SHA256, ROOT, assert_one_error, cli, snapshot, wait_for, write_idx, write_source
 
 import harness.data.pack as pack_module
+from harness.atomic import fsync_dir
 from harness.cli import main as cli_main
 from harness.data.idx import read_idx
 from harness.data.pack import pack
@@ -467,3 +469,56 @@ def test_a_signal_during_a_pack_leaves_nothing_behind(mnist_dir, tmp_path, sig, 
     assert (process.returncode, err.strip().splitlines()[-1:]) == (status, [line]), err[-3000:]
     assert "Traceback" not in err, err[-3000:]
     assert sorted(p.name for p in tmp_path.iterdir()) == [], "the pack left files behind"
+
+
+def record_fsyncs(monkeypatch) -> list:
+    """os.fsync recorded as ("fsync", inode, is_dir) events, into the returned list."""
+    events, real = [], os.fsync
+
+    def fsync(fd):
+        st = os.fstat(fd)
+        events.append(("fsync", st.st_ino, stat.S_ISDIR(st.st_mode)))
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    return events
+
+
+def test_fsync_dir_syncs_the_directory(tmp_path, monkeypatch):
+    """fsync_dir fsyncs the directory itself (a rename is durable once its directory is)."""
+    events = record_fsyncs(monkeypatch)
+    fsync_dir(tmp_path)
+    assert events == [("fsync", tmp_path.stat().st_ino, True)]
+
+
+def test_pack_makes_shards_durable_before_the_manifest_appears(tmp_path, monkeypatch):
+    """Every shard, and then the output directory, is fsynced before manifest.json is
+    renamed in: a crash after the manifest is durable must not find empty shards."""
+    out = tmp_path / "shards"
+    out.mkdir()
+    events = record_fsyncs(monkeypatch)
+    real_replace = os.replace
+
+    def replace(src, dst):
+        events.append(("replace", Path(dst).name, Path(dst).parent == out))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(pack_module.os, "replace", replace)
+    pack(load_source(write_source(tmp_path / "src")), out, shard_size=80, block_size=20)
+    manifest_at = events.index(("replace", "manifest.json", True))
+    before = events[:manifest_at]
+    for shard in out.glob("*.tar"):
+        assert ("fsync", shard.stat().st_ino, False) in before, shard.name
+    last_shard_move = max(i for i, e in enumerate(before) if e[0] == "replace" and e[1].endswith(".tar"))
+    assert ("fsync", out.stat().st_ino, True) in before[last_shard_move:]
+
+
+def test_pack_refuses_to_publish_a_set_its_readers_would_refuse(tmp_path, monkeypatch):
+    """The packer's last check: it publishes no set whose manifest its readers would
+    refuse. The earlier constant-pixel check is bypassed, so that this one is tested."""
+    source = write_source(tmp_path / "src")
+    write_idx(source / "train-images-idx3-ubyte.gz", np.full((200, 28, 28), 7), gz=True)
+    monkeypatch.setattr(pack_module, "check_train_images_vary", lambda dataset: None)
+    with pytest.raises(HarnessError, match=r"would fail its readers' checks \(train_stats.std.*nothing was published"):
+        pack(load_source(source), tmp_path / "out", shard_size=80, block_size=20)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]

@@ -199,3 +199,23 @@ def test_label_smoothing_changes_training_loss_only():
     assert smoothed.item() == pytest.approx(manual.item(), rel=1e-5)
     with pytest.raises(Exception, match="label-smoothing"):
         TrainConfig(loss="mse", label_smoothing=0.1).validate()
+
+
+def test_augmentation_shift_and_scale_use_their_whole_range():
+    """The draws span the options' ranges: --shift 2 moves up to 2 pixels (4/28 in grid units), --scale 0.1 up to 10%."""
+    from harness.augment import RandomAffine
+
+    a = RandomAffine(10, 0.1, 2, seed=4, device=torch.device("cpu")).draw(3, 1, 6000)
+    assert a[:, 2:].abs().max() > 0.9 * 2 * 2 / 28 and (a[:, 1] - 1).abs().max() > 0.09
+
+
+def test_augmentation_draws_are_not_the_data_orders_stream():
+    """The augmentation's random numbers are not the data order's: without a key of their
+    own, the draws of macro-batch m were the data order's generator for (seed, epoch, m),
+    the same random numbers in two roles."""
+    from harness.augment import RandomAffine
+    from harness.data.stream import seeded_generator
+
+    draw = RandomAffine(180, 0, 0, seed=4, device=torch.device("cpu")).draw(3, 1, 100)[:, 0]
+    stream = seeded_generator(4, 3, 1).uniform(-1.0, 1.0, size=(100, 4))[:, 0] * np.pi
+    assert not np.allclose(draw.numpy(), stream.astype(np.float32))

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 import urllib.parse
 import urllib.request
 import warnings
@@ -29,6 +30,7 @@ import torch
 from helpers import MNIST_TEST_HISTOGRAM, cli, final_weights, run_cli, train_ok
 from PIL import Image
 
+from harness import predict as predict_module
 from harness.digit_image import load_digit, mnist_style
 from harness.models import mlp
 from harness.report import confusion_figure, curves_figure, filters_figure, tile_array
@@ -454,3 +456,13 @@ def test_tensorboard_server_serves_the_runs_scalars_and_pictures(run_dir):
     finally:
         server.stop()
     assert server.process.returncode is not None
+
+
+def test_an_mse_models_probabilities_are_its_clipped_outputs_normalised():
+    """An MSE model's (mathspp-mlp's) probabilities are its outputs clipped at 0 and normalised: none below 0."""
+    outputs = torch.tensor([[-0.5, 0.2, 0.6, 0, 0, 0, 0, 0, 0, 0.2]])
+    trained = types.SimpleNamespace(model=lambda x: outputs, normalize=lambda x: x.float(),
+                                    config=types.SimpleNamespace(loss="mse"))
+    _, probabilities = predict_module.predict(trained, np.zeros((1, 28, 28), np.uint8))
+    assert (probabilities >= 0).all() and probabilities.sum() == pytest.approx(1)
+    assert probabilities[0, 2] == pytest.approx(0.6) and probabilities[0, 0] == 0

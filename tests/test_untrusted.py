@@ -21,17 +21,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import (Payload, assert_one_error, cli, npy_bytes, reseal, run_cli, snapshot, tar_members, tiny_training_objects, write_manifest,
-                     write_source, write_tar)
+from helpers import (Payload, assert_one_error, cli, csv_row, npy_bytes, reseal, run_cli, snapshot, tar_members, tiny_training_objects,
+                     write_csv_source, write_idx, write_manifest, write_source, write_tar)
 
 from harness import checkpoint as ckpt
 from harness import predict as predict_command
 from harness.config import config_from_saved
+from harness.data.idx import read_idx
 from harness.data.pack import pack
 from harness.data.sources import load_source
 from harness.data.stream import MacroBatchStream, ShardSplit
 from harness.errors import HarnessError
 from harness.models import build_model
+from harness.report import TEST_REPORT_SCHEMA, read_run_json
 
 
 def manifest_of(shards: Path) -> dict:
@@ -641,3 +643,76 @@ def test_a_checkpoint_marker_that_is_a_fifo_is_skipped(small_run, tmp_path, capl
     assert rc == 0, err
     assert out.startswith("test[0]: ")
     assert f"{fifo}: unreadable checkpoint marker (not a regular file)" in caplog.text
+
+
+def edit_manifest(shards: Path, edit) -> None:
+    manifest = json.loads((shards / "manifest.json").read_text())
+    edit(manifest)
+    write_manifest(shards, manifest)
+
+
+def test_manifest_mean_that_is_not_the_average_of_pixel_mean_is_refused(shards, capsys):
+    """A manifest whose train mean is not the average of its per-pixel means is refused."""
+    edit_manifest(shards, lambda m: m["train_stats"].update(mean=round(m["train_stats"]["mean"] + 0.01, 8)))
+    rc, _, err = cli(capsys, "show", "--shards", shards, "--index", "0")
+    assert_one_error(rc, err, "manifest.json", "train_stats.mean", "is not the average of pixel_mean")
+
+
+def test_manifest_block_size_past_what_a_reader_decodes_is_refused(shards, capsys):
+    """A block size past what a reader decodes in memory (MAX_BLOCK_SIZE) is refused by that field's name."""
+    edit_manifest(shards, lambda m: m["splits"]["test"].update(block_size=100_001))
+    rc, _, err = cli(capsys, "show", "--shards", shards, "--split", "test", "--index", "0")
+    assert_one_error(rc, err, "manifest.json", "splits.test.block_size", "greater than the maximum")
+
+
+@pytest.mark.parametrize("edit", [lambda p: p + b"\0", lambda p: p[:-1]], ids=["one-more", "one-less"])
+def test_labels_npy_whose_data_is_not_its_headers_length_is_refused(shards, capsys, edit):
+    """A labels .npy one byte longer or shorter than its header says is one error (it would be a ValueError traceback)."""
+    path = shards / "train-000000.tar"
+    payload = edit(npy_bytes(np.zeros(20, np.uint8)))
+    write_tar(path, [(n, payload if n == "train-00000000.labels.npy" else p) for n, p in tar_members(path)])
+    reseal(shards)
+    rc, _, err = cli(capsys, "show", "--shards", shards, "--index", "0")
+    assert_one_error(rc, err, "train-000000.tar", "train-00000000.labels.npy", "data bytes")
+
+
+@pytest.mark.parametrize("gz", [False, True], ids=["raw", "gzip"])
+def test_read_idx_refuses_trailing_and_missing_bytes(tmp_path, gz):
+    """The whole-file IDX reader (library and bench code) refuses trailing and missing bytes, as the streaming one does."""
+    import gzip
+
+    path = tmp_path / ("labels.gz" if gz else "labels")
+    write_idx(path, np.arange(10) % 10, gz)
+    data = gzip.decompress(path.read_bytes()) if gz else path.read_bytes()
+    for changed, fragment in ((data + b"\0", "has trailing bytes"), (data[:-1], "truncated")):
+        path.write_bytes(gzip.compress(changed) if gz else changed)
+        with pytest.raises(HarnessError, match=fragment):
+            read_idx(path, 1)
+
+
+@pytest.mark.parametrize("bad,column", [("\x0b7", 102), ("7#x", 785)], ids=["vertical-tab", "comment-mark"])
+def test_csv_fields_numpy_alone_would_accept_are_refused(tmp_path, capsys, bad, column):
+    """Fields numpy alone would take are refused: numpy strips
+    \\v and treats # as a comment, so both rows were packed as if they said 7."""
+    pixels = [0] * 784
+    pixels[column - 2] = bad
+    source = write_csv_source(tmp_path / "src", [csv_row(1), csv_row(2, pixels)])
+    rc, _, err = cli(capsys, "pack", "--source", source, "--out", tmp_path / "out")
+    assert_one_error(rc, err, "mnist_train.csv", f"line 3, field {column}", "is not an integer")
+    assert not (tmp_path / "out").exists()
+
+
+def test_test_report_with_a_negative_count_is_refused(tmp_path):
+    """A test report with a negative confusion count is refused (it would be drawn)."""
+    confusion = np.eye(10, dtype=int).tolist()
+    confusion[0][1] = -5
+    (tmp_path / "test_report.json").write_text(json.dumps({"confusion": confusion}))
+    with pytest.raises(HarnessError, match=r"test_report.json: confusion\[0\]\[1\]: -5 is less than the minimum of 0"):
+        read_run_json(tmp_path / "test_report.json", TEST_REPORT_SCHEMA, "test report")
+
+
+@pytest.mark.parametrize("index", [-1, 50])
+def test_predict_index_outside_the_split_is_refused(shards, index):
+    """--index outside the split is refused, below it too (-1 would classify the last image as test[-1])."""
+    with pytest.raises(HarnessError, match=f"--index {index} is outside the test split's 50 images"):
+        predict_command.shard_images(shards, "test", [index])

@@ -75,17 +75,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="dataset name for the manifest (default: the source directory's name)")
     p.add_argument("--download-dir", type=Path, default=Path("data/mnist"), help="where --source download puts the files (default data/mnist)")
     p.add_argument("--mirror", action="append", help="mirror URL to download from instead of the standard ones (repeatable)")
-    p.set_defaults(function=cmd_pack)
+    p.set_defaults(function=cmd_pack, parser=p)
 
     p = commands.add_parser("train", help="train a model on packed shards")
     build_train_parser(p)
-    p.set_defaults(function=run_from_args)
+    p.set_defaults(function=run_from_args, parser=p)
 
     p = commands.add_parser("show", help="print one image of the shards as text art")
     p.add_argument("--shards", default="shards", help="shard directory or URL, as for train (default shards/)")
-    p.add_argument("--split", default="train", choices=("train", "test"))
-    p.add_argument("--index", type=int, required=True)
-    p.set_defaults(function=cmd_show)
+    p.add_argument("--split", default="train", choices=("train", "test"), help="split of --shards (default train)")
+    p.add_argument("--index", type=int, required=True, metavar="N", help="image number in the split")
+    p.set_defaults(function=cmd_show, parser=p)
 
     p = commands.add_parser("predict", help="classify digits: image files, or images of a shard set")
     p.add_argument("model", type=Path, metavar="RUN_DIR_OR_CHECKPOINT", help="a run directory, its model.pt, or a checkpoint (step-N.pt)")
@@ -94,16 +94,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", choices=("train", "test"), help="split of --shards (default test)")
     p.add_argument("--index", type=int, nargs="+", metavar="N", help="image numbers in the split")
     p.add_argument("--json", action="store_true", help="print the predictions as one JSON object")
-    p.set_defaults(function=cmd_predict)
+    p.set_defaults(function=cmd_predict, parser=p)
 
     p = commands.add_parser("report", help="draw a run's training curves, filters and confusion matrix into RUN_DIR/report/")
     p.add_argument("run_dir", type=Path, metavar="RUN_DIR")
-    p.set_defaults(function=cmd_report)
+    p.set_defaults(function=cmd_report, parser=p)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args, unknown = build_parser().parse_known_args(argv)
+    if unknown:  # the command's usage, not the top level's (argparse's own would show `harness {pack,train,...}`)
+        args.parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     return run_guarded(args.function, args)
 
 

@@ -156,3 +156,16 @@ def test_threads_split_the_usable_cores_between_a_nodes_ranks(monkeypatch):
         assert choose_threads(5, 8) == (5, "--threads") and torch.get_num_threads() == 5
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("command,given,misspelt", [("train", [], "--epoch"), ("pack", ["--source", "src"], "--shards"),
+                                                     ("show", ["--index", "0"], "--indx")])
+def test_a_misspelt_option_shows_its_commands_usage(capsys, command, given, misspelt):
+    """argparse reported a subcommand's unknown option with the top level's usage
+    (`harness [-h] {pack,train,...}`), which lists no option at all."""
+    from harness.cli import main
+
+    with pytest.raises(SystemExit) as exit:
+        main([command, *given, misspelt, "1"])
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and err.startswith(f"usage: harness {command} ") and f"error: unrecognized arguments: {misspelt} 1" in err, err

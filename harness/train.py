@@ -874,6 +874,7 @@ def train(config: TrainConfig, shards: str | Path, run_dir: Path | None, resume:
     # not the end of the process, through joining the process group and all of start-up.
     stop_request = StopRequest()
     ctx = distributed.init_distributed(config.device, config.timeout, config.rank0_timeout, config.backend)
+    named_here = run_dir is None
     try:
         setup_logging(ctx.rank)
         run_dir = run_dir or default_run_dir(name or config.model, ctx)
@@ -891,6 +892,9 @@ def train(config: TrainConfig, shards: str | Path, run_dir: Path | None, resume:
             raise
     finally:
         distributed.shutdown(ctx)
+        if named_here and ctx.is_main and run_dir is not None:
+            with contextlib.suppress(OSError):  # not empty: the run wrote something, which stays
+                run_dir.rmdir()  # a run refused at start-up leaves no empty directory behind
     raise failure  # outside the except block, so no frame keeps the failed collective's traceback
 
 

@@ -427,3 +427,15 @@ def test_a_batch_larger_than_the_training_split_names_the_batch_size(shards, tmp
     assert main(["--model", "mlp", "--hidden", "32", "--shards", str(shards), "--run-dir", str(tmp_path / "r"),
                  "--batch-size", "400", "--device", "cpu"]) == 2
     assert capsys.readouterr().err == f"error: --batch-size 400: more than the 200 training images in {shards / 'manifest.json'}\n"
+
+
+def test_a_run_refused_at_start_up_leaves_no_empty_run_directory(shards, tmp_path, monkeypatch, capsys):
+    """Rank 0 creates the default run directory as it names it (before the config's own
+    checks): a run refused at start-up removes it again, empty, rather than leave it."""
+    from harness.train import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    assert main(["--model", "mlp", "--hidden", "32", "--shards", str(shards), "--batch-size", "400", "--device", "cpu"]) == 2
+    assert "more than the 200 training images" in capsys.readouterr().err
+    assert list((tmp_path / "runs").iterdir()) == []

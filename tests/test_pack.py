@@ -458,7 +458,10 @@ def test_a_signal_during_a_pack_leaves_nothing_behind(mnist_dir, tmp_path, sig, 
     shards in a hidden .packing-PID directory, which no later pack removed."""
     out = tmp_path / "shards"
     command = [sys.executable, "-m", "harness", "pack", "--source", str(mnist_dir), "--out", str(out), "--shard-size", "5000"]
-    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # A shell without job control starts background commands (CI's, say) with SIGINT
+    # ignored, which Python then leaves ignored: this pack gets Ctrl-C's default, as from a terminal.
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         wait_for(lambda: list(tmp_path.glob(".shards.packing-*/train-000001.tar")) or process.poll() is not None, 120, "the second shard")
         assert process.poll() is None, "the pack ended before the signal"

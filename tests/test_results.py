@@ -135,7 +135,8 @@ def test_tensorboards_weight_grid_puts_each_filter_in_its_tile(shape, upscale):
 def test_a_stalled_event_file_write_does_not_hold_up_the_scalars(tmp_path, monkeypatch):
     """Rank 0 logs the train scalars at sync points, where the other ranks wait in an
     all-reduce that --timeout bounds. SummaryWriter's own thread writes the events; with
-    its default queue of 10, add_scalar waited for a stalled disk after 4 sync points. A
+    its default queue of 10, add_scalar would wait for a stalled disk from about the 4th
+    sync point on (this test fails with it). A
     --timeout's worth of the `lenet` preset's sync points on an H200 (42,000 events; see
     EVENTS_QUEUED) now queue without a wait, and reach the file once the disk is back."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

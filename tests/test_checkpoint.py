@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import (ROOT, Payload, checkpointed_run, kill_tree, run, signal_tree, start_and_signal, summary, tiny_training_objects,
+from helpers import (ROOT, Payload, checkpointed_run, kill_tree, run, signal_tree, snapshot, start_and_signal, summary, tiny_training_objects,
                      train_command, train_ok, wait_for, write_source)
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -658,14 +658,14 @@ def test_another_runs_checkpoint_does_not_overwrite_a_run_or_finish_with_nothing
     other, finished = tmp_path / "other", tmp_path / "finished"
     train_ok(shards, other, *SMALL)
     train_ok(shards, finished, *SMALL, "--max-steps", "10")
-    files = {p: p.read_bytes() for p in sorted(finished.rglob("*")) if p.is_file()}
+    files = snapshot(finished)
     step_20 = other / "checkpoints" / "step-00000020.pt"
     result = run(train_command(shards, finished, *SMALL, "--resume", step_20))
     assert result.returncode == 2 and result.stderr.strip().splitlines() == [
         f"error: {finished}: already holds a run (metrics.jsonl exists) that this one would not continue "
         "(--resume never, another run's checkpoint, or no valid checkpoint to resume from); pick a new --run-dir"
     ], result.stderr[-3000:]
-    assert {p: p.read_bytes() for p in sorted(finished.rglob("*")) if p.is_file()} == files
+    assert snapshot(finished) == files
     result = run(train_command(shards, tmp_path / "new", *SMALL, "--max-steps", "10", "--resume", step_20))
     assert result.returncode == 2 and result.stderr.strip().splitlines() == [
         f"error: --resume {step_20}: nothing is left to train from it (step 20, 2 epochs done; --epochs 3, --max-steps 10)"
@@ -699,7 +699,7 @@ def test_another_shard_set_is_refused_on_resume_and_a_copy_is_not(shards, tmp_pa
     copied elsewhere resumes."""
     run_dir = tmp_path / "run"
     train_ok(shards, run_dir, *SMALL, "--max-steps", "10")
-    files = {p: p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()}
+    files = snapshot(run_dir)
     reblocked = tmp_path / "reblocked"
     pack(load_source(tmp_path / "src"), reblocked, shard_size=80, block_size=40)  # the `shards` fixture's images
     result = run(train_command(reblocked, run_dir, *SMALL))
@@ -707,7 +707,7 @@ def test_another_shard_set_is_refused_on_resume_and_a_copy_is_not(shards, tmp_pa
         f"error: {run_dir / 'checkpoints' / 'step-00000010.pt'}: was written with a different shard set (--shards: other images, "
         "or packed with another --block-size or --shard-size); resuming would mix two experiments: train with the new settings in a new --run-dir"
     ], result.stderr[-3000:]
-    assert {p: p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()} == files
+    assert snapshot(run_dir) == files
     copy = shutil.copytree(shards, tmp_path / "copy")
     resumed = train_ok(copy, run_dir, *SMALL)
     assert "resuming from" in resumed.stdout and summary(run_dir)["steps"] == 30

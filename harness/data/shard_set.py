@@ -21,7 +21,7 @@ import numpy as np
 
 from harness.data.manifest import MANIFEST_NAME, load_manifest, split_info
 from harness.data.records import IndexedBlock, index_shard, read_rows
-from harness.data.remote import RemoteShards, is_remote
+from harness.data.remote import COMMAND_SCHEMES, RemoteShards, is_remote
 from harness.data.sources import sha256_of
 from harness.errors import HarnessError
 
@@ -54,7 +54,7 @@ class ShardSource:
             if isinstance(location, str) and re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", location) and not os.path.lexists(location):
                 raise HarnessError(
                     f"--shards {location}: no reader for {location.split('://')[0]}:// locations; give a directory, an "
-                    "https://, gs://, sftp://, ftps:// or scp:// URL, or 'pipe:COMMAND {name}' (e.g. 'pipe:aws s3 cp s3://BUCKET/PATH/{name} -')"
+                    f"{', '.join(('https://', *COMMAND_SCHEMES))} URL, or 'pipe:COMMAND {{name}}' (e.g. 'pipe:aws s3 cp s3://BUCKET/PATH/{{name}} -')"
                 )
             self.directory = Path(location)
             self.manifest = load_manifest(self.directory)

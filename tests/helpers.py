@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from harness.cli import main as cli_main
 from harness.data.download import MIRRORS, MNIST_BYTES, MNIST_SHA256, download_mnist  # noqa: F401 (MNIST_*: re-exported for the tests)
@@ -212,9 +213,10 @@ def train_command(shards: Path, run_dir: Path, *train_args, nproc: int = 1, laun
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *launcher_args, *train]
 
 
-# The run of the checkpoint and failure tests (test_checkpoint.py, test_failures.py): 300
-# LeNet steps in 9 macro-batches per epoch (7,000 images each, 70 steps), a sync point
-# every 25 steps and a checkpoint every 50: kills land mid-epoch and mid-macro-batch.
+# The run of the checkpoint, resume, stop and failure tests (test_checkpoint.py,
+# test_resume.py, test_stops.py, test_failures.py): 300 LeNet steps in 9 macro-batches per
+# epoch (7,000 images each, 70 steps), a sync point every 25 steps and a checkpoint every
+# 50: kills land mid-epoch and mid-macro-batch.
 CHECKPOINTED_RUN = ("--preset", "lenet", "--epochs", "1", "--max-steps", "300", "--macro-batch", "7000",
                     "--log-every", "25", "--checkpoint-every", "50", "--threads", "1")
 
@@ -222,6 +224,18 @@ CHECKPOINTED_RUN = ("--preset", "lenet", "--epochs", "1", "--max-steps", "300", 
 def checkpointed_run(shards: Path, run_dir: Path, *extra: str, nproc: int = 1, launcher_args: tuple = ()) -> list[str]:
     """The command of CHECKPOINTED_RUN, with `extra` options after its own."""
     return train_command(shards, run_dir, *CHECKPOINTED_RUN, *extra, nproc=nproc, launcher_args=launcher_args)
+
+
+# A signal lands 1 s after the step-50 checkpoint of CHECKPOINTED_RUN appears
+# (start_and_signal); the 250 steps left take about 5 s on a 2-core Xeon, but a CPU 3x
+# faster would finish first. Rank 0 pauses 5 s before step 130, so the signal lands
+# mid-run on any machine (the weights are unchanged).
+PAUSE = {"HARNESS_TEST_FAULT": "sleep=5@130"}
+
+# The run of the small shard set (conftest's `shards`): 10 steps of 20 images per epoch, a
+# sync point every 5.
+SMALL_RUN = ("--model", "mlp", "--hidden", "32", "--device", "cpu", "--batch-size", "20", "--epochs", "3", "--log-every", "5",
+             "--threads", "1")
 
 
 def train_ok(shards: Path, run_dir: Path, *train_args, nproc: int = 1, launcher_args: tuple = (), env: dict | None = None) -> subprocess.CompletedProcess:
@@ -276,6 +290,23 @@ def free_port() -> int:
 
 def summary(run_dir: Path) -> dict:
     return json.loads((Path(run_dir) / "summary.json").read_text())
+
+
+def checksum(run_dir: Path) -> str:
+    """The run's final parameter checksum (summary.json's param_checksum)."""
+    return summary(run_dir)["param_checksum"]
+
+
+def scalar_events(run_dir: Path, tag: str) -> list:
+    """The points TensorBoard shows for `tag` (step, wall_time, value), over every event file
+    of the run (purges applied)."""
+    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    events.Reload()
+    return events.Scalars(tag)
+
+
+def scalar_steps(run_dir: Path, tag: str) -> list[int]:
+    return [e.step for e in scalar_events(run_dir, tag)]
 
 
 def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:

@@ -254,7 +254,7 @@ def test_a_checkpoint_moves_between_the_gpu_and_the_cpu(mnist_shards, tmp_path):
 
 
 def test_a_second_ctrl_c_does_not_wait_for_a_gpu_checkpoint_write(mnist_shards, tmp_path):
-    """As on the CPU (tests/test_checkpoint.py): the writer takes 60 s over step 50's
+    """As on the CPU (tests/test_stops.py): the writer takes 60 s over step 50's
     checkpoint (its tensors copied off the GPU first), and training, at step 100's
     checkpoint, waits for it. A first Ctrl-C asks for a stop; a second ends the run at once
     (status 130), with no step-50 checkpoint under its real name."""

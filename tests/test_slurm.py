@@ -312,7 +312,7 @@ def test_stopped_job_requeues_itself_and_resumes(slurm_job_name, two_node_run, m
     run_dir = tmp_path / "run"
     # Rank 0 pauses 5 s before step 26, so that a signal sent 1 s after training starts lands
     # mid-run on any machine (the weights are unchanged). A signal during start-up would stop
-    # the run before its first step, with no checkpoint (tests/test_checkpoint.py).
+    # the run before its first step, with no checkpoint (tests/test_stops.py).
     job_id, output = start_job(slurm_job_name, mnist_shards, run_dir, tmp_path, *COMPARED_ARGS, nodes=2,
                                env={"HARNESS_TEST_FAULT": "sleep=5@25"})
     deadline = time.monotonic() + JOB_TIMEOUT

@@ -1,0 +1,218 @@
+"""Stops: SIGTERM, Ctrl-C and preemption checkpoint at a sync point every rank agrees on
+and exit for a requeue, with real processes and real signals."""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+from helpers import (PAUSE, ROOT, SMALL_RUN, checkpointed_run, checksum, kill_tree, run, scalar_steps, signal_tree, start_and_signal, summary,
+                     train_command, train_ok, wait_for)
+
+from harness import checkpoint as ckpt
+from harness.config import load_preset
+from harness.errors import run_guarded
+from harness.stopping import EXIT_STOPPED
+
+
+def sync_points(steps: int = 300, log_every: int = 25, macro_steps: int = 7000 // load_preset("lenet")["batch_size"], checkpoint_every: int = 50) -> set[int]:
+    """Steps after which CHECKPOINTED_RUN's loop syncs: a full --log-every window, a macro-batch's end, a due checkpoint, the last step."""
+    points, window = set(), 0
+    for step in range(1, steps + 1):
+        window += 1
+        if window == log_every or step % macro_steps == 0 or step % checkpoint_every == 0 or step == steps:
+            points.add(step)
+            window = 0
+    return points
+
+
+def test_sigterm_checkpoints_and_exits_with_the_stop_status(mnist_shards, tmp_path, reference):
+    run_dir = tmp_path / "run"
+    stopped = start_and_signal(checkpointed_run(mnist_shards, run_dir), run_dir, signal.SIGTERM, env=PAUSE)
+    assert stopped.returncode == EXIT_STOPPED
+    assert json.loads((run_dir / "stopped.json").read_text())["signal"] == "SIGTERM"
+    markers = ckpt.list_checkpoints(run_dir)
+    stop_step = json.loads(markers[0].read_text())["step"]
+    assert stop_step in sync_points(), stop_step  # every rank stopped at the same sync point
+    assert stop_step < 300
+    result = run(checkpointed_run(mnist_shards, run_dir))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"step {stop_step})" in result.stdout
+    assert checksum(run_dir) == reference[1]
+
+
+def test_a_first_ctrl_c_asks_for_a_stop_and_a_second_interrupts(capsys):
+    """After a stop is asked for, Ctrl-C raises KeyboardInterrupt as Python's own handler
+    does (a stop that takes too long, or a hung run, can still be ended), and a command
+    ends on it with one line and status 130 (128 + SIGINT), as a C tool does."""
+    from harness.errors import run_guarded
+    from harness.stopping import StopRequest
+
+    request = StopRequest()  # (the conftest puts the test process's own handlers back)
+    os.kill(os.getpid(), signal.SIGINT)
+    assert request.signal_name == "SIGINT"  # the flag a SIGTERM sets: the stop that follows is the SIGTERM test's
+    with pytest.raises(KeyboardInterrupt):
+        os.kill(os.getpid(), signal.SIGINT)
+    request = StopRequest()
+    os.kill(os.getpid(), signal.SIGTERM)  # Ctrl-C after a SIGTERM, too
+    assert run_guarded(lambda args: os.kill(os.getpid(), signal.SIGINT), None) == 130
+    assert capsys.readouterr().err == "interrupted\n"
+
+
+def test_a_second_ctrl_c_as_a_stopped_run_ends_keeps_its_stop_status(monkeypatch, capsys):
+    """A second Ctrl-C 0.05-0.1 s after the stop's checkpoint (a reviewer's repro) landed in
+    run_guarded's closing gc.collect: a KeyboardInterrupt traceback, and status 130 for a
+    run that had stopped and checkpointed (75)."""
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(gc, "collect", interrupted)  # where the second SIGINT's handler raised
+    assert run_guarded(lambda args: EXIT_STOPPED, None) == EXIT_STOPPED
+    assert capsys.readouterr().err == ""
+
+
+def test_a_second_ctrl_c_does_not_wait_for_a_checkpoint_write_in_progress(shards, tmp_path):
+    """README: a second SIGINT "ends it at once". The background writer is writing the
+    step-10 checkpoint slowly (60 s, a slow filesystem): the run used to wait it out before
+    it exited (57 s measured), past torchrun's 30 s grace period."""
+    run_dir = tmp_path / "run"
+    cmd = train_command(shards, run_dir, "--model", "mlp", "--hidden", "8", "--epochs", "50", "--batch-size", "20", "--threads", "1", "--device", "cpu")
+    process = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               env={**os.environ, "HARNESS_TEST_FAULT": "slowwrite=60@10:0"})
+    try:
+        metrics = run_dir / "metrics.jsonl"
+        wait_for(lambda: metrics.exists() and metrics.read_text().strip(), 120, "epoch 1's validation")  # its checkpoint comes next
+        time.sleep(1.0)
+        process.send_signal(signal.SIGINT)
+        time.sleep(0.5)
+        process.send_signal(signal.SIGINT)
+        started = time.monotonic()
+        output = process.communicate(timeout=40)[0]
+        assert time.monotonic() - started < 15, output
+        assert process.returncode == 130, output
+        assert "interrupted" in output.splitlines()[-1]
+    finally:
+        kill_tree(process)
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_sigterm_during_start_up_stops_before_training_for_a_requeue(mnist_shards, tmp_path, reference, nproc):
+    """A SIGTERM to every process of the job as soon as rank 0 has joined the process group
+    (Slurm's preemption can come at any time): the ranks finish starting up, agree to stop
+    before their first step, and leave stopped.json for train.sbatch to requeue on. Before,
+    the signal killed the ranks outright and the job was not requeued. The rerun trains
+    from the start (there is no checkpoint) and, with one process, ends as the reference."""
+    run_dir = tmp_path / "run"
+    process = subprocess.Popen(checkpointed_run(mnist_shards, run_dir, nproc=nproc), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    output = []
+    try:
+        for line in process.stdout:  # EOF if the run ends without the line
+            output.append(line)
+            if line.startswith("run directory "):  # rank 0's first line, once every rank has joined
+                signal_tree(process, signal.SIGTERM)
+                break
+        output.append(process.communicate(timeout=120)[0])
+    finally:
+        if process.poll() is None:
+            signal_tree(process, signal.SIGKILL)
+            process.wait()
+    output = "".join(output)
+    assert "SIGTERM: stopped at step 0 before training, with nothing new to checkpoint" in output, output[-3000:]
+    if nproc == 1:
+        assert process.returncode == EXIT_STOPPED and "Traceback" not in output
+    else:  # torchrun's agent, signalled too, exits 1 and prints its SignalException's traceback
+        assert "[rank 1] WARNING SIGTERM: stopped at step 0 before training" in output
+    assert json.loads((run_dir / "stopped.json").read_text()) == {"step": 0, "signal": "SIGTERM"}
+    assert ckpt.list_checkpoints(run_dir) == []
+    result = run(checkpointed_run(mnist_shards, run_dir, nproc=nproc))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert summary(run_dir)["steps"] == 300 and not (run_dir / "stopped.json").exists()
+    assert checksum(run_dir) == reference[nproc]
+
+
+def test_a_stop_at_an_epochs_end_waits_for_its_validation_and_checkpoint(shards, tmp_path):
+    """A SIGTERM during an epoch's last step stops the run after that epoch's validation,
+    with the epoch's checkpoint: a step is checkpointed once, in the state a resume
+    continues from. The resumed run ends as an uninterrupted one, and TensorBoard shows
+    each step once, the stop step's points included."""
+    train_ok(shards, tmp_path / "whole", *SMALL_RUN)
+    run_dir = tmp_path / "stopped"
+    stopped = run(train_command(shards, run_dir, *SMALL_RUN), env={"HARNESS_TEST_FAULT": "term@9"})  # during step 10
+    assert stopped.returncode == EXIT_STOPPED, stopped.stderr[-3000:]
+    assert json.loads((run_dir / "stopped.json").read_text())["step"] == 10
+    (marker,) = ckpt.list_checkpoints(run_dir)
+    loop = ckpt.load_verified(marker)["loop"]
+    assert (loop["step"], loop["epoch"], loop["macro"], loop["last_metrics"]["epoch"]) == (10, 1, 0, 1)  # validated, then saved
+    resumed = train_ok(shards, run_dir, *SMALL_RUN)
+    assert "resuming from" in resumed.stdout
+    assert summary(run_dir)["param_checksum"] == summary(tmp_path / "whole")["param_checksum"]
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in metrics] == [1, 2, 3]
+    for tag in ("train/loss", "val/loss", "val/accuracy"):
+        assert scalar_steps(run_dir, tag) == scalar_steps(tmp_path / "whole", tag), tag
+
+
+def test_a_stop_during_validation_stops_between_the_epochs_with_the_epochs_checkpoint(shards, tmp_path):
+    """A SIGTERM to rank 0 while it validates epoch 1, after the epoch's last sync point:
+    both ranks stop before epoch 2 (the all-reduce between epochs), with epoch 1's
+    checkpoint, not at epoch 2's first sync point; resumed, the run ends as an
+    uninterrupted one. (Rank 1 had no signal: torchrun forwards none here.)"""
+    train_ok(shards, tmp_path / "whole", *SMALL_RUN, nproc=2)
+    run_dir = tmp_path / "stopped"
+    stopped = run(train_command(shards, run_dir, *SMALL_RUN, nproc=2), env={"HARNESS_TEST_FAULT": "termval@10"})
+    output = stopped.stdout + stopped.stderr
+    assert json.loads((run_dir / "stopped.json").read_text()) == {"step": 10, "signal": "SIGTERM"}, output[-3000:]
+    assert "[rank 1] WARNING stop signal on another rank: stopped at step 10" in output, output[-3000:]
+    (marker,) = ckpt.list_checkpoints(run_dir)
+    loop = ckpt.load_verified(marker)["loop"]
+    assert (loop["step"], loop["epoch"], loop["macro"]) == (10, 1, 0)
+    resumed = train_ok(shards, run_dir, *SMALL_RUN, nproc=2)
+    assert "resuming from" in resumed.stdout
+    assert summary(run_dir)["param_checksum"] == summary(tmp_path / "whole")["param_checksum"]
+
+
+def test_an_extended_run_stopped_at_its_new_last_step_finishes_when_rerun(shards, tmp_path):
+    """A finished run extended with a larger --max-steps, and stopped by a signal at its
+    new last step (mid-epoch 2): the rerun has nothing left to train, but the summary.json
+    there is the shorter run's, so it finishes now: the summary, model.pt and the metrics
+    line of the partial epoch are an uninterrupted 15-step run's, and stopped.json goes.
+    (It used to take the old summary for its own, and keep all three stale for good; and
+    the resume dropped the partial epoch's line, which nothing wrote again.)"""
+    whole, run_dir = tmp_path / "whole", tmp_path / "run"
+    train_ok(shards, whole, *SMALL_RUN, "--max-steps", "15")
+    train_ok(shards, run_dir, *SMALL_RUN, "--max-steps", "12")
+    stopped = run(train_command(shards, run_dir, *SMALL_RUN, "--max-steps", "15"), env={"HARNESS_TEST_FAULT": "term@14"})  # during step 15
+    assert stopped.returncode == EXIT_STOPPED, stopped.stderr[-3000:]
+    assert json.loads((run_dir / "stopped.json").read_text())["step"] == 15 and summary(run_dir)["steps"] == 12
+    rerun = train_ok(shards, run_dir, *SMALL_RUN, "--max-steps", "15")
+    assert "nothing to train" not in rerun.stdout
+    assert not (run_dir / "stopped.json").exists()
+    assert summary(run_dir)["steps"] == 15 and summary(run_dir)["param_checksum"] == summary(whole)["param_checksum"]
+    assert torch.equal(torch.load(run_dir / "model.pt")["1.weight"], torch.load(whole / "model.pt")["1.weight"])
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [(m["epoch"], m["step"]) for m in metrics] == [(1, 10), (2, 15)]
+    again = train_ok(shards, run_dir, *SMALL_RUN, "--max-steps", "15")  # now it has finished
+    assert "this run has finished (summary.json); nothing to train" in again.stdout
+
+
+def test_a_slow_stop_record_on_rank_0_does_not_fail_the_job(shards, tmp_path):
+    """Rank 0 takes 12 s over stopped.json (a slow shared filesystem), over twice --timeout:
+    rank 1 waits on rank 0's heartbeat, as it does through a slow checkpoint write, and both
+    stop with the record a batch script requeues by. (Rank 1 used to wait in a barrier,
+    which --timeout bounds: the job failed instead.)"""
+    run_dir = tmp_path / "run"
+    command = train_command(shards, run_dir, *SMALL_RUN, "--timeout", "5", nproc=2)
+    stopped = run(command, env={"HARNESS_TEST_FAULT": "slowstop=12@7:1"})  # rank 1 signalled during step 8
+    output = stopped.stdout + stopped.stderr
+    assert json.loads((run_dir / "stopped.json").read_text()) == {"step": 10, "signal": "stop signal on another rank"}, output[-3000:]
+    assert output.count("stopped at step 10 and checkpointed; run again to resume") == 2, output[-3000:]
+    assert "exitcode: 75" in output and "exitcode: 1" not in output, output[-3000:]  # torchrun's account of its ranks
+    resumed = train_ok(shards, run_dir, *SMALL_RUN, "--timeout", "5", nproc=2)
+    assert "resuming from" in resumed.stdout and summary(run_dir)["steps"] == 30

@@ -1,5 +1,6 @@
 """Checkpoint files: written atomically, verified, pruned and set aside, and read with a
-fallback to the previous one; rank 0 writing them slowly does not fail the job."""
+fallback to the previous one; rank 0 writing them (or its event file) slowly does not
+fail the job."""
 
 from __future__ import annotations
 

@@ -10,11 +10,13 @@ while rank 0 alone validates or writes files the others wait on its heartbeat
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import datetime
 import hashlib
 import logging
 import os
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -340,8 +342,23 @@ def check_same_device_type(ctx: DistContext) -> None:
         raise HarnessError(f"ranks are on different kinds of device ({where}): give every node GPUs, or run all ranks with --device cpu")
 
 
+# Process groups that shutdown() destroyed while a failed or stopped run's exception was on
+# its way out, kept here until the interpreter begins to exit. That exception's traceback
+# holds the Trainer, its DDP model, and the model's C++ Reducer, which holds the group too.
+# Whoever drops the group's last reference runs ~ProcessGroupGloo, which joins gloo's
+# worker threads, and a worker still freeing a finished collective's tensors needs the GIL
+# for that. Dropped by the Reducer, when the traceback is freed, the destructor runs with
+# the GIL held, and the two wait on each other for ever (pytorch/pytorch#56297; seen after
+# a NaN stop on a busy CPU: the rank deaf to SIGTERM until torchrun's SIGKILL, 30 s on).
+# Held here, the last reference is this Python one, whose destructor lets go of the GIL.
+_groups_of_failed_runs: list[dist.ProcessGroup] = []
+atexit.register(_groups_of_failed_runs.clear)  # before teardown, while gloo's threads can still take the GIL
+
+
 def shutdown(ctx: DistContext) -> None:
     if ctx.distributed and dist.is_initialized():
+        if sys.exc_info()[1] is not None:  # called on the way out of a failed run: see above
+            _groups_of_failed_runs.append(dist.group.WORLD)
         dist.destroy_process_group()
     ctx.backend = ""
 

@@ -325,6 +325,43 @@ def test_process_group_is_gone_after_shutdown(tmp_path):
     assert result.stdout.count("gloo threads after shutdown: []") == 2, result.stdout
 
 
+def test_a_run_that_fails_with_a_collective_in_flight_still_exits(tmp_path):
+    """A failed or stopped run leaves through an exception whose traceback holds its DDP
+    model, whose C++ Reducer holds the process group. Here rank 0 fails with an all-gather
+    in flight, shaped as harness.train.train fails; rank 1 joins the all-gather 3 s later,
+    so gloo's worker finishes it, and must take the GIL to free its tensors, after the
+    exception has been freed. When the Reducer dropped the group's last reference, that
+    ran ~ProcessGroupGloo with the GIL held, joining the very worker that waited for the
+    GIL: both ranks hung for good (a NaN stop on a busy CPU did so now and then). The
+    harness keeps such a group until exit, so each rank prints its error and exits."""
+    probe = tmp_path / "probe.py"
+    probe.write_text(
+        "import sys, time, torch, torch.distributed as dist\n"
+        "from torch.nn.parallel import DistributedDataParallel\n"
+        "from harness import distributed\n"
+        "from harness.errors import HarnessError, run_guarded\n"
+        "def failing_run(args):\n"
+        "    ctx = distributed.init_distributed('cpu', 60)\n"
+        "    try:\n"
+        "        model = DistributedDataParallel(torch.nn.Linear(4, 2))\n"
+        "        if ctx.rank == 1:\n"
+        "            time.sleep(3)\n"
+        "        dist.all_gather([torch.zeros(1), torch.zeros(1)], torch.ones(1), async_op=True)\n"
+        "        raise HarnessError(f'rank {ctx.rank} failed with its {type(model).__name__} in the traceback')\n"
+        "    finally:\n"
+        "        distributed.shutdown(ctx)\n"
+        "sys.exit(run_guarded(failing_run, None))\n"
+    )
+    # About 7 s on a 2-core Xeon (3 s of it rank 1's sleep); the deadlock never ended.
+    result = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(probe)], timeout=120)
+    assert result.returncode != 0
+    for rank in (0, 1):
+        assert f"error: rank {rank} failed with its DistributedDataParallel in the traceback" in result.stderr, result.stderr[-3000:]
+    # torchrun SIGTERMs the ranks still running when the first one fails; a rank that
+    # cannot act on it (the deadlock holds the GIL) it SIGKILLs 30 s later.
+    assert "forcefully exiting" not in result.stderr
+
+
 def test_every_error_of_a_timed_out_gloo_group_is_reported_as_a_timeout(tmp_path):
     """Rank 1 never joins rank 0's three all-reduces (as DDP's buckets are in flight
     together). The first times out; gloo then closes the group's pairs, and the later

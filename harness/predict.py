@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,7 @@ import torch
 
 from harness.checkpoint import load_newest_valid, load_verified, stats_problem, structure_mismatch
 from harness.config import MAX_HIDDEN_LAYERS, MAX_PARAMETERS, TrainConfig, config_from_saved
-from harness.errors import HarnessError
+from harness.errors import EXIT_USAGE, HarnessError
 from harness.models import build_model
 from harness.normalize import STATS_USED, Normalizer
 from harness.report import SUMMARY_SCHEMA, load_torch_file, model_state, read_run_json
@@ -136,10 +137,20 @@ def shard_images(shards: str | Path, split: str, indices: list[int]) -> tuple[li
     return [f"{split}[{i}]" for i in indices], images[indices], [int(labels[i]) for i in indices]
 
 
-def file_images(paths: list[Path]) -> tuple[list[str], np.ndarray, list[None]]:
+def file_images(paths: list[Path]) -> tuple[list[str], np.ndarray, list[None], list[dict]]:
+    """The pictures that could be read, as MNIST-style images, and an error for each that
+    could not: one bad file among many does not cost the others their predictions."""
     from harness.digit_image import load_digit
 
-    return [str(p) for p in paths], np.stack([load_digit(p) for p in paths]), [None] * len(paths)
+    names, digits, errors = [], [], []
+    for path in paths:
+        try:
+            digits.append(load_digit(path))
+            names.append(str(path))
+        except HarnessError as e:
+            errors.append({"input": str(path), "error": str(e)})
+    images = np.stack(digits) if digits else np.zeros((0, 28, 28), np.uint8)
+    return names, images, [None] * len(names), errors
 
 
 def format_prediction(row: dict) -> str:
@@ -153,13 +164,16 @@ def run_predict(args) -> int:
     if bool(args.images) == (args.index is not None):
         raise HarnessError("give image files, or --shards DIR --index N (not both)")
     trained = load_trained(args.model, args.shards)
+    errors = []
     if args.images:
-        names, images, labels = file_images(args.images)
+        names, images, labels, errors = file_images(args.images)
     else:
         names, images, labels = shard_images(args.shards, args.split, args.index)
-    rows = predictions(names, images, trained, labels)
+    for error in errors:
+        print(f"error: {error['error']}", file=sys.stderr)
+    rows = predictions(names, images, trained, labels) if names else []
     if args.json:
-        print(json.dumps({"model": str(trained.source), "predictions": rows}))
-    else:
+        print(json.dumps({"model": str(trained.source), "predictions": rows, "errors": errors}))
+    elif rows:
         print("\n".join(format_prediction(row) for row in rows))
-    return 0
+    return EXIT_USAGE if errors else 0

@@ -306,6 +306,30 @@ def test_predict_errors_are_clear(run_dir, tmp_path, capsys):
     assert status == 2 and "give image files, or --shards DIR --index N" in err
 
 
+def test_a_bad_picture_among_several_costs_the_others_nothing(run_dir, test_digits, tmp_path, capsys):
+    """Each picture that can be read gets its prediction, in the order given, and each that
+    cannot gets its error line; the exit status says that some failed."""
+    images, _ = test_digits
+    on_paper(images[0]).save(tmp_path / "first.png")
+    (tmp_path / "notes.png").write_text("not a picture")
+    on_paper(images[1]).save(tmp_path / "last.png")
+    files = [tmp_path / "first.png", tmp_path / "notes.png", tmp_path / "missing.png", tmp_path / "last.png"]
+    status, out, err = cli(capsys, "predict", run_dir, *files)
+    assert status == 2
+    assert [line.split(": ")[0] for line in out.splitlines() if not line.startswith(" ")] == [str(files[0]), str(files[3])], out
+    errors = err.splitlines()
+    assert len(errors) == 2, err
+    assert errors[0].startswith(f"error: {files[1]}: not a readable image") and errors[1] == f"error: {files[2]}: file not found"
+    status, out, err = cli(capsys, "predict", run_dir, *files, "--json")
+    printed = json.loads(out)
+    assert status == 2 and err.count("\n") == 2
+    assert [r["input"] for r in printed["predictions"]] == [str(files[0]), str(files[3])]
+    assert [e["input"] for e in printed["errors"]] == [str(files[1]), str(files[2])]
+    assert printed["errors"][1]["error"] == f"{files[2]}: file not found"
+    alone = [json.loads(cli(capsys, "predict", run_dir, f, "--json")[1])["predictions"][0] for f in (files[0], files[3])]
+    assert printed["predictions"] == alone  # the same figures as each picture predicted by itself
+
+
 def test_predict_checks_the_runs_normalisation_statistics(run_dir, tmp_path, capsys):
     """summary.json's normalization_stats are checked as the manifest's train_stats are: a
     copied run with them damaged is one error line naming the file, not a traceback."""

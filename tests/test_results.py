@@ -327,7 +327,12 @@ def test_a_bad_picture_among_several_costs_the_others_nothing(run_dir, test_digi
     assert [e["input"] for e in printed["errors"]] == [str(files[1]), str(files[2])]
     assert printed["errors"][1]["error"] == f"{files[2]}: file not found"
     alone = [json.loads(cli(capsys, "predict", run_dir, f, "--json")[1])["predictions"][0] for f in (files[0], files[3])]
-    assert printed["predictions"] == alone  # the same figures as each picture predicted by itself
+    for together, by_itself in zip(printed["predictions"], alone):  # as each picture predicted by itself
+        # Up to float rounding: a batch of one image or of two may take other conv kernels.
+        # Outputs differed by at most 3e-8 (64 test images, 1 and 2 threads), then a printed
+        # figure's last of 6 decimals can flip: 1e-5 allows that ten times over.
+        assert together["predicted"] == by_itself["predicted"]
+        assert together["outputs"] == pytest.approx(by_itself["outputs"], abs=1e-5)
 
 
 def test_predict_checks_the_runs_normalisation_statistics(run_dir, tmp_path, capsys):

@@ -24,14 +24,14 @@ from harness.errors import HarnessError
 from harness.run_outputs import prepare_run_dir
 
 
-def test_truncated_newest_checkpoint_falls_back_to_the_previous(mnist_shards, tmp_path, reference):
+def test_truncated_newest_checkpoint_falls_back_to_the_previous(quick_shards, tmp_path, reference):
     run_dir = tmp_path / "run"
-    result = run(checkpointed_run(mnist_shards, run_dir, "--max-steps", "150", "--keep-checkpoints", "5"))
+    result = run(checkpointed_run(quick_shards, run_dir, "--max-steps", "150", "--keep-checkpoints", "5"))
     assert result.returncode == 0, result.stderr[-3000:]
     newest = ckpt.list_checkpoints(run_dir)[0].with_suffix(".pt")
     assert newest.name == "step-00000150.pt"
     newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
-    result = run(checkpointed_run(mnist_shards, run_dir))
+    result = run(checkpointed_run(quick_shards, run_dir))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "skipping checkpoint" in result.stdout + result.stderr and "step-00000150.pt" in result.stdout + result.stderr
     assert "step 100)" in result.stdout
@@ -307,19 +307,19 @@ def test_disk_full_leaves_no_partial_checkpoint(tmp_path, monkeypatch):
     assert ckpt.load_newest_valid(tmp_path)[1]["loop"]["step"] == 1
 
 
-def test_unwritable_run_dir_is_a_clear_error(mnist_shards, tmp_path):
+def test_unwritable_run_dir_is_a_clear_error(quick_shards, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("")
-    result = run(checkpointed_run(mnist_shards, blocker / "run"))
+    result = run(checkpointed_run(quick_shards, blocker / "run"))
     assert result.returncode == 2 and "not writable" in result.stderr and str(blocker) in result.stderr
 
 
-def test_slow_checkpoint_write_on_rank_0_does_not_fail_the_job(mnist_shards, tmp_path, reference):
+def test_slow_checkpoint_write_on_rank_0_does_not_fail_the_job(quick_shards, tmp_path, reference):
     """Rank 0 takes 20 s to write the step-50 checkpoint (a slow shared filesystem), twice
     --timeout: rank 1 waits on rank 0's heartbeat instead of timing out, and the run ends
     with the uninterrupted run's weights."""
     run_dir = tmp_path / "run"
-    result = run(checkpointed_run(mnist_shards, run_dir, "--timeout", "10", nproc=2), env={"HARNESS_TEST_FAULT": "slowsave=20@50:0"})
+    result = run(checkpointed_run(quick_shards, run_dir, "--timeout", "10", nproc=2), env={"HARNESS_TEST_FAULT": "slowsave=20@50:0"})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert checksum(run_dir) == reference[2]
     assert summary(run_dir)["loop_seconds_by_part"]["checkpoints"] >= 20  # the slow write happened, inside the loop
@@ -372,13 +372,13 @@ def test_a_start_removes_the_temporary_files_of_killed_writes(tmp_path, caplog):
     assert "removed 2 temporary file(s) of writes an earlier attempt did not finish" in caplog.text
 
 
-def test_training_goes_on_while_a_checkpoint_file_is_written(mnist_shards, tmp_path, reference):
+def test_training_goes_on_while_a_checkpoint_file_is_written(quick_shards, tmp_path, reference):
     """The file of the step-150 checkpoint takes 3 s longer to write, on rank 0's background
     writer. Training goes on meanwhile and waits only for what is left of the write at the
     end (step 300), so the loop's checkpoint time is well under the 3 s a write on the
     training thread would cost. The weights are those of an uninterrupted run."""
     run_dir, slow = tmp_path / "run", 3.0
-    result = run(checkpointed_run(mnist_shards, run_dir, "--checkpoint-every", "150"), env={"HARNESS_TEST_FAULT": f"slowwrite={slow:g}@150"})
+    result = run(checkpointed_run(quick_shards, run_dir, "--checkpoint-every", "150"), env={"HARNESS_TEST_FAULT": f"slowwrite={slow:g}@150"})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     parts = summary(run_dir)["loop_seconds_by_part"]
     # Training overlapped the write by the 150 steps' time (steps 150-300 are half the

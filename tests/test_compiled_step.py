@@ -152,11 +152,11 @@ def test_inductor_kernels_match_the_eager_step_closely():
     assert losses == pytest.approx(eager_losses, rel=1e-5)
 
 
-def test_a_compiler_that_cannot_build_the_step_is_one_clear_error(mnist_shards, tmp_path):
+def test_a_compiler_that_cannot_build_the_step_is_one_clear_error(quick_shards, tmp_path):
     """torch.compile without a working C++ compiler (inductor's CPU kernels need one, as its
     Triton kernels do on a GPU): one error line naming the option and the cause, no traceback,
     exit status 2, and no run outputs beyond the run directory."""
-    result = run_cli("train", "--preset", "lenet", "--shards", mnist_shards, "--run-dir", tmp_path / "run", "--max-steps", "1",
+    result = run_cli("train", "--preset", "lenet", "--shards", quick_shards, "--run-dir", tmp_path / "run", "--max-steps", "1",
                      "--device", "cpu", "--compile", "default",
                      env={"CXX": str(tmp_path / "no-such-compiler"), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor-cache")})
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]

@@ -110,10 +110,10 @@ def test_saved_files_hold_cpu_tensors():
     assert loaded["step"] == 4 and loaded["model"]["w"].device.type == "cpu"
 
 
-def test_bf16_autocast_from_accelerates_environment(mnist_shards, tmp_path):
+def test_bf16_autocast_from_accelerates_environment(quick_shards, tmp_path):
     """accelerate exports its mixed_precision to the ranks; bf16 autocast then really runs:
     the weights differ from an fp32 run's, and training still works."""
-    args = ("train", "--preset", "lenet", "--shards", mnist_shards, "--max-steps", "30", "--threads", "1", "--device", "cpu")
+    args = ("train", "--preset", "lenet", "--shards", quick_shards, "--max-steps", "30", "--threads", "1", "--device", "cpu")
     bf16 = run_cli(*args, "--run-dir", tmp_path / "bf16", env={"ACCELERATE_MIXED_PRECISION": "bf16"})
     fp32 = run_cli(*args, "--run-dir", tmp_path / "fp32", env={"ACCELERATE_MIXED_PRECISION": "no"})
     assert bf16.returncode == 0 and fp32.returncode == 0, bf16.stderr + fp32.stderr
@@ -131,9 +131,9 @@ def test_bf16_autocast_from_accelerates_environment(mnist_shards, tmp_path):
     assert resumed.returncode == 2 and "different --precision" in resumed.stderr
 
 
-def test_channels_last_gives_the_same_step(mnist_shards, tmp_path):
+def test_channels_last_gives_the_same_step(quick_shards, tmp_path):
     """A memory layout, not a different computation: one step agrees within float noise."""
-    args = ("train", "--preset", "lenet", "--shards", mnist_shards, "--max-steps", "1", "--threads", "1", "--device", "cpu")
+    args = ("train", "--preset", "lenet", "--shards", quick_shards, "--max-steps", "1", "--threads", "1", "--device", "cpu")
     assert run_cli(*args, "--run-dir", tmp_path / "a").returncode == 0
     assert run_cli(*args, "--run-dir", tmp_path / "b", "--channels-last").returncode == 0
     a, b = (torch.load(tmp_path / d / "model.pt", weights_only=True) for d in "ab")
@@ -176,8 +176,8 @@ def test_compile_modes_by_device_and_world_size():
                 compile_mode(graphed, ctx)
 
 
-def test_cuda_graph_on_the_cpu_is_one_clear_error(mnist_shards, tmp_path):
-    result = run_cli("train", "--preset", "lenet", "--shards", mnist_shards, "--run-dir", tmp_path / "run", "--max-steps", "1",
+def test_cuda_graph_on_the_cpu_is_one_clear_error(quick_shards, tmp_path):
+    result = run_cli("train", "--preset", "lenet", "--shards", quick_shards, "--run-dir", tmp_path / "run", "--max-steps", "1",
                      "--device", "cpu", "--compile", "cuda-graph")
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert "--compile cuda-graph needs one rank on a GPU" in result.stderr

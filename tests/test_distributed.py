@@ -141,14 +141,14 @@ def test_world_size_invariance(short_runs):
     assert max_weight_diff(one, checkpoint_weights(short_runs / "w1", 100)) > 10 * FIFTY_STEPS_TOLERANCE
 
 
-def test_two_ranks_streaming_from_a_url_match_one_process(mnist_shards, tmp_path, monkeypatch):
+def test_two_ranks_streaming_from_a_url_match_one_process(quick_shards, tmp_path, monkeypatch):
     """Macro-batches of 5,000 (so every rank reads only its own images, from the shards'
     offsets), two ranks fetching the shards from a loopback HTTP server into one cache: the
     same weights as one process reading the local directory, up to summation order."""
     monkeypatch.setenv("NO_PROXY", "127.0.0.1")
     args = ("--preset", "lenet", "--lr", "0.02", "--max-steps", "50", "--macro-batch", "5000", "--threads", "1")
-    train_ok(mnist_shards, tmp_path / "local", *args)
-    server = ShardServer(mnist_shards)
+    train_ok(quick_shards, tmp_path / "local", *args)
+    server = ShardServer(quick_shards)
     try:
         torchrun(2, server.url, tmp_path / "url", *args, "--shard-cache", tmp_path / "cache")
     finally:
@@ -206,23 +206,23 @@ ONE_STEP = ("--preset", "lenet", "--max-steps", "1", "--threads", "1")
 
 
 @pytest.fixture(scope="module")
-def one_step(mnist_shards, tmp_path_factory):
+def one_step(quick_shards, tmp_path_factory):
     """One LeNet step in one process: the run that one DDP step must equal."""
     run_dir = tmp_path_factory.mktemp("one-step") / "w1"
-    train_ok(mnist_shards, run_dir, *ONE_STEP)
+    train_ok(quick_shards, run_dir, *ONE_STEP)
     return run_dir
 
 
 @pytest.mark.parametrize("world_size", [2, 4])
-def test_one_ddp_step_equals_one_step_on_the_global_batch(mnist_shards, one_step, tmp_path, world_size):
-    torchrun(world_size, mnist_shards, tmp_path / "many", *ONE_STEP)
+def test_one_ddp_step_equals_one_step_on_the_global_batch(quick_shards, one_step, tmp_path, world_size):
+    torchrun(world_size, quick_shards, tmp_path / "many", *ONE_STEP)
     assert max_param_diff(one_step, tmp_path / "many") < ONE_STEP_TOLERANCE
 
 
-def test_two_torchrun_agents_rendezvous_on_loopback(mnist_shards, tmp_path):
+def test_two_torchrun_agents_rendezvous_on_loopback(quick_shards, tmp_path):
     """launch/multinode.sh started twice, as on two nodes: c10d rendezvous on 127.0.0.1."""
     endpoint = f"127.0.0.1:{free_port()}"
-    env = {**os.environ, "SHARDS": str(mnist_shards), "RUN_DIR": str(tmp_path / "run"), "RDZV_ID": f"test-{os.getpid()}",
+    env = {**os.environ, "SHARDS": str(quick_shards), "RUN_DIR": str(tmp_path / "run"), "RDZV_ID": f"test-{os.getpid()}",
            "HARNESS_TEST_RANK_WEIGHTS": str(tmp_path / "ranks")}
     agents = [
         subprocess.Popen(
@@ -251,18 +251,18 @@ def launch_script(script: str, shards, run_dir, *args: str, env: dict | None = N
     return summary(run_dir)
 
 
-def test_accelerate_launch_two_processes(mnist_shards, tmp_path):
-    s = launch_script("accelerate.sh", mnist_shards, tmp_path / "run", "2", "lenet", "--max-steps", "20",
+def test_accelerate_launch_two_processes(quick_shards, tmp_path):
+    s = launch_script("accelerate.sh", quick_shards, tmp_path / "run", "2", "lenet", "--max-steps", "20",
                       env={"MAIN_PROCESS_PORT": str(free_port()), "HARNESS_TEST_RANK_WEIGHTS": str(tmp_path / "ranks")})
     assert s["world_size"] == 2 and s["steps_per_rank"] == [20, 20]
     first, second = rank_weights(tmp_path / "ranks")
     assert all(torch.equal(first[k], second[k]) for k in first)
 
 
-def test_dev_and_torchrun_launchers(mnist_shards, tmp_path):
-    dev = launch_script("dev.sh", mnist_shards, tmp_path / "dev", "lenet", "--max-steps", "10", "--threads", "1")
+def test_dev_and_torchrun_launchers(quick_shards, tmp_path):
+    dev = launch_script("dev.sh", quick_shards, tmp_path / "dev", "lenet", "--max-steps", "10", "--threads", "1")
     assert dev["world_size"] == 1 and dev["steps"] == 10
-    two = launch_script("torchrun.sh", mnist_shards, tmp_path / "two", "2", "lenet", "--max-steps", "10", "--threads", "1")
+    two = launch_script("torchrun.sh", quick_shards, tmp_path / "two", "2", "lenet", "--max-steps", "10", "--threads", "1")
     assert two["world_size"] == 2 and two["steps_per_rank"] == [10, 10]
     # the same global batches: equal up to float summation order after 10 steps
     assert max_param_diff(tmp_path / "dev", tmp_path / "two") < TEN_STEPS_TOLERANCE
@@ -287,8 +287,8 @@ def test_uneven_shards_full_epoch_equal_steps(uneven_shards, tmp_path, world_siz
     assert len(ranks) == world_size and all(torch.equal(r[k], ranks[0][k]) for r in ranks for k in r)
 
 
-def test_batch_not_divisible_by_world_size_fails_fast(mnist_shards, tmp_path):
-    result = run(train_command(mnist_shards, tmp_path / "run", "--preset", "lenet", "--batch-size", "66", nproc=4), timeout=120)
+def test_batch_not_divisible_by_world_size_fails_fast(quick_shards, tmp_path):
+    result = run(train_command(quick_shards, tmp_path / "run", "--preset", "lenet", "--batch-size", "66", nproc=4), timeout=120)
     assert result.returncode != 0
     assert "--batch-size 66 is not divisible by the world size 4" in result.stdout + result.stderr
 
@@ -414,11 +414,11 @@ def test_ranks_on_different_kinds_of_device_stop_with_one_clear_error(tmp_path):
         assert f"rank {rank}: ranks are on different kinds of device (rank 0: cpu, rank 1: cuda)" in result.stdout
 
 
-def test_a_rank_whose_partners_never_come_gets_one_clear_error(mnist_shards, tmp_path):
+def test_a_rank_whose_partners_never_come_gets_one_clear_error(quick_shards, tmp_path):
     """Rank 0 of two, started alone (a partner that crashed before joining, or one given
     another MASTER_PORT): one error line after --timeout, not a traceback."""
     env = {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
-    result = run(train_command(mnist_shards, tmp_path / "run", "--preset", "lenet", "--max-steps", "5", "--timeout", "3"), env=env, timeout=120)
+    result = run(train_command(quick_shards, tmp_path / "run", "--preset", "lenet", "--max-steps", "5", "--timeout", "3"), env=env, timeout=120)
     assert result.returncode == 1, result.stderr
     [line] = result.stderr.strip().splitlines()
     # torch's own words in the parentheses (here "Timed out after 4 seconds waiting for clients. 1/2 clients joined.")
@@ -444,10 +444,10 @@ def test_a_store_that_accepts_but_never_answers_ends_the_join(tmp_path):
     assert line.startswith(f"error: rank 1: could not join the process group at 127.0.0.1:{port} (no answer from the process group's store within 14 s"), line
 
 
-def test_world_size_without_the_rest_of_the_launchers_environment_is_refused(mnist_shards, tmp_path):
+def test_world_size_without_the_rest_of_the_launchers_environment_is_refused(quick_shards, tmp_path):
     """WORLD_SIZE=2 alone (a stray export) would train one process as if it were one of two,
     and then fail in DDP's constructor with a traceback."""
-    result = run(train_command(mnist_shards, tmp_path / "run", "--preset", "lenet", "--max-steps", "5"), env={"WORLD_SIZE": "2", "RANK": "0"})
+    result = run(train_command(quick_shards, tmp_path / "run", "--preset", "lenet", "--max-steps", "5"), env={"WORLD_SIZE": "2", "RANK": "0"})
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         "error: WORLD_SIZE=2 is set but MASTER_ADDR and MASTER_PORT are not: start the ranks with torchrun "
@@ -456,10 +456,10 @@ def test_world_size_without_the_rest_of_the_launchers_environment_is_refused(mni
 
 
 @pytest.mark.parametrize("env", [{"RANK": "1"}, {"RANK": "2", "WORLD_SIZE": "2"}, {"RANK": "-1"}])
-def test_a_rank_outside_the_world_size_is_refused(mnist_shards, tmp_path, env):
+def test_a_rank_outside_the_world_size_is_refused(quick_shards, tmp_path, env):
     """A stray RANK=1 with no WORLD_SIZE made the process take rank 1 of 1's slices: an
     IndexError traceback from the stream."""
-    result = run(train_command(mnist_shards, tmp_path / "run", "--preset", "lenet", "--max-steps", "5"), env=env)
+    result = run(train_command(quick_shards, tmp_path / "run", "--preset", "lenet", "--max-steps", "5"), env=env)
     assert result.returncode == 2
     unset = "" if "WORLD_SIZE" in env else " (unset)"
     assert result.stderr.strip().splitlines() == [

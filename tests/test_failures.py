@@ -15,10 +15,10 @@ from helpers import CHECKPOINTED_RUN, ROOT, checkpointed_run, free_port, kill_tr
 from harness import checkpoint as ckpt
 
 
-def test_nan_on_one_rank_stops_every_rank_naming_the_step(mnist_shards, tmp_path):
+def test_nan_on_one_rank_stops_every_rank_naming_the_step(quick_shards, tmp_path):
     run_dir = tmp_path / "run"
     started = time.monotonic()
-    result = run(checkpointed_run(mnist_shards, run_dir, nproc=2), env={"HARNESS_TEST_FAULT": "nan@60:1"}, timeout=240)
+    result = run(checkpointed_run(quick_shards, run_dir, nproc=2), env={"HARNESS_TEST_FAULT": "nan@60:1"}, timeout=240)
     output = result.stdout + result.stderr
     assert result.returncode != 0
     assert "loss is NaN or infinite at step 61 on rank 1" in output
@@ -31,13 +31,13 @@ def test_nan_on_one_rank_stops_every_rank_naming_the_step(mnist_shards, tmp_path
 
 
 @pytest.mark.parametrize("nproc", [1, 2])
-def test_an_overflowed_update_is_not_checkpointed(mnist_shards, tmp_path, nproc):
+def test_an_overflowed_update_is_not_checkpointed(quick_shards, tmp_path, nproc):
     """The update of step 100 leaves an infinite weight on the last rank, and step 100 is
     checkpointed before any loss has seen it: every rank stops there with the same clear
     error instead of writing it (which would have been the checkpoint a resume loads), and
     the step-50 one stays newest."""
     run_dir = tmp_path / "run"
-    result = run(checkpointed_run(mnist_shards, run_dir, nproc=nproc), env={"HARNESS_TEST_FAULT": f"infweights@99:{nproc - 1}"}, timeout=240)
+    result = run(checkpointed_run(quick_shards, run_dir, nproc=nproc), env={"HARNESS_TEST_FAULT": f"infweights@99:{nproc - 1}"}, timeout=240)
     output = result.stdout + result.stderr
     error = f"error: the weights, momentum or running statistics are NaN or infinite after step 100 on rank {nproc - 1}"
     assert output.count(error) == nproc, output[-3000:]  # every rank, not only the one whose weights overflowed
@@ -51,12 +51,12 @@ def test_an_overflowed_update_is_not_checkpointed(mnist_shards, tmp_path, nproc)
     assert not (run_dir / "summary.json").exists()
 
 
-def test_a_rank_that_exits_early_ends_the_others(mnist_shards, tmp_path):
+def test_a_rank_that_exits_early_ends_the_others(quick_shards, tmp_path):
     """Rank 1 exits before step 40 under its own torchrun agent, as on another node, so no
     launcher kills rank 0 for it: rank 0 must notice by itself, at its next collective, and
     end with one clear error at once, not after --timeout (600 s here)."""
     endpoint = f"127.0.0.1:{free_port()}"
-    env = {**os.environ, "SHARDS": str(mnist_shards), "RUN_DIR": str(tmp_path / "run"), "RDZV_ID": f"exit-{os.getpid()}",
+    env = {**os.environ, "SHARDS": str(quick_shards), "RUN_DIR": str(tmp_path / "run"), "RDZV_ID": f"exit-{os.getpid()}",
            "HARNESS_TEST_FAULT": "exit@40:1"}
     started = time.monotonic()
     agents = [
@@ -76,12 +76,12 @@ def test_a_rank_that_exits_early_ends_the_others(mnist_shards, tmp_path):
     assert not (tmp_path / "run" / "summary.json").exists()
 
 
-def test_a_stuck_rank_fails_the_job_within_the_timeout(mnist_shards, tmp_path):
+def test_a_stuck_rank_fails_the_job_within_the_timeout(quick_shards, tmp_path):
     """Rank 1 stays alive but stops stepping: rank 0's next collective gives up after
     --timeout seconds and the job ends with an error naming that timeout, instead of
     waiting forever."""
     started = time.monotonic()
-    result = run(checkpointed_run(mnist_shards, tmp_path / "run", "--timeout", "15", nproc=2), env={"HARNESS_TEST_FAULT": "hang@40:1"}, timeout=240)
+    result = run(checkpointed_run(quick_shards, tmp_path / "run", "--timeout", "15", nproc=2), env={"HARNESS_TEST_FAULT": "hang@40:1"}, timeout=240)
     elapsed = time.monotonic() - started
     assert result.returncode != 0
     assert "error: rank 0: no answer from another rank within --timeout 15 s" in result.stdout + result.stderr, result.stderr[-4000:]
@@ -89,7 +89,7 @@ def test_a_stuck_rank_fails_the_job_within_the_timeout(mnist_shards, tmp_path):
 
 
 @pytest.mark.parametrize("store_in", ["agent", "rank 0"])
-def test_rank_0_frozen_during_a_checkpoint_write_ends_the_job_after_the_timeout(mnist_shards, tmp_path, store_in):
+def test_rank_0_frozen_during_a_checkpoint_write_ends_the_job_after_the_timeout(quick_shards, tmp_path, store_in):
     """Rank 0 stops (SIGSTOP, heartbeat thread included) while writing the step-50
     checkpoint: rank 1 sees the heartbeat stop and ends the job after --timeout. A stopped
     process cannot act on torchrun's SIGTERM, so torchrun's SIGKILL ends it 30 s later.
@@ -98,7 +98,7 @@ def test_rank_0_frozen_during_a_checkpoint_write_ends_the_job_after_the_timeout(
     rank 0 cannot answer the poll at all, which hung rank 1 for ever before."""
     started = time.monotonic()
     env = {"HARNESS_TEST_FAULT": "freeze@50:0", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1" if store_in == "rank 0" else "0"}
-    result = run(checkpointed_run(mnist_shards, tmp_path / "run", "--timeout", "10", nproc=2), env=env, timeout=240)
+    result = run(checkpointed_run(quick_shards, tmp_path / "run", "--timeout", "10", nproc=2), env=env, timeout=240)
     elapsed = time.monotonic() - started
     assert result.returncode != 0
     assert "rank 1: rank 0 stopped responding during its checkpoint write: no heartbeat for --timeout 10 s" in result.stdout + result.stderr

@@ -19,13 +19,13 @@ from harness.data.sources import load_source
 from harness.train import load_optimizer_state
 
 
-def test_sigkill_then_resume_is_bitwise_exact(mnist_shards, tmp_path, reference):
+def test_sigkill_then_resume_is_bitwise_exact(quick_shards, tmp_path, reference):
     """One process (two ranks killed and resumed: test_torchrun_elastic_restart_after_a_worker_is_killed)."""
     run_dir = tmp_path / "run"
-    killed = start_and_signal(checkpointed_run(mnist_shards, run_dir), run_dir, signal.SIGKILL, env=PAUSE)
+    killed = start_and_signal(checkpointed_run(quick_shards, run_dir), run_dir, signal.SIGKILL, env=PAUSE)
     assert killed.returncode != 0
     assert not (run_dir / "summary.json").exists(), "the kill came too late to test anything"
-    result = run(checkpointed_run(mnist_shards, run_dir))
+    result = run(checkpointed_run(quick_shards, run_dir))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resuming from" in result.stdout
     assert checksum(run_dir) == reference[1]
@@ -39,12 +39,12 @@ def test_sigkill_then_resume_is_bitwise_exact(mnist_shards, tmp_path, reference)
     assert steps == sorted(set(steps)) and steps[-1] == 300, steps
 
 
-def test_torchrun_elastic_restart_after_a_worker_is_killed(mnist_shards, tmp_path, reference):
+def test_torchrun_elastic_restart_after_a_worker_is_killed(quick_shards, tmp_path, reference):
     """Rank 1 SIGKILLs itself before step 120 on the first attempt; torchrun restarts the group,
     which resumes from the step-100 checkpoint and finishes with the uninterrupted weights."""
     run_dir = tmp_path / "run"
     env = {"HARNESS_TEST_FAULT": "kill@120:1", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}  # as launch/torchrun.sh sets it
-    result = run(checkpointed_run(mnist_shards, run_dir, nproc=2, launcher_args=("--max-restarts=1",)), env=env)
+    result = run(checkpointed_run(quick_shards, run_dir, nproc=2, launcher_args=("--max-restarts=1",)), env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps_per_rank"] == [300, 300]
@@ -53,23 +53,23 @@ def test_torchrun_elastic_restart_after_a_worker_is_killed(mnist_shards, tmp_pat
     assert f"resuming from {run_dir / 'checkpoints' / 'step-00000100.pt'} (epoch 1, step 100)" in result.stdout + result.stderr
 
 
-def test_world_size_change_on_resume_continues(mnist_shards, tmp_path, reference):
+def test_world_size_change_on_resume_continues(quick_shards, tmp_path, reference):
     run_dir = tmp_path / "run"
-    assert run(checkpointed_run(mnist_shards, run_dir, "--max-steps", "100")).returncode == 0
-    result = run(checkpointed_run(mnist_shards, run_dir, nproc=2))
+    assert run(checkpointed_run(quick_shards, run_dir, "--max-steps", "100")).returncode == 0
+    result = run(checkpointed_run(quick_shards, run_dir, nproc=2))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resuming a world-size-1 run with world size 2" in result.stdout + result.stderr
     assert json.loads((run_dir / "summary.json").read_text())["steps_per_rank"] == [300, 300]
 
 
-def test_every_rank_gets_its_own_rng_state_back(mnist_shards, tmp_path):
+def test_every_rank_gets_its_own_rng_state_back(quick_shards, tmp_path):
     """A checkpoint holds each rank's CPU generator state, and a resumed rank R gets rank R's
     back. A test hook makes the ranks' states differ (training draws nothing from it after
     the initial weights), so rank 0's state saved twice, or a rank restoring another's,
     shows; each rank saves its state at the end of both runs."""
     run_dir, rng = tmp_path / "run", tmp_path / "rng"
     env = {"HARNESS_TEST_RANK_RNG": str(rng)}
-    assert run(checkpointed_run(mnist_shards, run_dir, "--max-steps", "50", nproc=2), env=env).returncode == 0
+    assert run(checkpointed_run(quick_shards, run_dir, "--max-steps", "50", nproc=2), env=env).returncode == 0
     _, state = ckpt.load_newest_valid(run_dir)
     saved = state["rng"]["torch"]
     assert len(saved) == 2 and all(t.dtype == torch.uint8 for t in saved) and not torch.equal(saved[0], saved[1])
@@ -81,18 +81,18 @@ def test_every_rank_gets_its_own_rng_state_back(mnist_shards, tmp_path):
 
     assert ended_equal_saved()  # the checkpoint holds each rank's own
     shutil.rmtree(rng)  # the resumed run writes them again
-    result = run(checkpointed_run(mnist_shards, run_dir, "--max-steps", "100", nproc=2), env=env)
+    result = run(checkpointed_run(quick_shards, run_dir, "--max-steps", "100", nproc=2), env=env)
     assert result.returncode == 0 and "resuming from" in result.stdout, result.stderr[-3000:]
     assert ended_equal_saved()  # each rank restored its own (and drew nothing since)
 
 
-def test_resume_from_a_named_checkpoint(mnist_shards, tmp_path, reference):
+def test_resume_from_a_named_checkpoint(quick_shards, tmp_path, reference):
     """--resume PATH continues another run directory's checkpoint in a new one, exactly."""
     first = tmp_path / "first"
-    result = run(checkpointed_run(mnist_shards, first, "--max-steps", "150", "--keep-checkpoints", "5"))
+    result = run(checkpointed_run(quick_shards, first, "--max-steps", "150", "--keep-checkpoints", "5"))
     assert result.returncode == 0, result.stderr[-3000:]
     path = first / "checkpoints" / "step-00000100.pt"
-    result = run(checkpointed_run(mnist_shards, tmp_path / "second", "--resume", path))
+    result = run(checkpointed_run(quick_shards, tmp_path / "second", "--resume", path))
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"resuming from {path} (epoch 1, step 100)" in result.stdout
     assert checksum(tmp_path / "second") == reference[1]
@@ -125,17 +125,17 @@ def test_another_runs_checkpoint_does_not_overwrite_a_run_or_finish_with_nothing
     assert "resuming from" in train_ok(shards, finished, *SMALL_RUN, "--resume", own).stdout and summary(finished)["steps"] == 30
 
 
-def test_resume_from_a_missing_checkpoint_is_a_clear_error(mnist_shards, tmp_path):
+def test_resume_from_a_missing_checkpoint_is_a_clear_error(quick_shards, tmp_path):
     missing = tmp_path / "checkpoints" / "step-00000100.pt"
-    result = run(checkpointed_run(mnist_shards, tmp_path / "run", "--resume", missing))
+    result = run(checkpointed_run(quick_shards, tmp_path / "run", "--resume", missing))
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [f"error: --resume {missing}: no such checkpoint file (give auto, never, or a checkpoint's step-N.pt)"]
 
 
-def test_changed_config_is_refused_on_resume(mnist_shards, tmp_path):
+def test_changed_config_is_refused_on_resume(quick_shards, tmp_path):
     run_dir = tmp_path / "run"
-    assert run(checkpointed_run(mnist_shards, run_dir, "--max-steps", "50")).returncode == 0
-    result = run(checkpointed_run(mnist_shards, run_dir, "--lr", "0.05"))
+    assert run(checkpointed_run(quick_shards, run_dir, "--max-steps", "50")).returncode == 0
+    result = run(checkpointed_run(quick_shards, run_dir, "--lr", "0.05"))
     assert result.returncode == 2
     assert "different --lr" in result.stderr and "step-00000050.pt" in result.stderr
     assert result.stderr.rstrip().endswith("train with the new settings in a new --run-dir")  # advice that works (--resume never there is refused)
@@ -163,11 +163,11 @@ def test_another_shard_set_is_refused_on_resume_and_a_copy_is_not(shards, tmp_pa
     assert "resuming from" in resumed.stdout and summary(run_dir)["steps"] == 30
 
 
-def test_resume_never_refuses_a_run_dir_with_a_run(mnist_shards, tmp_path):
+def test_resume_never_refuses_a_run_dir_with_a_run(quick_shards, tmp_path):
     run_dir = tmp_path / "run"
-    assert run(checkpointed_run(mnist_shards, run_dir, "--max-steps", "25")).returncode == 0
+    assert run(checkpointed_run(quick_shards, run_dir, "--max-steps", "25")).returncode == 0
     before = (run_dir / "metrics.jsonl").read_bytes()
-    result = run(checkpointed_run(mnist_shards, run_dir, "--resume", "never"))
+    result = run(checkpointed_run(quick_shards, run_dir, "--resume", "never"))
     assert result.returncode == 2 and "already holds a run (metrics.jsonl exists) that this one would not continue (--resume never" in result.stderr
     assert (run_dir / "metrics.jsonl").read_bytes() == before
 

@@ -44,10 +44,10 @@ def test_exponential_decays_once_per_epoch():
     assert seen[:10] == [0.1] * 10 and seen[10] == pytest.approx(0.09) and seen[29] == pytest.approx(0.081)
 
 
-def test_a_onecycle_run_ends_on_its_last_step_lr(mnist_shards, tmp_path):
+def test_a_onecycle_run_ends_on_its_last_step_lr(quick_shards, tmp_path):
     """The schedule is not stepped past the run's last step, whose lr is lr / 25 / 1e4: one
     step further its linear fall would go below 0, and metrics.jsonl would log a negative lr."""
-    result = run_cli("train", "--preset", "fast", "--shards", mnist_shards, "--run-dir", tmp_path / "run", "--max-steps", "20",
+    result = run_cli("train", "--preset", "fast", "--shards", quick_shards, "--run-dir", tmp_path / "run", "--max-steps", "20",
                      "--device", "cpu")
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]

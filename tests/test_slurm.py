@@ -246,9 +246,9 @@ def test_an_earlier_summary_does_not_make_a_failed_attempt_finished(tmp_path, sr
         assert (tmp_path / "out" / "requeued").read_text() == "requeued\n"
 
 
-def test_sbatch_two_ranks(slurm_job_name, mnist_shards, tmp_path):
+def test_sbatch_two_ranks(slurm_job_name, quick_shards, tmp_path):
     run_dir, output = tmp_path / "run", tmp_path / "slurm-%j.out"
-    proc = submit(slurm_job_name, mnist_shards, run_dir, output, "--max-steps", "30", *TRAIN_ARGS, wait=True)
+    proc = submit(slurm_job_name, quick_shards, run_dir, output, "--max-steps", "30", *TRAIN_ARGS, wait=True)
     job_id = job_id_of(proc)
     output = tmp_path / f"slurm-{job_id}.out"
     try:
@@ -277,12 +277,12 @@ def test_sbatch_two_ranks(slurm_job_name, mnist_shards, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def two_node_run(slurm_job_name, mnist_shards, tmp_path_factory):
+def two_node_run(slurm_job_name, quick_shards, tmp_path_factory):
     """sbatch --nodes=2 with one rank per node, run to the end: (run dir, job output, final
     scontrol fields, the Slurm node each rank ran on as seen in its environment)."""
     tmp_path = tmp_path_factory.mktemp("two-nodes")
     run_dir = tmp_path / "run"
-    job_id, output = start_job(slurm_job_name, mnist_shards, run_dir, tmp_path, *COMPARED_ARGS, nodes=2)
+    job_id, output = start_job(slurm_job_name, quick_shards, run_dir, tmp_path, *COMPARED_ARGS, nodes=2)
     nodes_of_ranks: dict[int, str] = {}
 
     def record_ranks():
@@ -292,7 +292,7 @@ def two_node_run(slurm_job_name, mnist_shards, tmp_path_factory):
     return run_dir, tail(output, 100_000), state, nodes_of_ranks
 
 
-def test_two_nodes_one_rank_each_match_torchrun(two_node_run, mnist_shards, tmp_path):
+def test_two_nodes_one_rank_each_match_torchrun(two_node_run, quick_shards, tmp_path):
     """The same training as 2 processes under torchrun on one node, up to float summation order."""
     run_dir, log, state, nodes_of_ranks = two_node_run
     assert (state.get("JobState"), state.get("ExitCode"), state.get("Restarts")) == ("COMPLETED", "0:0", "0"), log[-4000:]
@@ -302,18 +302,18 @@ def test_two_nodes_one_rank_each_match_torchrun(two_node_run, mnist_shards, tmp_
     s = summary(run_dir)
     assert s["world_size"] == 2 and s["steps_per_rank"] == [50, 50] and s["ranks_identical"] is True
 
-    train_ok(mnist_shards, tmp_path / "torchrun", "--preset", "lenet", *COMPARED_ARGS, nproc=2)
+    train_ok(quick_shards, tmp_path / "torchrun", "--preset", "lenet", *COMPARED_ARGS, nproc=2)
     assert max_param_diff(run_dir, tmp_path / "torchrun") < FIFTY_STEPS_TOLERANCE
 
 
-def test_stopped_job_requeues_itself_and_resumes(slurm_job_name, two_node_run, mnist_shards, tmp_path):
+def test_stopped_job_requeues_itself_and_resumes(slurm_job_name, two_node_run, quick_shards, tmp_path):
     """SIGTERM as at the time limit: the ranks checkpoint and stop, the batch script requeues the
     job, and the second attempt resumes and ends with the uninterrupted run's weights, bit for bit."""
     run_dir = tmp_path / "run"
     # Rank 0 pauses 5 s before step 26, so that a signal sent 1 s after training starts lands
     # mid-run on any machine (the weights are unchanged). A signal during start-up would stop
     # the run before its first step, with no checkpoint (tests/test_stops.py).
-    job_id, output = start_job(slurm_job_name, mnist_shards, run_dir, tmp_path, *COMPARED_ARGS, nodes=2,
+    job_id, output = start_job(slurm_job_name, quick_shards, run_dir, tmp_path, *COMPARED_ARGS, nodes=2,
                                env={"HARNESS_TEST_FAULT": "sleep=5@25"})
     deadline = time.monotonic() + JOB_TIMEOUT
     while "before training: " not in tail(output, 100_000):  # rank 0's last line of start-up
@@ -343,11 +343,11 @@ def test_stopped_job_requeues_itself_and_resumes(slurm_job_name, two_node_run, m
     assert all(torch.equal(uninterrupted[k], resumed[k]) for k in resumed)
 
 
-def test_failed_job_is_not_requeued(slurm_job_name, mnist_shards, tmp_path):
+def test_failed_job_is_not_requeued(slurm_job_name, quick_shards, tmp_path):
     """A rank that dies after checkpoints were written: the job fails and stays failed."""
     run_dir = tmp_path / "run"
     args = ("--max-steps", "50", "--checkpoint-every", "5", *TRAIN_ARGS)
-    job_id, output = start_job(slurm_job_name, mnist_shards, run_dir, tmp_path, *args, env={"HARNESS_TEST_FAULT": "exit@15:1"})
+    job_id, output = start_job(slurm_job_name, quick_shards, run_dir, tmp_path, *args, env={"HARNESS_TEST_FAULT": "exit@15:1"})
     state = wait_for_end(job_id, output)
 
     log = tail(output, 100_000)
@@ -359,10 +359,10 @@ def test_failed_job_is_not_requeued(slurm_job_name, mnist_shards, tmp_path):
     assert not (run_dir / "stopped.json").exists()
 
 
-def test_scancel_sigterm_reaches_training_processes(slurm_job_name, mnist_shards, tmp_path):
+def test_scancel_sigterm_reaches_training_processes(slurm_job_name, quick_shards, tmp_path):
     """SIGTERM reaches torchrun and the ranks, which checkpoint; with MAX_REQUEUES=0 the job then ends."""
     run_dir = tmp_path / "run"
-    job_id, output = start_job(slurm_job_name, mnist_shards, run_dir, tmp_path, "--epochs", "15", *TRAIN_ARGS, env={"MAX_REQUEUES": "0"})
+    job_id, output = start_job(slurm_job_name, quick_shards, run_dir, tmp_path, "--epochs", "15", *TRAIN_ARGS, env={"MAX_REQUEUES": "0"})
 
     # Until rank 0's last line of start-up: its first line comes some seconds earlier (2.4 s
     # here: the test set's evaluation), and a SIGTERM before the first step stops the run

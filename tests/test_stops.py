@@ -32,16 +32,16 @@ def sync_points(steps: int = 300, log_every: int = 25, macro_steps: int = 7000 /
     return points
 
 
-def test_sigterm_checkpoints_and_exits_with_the_stop_status(mnist_shards, tmp_path, reference):
+def test_sigterm_checkpoints_and_exits_with_the_stop_status(quick_shards, tmp_path, reference):
     run_dir = tmp_path / "run"
-    stopped = start_and_signal(checkpointed_run(mnist_shards, run_dir), run_dir, signal.SIGTERM, env=PAUSE)
+    stopped = start_and_signal(checkpointed_run(quick_shards, run_dir), run_dir, signal.SIGTERM, env=PAUSE)
     assert stopped.returncode == EXIT_STOPPED
     assert json.loads((run_dir / "stopped.json").read_text())["signal"] == "SIGTERM"
     markers = ckpt.list_checkpoints(run_dir)
     stop_step = json.loads(markers[0].read_text())["step"]
     assert stop_step in sync_points(), stop_step  # every rank stopped at the same sync point
     assert stop_step < 300
-    result = run(checkpointed_run(mnist_shards, run_dir))
+    result = run(checkpointed_run(quick_shards, run_dir))
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"step {stop_step})" in result.stdout
     assert checksum(run_dir) == reference[1]
@@ -102,14 +102,14 @@ def test_a_second_ctrl_c_does_not_wait_for_a_checkpoint_write_in_progress(shards
 
 
 @pytest.mark.parametrize("nproc", [1, 2])
-def test_sigterm_during_start_up_stops_before_training_for_a_requeue(mnist_shards, tmp_path, reference, nproc):
+def test_sigterm_during_start_up_stops_before_training_for_a_requeue(quick_shards, tmp_path, reference, nproc):
     """A SIGTERM to every process of the job as soon as rank 0 has joined the process group
     (Slurm's preemption can come at any time): the ranks finish starting up, agree to stop
     before their first step, and leave stopped.json for train.sbatch to requeue on. Before,
     the signal killed the ranks outright and the job was not requeued. The rerun trains
     from the start (there is no checkpoint) and, with one process, ends as the reference."""
     run_dir = tmp_path / "run"
-    process = subprocess.Popen(checkpointed_run(mnist_shards, run_dir, nproc=nproc), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    process = subprocess.Popen(checkpointed_run(quick_shards, run_dir, nproc=nproc), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     output = []
     try:
@@ -131,7 +131,7 @@ def test_sigterm_during_start_up_stops_before_training_for_a_requeue(mnist_shard
         assert "[rank 1] WARNING SIGTERM: stopped at step 0 before training" in output
     assert json.loads((run_dir / "stopped.json").read_text()) == {"step": 0, "signal": "SIGTERM"}
     assert ckpt.list_checkpoints(run_dir) == []
-    result = run(checkpointed_run(mnist_shards, run_dir, nproc=nproc))
+    result = run(checkpointed_run(quick_shards, run_dir, nproc=nproc))
     assert result.returncode == 0, result.stderr[-3000:]
     assert summary(run_dir)["steps"] == 300 and not (run_dir / "stopped.json").exists()
     assert checksum(run_dir) == reference[nproc]

@@ -184,10 +184,10 @@ def test_test_report_is_consistent(lenet_run):
     assert "confusion matrix" in result.stdout
 
 
-def test_mlp_run_logs_first_layer_tiles(mnist_shards, tmp_path):
+def test_mlp_run_logs_first_layer_tiles(quick_shards, tmp_path):
     run_dir = tmp_path / "run"
     result = run_cli(
-        "train", "--preset", "neupy-mlp", "--shards", mnist_shards, "--run-dir", run_dir,
+        "train", "--preset", "neupy-mlp", "--shards", quick_shards, "--run-dir", run_dir,
         "--epochs", "1", "--max-steps", "50", "--device", "cpu",
     )
     assert result.returncode == 0, result.stderr
@@ -252,12 +252,12 @@ def test_train_help_lists_every_option():
     assert "25%" in text and "%%" not in text
 
 
-def test_bad_options_are_clear_errors(mnist_shards, tmp_path):
-    result = run_cli("train", "--preset", "nope", "--shards", mnist_shards, "--run-dir", tmp_path / "r")
+def test_bad_options_are_clear_errors(quick_shards, tmp_path):
+    result = run_cli("train", "--preset", "nope", "--shards", quick_shards, "--run-dir", tmp_path / "r")
     assert result.returncode == 2 and "unknown preset 'nope'" in result.stderr
     result = run_cli("train", "--preset", "lenet", "--shards", tmp_path / "missing", "--run-dir", tmp_path / "r")
     assert result.returncode == 2 and "shard directory not found" in result.stderr
-    result = run_cli("train", "--preset", "lenet", "--shards", mnist_shards, "--run-dir", tmp_path / "r", "--normalize", "zscore")
+    result = run_cli("train", "--preset", "lenet", "--shards", quick_shards, "--run-dir", tmp_path / "r", "--normalize", "zscore")
     assert result.returncode == 2 and "--normalize 'zscore'" in result.stderr
 
 
@@ -331,12 +331,12 @@ def test_holdout_validation_and_early_stopping(mnist_shards, mnist_dir, tmp_path
     assert report["set"] == "test" and [c["support"] for c in report["classes"]] == MNIST_TEST_HISTOGRAM
 
 
-def test_mse_loss_trains(mnist_shards, tmp_path):
+def test_mse_loss_trains(quick_shards, tmp_path):
     """The mean-squared error against one-hot targets (mathspp's loss) learns: 300 steps of a
     small MLP reach far above the 10% of chance."""
     run_dir = tmp_path / "run"
     result = run_cli("train", "--preset", "neupy-mlp", "--hidden", "64", "--loss", "mse", "--lr", "0.5", "--momentum", "0.9",
-                     "--no-nesterov", "--shards", mnist_shards, "--run-dir", run_dir, "--max-steps", "300", "--device", "cpu")
+                     "--no-nesterov", "--shards", quick_shards, "--run-dir", run_dir, "--max-steps", "300", "--device", "cpu")
     assert result.returncode == 0, result.stderr
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["config"]["loss"] == "mse" and summary["config"]["nesterov"] is False
@@ -345,11 +345,11 @@ def test_mse_loss_trains(mnist_shards, tmp_path):
     assert summary["test_accuracy"] > 0.8, summary["test_accuracy"]
 
 
-def test_without_run_dir_a_run_goes_to_runs_preset_timestamp(mnist_shards, tmp_path):
+def test_without_run_dir_a_run_goes_to_runs_preset_timestamp(quick_shards, tmp_path):
     """runs/PRESET-YYYYMMDD-HHMMSS under the working directory, named in the output; in a
     Slurm job runs/PRESET-slurm-JOBID, where the job finds its checkpoints again after a requeue."""
     started = datetime.now().replace(microsecond=0)
-    result = run_cli("train", "--preset", "lenet", "--shards", mnist_shards, "--max-steps", "2", "--device", "cpu", cwd=tmp_path)
+    result = run_cli("train", "--preset", "lenet", "--shards", quick_shards, "--max-steps", "2", "--device", "cpu", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     (run_dir,) = (tmp_path / "runs").iterdir()
     assert re.fullmatch(r"lenet-\d{8}-\d{6}", run_dir.name), run_dir.name
@@ -357,7 +357,7 @@ def test_without_run_dir_a_run_goes_to_runs_preset_timestamp(mnist_shards, tmp_p
     assert summary(run_dir)["steps"] == 2
     assert f"wrote {Path('runs') / run_dir.name}" in result.stdout
 
-    result = run_cli("train", "--preset", "lenet", "--shards", mnist_shards, "--max-steps", "2", "--device", "cpu", cwd=tmp_path,
+    result = run_cli("train", "--preset", "lenet", "--shards", quick_shards, "--max-steps", "2", "--device", "cpu", cwd=tmp_path,
                      env={"SLURM_JOB_ID": "4242"})
     assert result.returncode == 0, result.stderr
     assert summary(tmp_path / "runs" / "lenet-slurm-4242")["steps"] == 2
@@ -408,12 +408,12 @@ def test_runs_started_in_the_same_second_get_directories_of_their_own(monkeypatc
     assert default_run_dir("lenet", Rank1()) == Path("runs/lenet-20261127-101500-3") and len(list(Path("runs").iterdir())) == 3
 
 
-def test_without_run_dir_every_rank_writes_to_the_same_run(mnist_shards, tmp_path):
+def test_without_run_dir_every_rank_writes_to_the_same_run(quick_shards, tmp_path):
     """Without --run-dir, a torchrun job makes one directory under ./runs, named by rank
     0's clock through a real gather, and every rank trains into it. (Ranks whose clocks
     read different seconds are the unit test's above: here both start in one second.)"""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-               "-m", "harness.train", "--preset", "lenet", "--shards", mnist_shards, "--max-steps", "2", "--threads", "1"]
+               "-m", "harness.train", "--preset", "lenet", "--shards", quick_shards, "--max-steps", "2", "--threads", "1"]
     result = run(command, cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     (run_dir,) = (tmp_path / "runs").iterdir()

@@ -21,7 +21,7 @@ from harness.config import MAX_HIDDEN_LAYERS, MAX_PARAMETERS, TrainConfig, confi
 from harness.errors import EXIT_USAGE, HarnessError
 from harness.models import build_model
 from harness.normalize import STATS_USED, Normalizer
-from harness.report import SUMMARY_SCHEMA, load_torch_file, model_state, read_run_json
+from harness.run_files import SUMMARY_SCHEMA, load_torch_file, model_state, read_run_json
 
 
 

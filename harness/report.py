@@ -8,7 +8,6 @@ pyplot: no global figure state and no display needed.
 
 from __future__ import annotations
 
-import json
 import math
 import reprlib
 from pathlib import Path
@@ -21,11 +20,9 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from PIL import Image
 
-from harness.checkpoint import load_tensors_only
-from harness.config import FLOAT32_MAX
 from harness.errors import HarnessError
 from harness.models import first_layer_weights
-from harness.validation import first_violation, read_json_file
+from harness.run_files import SUMMARY_SCHEMA, TEST_REPORT_SCHEMA, load_torch_file, model_state, read_metrics, read_run_json
 
 REPORT_DIR = "report"
 PICTURES = ("training_curves", "filters", "confusion_matrix")
@@ -173,125 +170,12 @@ def save_pictures(pictures: dict[str, np.ndarray], run_dir: Path) -> list[Path]:
 # --- from a run directory -------------------------------------------------------------------------
 
 
-# What `report` and `predict` read from a run directory, which may come from someone else:
-# each file is checked for the fields they use before anything is drawn or built.
-RUN_JSON_MAX_BYTES = 64 << 20  # a summary or test report is a few kB, metrics.jsonl ~300 bytes an epoch
-# Counts are drawn as floats (axis limits, colour scales): these bounds keep them finite,
-# and far above any real run's (an epoch of MNIST takes seconds; a test set is 10,000 images).
-MAX_EPOCH = 10**9
-MAX_COUNT = 2**31 - 1
-MAX_INT_DIGITS = 18  # of any integer in metrics.jsonl: all of them then fit an int64 and a float
-NUMBER = {"type": "number"}
-FRACTION = {"type": "number", "minimum": 0, "maximum": 1}
-METRICS_LINE_SCHEMA = {
-    "type": "object",
-    "required": ["epoch", "train_loss", "val_loss", "val_accuracy"],
-    "properties": {"epoch": {"type": "integer", "minimum": 1, "maximum": MAX_EPOCH}, "train_loss": NUMBER, "val_loss": NUMBER,
-                   "val_accuracy": FRACTION},
-}
-SUMMARY_SCHEMA = {
-    "type": "object",
-    "properties": {"config": {"type": "object"},
-                   "before_training": {"type": "object", "properties": {"test_loss": NUMBER, "test_accuracy": FRACTION}}},
-}
-CLASSES = 10
-TEST_REPORT_SCHEMA = {
-    "type": "object",
-    "required": ["confusion"],
-    "properties": {"confusion": {"type": "array", "minItems": CLASSES, "maxItems": CLASSES, "items": {
-        "type": "array", "minItems": CLASSES, "maxItems": CLASSES, "items": {"type": "integer", "minimum": 0, "maximum": MAX_COUNT}}}},
-}
 # What tile_array and the filters figure can draw in bounded memory: a grid of at most 16.8M
 # cells (134 MB of float64; an MLP of up to ~19,900 units), panels at most 50 inches (5,000
 # pixels) high, kernels no larger than the images they filter.
 MAX_GRID_CELLS = 1 << 24
 MAX_PANEL_INCHES = 50
 MAX_KERNEL = 28
-
-
-def read_run_json(path: Path, schema: dict, what: str) -> dict:
-    """A run's JSON file, checked against `schema`; HarnessError naming the file and field.
-    NaN and Infinity are read: Python's json writes a diverged loss so, in summary.json as
-    in metrics.jsonl, and refusing them took a finished run for an unfinished one."""
-    value = read_json_file(path, RUN_JSON_MAX_BYTES, what, nonfinite_ok=True)
-    problem = first_violation(schema, value)
-    if problem:
-        raise HarnessError(f"{path}: {problem}")
-    return value
-
-
-def read_metrics(run_dir: Path, whole_lines_only: bool = False) -> list[dict]:
-    """RUN_DIR's metrics.jsonl, each line checked. `whole_lines_only`: a last line without
-    its newline (a crash or a full disk cut its write short) is left out, not refused."""
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        raise HarnessError(f"{run_dir}: no metrics.jsonl: not a run directory, or the run has not finished an epoch")
-    try:
-        if path.stat().st_size > RUN_JSON_MAX_BYTES:
-            raise HarnessError(f"{path}: larger than {RUN_JSON_MAX_BYTES} bytes; not a run's metrics")
-        text = path.read_text()
-        lines = text.splitlines()[: -1 if whole_lines_only and text and not text.endswith("\n") else None]
-    except (OSError, UnicodeDecodeError) as e:
-        raise HarnessError(f"{path}: unreadable ({getattr(e, 'strerror', None) or e})") from None
-    metrics = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            entry = parse_metrics_line(line)
-        except ValueError as e:
-            raise HarnessError(f"{path}: line {number}: {e}") from None
-        problem = first_violation(METRICS_LINE_SCHEMA, entry) or loss_problem(entry)
-        if problem:
-            raise HarnessError(f"{path}: line {number}: {problem}")
-        metrics.append(entry)
-    return metrics
-
-
-def loss_problem(entry: dict) -> str | None:
-    """A finite loss beyond float32's range, which no run writes (its losses are float32, or
-    inf or NaN when it diverged) and which matplotlib's axis overflows on; None if none is."""
-    for name in ("train_loss", "val_loss"):
-        if math.isfinite(entry[name]) and abs(entry[name]) > FLOAT32_MAX:
-            return f"{name}: {entry[name]:.4g} is beyond float32's range (a run's losses are float32, inf or NaN)"
-    return None
-
-
-def parse_metrics_line(line: str):
-    """One line of metrics.jsonl, parsed; ValueError saying why it is not one. NaN and
-    Infinity are allowed (a diverged loss is a metric too); deep nesting and long integers
-    are not (Python would raise RecursionError, or ValueError past its int digit limit)."""
-    try:
-        return json.loads(line, parse_int=bounded_int)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"not a JSON object ({e})") from None
-    except RecursionError:
-        raise ValueError("not a JSON object (nested too deeply)") from None
-
-
-def bounded_int(digits: str) -> int:
-    """A JSON integer of at most MAX_INT_DIGITS digits; json.loads's `parse_int` hook, which
-    sees the digits before int() does."""
-    length = len(digits.lstrip("-"))
-    if length > MAX_INT_DIGITS:
-        raise ValueError(f"an integer of {length} digits; at most {MAX_INT_DIGITS} are read")
-    return int(digits)
-
-
-def load_torch_file(path: Path):
-    """What torch.save wrote (tensors on the CPU, nothing but tensors and plain containers)."""
-    try:
-        return load_tensors_only(path)
-    except Exception as e:  # torch raises many kinds for a damaged or foreign file
-        raise HarnessError(f"{path}: not a saved model or checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})") from None
-
-
-def model_state(saved, path: Path) -> dict:
-    """The model's state dict in what `load_torch_file` read: a state dict, or a checkpoint's "model"."""
-    state = saved.get("model", saved) if isinstance(saved, dict) else saved
-    if not isinstance(state, dict) or not state or not all(isinstance(t, torch.Tensor) for t in state.values()):
-        raise HarnessError(f"{path}: holds no model state dict")
-    return state
 
 
 def load_weights(path: Path) -> dict:

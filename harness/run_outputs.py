@@ -21,7 +21,7 @@ from harness.background import BackgroundWriter
 from harness.checkpoint import CHECKPOINT_DIR, save_checkpoint, set_aside_checkpoints_after
 from harness.errors import HarnessError
 from harness.evaluate import EvalResult, class_report, format_report
-from harness.report import SUMMARY_SCHEMA, read_metrics, read_run_json, render, run_figures, save_pictures
+from harness.run_files import SUMMARY_SCHEMA, read_metrics, read_run_json
 from harness.tensorboard import TensorBoardLog, weight_snapshot
 
 log = logging.getLogger("harness")
@@ -155,6 +155,10 @@ class RunOutputs:
 
     def pictures(self, state: dict, confusion, before_training: dict | None, step: int) -> None:
         """The report's pictures (harness.report), as PNG files in RUN_DIR/report/ and in TensorBoard."""
+        # Imported here, by the one process that draws, at the end: matplotlib takes 0.3 s to
+        # import, which the other ranks, and runs that stop or fail, need not pay.
+        from harness.report import render, run_figures, save_pictures
+
         metrics = read_metrics(self.run_dir) if (self.run_dir / "metrics.jsonl").exists() else []
         pictures = render(run_figures(metrics, state, confusion.numpy(), before_training))
         self.tensorboard.pictures(pictures, step)

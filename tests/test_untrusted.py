@@ -33,7 +33,7 @@ from harness.data.sources import load_source
 from harness.data.stream import MacroBatchStream, ShardSplit
 from harness.errors import HarnessError
 from harness.models import build_model
-from harness.report import TEST_REPORT_SCHEMA, read_run_json
+from harness.run_files import TEST_REPORT_SCHEMA, read_run_json
 
 
 def manifest_of(shards: Path) -> dict:

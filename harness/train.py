@@ -746,7 +746,7 @@ class Trainer:
             "ranks_identical": ranks_agree,
             "threads_per_rank": self.threads,
             "device": str(self.ctx.device),
-            "backend": self.ctx.backend,
+            "backend": self.ctx.backend or "none",  # one process, no launcher: no process group
             "config": dataclasses.asdict(self.config),
             "normalization_stats": stats_used(self.config.normalize, self.train_stats),
             "shard_set_sha256": self.shard_set,

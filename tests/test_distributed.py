@@ -263,7 +263,7 @@ def test_dev_and_torchrun_launchers(quick_shards, tmp_path):
     dev = launch_script("dev.sh", quick_shards, tmp_path / "dev", "lenet", "--max-steps", "10", "--threads", "1")
     assert dev["world_size"] == 1 and dev["steps"] == 10
     two = launch_script("torchrun.sh", quick_shards, tmp_path / "two", "2", "lenet", "--max-steps", "10", "--threads", "1")
-    assert two["world_size"] == 2 and two["steps_per_rank"] == [10, 10]
+    assert two["world_size"] == 2 and two["steps_per_rank"] == [10, 10] and two["backend"] == "gloo"
     # the same global batches: equal up to float summation order after 10 steps
     assert max_param_diff(tmp_path / "dev", tmp_path / "two") < TEN_STEPS_TOLERANCE
 

@@ -171,7 +171,7 @@ def run_predict(args) -> int:
         names, images, labels = shard_images(args.shards, args.split, args.index)
     for error in errors:
         print(f"error: {error['error']}", file=sys.stderr)
-    rows = predictions(names, images, trained, labels) if names else []
+    rows = predictions(names, images, trained, labels)  # [] when no picture could be read
     if args.json:
         print(json.dumps({"model": str(trained.source), "predictions": rows, "errors": errors}))
     elif rows:

@@ -1,4 +1,5 @@
-"""The files a run leaves in RUN_DIR (rank 0 only), and its console lines.
+"""The files a run leaves in RUN_DIR (rank 0 only), its console lines, and where RUN_DIR is
+when --run-dir is not given.
 
 metrics.jsonl  one JSON object per epoch
 model.pt       final weights (a state dict)
@@ -11,10 +12,14 @@ events.out.tfevents.*  TensorBoard (see tensorboard.py)
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
+import os
 import sys
+import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from harness.atomic import remove_interrupted_writes, tensor_snapshot, torch_save_atomic, write_json_atomic, write_text_atomic
 from harness.background import BackgroundWriter
@@ -23,6 +28,9 @@ from harness.errors import HarnessError
 from harness.evaluate import EvalResult, class_report, format_report
 from harness.run_files import SUMMARY_SCHEMA, read_metrics, read_run_json
 from harness.tensorboard import TensorBoardLog, weight_snapshot
+
+if TYPE_CHECKING:
+    from harness.distributed import DistContext
 
 log = logging.getLogger("harness")
 
@@ -56,6 +64,38 @@ def prepare_run_dir(run_dir: Path, resuming: bool) -> Path:
     except OSError as e:
         raise HarnessError(f"{run_dir}: run directory is not writable ({e.strerror or e})") from None
     return run_dir
+
+
+def default_run_dir(name: str, ctx: DistContext) -> Path:
+    """runs/NAME-slurm-JOBID in a Slurm job (a requeued job keeps its id, so it resumes
+    there), else runs/NAME-YYYYMMDD-HHMMSS, rank 0's clock on every rank, created by rank 0
+    here; with -2, -3, ... added where another run took that name (two runs started in
+    the same second, a sweep say, used to share one directory and fail at its end)."""
+    job_id = os.environ.get("SLURM_JOB_ID")
+    if job_id:
+        return Path("runs") / f"{name}-slurm-{job_id}"
+    # The ranks start at different moments: they take rank 0's choice, as two ints.
+    stamp, n = ctx.gather(list(claim_run_dir(name)) if ctx.is_main else [0, 0])[0]
+    return run_dir_named(name, str(stamp), n)
+
+
+def run_dir_named(name: str, stamp: str, n: int) -> Path:
+    return Path("runs") / f"{name}-{stamp[:8]}-{stamp[8:]}{f'-{n}' if n > 1 else ''}"
+
+
+def claim_run_dir(name: str) -> tuple[int, int]:
+    """(stamp, n) of the first of run_dir_named(name, now, 1, 2, ...) that this process
+    creates; or of the first, uncreated, if creating it fails for another reason than its
+    existence, which RunOutputs then reports."""
+    stamp = time.strftime("%Y%m%d%H%M%S")
+    for n in itertools.count(1):
+        try:
+            run_dir_named(name, stamp, n).mkdir(parents=True)
+            return int(stamp), n
+        except FileExistsError:
+            continue
+        except OSError:
+            return int(stamp), 1
 
 
 class RunOutputs:

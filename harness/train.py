@@ -15,11 +15,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import itertools
 import json
 import logging
 import math
-import os
 import sys
 import time
 from collections.abc import Iterator
@@ -44,7 +42,7 @@ from harness.errors import HarnessError, run_guarded
 from harness.evaluate import EvalResult, evaluate
 from harness.models import buffers_restored, build_model, parameter_checksum
 from harness.normalize import Normalizer, make_loss, stats_used
-from harness.run_outputs import RunOutputs, read_summary, setup_logging
+from harness.run_outputs import RunOutputs, default_run_dir, read_summary, setup_logging
 from harness.stopping import EXIT_STOPPED, StopRequest
 from harness.testhooks import Fault, diverge_rank_rng, save_rank_files
 
@@ -896,38 +894,6 @@ def train(config: TrainConfig, shards: str | Path, run_dir: Path | None, resume:
             with contextlib.suppress(OSError):  # not empty: the run wrote something, which stays
                 run_dir.rmdir()  # a run refused at start-up leaves no empty directory behind
     raise failure  # outside the except block, so no frame keeps the failed collective's traceback
-
-
-def default_run_dir(name: str, ctx: distributed.DistContext) -> Path:
-    """runs/NAME-slurm-JOBID in a Slurm job (a requeued job keeps its id, so it resumes
-    there), else runs/NAME-YYYYMMDD-HHMMSS, rank 0's clock on every rank, created by rank 0
-    here; with -2, -3, ... added where another run took that name (two runs started in
-    the same second, a sweep say, used to share one directory and fail at its end)."""
-    job_id = os.environ.get("SLURM_JOB_ID")
-    if job_id:
-        return Path("runs") / f"{name}-slurm-{job_id}"
-    # The ranks start at different moments: they take rank 0's choice, as two ints.
-    stamp, n = ctx.gather(list(claim_run_dir(name)) if ctx.is_main else [0, 0])[0]
-    return run_dir_named(name, str(stamp), n)
-
-
-def run_dir_named(name: str, stamp: str, n: int) -> Path:
-    return Path("runs") / f"{name}-{stamp[:8]}-{stamp[8:]}{f'-{n}' if n > 1 else ''}"
-
-
-def claim_run_dir(name: str) -> tuple[int, int]:
-    """(stamp, n) of the first of run_dir_named(name, now, 1, 2, ...) that this process
-    creates; or of the first, uncreated, if creating it fails for another reason than its
-    existence, which RunOutputs then reports."""
-    stamp = time.strftime("%Y%m%d%H%M%S")
-    for n in itertools.count(1):
-        try:
-            run_dir_named(name, stamp, n).mkdir(parents=True)
-            return int(stamp), n
-        except FileExistsError:
-            continue
-        except OSError:
-            return int(stamp), 1
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:

@@ -367,7 +367,7 @@ def test_without_run_dir_a_run_goes_to_runs_preset_timestamp(quick_shards, tmp_p
 def test_every_rank_takes_rank_0s_timestamp_for_the_run_directory(monkeypatch):
     """Ranks start at different moments, possibly in different seconds: the directory's
     name is rank 0's clock, which the gather hands every rank."""
-    from harness.train import default_run_dir
+    from harness.run_outputs import default_run_dir
 
     class Rank1:  # its own clock reads a second later than rank 0's
         is_main = False
@@ -385,7 +385,7 @@ def test_runs_started_in_the_same_second_get_directories_of_their_own(monkeypatc
     started from a loop) takes NAME-STAMP-2, a third -3. The runs used to share one
     directory: the second to finish failed at its end, its training lost, and both wrote
     metrics.jsonl. Rank 1 takes rank 0's suffix through the gather."""
-    from harness.train import default_run_dir
+    from harness.run_outputs import default_run_dir
 
     class Rank0:
         is_main = True

@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from harness.device import pick_device, process_group_backend
-from harness.errors import HarnessError
+from harness.errors import AgreedError, HarnessError
 
 log = logging.getLogger("harness")
 
@@ -339,7 +339,7 @@ def check_same_device_type(ctx: DistContext) -> None:
     if len(set(kinds)) > 1:
         names = {v: k for k, v in codes.items()}
         where = ", ".join(f"rank {r}: {names.get(k, 'other')}" for r, k in enumerate(kinds))
-        raise HarnessError(f"ranks are on different kinds of device ({where}): give every node GPUs, or run all ranks with --device cpu")
+        raise AgreedError(f"ranks are on different kinds of device ({where}): give every node GPUs, or run all ranks with --device cpu")
 
 
 # Process groups that shutdown() destroyed while a failed or stopped run's exception was on

@@ -21,6 +21,22 @@ class HarnessError(Exception):
     exit_status = EXIT_USAGE
 
 
+class AgreedError(HarnessError):
+    """A HarnessError that every rank of a job raises alike, with the same message: one
+    decided through a collective (a NaN loss, the ranks' kinds of device) or from what the
+    ranks share (the options, the world size, the manifest). Each node's first rank
+    (LOCAL_RANK 0) prints it and the others exit with its status silently: eight ranks on
+    a node print one line, not eight of the same. Errors of one rank's own (its GPU, its
+    store, its files) stay HarnessErrors, printed by whichever rank meets them."""
+
+
+def printed_here(error: HarnessError) -> bool:
+    """Whether this process prints `error`: not an AgreedError in a local rank other than 0."""
+    if not isinstance(error, AgreedError):
+        return True
+    return os.environ.get("LOCAL_RANK", "0") == "0" or os.environ.get("WORLD_SIZE", "1") == "1"
+
+
 EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE  # what a shell reports for a C tool that SIGPIPE ended
 EXIT_INTERRUPTED = 128 + signal.SIGINT  # likewise for one that Ctrl-C ended
 EXIT_TERMINATED = 128 + signal.SIGTERM
@@ -52,7 +68,8 @@ def run_guarded(function, args) -> int:
         sys.stdout.flush()  # here, where a closed pipe can still be caught
         return status
     except HarnessError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if printed_here(e):
+            print(f"error: {e}", file=sys.stderr)
         return e.exit_status
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -38,7 +38,7 @@ from harness.data.manifest import shard_set_sha256
 from harness.data.shard_set import ShardSource, ShardSplit
 from harness.data.stream import MacroBatch, MacroBatchStream
 from harness.device import autocast, set_deterministic
-from harness.errors import HarnessError, run_guarded
+from harness.errors import AgreedError, HarnessError, run_guarded
 from harness.evaluate import EvalResult, evaluate
 from harness.models import buffers_restored, build_model, parameter_checksum
 from harness.normalize import Normalizer, make_loss, stats_used
@@ -134,9 +134,9 @@ class Trainer:
         """`resume`: auto (the newest valid checkpoint in RUN_DIR), never, or a checkpoint's path.
         `stop_request`: the process's signal handlers, if installed before (see `train`)."""
         if config.batch_size % ctx.world_size:
-            raise HarnessError(f"--batch-size {config.batch_size} is not divisible by the world size {ctx.world_size}")
+            raise AgreedError(f"--batch-size {config.batch_size} is not divisible by the world size {ctx.world_size}")
         if config.batch_norm and ctx.world_size > 1 and ctx.device.type != "cuda":
-            raise HarnessError(
+            raise AgreedError(
                 f"--batch-norm with {ctx.world_size} ranks on the {ctx.device.type}: PyTorch's SyncBatchNorm runs on GPUs "
                 "only, and BatchNorm over each rank's slice alone would make the weights depend on the world size; "
                 "train on one rank, or on GPUs"
@@ -159,7 +159,7 @@ class Trainer:
         from_another_run = self.resumes_another_run()
         if from_another_run and not self.training_left():
             limits = f"--epochs {config.epochs}" + (f", --max-steps {config.max_steps}" if config.max_steps else "")
-            raise HarnessError(
+            raise AgreedError(
                 f"--resume {resume}: nothing is left to train from it (step {self.progress.step}, {self.progress.epoch} epochs done; "
                 f"{limits}{'; early stopping ended its run' if self.stopped_early() else ''})"
             )
@@ -188,7 +188,7 @@ class Trainer:
         self.n_train = self.shards.manifest["splits"]["train"]["samples"] - config.holdout
         if self.n_train < config.batch_size:
             images = f"{self.n_train + config.holdout:,} training images in {self.shards.url('manifest.json')}"
-            raise HarnessError(
+            raise AgreedError(
                 f"--holdout {config.holdout}: leaves {max(self.n_train, 0):,} of the {images}, fewer than one --batch-size {config.batch_size}"
                 if config.holdout else f"--batch-size {config.batch_size}: more than the {images}"
             )
@@ -276,7 +276,7 @@ class Trainer:
         if found:
             raise HarnessError(f"rank {ctx.rank}: stopping: rank {found[0]} found a training shard that does not match manifest.json (its error names it)")
         if any(row[1:] != gathered[0][1:] for row in gathered):
-            raise HarnessError(f"{shards.url('manifest.json')}: the ranks read different manifests (was the shard set replaced while the job started?)")
+            raise AgreedError(f"{shards.url('manifest.json')}: the ranks read different manifests (was the shard set replaced while the job started?)")
 
     def load_eval_set(self, split: str, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         # The training shards were verified at start-up; the test split is hashed here.
@@ -356,7 +356,7 @@ class Trainer:
         finite = bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
         bad = [rank for rank, (ok,) in enumerate(self.ctx.gather([int(finite)])) if not ok]
         if bad:
-            raise HarnessError(
+            raise AgreedError(
                 f"the weights, momentum or running statistics are NaN or infinite after step {self.progress.step} on rank {bad[0]} "
                 "(an update overflowed: lower --lr?); stopped every rank without checkpointing them; any checkpoint already written is intact"
             )
@@ -788,12 +788,12 @@ def compile_mode(requested: str, ctx: distributed.DistContext, augmenting: bool 
     if requested == "gpu":
         return "cuda-graph-inductor" if graph_fits else "reduce-overhead" if cuda and not sync_batch_norm else ""
     if requested in GRAPHED_MODES and (not cuda or ctx.world_size > 1):
-        raise HarnessError(
+        raise AgreedError(
             f"--compile {requested} needs one rank on a GPU (here: {ctx.world_size} rank(s) on {ctx.device}): "
             "DDP all-reduces from hooks that a replayed backward would not call; use reduce-overhead, or gpu"
         )
     if requested in GRAPHED_MODES and augmenting:
-        raise HarnessError(
+        raise AgreedError(
             f"--compile {requested} does not capture augmentation (--augment-rotate/-scale/-shift): "
             "use reduce-overhead, or gpu (which picks it when augmenting)"
         )
@@ -853,7 +853,7 @@ def agree_at_sync_point(ctx, window: torch.Tensor, first_step: int, stop_request
     if any_nonfinite:
         bad_step = first_step + int(nonfinite.nonzero()[0, 0]) if nonfinite.any() else 2**62
         step, rank = min((s[0], r) for r, s in enumerate(ctx.gather([bad_step])))
-        raise HarnessError(f"loss is NaN or infinite at step {step + 1} on rank {rank}; stopped every rank; any checkpoint already written is intact")
+        raise AgreedError(f"loss is NaN or infinite at step {step + 1} on rank {rank}; stopped every rank; any checkpoint already written is intact")
     # Only the all-reduced flag decides, so every rank decides alike: a signal that lands
     # after this rank's part of the all-reduce waits for the next sync point. (Reading
     # this rank's own flag here let a rank stop alone, and the others hang in the next
@@ -878,7 +878,7 @@ def train(config: TrainConfig, shards: str | Path, run_dir: Path | None, resume:
         run_dir = run_dir or default_run_dir(name or config.model, ctx)
         log.info(f"run directory {run_dir}")
         if cache_limit_gb is not None and not (math.isfinite(cache_limit_gb) and cache_limit_gb > 0):
-            raise HarnessError(f"--shard-cache-limit-gb {cache_limit_gb}: give a positive number of gigabytes")
+            raise AgreedError(f"--shard-cache-limit-gb {cache_limit_gb}: give a positive number of gigabytes")
         limit = None if cache_limit_gb is None else int(cache_limit_gb * 1e9)
         summary = Trainer(config, ShardSource(shards, cache_dir, limit), run_dir, ctx, resume, stop_request).fit()
         ctx.barrier()  # every rank tears the process group down together

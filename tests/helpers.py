@@ -7,6 +7,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -191,6 +192,13 @@ def run(command: list[str], env: dict | None = None, timeout: float = 420, cwd: 
         kill_tree(process)
         raise
     return subprocess.CompletedProcess(args, process.returncode, stdout, stderr)
+
+
+def torchrun_exit_statuses(output: str) -> dict[int, int]:
+    """Each failed rank's exit status, from the account torchrun prints when a job fails
+    (its ChildFailedError's `rank : R (local_rank: L)` and `exitcode : N` lines)."""
+    found = re.findall(r"rank\s*: (\d+) \(local_rank: \d+\)\s*\n\s*exitcode\s*: (-?\d+)", output)
+    return {int(rank): int(status) for rank, status in found}
 
 
 def kill_tree(process: subprocess.Popen) -> None:

@@ -44,6 +44,7 @@ from helpers import (
     max_weight_diff,
     run,
     summary,
+    torchrun_exit_statuses,
     train_command,
     train_ok,
     wait_for,
@@ -53,6 +54,7 @@ from shard_server import ShardServer
 
 from harness.data.pack import pack
 from harness.data.sources import load_source
+from harness.errors import AgreedError, HarnessError, run_guarded
 
 TIMEOUT = 420
 ONE_STEP_TOLERANCE = 1e-6  # noise 1.5e-8; a wrong slice or a sum instead of a mean: > 1e-3
@@ -288,9 +290,32 @@ def test_uneven_shards_full_epoch_equal_steps(uneven_shards, tmp_path, world_siz
 
 
 def test_batch_not_divisible_by_world_size_fails_fast(quick_shards, tmp_path):
+    """Every rank refuses it, and the line is printed once, not once per rank."""
     result = run(train_command(quick_shards, tmp_path / "run", "--preset", "lenet", "--batch-size", "66", nproc=4), timeout=120)
+    output = result.stdout + result.stderr
     assert result.returncode != 0
-    assert "--batch-size 66 is not divisible by the world size 4" in result.stdout + result.stderr
+    assert output.count("--batch-size 66 is not divisible by the world size 4") == 1, output[-3000:]
+    assert torchrun_exit_statuses(output) == dict.fromkeys(range(4), 2), output[-3000:]
+
+
+@pytest.mark.parametrize(("env", "printed"), [({"LOCAL_RANK": "1", "WORLD_SIZE": "2"}, False), ({"LOCAL_RANK": "0", "WORLD_SIZE": "2"}, True),
+                                              ({"LOCAL_RANK": "1", "WORLD_SIZE": "1"}, True), ({}, True)])
+def test_an_error_every_rank_agrees_on_is_printed_by_each_nodes_first_rank(monkeypatch, capsys, env, printed):
+    """An AgreedError is printed by LOCAL_RANK 0 (or a process alone, a stray LOCAL_RANK
+    or not); the other ranks exit with its status and print nothing. Other errors are
+    printed by any rank."""
+    for name in ("LOCAL_RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+
+    def fail(error):
+        raise error
+
+    assert run_guarded(fail, AgreedError("the ranks agree")) == 2
+    assert run_guarded(fail, HarnessError("this rank alone")) == 2
+    expected = ["error: the ranks agree"] * printed + ["error: this rank alone"]
+    assert capsys.readouterr().err.splitlines() == expected
 
 
 def two_rank_probe(tmp_path, source: str):

@@ -98,6 +98,15 @@ def claim_run_dir(name: str) -> tuple[int, int]:
             return int(stamp), 1
 
 
+def write_stop_record(run_dir: Path, step: int, signal_name: str) -> None:
+    """The run stopped on a signal at `step`, its newest checkpoint's (or a fresh run's 0:
+    a signal during start-up stops it before training). Under torchrun the exit status 75
+    does not reach the launcher, so a batch script reads this file to tell such a stop
+    (requeue, resume) from a failure."""
+    Path(run_dir).mkdir(parents=True, exist_ok=True)  # a stop while opening the shard set comes before RunOutputs
+    write_json_atomic(Path(run_dir) / STOPPED, {"step": step, "signal": signal_name})
+
+
 class RunOutputs:
     def __init__(self, run_dir: Path, resumed_at: int | None, from_another_run: bool = False):
         """`resumed_at`: the step a resumed run continues from; None for a fresh start.
@@ -170,11 +179,7 @@ class RunOutputs:
         self.background.close(wait)
 
     def stopped(self, step: int, signal_name: str) -> None:
-        """The run stopped on a signal at `step`, its newest checkpoint's (or a fresh run's 0:
-        a signal during start-up stops it before training). Under torchrun the exit
-        status 75 does not reach the launcher, so a batch script reads this file to tell
-        such a stop (requeue, resume) from a failure."""
-        write_json_atomic(self.run_dir / STOPPED, {"step": step, "signal": signal_name})
+        write_stop_record(self.run_dir, step, signal_name)
 
     def finish(self, summary: dict, test: EvalResult, test_set: str, model) -> None:
         self.background.wait()  # the weight images, before the event file closes

@@ -20,8 +20,9 @@ import logging
 import math
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 import torch
@@ -31,7 +32,7 @@ from tqdm import tqdm
 from harness import distributed
 from harness.allocator import keep_freed_memory
 from harness.augment import RandomAffine
-from harness.checkpoint import CHECKPOINT_DIR, checkpoint_to_resume, state_mismatch
+from harness.checkpoint import CHECKPOINT_DIR, checkpoint_to_resume, list_checkpoints, marker_step, state_mismatch
 from harness.config import TrainConfig, add_config_options, build_config, preset_names
 from harness.cuda_graph import GraphedStep, compile_with_inductor
 from harness.data.manifest import shard_set_sha256
@@ -42,12 +43,13 @@ from harness.errors import AgreedError, HarnessError, run_guarded
 from harness.evaluate import EvalResult, evaluate
 from harness.models import buffers_restored, build_model, parameter_checksum
 from harness.normalize import Normalizer, make_loss, stats_used
-from harness.run_outputs import RunOutputs, default_run_dir, read_summary, setup_logging
+from harness.run_outputs import RunOutputs, default_run_dir, read_summary, setup_logging, write_stop_record
 from harness.stopping import EXIT_STOPPED, StopRequest
 from harness.testhooks import Fault, diverge_rank_rng, save_rank_files
 
 log = logging.getLogger("harness")
 
+START_UP_STOP = "before training, with nothing new to checkpoint"  # how a stop during start-up is logged
 GRAPHED_MODES = ("cuda-graph", "cuda-graph-inductor")  # --compile values that capture the whole step (harness/cuda_graph.py)
 
 
@@ -572,15 +574,12 @@ class Trainer:
 
     def stop(self, what: str = "and checkpointed") -> None:
         """All ranks, once the stop's checkpoint is on disk: record the stop, then raise Stopped."""
-        # No rank exits, and so no launcher ends the job, before the record is written; a
-        # slow filesystem holds the others up to --rank0-timeout, as a checkpoint's write does.
-        with self.ctx.main_only("stop record"):
-            if self.outputs:
-                self.fault.before_stop_record()
-                self.outputs.stopped(self.progress.step, self.stop_reason)
-        self.ctx.barrier()  # then all exit together: rank 0's process may serve the store the others waited on
-        log.warning(f"{self.stop_reason}: stopped at step {self.progress.step} {what}; run again to resume")
-        raise Stopped(self.stop_reason)
+
+        def record() -> None:
+            self.fault.before_stop_record()
+            self.outputs.stopped(self.progress.step, self.stop_reason)
+
+        stop_every_rank(self.ctx, self.progress.step, self.stop_reason, what, record)
 
     def stop_if_signalled_during_start_up(self) -> None:
         """All ranks, before the first step: a stop signal that came during start-up (joining
@@ -588,7 +587,7 @@ class Trainer:
         point, with nothing new to checkpoint: a batch script requeues it, and it resumes
         from where it started. One all-reduce, so that every rank decides alike."""
         if self.stop_asked_on_any_rank():
-            self.stop("before training, with nothing new to checkpoint")
+            self.stop(START_UP_STOP)
 
     def stop_if_signalled_while_the_next_epoch_loads(self) -> None:
         """All ranks, between two epochs: the next epoch's first macro-batch loads (with the
@@ -602,10 +601,8 @@ class Trainer:
             self.stop()
 
     def stop_asked_on_any_rank(self) -> bool:
-        """All ranks: whether any rank got a stop signal (setting stop_reason if so). One
-        all-reduce, so that every rank decides alike."""
-        asked = torch.tensor([float(self.stop_request.requested)], dtype=torch.float64, device=self.ctx.device)
-        if not self.ctx.sum(asked).item():
+        """All ranks: whether any rank got a stop signal (setting stop_reason if so)."""
+        if not any_rank_asked_to_stop(self.ctx, self.stop_request):
             return False
         self.stop_reason = self.stop_request.signal_name or "stop signal on another rank"
         return True
@@ -862,6 +859,45 @@ def agree_at_sync_point(ctx, window: torch.Tensor, first_step: int, stop_request
     return loss_sum / (len(window) * ctx.world_size), stop
 
 
+def any_rank_asked_to_stop(ctx: distributed.DistContext, stop_request: StopRequest) -> bool:
+    """All ranks: whether any rank got a stop signal. One all-reduce, so that every rank decides alike."""
+    asked = torch.tensor([float(stop_request.requested)], dtype=torch.float64, device=ctx.device)
+    return bool(ctx.sum(asked).item())
+
+
+def open_shards(ctx: distributed.DistContext, location: str | Path, cache_dir: Path | None, cache_limit: int | None,
+                stop_request: StopRequest, run_dir: Path) -> ShardSource:
+    """All ranks: the shard set. From a URL, opening it fetches its manifest, and a stop
+    signal cuts that fetch short (a stalled server would hold the stop through its retries,
+    past a launcher's grace period). Then, or on a signal that came sooner, every rank stops
+    here, before training, with the stop record a batch script requeues by, and a resume
+    starts from the newest checkpoint as before."""
+    source = None
+    try:
+        source = ShardSource(location, cache_dir, cache_limit, cancel_when=lambda: stop_request.requested)
+    except HarnessError:
+        if not stop_request.requested:
+            raise
+    if not any_rank_asked_to_stop(ctx, stop_request):  # true where the fetch was cut: that rank was asked
+        return source
+    reason = stop_request.signal_name or "stop signal on another rank"
+    newest = list_checkpoints(run_dir)
+    step = marker_step(newest[0]) if newest else 0
+    stop_every_rank(ctx, step, reason, START_UP_STOP, lambda: write_stop_record(run_dir, step, reason))
+
+
+def stop_every_rank(ctx: distributed.DistContext, step: int, reason: str, what: str, write_record: Callable[[], None]) -> NoReturn:
+    """All ranks: rank 0 records the stop (stopped.json), then every rank raises Stopped."""
+    # No rank exits, and so no launcher ends the job, before the record is written; a
+    # slow filesystem holds the others up to --rank0-timeout, as a checkpoint's write does.
+    with ctx.main_only("stop record"):
+        if ctx.is_main:
+            write_record()
+    ctx.barrier()  # then all exit together: rank 0's process may serve the store the others waited on
+    log.warning(f"{reason}: stopped at step {step} {what}; run again to resume")
+    raise Stopped(reason)
+
+
 def train(config: TrainConfig, shards: str | Path, run_dir: Path | None, resume: str = "auto", name: str = "",
           cache_dir: Path | None = None, cache_limit_gb: float | None = None) -> dict:
     """Train on this process's rank (or alone); rank 0's summary, {} on the others.
@@ -880,7 +916,8 @@ def train(config: TrainConfig, shards: str | Path, run_dir: Path | None, resume:
         if cache_limit_gb is not None and not (math.isfinite(cache_limit_gb) and cache_limit_gb > 0):
             raise AgreedError(f"--shard-cache-limit-gb {cache_limit_gb}: give a positive number of gigabytes")
         limit = None if cache_limit_gb is None else int(cache_limit_gb * 1e9)
-        summary = Trainer(config, ShardSource(shards, cache_dir, limit), run_dir, ctx, resume, stop_request).fit()
+        source = open_shards(ctx, shards, cache_dir, limit, stop_request, run_dir)
+        summary = Trainer(config, source, run_dir, ctx, resume, stop_request).fit()
         ctx.barrier()  # every rank tears the process group down together
         log.info(f"wrote {run_dir}")
         return summary

@@ -763,6 +763,31 @@ def test_sigterm_while_a_shard_downloads_stops_at_once_with_a_checkpoint(server,
 
 
 @pytest.mark.timeout(240)
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_sigterm_while_the_manifest_is_fetched_stops_before_training(server, shards, tmp_path, nproc):
+    """A SIGTERM while the manifest itself arrives (30 s here; a stalled server could hold
+    it through every retry) stops the run within seconds, before training, with the stop
+    record a requeue goes by; the rerun trains. With two ranks only rank 0's fetch is
+    slow: rank 1, which has its manifest, stops with it, as every rank decides alike.
+    Before, the stop waited for the manifest."""
+    from helpers import train_command
+
+    server.fail("manifest.json", "trickle", count=1)
+    run_dir = tmp_path / "run"
+    command = train_command(server.url, run_dir, "--model", "mlp", "--hidden", "32", "--device", "cpu", "--batch-size", "20",
+                            "--epochs", "1", "--threads", "1", "--shard-cache", tmp_path / "cache", nproc=nproc)
+    returncode, output, took = sigterm_during(command, lambda: server.gets("manifest.json") > 0, "the manifest's fetch")
+    assert returncode == (75 if nproc == 1 else 1), output[-3000:]
+    assert took < 20, f"the stop took {took:.1f} s"  # as in the test below
+    assert json.loads((run_dir / "stopped.json").read_text()) == {"step": 0, "signal": "SIGTERM"}
+    assert output.count("SIGTERM: stopped at step 0 before training, with nothing new to checkpoint; run again to resume") == nproc, output[-3000:]
+    assert "error:" not in output, output[-3000:]
+
+    resumed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert not (run_dir / "stopped.json").exists()
+
+
 @pytest.mark.parametrize(("nproc", "slow_shard", "options"), [
     (1, "train-000001.tar", []),
     (2, "train-000001.tar", []),

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +37,10 @@ class ShardSource:
     (`remote.is_remote`: https://, http://, gs://, sftp://, ftps://, scp:// or
     `pipe:COMMAND {name}`)."""
 
-    def __init__(self, location: str | Path, cache_dir: Path | None = None, cache_limit_bytes: int | None = None):
+    def __init__(self, location: str | Path, cache_dir: Path | None = None, cache_limit_bytes: int | None = None,
+                 cancel_when: Callable[[], bool] = lambda: False):
+        """`cancel_when`: from a URL, the manifest's fetch gives up with a HarnessError once
+        it is true (a stop signal; RemoteShards.fetches_cancelled_when)."""
         self.location = str(location)
         self.remote = None
         # Only a location written as text can be a URL, and only if no such local path
@@ -45,7 +49,7 @@ class ShardSource:
             location = location[len("file://") :]  # file:///data/shards is /data/shards
         if isinstance(location, str) and is_remote(location) and not os.path.lexists(location):
             self.remote = RemoteShards(self.location, Path(cache_dir or default_cache_dir()), cache_limit_bytes)
-            with self.remote.fetched_manifest() as fetched:
+            with self.remote.fetches_cancelled_when(cancel_when), self.remote.fetched_manifest() as fetched:
                 try:
                     self.manifest = load_manifest(fetched)
                 except HarnessError as e:  # name the URL, not the fetched copy

@@ -194,11 +194,14 @@ def run(command: list[str], env: dict | None = None, timeout: float = 420, cwd: 
     return subprocess.CompletedProcess(args, process.returncode, stdout, stderr)
 
 
-def torchrun_exit_statuses(output: str) -> dict[int, int]:
-    """Each failed rank's exit status, from the account torchrun prints when a job fails
-    (its ChildFailedError's `rank : R (local_rank: L)` and `exitcode : N` lines)."""
+def ranks_ended_with_harness_errors(output: str, nproc: int) -> bool:
+    """From the account torchrun prints of a failed job (its ChildFailedError's `rank : R`
+    and `exitcode : N` lines): every rank exited with HarnessError's status 2, or, where it
+    had not yet exited when torchrun saw the first one end, of torchrun's SIGTERM (-15).
+    None crashed or lost contact (status 1)."""
     found = re.findall(r"rank\s*: (\d+) \(local_rank: \d+\)\s*\n\s*exitcode\s*: (-?\d+)", output)
-    return {int(rank): int(status) for rank, status in found}
+    statuses = {int(rank): int(status) for rank, status in found}
+    return len(statuses) == nproc and 2 in statuses.values() and set(statuses.values()) <= {2, -signal.SIGTERM}
 
 
 def kill_tree(process: subprocess.Popen) -> None:

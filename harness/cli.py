@@ -103,10 +103,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Guarded from the start: build_parser imports torch (1.5-2.5 s), and a Ctrl-C or a
+    # SIGTERM then ends the command as at any later moment, with one line, not a traceback.
+    return run_guarded(parse_and_run, argv)
+
+
+def parse_and_run(argv: list[str] | None) -> int:
     args, unknown = build_parser().parse_known_args(argv)
     if unknown:  # the command's usage, not the top level's (argparse's own would show `harness {pack,train,...}`)
         args.parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    return run_guarded(args.function, args)
+    return args.function(args)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import signal
 import stat
 import subprocess
 import sys
+import time
 import tracemalloc
 from pathlib import Path
 
@@ -472,6 +473,24 @@ def test_a_signal_during_a_pack_leaves_nothing_behind(mnist_dir, tmp_path, sig, 
     assert (process.returncode, err.strip().splitlines()[-1:]) == (status, [line]), err[-3000:]
     assert "Traceback" not in err, err[-3000:]
     assert sorted(p.name for p in tmp_path.iterdir()) == [], "the pack left files behind"
+
+
+@pytest.mark.parametrize("sig,status,line", [(signal.SIGTERM, 143, "terminated"), (signal.SIGINT, 130, "interrupted")], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_while_a_command_imports_torch_is_one_line(monkeypatch, capsys, sig, status, line):
+    """The `harness` command's parser imports torch (1.5-2.5 s); a Ctrl-C then printed
+    an import's traceback (status -2), and a SIGTERM ended it with no word (-15). Here the
+    signal comes inside build_parser, as it would during those imports."""
+    from harness import cli
+
+    def importing(*_):
+        if sig == signal.SIGINT:
+            raise KeyboardInterrupt  # what Python's own SIGINT handler raises
+        os.kill(os.getpid(), sig)
+        time.sleep(5)  # the handler raises here, at once
+
+    monkeypatch.setattr(cli, "build_parser", importing)
+    assert cli.main(["pack", "--help"]) == status
+    assert capsys.readouterr().err == f"{line}\n"
 
 
 def record_fsyncs(monkeypatch) -> list:

@@ -16,13 +16,14 @@ decompression-bomb limit (~179 MP), plus at most 5 bytes a pixel to take the ban
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from harness.errors import HarnessError
-from harness.validation import one_line
+from harness.validation import one_line, open_regular_file
 
 FIELD, BOX = 28, 20
 NOISE_FLOOR = 0.2  # ink below this fraction of the strongest is paper texture, shadow or JPEG noise
@@ -36,15 +37,23 @@ MAX_SIDE = 2048
 def read_image(path: Path) -> Image.Image:
     """Decode an image file (PNG, JPEG or any format Pillow reads); one clear error otherwise."""
     try:
-        with Image.open(path) as image:
-            if max(image.size) > MAX_SIDE:
-                image.draft(None, (MAX_SIDE, MAX_SIDE))  # a big JPEG decodes at 1/2, 1/4 or 1/8 scale
-            image.load()
-            check_grey_conversion(image, path)
-            transpose_by_exif(image, path)
-            return image
+        file = open_regular_file(path)  # open() of a FIFO would wait for a writer for ever
     except FileNotFoundError:
         raise HarnessError(f"{path}: file not found") from None
+    except OSError as e:
+        raise HarnessError(f"{path}: cannot be read ({e.strerror})") from None  # "not a regular file": a FIFO, a directory
+    try:
+        with file, warnings.catch_warnings():
+            # Pillow warns past half its pixel limit (89 MP: a 108 MP phone photo); the size is
+            # handled below (a JPEG decodes smaller), and a warning is not a line of our output.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(file) as image:
+                if max(image.size) > MAX_SIDE:
+                    image.draft(None, (MAX_SIDE, MAX_SIDE))  # a big JPEG decodes at 1/2, 1/4 or 1/8 scale
+                image.load()
+                check_grey_conversion(image, path)
+                transpose_by_exif(image, path)
+                return image
     except MemoryError:
         raise HarnessError(f"{path}: not enough memory to decode the image") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:

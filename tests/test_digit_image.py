@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import subprocess
 import sys
 
@@ -125,6 +126,27 @@ def test_out_of_memory_is_one_clear_error(digits, tmp_path, monkeypatch):
         with pytest.raises(HarnessError, match=f"^{path}: not a readable image \\(DecompressionBombError: "):
             load_digit(path)
     assert load_digit(path).max() == 255  # the picture itself is fine
+
+
+def test_pillows_warning_for_a_big_picture_is_not_printed(digits, tmp_path, monkeypatch, recwarn):
+    """Past half Pillow's pixel limit (89 MP: a 108 MP phone photo) Pillow warns, and the
+    warning with its source line came out before predict's output. The picture is read
+    (its size is handled: a JPEG decodes smaller), and nothing is warned."""
+    path = tmp_path / "digit.png"
+    Image.fromarray(255 - on_grey_paper(digits[0])).save(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 50_000)  # 300x260 is past this, not past twice this
+    assert load_digit(path).max() == 255
+    assert [str(w.message) for w in recwarn] == []
+
+
+@pytest.mark.timeout(60)  # open() of the FIFO waited for a writer for ever
+def test_a_fifo_or_a_directory_given_as_a_picture_is_one_error(tmp_path):
+    fifo, directory = tmp_path / "fifo.png", tmp_path / "dir.png"
+    os.mkfifo(fifo)
+    directory.mkdir()
+    for path in (fifo, directory):
+        with pytest.raises(HarnessError, match=f"^{path}: cannot be read \\(not a regular file\\)$"):
+            load_digit(path)
 
 
 def test_an_opaque_rgba_picture_is_read_by_its_grey_levels(tmp_path):

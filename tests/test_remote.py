@@ -788,6 +788,7 @@ def test_sigterm_while_the_manifest_is_fetched_stops_before_training(server, sha
     assert not (run_dir / "stopped.json").exists()
 
 
+@pytest.mark.timeout(240)
 @pytest.mark.parametrize(("nproc", "slow_shard", "options"), [
     (1, "train-000001.tar", []),
     (2, "train-000001.tar", []),

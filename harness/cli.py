@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from harness.errors import HarnessError, run_guarded
+from harness.errors import HarnessError, run_guarded, signals_held
 
 SHADES = " .:-=+*#%@"
 
@@ -109,7 +109,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def parse_and_run(argv: list[str] | None) -> int:
-    args, unknown = build_parser().parse_known_args(argv)
+    with signals_held():  # until torch is imported: see signals_held
+        parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
     if unknown:  # the command's usage, not the top level's (argparse's own would show `harness {pack,train,...}`)
         args.parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     return args.function(args)

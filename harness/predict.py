@@ -162,7 +162,8 @@ def format_prediction(row: dict) -> str:
 
 def run_predict(args) -> int:
     if bool(args.images) == (args.index is not None):
-        raise HarnessError("give image files, or --shards DIR --index N (not both)")
+        given = "both" if args.images else "neither"
+        raise HarnessError(f"give image files, or --shards DIR --index N (one of the two; {given} given)")
     trained = load_trained(args.model, args.shards)
     errors = []
     if args.images:

@@ -933,6 +933,12 @@ def train(config: TrainConfig, shards: str | Path, run_dir: Path | None, resume:
     raise failure  # outside the except block, so no frame keeps the failed collective's traceback
 
 
+def run_dir_option(text: str) -> Path:
+    if not text.strip():  # Path("") is the working directory, which a run would fill with its files
+        raise argparse.ArgumentTypeError("empty (an unset shell variable?): give a directory, or leave --run-dir out")
+    return Path(text)
+
+
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     parser = parser or argparse.ArgumentParser(prog="python -m harness.train", description="Train on packed shards.")
     # No prefixes (--run-d for --run-dir): slurm/train.sbatch must see --run-dir, --preset,
@@ -948,7 +954,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument("--shard-cache", type=Path, help="shards from a URL are kept in its shards/ folder (default ~/.cache/mnist-harness, or $HARNESS_CACHE)")
     parser.add_argument("--shard-cache-limit-gb", type=float, help="evict least recently used cached shards beyond this size (default: no limit)")
     parser.add_argument(
-        "--run-dir", type=Path,
+        "--run-dir", type=run_dir_option,
         help="where metrics, TensorBoard events and checkpoints go "
         "(default runs/PRESET-YYYYMMDD-HHMMSS; in a Slurm job runs/PRESET-slurm-JOBID)",
     )

@@ -169,3 +169,17 @@ def test_a_misspelt_option_shows_its_commands_usage(capsys, command, given, miss
         main([command, *given, misspelt, "1"])
     err = capsys.readouterr().err
     assert exit.value.code == 2 and err.startswith(f"usage: harness {command} ") and f"error: unrecognized arguments: {misspelt} 1" in err, err
+
+
+@pytest.mark.parametrize("given", ["", " "])
+def test_an_empty_run_dir_is_refused(capsys, tmp_path, monkeypatch, given):
+    """`--run-dir "$RUN_DIR"` with RUN_DIR unset was the working directory: the run wrote
+    its model.pt, summary.json, checkpoints/ and event files there."""
+    from harness.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit:
+        main(["train", "--preset", "lenet", "--shards", str(tmp_path / "shards"), "--run-dir", given])
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and "error: argument --run-dir: empty (an unset shell variable?)" in err, err
+    assert list(tmp_path.iterdir()) == []

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from harness.errors import HarnessError, run_guarded, signals_held
+from harness.errors import HarnessError, OptionParser, run_guarded, signals_held
 
 SHADES = " .:-=+*#%@"
 
@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     from harness.train import build_parser as build_train_parser
     from harness.train import run_from_args
 
-    parser = argparse.ArgumentParser(prog="harness", description="Distributed data-parallel MNIST training harness.")
+    parser = OptionParser(prog="harness", description="Distributed data-parallel MNIST training harness.")
     commands = parser.add_subparsers(dest="command", required=True)
 
     p = commands.add_parser("pack", help="pack a dataset into webdataset shards with a manifest")

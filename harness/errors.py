@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import gc
 import os
 import signal
 import sys
 import threading
+from typing import NoReturn
 
 EXIT_USAGE = 2  # a problem the user can fix: bad input, bad option, unusable directory
 
@@ -20,6 +22,15 @@ class HarnessError(Exception):
     """
 
     exit_status = EXIT_USAGE
+
+
+class OptionParser(argparse.ArgumentParser):
+    """argparse's parser, whose errors end a command as the harness's others do: one line
+    and status 2. (argparse's own print the command's whole usage first: 34 lines for
+    `harness train`, above the one that says what was wrong.)"""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"error: {self.prog}: {message} ({self.prog} --help lists the options)\n")
 
 
 class AgreedError(HarnessError):
@@ -67,7 +78,7 @@ def signals_held():
         yield
         return
     noted = []
-    held = [s for s in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(s) is not signal.SIG_IGN]
+    held = [s for s in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(s) not in (signal.SIG_IGN, None)]  # None: set outside Python
     previous = {s: signal.signal(s, lambda signum, frame: noted.append(signum)) for s in held}
     try:
         yield

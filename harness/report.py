@@ -219,6 +219,8 @@ def drawing_problem(weights: torch.Tensor) -> str | None:
 def write_report(run_dir: Path) -> tuple[list[Path], list[str]]:
     """Draw a finished (or running) run's pictures into RUN_DIR/report/: (written, skipped reasons)."""
     run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise HarnessError(f"{run_dir}: not a directory; give the run directory (the one holding metrics.jsonl)")
     if not run_dir.is_dir():
         raise HarnessError(f"{run_dir}: run directory not found")
     metrics = read_metrics(run_dir)
@@ -227,4 +229,6 @@ def write_report(run_dir: Path) -> tuple[list[Path], list[str]]:
     report = read_run_json(run_dir / "test_report.json", TEST_REPORT_SCHEMA, "test report") if (run_dir / "test_report.json").is_file() else None
     figures = run_figures(metrics, state, report and report["confusion"], summary.get("before_training"))
     skipped = [f"{name}: no {needs} (the run has not finished)" for name, needs in (("filters", "model.pt"), ("confusion_matrix", "test_report.json")) if name not in figures]
+    if "training_curves" not in figures:
+        skipped.insert(0, "training_curves: metrics.jsonl holds no epoch yet")
     return save_pictures(render(figures), run_dir), skipped

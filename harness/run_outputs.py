@@ -48,6 +48,8 @@ def prepare_run_dir(run_dir: Path, resuming: bool) -> Path:
     drops both (Trainer's keep_epochs, TensorBoard's purge).
     """
     run_dir = Path(run_dir)
+    if (run_dir / "manifest.json").exists():  # --run-dir given the --shards value, say
+        raise HarnessError(f"{run_dir}: holds a shard set (manifest.json); a run's files go in a directory of their own")
     if not resuming:
         checkpoints = any((run_dir / CHECKPOINT_DIR).glob("step-*"))  # committed ones (a write's temporary file is .step-*)
         for name, refused in (("metrics.jsonl", checkpoints), ("summary.json", True)):

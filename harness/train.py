@@ -39,7 +39,7 @@ from harness.data.manifest import shard_set_sha256
 from harness.data.shard_set import ShardSource, ShardSplit
 from harness.data.stream import MacroBatch, MacroBatchStream
 from harness.device import autocast, set_deterministic
-from harness.errors import AgreedError, HarnessError, run_guarded
+from harness.errors import AgreedError, HarnessError, OptionParser, run_guarded
 from harness.evaluate import EvalResult, evaluate
 from harness.models import buffers_restored, build_model, parameter_checksum
 from harness.normalize import Normalizer, make_loss, stats_used
@@ -402,7 +402,9 @@ class Trainer:
                 if self.training_left():
                     self.stop_if_signalled_while_the_next_epoch_loads()
             self.wait_for_writes()  # the loop's time includes the last checkpoint's write
-            return self.finish(time.perf_counter() - started)
+            summary = self.finish(time.perf_counter() - started)
+            log.info(f"wrote {self.run_dir}")  # not on the path above, which rewrites nothing
+            return summary
         except KeyboardInterrupt:  # a second Ctrl-C: "ends it at once", not after a write in progress
             interrupted = True
             raise
@@ -919,7 +921,6 @@ def train(config: TrainConfig, shards: str | Path, run_dir: Path | None, resume:
         source = open_shards(ctx, shards, cache_dir, limit, stop_request, run_dir)
         summary = Trainer(config, source, run_dir, ctx, resume, stop_request).fit()
         ctx.barrier()  # every rank tears the process group down together
-        log.info(f"wrote {run_dir}")
         return summary
     except (RuntimeError, torch.distributed.DistError) as e:
         failure = distributed.explain_collective_failure(e, ctx.rank, config.timeout)
@@ -940,7 +941,7 @@ def run_dir_option(text: str) -> Path:
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    parser = parser or argparse.ArgumentParser(prog="python -m harness.train", description="Train on packed shards.")
+    parser = parser or OptionParser(prog="python -m harness.train", description="Train on packed shards.")
     # No prefixes (--run-d for --run-dir): slurm/train.sbatch must see --run-dir, --preset,
     # --shards and --resume spelled out to refuse or drop them.
     parser.allow_abbrev = False

@@ -334,6 +334,9 @@ def test_pack_refuses_bad_sizes(tmp_path, capsys, shard_size, block_size, proble
 def test_missing_source_directory(tmp_path, capsys):
     rc, _, err = cli(capsys, "pack", "--source", tmp_path / "absent", "--out", tmp_path / "out")
     assert_one_error(rc, err, "absent", "source directory not found")
+    (tmp_path / "train-images-idx3-ubyte.gz").write_bytes(b"")  # one of the files, given for their directory
+    rc, _, err = cli(capsys, "pack", "--source", tmp_path / "train-images-idx3-ubyte.gz", "--out", tmp_path / "out")
+    assert_one_error(rc, err, "train-images-idx3-ubyte.gz", "not a directory; --source names the directory that holds the IDX or CSV files")
 
 
 def test_empty_source_directory(tmp_path, capsys):

@@ -451,3 +451,11 @@ def test_a_fresh_start_never_overwrites_a_finished_run(tmp_path):
     with pytest.raises(HarnessError, match=r"already holds a run \(summary.json exists\)"):
         prepare_run_dir(run_dir, resuming=False)
     assert (run_dir / "model.pt").read_bytes() == b"weights"
+
+
+def test_a_shard_set_is_not_a_run_directory(tmp_path):
+    """--run-dir given the shard directory mixed the run's files into the shard set."""
+    (tmp_path / "manifest.json").write_text("{}")
+    with pytest.raises(HarnessError, match=f"^{tmp_path}: holds a shard set \\(manifest.json\\); a run's files go in a directory of their own$"):
+        prepare_run_dir(tmp_path, resuming=False)
+    assert [p.name for p in tmp_path.iterdir()] == ["manifest.json"]

@@ -111,8 +111,9 @@ def test_rank_0_frozen_during_a_checkpoint_write_ends_the_job_after_the_timeout(
         agent = subprocess.Popen(command, cwd=ROOT, env=env, stdout=output, stderr=subprocess.STDOUT)
         try:
             wait_for(lambda: agent.poll() is not None or only_stopped_workers_left(agent), 200, "rank 1 to exit")
-            for worker in psutil.Process(agent.pid).children():
-                worker.kill()  # the frozen rank 0, as torchrun would 30 s later
+            if agent.poll() is None:
+                for worker in psutil.Process(agent.pid).children():
+                    worker.kill()  # the frozen rank 0, as torchrun would 30 s later
             agent.wait(timeout=60)
         finally:
             kill_tree(agent)

@@ -767,9 +767,9 @@ def test_sigterm_while_a_shard_downloads_stops_at_once_with_a_checkpoint(server,
 def test_sigterm_while_the_manifest_is_fetched_stops_before_training(server, shards, tmp_path, nproc):
     """A SIGTERM while the manifest itself arrives (30 s here; a stalled server could hold
     it through every retry) stops the run within seconds, before training, with the stop
-    record a requeue goes by; the rerun trains. With two ranks only rank 0's fetch is
-    slow: rank 1, which has its manifest, stops with it, as every rank decides alike.
-    Before, the stop waited for the manifest."""
+    record a requeue goes by; the rerun trains. With two ranks only the first GET is
+    slow: the other rank, which has its manifest, stops with the one whose fetch was cut,
+    as every rank decides alike. Before, the stop waited for the manifest (28.5 s)."""
     from helpers import train_command
 
     server.fail("manifest.json", "trickle", count=1)

@@ -192,8 +192,19 @@ def test_report_of_an_unfinished_run_draws_the_curves(run_dir, tmp_path, capsys)
     assert "skipped filters: no model.pt" in out and "skipped confusion_matrix: no test_report.json" in out
 
 
+def test_report_of_a_run_with_no_epoch_yet_says_so(tmp_path, capsys):
+    """An empty metrics.jsonl (a run in its first epoch) drew no curves and said nothing."""
+    (tmp_path / "metrics.jsonl").write_text("")
+    status, out, _ = cli(capsys, "report", tmp_path)
+    assert status == 0 and "skipped training_curves: metrics.jsonl holds no epoch yet" in out, out
+    assert not (tmp_path / "report" / "training_curves.png").exists()
+
+
 def test_report_errors_are_clear(tmp_path, capsys):
     assert cli(capsys, "report", tmp_path / "missing")[::2] == (2, f"error: {tmp_path / 'missing'}: run directory not found\n")
+    (tmp_path / "model.pt").write_bytes(b"")  # a file of the run, given for the run
+    message = f"error: {tmp_path / 'model.pt'}: not a directory; give the run directory (the one holding metrics.jsonl)\n"
+    assert cli(capsys, "report", tmp_path / "model.pt")[::2] == (2, message)
     status, _, err = cli(capsys, "report", tmp_path)
     assert status == 2 and err.startswith(f"error: {tmp_path}: no metrics.jsonl")
 

@@ -219,6 +219,7 @@ def test_rerunning_a_finished_run_changes_nothing(lenet_run, mnist_shards, tmp_p
     result = run_cli("train", "--preset", "lenet", "--shards", mnist_shards, "--run-dir", run_dir, "--epochs", "1", "--device", "cpu")
     assert result.returncode == 0, result.stderr
     assert "this run has finished (summary.json); nothing to train, no file rewritten" in result.stdout
+    assert "wrote " not in result.stdout  # a last line "wrote RUN_DIR" contradicted the one above
     assert snapshot(run_dir) == before
     assert {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in run_dir.rglob("*") if p.is_file()} == written
 

@@ -139,6 +139,8 @@ def load_source(directory: Path, name: str | None = None, stream: bool = False) 
     splits are read only when their chunks are asked for (StreamedSplit), for packing in
     bounded memory; CSV files are read whole either way."""
     directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise HarnessError(f"{directory}: not a directory; --source names the directory that holds the IDX or CSV files")
     if not directory.is_dir():
         raise HarnessError(f"{directory}: source directory not found")
     splits, files = {}, {}

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 from harness.atomic import remove_interrupted_writes, tensor_snapshot, torch_save_atomic, write_json_atomic, write_text_atomic
 from harness.background import BackgroundWriter
 from harness.checkpoint import CHECKPOINT_DIR, save_checkpoint, set_aside_checkpoints_after
+from harness.data.manifest import MANIFEST_NAME
 from harness.errors import HarnessError
 from harness.evaluate import EvalResult, class_report, format_report
 from harness.run_files import SUMMARY_SCHEMA, read_metrics, read_run_json
@@ -48,8 +49,8 @@ def prepare_run_dir(run_dir: Path, resuming: bool) -> Path:
     drops both (Trainer's keep_epochs, TensorBoard's purge).
     """
     run_dir = Path(run_dir)
-    if (run_dir / "manifest.json").exists():  # --run-dir given the --shards value, say
-        raise HarnessError(f"{run_dir}: holds a shard set (manifest.json); a run's files go in a directory of their own")
+    if (run_dir / MANIFEST_NAME).exists():  # --run-dir given the --shards value, say
+        raise HarnessError(f"{run_dir}: holds a shard set ({MANIFEST_NAME}); a run's files go in a directory of their own")
     if not resuming:
         checkpoints = any((run_dir / CHECKPOINT_DIR).glob("step-*"))  # committed ones (a write's temporary file is .step-*)
         for name, refused in (("metrics.jsonl", checkpoints), ("summary.json", True)):

@@ -403,8 +403,6 @@ class Trainer:
                     self.stop_if_signalled_while_the_next_epoch_loads()
             self.wait_for_writes()  # the loop's time includes the last checkpoint's write
             summary = self.finish(time.perf_counter() - started)
-            log.info(f"wrote {self.run_dir}")  # not on the path above, which rewrites nothing
-            return summary
         except KeyboardInterrupt:  # a second Ctrl-C: "ends it at once", not after a write in progress
             interrupted = True
             raise
@@ -414,6 +412,8 @@ class Trainer:
                     self.outputs.close(wait=not interrupted)
             finally:
                 self.stream.close()
+        log.info(f"wrote {self.run_dir}")  # once the outputs are closed; not on the path above, which rewrites nothing
+        return summary
 
     def open_event_file(self) -> None:
         """Rank 0 creates TensorBoard's event file (a write to the run directory) here, where

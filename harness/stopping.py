@@ -43,3 +43,8 @@ class StopRequest:
     @property
     def requested(self) -> bool:
         return self.signal_name is not None
+
+    @property
+    def reason(self) -> str:
+        """Why the ranks stop, once they agreed to: this rank's signal, or another rank's."""
+        return self.signal_name or "stop signal on another rank"

@@ -606,7 +606,7 @@ class Trainer:
         """All ranks: whether any rank got a stop signal (setting stop_reason if so)."""
         if not any_rank_asked_to_stop(self.ctx, self.stop_request):
             return False
-        self.stop_reason = self.stop_request.signal_name or "stop signal on another rank"
+        self.stop_reason = self.stop_request.reason
         return True
 
     def end_epoch(self) -> None:
@@ -857,7 +857,7 @@ def agree_at_sync_point(ctx, window: torch.Tensor, first_step: int, stop_request
     # after this rank's part of the all-reduce waits for the next sync point. (Reading
     # this rank's own flag here let a rank stop alone, and the others hang in the next
     # collective: a CI failure.)
-    stop = (stop_request.signal_name or "stop signal on another rank") if any_stop else ""
+    stop = stop_request.reason if any_stop else ""
     return loss_sum / (len(window) * ctx.world_size), stop
 
 
@@ -882,7 +882,7 @@ def open_shards(ctx: distributed.DistContext, location: str | Path, cache_dir: P
             raise
     if not any_rank_asked_to_stop(ctx, stop_request):  # true where the fetch was cut: that rank was asked
         return source
-    reason = stop_request.signal_name or "stop signal on another rank"
+    reason = stop_request.reason
     newest = list_checkpoints(run_dir)
     step = marker_step(newest[0]) if newest else 0
     stop_every_rank(ctx, step, reason, START_UP_STOP, lambda: write_stop_record(run_dir, step, reason))

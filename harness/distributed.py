@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from harness.device import pick_device, process_group_backend
-from harness.errors import AgreedError, HarnessError
+from harness.errors import AgreedError, HarnessError, note_job_rank
 
 log = logging.getLogger("harness")
 
@@ -269,6 +269,7 @@ def init_distributed(
                 f"WORLD_SIZE={world_size} is set but {' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not: start the ranks with torchrun "
                 f"(or another launcher that sets {', '.join(LAUNCHER_VARIABLES)}), or unset WORLD_SIZE for one process"
             )
+    note_job_rank(ctx.rank if world_size > 1 else None)
     if launched and not dist.is_initialized():
         # torch.distributed.nn.functional binds `group.WORLD` as default arguments when it
         # is first imported, and DDP's constructor imports it (through torch._dynamo).

@@ -49,6 +49,25 @@ def printed_here(error: HarnessError) -> bool:
     return os.environ.get("LOCAL_RANK", "0") == "0" or os.environ.get("WORLD_SIZE", "1") == "1"
 
 
+_job_rank: int | None = None  # this process's rank, once it is one of a job's several ranks
+
+
+def note_job_rank(rank: int | None) -> None:
+    """Set (by distributed.init_distributed) once this process is one rank of several: its
+    own errors from then on are led by its rank. None: a process alone again."""
+    global _job_rank
+    _job_rank = rank
+
+
+def from_this_rank(message: str) -> str:
+    """A rank's own error, led by its rank unless the message names one already: a job's
+    ranks share one terminal or log, and an error met by one of them (its shard, its GPU,
+    its disk) says where to look by it."""
+    if _job_rank is None or message.startswith("rank "):
+        return message
+    return f"rank {_job_rank}: {message}"
+
+
 EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE  # what a shell reports for a C tool that SIGPIPE ended
 EXIT_INTERRUPTED = 128 + signal.SIGINT  # likewise for one that Ctrl-C ended
 EXIT_TERMINATED = 128 + signal.SIGTERM
@@ -104,7 +123,7 @@ def run_guarded(function, args) -> int:
         return status
     except HarnessError as e:
         if printed_here(e):
-            print(f"error: {e}", file=sys.stderr)
+            print(f"error: {e if isinstance(e, AgreedError) else from_this_rank(str(e))}", file=sys.stderr)
         return e.exit_status
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -120,7 +139,7 @@ def run_guarded(function, args) -> int:
         if e.errno is None:  # not the system's: shown in full, as a bug's would be
             raise
         # A write that fails (ENOSPC, say) names no file: the system's reason alone.
-        print(f"error: {'' if e.filename is None else f'{e.filename}: '}{e.strerror}", file=sys.stderr)
+        print(f"error: {from_this_rank(('' if e.filename is None else f'{e.filename}: ') + e.strerror)}", file=sys.stderr)
         return EXIT_OS_ERROR
     finally:
         # A failed run's exception chain can keep objects alive in reference cycles, among

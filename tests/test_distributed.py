@@ -54,6 +54,7 @@ from shard_server import ShardServer
 
 from harness.data.pack import pack
 from harness.data.sources import load_source
+from harness import errors
 from harness.errors import AgreedError, HarnessError, run_guarded
 
 TIMEOUT = 420
@@ -175,8 +176,9 @@ def test_a_damaged_shard_found_by_one_rank_stops_both_at_start_up(tmp_path):
     result = run(train_command(shards, tmp_path / "run", "--preset", "lenet", "--max-steps", "1", "--threads", "1", nproc=2), timeout=TIMEOUT)
     output = result.stdout + result.stderr
     assert result.returncode != 0
-    assert "train-000001.tar: SHA-256 differs from manifest.json" in output
-    assert "rank 0: stopping: rank 1 found a training shard that does not match manifest.json" in output
+    damaged_line = next(line for line in output.splitlines() if "train-000001.tar: SHA-256 differs from manifest.json" in line)
+    assert damaged_line.startswith(f"error: rank 1: {damaged}"), damaged_line  # the rank's own error says which rank met it
+    assert "error: rank 0: stopping: rank 1 found a training shard that does not match manifest.json" in output
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
@@ -298,23 +300,33 @@ def test_batch_not_divisible_by_world_size_fails_fast(quick_shards, tmp_path):
     assert ranks_ended_with_harness_errors(output, 4), output[-3000:]
 
 
-@pytest.mark.parametrize(("env", "printed"), [({"LOCAL_RANK": "1", "WORLD_SIZE": "2"}, False), ({"LOCAL_RANK": "0", "WORLD_SIZE": "2"}, True),
-                                              ({"LOCAL_RANK": "1", "WORLD_SIZE": "1"}, True), ({}, True)])
-def test_an_error_every_rank_agrees_on_is_printed_by_each_nodes_first_rank(monkeypatch, capsys, env, printed):
+@pytest.mark.parametrize(("env", "printed", "job_rank"), [
+    ({"LOCAL_RANK": "1", "WORLD_SIZE": "4"}, False, 3),
+    ({"LOCAL_RANK": "0", "WORLD_SIZE": "4"}, True, 2),
+    ({"LOCAL_RANK": "1", "WORLD_SIZE": "1"}, True, None),
+    ({}, True, None),
+])
+def test_an_error_every_rank_agrees_on_is_printed_by_each_nodes_first_rank(monkeypatch, capsys, env, printed, job_rank):
     """An AgreedError is printed by LOCAL_RANK 0 (or a process alone, a stray LOCAL_RANK
-    or not); the other ranks exit with its status and print nothing. Other errors are
-    printed by any rank."""
+    or not), as it is; the other ranks exit with its status and print nothing. Other
+    errors, and the system's, are printed by any rank, led by its rank once it joined a job
+    of several (distributed.init_distributed notes it), unless the message names one."""
     for name in ("LOCAL_RANK", "WORLD_SIZE"):
         monkeypatch.delenv(name, raising=False)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
+    monkeypatch.setattr(errors, "_job_rank", job_rank)
 
     def fail(error):
         raise error
 
     assert run_guarded(fail, AgreedError("the ranks agree")) == 2
     assert run_guarded(fail, HarnessError("this rank alone")) == 2
-    expected = ["error: the ranks agree"] * printed + ["error: this rank alone"]
+    assert run_guarded(fail, HarnessError("rank 5: named already")) == 2
+    assert run_guarded(fail, PermissionError(13, "Permission denied", "/runs/x")) == 1
+    own = "" if job_rank is None else f"rank {job_rank}: "
+    expected = ["error: the ranks agree"] * printed + [
+        f"error: {own}this rank alone", "error: rank 5: named already", f"error: {own}/runs/x: Permission denied"]
     assert capsys.readouterr().err.splitlines() == expected
 
 

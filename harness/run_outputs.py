@@ -46,7 +46,8 @@ def prepare_run_dir(run_dir: Path, resuming: bool) -> Path:
     checkpoints, which are there to resume from. A run killed before its first checkpoint
     leaves only TensorBoard events and perhaps the first epoch's metrics line: a fresh
     start there is its restart (a batch script's rerun, torchrun's --max-restarts), and
-    drops both (Trainer's keep_epochs, TensorBoard's purge).
+    drops both (Trainer's keep_epochs, TensorBoard's purge). A fresh start is refused
+    too where it would overwrite a model.pt or test_report.json at its end.
     """
     run_dir = Path(run_dir)
     if (run_dir / MANIFEST_NAME).exists():  # --run-dir given the --shards value, say
@@ -59,6 +60,9 @@ def prepare_run_dir(run_dir: Path, resuming: bool) -> Path:
                     f"{run_dir}: already holds a run ({name} exists) that this one would not continue "
                     "(--resume never, another run's checkpoint, or no valid checkpoint to resume from); pick a new --run-dir"
                 )
+        for name in ("model.pt", "test_report.json"):  # a finished run's, left without its summary.json, or put there by hand
+            if (run_dir / name).exists():
+                raise HarnessError(f"{run_dir}: holds {name}, which this run would overwrite at its end; pick a new --run-dir, or move the file")
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         probe = run_dir / ".write-test"

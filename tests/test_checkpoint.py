@@ -453,6 +453,17 @@ def test_a_fresh_start_never_overwrites_a_finished_run(tmp_path):
     assert (run_dir / "model.pt").read_bytes() == b"weights"
 
 
+@pytest.mark.parametrize("name", ["model.pt", "test_report.json"])
+def test_a_fresh_start_never_overwrites_a_loose_model_or_test_report(tmp_path, name):
+    """Without summary.json or metrics.jsonl the directory holds no run, but a model.pt (or
+    a test report) there, a finished run's whose summary was moved, or one put there by
+    hand, would be overwritten at the new run's end."""
+    (tmp_path / name).write_bytes(b"kept")
+    with pytest.raises(HarnessError, match=f"^{tmp_path}: holds {name}, which this run would overwrite at its end; pick a new --run-dir, or move the file$"):
+        prepare_run_dir(tmp_path, resuming=False)
+    assert [p.name for p in tmp_path.iterdir()] == [name] and (tmp_path / name).read_bytes() == b"kept"
+
+
 def test_a_shard_set_is_not_a_run_directory(tmp_path):
     """--run-dir given the shard directory mixed the run's files into the shard set."""
     (tmp_path / "manifest.json").write_text("{}")

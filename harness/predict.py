@@ -1,7 +1,8 @@
 """`harness predict`: classify digits with a trained run's weights.
 
 The model comes from a run directory (model.pt with the config in summary.json, or,
-for a run that has not finished, its newest valid checkpoint) or a checkpoint file.
+for a run that has not finished or lost its summary.json, its newest valid checkpoint)
+or a checkpoint file.
 Inputs are image files, turned into MNIST-style 28x28 images (harness.digit_image),
 or images of a packed shard set.
 """
@@ -38,10 +39,12 @@ def saved_run(path: Path) -> tuple[dict, TrainConfig, dict | None, Path]:
     directory, a checkpoint (verified against its step-N.json marker when that is beside
     it), or a model.pt with the run's summary.json beside it."""
     if path.is_dir():
-        if (path / "model.pt").is_file():
+        if (path / "model.pt").is_file() and (path / "summary.json").is_file():
             return saved_run(path / "model.pt")
-        found = load_newest_valid(path)
+        found = load_newest_valid(path)  # a run not finished, or whose summary.json, which says what model.pt is, is gone
         if found is None:
+            if (path / "model.pt").is_file():
+                raise HarnessError(f"{path}: holds model.pt but no summary.json to say which model it is, and no valid checkpoint")
             raise HarnessError(f"{path}: neither model.pt nor a valid checkpoint: not a run directory, or a run that has not saved yet")
         return checkpoint_parts(found[1], found[0])
     if not path.is_file():

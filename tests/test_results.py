@@ -392,6 +392,16 @@ def test_predict_from_a_checkpoint(run_dir, mnist_shards, tmp_path, capsys):
         by_checkpoint = json.loads(cli(capsys, "predict", path, "--shards", mnist_shards, "--index", "3", "--json")[1])
         assert by_checkpoint["model"] == str(path)
         assert by_checkpoint["predictions"] == by_run["predictions"]
+    # A run directory whose summary.json is gone: its newest checkpoint, and without one, an error saying what is missing.
+    bare = tmp_path / "bare"
+    (bare / "checkpoints").mkdir(parents=True)
+    (bare / "model.pt").write_bytes((run_dir / "model.pt").read_bytes())
+    status, _, err = cli(capsys, "predict", bare, "--shards", mnist_shards, "--index", "3")
+    assert status == 2 and err == f"error: {bare}: holds model.pt but no summary.json to say which model it is, and no valid checkpoint\n"
+    for name in (checkpoint.name, checkpoint.with_suffix(".json").name):
+        (bare / "checkpoints" / name).write_bytes((run_dir / "checkpoints" / name).read_bytes())
+    by_bare = json.loads(cli(capsys, "predict", bare, "--shards", mnist_shards, "--index", "3", "--json")[1])
+    assert by_bare["model"] == str(bare / "checkpoints" / checkpoint.name) and by_bare["predictions"] == by_run["predictions"]
     (tmp_path / "junk.pt").write_bytes(b"\x80\x04junk")
     with warnings.catch_warnings(record=True) as warned:  # the one error alone: no torch warning about the file's pickle protocol
         warnings.simplefilter("always")

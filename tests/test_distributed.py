@@ -52,10 +52,11 @@ from helpers import (
 )
 from shard_server import ShardServer
 
+from harness import errors
 from harness.data.pack import pack
 from harness.data.sources import load_source
-from harness import errors
 from harness.errors import AgreedError, HarnessError, run_guarded
+from harness.stopping import StopRequest
 
 TIMEOUT = 420
 ONE_STEP_TOLERANCE = 1e-6  # noise 1.5e-8; a wrong slice or a sum instead of a mean: > 1e-3
@@ -506,14 +507,11 @@ def test_a_rank_outside_the_world_size_is_refused(quick_shards, tmp_path, env):
     assert not (tmp_path / "run").exists()
 
 
-class StopRequestStandIn:
+class StopRequestStandIn(StopRequest):
     """harness.stopping.StopRequest without its signal handlers: the test sets signal_name."""
 
-    signal_name: str | None = None
-
-    @property
-    def requested(self) -> bool:
-        return self.signal_name is not None
+    def __init__(self):
+        self.signal_name = None
 
 
 class SignalDuringAllReduce:

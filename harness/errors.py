@@ -30,7 +30,10 @@ class OptionParser(argparse.ArgumentParser):
     `harness train`, above the one that says what was wrong.)"""
 
     def error(self, message: str) -> NoReturn:
-        self.exit(EXIT_USAGE, f"error: {self.prog}: {message} ({self.prog} --help lists the options)\n")
+        # Every rank of a job parses the same command line: its first rank on each node
+        # prints the error, as for an AgreedError.
+        printed = printed_here(AgreedError(message))
+        self.exit(EXIT_USAGE, f"error: {self.prog}: {message} ({self.prog} --help lists the options)\n" if printed else None)
 
 
 class AgreedError(HarnessError):

@@ -969,7 +969,10 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
 
 
 def run_from_args(args: argparse.Namespace) -> int:
-    config = build_config(args.preset, args)
+    try:
+        config = build_config(args.preset, args)
+    except HarnessError as e:  # from the command line and the launcher's environment, alike on every rank of a node
+        raise AgreedError(str(e)) from None
     try:
         train(config, args.shards, args.run_dir, args.resume, name=args.preset or "", cache_dir=args.shard_cache, cache_limit_gb=args.shard_cache_limit_gb)
     except Stopped:

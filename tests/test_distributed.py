@@ -292,13 +292,20 @@ def test_uneven_shards_full_epoch_equal_steps(uneven_shards, tmp_path, world_siz
     assert len(ranks) == world_size and all(torch.equal(r[k], ranks[0][k]) for r in ranks for k in r)
 
 
-def test_batch_not_divisible_by_world_size_fails_fast(quick_shards, tmp_path):
-    """Every rank refuses it, and the line is printed once, not once per rank."""
-    result = run(train_command(quick_shards, tmp_path / "run", "--preset", "lenet", "--batch-size", "66", nproc=4), timeout=120)
+@pytest.mark.parametrize(("nproc", "options", "line"), [
+    (4, ("--preset", "lenet", "--batch-size", "66"), "--batch-size 66 is not divisible by the world size 4"),
+    (2, ("--preset", "lenett"), "error: unknown preset 'lenett'"),
+    (2, ("--preset", "lenet", "--epocs", "1"), "unrecognized arguments: --epocs 1"),
+    (2, ("--preset", "lenet", "--lr", "-1"), "error: --lr must be positive (got -1.0)"),
+])
+def test_an_error_in_the_options_is_printed_once(quick_shards, tmp_path, nproc, options, line):
+    """Every rank refuses the same command line (or batch for the world size), and the line
+    is printed once, by the first rank of the node, not once per rank."""
+    result = run(train_command(quick_shards, tmp_path / "run", *options, nproc=nproc), timeout=120)
     output = result.stdout + result.stderr
     assert result.returncode != 0
-    assert output.count("--batch-size 66 is not divisible by the world size 4") == 1, output[-3000:]
-    assert ranks_ended_with_harness_errors(output, 4), output[-3000:]
+    assert output.count(line) == 1, output[-3000:]
+    assert ranks_ended_with_harness_errors(output, nproc), output[-3000:]
 
 
 @pytest.mark.parametrize(("env", "printed", "job_rank"), [

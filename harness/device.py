@@ -12,7 +12,7 @@ import os
 
 import torch
 
-from harness.errors import HarnessError
+from harness.errors import AgreedError, HarnessError
 
 # cuBLAS picks reduction orders by workspace; with a fixed workspace per stream its
 # results are reproducible (NVIDIA's cuBLAS documentation, "Results reproducibility").
@@ -53,6 +53,8 @@ def process_group_backend(requested: str, device: torch.device, gpu_shared: bool
     work starts); NCCL for CUDA tensors, unless asked for gloo, or ranks share a GPU and
     NCCL cannot: it refuses two ranks on one GPU before version 2.30, and from 2.30 on
     unless NCCL_MULTI_RANK_GPU_ENABLE=1."""
+    if device.type != "cuda" and requested == "nccl":  # NCCL moves CUDA tensors only; a node's ranks are all on one kind
+        raise AgreedError(f"--backend nccl needs the ranks on GPUs (this one is on {device.type}); use --backend gloo or auto")
     if device.type != "cuda" or requested == "gloo":
         return "gloo"
     if gpu_shared and not nccl_shares_gpus():

@@ -58,6 +58,8 @@ def test_backend_choice(monkeypatch):
     assert process_group_backend("auto", cpu, False) == "gloo"
     assert process_group_backend("auto", CUDA0, False) == "cpu:gloo,cuda:nccl"
     assert process_group_backend("gloo", CUDA0, False) == "gloo"
+    with pytest.raises(HarnessError, match=r"^--backend nccl needs the ranks on GPUs \(this one is on cpu\); use --backend gloo or auto$"):
+        process_group_backend("nccl", cpu, False)  # it was gloo, silently, and summary.json said gloo beside a config saying nccl
     # Ranks sharing a GPU: NCCL only where it allows it.
     monkeypatch.setattr(device_module, "nccl_shares_gpus", lambda: False)
     assert process_group_backend("auto", CUDA0, True) == "gloo"

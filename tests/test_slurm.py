@@ -195,7 +195,8 @@ esac
 """
 
 
-def run_script_with_stubs(tmp_path: Path, *options: str, restart_count: int = 0, srun: str = "fail") -> tuple[subprocess.CompletedProcess, list[str]]:
+def run_script_with_stubs(tmp_path: Path, *options: str, restart_count: int = 0, srun: str = "fail",
+                          env: dict | None = None) -> tuple[subprocess.CompletedProcess, list[str]]:
     """The batch script outside Slurm, with stand-ins for srun, scontrol and sinfo: its own
     bookkeeping (the options it passes on, what it makes of the step's end) without a
     cluster. Returns the result and the arguments srun got."""
@@ -209,7 +210,7 @@ def run_script_with_stubs(tmp_path: Path, *options: str, restart_count: int = 0,
         (stubs / name).chmod(0o755)
     env = {**os.environ, "PATH": f"{stubs}:{os.environ['PATH']}", "STUB_OUT": str(out), "STUB_SRUN": srun, "RUN_DIR": str(tmp_path / "run"),
            "SLURM_SUBMIT_DIR": str(ROOT), "SLURM_JOB_ID": "4242", "SLURM_NNODES": "1", "SLURM_JOB_NODELIST": "node1",
-           "SLURM_CPUS_ON_NODE": "1", "SLURM_RESTART_COUNT": str(restart_count)}
+           "SLURM_CPUS_ON_NODE": "1", "SLURM_RESTART_COUNT": str(restart_count), **(env or {})}
     result = subprocess.run(["bash", str(SBATCH), *options], capture_output=True, text=True, timeout=60, cwd=ROOT, env=env)
     args_file = out / "srun-args"
     return result, args_file.read_text().splitlines() if args_file.exists() else []
@@ -224,6 +225,18 @@ def test_resume_among_the_options_is_for_the_first_attempt_only(tmp_path, restar
     _, srun_args = run_script_with_stubs(tmp_path, *options, restart_count=restart_count)
     passed_on = srun_args[srun_args.index("--run-dir") + 2 :]
     assert passed_on == (list(options) if restart_count == 0 else ["--epochs", "2", "--seed", "3"])
+
+
+@pytest.mark.parametrize(("env", "line"), [
+    ({"NPROC_PER_NODE": "0"}, "slurm/train.sbatch: NPROC_PER_NODE is the number of ranks per node, got '0'"),
+    ({"MAX_REQUEUES": "many"}, "slurm/train.sbatch: MAX_REQUEUES is a number, got 'many'"),
+    ({"SLURM_SUBMIT_DIR": "/"}, "slurm/train.sbatch: submitted from /, which has no launch/env.sh: run sbatch from the checkout's root"),
+])
+def test_a_bad_setting_or_submit_directory_is_one_line_before_srun(tmp_path, env, line):
+    """NPROC_PER_NODE=0 gave torchrun's AssertionError traceback, and a job submitted from
+    outside the checkout only bash's 'launch/env.sh: No such file or directory'."""
+    result, srun_args = run_script_with_stubs(tmp_path, "--max-steps", "2", env=env)
+    assert (result.returncode, result.stderr.strip(), srun_args) == (2, line, [])
 
 
 @pytest.mark.parametrize("srun,status,line", [

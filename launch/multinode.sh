@@ -1,26 +1,39 @@
 #!/usr/bin/env bash
-# One node of a multi-node run, using torchrun's c10d rendezvous. Start it on every node.
-#   launch/multinode.sh NNODES NODE_RANK HOST:PORT NPROC_PER_NODE [PRESET] [options...]
-# Any of the first four may instead come from the environment: NNODES, NODE_RANK,
-# RDZV_ENDPOINT (host:port of node 0), NPROC_PER_NODE. RDZV_ID names the job (default
-# harness); SHARDS as in dev.sh (every node needs the shards at that path). RUN_DIR: default
-# runs/PRESET-<rank 0's start time>, the harness's own, which every node takes from rank 0
-# (a date on each node would differ); give RUN_DIR to resume a run.
+# One node of a multi-node run, using torchrun's c10d rendezvous. Run the same command on
+# every node:
+#   launch/multinode.sh NNODES HOST:PORT NPROC_PER_NODE [PRESET] [options...]
+#   launch/multinode.sh [PRESET] [options...]      with NNODES, RDZV_ENDPOINT and NPROC_PER_NODE set
+# HOST:PORT (RDZV_ENDPOINT): where the rendezvous listens, on one of the nodes. The
+# rendezvous numbers the nodes itself (torchrun ignores a node rank under c10d), so rank 0,
+# which prints the progress and writes the run's files, may be on any of them.
+# NPROC_PER_NODE defaults to 1 in the second form; PRESET to lenet (also when the
+# arguments go on with an option). RDZV_ID names the job (default harness); SHARDS as in
+# dev.sh (every node needs the shards at that path). RUN_DIR: default runs/PRESET-<rank
+# 0's start time>, the harness's own, which every node takes from rank 0 (a date on each
+# node would differ); give RUN_DIR to resume a run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source launch/env.sh
-NNODES=${1:-${NNODES:?number of nodes}}
-NODE_RANK=${2:-${NODE_RANK:?rank of this node}}
-RDZV_ENDPOINT=${3:-${RDZV_ENDPOINT:?host:port of the rendezvous}}
-NPROC_PER_NODE=${4:-${NPROC_PER_NODE:-1}}
-PRESET=${5:-lenet}
-shift $(( $# < 5 ? $# : 5 ))
+usage="usage: launch/multinode.sh NNODES HOST:PORT NPROC_PER_NODE [PRESET] [options...]"
+if [[ ${1:-} =~ ^[0-9]+$ ]]; then
+  [ $# -ge 3 ] || { echo "launch/multinode.sh: NNODES, HOST:PORT and NPROC_PER_NODE go together ($usage)" >&2; exit 2; }
+  NNODES=$1 RDZV_ENDPOINT=$2 NPROC_PER_NODE=$3
+  shift 3
+fi
+NNODES=${NNODES:-}
+RDZV_ENDPOINT=${RDZV_ENDPOINT:-}
+NPROC_PER_NODE=${NPROC_PER_NODE:-1}
+[[ $NNODES =~ ^[1-9][0-9]*$ ]] || { echo "launch/multinode.sh: NNODES is the number of nodes, got '$NNODES' ($usage)" >&2; exit 2; }
+[[ $RDZV_ENDPOINT =~ ^.+:[0-9]+$ ]] || { echo "launch/multinode.sh: HOST:PORT (RDZV_ENDPOINT) is the rendezvous' address, got '$RDZV_ENDPOINT' ($usage)" >&2; exit 2; }
+[[ $NPROC_PER_NODE =~ ^[1-9][0-9]*$ ]] || { echo "launch/multinode.sh: NPROC_PER_NODE is the number of ranks per node, got '$NPROC_PER_NODE' ($usage)" >&2; exit 2; }
+PRESET=lenet
+if [ $# -gt 0 ] && [[ $1 != -* ]]; then PRESET=$1; shift; fi
 RUN_DIR_OPTION=()
 if [ -n "${RUN_DIR:-}" ]; then RUN_DIR_OPTION=(--run-dir "$RUN_DIR"); fi
 # torchrun shares its rendezvous store with init_process_group by default, and after an
 # elastic restart workers can then read the previous attempt's addresses and fail to
 # connect (pytorch/pytorch#135712); a separate store per attempt avoids that.
 export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
-exec torchrun --nnodes="$NNODES" --node-rank="$NODE_RANK" --nproc-per-node="$NPROC_PER_NODE" \
+exec torchrun --nnodes="$NNODES" --nproc-per-node="$NPROC_PER_NODE" \
   --rdzv-backend=c10d --rdzv-endpoint="$RDZV_ENDPOINT" --rdzv-id="${RDZV_ID:-harness}" \
   -m harness train --preset "$PRESET" --shards "${SHARDS:-shards}" "${RUN_DIR_OPTION[@]}" "$@"

@@ -231,10 +231,10 @@ def test_two_torchrun_agents_rendezvous_on_loopback(quick_shards, tmp_path):
            "HARNESS_TEST_RANK_WEIGHTS": str(tmp_path / "ranks")}
     agents = [
         subprocess.Popen(
-            ["bash", str(ROOT / "launch" / "multinode.sh"), "2", str(node_rank), endpoint, "1", "lenet", "--max-steps", "20", "--threads", "1"],
+            ["bash", str(ROOT / "launch" / "multinode.sh"), "2", endpoint, "1", "lenet", "--max-steps", "20", "--threads", "1"],
             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
-        for node_rank in (0, 1)
+        for _ in range(2)
     ]
     try:
         outputs = [agent.communicate(timeout=TIMEOUT)[0] for agent in agents]

@@ -64,9 +64,9 @@ def test_a_rank_that_exits_early_ends_the_others(quick_shards, tmp_path):
            "HARNESS_TEST_FAULT": "exit@40:1"}
     started = time.monotonic()
     agents = [
-        subprocess.Popen(["bash", str(ROOT / "launch" / "multinode.sh"), "2", str(node), endpoint, "1", "lenet", *CHECKPOINTED_RUN[2:], "--timeout", "600"],
+        subprocess.Popen(["bash", str(ROOT / "launch" / "multinode.sh"), "2", endpoint, "1", "lenet", *CHECKPOINTED_RUN[2:], "--timeout", "600"],
                          cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for node in (0, 1)
+        for _ in range(2)
     ]
     try:
         outputs = [agent.communicate(timeout=240)[0] for agent in agents]
@@ -75,7 +75,8 @@ def test_a_rank_that_exits_early_ends_the_others(quick_shards, tmp_path):
             kill_tree(agent)
     elapsed = time.monotonic() - started
     assert [a.returncode != 0 for a in agents] == [True, True]
-    assert "error: rank 0: lost contact with another rank" in outputs[0], outputs[0][-3000:]
+    both = "".join(outputs)  # the rendezvous puts rank 0 on either agent
+    assert "error: rank 0: lost contact with another rank" in both, both[-6000:]
     assert elapsed < 120, elapsed
     assert not (tmp_path / "run" / "summary.json").exists()
 

@@ -6,6 +6,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from helpers import free_port
 
 from harness.checkpoint import checkpoint_to_resume
 from harness.cli import build_parser as build_cli_parser
@@ -96,13 +97,38 @@ def test_launcher_process_count_checked(script, args):
     assert "Traceback" not in result.stderr
 
 
-@pytest.mark.parametrize("script", [["launch/dev.sh"], ["launch/torchrun.sh", "1"]], ids=["dev", "torchrun"])
+@pytest.mark.parametrize(("args", "env", "problem"), [
+    (["0", "127.0.0.1:29400", "1"], {}, "NNODES is the number of nodes, got '0'"),
+    (["2", "127.0.0.1", "1"], {}, "HOST:PORT (RDZV_ENDPOINT) is the rendezvous' address, got '127.0.0.1'"),
+    (["2", "127.0.0.1:29400", "0"], {}, "NPROC_PER_NODE is the number of ranks per node, got '0'"),
+    (["2", "127.0.0.1:29400"], {}, "NNODES, HOST:PORT and NPROC_PER_NODE go together"),
+    (["lenet", "--epochs", "1"], {}, "NNODES is the number of nodes, got ''"),
+    (["--epochs", "1"], {"NNODES": "2", "RDZV_ENDPOINT": "127.0.0.1:29400", "NPROC_PER_NODE": "x"}, "NPROC_PER_NODE is the number of ranks per node, got 'x'"),
+])
+def test_multinode_launcher_checks_its_numbers(args, env, problem):
+    """NPROC_PER_NODE 0 or NNODES 0 ended in torchrun's AssertionError traceback, and options
+    after the environment form were taken for the node count (a ValueError traceback)."""
+    env = {**{k: v for k, v in os.environ.items() if k not in ("NNODES", "RDZV_ENDPOINT", "NPROC_PER_NODE")}, **env}
+    result = subprocess.run(["bash", str(ROOT / "launch" / "multinode.sh"), *args], capture_output=True, text=True, timeout=60, env=env)
+    assert result.returncode == 2 and result.stderr.startswith(f"launch/multinode.sh: {problem}"), result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def multinode_alone(port: int, environment_form: bool) -> tuple[list[str], dict]:
+    """launch/multinode.sh as the one node of a job, its numbers as arguments or in the environment."""
+    numbers = {"NNODES": "1", "RDZV_ENDPOINT": f"127.0.0.1:{port}", "NPROC_PER_NODE": "1"}
+    return (["launch/multinode.sh"], numbers) if environment_form else (["launch/multinode.sh", *numbers.values()], {})
+
+
+@pytest.mark.parametrize("script", ["dev", "torchrun", "multinode", "multinode-environment"])
 def test_launchers_take_options_without_a_preset(script, tmp_path):
     """`launch/dev.sh --max-steps 3` trains the default preset: the option used to be taken
     for the preset's name (`argument --preset: expected one argument`). A missing shard
     directory here shows that the options reached the harness."""
-    result = subprocess.run(["bash", str(ROOT / script[0]), *script[1:], "--max-steps", "3"], capture_output=True, text=True, timeout=120,
-                            env={**os.environ, "SHARDS": str(tmp_path / "none")})
+    command, env = {"dev": (["launch/dev.sh"], {}), "torchrun": (["launch/torchrun.sh", "1"], {})}.get(script) or \
+        multinode_alone(free_port(), script == "multinode-environment")
+    result = subprocess.run(["bash", str(ROOT / command[0]), *command[1:], "--max-steps", "3"], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "SHARDS": str(tmp_path / "none"), **env})
     output = result.stdout + result.stderr
     assert result.returncode != 0 and f"error: {tmp_path / 'none'}: shard directory not found" in output, output[-3000:]
     assert "expected one argument" not in output

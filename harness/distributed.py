@@ -196,9 +196,10 @@ COLLECTIVE_ERROR_MARKS = ("gloo", "NCCL", "c10d", GLOO_PAIR_CLOSED_ON_TIMEOUT)
 
 
 def first_line(error: BaseException) -> str:
-    """An error's first line of text (torch's carry C++ frames after it), or its type's name."""
+    """An error's first line of text (torch's carry C++ frames after it), without a closing
+    full stop (it goes in parentheses or before a semicolon), or its type's name."""
     text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
+    return text.splitlines()[0].rstrip(".") if text else type(error).__name__
 
 
 def explain_collective_failure(error: BaseException, rank: int, timeout_s: float) -> CommunicationError | None:

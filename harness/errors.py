@@ -30,9 +30,9 @@ class OptionParser(argparse.ArgumentParser):
     `harness train`, above the one that says what was wrong.)"""
 
     def error(self, message: str) -> NoReturn:
-        # Every rank of a job parses the same command line: its first rank on each node
-        # prints the error, as for an AgreedError.
-        printed = printed_here(AgreedError(message))
+        # Every rank of a job parses the same command line: as for an AgreedError, each
+        # node's first rank prints the error.
+        printed = prints_what_every_rank_meets()
         self.exit(EXIT_USAGE, f"error: {self.prog}: {message} ({self.prog} --help lists the options)\n" if printed else None)
 
 
@@ -45,11 +45,15 @@ class AgreedError(HarnessError):
     store, its files) stay HarnessErrors, printed by whichever rank meets them."""
 
 
+def prints_what_every_rank_meets() -> bool:
+    """Whether this process prints an error that every rank meets alike: LOCAL_RANK 0, or a
+    process alone (a stray LOCAL_RANK or not)."""
+    return os.environ.get("LOCAL_RANK", "0") == "0" or os.environ.get("WORLD_SIZE", "1") == "1"
+
+
 def printed_here(error: HarnessError) -> bool:
     """Whether this process prints `error`: not an AgreedError in a local rank other than 0."""
-    if not isinstance(error, AgreedError):
-        return True
-    return os.environ.get("LOCAL_RANK", "0") == "0" or os.environ.get("WORLD_SIZE", "1") == "1"
+    return not isinstance(error, AgreedError) or prints_what_every_rank_meets()
 
 
 _job_rank: int | None = None  # this process's rank, once it is one of a job's several ranks

@@ -75,6 +75,13 @@ def from_this_rank(message: str) -> str:
     return f"rank {_job_rank}: {message}"
 
 
+def print_line(line: str) -> None:
+    """One line on stderr in one write: the ranks of a job share it, and print()'s separate
+    write of the newline let another rank's line in before it (two errors on one line, seen in CI)."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
 EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE  # what a shell reports for a C tool that SIGPIPE ended
 EXIT_INTERRUPTED = 128 + signal.SIGINT  # likewise for one that Ctrl-C ended
 EXIT_TERMINATED = 128 + signal.SIGTERM
@@ -130,13 +137,13 @@ def run_guarded(function, args) -> int:
         return status
     except HarnessError as e:
         if printed_here(e):
-            print(f"error: {e if isinstance(e, AgreedError) else from_this_rank(str(e))}", file=sys.stderr)
+            print_line(f"error: {e if isinstance(e, AgreedError) else from_this_rank(str(e))}")
         return e.exit_status
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print_line("interrupted")
         return EXIT_INTERRUPTED
     except Terminated:
-        print("terminated", file=sys.stderr)
+        print_line("terminated")
         return EXIT_TERMINATED
     except BrokenPipeError:
         # Python flushes stdout again at exit: point it at /dev/null so that flush is quiet.
@@ -146,7 +153,7 @@ def run_guarded(function, args) -> int:
         if e.errno is None:  # not the system's: shown in full, as a bug's would be
             raise
         # A write that fails (ENOSPC, say) names no file: the system's reason alone.
-        print(f"error: {from_this_rank(('' if e.filename is None else f'{e.filename}: ') + e.strerror)}", file=sys.stderr)
+        print_line(f"error: {from_this_rank(('' if e.filename is None else f'{e.filename}: ') + e.strerror)}")
         return EXIT_OS_ERROR
     finally:
         # A failed run's exception chain can keep objects alive in reference cycles, among

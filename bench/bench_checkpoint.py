@@ -80,6 +80,8 @@ def main() -> int:
     parser.add_argument("--dir", type=Path, default=None, help="where to write (default: a temporary directory)")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    if args.dir:
+        args.dir.mkdir(parents=True, exist_ok=True)  # `--dir runs` in a fresh clone, which has no runs/ yet
     with tempfile.TemporaryDirectory() as tmp:
         directory = args.dir or Path(tmp)
         figures = {preset: bench(preset, directory, args.repeats) for preset in preset_names()}

@@ -50,9 +50,11 @@ def stalls_during(job) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--rounds", type=int, default=6, help="at least 2: the first round, which warms up, is reported apart (default 6)")
     parser.add_argument("--switch-interval-ms", type=float, help="sys.setswitchinterval for the run (Python's default: 5 ms)")
     args = parser.parse_args()
+    if args.rounds < 2:
+        parser.error(f"--rounds {args.rounds}: at least 2 (the first is reported apart from the later ones)")
     if args.switch_interval_ms:
         sys.setswitchinterval(args.switch_interval_ms / 1e3)
 

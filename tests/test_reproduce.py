@@ -45,18 +45,19 @@ def test_table_has_mean_spread_and_the_comparison_with_the_published_figure(tmp_
         (tmp_path / f"lenet-seed{seed}.json").write_text(json.dumps(fake_record("lenet", seed, accuracy)))
     for seed, accuracy in enumerate([0.9190, 0.9200]):
         (tmp_path / f"mathspp-mlp-seed{seed}.json").write_text(json.dumps(fake_record("mathspp-mlp", seed, accuracy)))
-    text = reproduce.render_table(reproduce.load_records(tmp_path))
+    text = reproduce.render_table(reproduce.load_records(tmp_path), tmp_path)
     rows = {line.split(" | ")[0]: line for line in text.splitlines() if line.startswith("| `")}
     # lenet: mean 99.30% against the published 99.24%: at or above; sd of 0.9920/0.9930/0.9940 is 0.10 points
     assert rows["| `lenet`"].startswith("| `lenet` | 99.24% | **99.30%** (at or above) | 99.20%-99.40%, sd 0.10 | 99.20%, 99.30%, 99.40% | 3 (0, 1, 2) |")
     # mathspp-mlp: mean 91.95% against 91.94%
     assert "| **91.95%** (at or above) |" in rows["| `mathspp-mlp`"]
     assert "Test CPU (2 cores)" in text and "abcdef1" in text and "Smoke" not in text
+    assert f"from the run records in `{tmp_path}/`" in text  # where they are, not docs/results/
     # the runs without a record are named, so a partial table cannot pass for the full one
     assert ("**Incomplete: still to be run: `lenet-plus` seeds 0, 1, 2; `fast` seeds 0, 1, 2; `neupy-mlp` seeds 0, 1, 2; "
             "`theanets-mlp` seeds 0, 1, 2; `mathspp-mlp` seed 2.**") in text
     (tmp_path / "lenet-seed0.json").write_text(json.dumps(fake_record("lenet", 0, 0.9800)))
-    text = reproduce.render_table(reproduce.load_records(tmp_path))
+    text = reproduce.render_table(reproduce.load_records(tmp_path), tmp_path)
     assert "**98.90%** (-0.34 points)" in text  # below the published figure, by how much
 
 

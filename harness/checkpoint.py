@@ -362,7 +362,7 @@ def checkpoint_to_resume(ctx, run_dir: Path, resume: str, config, shard_set: str
     if not found:
         return None
     path, state = found
-    if state["world_size"] != ctx.world_size:
+    if state["world_size"] != ctx.world_size and ctx.is_main:  # every rank found the same checkpoint: one line, not one per rank
         log.warning(f"resuming a world-size-{state['world_size']} run with world size {ctx.world_size}: the global batches are the same, results equal up to float summation order")
     return found
 

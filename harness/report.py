@@ -23,6 +23,7 @@ from PIL import Image
 from harness.errors import HarnessError
 from harness.models import first_layer_weights
 from harness.run_files import SUMMARY_SCHEMA, TEST_REPORT_SCHEMA, load_torch_file, model_state, read_metrics, read_run_json
+from harness.validation import existing_directory
 
 REPORT_DIR = "report"
 PICTURES = ("training_curves", "filters", "confusion_matrix")
@@ -218,11 +219,7 @@ def drawing_problem(weights: torch.Tensor) -> str | None:
 
 def write_report(run_dir: Path) -> tuple[list[Path], list[str]]:
     """Draw a finished (or running) run's pictures into RUN_DIR/report/: (written, skipped reasons)."""
-    run_dir = Path(run_dir)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise HarnessError(f"{run_dir}: not a directory; give the run directory (the one holding metrics.jsonl)")
-    if not run_dir.is_dir():
-        raise HarnessError(f"{run_dir}: run directory not found")
+    run_dir = existing_directory(Path(run_dir), "run directory", "give the run directory (the one holding metrics.jsonl)")
     metrics = read_metrics(run_dir)
     summary = read_run_json(run_dir / "summary.json", SUMMARY_SCHEMA, "run summary") if (run_dir / "summary.json").is_file() else {}
     state = load_weights(run_dir / "model.pt") if (run_dir / "model.pt").is_file() else None

@@ -67,6 +67,16 @@ def read_json_file(path: Path, max_bytes: int, what: str, nonfinite_ok: bool = F
         raise HarnessError(f"{path}: not valid JSON ({one_line(e)})") from None
 
 
+def existing_directory(path: Path, what: str, hint: str) -> Path:
+    """`path`, if it is a directory; else one error: `what` not found, or not a directory
+    (with `hint`: what the option names)."""
+    if path.exists() and not path.is_dir():
+        raise HarnessError(f"{path}: not a directory; {hint}")
+    if not path.is_dir():
+        raise HarnessError(f"{path}: {what} not found")
+    return path
+
+
 def open_regular_file(path):
     """`path` opened for reading in binary, if it is a regular file; OSError otherwise. It is
     opened without blocking, then checked: open() of a FIFO would wait for a writer forever,

@@ -18,6 +18,7 @@ import numpy as np
 from harness.data.csv_source import read_csv
 from harness.data.idx import idx_dims, iter_idx, read_idx
 from harness.errors import HarnessError
+from harness.validation import existing_directory
 
 IMAGE_SHAPE = (28, 28)
 NUM_CLASSES = 10
@@ -138,11 +139,7 @@ def load_source(directory: Path, name: str | None = None, stream: bool = False) 
     """Load both splits of a source directory, validating everything. `stream`: IDX
     splits are read only when their chunks are asked for (StreamedSplit), for packing in
     bounded memory; CSV files are read whole either way."""
-    directory = Path(directory)
-    if directory.exists() and not directory.is_dir():
-        raise HarnessError(f"{directory}: not a directory; --source names the directory that holds the IDX or CSV files")
-    if not directory.is_dir():
-        raise HarnessError(f"{directory}: source directory not found")
+    directory = existing_directory(Path(directory), "source directory", "--source names the directory that holds the IDX or CSV files")
     splits, files = {}, {}
     kinds = set()
     for split in ("train", "test"):

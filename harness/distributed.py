@@ -122,10 +122,10 @@ class DistContext:
             now = time.monotonic()
             if now - watch.last_change > self.timeout_s:
                 raise CommunicationError(
-                    f"rank {self.rank}: rank 0 stopped responding during its {what}: no heartbeat for --timeout {self.timeout_s:g} s"
+                    f"rank 0 stopped responding during its {what}: no heartbeat for --timeout {self.timeout_s:g} s"
                 )
             if now - started > self.main_timeout_s:
-                raise CommunicationError(f"rank {self.rank}: rank 0's {what} took longer than --rank0-timeout {self.main_timeout_s:g} s")
+                raise CommunicationError(f"rank 0's {what} took longer than --rank0-timeout {self.main_timeout_s:g} s")
         if watch.error is not None:
             raise watch.error
 
@@ -202,7 +202,7 @@ def first_line(error: BaseException) -> str:
     return text.splitlines()[0].rstrip(".") if text else type(error).__name__
 
 
-def explain_collective_failure(error: BaseException, rank: int, timeout_s: float) -> CommunicationError | None:
+def explain_collective_failure(error: BaseException, timeout_s: float) -> CommunicationError | None:
     """One clear error for a collective that failed (gloo and NCCL raise RuntimeErrors
     naming themselves); None for any other error, which keeps its traceback."""
     text = str(error).strip()
@@ -211,11 +211,11 @@ def explain_collective_failure(error: BaseException, rank: int, timeout_s: float
     detail = first_line(error)
     if any(s in text.lower() for s in ("timed out", GLOO_PAIR_CLOSED_ON_TIMEOUT.lower())):
         return CommunicationError(
-            f"rank {rank}: no answer from another rank within --timeout {timeout_s:g} s ({detail}); "
+            f"no answer from another rank within --timeout {timeout_s:g} s ({detail}); "
             "that rank is stuck or far behind: see its log; any checkpoint already written is intact"
         )
     return CommunicationError(
-        f"rank {rank}: lost contact with another rank ({detail}); it died or its network failed: "
+        f"lost contact with another rank ({detail}); it died or its network failed: "
         "see its log; any checkpoint already written is intact"
     )
 
@@ -287,14 +287,14 @@ def init_distributed(
             init_process_group_bounded(ctx.backend, timeout_s, ctx.device)
         except (RuntimeError, ValueError) as error:  # torch's DistStoreError and DistNetworkError are RuntimeErrors
             raise CommunicationError(
-                f"rank {ctx.rank}: could not join the process group at {env['MASTER_ADDR']}:{env['MASTER_PORT']} "
+                f"could not join the process group at {env['MASTER_ADDR']}:{env['MASTER_PORT']} "
                 f"({first_line(error)}): every rank must "
                 f"start within --timeout {timeout_s:g} s of the others, with the same MASTER_ADDR, MASTER_PORT and WORLD_SIZE"
             ) from None
         try:
             check_same_device_type(ctx)
         except RuntimeError as error:  # another rank died at start-up
-            failure = explain_collective_failure(error, ctx.rank, timeout_s)
+            failure = explain_collective_failure(error, timeout_s)
             if failure is None:
                 raise
             raise failure from None

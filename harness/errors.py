@@ -67,10 +67,10 @@ def note_job_rank(rank: int | None) -> None:
 
 
 def from_this_rank(message: str) -> str:
-    """A rank's own error, led by its rank unless the message names one already: a job's
-    ranks share one terminal or log, and an error met by one of them (its shard, its GPU,
-    its disk) says where to look by it."""
-    if _job_rank is None or message.startswith("rank "):
+    """A rank's own error, led by its rank: a job's ranks share one terminal or log, and an
+    error met by one of them (its shard, its GPU, its disk) says where to look by it. The
+    messages leave their rank to this."""
+    if _job_rank is None:
         return message
     return f"rank {_job_rank}: {message}"
 

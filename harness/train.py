@@ -276,7 +276,7 @@ class Trainer:
         if problem:
             raise HarnessError(problem)
         if found:
-            raise HarnessError(f"rank {ctx.rank}: stopping: rank {found[0]} found a training shard that does not match manifest.json (its error names it)")
+            raise HarnessError(f"stopping: rank {found[0]} found a training shard that does not match manifest.json (its error names it)")
         if any(row[1:] != gathered[0][1:] for row in gathered):
             raise AgreedError(f"{shards.url('manifest.json')}: the ranks read different manifests (was the shard set replaced while the job started?)")
 
@@ -923,7 +923,7 @@ def train(config: TrainConfig, shards: str | Path, run_dir: Path | None, resume:
         ctx.barrier()  # every rank tears the process group down together
         return summary
     except (RuntimeError, torch.distributed.DistError) as e:
-        failure = distributed.explain_collective_failure(e, ctx.rank, config.timeout)
+        failure = distributed.explain_collective_failure(e, config.timeout)
         if failure is None:
             raise
     finally:

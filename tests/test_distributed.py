@@ -318,7 +318,7 @@ def test_an_error_every_rank_agrees_on_is_printed_by_each_nodes_first_rank(monke
     """An AgreedError is printed by LOCAL_RANK 0 (or a process alone, a stray LOCAL_RANK
     or not), as it is; the other ranks exit with its status and print nothing. Other
     errors, and the system's, are printed by any rank, led by its rank once it joined a job
-    of several (distributed.init_distributed notes it), unless the message names one."""
+    of several (distributed.init_distributed notes it)."""
     for name in ("LOCAL_RANK", "WORLD_SIZE"):
         monkeypatch.delenv(name, raising=False)
     for name, value in env.items():
@@ -330,11 +330,10 @@ def test_an_error_every_rank_agrees_on_is_printed_by_each_nodes_first_rank(monke
 
     assert run_guarded(fail, AgreedError("the ranks agree")) == 2
     assert run_guarded(fail, HarnessError("this rank alone")) == 2
-    assert run_guarded(fail, HarnessError("rank 5: named already")) == 2
     assert run_guarded(fail, PermissionError(13, "Permission denied", "/runs/x")) == 1
     own = "" if job_rank is None else f"rank {job_rank}: "
     expected = ["error: the ranks agree"] * printed + [
-        f"error: {own}this rank alone", "error: rank 5: named already", f"error: {own}/runs/x: Permission denied"]
+        f"error: {own}this rank alone", f"error: {own}/runs/x: Permission denied"]
     assert capsys.readouterr().err.splitlines() == expected
 
 
@@ -428,7 +427,7 @@ def test_every_error_of_a_timed_out_gloo_group_is_reported_as_a_timeout(tmp_path
         "        work.wait()\n"
         "        lines.append('no error')\n"
         "    except RuntimeError as e:\n"
-        "        lines.append(str(e).splitlines()[0] + ' -> ' + str(explain_collective_failure(e, 0, 2)))\n"
+        "        lines.append(str(e).splitlines()[0] + ' -> ' + str(explain_collective_failure(e, 2)))\n"
         "os.write(1, ('\\n'.join(lines) + '\\n').encode())\n"
         "os._exit(0)\n",
     )
@@ -591,5 +590,5 @@ def test_a_rank_0_that_beats_but_never_finishes_fails_after_rank0_timeout():
     started = time.monotonic()
     with _heartbeat(store, "harness/main/1/beat", interval=0.05), pytest.raises(CommunicationError) as error:
         waiting._wait_for_main(store, "harness/main/1", "validation")
-    assert str(error.value) == "rank 1: rank 0's validation took longer than --rank0-timeout 0.3 s"
+    assert str(error.value) == "rank 0's validation took longer than --rank0-timeout 0.3 s"
     assert 0.3 < time.monotonic() - started < 5

@@ -14,6 +14,10 @@ import signal
 # Launch scripts resubmit or requeue on it; the run resumes from its checkpoint.
 EXIT_STOPPED = 75
 
+# The signals a stop can come from, in the order a stop names them when the ranks got
+# different ones.
+STOP_SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1")
+
 
 class StopRequest:
     """Set by SIGTERM (Slurm's warning before preemption or the time limit), SIGUSR1
@@ -44,7 +48,12 @@ class StopRequest:
     def requested(self) -> bool:
         return self.signal_name is not None
 
-    @property
-    def reason(self) -> str:
-        """Why the ranks stop, once they agreed to: this rank's signal, or another rank's."""
-        return self.signal_name or "stop signal on another rank"
+    def votes(self) -> list[float]:
+        """This rank's signal as a count per STOP_SIGNALS name, for the ranks to sum."""
+        return [float(self.signal_name == name) for name in STOP_SIGNALS]
+
+
+def agreed_signal(summed_votes: list[float]) -> str:
+    """The signal the ranks stop for, from their summed votes, so that every rank names the
+    same one, whichever rank got it; "" when none did."""
+    return next((name for name, count in zip(STOP_SIGNALS, summed_votes) if count), "")

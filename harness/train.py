@@ -44,7 +44,7 @@ from harness.evaluate import EvalResult, evaluate
 from harness.models import buffers_restored, build_model, parameter_checksum
 from harness.normalize import Normalizer, make_loss, stats_used
 from harness.run_outputs import RunOutputs, default_run_dir, read_summary, setup_logging, write_stop_record
-from harness.stopping import EXIT_STOPPED, StopRequest
+from harness.stopping import EXIT_STOPPED, STOP_SIGNALS, StopRequest, agreed_signal
 from harness.testhooks import Fault, diverge_rank_rng, save_rank_files
 
 log = logging.getLogger("harness")
@@ -604,10 +604,8 @@ class Trainer:
 
     def stop_asked_on_any_rank(self) -> bool:
         """All ranks: whether any rank got a stop signal (setting stop_reason if so)."""
-        if not any_rank_asked_to_stop(self.ctx, self.stop_request):
-            return False
-        self.stop_reason = self.stop_request.reason
-        return True
+        self.stop_reason = signal_any_rank_got(self.ctx, self.stop_request)
+        return bool(self.stop_reason)
 
     def end_epoch(self) -> None:
         """Validate (rank 0), decide on early stopping (every rank, from the broadcast loss), checkpoint."""
@@ -840,31 +838,32 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict) -> None:
 
 
 def agree_at_sync_point(ctx, window: torch.Tensor, first_step: int, stop_request: StopRequest) -> tuple[float, str]:
-    """All ranks: mean loss of the window, and the stop signal if any rank got one.
+    """All ranks: mean loss of the window, and the stop signal if any rank got one ("" if none).
 
     One all-reduce and one device-to-host copy. A non-finite loss on any rank raises
     on every rank, naming the first bad step.
     """
     nonfinite = ~torch.isfinite(window)
-    packed = torch.zeros(3, dtype=torch.float64, device=window.device)
-    packed[0], packed[1], packed[2] = window.sum(), nonfinite.any(), float(stop_request.requested)
-    loss_sum, any_nonfinite, any_stop = ctx.sum(packed).tolist()
+    packed = torch.zeros(2 + len(STOP_SIGNALS), dtype=torch.float64, device=window.device)
+    packed[0], packed[1] = window.sum(), nonfinite.any()
+    packed[2:] = torch.tensor(stop_request.votes(), dtype=torch.float64)
+    loss_sum, any_nonfinite, *votes = ctx.sum(packed).tolist()
     if any_nonfinite:
         bad_step = first_step + int(nonfinite.nonzero()[0, 0]) if nonfinite.any() else 2**62
         step, rank = min((s[0], r) for r, s in enumerate(ctx.gather([bad_step])))
         raise AgreedError(f"loss is NaN or infinite at step {step + 1} on rank {rank}; stopped every rank; any checkpoint already written is intact")
-    # Only the all-reduced flag decides, so every rank decides alike: a signal that lands
+    # Only the all-reduced votes decide, so every rank decides alike: a signal that lands
     # after this rank's part of the all-reduce waits for the next sync point. (Reading
     # this rank's own flag here let a rank stop alone, and the others hang in the next
     # collective: a CI failure.)
-    stop = stop_request.reason if any_stop else ""
-    return loss_sum / (len(window) * ctx.world_size), stop
+    return loss_sum / (len(window) * ctx.world_size), agreed_signal(votes)
 
 
-def any_rank_asked_to_stop(ctx: distributed.DistContext, stop_request: StopRequest) -> bool:
-    """All ranks: whether any rank got a stop signal. One all-reduce, so that every rank decides alike."""
-    asked = torch.tensor([float(stop_request.requested)], dtype=torch.float64, device=ctx.device)
-    return bool(ctx.sum(asked).item())
+def signal_any_rank_got(ctx: distributed.DistContext, stop_request: StopRequest) -> str:
+    """All ranks: the stop signal any rank got, "" if none. One all-reduce, so that every
+    rank decides alike."""
+    votes = torch.tensor(stop_request.votes(), dtype=torch.float64, device=ctx.device)
+    return agreed_signal(ctx.sum(votes).tolist())
 
 
 def open_shards(ctx: distributed.DistContext, location: str | Path, cache_dir: Path | None, cache_limit: int | None,
@@ -880,23 +879,25 @@ def open_shards(ctx: distributed.DistContext, location: str | Path, cache_dir: P
     except HarnessError:
         if not stop_request.requested:
             raise
-    if not any_rank_asked_to_stop(ctx, stop_request):  # true where the fetch was cut: that rank was asked
+    reason = signal_any_rank_got(ctx, stop_request)  # set where the fetch was cut: that rank was asked
+    if not reason:
         return source
-    reason = stop_request.reason
     newest = list_checkpoints(run_dir)
     step = marker_step(newest[0]) if newest else 0
     stop_every_rank(ctx, step, reason, START_UP_STOP, lambda: write_stop_record(run_dir, step, reason))
 
 
 def stop_every_rank(ctx: distributed.DistContext, step: int, reason: str, what: str, write_record: Callable[[], None]) -> NoReturn:
-    """All ranks: rank 0 records the stop (stopped.json), then every rank raises Stopped."""
+    """All ranks: rank 0 records the stop (stopped.json), then every rank raises Stopped.
+    Rank 0 says so, once every rank is here: one line for the job, not one per rank."""
     # No rank exits, and so no launcher ends the job, before the record is written; a
     # slow filesystem holds the others up to --rank0-timeout, as a checkpoint's write does.
     with ctx.main_only("stop record"):
         if ctx.is_main:
             write_record()
     ctx.barrier()  # then all exit together: rank 0's process may serve the store the others waited on
-    log.warning(f"{reason}: stopped at step {step} {what}; run again to resume")
+    if ctx.is_main:
+        log.warning(f"{reason}: stopped at step {step} {what}; run again to resume")
     raise Stopped(reason)
 
 

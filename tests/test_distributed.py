@@ -56,7 +56,7 @@ from harness import errors
 from harness.data.pack import pack
 from harness.data.sources import load_source
 from harness.errors import AgreedError, HarnessError, run_guarded
-from harness.stopping import StopRequest
+from harness.stopping import STOP_SIGNALS, StopRequest
 
 TIMEOUT = 420
 ONE_STEP_TOLERANCE = 1e-6  # noise 1.5e-8; a wrong slice or a sum instead of a mean: > 1e-3
@@ -521,36 +521,42 @@ class StopRequestStandIn(StopRequest):
 
 
 class SignalDuringAllReduce:
-    """One of two ranks at a sync point: the other rank sent the same losses and
-    `others_stop`, and this rank's stop signal lands while the all-reduce runs (`lands`),
-    after this rank's flag went into it."""
+    """One of two ranks at a sync point: the other rank sent the same losses and its
+    signal (`others_signal`, None for none), and this rank's SIGTERM lands while the
+    all-reduce runs (`lands`), after this rank's votes went into it."""
 
     world_size = 2
 
-    def __init__(self, request: StopRequestStandIn, others_stop: bool, lands: bool):
-        self.request, self.others_stop, self.lands = request, others_stop, lands
+    def __init__(self, request: StopRequestStandIn, others_signal: str | None, lands: bool):
+        self.request, self.lands = request, lands
+        self.others_votes = torch.tensor([float(name == others_signal) for name in STOP_SIGNALS], dtype=torch.float64)
 
     def sum(self, packed: torch.Tensor) -> torch.Tensor:
         total = packed * 2
-        total[2] = packed[2] + float(self.others_stop)
+        total[2:] = packed[2:] + self.others_votes
         if self.lands:
             self.request.signal_name = "SIGTERM"
         return total
 
 
-@pytest.mark.parametrize(("others_stop", "lands", "expected"), [
-    (False, True, ""),  # no rank had a signal when the flags were summed: all go on, and stop at the next sync point
-    (True, False, "stop signal on another rank"),
-    (True, True, "SIGTERM"),
+@pytest.mark.parametrize(("own_signal", "others_signal", "lands", "expected"), [
+    (None, None, True, ""),  # no rank had a signal when the votes were summed: all go on, and stop at the next sync point
+    (None, "SIGUSR1", False, "SIGUSR1"),  # the other rank's signal, named alike on both
+    (None, "SIGUSR1", True, "SIGUSR1"),
+    ("SIGINT", "SIGTERM", False, "SIGTERM"),  # different signals: both ranks name the first of STOP_SIGNALS
+    ("SIGINT", None, False, "SIGINT"),
 ])
-def test_only_the_all_reduced_flag_decides_a_stop(others_stop, lands, expected):
-    """A stop signal that lands on one rank after it sent its flag into a sync point's
+def test_only_the_all_reduced_votes_decide_a_stop(own_signal, others_signal, lands, expected):
+    """A stop signal that lands on one rank after it sent its votes into a sync point's
     all-reduce must not stop that rank alone: the others would go on into the next step's
-    all-reduce and wait there (CI saw such a hang: Slurm's scancel landed at a sync point)."""
+    all-reduce and wait there (CI saw such a hang: Slurm's scancel landed at a sync point).
+    Every rank names the same signal, for stopped.json and rank 0's line, whichever rank
+    got it."""
     from harness.train import agree_at_sync_point
 
     request = StopRequestStandIn()
-    mean, stop = agree_at_sync_point(SignalDuringAllReduce(request, others_stop, lands), torch.ones(4), 0, request)
+    request.signal_name = own_signal
+    mean, stop = agree_at_sync_point(SignalDuringAllReduce(request, others_signal, lands), torch.ones(4), 0, request)
     assert stop == expected and mean == 1.0
 
 

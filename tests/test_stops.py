@@ -124,11 +124,11 @@ def test_sigterm_during_start_up_stops_before_training_for_a_requeue(quick_shard
             signal_tree(process, signal.SIGKILL)
             process.wait()
     output = "".join(output)
-    assert "SIGTERM: stopped at step 0 before training, with nothing new to checkpoint" in output, output[-3000:]
+    # Rank 0's line, once every rank reached the stop (one line for the job)
+    assert output.count("SIGTERM: stopped at step 0 before training, with nothing new to checkpoint") == 1, output[-3000:]
     if nproc == 1:
         assert process.returncode == EXIT_STOPPED and "Traceback" not in output
-    else:  # torchrun's agent, signalled too, exits 1 and prints its SignalException's traceback
-        assert "[rank 1] WARNING SIGTERM: stopped at step 0 before training" in output
+    # else torchrun's agent, signalled too, exits 1 and prints its SignalException's traceback
     assert json.loads((run_dir / "stopped.json").read_text()) == {"step": 0, "signal": "SIGTERM"}
     assert ckpt.list_checkpoints(run_dir) == []
     result = run(checkpointed_run(quick_shards, run_dir, nproc=nproc))
@@ -169,7 +169,10 @@ def test_a_stop_during_validation_stops_between_the_epochs_with_the_epochs_check
     stopped = run(train_command(shards, run_dir, *SMALL_RUN, nproc=2), env={"HARNESS_TEST_FAULT": "termval@10"})
     output = stopped.stdout + stopped.stderr
     assert json.loads((run_dir / "stopped.json").read_text()) == {"step": 10, "signal": "SIGTERM"}, output[-3000:]
-    assert "[rank 1] WARNING stop signal on another rank: stopped at step 10" in output, output[-3000:]
+    assert output.count("SIGTERM: stopped at step 10 and checkpointed; run again to resume") == 1, output[-3000:]  # rank 0's
+    # torchrun's account of its ranks: the first to exit, with 75 (the other may have been
+    # SIGTERMed by torchrun as it exited, after the stop)
+    assert "exitcode: 75" in output and "exitcode: 1" not in output, output[-3000:]
     (marker,) = ckpt.list_checkpoints(run_dir)
     loop = ckpt.load_verified(marker)["loop"]
     assert (loop["step"], loop["epoch"], loop["macro"]) == (10, 1, 0)
@@ -211,8 +214,10 @@ def test_a_slow_stop_record_on_rank_0_does_not_fail_the_job(shards, tmp_path):
     command = train_command(shards, run_dir, *SMALL_RUN, "--timeout", "5", nproc=2)
     stopped = run(command, env={"HARNESS_TEST_FAULT": "slowstop=12@7:1"})  # rank 1 signalled during step 8
     output = stopped.stdout + stopped.stderr
-    assert json.loads((run_dir / "stopped.json").read_text()) == {"step": 10, "signal": "stop signal on another rank"}, output[-3000:]
-    assert output.count("stopped at step 10 and checkpointed; run again to resume") == 2, output[-3000:]
-    assert "exitcode: 75" in output and "exitcode: 1" not in output, output[-3000:]  # torchrun's account of its ranks
+    assert json.loads((run_dir / "stopped.json").read_text()) == {"step": 10, "signal": "SIGTERM"}, output[-3000:]  # rank 1's
+    assert output.count("SIGTERM: stopped at step 10 and checkpointed; run again to resume") == 1, output[-3000:]  # rank 0's
+    # torchrun's account of its ranks: the first to exit, with 75 (the other may have been
+    # SIGTERMed by torchrun as it exited, after the stop)
+    assert "exitcode: 75" in output and "exitcode: 1" not in output, output[-3000:]
     resumed = train_ok(shards, run_dir, *SMALL_RUN, "--timeout", "5", nproc=2)
     assert "resuming from" in resumed.stdout and summary(run_dir)["steps"] == 30

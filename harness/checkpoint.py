@@ -16,6 +16,7 @@ import itertools
 import logging
 import math
 import os
+import pickle
 import pickletools
 import re
 import reprlib
@@ -200,7 +201,26 @@ def load_tensors_only(source):
         archive.seek(0)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return torch.load(archive, map_location="cpu", weights_only=True)
+            try:
+                return torch.load(archive, map_location="cpu", weights_only=True)
+            except pickle.UnpicklingError as e:
+                raise pickle.UnpicklingError(f"{weights_only_reason(e)}; only tensors and plain data are loaded") from None
+
+
+# torch's refusal also advises loading the file with weights_only=False, "if you trust
+# the source": that runs what the file holds, and a checkpoint may come from anyone.
+TORCH_ADVICE = ("weights_only", "Weights only load failed", "trust", "torch.load")
+
+
+def weights_only_reason(error: pickle.UnpicklingError) -> str:
+    """What torch.load(weights_only=True) refused in a file (a global it does not allow, an
+    opcode), without torch's advice, and with the file's control characters (a crafted
+    global's name is the file's text) escaped."""
+    for line in str(error).splitlines():
+        line = line.strip().removeprefix("WeightsUnpickler error:").split(". Please use")[0].strip().rstrip(".")
+        if line and not any(advice in line for advice in TORCH_ADVICE):
+            return one_line("".join(c if c.isprintable() else repr(c)[1:-1] for c in line))
+    return "content other than tensors and plain data"
 
 
 def archive_problem(archive) -> str | None:

@@ -535,6 +535,29 @@ def test_crafted_checkpoint_contents_are_skipped_with_a_warning(tmp_path, caplog
         assert_one_error(rc, err, str(pt))
 
 
+def test_a_checkpoint_or_model_that_would_run_code_is_refused_without_torchs_advice(small_run, tmp_path, caplog, capsys):
+    """A checkpoint (its marker matching) and a model.pt that, unpickled, would create a file:
+    `--resume auto` skips the checkpoint, `harness predict` refuses both in one line, and
+    nothing runs. torch's refusal advises loading the file with weights_only=False "if you
+    trust the source", which would run it; the harness's message says what was refused and
+    leaves that advice out."""
+    ran = tmp_path / "payload-ran"
+    crafted_checkpoint(tmp_path, tiny_state(1), 1)
+    state = tiny_state(2)
+    state["model"]["payload"] = Payload(ran)
+    pt = crafted_checkpoint(tmp_path, state, 2)
+    assert resume_auto_step(tmp_path, caplog, pt) == 1
+    model = tmp_path / "copy" / "model.pt"
+    model.parent.mkdir()
+    (model.parent / "summary.json").write_bytes((small_run / "summary.json").read_bytes())
+    model.write_bytes(pickled(Payload(ran), "pth"))
+    for path in (pt, model):
+        rc, _, err = cli(capsys, "predict", path, tmp_path / "digit.png")
+        line = assert_one_error(rc, err, str(path), "UnpicklingError", "only tensors and plain data are loaded")
+        assert "weights_only" not in line and "trust" not in line, line
+    assert "weights_only" not in caplog.text and not ran.exists(), "a file's content ran"
+
+
 def deep_tuple_key(depth: int) -> bytes:
     """A checkpoint's zip whose pickle is {((...(),...),): 1}, `depth` tuples deep."""
     return torch_zip(b"\x80\x02}" + b")" + b"\x85" * depth + b"K\x01s.")

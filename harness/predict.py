@@ -1,8 +1,8 @@
 """`harness predict`: classify digits with a trained run's weights.
 
 The model comes from a run directory (model.pt with the config in summary.json, or,
-for a run that has not finished or lost its summary.json, its newest valid checkpoint)
-or a checkpoint file.
+for a run that has not finished, lost its summary.json or went on past it, its newest
+valid checkpoint) or a checkpoint file.
 Inputs are image files, turned into MNIST-style 28x28 images (harness.digit_image),
 or images of a packed shard set.
 """
@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from harness.checkpoint import load_newest_valid, load_verified, stats_problem, structure_mismatch
+from harness.checkpoint import list_checkpoints, load_newest_valid, load_verified, marker_step, stats_problem, structure_mismatch
 from harness.config import MAX_HIDDEN_LAYERS, MAX_PARAMETERS, TrainConfig, config_from_saved
 from harness.errors import EXIT_USAGE, HarnessError
 from harness.models import build_model
@@ -34,45 +34,70 @@ class Trained:
     source: Path  # the weights' file
 
 
-def saved_run(path: Path) -> tuple[dict, TrainConfig, dict | None, Path]:
-    """(state dict, config, normalisation statistics or None, weights file) from a run
-    directory, a checkpoint (verified against its step-N.json marker when that is beside
-    it), or a model.pt with the run's summary.json beside it."""
+@dataclasses.dataclass
+class SavedModel:
+    state: dict  # the model's state dict
+    config: TrainConfig
+    stats: dict | None  # the normalisation statistics it was trained with, when recorded
+    weights: Path  # the file the weights came from
+    described_in: Path  # the file the config and statistics came from: a checkpoint itself, or summary.json
+
+
+def saved_run(path: Path) -> SavedModel:
+    """The model of a run directory, a checkpoint (verified against its step-N.json marker
+    when that is beside it), or a model.pt with the run's summary.json beside it."""
     if path.is_dir():
-        if (path / "model.pt").is_file() and (path / "summary.json").is_file():
-            return saved_run(path / "model.pt")
-        found = load_newest_valid(path)  # a run not finished, or whose summary.json, which says what model.pt is, is gone
-        if found is None:
-            if (path / "model.pt").is_file():
-                raise HarnessError(f"{path}: holds model.pt but no summary.json to say which model it is, and no valid checkpoint")
-            raise HarnessError(f"{path}: neither model.pt nor a valid checkpoint: not a run directory, or a run that has not saved yet")
-        return checkpoint_parts(found[1], found[0])
+        return run_directory_model(path)
     if not path.is_file():
         raise HarnessError(f"{path}: no such run directory or checkpoint")
     if path.suffix == ".pt" and path.with_suffix(".json").is_file():
-        return checkpoint_parts(load_verified(path), path)
+        return checkpoint_model(load_verified(path), path)
     saved = load_torch_file(path)
     if isinstance(saved, dict) and "config" in saved:
-        return checkpoint_parts(saved, path)
+        return checkpoint_model(saved, path)
     summary_path = path.parent / "summary.json"
     if not summary_path.is_file():
         raise HarnessError(f"{path}: no summary.json beside it to say which model it holds (give the run directory or a checkpoint)")
     summary = read_run_json(summary_path, {**SUMMARY_SCHEMA, "required": ["config"]}, "run summary")
-    return model_state(saved, path), config_from_saved(summary["config"], str(summary_path)), summary.get("normalization_stats"), path
+    config = config_from_saved(summary["config"], str(summary_path))
+    return SavedModel(model_state(saved, path), config, summary.get("normalization_stats"), path, summary_path)
 
 
-def checkpoint_parts(state: dict, path: Path) -> tuple[dict, TrainConfig, dict | None, Path]:
-    return model_state(state, path), config_from_saved(state["config"], str(path)), state.get("normalization_stats"), path
+def run_directory_model(run_dir: Path) -> SavedModel:
+    """The run's newest weights: model.pt, which its summary.json describes, unless the run
+    went on past it (extended with a larger --max-steps or --epochs, and stopped or still
+    training) or has no summary.json (not finished): then its newest valid checkpoint,
+    which a note on stderr names."""
+    model, summary = run_dir / "model.pt", run_dir / "summary.json"
+    finished_at = read_run_json(summary, SUMMARY_SCHEMA, "run summary").get("steps", 0) if model.is_file() and summary.is_file() else None
+    newest = list_checkpoints(run_dir)[:1]
+    if finished_at is not None and all(marker_step(marker) <= finished_at for marker in newest):
+        return saved_run(model)
+    found = load_newest_valid(run_dir)  # each newer one that is damaged is skipped with a warning
+    step = marker_step(found[0].with_suffix(".json")) if found else -1
+    if finished_at is not None and step <= finished_at:
+        return saved_run(model)
+    if found is None:
+        if model.is_file():
+            raise HarnessError(f"{run_dir}: holds model.pt but no summary.json to say which model it is, and no valid checkpoint")
+        raise HarnessError(f"{run_dir}: neither model.pt nor a valid checkpoint: not a run directory, or a run that has not saved yet")
+    why = f"it went on past its summary.json's step {finished_at}" if finished_at is not None else "it has no summary.json: not finished"
+    print(f"note: {run_dir}: {why}; predicting with its newest checkpoint, {found[0].name} (step {step})", file=sys.stderr)
+    return checkpoint_model(found[1], found[0])
+
+
+def checkpoint_model(state: dict, path: Path) -> SavedModel:
+    return SavedModel(model_state(state, path), config_from_saved(state["config"], str(path)), state.get("normalization_stats"), path, path)
 
 
 def load_trained(path: Path, shards: str | Path | None = None) -> Trained:
     """The trained model in eval mode on the CPU, with the input preparation it was trained with."""
-    state, config, stats, source = saved_run(Path(path))
-    stats = normalization_stats(stats, config, shards, source)
-    check_weights_fit(state, config, source)
-    model = build_model(config)
-    model.load_state_dict(state)
-    return Trained(model.eval(), config, Normalizer(config.normalize, stats, torch.device("cpu")), source)
+    saved = saved_run(Path(path))
+    stats = normalization_stats(saved.stats, saved.config, shards, saved.described_in)
+    check_weights_fit(saved)
+    model = build_model(saved.config)
+    model.load_state_dict(saved.state)
+    return Trained(model.eval(), saved.config, Normalizer(saved.config.normalize, stats, torch.device("cpu")), saved.weights)
 
 
 def normalization_stats(stats: dict | None, config: TrainConfig, shards, source: Path) -> dict:
@@ -90,21 +115,23 @@ def normalization_stats(stats: dict | None, config: TrainConfig, shards, source:
     return stats or {}
 
 
-def check_weights_fit(state: dict, config: TrainConfig, source: Path) -> None:
+def check_weights_fit(saved: SavedModel) -> None:
     """HarnessError unless the weights fit the config's model, and that model is of a size
     predict builds: checked on the meta device (shapes only), before anything is allocated.
     structure_mismatch also refuses a tensor whose storage does not hold its elements, so
     the weights file holds every weight the model would."""
+    config = saved.config
     if config.model == "mlp" and len(config.hidden) > MAX_HIDDEN_LAYERS:
-        raise HarnessError(f"{source}: its config has {len(config.hidden)} hidden layers; predict builds at most {MAX_HIDDEN_LAYERS}")
+        raise HarnessError(f"{saved.described_in}: its config has {len(config.hidden)} hidden layers; predict builds at most {MAX_HIDDEN_LAYERS}")
     with torch.device("meta"):
         expected = build_model(config).state_dict()
-    problem = structure_mismatch(state, expected, "")
+    problem = structure_mismatch(saved.state, expected, "")
     if problem:
-        raise HarnessError(f"{source}: weights do not fit the {config.model} model of its config ({problem})")
+        whose = "its" if saved.described_in == saved.weights else f"{saved.described_in.name}'s"
+        raise HarnessError(f"{saved.weights}: weights do not fit the {config.model} model of {whose} config ({problem})")
     parameters = sum(t.numel() for t in expected.values())
     if parameters > MAX_PARAMETERS:
-        raise HarnessError(f"{source}: its config's {config.model} model has {parameters:,} parameters; predict builds at most {MAX_PARAMETERS:,}")
+        raise HarnessError(f"{saved.described_in}: its config's {config.model} model has {parameters:,} parameters; predict builds at most {MAX_PARAMETERS:,}")
 
 
 @torch.no_grad()

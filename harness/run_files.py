@@ -31,7 +31,7 @@ METRICS_LINE_SCHEMA = {
 }
 SUMMARY_SCHEMA = {
     "type": "object",
-    "properties": {"config": {"type": "object"},
+    "properties": {"config": {"type": "object"}, "steps": {"type": "integer", "minimum": 0},
                    "before_training": {"type": "object", "properties": {"test_loss": NUMBER, "test_accuracy": FRACTION}}},
 }
 CLASSES = 10

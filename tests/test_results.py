@@ -356,7 +356,7 @@ def test_predict_checks_the_runs_normalisation_statistics(run_dir, tmp_path, cap
         (tmp_path / "summary.json").write_text(json.dumps({**summary, "normalization_stats": stats}))
         status, out, err = cli(capsys, "predict", tmp_path, "--shards", tmp_path, "--index", "0")
         assert status == 2 and not out and err.count("\n") == 1, err
-        assert err.startswith(f"error: {tmp_path / 'model.pt'}: the run's normalization_stats") and message in err, err
+        assert err.startswith(f"error: {tmp_path / 'summary.json'}: the run's normalization_stats") and message in err, err
 
 
 def test_predict_uses_batch_norms_running_statistics(shards, tmp_path, capsys):

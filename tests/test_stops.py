@@ -12,7 +12,7 @@ import time
 
 import pytest
 import torch
-from helpers import (PAUSE, ROOT, SMALL_RUN, checkpointed_run, checksum, kill_tree, run, scalar_steps, signal_tree, start_and_signal, summary,
+from helpers import (PAUSE, ROOT, SMALL_RUN, checkpointed_run, checksum, kill_tree, run, run_cli, scalar_steps, signal_tree, start_and_signal, summary,
                      train_command, train_ok, wait_for)
 
 from harness import checkpoint as ckpt
@@ -194,6 +194,11 @@ def test_an_extended_run_stopped_at_its_new_last_step_finishes_when_rerun(shards
     stopped = run(train_command(shards, run_dir, *SMALL_RUN, "--max-steps", "15"), env={"HARNESS_TEST_FAULT": "term@14"})  # during step 15
     assert stopped.returncode == EXIT_STOPPED, stopped.stderr[-3000:]
     assert json.loads((run_dir / "stopped.json").read_text())["step"] == 15 and summary(run_dir)["steps"] == 12
+    # Meanwhile `harness predict RUN_DIR` takes the newest weights, step 15's, not model.pt's of step 12, and says so
+    predicted = run_cli("predict", run_dir, "--shards", shards, "--index", "0", "--json")
+    newest = run_dir / "checkpoints" / "step-00000015.pt"
+    assert json.loads(predicted.stdout)["model"] == str(newest), predicted.stderr
+    assert predicted.stderr == f"note: {run_dir}: it went on past its summary.json's step 12; predicting with its newest checkpoint, {newest.name} (step 15)\n"
     rerun = train_ok(shards, run_dir, *SMALL_RUN, "--max-steps", "15")
     assert "nothing to train" not in rerun.stdout
     assert not (run_dir / "stopped.json").exists()

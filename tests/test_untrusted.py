@@ -408,9 +408,9 @@ def with_config(**changes):
     (lambda summary: [1], ("summary.json: [1] is not of type 'object'",)),
     (lambda summary: {k: v for k, v in summary.items() if k != "config"}, ("summary.json: 'config' is a required property",)),
     # Weights of 16 hidden units; a config of 10 million would have built a 31 GB model before the mismatch showed.
-    (with_config(hidden=[10_000_000]), ("model.pt: weights do not fit the mlp model of its config",
+    (with_config(hidden=[10_000_000]), ("model.pt: weights do not fit the mlp model of summary.json's config",
                                         "expected a torch.float32 tensor of shape (10000000, 784)")),
-    (with_config(hidden=[1] * 1001), ("model.pt: its config has 1001 hidden layers; predict builds at most 1000",)),
+    (with_config(hidden=[1] * 1001), ("summary.json: its config has 1001 hidden layers; predict builds at most 1000",)),
 ], ids=["negative-layer", "unknown-model", "unknown-normalisation", "lr-as-text", "not-a-mapping", "no-config", "huge-layer", "many-layers"])
 def test_predict_checks_a_runs_config_before_building_its_model(small_run, tmp_path, capsys, edit, fragments):
     """A run directory's summary.json says which model its weights fit; a crafted one is one
@@ -649,7 +649,7 @@ def test_predict_builds_models_of_a_bounded_size(small_run, capsys, monkeypatch)
     here, a bound lowered below the small run's 12,730."""
     monkeypatch.setattr(predict_command, "MAX_PARAMETERS", 12_729)
     rc, _, err = cli(capsys, "predict", small_run, "--shards", small_run.parent / "shards", "--index", "0")
-    assert_one_error(rc, err, "model.pt: its config's mlp model has 12,730 parameters; predict builds at most 12,729")
+    assert_one_error(rc, err, "summary.json: its config's mlp model has 12,730 parameters; predict builds at most 12,729")
 
 
 @pytest.mark.timeout(60)  # open() of the FIFO waited for a writer forever

@@ -22,10 +22,9 @@ from PIL import Image
 
 from harness.errors import HarnessError
 from harness.models import first_layer_weights
-from harness.run_files import SUMMARY_SCHEMA, TEST_REPORT_SCHEMA, load_torch_file, model_state, read_metrics, read_run_json
+from harness.run_files import REPORT_DIR, SUMMARY_SCHEMA, TEST_REPORT_SCHEMA, load_torch_file, model_state, read_metrics, read_run_json
 from harness.validation import existing_directory
 
-REPORT_DIR = "report"
 PICTURES = ("training_curves", "filters", "confusion_matrix")
 FILTERS_WIDTH = 10.0  # inches; at 100 dpi, 1,000 pixels
 
@@ -157,6 +156,8 @@ def render(figures: dict[str, Figure]) -> dict[str, np.ndarray]:
 
 def save_pictures(pictures: dict[str, np.ndarray], run_dir: Path) -> list[Path]:
     out = Path(run_dir) / REPORT_DIR
+    if out.exists() and not out.is_dir():
+        raise HarnessError(f"{out}: is a file where the pictures go; move it")
     out.mkdir(exist_ok=True)
     paths = []
     for name, pixels in pictures.items():

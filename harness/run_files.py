@@ -29,6 +29,7 @@ METRICS_LINE_SCHEMA = {
     "properties": {"epoch": {"type": "integer", "minimum": 1, "maximum": MAX_EPOCH}, "train_loss": NUMBER, "val_loss": NUMBER,
                    "val_accuracy": FRACTION},
 }
+REPORT_DIR = "report"  # the pictures of a run (harness.report)
 SUMMARY_SCHEMA = {
     "type": "object",
     "properties": {"config": {"type": "object"}, "steps": {"type": "integer", "minimum": 0},

@@ -27,7 +27,7 @@ from harness.checkpoint import CHECKPOINT_DIR, save_checkpoint, set_aside_checkp
 from harness.data.manifest import MANIFEST_NAME
 from harness.errors import HarnessError
 from harness.evaluate import EvalResult, class_report, format_report
-from harness.run_files import SUMMARY_SCHEMA, read_metrics, read_run_json
+from harness.run_files import REPORT_DIR, SUMMARY_SCHEMA, read_metrics, read_run_json
 from harness.tensorboard import TensorBoardLog, weight_snapshot
 
 if TYPE_CHECKING:
@@ -48,8 +48,14 @@ def prepare_run_dir(run_dir: Path, resuming: bool) -> Path:
     start there is its restart (a batch script's rerun, torchrun's --max-restarts), and
     drops both (Trainer's keep_epochs, TensorBoard's purge). A fresh start is refused
     too where it would overwrite a model.pt or test_report.json at its end.
+
+    The directories the run writes in are checked now, not when its first checkpoint or
+    its pictures are due: a file where one belongs, or one that is read-only, failed the
+    run after an epoch of training (and after its metrics line was written).
     """
     run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise HarnessError(f"{run_dir}: is a file, not a directory; give --run-dir a directory (it is created if missing)")
     if (run_dir / MANIFEST_NAME).exists():  # --run-dir given the --shards value, say
         raise HarnessError(f"{run_dir}: holds a shard set ({MANIFEST_NAME}); a run's files go in a directory of their own")
     if not resuming:
@@ -65,11 +71,19 @@ def prepare_run_dir(run_dir: Path, resuming: bool) -> Path:
                 raise HarnessError(f"{run_dir}: holds {name}, which this run would overwrite at its end; pick a new --run-dir, or move the file")
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".write-test"
-        probe.write_text("")
-        probe.unlink()
     except OSError as e:
         raise HarnessError(f"{run_dir}: run directory is not writable ({e.strerror or e})") from None
+    for directory, what in ((run_dir, "run directory"), (run_dir / CHECKPOINT_DIR, "checkpoints"), (run_dir / REPORT_DIR, "pictures")):
+        if directory != run_dir and not directory.exists():
+            continue  # created in the run directory when first written to
+        if not directory.is_dir():
+            raise HarnessError(f"{directory}: is a file where the run writes its {what}; move it, or pick a new --run-dir")
+        try:
+            probe = directory / ".write-test"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as e:
+            raise HarnessError(f"{directory}: {what if directory == run_dir else what + ' directory'} is not writable ({e.strerror or e})") from None
     return run_dir
 
 

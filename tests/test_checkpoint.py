@@ -464,6 +464,33 @@ def test_a_fresh_start_never_overwrites_a_loose_model_or_test_report(tmp_path, n
     assert [p.name for p in tmp_path.iterdir()] == [name] and (tmp_path / name).read_bytes() == b"kept"
 
 
+@pytest.mark.parametrize("where", ["run directory", "checkpoints", "report"])
+def test_a_file_where_the_run_writes_a_directory_is_refused_before_training(tmp_path, where):
+    """--run-dir naming a file, or a file named checkpoints or report in RUN_DIR: one line at
+    start-up, not an OS error after an epoch of training (when the first checkpoint or the
+    pictures were due), and the file is kept."""
+    if where == "run directory":
+        path = run_dir = tmp_path / "afile"
+        expected = f"^{path}: is a file, not a directory; give --run-dir a directory \\(it is created if missing\\)$"
+    else:
+        run_dir, path = tmp_path, tmp_path / where
+        what = "checkpoints" if where == "checkpoints" else "pictures"
+        expected = f"^{path}: is a file where the run writes its {what}; move it, or pick a new --run-dir$"
+    path.write_bytes(b"kept")
+    with pytest.raises(HarnessError, match=expected):
+        prepare_run_dir(run_dir, resuming=where != "run directory")
+    assert path.read_bytes() == b"kept" and [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into a read-only directory")
+def test_a_read_only_checkpoints_directory_is_refused_before_training(tmp_path):
+    """A run (a resume here) whose checkpoints/ it cannot write to failed at its first
+    checkpoint, after training up to it."""
+    (tmp_path / "checkpoints").mkdir(mode=0o555)
+    with pytest.raises(HarnessError, match=f"^{tmp_path / 'checkpoints'}: checkpoints directory is not writable \\(Permission denied\\)$"):
+        prepare_run_dir(tmp_path, resuming=True)
+
+
 def test_a_shard_set_is_not_a_run_directory(tmp_path):
     """--run-dir given the shard directory mixed the run's files into the shard set."""
     (tmp_path / "manifest.json").write_text("{}")

@@ -439,14 +439,20 @@ def test_report_model_it_cannot_draw(tmp_path, capsys, state, fragment):
 
 
 def test_report_where_a_file_is_in_the_way_is_one_error(tmp_path, capsys):
-    """An error the operating system reports for a file (here a file named `report` where
-    the pictures' folder goes; a read-only or full disk alike) is one line naming the file
-    and the system's reason, with status 1: it used to be a traceback."""
+    """An error the operating system reports for a file (here a directory where a picture's
+    temporary file goes; a read-only or full disk alike) is one line naming the file and
+    the system's reason, with status 1: it used to be a traceback. A file named `report`,
+    where the pictures' folder goes, is found before that, with a line that says so."""
     (tmp_path / "metrics.jsonl").write_text(GOOD_METRICS)
     (tmp_path / "report").write_text("notes\n")
     rc, out, err = cli(capsys, "report", tmp_path)
-    assert (rc, err) == (1, f"error: {tmp_path / 'report'}: File exists\n"), err
+    assert (rc, err) == (2, f"error: {tmp_path / 'report'}: is a file where the pictures go; move it\n"), err
     assert (tmp_path / "report").read_text() == "notes\n"
+    (tmp_path / "report").unlink()
+    in_the_way = tmp_path / "report" / "training_curves.png.tmp"
+    in_the_way.mkdir(parents=True)
+    rc, out, err = cli(capsys, "report", tmp_path)
+    assert (rc, err) == (1, f"error: {in_the_way}: Is a directory\n"), err
 
 
 def test_system_errors_without_a_file_are_one_line_and_others_are_not_hidden(capsys):

@@ -47,6 +47,11 @@ def read_image(path: Path) -> Image.Image:
             # Pillow warns past half its pixel limit (89 MP: a 108 MP phone photo); the size is
             # handled below (a JPEG decodes smaller), and a warning is not a line of our output.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            # Pillow's EXIF (TIFF tag) parser warns and skips a tag whose data lies past the
+            # file's end, the orientation's too (a JPEG's EXIF is parsed as it opens): the
+            # picture would be read as it lies, perhaps on its side, with the warning printed
+            # beside its prediction. Such a file is damaged: an error, below.
+            warnings.filterwarnings("error", module=r"PIL\.TiffImagePlugin")
             with Image.open(file) as image:
                 if max(image.size) > MAX_SIDE:
                     image.draft(None, (MAX_SIDE, MAX_SIDE))  # a big JPEG decodes at 1/2, 1/4 or 1/8 scale
@@ -56,6 +61,8 @@ def read_image(path: Path) -> Image.Image:
                 return image
     except MemoryError:
         raise HarnessError(f"{path}: not enough memory to decode the image") from None
+    except UserWarning as e:  # only the EXIF parser's are raised
+        raise exif_damaged(path, one_line(e)) from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise HarnessError(f"{path}: not a readable image ({type(e).__name__}: {e})") from None
 
@@ -81,7 +88,11 @@ def transpose_by_exif(image: Image.Image, path: Path) -> None:
     except MemoryError:
         raise
     except Exception as e:  # noqa: BLE001 (Pillow's EXIF parser on untrusted bytes: struct.error, KeyError, TypeError...)
-        raise HarnessError(f"{path}: damaged EXIF data ({one_line(e) or type(e).__name__})") from None
+        raise exif_damaged(path, one_line(e) or type(e).__name__) from None
+
+
+def exif_damaged(path: Path, reason: str) -> HarnessError:
+    return HarnessError(f"{path}: damaged EXIF data ({reason}); save the picture without it")
 
 
 def shrink(image: Image.Image) -> Image.Image:

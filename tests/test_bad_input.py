@@ -14,6 +14,7 @@ import json
 import os
 import struct
 import tracemalloc
+import warnings
 import zlib
 from pathlib import Path
 
@@ -403,6 +404,25 @@ def test_png_with_truncated_exif_is_one_error(tmp_path):
     path.write_bytes(png[:at] + chunk + png[at:])
     with pytest.raises(HarnessError, match=r"exif\.png: damaged EXIF data"):
         load_digit(path)
+
+
+# An EXIF block whose one tag, the orientation, says its data (1,000 values) lies at offset
+# 65,536, past the file's end: Pillow's parser warns "Tag data larger than file" and skips it.
+EXIF_ORIENTATION_PAST_THE_END = b"Exif\x00\x00MM\x00*\x00\x00\x00\x08\x00\x01" + struct.pack(">HHII", 274, 3, 1000, 1 << 16) + bytes(4)
+
+
+@pytest.mark.parametrize("suffix", ["jpg", "png"])
+def test_a_picture_whose_orientation_pillow_skips_is_one_error(tmp_path, suffix):
+    """Pillow skipped the tag with a warning, printed beside the prediction (exit 0), and
+    the picture was read as it lies, on its side perhaps. A JPEG's EXIF is parsed as it
+    opens, a PNG's when it is turned upright: both are one error."""
+    picture = Image.fromarray(np.where(np.arange(1600).reshape(40, 40) % 40 // 5 == 4, 0, 255).astype(np.uint8))
+    path = tmp_path / f"digit.{suffix}"
+    picture.save(path, exif=EXIF_ORIENTATION_PAST_THE_END)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning either
+        with pytest.raises(HarnessError, match=rf"^{path}: damaged EXIF data \(Tag data larger than file. Skipping tag 274\); save the picture without it$"):
+            load_digit(path)
 
 
 GOOD_METRICS = '{"epoch": 1, "train_loss": 0.5, "val_loss": 0.4, "val_accuracy": 0.9}\n'

@@ -31,9 +31,11 @@ def cmd_pack(args) -> int:
 
 
 def cmd_show(args) -> int:
-    from harness.data.shard_set import ShardSplit
+    from harness.data.shard_set import ShardSource, ShardSplit, check_indices
 
-    images, labels = ShardSplit(args.shards, args.split, args.index, args.index + 1).load_all()
+    source = ShardSource(args.shards)  # once: from a URL, opening it fetches the manifest
+    check_indices(args.shards, args.split, [args.index], len(ShardSplit(source, args.split)))
+    images, labels = ShardSplit(source, args.split, args.index, args.index + 1).load_all()
     print(f"{args.split}[{args.index}]  label {int(labels[0])}")
     for row in images[0]:
         print("".join(SHADES[int(v) * (len(SHADES) - 1) // 255] * 2 for v in row).rstrip())

@@ -158,12 +158,10 @@ def predictions(names: list[str], images: np.ndarray, trained: Trained, labels: 
 
 
 def shard_images(shards: str | Path, split: str, indices: list[int]) -> tuple[list[str], np.ndarray, list[int]]:
-    from harness.data.shard_set import ShardSplit
+    from harness.data.shard_set import ShardSplit, check_indices
 
     images, labels = ShardSplit(shards, split).load_all()
-    for i in indices:
-        if not 0 <= i < len(labels):
-            raise HarnessError(f"{shards}: --index {i} is outside the {split} split's {len(labels)} images")
+    check_indices(shards, split, indices, len(labels))
     return [f"{split}[{i}]" for i in indices], images[indices], [int(labels[i]) for i in indices]
 
 

@@ -288,11 +288,6 @@ def test_manifest_not_json(shards, capsys):
     assert_one_error(rc, err, "manifest.json", "not valid JSON")
 
 
-def test_index_outside_split(shards, capsys):
-    rc, _, err = cli(capsys, "show", "--shards", shards, "--split", "test", "--index", "50")
-    assert_one_error(rc, err, str(shards), "outside", "50 samples")
-
-
 # --- output directory ----------------------------------------------------------------------------
 
 

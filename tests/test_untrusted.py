@@ -735,7 +735,10 @@ def test_test_report_with_a_negative_count_is_refused(tmp_path):
 
 
 @pytest.mark.parametrize("index", [-1, 50])
-def test_predict_index_outside_the_split_is_refused(shards, index):
-    """--index outside the split is refused, below it too (-1 would classify the last image as test[-1])."""
+def test_an_index_outside_the_split_is_refused(shards, capsys, index):
+    """--index outside the split is refused, below it too (-1 would classify the last image
+    as test[-1]), by predict and show alike."""
     with pytest.raises(HarnessError, match=f"--index {index} is outside the test split's 50 images"):
         predict_command.shard_images(shards, "test", [index])
+    rc, _, err = cli(capsys, "show", "--shards", shards, "--split", "test", "--index", str(index))
+    assert_one_error(rc, err, f"{shards}: --index {index} is outside the test split's 50 images")

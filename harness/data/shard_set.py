@@ -125,6 +125,13 @@ class ShardSource:
                 raise HarnessError(f"{path}: SHA-256 differs from {MANIFEST_NAME} (shard is corrupt)")
 
 
+def check_indices(location, split: str, indices: list[int], total: int) -> None:
+    """`harness show` and `harness predict`: each --index a sample of the split."""
+    for i in indices:
+        if not 0 <= i < total:
+            raise HarnessError(f"{location}: --index {i} is outside the {split} split's {total} images")
+
+
 class ShardSplit:
     """One split of a shard set, restricted to sample indices [start, stop).
 

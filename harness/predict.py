@@ -48,6 +48,8 @@ def saved_run(path: Path) -> SavedModel:
     when that is beside it), or a model.pt with the run's summary.json beside it."""
     if path.is_dir():
         return run_directory_model(path)
+    if path.suffix == ".json" and path.with_suffix(".pt").is_file():  # a checkpoint's marker, as --resume takes it
+        path = path.with_suffix(".pt")
     if not path.is_file():
         raise HarnessError(f"{path}: no such run directory or checkpoint")
     if path.suffix == ".pt" and path.with_suffix(".json").is_file():

@@ -83,6 +83,8 @@ def test_resume_path_that_is_a_directory_or_not_a_checkpoint(tmp_path):
     config = config_of("--preset", "lenet")
     with pytest.raises(HarnessError, match=f"^--resume {tmp_path}: is a directory"):
         checkpoint_to_resume(None, tmp_path, str(tmp_path), config)
+    with pytest.raises(HarnessError, match="^--resume '': give auto, never, or a checkpoint's step-N.pt$"):  # not "is a directory" (.)
+        checkpoint_to_resume(None, tmp_path, "", config)
     (tmp_path / "model.pt").write_bytes(b"weights")
     with pytest.raises(HarnessError, match=f"^--resume {tmp_path / 'model.pt'}: not a checkpoint: it has no marker model.json beside it"):
         checkpoint_to_resume(None, tmp_path, str(tmp_path / "model.pt"), config)

@@ -388,9 +388,9 @@ def test_predict_from_a_checkpoint(run_dir, mnist_shards, tmp_path, capsys):
     checkpoint = sorted((run_dir / "checkpoints").glob("step-*.pt"))[-1]
     (tmp_path / "copy.pt").write_bytes(checkpoint.read_bytes())
     by_run = json.loads(cli(capsys, "predict", run_dir, "--shards", mnist_shards, "--index", "3", "--json")[1])
-    for path in (checkpoint, tmp_path / "copy.pt"):
+    for path in (checkpoint, tmp_path / "copy.pt", checkpoint.with_suffix(".json")):  # the marker too, as --resume takes it
         by_checkpoint = json.loads(cli(capsys, "predict", path, "--shards", mnist_shards, "--index", "3", "--json")[1])
-        assert by_checkpoint["model"] == str(path)
+        assert by_checkpoint["model"] == str(path.with_suffix(".pt"))
         assert by_checkpoint["predictions"] == by_run["predictions"]
     # A run directory whose summary.json is gone: its newest checkpoint, and without one, an error saying what is missing.
     bare = tmp_path / "bare"

@@ -226,7 +226,10 @@ def write_report(run_dir: Path) -> tuple[list[Path], list[str]]:
     state = load_weights(run_dir / "model.pt") if (run_dir / "model.pt").is_file() else None
     report = read_run_json(run_dir / "test_report.json", TEST_REPORT_SCHEMA, "test report") if (run_dir / "test_report.json").is_file() else None
     figures = run_figures(metrics, state, report and report["confusion"], summary.get("before_training"))
-    skipped = [f"{name}: no {needs} (the run has not finished)" for name, needs in (("filters", "model.pt"), ("confusion_matrix", "test_report.json")) if name not in figures]
-    if "training_curves" not in figures:
-        skipped.insert(0, "training_curves: metrics.jsonl holds no epoch yet")
+    why_not = {"training_curves": "metrics.jsonl holds no epoch yet", "filters": "no model.pt (the run has not finished)",
+               "confusion_matrix": "no test_report.json (the run has not finished)"}
+    # A picture not drawn now may be there from an earlier report (of a finished run since
+    # extended, say): it is kept, and said to be older than the ones beside it.
+    skipped = [f"{name}: {why_not[name]}" + (f"; {REPORT_DIR}/{name}.png is from an earlier report" if (run_dir / REPORT_DIR / f"{name}.png").is_file() else "")
+               for name in PICTURES if name not in figures]
     return save_pictures(render(figures), run_dir), skipped

@@ -198,6 +198,12 @@ def test_report_of_a_run_with_no_epoch_yet_says_so(tmp_path, capsys):
     status, out, _ = cli(capsys, "report", tmp_path)
     assert status == 0 and "skipped training_curves: metrics.jsonl holds no epoch yet" in out, out
     assert not (tmp_path / "report" / "training_curves.png").exists()
+    # One left by an earlier report (of a finished run since extended, whose partial epoch's
+    # line an extension drops): kept, and said to be older than the pictures beside it
+    (tmp_path / "report" / "training_curves.png").write_bytes(b"earlier")
+    status, out, _ = cli(capsys, "report", tmp_path)
+    assert "skipped training_curves: metrics.jsonl holds no epoch yet; report/training_curves.png is from an earlier report\n" in out, out
+    assert (tmp_path / "report" / "training_curves.png").read_bytes() == b"earlier"
 
 
 def test_report_errors_are_clear(tmp_path, capsys):

@@ -94,7 +94,7 @@ def test_mathspp_preset_reproduces_the_published_figures(mnist_shards, tmp_path)
     """One epoch, 60,000 steps of one image in file order: about 10% before training, and within
     1.5 points of the published 91.94% after (seeds 0-2 gave 92.30%, 91.91%, 92.42% on an Intel Xeon)."""
     run_dir = tmp_path / "run"
-    result = run_cli("train", "--preset", "mathspp-mlp", "--shards", mnist_shards, "--run-dir", run_dir, "--device", "cpu")
+    result = run_cli("train", "--preset", "mathspp-mlp", "--shards", mnist_shards, "--run-dir", run_dir, "--device", "cpu", "--threads", "1")
     assert result.returncode == 0, result.stderr
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == 60000 and summary["config"]["shuffle"] is False
@@ -150,7 +150,7 @@ def test_augmentation_draws_depend_only_on_seed_epoch_and_macro_batch():
     assert a[:, 0].abs().max() > 0.9 * np.radians(10)  # the whole range is used
 
 
-def test_augmented_training_is_world_size_invariant_and_resumes_exactly(mnist_shards, tmp_path):
+def test_augmented_training_is_world_size_invariant_and_resumes_exactly(quick_shards, tmp_path):
     """Each rank augments its slice of a global batch with that slice's parameters, so 2 ranks
     train like 1 process (up to float summation order); a run stopped and resumed mid-epoch
     draws the same parameters again and ends bitwise equal to an uninterrupted one.
@@ -159,12 +159,13 @@ def test_augmented_training_is_world_size_invariant_and_resumes_exactly(mnist_sh
     parameters would look like."""
     from helpers import max_param_diff, summary, train_ok
 
-    common = ("--preset", "lenet-plus", "--lr", "0.02", "--lr-schedule", "exponential", "--device", "cpu", "--log-every", "10")
-    train_ok(mnist_shards, tmp_path / "one", *common, "--max-steps", "20")
-    train_ok(mnist_shards, tmp_path / "two", *common, "--max-steps", "20", nproc=2)
+    common = ("--preset", "lenet-plus", "--lr", "0.02", "--lr-schedule", "exponential", "--device", "cpu", "--log-every", "10",
+              "--threads", "1")
+    train_ok(quick_shards, tmp_path / "one", *common, "--max-steps", "20")
+    train_ok(quick_shards, tmp_path / "two", *common, "--max-steps", "20", nproc=2)
     assert max_param_diff(tmp_path / "one", tmp_path / "two") < 5e-4
-    train_ok(mnist_shards, tmp_path / "resumed", *common, "--max-steps", "10")
-    train_ok(mnist_shards, tmp_path / "resumed", *common, "--max-steps", "20")
+    train_ok(quick_shards, tmp_path / "resumed", *common, "--max-steps", "10")
+    train_ok(quick_shards, tmp_path / "resumed", *common, "--max-steps", "20")
     assert summary(tmp_path / "resumed")["param_checksum"] == summary(tmp_path / "one")["param_checksum"]
 
 

@@ -37,10 +37,14 @@ LENET_STEPS = 60000 // load_preset("lenet")["batch_size"]
 
 @pytest.fixture(scope="module")
 def lenet_run(mnist_shards, tmp_path_factory):
-    """One epoch of the lenet preset on the CPU, as `harness train` runs it; (run dir, output, wall seconds)."""
+    """One epoch of the lenet preset on the CPU, as `harness train` runs it; (run dir, output, wall seconds).
+    On one thread: the other test worker's processes share the cores, and two threads
+    spinning in step with each other, one of them descheduled, took this run from 11 s
+    alone to 69 s in a full run of the suite (2 cores)."""
     run_dir = tmp_path_factory.mktemp("lenet") / "run"
     started = time.monotonic()
-    result = run_cli("train", "--preset", "lenet", "--shards", mnist_shards, "--run-dir", run_dir, "--epochs", "1", "--device", "cpu")
+    result = run_cli("train", "--preset", "lenet", "--shards", mnist_shards, "--run-dir", run_dir, "--epochs", "1", "--device", "cpu",
+                     "--threads", "1")
     wall = time.monotonic() - started
     assert result.returncode == 0, result.stderr
     return run_dir, result, wall

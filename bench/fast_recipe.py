@@ -58,8 +58,10 @@ def main() -> None:
     parser.add_argument("--recipe", action="append", required=True, help="harness train options on top of --preset fast")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--target", type=float, default=0.99)
-    parser.add_argument("--shards", default="shards")
+    parser.add_argument("--shards", default="shards", help="a shard set (default: shards, which the quickstart packs)")
     args = parser.parse_args()
+    if "://" not in args.shards and not (Path(args.shards) / "manifest.json").is_file():
+        parser.error(f"--shards {args.shards}: no manifest.json there; pack MNIST first (harness pack --source DIR --out {args.shards})")
     seeds = [int(s) for s in args.seeds.split(",")]
     results = []
     with tempfile.TemporaryDirectory(prefix="fast-recipe-") as work:

@@ -228,8 +228,9 @@ def write_report(run_dir: Path) -> tuple[list[Path], list[str]]:
     figures = run_figures(metrics, state, report and report["confusion"], summary.get("before_training"))
     why_not = {"training_curves": "metrics.jsonl holds no epoch yet", "filters": "no model.pt (the run has not finished)",
                "confusion_matrix": "no test_report.json (the run has not finished)"}
-    # A picture not drawn now may be there from an earlier report (of a finished run since
-    # extended, say): it is kept, and said to be older than the ones beside it.
-    skipped = [f"{name}: {why_not[name]}" + (f"; {REPORT_DIR}/{name}.png is from an earlier report" if (run_dir / REPORT_DIR / f"{name}.png").is_file() else "")
-               for name in PICTURES if name not in figures]
+    skipped = []
+    for name in (name for name in PICTURES if name not in figures):
+        skipped.append(f"{name}: {why_not[name]}")
+        if (run_dir / REPORT_DIR / f"{name}.png").is_file():  # an earlier report's (a finished run since extended, say): kept
+            skipped[-1] += f"; {REPORT_DIR}/{name}.png is from an earlier report"
     return save_pictures(render(figures), run_dir), skipped

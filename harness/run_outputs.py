@@ -73,18 +73,23 @@ def prepare_run_dir(run_dir: Path, resuming: bool) -> Path:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise HarnessError(f"{run_dir}: run directory is not writable ({e.strerror or e})") from None
-    for directory, what in ((run_dir, "run directory"), (run_dir / CHECKPOINT_DIR, "checkpoints"), (run_dir / REPORT_DIR, "pictures")):
-        if directory != run_dir and not directory.exists():
-            continue  # created in the run directory when first written to
-        if not directory.is_dir():
-            raise HarnessError(f"{directory}: is a file where the run writes its {what}; move it, or pick a new --run-dir")
-        try:
-            probe = directory / ".write-test"
-            probe.write_text("")
-            probe.unlink()
-        except OSError as e:
-            raise HarnessError(f"{directory}: {what if directory == run_dir else what + ' directory'} is not writable ({e.strerror or e})") from None
+    check_writable(run_dir, "run directory")
+    for name, holds in ((CHECKPOINT_DIR, "checkpoints"), (REPORT_DIR, "pictures")):  # made in RUN_DIR when first written to
+        directory = run_dir / name
+        if directory.exists() and not directory.is_dir():
+            raise HarnessError(f"{directory}: is a file where the run writes its {holds}; move it, or pick a new --run-dir")
+        if directory.exists():
+            check_writable(directory, f"{holds} directory")
     return run_dir
+
+
+def check_writable(directory: Path, what: str) -> None:
+    try:
+        probe = directory / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise HarnessError(f"{directory}: {what} is not writable ({e.strerror or e})") from None
 
 
 def default_run_dir(name: str, ctx: DistContext) -> Path:

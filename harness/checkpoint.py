@@ -30,7 +30,7 @@ import torch
 from harness.atomic import fsync_dir, torch_bytes, write_bytes_atomic, write_json_atomic
 from harness.config import changed_fields
 from harness.data.manifest import STATS_SCHEMA
-from harness.errors import HarnessError
+from harness.errors import HarnessError, SystemRefused
 from harness.validation import first_violation, one_line, open_regular_file, plain_data_problem, read_json_file
 
 log = logging.getLogger("harness")
@@ -66,7 +66,7 @@ def write_checkpoint(run_dir: Path, payload: bytes, step: int, epoch: int, keep:
     except OSError as e:
         path.unlink(missing_ok=True)  # no marker was written, or it is being removed with its payload
         path.with_suffix(".json").unlink(missing_ok=True)
-        raise HarnessError(f"{path}: could not write checkpoint ({e.strerror or e}); the previous checkpoints are intact") from None
+        raise SystemRefused(f"{path}: could not write checkpoint ({e.strerror or e}); the previous checkpoints are intact") from None
     older = [marker for marker in list_checkpoints(run_dir) if marker_step(marker) < step]
     for old in older[keep - 1 :]:
         old.with_suffix(".pt").unlink(missing_ok=True)

@@ -88,6 +88,13 @@ EXIT_TERMINATED = 128 + signal.SIGTERM
 EXIT_OS_ERROR = 1  # the system refused a file operation: a full disk, a read-only directory
 
 
+class SystemRefused(HarnessError):
+    """The system refused a write the harness wraps to say what it kept (a checkpoint, a
+    shard set): one line, with the operating system's status, not the one for bad input."""
+
+    exit_status = EXIT_OS_ERROR
+
+
 class Terminated(BaseException):
     """SIGTERM (kill's default, a scheduler's) to a command: it ends as Ctrl-C ends one,
     through its cleanup (`harness pack` removes its temporary directory), where Python's

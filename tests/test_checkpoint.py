@@ -300,8 +300,9 @@ def test_disk_full_leaves_no_partial_checkpoint(tmp_path, monkeypatch):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(os, "fsync", full_disk)  # every atomic write fsyncs
-    with pytest.raises(HarnessError, match="No space left on device.*previous checkpoints are intact"):
+    with pytest.raises(HarnessError, match="No space left on device.*previous checkpoints are intact") as raised:
         ckpt.save_checkpoint(tmp_path, {"loop": {"step": 2}}, step=2, epoch=0, keep=3)
+    assert raised.value.exit_status == 1  # the system's failure, as the README says, not bad input's 2
     monkeypatch.setattr(os, "fsync", real_fsync)
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-00000001.json", "step-00000001.pt"]
     assert ckpt.load_newest_valid(tmp_path)[1]["loop"]["step"] == 1

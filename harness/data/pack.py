@@ -32,7 +32,7 @@ from harness import __version__
 from harness.atomic import fsync_dir, write_json_atomic
 from harness.data.manifest import FORMAT_VERSION, MANIFEST_NAME, MAX_BLOCK_SIZE, MAX_BLOCKS_PER_SHARD, manifest_problem
 from harness.data.sources import IMAGE_SHAPE, Dataset, sha256_of
-from harness.errors import HarnessError
+from harness.errors import HarnessError, SystemRefused
 
 DEFAULT_BLOCK_SIZE = 1000
 DEFAULT_SHARD_SIZE = 10000  # images per shard: six train shards and one test shard for MNIST
@@ -171,7 +171,7 @@ def pack(
         write_json_atomic(tmp / MANIFEST_NAME, manifest)
         _publish(tmp, out_dir)
     except OSError as e:  # disk full, I/O error, a directory that refuses the rename: nothing was published
-        raise HarnessError(f"{out_dir}: could not write the shards ({_reason(e)}); nothing was published") from None
+        raise SystemRefused(f"{out_dir}: could not write the shards ({_reason(e)}); nothing was published") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return manifest

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from harness.errors import HarnessError, OptionParser, run_guarded, signals_held
+from harness.errors import HarnessError, OptionParser, given, given_path, run_guarded, signals_held
 
 SHADES = " .:-=+*#%@"
 
@@ -66,40 +66,40 @@ def build_parser() -> argparse.ArgumentParser:
     from harness.train import build_parser as build_train_parser
     from harness.train import run_from_args
 
-    parser = OptionParser(prog="harness", description="Distributed data-parallel MNIST training harness.")
+    parser = OptionParser(prog="harness", description="Distributed data-parallel MNIST training harness.", allow_abbrev=False)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    p = commands.add_parser("pack", help="pack a dataset into webdataset shards with a manifest")
-    p.add_argument("--source", required=True, help="a directory of IDX or CSV files, or 'download' for MNIST from the public mirrors")
-    p.add_argument("--out", type=Path, default=Path("shards"), help="output directory (default shards/)")
+    p = commands.add_parser("pack", help="pack a dataset into webdataset shards with a manifest", allow_abbrev=False)
+    p.add_argument("--source", type=given, required=True, help="a directory of IDX or CSV files, or 'download' for MNIST from the public mirrors")
+    p.add_argument("--out", type=given_path, default=Path("shards"), help="output directory (default shards/)")
     p.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE, help=f"images per shard (default {DEFAULT_SHARD_SIZE})")
     p.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE, help=f"images per webdataset sample (default {DEFAULT_BLOCK_SIZE})")
     p.add_argument("--name", help="dataset name for the manifest (default: the source directory's name)")
-    p.add_argument("--download-dir", type=Path, default=Path("data/mnist"), help="where --source download puts the files (default data/mnist)")
-    p.add_argument("--mirror", action="append", help="mirror URL to download from instead of the standard ones (repeatable)")
+    p.add_argument("--download-dir", type=given_path, default=Path("data/mnist"), help="where --source download puts the files (default data/mnist)")
+    p.add_argument("--mirror", type=given, action="append", help="mirror URL to download from instead of the standard ones (repeatable)")
     p.set_defaults(function=cmd_pack, parser=p)
 
-    p = commands.add_parser("train", help="train a model on packed shards")
+    p = commands.add_parser("train", help="train a model on packed shards", allow_abbrev=False)
     build_train_parser(p)
     p.set_defaults(function=run_from_args, parser=p)
 
-    p = commands.add_parser("show", help="print one image of the shards as text art")
-    p.add_argument("--shards", default="shards", help="shard directory or URL, as for train (default shards/)")
+    p = commands.add_parser("show", help="print one image of the shards as text art", allow_abbrev=False)
+    p.add_argument("--shards", type=given, default="shards", help="shard directory or URL, as for train (default shards/)")
     p.add_argument("--split", default="train", choices=("train", "test"), help="split of --shards (default train)")
     p.add_argument("--index", type=int, required=True, metavar="N", help="image number in the split")
     p.set_defaults(function=cmd_show, parser=p)
 
-    p = commands.add_parser("predict", help="classify digits: image files, or images of a shard set")
-    p.add_argument("model", type=Path, metavar="RUN_DIR_OR_CHECKPOINT", help="a run directory, its model.pt, or a checkpoint (step-N.pt)")
+    p = commands.add_parser("predict", help="classify digits: image files, or images of a shard set", allow_abbrev=False)
+    p.add_argument("model", type=given_path, metavar="RUN_DIR_OR_CHECKPOINT", help="a run directory, its model.pt, or a checkpoint (step-N.pt)")
     p.add_argument("images", type=Path, nargs="*", metavar="IMAGE", help="PNG or JPEG pictures of one digit each (any size, colour, polarity)")
-    p.add_argument("--shards", help="classify images of this shard set, a directory or URL (with --index)")
+    p.add_argument("--shards", type=given, help="classify images of this shard set, a directory or URL (with --index)")
     p.add_argument("--split", default="test", choices=("train", "test"), help="split of --shards (default test)")
     p.add_argument("--index", type=int, nargs="+", metavar="N", help="image numbers in the split")
     p.add_argument("--json", action="store_true", help="print the predictions as one JSON object")
     p.set_defaults(function=cmd_predict, parser=p)
 
-    p = commands.add_parser("report", help="draw a run's training curves, filters and confusion matrix into RUN_DIR/report/")
-    p.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    p = commands.add_parser("report", help="draw a run's training curves, filters and confusion matrix into RUN_DIR/report/", allow_abbrev=False)
+    p.add_argument("run_dir", type=given_path, metavar="RUN_DIR")
     p.set_defaults(function=cmd_report, parser=p)
     return parser
 

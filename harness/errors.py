@@ -9,6 +9,7 @@ import os
 import signal
 import sys
 import threading
+from pathlib import Path
 from typing import NoReturn
 
 EXIT_USAGE = 2  # a problem the user can fix: bad input, bad option, unusable directory
@@ -34,6 +35,19 @@ class OptionParser(argparse.ArgumentParser):
         # node's first rank prints the error.
         printed = prints_what_every_rank_meets()
         self.exit(EXIT_USAGE, f"error: {self.prog}: {message} ({self.prog} --help lists the options)\n" if printed else None)
+
+
+def given(text: str) -> str:
+    """argparse type of an option that names a file, directory, URL or preset: not empty.
+    An empty path is the working directory (Path("") is "."), where `pack --out ""` from an
+    unset variable put its shards, and an empty --preset meant none."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("empty (an unset shell variable?)")
+    return text
+
+
+def given_path(text: str) -> Path:
+    return Path(given(text))
 
 
 class AgreedError(HarnessError):

@@ -39,7 +39,7 @@ from harness.data.manifest import shard_set_sha256
 from harness.data.shard_set import ShardSource, ShardSplit
 from harness.data.stream import MacroBatch, MacroBatchStream
 from harness.device import autocast, set_deterministic
-from harness.errors import AgreedError, HarnessError, OptionParser, run_guarded
+from harness.errors import AgreedError, HarnessError, OptionParser, given, given_path, run_guarded
 from harness.evaluate import EvalResult, evaluate
 from harness.models import buffers_restored, build_model, parameter_checksum
 from harness.normalize import Normalizer, make_loss, stats_used
@@ -946,14 +946,14 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     # No prefixes (--run-d for --run-dir): slurm/train.sbatch must see --run-dir, --preset,
     # --shards and --resume spelled out to refuse or drop them.
     parser.allow_abbrev = False
-    parser.add_argument("--preset", help=f"one of {', '.join(preset_names())} (harness/presets/*.toml); options given as well override it")
+    parser.add_argument("--preset", type=given, help=f"one of {', '.join(preset_names())} (harness/presets/*.toml); options given as well override it")
     parser.add_argument(
-        "--shards", default="shards",
+        "--shards", type=given, default="shards",
         help="shard directory (default shards/), or a URL: https://HOST/PATH/, gs://BUCKET/PATH/ (sftp://, ftps://, "
         "scp:// too) or 'pipe:COMMAND {name}' (e.g. 'pipe:aws s3 cp s3://BUCKET/mnist/{name} -'), whose manifest.json "
         "and shards are fetched into --shard-cache",
     )
-    parser.add_argument("--shard-cache", type=Path, help="shards from a URL are kept in its shards/ folder (default ~/.cache/mnist-harness, or $HARNESS_CACHE)")
+    parser.add_argument("--shard-cache", type=given_path, help="shards from a URL are kept in its shards/ folder (default ~/.cache/mnist-harness, or $HARNESS_CACHE)")
     parser.add_argument("--shard-cache-limit-gb", type=float, help="evict least recently used cached shards beyond this size (default: no limit)")
     parser.add_argument(
         "--run-dir", type=run_dir_option,

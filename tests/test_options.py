@@ -202,6 +202,40 @@ def test_a_misspelt_option_is_one_line_naming_its_command(capsys, command, given
     assert err == f"error: harness {command}: unrecognized arguments: {misspelt} 1 (harness {command} --help lists the options)\n"
 
 
+@pytest.mark.parametrize("command,given,abbreviated", [("pack", ["--out", "x"], "--sour"), ("show", ["--index", "0"], "--shard"),
+                                                       ("predict", ["run", "a.png"], "--js"), ("train", [], "--pre")])
+def test_an_abbreviated_option_is_refused_by_every_command(capsys, command, given, abbreviated):
+    """Only train refused `--pre` for --preset; `pack --sour`, `show --shard` and `predict
+    --js` ran. One rule for every command: options are spelled out."""
+    from harness.cli import main
+
+    with pytest.raises(SystemExit) as exit:
+        main([command, *given, abbreviated, "x"])
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and err.count("\n") == 1 and err.startswith(f"error: harness {command}: "), err
+    assert "unrecognized arguments" in err or "required" in err, err
+
+
+@pytest.mark.parametrize("args,option", [
+    (["pack", "--source", "src", "--out", ""], "--out"), (["pack", "--source", ""], "--source"),
+    (["pack", "--source", "download", "--download-dir", ""], "--download-dir"), (["pack", "--source", "download", "--mirror", ""], "--mirror"),
+    (["train", "--preset", ""], "--preset"), (["train", "--shards", ""], "--shards"), (["train", "--shard-cache", " "], "--shard-cache"),
+    (["show", "--shards", "", "--index", "0"], "--shards"), (["predict", "", "a.png"], "RUN_DIR_OR_CHECKPOINT"), (["report", ""], "RUN_DIR"),
+])
+def test_an_empty_path_or_preset_is_refused(capsys, tmp_path, monkeypatch, args, option):
+    """An unset shell variable: `pack --out ""` put the shards in the working directory
+    (the checkout, from its root), `--download-dir ""` the downloads, and `--preset ""`
+    trained the bare defaults."""
+    from harness.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit:
+        main(args)
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and err.startswith(f"error: harness {args[0]}: argument {option}: empty (an unset shell variable?)"), err
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("given", ["", " "])
 def test_an_empty_run_dir_is_refused(capsys, tmp_path, monkeypatch, given):
     """`--run-dir "$RUN_DIR"` with RUN_DIR unset was the working directory: the run wrote

@@ -170,15 +170,25 @@ def test_csv_non_integer_field(tmp_path, capsys, bad):
 
 @pytest.mark.parametrize("label", [10, -1])
 def test_csv_label_out_of_range(tmp_path, capsys, label):
+    """Named by its file line (the header is line 1), as an editor shows it, not by its
+    index among the samples."""
     source = write_csv_source(tmp_path / "src", [csv_row(1), csv_row(2), csv_row(label)])
-    pack_refused(capsys, tmp_path, source, "mnist_train.csv", f"label {label} at index 2", "outside 0..9")
+    pack_refused(capsys, tmp_path, source, "mnist_train.csv", f"line 4, field 1 ({label}) is a label outside 0..9")
 
 
 def test_csv_pixel_out_of_range(tmp_path, capsys):
     pixels = [0] * 784
     pixels[5] = 256
     source = write_csv_source(tmp_path / "src", [csv_row(1), csv_row(2, pixels)], header=False)
-    pack_refused(capsys, tmp_path, source, "mnist_train.csv", "line 2", "outside 0..255")
+    pack_refused(capsys, tmp_path, source, "mnist_train.csv", "line 2, field 7 (256) is a pixel value outside 0..255")
+
+
+def test_csv_integer_beyond_64_bits(tmp_path, capsys):
+    """numpy's parser names it by its data row from 0 (after the header): the file line here."""
+    pixels = [0] * 784
+    pixels[0] = 10**23
+    source = write_csv_source(tmp_path / "src", [csv_row(1), csv_row(2, pixels)])
+    pack_refused(capsys, tmp_path, source, "mnist_train.csv", f"line 3, field 2 ({10**23}) is not a 64-bit integer")
 
 
 # --- the real command --------------------------------------------------------------------------------

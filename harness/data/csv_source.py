@@ -20,13 +20,15 @@ from pathlib import Path
 import numpy as np
 
 from harness.errors import HarnessError
+from harness.validation import one_line
 
 INTEGER_FIELD = re.compile(rb"[ \t]*[+-]?[0-9]+[ \t]*")
 FIELD_CHARACTERS = b"0123456789+- \t,"
 
 
-def read_csv(path: Path, num_pixels: int = 784) -> tuple[np.ndarray, np.ndarray]:
-    """Return (pixels uint8 [n, num_pixels], labels int64 [n]); every row is checked."""
+def read_csv(path: Path, num_pixels: int = 784, num_classes: int = 10) -> tuple[np.ndarray, np.ndarray]:
+    """Return (pixels uint8 [n, num_pixels], labels int64 [n]); every row is checked, and
+    an error names the file line and field."""
     path = Path(path)
     if not path.is_file():
         raise HarnessError(f"{path}: file not found")
@@ -44,13 +46,27 @@ def read_csv(path: Path, num_pixels: int = 784) -> tuple[np.ndarray, np.ndarray]
         # numpy's C parser: ~2 s for 60,000 rows, where per-field int() takes ~20 s.
         table = np.loadtxt(io.BytesIO(b"\n".join(line for _, line in rows)), delimiter=",", dtype=np.int64, ndmin=2)
     except (ValueError, OverflowError) as e:
-        # numpy counts rows from 0 after the header; name the file line, as the checks above do.
-        raise HarnessError(f"{path}: {_first_non_integer(rows) or f'a field is not a 64-bit integer ({e})'}") from None
-    labels, pixels = table[:, 0], table[:, 1:]
-    bad = np.flatnonzero((pixels < 0).any(axis=1) | (pixels > 255).any(axis=1))
-    if bad.size:
-        raise HarnessError(f"{path}: line {rows[bad[0]][0]} has a pixel value outside 0..255")
-    return pixels.astype(np.uint8), labels.astype(np.int64)
+        raise HarnessError(f"{path}: {_first_non_integer(rows) or _too_large(e, rows)}") from None
+    for first, last, what in ((0, 1, f"label outside 0..{num_classes - 1}"), (1, None, "pixel value outside 0..255")):
+        high = num_classes - 1 if first == 0 else 255
+        outside = (table[:, first:last] < 0) | (table[:, first:last] > high)
+        if outside.any():
+            row, column = np.argwhere(outside)[0]
+            field = first + int(column) + 1
+            raise HarnessError(f"{path}: line {rows[row][0]}, field {field} ({table[row, field - 1]}) is a {what}")
+    return table[:, 1:].astype(np.uint8), table[:, 0].astype(np.int64)
+
+
+def _too_large(error: Exception, rows: list[tuple[int, bytes]]) -> str:
+    """numpy's error for an integer field beyond int64, at the file line: numpy counts data
+    rows from 0, after the header and blank lines this reader left out."""
+    where = re.search(r"at row (\d+), column (\d+)", str(error))
+    if where and int(where[1]) < len(rows):
+        line_no, line = rows[int(where[1])]
+        field = int(where[2])
+        shown = line.split(b",")[field - 1].strip().decode("ascii", errors="backslashreplace") if field <= line.count(b",") + 1 else "?"
+        return f"line {line_no}, field {field} ({one_line(shown)}) is not a 64-bit integer"
+    return f"a field is not a 64-bit integer ({one_line(error)})"
 
 
 def data_rows(path: Path) -> list[tuple[int, bytes]]:

@@ -301,6 +301,9 @@ def build_config(preset: str | None, args: argparse.Namespace) -> TrainConfig:
     config = TrainConfig(**values)
     config.validate()
     check_mlp_options(config)
+    if config.lr_schedule == "onecycle" and config.lr_decay != DEFAULTS.lr_decay:
+        raise HarnessError(f"--lr-decay {config.lr_decay:g} is for the exponential schedule, not --lr-schedule onecycle "
+                           "(from the preset or the command line)")
     config.precision = resolve_precision(config.precision)  # recorded as what the run used
     return config
 

@@ -48,13 +48,20 @@ def pick_device(requested: str, local_rank: int) -> torch.device:
     return torch.device("cuda", local_rank)
 
 
+def refuse_nccl_off_gpu(requested: str, device: torch.device) -> None:
+    """NCCL moves CUDA tensors only; a node's ranks are all on one kind of device. Refused
+    for a process alone too, which has no process group: its --backend would be recorded
+    in its config, unused."""
+    if device.type != "cuda" and requested == "nccl":
+        raise AgreedError(f"--backend nccl needs the ranks on GPUs (this one is on {device.type}); use --backend gloo or auto")
+
+
 def process_group_backend(requested: str, device: torch.device, gpu_shared: bool) -> str:
     """gloo for CPU tensors on every rank (ranks compare devices over it before any NCCL
     work starts); NCCL for CUDA tensors, unless asked for gloo, or ranks share a GPU and
     NCCL cannot: it refuses two ranks on one GPU before version 2.30, and from 2.30 on
     unless NCCL_MULTI_RANK_GPU_ENABLE=1."""
-    if device.type != "cuda" and requested == "nccl":  # NCCL moves CUDA tensors only; a node's ranks are all on one kind
-        raise AgreedError(f"--backend nccl needs the ranks on GPUs (this one is on {device.type}); use --backend gloo or auto")
+    refuse_nccl_off_gpu(requested, device)
     if device.type != "cuda" or requested == "gloo":
         return "gloo"
     if gpu_shared and not nccl_shares_gpus():

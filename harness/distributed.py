@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from harness.device import pick_device, process_group_backend
+from harness.device import pick_device, process_group_backend, refuse_nccl_off_gpu
 from harness.errors import AgreedError, HarnessError, note_job_rank
 
 log = logging.getLogger("harness")
@@ -254,6 +254,7 @@ def init_distributed(
         main_timeout_s=main_timeout_s,
     )
     ctx.device = pick_device(requested_device, ctx.local_rank)
+    refuse_nccl_off_gpu(backend, ctx.device)
     # Under a launcher (torchrun, accelerate, srun + torchrun) there is a process group even
     # for one rank, so that path is the same at every size; a plain `python -m harness`
     # has none.

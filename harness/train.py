@@ -709,6 +709,9 @@ class Trainer:
             f"{self.n_train:,} training images, {self.stream.steps_per_epoch} steps of {c.batch_size} per epoch, "
             f"validating on {self.val_set}"
         )
+        if c.early_stopping and not c.holdout:
+            log.warning(f"--early-stopping {c.early_stopping} without --holdout: when to stop is chosen on the test set, "
+                        "whose accuracy the run then reports; give --holdout N to choose it on held-out training images")
 
     def finish(self, seconds: float) -> dict:
         """Every rank reports its step count and parameter digest; rank 0 tests and writes the summary."""

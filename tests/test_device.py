@@ -53,6 +53,17 @@ def test_cuda_without_cuda_is_one_clear_error(monkeypatch):
         pick_device("cuda", 0)
 
 
+def test_nccl_is_refused_off_the_gpu_for_a_process_alone_too(monkeypatch):
+    """A plain process has no process group: --backend nccl on the CPU ran, and its config
+    recorded nccl, unused; under a launcher the same option is refused."""
+    from harness.distributed import init_distributed
+
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(HarnessError, match=r"^--backend nccl needs the ranks on GPUs \(this one is on cpu\)"):
+        init_distributed("cpu", backend="nccl")
+
+
 def test_backend_choice(monkeypatch):
     cpu = torch.device("cpu")
     assert process_group_backend("auto", cpu, False) == "gloo"

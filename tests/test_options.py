@@ -39,6 +39,15 @@ def test_mlp_only_options_refused_for_lenet(option):
         config_of("--preset", "lenet", *option)
 
 
+def test_an_lr_decay_the_one_cycle_schedule_would_ignore_is_refused():
+    """Recorded in the config and never used, as an MLP option with LeNet would be; the
+    lenet preset's 0.9 too, when its schedule is overridden."""
+    for argv in (["--lr-schedule", "onecycle", "--lr-decay", "0.5"], ["--preset", "lenet", "--lr-schedule", "onecycle"]):
+        with pytest.raises(HarnessError, match=r"^--lr-decay 0\.[59] is for the exponential schedule, not --lr-schedule onecycle"):
+            config_of(*argv)
+    assert config_of("--preset", "lenet", "--lr-schedule", "onecycle", "--lr-decay", "1").lr_schedule == "onecycle"
+
+
 def test_mlp_presets_still_valid():
     assert config_of("--preset", "mathspp-mlp").activation == "leaky_relu"
     assert config_of("--preset", "lenet").hidden == []

@@ -239,7 +239,8 @@ def test_a_partial_epochs_validation_does_not_count_toward_early_stopping(shards
     """--max-steps 15 ends mid-epoch 2: that validation is logged, but early stopping, whose
     count the checkpoint carries into a resumed run, compares whole epochs only."""
     run_dir = tmp_path / "run"
-    train_ok(shards, run_dir, *SMALL_RUN, "--early-stopping", "1", "--max-steps", "15")
+    result = train_ok(shards, run_dir, *SMALL_RUN, "--early-stopping", "1", "--max-steps", "15")
+    assert "--early-stopping 1 without --holdout: when to stop is chosen on the test set" in result.stdout  # a warning
     loop = ckpt.load_verified(ckpt.list_checkpoints(run_dir)[0])["loop"]
     first_epoch = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])
     assert (loop["step"], loop["best_val"], loop["stale_epochs"]) == (15, first_epoch["val_loss"], 0)

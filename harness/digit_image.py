@@ -63,7 +63,9 @@ def read_image(path: Path) -> Image.Image:
         raise HarnessError(f"{path}: not enough memory to decode the image") from None
     except UserWarning as e:  # only the EXIF parser's are raised
         raise exif_damaged(path, one_line(e)) from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+    except UnidentifiedImageError:  # Pillow's message names the open file by its descriptor, "name=3"
+        raise HarnessError(f"{path}: not a readable image (Pillow recognises no image format in it)") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise HarnessError(f"{path}: not a readable image ({type(e).__name__}: {e})") from None
 
 

@@ -787,9 +787,11 @@ def compile_mode(requested: str, ctx: distributed.DistContext, augmenting: bool 
         return "cuda-graph" if graph_fits else ""
     if requested == "gpu":
         return "cuda-graph-inductor" if graph_fits else "reduce-overhead" if cuda and not sync_batch_norm else ""
-    if requested in GRAPHED_MODES and (not cuda or ctx.world_size > 1):
+    if requested in GRAPHED_MODES and not cuda:
+        raise AgreedError(f"--compile {requested} captures CUDA work, and this rank is on {ctx.device}; use reduce-overhead, or auto")
+    if requested in GRAPHED_MODES and ctx.world_size > 1:
         raise AgreedError(
-            f"--compile {requested} needs one rank on a GPU (here: {ctx.world_size} rank(s) on {ctx.device}): "
+            f"--compile {requested} needs one rank on a GPU (here: {ctx.world_size} ranks): "
             "DDP all-reduces from hooks that a replayed backward would not call; use reduce-overhead, or gpu"
         )
     if requested in GRAPHED_MODES and augmenting:

@@ -11,6 +11,9 @@ from harness.errors import HarnessError, OptionParser, given, given_path, run_gu
 SHADES = " .:-=+*#%@"
 
 
+DEFAULT_DOWNLOAD_DIR = Path("data/mnist")
+
+
 def cmd_pack(args) -> int:
     from harness.data.download import MIRRORS, download_mnist
     from harness.data.pack import check_output_dir, pack
@@ -18,9 +21,12 @@ def cmd_pack(args) -> int:
 
     check_output_dir(args.out)  # fail before a download or a long read
     if args.source == "download":
-        source_dir = download_mnist(args.download_dir, mirrors=args.mirror or MIRRORS)
+        source_dir = download_mnist(args.download_dir or DEFAULT_DOWNLOAD_DIR, mirrors=args.mirror or MIRRORS)
         name = "mnist"
     else:
+        given = [option for option, value in (("--download-dir", args.download_dir), ("--mirror", args.mirror)) if value]
+        if given:  # they would be ignored
+            raise HarnessError(f"{' and '.join(given)}: for --source download only, not a directory ({args.source})")
         source_dir, name = Path(args.source), args.name
     dataset = load_source(source_dir, name, stream=True)  # IDX blocks stream into the shards
     manifest = pack(dataset, args.out, shard_size=args.shard_size, block_size=args.block_size)
@@ -75,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE, help=f"images per shard (default {DEFAULT_SHARD_SIZE})")
     p.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE, help=f"images per webdataset sample (default {DEFAULT_BLOCK_SIZE})")
     p.add_argument("--name", help="dataset name for the manifest (default: the source directory's name)")
-    p.add_argument("--download-dir", type=given_path, default=Path("data/mnist"), help="where --source download puts the files (default data/mnist)")
+    p.add_argument("--download-dir", type=given_path, help=f"where --source download puts the files (default {DEFAULT_DOWNLOAD_DIR})")
     p.add_argument("--mirror", type=given, action="append", help="mirror URL to download from instead of the standard ones (repeatable)")
     p.set_defaults(function=cmd_pack, parser=p)
 

@@ -245,6 +245,17 @@ def test_an_empty_path_or_preset_is_refused(capsys, tmp_path, monkeypatch, args,
     assert list(tmp_path.iterdir()) == []
 
 
+def test_download_options_with_a_source_directory_are_refused(capsys, tmp_path):
+    """They were ignored: the directory was packed, and the mirror never asked."""
+    from harness.cli import main
+
+    rc = main(["pack", "--source", str(tmp_path), "--mirror", "http://127.0.0.1:9/", "--download-dir", str(tmp_path / "dl"),
+               "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert rc == 2 and err == f"error: --download-dir and --mirror: for --source download only, not a directory ({tmp_path})\n", err
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("given", ["", " "])
 def test_an_empty_run_dir_is_refused(capsys, tmp_path, monkeypatch, given):
     """`--run-dir "$RUN_DIR"` with RUN_DIR unset was the working directory: the run wrote

@@ -160,12 +160,14 @@ def test_csv_row_with_wrong_field_count(tmp_path, capsys, header):
     pack_refused(capsys, tmp_path, source, "mnist_train.csv", f"line {line_no} has 784 fields", "expected 785")
 
 
-@pytest.mark.parametrize("bad", ["1.5", "abc", ""], ids=["float", "word", "empty"])
-def test_csv_non_integer_field(tmp_path, capsys, bad):
+@pytest.mark.parametrize("bad,shown", [("1.5", "'1.5'"), ("abc", "'abc'"), ("", "''"), ("\u0663", "'\\xd9\\xa3'")],
+                         ids=["float", "word", "empty", "arabic-indic-digit"])
+def test_csv_non_integer_field(tmp_path, capsys, bad, shown):
+    """A byte that is not ASCII is shown escaped once (it was '\\\\xd9', escaped twice)."""
     pixels = [0] * 784
     pixels[100] = bad
     source = write_csv_source(tmp_path / "src", [csv_row(1), csv_row(2, pixels)])  # header on line 1; label is field 1
-    pack_refused(capsys, tmp_path, source, "mnist_train.csv", f"line 3, field 102 ({bad!r}) is not an integer")
+    pack_refused(capsys, tmp_path, source, "mnist_train.csv", f"line 3, field 102 ({shown}) is not an integer")
 
 
 @pytest.mark.parametrize("label", [10, -1])

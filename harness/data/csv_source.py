@@ -88,6 +88,6 @@ def _first_non_integer(rows: list[tuple[int, bytes]]) -> str | None:
     for line_no, line in rows:
         for column, text in enumerate(line.split(b","), start=1):
             if not INTEGER_FIELD.fullmatch(text):
-                shown = text.strip().decode("ascii", errors="backslashreplace")
-                return f"line {line_no}, field {column} ({shown!r}) is not an integer"
+                shown = repr(text.strip())[2:-1]  # the bytes as Python writes them: \xd9\xa3, once escaped
+                return f"line {line_no}, field {column} ('{shown}') is not an integer"
     return None

@@ -24,9 +24,9 @@ def cmd_pack(args) -> int:
         source_dir = download_mnist(args.download_dir or DEFAULT_DOWNLOAD_DIR, mirrors=args.mirror or MIRRORS)
         name = "mnist"
     else:
-        given = [option for option, value in (("--download-dir", args.download_dir), ("--mirror", args.mirror)) if value]
-        if given:  # they would be ignored
-            raise HarnessError(f"{' and '.join(given)}: for --source download only, not a directory ({args.source})")
+        ignored = [option for option, value in (("--download-dir", args.download_dir), ("--mirror", args.mirror)) if value]
+        if ignored:
+            raise HarnessError(f"{' and '.join(ignored)}: for --source download only, not a directory ({args.source})")
         source_dir, name = Path(args.source), args.name
     dataset = load_source(source_dir, name, stream=True)  # IDX blocks stream into the shards
     manifest = pack(dataset, args.out, shard_size=args.shard_size, block_size=args.block_size)

@@ -47,13 +47,12 @@ def read_csv(path: Path, num_pixels: int = 784, num_classes: int = 10) -> tuple[
         table = np.loadtxt(io.BytesIO(b"\n".join(line for _, line in rows)), delimiter=",", dtype=np.int64, ndmin=2)
     except (ValueError, OverflowError) as e:
         raise HarnessError(f"{path}: {_first_non_integer(rows) or _too_large(e, rows)}") from None
-    for first, last, what in ((0, 1, f"label outside 0..{num_classes - 1}"), (1, None, "pixel value outside 0..255")):
-        high = num_classes - 1 if first == 0 else 255
-        outside = (table[:, first:last] < 0) | (table[:, first:last] > high)
+    for columns, highest, what in ((slice(0, 1), num_classes - 1, "label"), (slice(1, None), 255, "pixel value")):
+        outside = (table[:, columns] < 0) | (table[:, columns] > highest)
         if outside.any():
             row, column = np.argwhere(outside)[0]
-            field = first + int(column) + 1
-            raise HarnessError(f"{path}: line {rows[row][0]}, field {field} ({table[row, field - 1]}) is a {what}")
+            field = columns.start + int(column) + 1  # counted from 1, the label's
+            raise HarnessError(f"{path}: line {rows[row][0]}, field {field} ({table[row, field - 1]}) is a {what} outside 0..{highest}")
     return table[:, 1:].astype(np.uint8), table[:, 0].astype(np.int64)
 
 

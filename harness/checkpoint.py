@@ -364,8 +364,6 @@ def checkpoint_to_resume(ctx, run_dir: Path, resume: str, config, shard_set: str
     if resume == "auto":
         found = load_newest_valid(run_dir, usable)
     elif resume != "never":
-        if not resume:
-            raise HarnessError("--resume '': give auto, never, or a checkpoint's step-N.pt")
         if Path(resume).is_dir():
             raise HarnessError(f"--resume {resume}: is a directory (give auto, never, or a checkpoint's step-N.pt)")
         if not Path(resume).is_file():

@@ -37,12 +37,13 @@ class OptionParser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"error: {self.prog}: {message} ({self.prog} --help lists the options)\n" if printed else None)
 
 
-def given(text: str) -> str:
+def given(text: str, hint: str = "") -> str:
     """argparse type of an option that names a file, directory, URL or preset: not empty.
     An empty path is the working directory (Path("") is "."), where `pack --out ""` from an
-    unset variable put its shards, and an empty --preset meant none."""
+    unset variable put its shards, and an empty --preset meant none. `hint`: what to give
+    instead, for an option whose help alone does not say."""
     if not text.strip():
-        raise argparse.ArgumentTypeError("empty (an unset shell variable?)")
+        raise argparse.ArgumentTypeError("empty (an unset shell variable?)" + (f": {hint}" if hint else ""))
     return text
 
 

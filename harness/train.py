@@ -941,9 +941,11 @@ def train(config: TrainConfig, shards: str | Path, run_dir: Path | None, resume:
 
 
 def run_dir_option(text: str) -> Path:
-    if not text.strip():  # Path("") is the working directory, which a run would fill with its files
-        raise argparse.ArgumentTypeError("empty (an unset shell variable?): give a directory, or leave --run-dir out")
-    return Path(text)
+    return Path(given(text, "give a directory, or leave --run-dir out"))
+
+
+def resume_option(text: str) -> str:
+    return given(text, "give auto, never, or a checkpoint's step-N.pt")
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
@@ -966,7 +968,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
         "(default runs/PRESET-YYYYMMDD-HHMMSS; in a Slurm job runs/PRESET-slurm-JOBID)",
     )
     parser.add_argument(
-        "--resume", default="auto",
+        "--resume", type=resume_option, default="auto",
         help="auto (default): continue from the newest valid checkpoint in RUN_DIR/checkpoints if any; "
         "never: start over (refused if RUN_DIR already holds a run); or a checkpoint's path",
     )

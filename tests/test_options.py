@@ -92,8 +92,6 @@ def test_resume_path_that_is_a_directory_or_not_a_checkpoint(tmp_path):
     config = config_of("--preset", "lenet")
     with pytest.raises(HarnessError, match=f"^--resume {tmp_path}: is a directory"):
         checkpoint_to_resume(None, tmp_path, str(tmp_path), config)
-    with pytest.raises(HarnessError, match="^--resume '': give auto, never, or a checkpoint's step-N.pt$"):  # not "is a directory" (.)
-        checkpoint_to_resume(None, tmp_path, "", config)
     (tmp_path / "model.pt").write_bytes(b"weights")
     with pytest.raises(HarnessError, match=f"^--resume {tmp_path / 'model.pt'}: not a checkpoint: it has no marker model.json beside it"):
         checkpoint_to_resume(None, tmp_path, str(tmp_path / "model.pt"), config)
@@ -228,13 +226,13 @@ def test_an_abbreviated_option_is_refused_by_every_command(capsys, command, give
 @pytest.mark.parametrize("args,option", [
     (["pack", "--source", "src", "--out", ""], "--out"), (["pack", "--source", ""], "--source"),
     (["pack", "--source", "download", "--download-dir", ""], "--download-dir"), (["pack", "--source", "download", "--mirror", ""], "--mirror"),
-    (["train", "--preset", ""], "--preset"), (["train", "--shards", ""], "--shards"), (["train", "--shard-cache", " "], "--shard-cache"),
+    (["train", "--preset", ""], "--preset"), (["train", "--resume", ""], "--resume"), (["train", "--shards", ""], "--shards"), (["train", "--shard-cache", " "], "--shard-cache"),
     (["show", "--shards", "", "--index", "0"], "--shards"), (["predict", "", "a.png"], "RUN_DIR_OR_CHECKPOINT"), (["report", ""], "RUN_DIR"),
 ])
 def test_an_empty_path_or_preset_is_refused(capsys, tmp_path, monkeypatch, args, option):
     """An unset shell variable: `pack --out ""` put the shards in the working directory
-    (the checkout, from its root), `--download-dir ""` the downloads, and `--preset ""`
-    trained the bare defaults."""
+    (the checkout, from its root), `--download-dir ""` the downloads, `--preset ""`
+    trained the bare defaults, and `--resume ""` was refused per rank as "is a directory"."""
     from harness.cli import main
 
     monkeypatch.chdir(tmp_path)

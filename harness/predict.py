@@ -22,7 +22,7 @@ from harness.config import MAX_HIDDEN_LAYERS, MAX_PARAMETERS, TrainConfig, confi
 from harness.errors import EXIT_USAGE, HarnessError
 from harness.models import build_model
 from harness.normalize import STATS_USED, Normalizer
-from harness.run_files import SUMMARY_SCHEMA, load_torch_file, model_state, read_run_json
+from harness.run_files import SUMMARY_SCHEMA, check_run_json, load_torch_file, model_state, read_run_json
 
 
 
@@ -57,12 +57,20 @@ def saved_run(path: Path) -> SavedModel:
     saved = load_torch_file(path)
     if isinstance(saved, dict) and "config" in saved:
         return checkpoint_model(saved, path)
+    return described_weights(path, saved)
+
+
+def described_weights(path: Path, weights, summary: dict | None = None) -> SavedModel:
+    """Weights alone (a run's model.pt), described by the run's summary.json beside them;
+    `summary`: that file's content, when the caller has read it already."""
     summary_path = path.parent / "summary.json"
-    if not summary_path.is_file():
-        raise HarnessError(f"{path}: no summary.json beside it to say which model it holds (give the run directory or a checkpoint)")
-    summary = read_run_json(summary_path, {**SUMMARY_SCHEMA, "required": ["config"]}, "run summary")
+    if summary is None:
+        if not summary_path.is_file():
+            raise HarnessError(f"{path}: no summary.json beside it to say which model it holds (give the run directory or a checkpoint)")
+        summary = read_run_json(summary_path, SUMMARY_SCHEMA, "run summary")
+    check_run_json(summary_path, summary, {**SUMMARY_SCHEMA, "required": ["config"]})
     config = config_from_saved(summary["config"], str(summary_path))
-    return SavedModel(model_state(saved, path), config, summary.get("normalization_stats"), path, summary_path)
+    return SavedModel(model_state(weights, path), config, summary.get("normalization_stats"), path, summary_path)
 
 
 def run_directory_model(run_dir: Path) -> SavedModel:
@@ -70,15 +78,16 @@ def run_directory_model(run_dir: Path) -> SavedModel:
     went on past it (extended with a larger --max-steps or --epochs, and stopped or still
     training) or has no summary.json (not finished): then its newest valid checkpoint,
     which a note on stderr names."""
-    model, summary = run_dir / "model.pt", run_dir / "summary.json"
-    finished_at = read_run_json(summary, SUMMARY_SCHEMA, "run summary").get("steps", 0) if model.is_file() and summary.is_file() else None
+    model, summary_path = run_dir / "model.pt", run_dir / "summary.json"
+    summary = read_run_json(summary_path, SUMMARY_SCHEMA, "run summary") if model.is_file() and summary_path.is_file() else None
+    finished_at = summary.get("steps", 0) if summary is not None else None
     newest = list_checkpoints(run_dir)[:1]
     if finished_at is not None and all(marker_step(marker) <= finished_at for marker in newest):
-        return saved_run(model)
+        return described_weights(model, load_torch_file(model), summary)
     found = load_newest_valid(run_dir)  # each newer one that is damaged is skipped with a warning
     step = marker_step(found[0].with_suffix(".json")) if found else -1
     if finished_at is not None and step <= finished_at:
-        return saved_run(model)
+        return described_weights(model, load_torch_file(model), summary)
     if found is None:
         if model.is_file():
             raise HarnessError(f"{run_dir}: holds model.pt but no summary.json to say which model it is, and no valid checkpoint")

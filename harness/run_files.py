@@ -47,7 +47,11 @@ def read_run_json(path: Path, schema: dict, what: str) -> dict:
     """A run's JSON file, checked against `schema`; HarnessError naming the file and field.
     NaN and Infinity are read: Python's json writes a diverged loss so, in summary.json as
     in metrics.jsonl, and refusing them took a finished run for an unfinished one."""
-    value = read_json_file(path, RUN_JSON_MAX_BYTES, what, nonfinite_ok=True)
+    return check_run_json(path, read_json_file(path, RUN_JSON_MAX_BYTES, what, nonfinite_ok=True), schema)
+
+
+def check_run_json(path: Path, value, schema: dict) -> dict:
+    """`value`, read from `path`, checked against `schema`; HarnessError naming the file and field."""
     problem = first_violation(schema, value)
     if problem:
         raise HarnessError(f"{path}: {problem}")

@@ -169,7 +169,7 @@ def bare_worker(args) -> dict:
 
     from harness.config import load_preset
     from harness.cuda_graph import compile_with_inductor
-    from harness.train import GRAPHED_MODES
+    from harness.compile_choice import GRAPHED_MODES
     from harness.device import autocast, set_deterministic
     from harness.models import lenet
 

@@ -20,9 +20,8 @@ import logging
 import math
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import NoReturn
 
 import numpy as np
 import torch
@@ -33,6 +32,7 @@ from harness import distributed
 from harness.allocator import keep_freed_memory
 from harness.augment import RandomAffine
 from harness.checkpoint import CHECKPOINT_DIR, checkpoint_to_resume, list_checkpoints, marker_step, state_mismatch
+from harness.compile_choice import GRAPHED_MODES, compile_mode, compiler_unusable
 from harness.config import TrainConfig, add_config_options, build_config, preset_names
 from harness.cuda_graph import GraphedStep, compile_with_inductor
 from harness.data.manifest import shard_set_sha256
@@ -43,22 +43,17 @@ from harness.errors import AgreedError, HarnessError, OptionParser, given, given
 from harness.evaluate import EvalResult, evaluate
 from harness.models import buffers_restored, build_model, parameter_checksum
 from harness.normalize import Normalizer, make_loss, stats_used
+from harness.optimizer import build_optimizer, load_optimizer_state, make_schedule
 from harness.run_outputs import RunOutputs, default_run_dir, read_summary, setup_logging, write_stop_record
-from harness.stopping import EXIT_STOPPED, STOP_SIGNALS, StopRequest, agreed_signal
+from harness.stopping import EXIT_STOPPED, StopRequest
+from harness.sync_point import Stopped, agree_at_sync_point, signal_any_rank_got, stop_every_rank
 from harness.testhooks import Fault, diverge_rank_rng, save_rank_files
 
 log = logging.getLogger("harness")
 
 START_UP_STOP = "before training, with nothing new to checkpoint"  # how a stop during start-up is logged
-GRAPHED_MODES = ("cuda-graph", "cuda-graph-inductor")  # --compile values that capture the whole step (harness/cuda_graph.py)
-
-
 class ProgressBar(tqdm):
     monitor_interval = 0  # tqdm's monitor thread is not needed here; nothing extra left running at exit
-
-
-class Stopped(Exception):
-    """Raised on every rank after a stop signal was honoured: checkpointed, or before the first step."""
 
 
 @dataclasses.dataclass
@@ -242,13 +237,7 @@ class Trainer:
         self.compile_mode = compile_mode(config.compile, ctx, self.augment.active, sync_batch_norm=config.batch_norm and ctx.world_size > 1)
         if self.compile_mode not in ("", *GRAPHED_MODES):
             self.trained = torch.compile(self.trained, mode=self.compile_mode)
-        # On a GPU one fused kernel updates every parameter (the same arithmetic as the
-        # default foreach version); the CPU keeps the default, whose results the tests pin.
-        fused = {"fused": True} if ctx.device.type == "cuda" else {}
-        self.optimizer = torch.optim.SGD(
-            self.model.parameters(), lr=config.lr, momentum=config.momentum, nesterov=config.nesterov, weight_decay=config.weight_decay,
-            **fused,
-        )
+        self.optimizer = build_optimizer(self.model, config, ctx.device)
         self.scheduler = make_schedule(self.optimizer, config, self.stream.steps_per_epoch)
         self.keep_lr_float32()
         self.normalize = Normalizer(config.normalize, self.train_stats, ctx.device, memory_format)
@@ -768,109 +757,6 @@ class Trainer:
         return self.evaluate_on(self.test_images, self.test_labels)
 
 
-def compile_mode(requested: str, ctx: distributed.DistContext, augmenting: bool = False, sync_batch_norm: bool = False) -> str:
-    """What --compile means here: `auto` and `gpu` pick by device, world size, augmentation
-    and SyncBatchNorm.
-
-    `auto` (the default) takes the CUDA-graph step wherever it works: its weights are
-    bitwise the eager step's, it needs no compiler, and on an H200 it ran LeNet 6.9x
-    faster than eager (README, "On a GPU"). Elsewhere it stays eager: `gpu`'s choice for
-    several ranks, torch.compile's reduce-overhead, costs a compile at every start.
-    `gpu` pays a compile for speed: on one GPU the graph of inductor's kernels (1.33x the
-    plain graph's LeNet throughput on an H200, docs/gpu-h200-2026-11-27), for several
-    ranks reduce-overhead. It leaves a step with SyncBatchNorm eager: its forward waits
-    for the device and all-gathers, which reduce-overhead would have to capture, and that
-    has never run. Asked for by name, reduce-overhead is tried even then."""
-    cuda = ctx.device.type == "cuda"
-    graph_fits = cuda and ctx.world_size == 1 and not augmenting
-    if requested == "auto":
-        return "cuda-graph" if graph_fits else ""
-    if requested == "gpu":
-        return "cuda-graph-inductor" if graph_fits else "reduce-overhead" if cuda and not sync_batch_norm else ""
-    if requested in GRAPHED_MODES and not cuda:
-        raise AgreedError(f"--compile {requested} captures CUDA work, and this rank is on {ctx.device}; use reduce-overhead, or auto")
-    if requested in GRAPHED_MODES and ctx.world_size > 1:
-        raise AgreedError(
-            f"--compile {requested} needs one rank on a GPU (here: {ctx.world_size} ranks): "
-            "DDP all-reduces from hooks that a replayed backward would not call; use reduce-overhead, or gpu"
-        )
-    if requested in GRAPHED_MODES and augmenting:
-        raise AgreedError(
-            f"--compile {requested} does not capture augmentation (--augment-rotate/-scale/-shift): "
-            "use reduce-overhead, or gpu (which picks it when augmenting)"
-        )
-    return requested
-
-
-def compiler_unusable() -> tuple[type[Exception], ...]:
-    """What torch.compile raises when this machine cannot build kernels: no working C++
-    compiler (inductor's CPU kernels), no Triton, or a GPU too old for Triton. Not a graph
-    break (a bug, whose traceback is wanted). Looked up when needed: importing dynamo
-    takes most of a second."""
-    import torch._dynamo.exc
-    import torch._inductor.exc
-
-    names = ("TritonMissing", "GPUTooOldForTriton")  # not BackendCompilerFailed's subclasses
-    return (torch._dynamo.exc.BackendCompilerFailed, *(getattr(torch._inductor.exc, n) for n in names if hasattr(torch._inductor.exc, n)))
-
-
-def make_schedule(optimizer: torch.optim.Optimizer, config: TrainConfig, steps_per_epoch: int):
-    """The learning-rate schedule: stepped after every epoch (exponential) or every optimizer step (onecycle)."""
-    if config.lr_schedule == "onecycle":
-        steps = config.epochs * steps_per_epoch
-        steps = min(steps, config.max_steps) if config.max_steps else steps
-        # cycle_momentum=False: the CUDA-graph step captures the momentum as a constant (only the lr is read from the device).
-        return torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=config.lr, total_steps=steps, pct_start=0.25, anneal_strategy="linear", cycle_momentum=False,
-            div_factor=25.0, final_div_factor=1e4,
-        )
-    return torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=config.lr_decay)
-
-
-IMPLEMENTATION_FLAGS = ("foreach", "fused", "differentiable")  # how an optimizer computes its update, not what
-
-
-def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict) -> None:
-    """Load a saved optimizer state, keeping this run's choice of update kernel.
-    Optimizer.load_state_dict takes the saved groups whole, flags included: a CPU
-    checkpoint (fused unset) would turn a GPU run's fused update into the foreach one,
-    which reads a tensor lr back to the host and so cannot be captured in a CUDA graph;
-    a GPU checkpoint would run the CPU's fused kernel instead of the CPU's default."""
-    own = [{flag: group[flag] for flag in IMPLEMENTATION_FLAGS if flag in group} for group in optimizer.param_groups]
-    optimizer.load_state_dict(saved)
-    for group, flags in zip(optimizer.param_groups, own):
-        group.update(flags)
-
-
-def agree_at_sync_point(ctx, window: torch.Tensor, first_step: int, stop_request: StopRequest) -> tuple[float, str]:
-    """All ranks: mean loss of the window, and the stop signal if any rank got one ("" if none).
-
-    One all-reduce and one device-to-host copy. A non-finite loss on any rank raises
-    on every rank, naming the first bad step.
-    """
-    nonfinite = ~torch.isfinite(window)
-    packed = torch.zeros(2 + len(STOP_SIGNALS), dtype=torch.float64, device=window.device)
-    packed[0], packed[1] = window.sum(), nonfinite.any()
-    packed[2:] = torch.tensor(stop_request.votes(), dtype=torch.float64)
-    loss_sum, any_nonfinite, *votes = ctx.sum(packed).tolist()
-    if any_nonfinite:
-        bad_step = first_step + int(nonfinite.nonzero()[0, 0]) if nonfinite.any() else 2**62
-        step, rank = min((s[0], r) for r, s in enumerate(ctx.gather([bad_step])))
-        raise AgreedError(f"loss is NaN or infinite at step {step + 1} on rank {rank}; stopped every rank; any checkpoint already written is intact")
-    # Only the all-reduced votes decide, so every rank decides alike: a signal that lands
-    # after this rank's part of the all-reduce waits for the next sync point. (Reading
-    # this rank's own flag here let a rank stop alone, and the others hang in the next
-    # collective: a CI failure.)
-    return loss_sum / (len(window) * ctx.world_size), agreed_signal(votes)
-
-
-def signal_any_rank_got(ctx: distributed.DistContext, stop_request: StopRequest) -> str:
-    """All ranks: the stop signal any rank got, "" if none. One all-reduce, so that every
-    rank decides alike."""
-    votes = torch.tensor(stop_request.votes(), dtype=torch.float64, device=ctx.device)
-    return agreed_signal(ctx.sum(votes).tolist())
-
-
 def open_shards(ctx: distributed.DistContext, location: str | Path, cache_dir: Path | None, cache_limit: int | None,
                 stop_request: StopRequest, run_dir: Path) -> ShardSource:
     """All ranks: the shard set. From a URL, opening it fetches its manifest, and a stop
@@ -890,20 +776,6 @@ def open_shards(ctx: distributed.DistContext, location: str | Path, cache_dir: P
     newest = list_checkpoints(run_dir)
     step = marker_step(newest[0]) if newest else 0
     stop_every_rank(ctx, step, reason, START_UP_STOP, lambda: write_stop_record(run_dir, step, reason))
-
-
-def stop_every_rank(ctx: distributed.DistContext, step: int, reason: str, what: str, write_record: Callable[[], None]) -> NoReturn:
-    """All ranks: rank 0 records the stop (stopped.json), then every rank raises Stopped.
-    Rank 0 says so, once every rank is here: one line for the job, not one per rank."""
-    # No rank exits, and so no launcher ends the job, before the record is written; a
-    # slow filesystem holds the others up to --rank0-timeout, as a checkpoint's write does.
-    with ctx.main_only("stop record"):
-        if ctx.is_main:
-            write_record()
-    ctx.barrier()  # then all exit together: rank 0's process may serve the store the others waited on
-    if ctx.is_main:
-        log.warning(f"{reason}: stopped at step {step} {what}; run again to resume")
-    raise Stopped(reason)
 
 
 def train(config: TrainConfig, shards: str | Path, run_dir: Path | None, resume: str = "auto", name: str = "",

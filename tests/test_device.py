@@ -168,7 +168,7 @@ def test_compile_modes_by_device_and_world_size():
     where they cannot work are one clear error."""
     from harness.config import TrainConfig
     from harness.distributed import DistContext
-    from harness.train import compile_mode
+    from harness.compile_choice import compile_mode
 
     one_gpu, two_gpus, cpu = DistContext(device=CUDA0), DistContext(world_size=2, device=CUDA0), DistContext()
     assert TrainConfig().compile == "auto"

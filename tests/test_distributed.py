@@ -552,7 +552,7 @@ def test_only_the_all_reduced_votes_decide_a_stop(own_signal, others_signal, lan
     all-reduce and wait there (CI saw such a hang: Slurm's scancel landed at a sync point).
     Every rank names the same signal, for stopped.json and rank 0's line, whichever rank
     got it."""
-    from harness.train import agree_at_sync_point
+    from harness.sync_point import agree_at_sync_point
 
     request = StopRequestStandIn()
     request.signal_name = own_signal

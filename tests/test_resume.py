@@ -16,7 +16,7 @@ from helpers import PAUSE, ROOT, SMALL_RUN, checkpointed_run, checksum, run, sca
 from harness import checkpoint as ckpt
 from harness.data.pack import pack
 from harness.data.sources import load_source
-from harness.train import load_optimizer_state
+from harness.optimizer import load_optimizer_state
 
 
 def test_sigkill_then_resume_is_bitwise_exact(quick_shards, tmp_path, reference):

@@ -9,7 +9,7 @@ import torch
 from helpers import run_cli
 
 from harness.config import TrainConfig, load_preset
-from harness.train import make_schedule
+from harness.optimizer import make_schedule
 
 
 def lrs(config: TrainConfig, steps_per_epoch: int, steps: int, per_step: bool) -> list[float]:

@@ -31,7 +31,7 @@ from harness.atomic import fsync_dir, torch_bytes, write_bytes_atomic, write_jso
 from harness.config import changed_fields
 from harness.data.manifest import STATS_SCHEMA
 from harness.errors import HarnessError, SystemRefused
-from harness.validation import first_violation, one_line, open_regular_file, plain_data_problem, read_json_file
+from harness.validation import first_violation, one_line, open_regular_file, plain_data_problem, printable, read_json_file
 
 log = logging.getLogger("harness")
 
@@ -219,7 +219,7 @@ def weights_only_reason(error: pickle.UnpicklingError) -> str:
     for line in str(error).splitlines():
         line = line.strip().removeprefix("WeightsUnpickler error:").split(". Please use")[0].strip().rstrip(".")
         if line and not any(advice in line for advice in TORCH_ADVICE):
-            return one_line("".join(c if c.isprintable() else repr(c)[1:-1] for c in line))
+            return one_line(printable(line))
     return "content other than tensors and plain data"
 
 

@@ -6,6 +6,7 @@ model.pt       final weights (a state dict)
 summary.json   final metrics, world size, steps, time, parameter checksum
 test_report.json  per-class precision/recall/F1 and the confusion matrix
 stopped.json   while a run is stopped by a signal: the step and the signal (gone once it finishes)
+lock           locked while a run writes here (run_lock.py)
 report/*.png   training curves, filters, confusion matrix (see report.py)
 events.out.tfevents.*  TensorBoard (see tensorboard.py)
 """
@@ -28,6 +29,7 @@ from harness.data.manifest import MANIFEST_NAME
 from harness.errors import HarnessError
 from harness.evaluate import EvalResult, class_report, format_report
 from harness.run_files import REPORT_DIR, SUMMARY_SCHEMA, read_metrics, read_run_json
+from harness.run_lock import RunDirLock
 from harness.tensorboard import TensorBoardLog, weight_snapshot
 
 if TYPE_CHECKING:
@@ -38,8 +40,9 @@ log = logging.getLogger("harness")
 STOPPED = "stopped.json"
 
 
-def prepare_run_dir(run_dir: Path, resuming: bool) -> Path:
-    """Create RUN_DIR, or check that an existing one may be used.
+def prepare_run_dir(run_dir: Path, resuming: bool) -> tuple[Path, RunDirLock]:
+    """Create RUN_DIR, or check that an existing one may be used, and lock it: no other
+    run may be writing there (harness/run_lock.py).
 
     A fresh start in a directory that already holds a run's results would mix two runs, so
     it is refused: a finished run (summary.json), or epoch results (metrics.jsonl) beside
@@ -80,7 +83,7 @@ def prepare_run_dir(run_dir: Path, resuming: bool) -> Path:
             raise HarnessError(f"{directory}: is a file where the run writes its {holds}; move it, or pick a new --run-dir")
         if directory.exists():
             check_writable(directory, f"{holds} directory")
-    return run_dir
+    return run_dir, RunDirLock(run_dir)  # before RunOutputs' first change there; a refused run changes nothing
 
 
 def check_writable(directory: Path, what: str) -> None:
@@ -138,7 +141,7 @@ class RunOutputs:
         """`resumed_at`: the step a resumed run continues from; None for a fresh start.
         `from_another_run`: that step's checkpoint is another run directory's (--resume
         PATH), so RUN_DIR starts a run and must hold none, as for a fresh start."""
-        self.run_dir = prepare_run_dir(run_dir, resuming=resumed_at is not None and not from_another_run)
+        self.run_dir, self.lock = prepare_run_dir(run_dir, resuming=resumed_at is not None and not from_another_run)
         leftovers = [p for d in (self.run_dir, self.run_dir / CHECKPOINT_DIR) for p in remove_interrupted_writes(d)]
         if leftovers:
             log.info(f"removed {len(leftovers)} temporary file(s) of writes an earlier attempt did not finish: {', '.join(p.name for p in leftovers)}")
@@ -201,8 +204,12 @@ class RunOutputs:
 
     def close(self, wait: bool = True) -> None:
         """Let the background writer finish (a failed run still lands the checkpoint being
-        written); `wait=False`: not (an interrupted run ends at once)."""
-        self.background.close(wait)
+        written); `wait=False`: not (an interrupted run ends at once). Then the run
+        directory is another run's to take."""
+        try:
+            self.background.close(wait)
+        finally:
+            self.lock.release()
 
     def stopped(self, step: int, signal_name: str) -> None:
         write_stop_record(self.run_dir, step, signal_name)

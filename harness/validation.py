@@ -28,6 +28,12 @@ def one_line(text) -> str:
     return text if len(text) <= MAX_MESSAGE else text[:MAX_MESSAGE] + "..."
 
 
+def printable(text: str) -> str:
+    """`text` with its control characters escaped (\\x1b, \\n): a file's text in a message
+    cannot move the cursor or recolour the terminal."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def _no_constants(name: str):
     raise ValueError(f"{name} is not a JSON number")
 

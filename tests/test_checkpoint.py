@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import SMALL_RUN, Payload, checkpointed_run, checksum, run, scalar_events, summary, tiny_training_objects, train_ok, write_source
+from helpers import SMALL_RUN, Payload, checkpointed_run, checksum, run, scalar_events, summary, tiny_training_objects, train_command, train_ok, write_source
 
 from harness import checkpoint as ckpt
 from harness.atomic import write_bytes_atomic
@@ -498,3 +498,50 @@ def test_a_shard_set_is_not_a_run_directory(tmp_path):
     with pytest.raises(HarnessError, match=f"^{tmp_path}: holds a shard set \\(manifest.json\\); a run's files go in a directory of their own$"):
         prepare_run_dir(tmp_path, resuming=False)
     assert [p.name for p in tmp_path.iterdir()] == ["manifest.json"]
+
+
+def test_a_run_into_a_directory_another_run_is_writing_to_is_refused_before_it_writes(shards, tmp_path):
+    """Two runs into one RUN_DIR (the same command twice, two Slurm jobs given one RUN_DIR):
+    the second resumed from the first's checkpoint, removed its unfinished writes, set its
+    newer checkpoints aside and wrote a second event file, whose purge hid part of the
+    first run's curves in TensorBoard, and failed only when the two met at a checkpoint's
+    step. A process holding the lock stands in for the first run here, with an
+    unfinished write and checkpoints that such a resume would have moved."""
+    import subprocess
+    import sys
+
+    run_dir = tmp_path / "run"
+    train_ok(shards, run_dir, *SMALL_RUN, "--max-steps", "10", "--checkpoint-every", "5")
+    (run_dir / "summary.json").unlink()  # as while the first run trains
+    (run_dir / "checkpoints" / ".step-00000015.pt.tmp-99999").write_bytes(b"being written")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from harness.run_lock import RunDirLock; RunDirLock(sys.argv[1]); print('locked', flush=True); sys.stdin.read()",
+         str(run_dir)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+        result = run(train_command(shards, run_dir, *SMALL_RUN, "--max-steps", "15", "--checkpoint-every", "5"))
+        assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+        assert f"error: {run_dir}: another run is writing to it (its lock file names pid {holder.pid} on " in result.stderr
+        assert "wait for it to end, or pick a new --run-dir" in result.stderr and "Traceback" not in result.stderr
+        assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
+    finally:
+        holder.communicate(timeout=30)
+    # The lock goes with its process: the same command now resumes.
+    result = run(train_command(shards, run_dir, *SMALL_RUN, "--max-steps", "15", "--checkpoint-every", "5"))
+    assert result.returncode == 0 and "resuming from" in result.stdout + result.stderr, result.stderr[-2000:]
+
+
+def test_a_filesystem_without_file_locks_gets_a_warning_and_no_lock(tmp_path, monkeypatch, caplog):
+    """Lustre mounted without flock answers ENOSYS, an NFS server without a lock manager
+    ENOLCK: the run goes on, unguarded, and says so."""
+    import fcntl
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with caplog.at_level("WARNING", logger="harness"):
+        _, lock = prepare_run_dir(tmp_path, resuming=False)
+    assert lock.fd is None
+    assert f"{tmp_path / 'lock'}: no file locks on this filesystem (No locks available); a second run started into" in caplog.text

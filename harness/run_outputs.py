@@ -17,6 +17,7 @@ import itertools
 import json
 import logging
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -99,13 +100,43 @@ def default_run_dir(name: str, ctx: DistContext) -> Path:
     """runs/NAME-slurm-JOBID in a Slurm job (a requeued job keeps its id, so it resumes
     there), else runs/NAME-YYYYMMDD-HHMMSS, rank 0's clock on every rank, created by rank 0
     here; with -2, -3, ... added where another run took that name (two runs started in
-    the same second, a sweep say, used to share one directory and fail at its end)."""
+    the same second, a sweep say, used to share one directory and fail at its end).
+    After torchrun restarts the group (--max-restarts), the directory its first attempt
+    chose (see restart_record)."""
     job_id = os.environ.get("SLURM_JOB_ID")
     if job_id:
         return Path("runs") / f"{name}-slurm-{job_id}"
     # The ranks start at different moments: they take rank 0's choice, as two ints.
-    stamp, n = ctx.gather(list(claim_run_dir(name)) if ctx.is_main else [0, 0])[0]
+    stamp, n = ctx.gather(list(earlier_attempts_run_dir(name) or claim_run_dir(name)) if ctx.is_main else [0, 0])[0]
     return run_dir_named(name, str(stamp), n)
+
+
+def restart_record() -> Path | None:
+    """Where torchrun's first attempt records the run directory it chose, for the attempts
+    after a restart, which would otherwise take the clock of their own start and begin
+    again from step 0 in a new directory: runs/.torchrun-RUN_ID.json. None where no restart
+    can come (no torchrun, or --max-restarts 0). torchrun's run id is a fresh UUID on one
+    node; across nodes it is --rdzv-id, which names the job (launch/multinode.sh: RDZV_ID)."""
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID", "")
+    if not run_id or os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") in ("", "0"):
+        return None
+    return Path("runs") / f".torchrun-{re.sub(r'[^A-Za-z0-9_.-]', '_', run_id)[:100]}.json"
+
+
+def earlier_attempts_run_dir(name: str) -> tuple[int, int] | None:
+    """(stamp, n) of the run directory an earlier attempt of this torchrun chose, if this
+    is a restarted attempt and that directory is there."""
+    record = restart_record()
+    if record is None or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") in ("", "0"):
+        return None
+    try:
+        chosen = json.loads(record.read_text())
+        stamp, n = int(chosen["stamp"]), int(chosen["n"])
+    except (OSError, ValueError, KeyError, TypeError):  # the first attempt died before writing it, say
+        return None
+    if chosen.get("name") != name or not run_dir_named(name, str(stamp), n).is_dir():
+        return None
+    return stamp, n
 
 
 def run_dir_named(name: str, stamp: str, n: int) -> Path:
@@ -114,17 +145,23 @@ def run_dir_named(name: str, stamp: str, n: int) -> Path:
 
 def claim_run_dir(name: str) -> tuple[int, int]:
     """(stamp, n) of the first of run_dir_named(name, now, 1, 2, ...) that this process
-    creates; or of the first, uncreated, if creating it fails for another reason than its
+    creates (recorded for torchrun's restarts); or of the first, uncreated, if creating it fails for another reason than its
     existence, which RunOutputs then reports."""
     stamp = time.strftime("%Y%m%d%H%M%S")
     for n in itertools.count(1):
         try:
             run_dir_named(name, stamp, n).mkdir(parents=True)
-            return int(stamp), n
         except FileExistsError:
             continue
         except OSError:
             return int(stamp), 1
+        record = restart_record()
+        if record is not None:
+            try:
+                write_json_atomic(record, {"name": name, "stamp": int(stamp), "n": n})
+            except OSError as e:
+                log.warning(f"{record}: not written ({e.strerror or e}); a restarted attempt would start over in a new directory")
+        return int(stamp), n
 
 
 def write_stop_record(run_dir: Path, step: int, signal_name: str) -> None:

@@ -8,6 +8,7 @@ import os
 import shutil
 import signal
 import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -41,12 +42,18 @@ def test_sigkill_then_resume_is_bitwise_exact(quick_shards, tmp_path, reference)
 
 def test_torchrun_elastic_restart_after_a_worker_is_killed(quick_shards, tmp_path, reference):
     """Rank 1 SIGKILLs itself before step 120 on the first attempt; torchrun restarts the group,
-    which resumes from the step-100 checkpoint and finishes with the uninterrupted weights."""
-    run_dir = tmp_path / "run"
+    which resumes from the step-100 checkpoint and finishes with the uninterrupted weights.
+    Without --run-dir: the restarted attempt finds the directory the first one chose (it
+    took the clock of its own start, and began again from step 0 in a new directory)."""
     env = {"HARNESS_TEST_FAULT": "kill@120:1", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}  # as launch/torchrun.sh sets it
-    result = run(checkpointed_run(quick_shards, run_dir, nproc=2, launcher_args=("--max-restarts=1",)), env=env)
+    command = checkpointed_run(quick_shards, Path("unused"), nproc=2, launcher_args=("--max-restarts=1",))
+    del command[command.index("--run-dir") : command.index("--run-dir") + 2]
+    result = run(command, env=env, cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    summary = json.loads((run_dir / "summary.json").read_text())
+    run_dirs = list((tmp_path / "runs").iterdir())
+    assert len(run_dirs) == 2 and run_dirs[0].name.startswith(".torchrun-") != run_dirs[1].name.startswith(".torchrun-"), run_dirs
+    run_dir = Path("runs") / next(d.name for d in run_dirs if d.is_dir())
+    summary = json.loads((tmp_path / run_dir / "summary.json").read_text())
     assert summary["steps_per_rank"] == [300, 300]
     assert summary["param_checksum"] == reference[2]
     # Only a restarted attempt resumes (the first started afresh), and from step 100, the last checkpoint before the kill.

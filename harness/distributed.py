@@ -16,6 +16,7 @@ import datetime
 import hashlib
 import logging
 import os
+import socket
 import sys
 import threading
 import time
@@ -240,6 +241,19 @@ def env_int(name: str, default: int, least: int | None = None) -> int:
     return value
 
 
+def check_store_address(host: str, port: str) -> None:
+    """MASTER_ADDR:MASTER_PORT, where rank 0's store listens: a port, on a host whose name
+    resolves. torch reported a malformed port as a failed join (exit 1, advice about start
+    times), and a name that does not resolve only after --timeout, under some forty lines
+    of its C++ log that never said so."""
+    if not (port.isdigit() and 1 <= int(port) <= 65535):
+        raise HarnessError(f"MASTER_PORT={port!r} is not a port number (1 to 65535): the port of rank 0's store, which the launcher sets")
+    try:
+        socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as e:  # UnicodeError: a label over 63 characters
+        raise CommunicationError(f"MASTER_ADDR={host!r} does not resolve ({getattr(e, 'strerror', None) or e}): every rank reaches rank 0's store by it") from None
+
+
 def init_distributed(
     requested_device: str = "auto", timeout_s: float = DEFAULT_TIMEOUT_S, main_timeout_s: float = 3600.0, backend: str = "auto"
 ) -> DistContext:
@@ -271,6 +285,7 @@ def init_distributed(
                 f"WORLD_SIZE={world_size} is set but {' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not: start the ranks with torchrun "
                 f"(or another launcher that sets {', '.join(LAUNCHER_VARIABLES)}), or unset WORLD_SIZE for one process"
             )
+        check_store_address(env["MASTER_ADDR"], env["MASTER_PORT"])
     note_job_rank(ctx.rank if world_size > 1 else None)
     if launched and not dist.is_initialized():
         # torch.distributed.nn.functional binds `group.WORLD` as default arguments when it

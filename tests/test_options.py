@@ -79,6 +79,24 @@ def test_malformed_launcher_variables(monkeypatch, env):
         init_distributed("cpu")
 
 
+@pytest.mark.parametrize(("addr", "port", "error"), [
+    ("127.0.0.1", "abc", "^MASTER_PORT='abc' is not a port number \\(1 to 65535\\): the port of rank 0's store, which the launcher sets$"),
+    ("127.0.0.1", "99999", "^MASTER_PORT='99999' is not a port number"), ("127.0.0.1", "", "^MASTER_PORT='' is not a port number"),
+    ("nonexistent.invalid", "29500", "^MASTER_ADDR='nonexistent.invalid' does not resolve \\(.+\\): every rank reaches rank 0's store by it$"),
+])
+def test_a_malformed_or_unknown_store_address_is_refused_before_the_join(monkeypatch, addr, port, error):
+    """A malformed MASTER_PORT was reported as a failed join (exit 1, advice about start
+    times); a MASTER_ADDR that does not resolve, after --timeout and some forty lines of
+    torch's C++ log. .invalid never resolves (RFC 2606), with or without a network."""
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("MASTER_ADDR", addr)
+    monkeypatch.setenv("MASTER_PORT", port)
+    with pytest.raises(HarnessError, match=error) as raised:
+        init_distributed("cpu", timeout_s=5)
+    assert raised.value.exit_status == (1 if addr != "127.0.0.1" else 2)  # a name service's failure is the system's
+
+
 def test_resume_path_that_does_not_exist(tmp_path):
     missing = tmp_path / "step-00000200.pt"
     with pytest.raises(HarnessError, match=f"--resume {missing}: no such checkpoint"):

@@ -103,14 +103,14 @@ def set_deterministic(on: bool) -> None:
 
 def resolve_precision(requested: str) -> str:
     """fp32 or bf16. `auto` takes accelerate's ACCELERATE_MIXED_PRECISION when it is set."""
-    precision = requested
-    if requested == "auto":
-        value = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
-        precision = ACCELERATE_PRECISION.get(value, value)
+    if requested != "auto":
+        precision, source, choices = requested, "--precision", "bf16 or fp32"
+    else:  # accelerate spells fp32 "no"; an empty value is an unset one
+        value = os.environ.get("ACCELERATE_MIXED_PRECISION", "").strip() or "no"
+        precision, source, choices = ACCELERATE_PRECISION.get(value, value), "accelerate's mixed_precision (ACCELERATE_MIXED_PRECISION)", "bf16 or no"
     if precision not in ("fp32", "bf16"):
-        source = "--precision" if requested != "auto" else "accelerate's mixed_precision (ACCELERATE_MIXED_PRECISION)"
         raise HarnessError(
-            f"{source} '{precision}' is not supported: use bf16 or fp32 (fp16 needs loss scaling, "
+            f"{source} '{precision}' is not supported: use {choices} (fp16 needs loss scaling, "
             "whose overflow check costs a host sync every step; fp8 is not implemented)"
         )
     return precision

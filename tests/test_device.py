@@ -88,9 +88,13 @@ def test_precision_follows_accelerate_unless_given(monkeypatch):
     assert resolve_precision("fp32") == "fp32"  # the command line wins
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
     assert resolve_precision("auto") == "fp32"
-    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")
-    with pytest.raises(HarnessError, match="accelerate's mixed_precision .* 'fp16' is not supported: use bf16 or fp32"):
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "")  # an empty export is an unset one
+    assert resolve_precision("auto") == "fp32"
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")  # accelerate's own name for fp32 is "no": it refuses "fp32"
+    with pytest.raises(HarnessError, match="accelerate's mixed_precision .* 'fp16' is not supported: use bf16 or no "):
         resolve_precision("auto")
+    with pytest.raises(HarnessError, match="^--precision 'fp16' is not supported: use bf16 or fp32 "):
+        resolve_precision("fp16")
 
 
 def test_deterministic_mode_sets_and_clears_every_switch(monkeypatch):

@@ -10,7 +10,9 @@
 # arguments go on with an option). RDZV_ID names the job (default harness); SHARDS as in
 # dev.sh (every node needs the shards at that path). RUN_DIR: default runs/PRESET-<rank
 # 0's start time>, the harness's own, which every node takes from rank 0 (a date on each
-# node would differ); give RUN_DIR to resume a run.
+# node would differ); give RUN_DIR to resume a run. RDZV_TIMEOUT: how long a node waits
+# for the others to join, in seconds (default 600, torchrun's own), before torchrun gives
+# up with a RendezvousTimeoutError.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source launch/env.sh
@@ -26,6 +28,8 @@ NPROC_PER_NODE=${NPROC_PER_NODE:-1}
 [[ $NNODES =~ ^[1-9][0-9]*$ ]] || { echo "launch/multinode.sh: NNODES is the number of nodes, got '$NNODES' ($usage)" >&2; exit 2; }
 [[ $RDZV_ENDPOINT =~ ^.+:[0-9]+$ ]] || { echo "launch/multinode.sh: HOST:PORT (RDZV_ENDPOINT) is the rendezvous' address, got '$RDZV_ENDPOINT' ($usage)" >&2; exit 2; }
 [[ $NPROC_PER_NODE =~ ^[1-9][0-9]*$ ]] || { echo "launch/multinode.sh: NPROC_PER_NODE is the number of ranks per node, got '$NPROC_PER_NODE' ($usage)" >&2; exit 2; }
+RDZV_TIMEOUT=${RDZV_TIMEOUT:-600}
+[[ $RDZV_TIMEOUT =~ ^[1-9][0-9]*$ ]] || { echo "launch/multinode.sh: RDZV_TIMEOUT is the seconds a node waits for the others, got '$RDZV_TIMEOUT'" >&2; exit 2; }
 PRESET=lenet
 if [ $# -gt 0 ] && [[ $1 != -* ]]; then PRESET=$1; shift; fi
 RUN_DIR_OPTION=()
@@ -34,6 +38,8 @@ if [ -n "${RUN_DIR:-}" ]; then RUN_DIR_OPTION=(--run-dir "$RUN_DIR"); fi
 # elastic restart workers can then read the previous attempt's addresses and fail to
 # connect (pytorch/pytorch#135712); a separate store per attempt avoids that.
 export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
+# Said now: until every node has joined, torchrun prints nothing.
+echo "launch/multinode.sh: waiting up to ${RDZV_TIMEOUT} s (RDZV_TIMEOUT) for $NNODES node(s) to join at $RDZV_ENDPOINT" >&2
 exec torchrun --nnodes="$NNODES" --nproc-per-node="$NPROC_PER_NODE" \
-  --rdzv-backend=c10d --rdzv-endpoint="$RDZV_ENDPOINT" --rdzv-id="${RDZV_ID:-harness}" \
+  --rdzv-backend=c10d --rdzv-endpoint="$RDZV_ENDPOINT" --rdzv-id="${RDZV_ID:-harness}" --rdzv-conf="join_timeout=$RDZV_TIMEOUT" \
   -m harness train --preset "$PRESET" --shards "${SHARDS:-shards}" "${RUN_DIR_OPTION[@]}" "$@"

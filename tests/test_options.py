@@ -3,6 +3,7 @@ HarnessError, or argparse's, each one line and status 2), not a traceback or a s
 
 import os
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -131,6 +132,7 @@ def test_launcher_process_count_checked(script, args):
     (["2", "127.0.0.1:29400"], {}, "NNODES, HOST:PORT and NPROC_PER_NODE go together"),
     (["lenet", "--epochs", "1"], {}, "NNODES is the number of nodes, got ''"),
     (["--epochs", "1"], {"NNODES": "2", "RDZV_ENDPOINT": "127.0.0.1:29400", "NPROC_PER_NODE": "x"}, "NPROC_PER_NODE is the number of ranks per node, got 'x'"),
+    (["2", "127.0.0.1:29400", "1"], {"RDZV_TIMEOUT": "soon"}, "RDZV_TIMEOUT is the seconds a node waits for the others, got 'soon'"),
 ])
 def test_multinode_launcher_checks_its_numbers(args, env, problem):
     """NPROC_PER_NODE 0 or NNODES 0 ended in torchrun's AssertionError traceback, and options
@@ -139,6 +141,18 @@ def test_multinode_launcher_checks_its_numbers(args, env, problem):
     result = subprocess.run(["bash", str(ROOT / "launch" / "multinode.sh"), *args], capture_output=True, text=True, timeout=60, env=env)
     assert result.returncode == 2 and result.stderr.startswith(f"launch/multinode.sh: {problem}"), result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_node_whose_partners_never_join_says_so_and_gives_up_after_rdzv_timeout(tmp_path):
+    """launch/multinode.sh with the other node never started printed nothing at all, for
+    torchrun's 600 s join timeout; RDZV_TIMEOUT sets it, and the wait is said first."""
+    port = free_port()
+    started = time.monotonic()
+    result = subprocess.run(["bash", str(ROOT / "launch" / "multinode.sh"), "2", f"127.0.0.1:{port}", "1", "--max-steps", "2"],
+                            capture_output=True, text=True, timeout=120, env={**os.environ, "RDZV_TIMEOUT": "3", "SHARDS": str(tmp_path)})
+    assert result.stderr.startswith(f"launch/multinode.sh: waiting up to 3 s (RDZV_TIMEOUT) for 2 node(s) to join at 127.0.0.1:{port}\n")
+    assert result.returncode != 0 and "RendezvousTimeoutError" in result.stderr, result.stderr[-3000:]
+    assert time.monotonic() - started < 60  # 3 s, and torchrun's start-up and shutdown
 
 
 def multinode_alone(port: int, environment_form: bool) -> tuple[list[str], dict]:

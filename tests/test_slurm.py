@@ -16,6 +16,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import time
 import uuid
@@ -104,11 +105,16 @@ def job_state(job_id: str) -> dict[str, str]:
     return dict(field.split("=", 1) for field in result.stdout.split() if "=" in field)
 
 
-def submit(name: str, shards: Path, run_dir: Path, output: Path, *train_args: str, wait: bool, nodes: int = 1, env: dict | None = None) -> subprocess.Popen:
+def submit(name: str, shards: Path, run_dir: Path, output: Path, *train_args: str, wait: bool, nodes: int = 1, env: dict | None = None,
+           export_all: bool = True) -> subprocess.Popen:
     """sbatch the script from the repository root as a user would, with PRESET/SHARDS/RUN_DIR in the
-    environment; one node runs two ranks, more nodes one rank each."""
-    env = {**os.environ, "PRESET": "lenet", "SHARDS": str(shards), "RUN_DIR": str(run_dir), "NPROC_PER_NODE": "2" if nodes == 1 else "1", **(env or {})}
-    command = ["sbatch", "--parsable", f"--job-name={name}", f"--nodes={nodes}", f"--output={output}", "--export=ALL", *(["--wait"] if wait else []), str(SBATCH), *train_args]
+    environment; one node runs two ranks, more nodes one rank each. `export_all=False`:
+    those settings alone reach the job (sbatch --export=NONE,PRESET=...), as at sites
+    that set SBATCH_EXPORT=NONE."""
+    settings = {"PRESET": "lenet", "SHARDS": str(shards), "RUN_DIR": str(run_dir), "NPROC_PER_NODE": "2" if nodes == 1 else "1", **(env or {})}
+    export = "--export=ALL" if export_all else "--export=" + ",".join(["NONE", *(f"{k}={v}" for k, v in settings.items())])
+    command = ["sbatch", "--parsable", f"--job-name={name}", f"--nodes={nodes}", f"--output={output}", export, *(["--wait"] if wait else []), str(SBATCH), *train_args]
+    env = {**os.environ, **settings}
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
 
 
@@ -230,6 +236,8 @@ def test_resume_among_the_options_is_for_the_first_attempt_only(tmp_path, restar
 @pytest.mark.parametrize(("env", "line"), [
     ({"NPROC_PER_NODE": "0"}, "slurm/train.sbatch: NPROC_PER_NODE is the number of ranks per node, got '0'"),
     ({"MAX_REQUEUES": "many"}, "slurm/train.sbatch: MAX_REQUEUES is a number, got 'many'"),
+    ({"RDZV_PORT": "abc"}, "slurm/train.sbatch: RDZV_PORT is a port number (1 to 65535), got 'abc'"),
+    ({"RDZV_PORT": "99999"}, "slurm/train.sbatch: RDZV_PORT is a port number (1 to 65535), got '99999'"),
     ({"SLURM_SUBMIT_DIR": "/"}, "slurm/train.sbatch: submitted from /, which has no launch/env.sh: run sbatch from the checkout's root"),
 ])
 def test_a_bad_setting_or_submit_directory_is_one_line_before_srun(tmp_path, env, line):
@@ -259,9 +267,23 @@ def test_an_earlier_summary_does_not_make_a_failed_attempt_finished(tmp_path, sr
         assert (tmp_path / "out" / "requeued").read_text() == "requeued\n"
 
 
+def test_a_rendezvous_port_in_use_is_refused_before_srun(tmp_path):
+    """A program listening on RDZV_PORT took torchrun's connections and never answered: the
+    job hung silently until its time limit (and 29500 + JOBID % 1000 is torchrun's own
+    default port for every thousandth job)."""
+    with socket.socket() as listener:
+        listener.bind(("", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        result, srun_args = run_script_with_stubs(tmp_path, "--max-steps", "2", env={"RDZV_PORT": str(port)})
+    assert (result.returncode, result.stderr.strip(), srun_args) == (2, f"slurm/train.sbatch: RDZV_PORT {port} is in use on node1: set RDZV_PORT to a free port", [])
+
+
 def test_sbatch_two_ranks(slurm_job_name, quick_shards, tmp_path):
+    """Submitted with --export=NONE and its settings: the step got no environment then, and
+    could not find torchrun on the PATH that launch/env.sh set."""
     run_dir, output = tmp_path / "run", tmp_path / "slurm-%j.out"
-    proc = submit(slurm_job_name, quick_shards, run_dir, output, "--max-steps", "30", *TRAIN_ARGS, wait=True)
+    proc = submit(slurm_job_name, quick_shards, run_dir, output, "--max-steps", "30", *TRAIN_ARGS, wait=True, export_all=False)
     job_id = job_id_of(proc)
     output = tmp_path / f"slurm-{job_id}.out"
     try:

@@ -25,17 +25,20 @@ from statistics import median
 
 import torch
 
+from common import positive_int, run_main
+
 from harness.checkpoint import load_verified, save_checkpoint
 from harness.config import TrainConfig, load_preset, preset_names
 from harness.models import build_model
+from harness.optimizer import build_optimizer, make_schedule
 
 
 def training_state(preset: str) -> dict:
     config = TrainConfig(**load_preset(preset))
     torch.manual_seed(0)
     model = build_model(config)
-    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum, nesterov=config.nesterov)
-    scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=config.lr_decay)
+    optimizer = build_optimizer(model, config, torch.device("cpu"))
+    scheduler = make_schedule(optimizer, config, steps_per_epoch=600)
     # One step, so the optimizer holds its momentum buffers as it does mid-run.
     model(torch.rand(2, 1, 28, 28)).sum().backward()
     optimizer.step()
@@ -56,15 +59,18 @@ def bench(preset: str, directory: Path, repeats: int) -> dict:
     parameters = state.pop("_parameters")
     run_dir = Path(tempfile.mkdtemp(prefix=f"ckpt-{preset}-", dir=directory))
     saves, loads = [], []
-    for step in range(1, repeats + 1):
-        started = time.perf_counter()
-        path = save_checkpoint(run_dir, state, step, 0, keep=3)
-        saves.append(time.perf_counter() - started)
-        started = time.perf_counter()
-        load_verified(path)
-        loads.append(time.perf_counter() - started)
-    size = path.stat().st_size
-    shutil.rmtree(run_dir)
+    try:
+        for step in range(1, repeats + 1):
+            state["loop"]["step"] = step  # load_verified checks the state's step against its marker's
+            started = time.perf_counter()
+            path = save_checkpoint(run_dir, state, step, 0, keep=3)
+            saves.append(time.perf_counter() - started)
+            started = time.perf_counter()
+            load_verified(path)
+            loads.append(time.perf_counter() - started)
+        size = path.stat().st_size
+    finally:
+        shutil.rmtree(run_dir)
     return {
         "parameters": parameters,
         "checkpoint_bytes": size,
@@ -76,7 +82,7 @@ def bench(preset: str, directory: Path, repeats: int) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--repeats", type=positive_int, default=10)
     parser.add_argument("--dir", type=Path, default=None, help="where to write (default: a temporary directory)")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -99,4 +105,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 from statistics import median
 
-from common import hardware, make_log, mnist_dir, versions
+from common import hardware, make_log, mnist_dir, positive_int, run_main, versions
 
 log = make_log("bench_malloc")
 
@@ -42,10 +42,10 @@ def run(mode: str, shard_dir: Path, run_dir: Path, args) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--pairs", type=int, default=5)
-    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--pairs", type=positive_int, default=5)
+    parser.add_argument("--steps", type=positive_int, default=400)
     parser.add_argument("--preset", default="lenet")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=positive_int, default=2)
     args = parser.parse_args()
     from harness.data.pack import pack
     from harness.data.sources import load_source
@@ -78,4 +78,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

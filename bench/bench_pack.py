@@ -23,7 +23,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import hardware, make_log, mnist_dir, versions
+from common import hardware, make_log, mnist_dir, positive_ints, versions
 
 from harness.data.idx import MAX_IDX_BYTES
 
@@ -56,12 +56,12 @@ def same_files(a: Path, b: Path) -> bool:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", default="60000,600000,2940000", help="training images per source, comma-separated")
+    parser.add_argument("--sizes", type=positive_ints, default="60000,600000,2940000", help="training images per source, comma-separated")
     args = parser.parse_args()
     mnist_dir()  # exits with a message when MNIST_DIR is not set
     record = {"benchmark": "bench_pack", "hardware": hardware(), "versions": versions(), "runs": []}
     with tempfile.TemporaryDirectory(prefix="bench-pack-") as tmp:
-        for size in map(int, args.sizes.split(",")):
+        for size in args.sizes:
             source = Path(tmp) / f"source-{size}"
             log(f"making a source of {size:,} training images")
             subprocess.run([sys.executable, str(HERE / "make_large_mnist.py"), str(source), "--images", str(size)],

@@ -32,7 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import hardware, make_log, median, mnist_dir, versions
+from common import hardware, make_log, median, mnist_dir, positive_float, positive_int, run_main, versions
 
 log = make_log("prefetch")
 
@@ -71,9 +71,9 @@ def waits(shards: Path, macro_batch: int, epochs: int, step_ms: float, across_ep
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--epochs", type=int, default=6)
-    parser.add_argument("--step-ms", type=float, default=0.2, help="device time per step of 100 images, stood in for by a sleep")
+    parser.add_argument("--rounds", type=positive_int, default=3)
+    parser.add_argument("--epochs", type=positive_int, default=6)
+    parser.add_argument("--step-ms", type=positive_float, default=0.2, help="device time per step of 100 images, stood in for by a sleep")
     parser.add_argument("--shards", type=Path, help="packed MNIST shards (default: packed from MNIST_DIR into a temporary directory)")
     args = parser.parse_args()
 
@@ -109,4 +109,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -33,7 +33,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import hardware, make_log, mnist_dir, versions
+from common import hardware, make_log, mnist_dir, positive_int, positive_ints, versions
 
 HERE = Path(__file__).resolve().parent
 log = make_log("bench_read")
@@ -123,7 +123,7 @@ def measure_size(size: int, tmp: Path, args) -> dict:
     server, url = serve(shards)
     try:
         for where, location in (("local", str(shards)), ("http", url)):
-            for world in map(int, args.world_sizes.split(",")):
+            for world in args.world_sizes:
                 log(f"{size:,} images: {where}, W={world}")
                 cache = tmp / f"cache-{size}-{where}-{world}"
                 ranks = run_ranks(location, cache, world, args.batch, args.macro_batch)
@@ -144,16 +144,16 @@ def measure_size(size: int, tmp: Path, args) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", default="60000,600000", help="training images, comma-separated")
-    parser.add_argument("--world-sizes", default="1,2,4")
-    parser.add_argument("--batch", type=int, default=100, help="global batch")
-    parser.add_argument("--macro-batch", type=int, default=20000, help="images per macro-batch (smaller than the split: streamed)")
+    parser.add_argument("--sizes", type=positive_ints, default="60000,600000", help="training images, comma-separated")
+    parser.add_argument("--world-sizes", type=positive_ints, default="1,2,4")
+    parser.add_argument("--batch", type=positive_int, default=100, help="global batch")
+    parser.add_argument("--macro-batch", type=positive_int, default=20000, help="images per macro-batch (smaller than the split: streamed)")
     args = parser.parse_args()
     mnist_dir()  # exits with a message when MNIST_DIR is not set
     record = {"benchmark": "bench_read", "hardware": hardware(), "versions": versions(),
               "settings": {"batch": args.batch, "macro_batch": args.macro_batch, "shard_size": 10000, "block_size": 1000}, "runs": []}
     with tempfile.TemporaryDirectory(prefix="bench-read-") as tmp:
-        for size in map(int, args.sizes.split(",")):
+        for size in args.sizes:
             record["runs"].append(measure_size(size, Path(tmp), args))
     print(json.dumps(record, indent=1))
 

@@ -8,6 +8,7 @@ Only the standard library is imported at module level: workers and ranks import 
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import resource
@@ -19,6 +20,48 @@ import time
 from pathlib import Path
 
 CLEAN_CORES = 0.25  # a run is "clean" when other processes used at most this many cores during it
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer of at least 1 (--repeats 0 left nothing to take a median of)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer of at least 1")
+    return value
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number above 0")
+    return value
+
+
+def positive_ints(text: str) -> list[int]:
+    """argparse type: comma-separated integers of at least 1 (--sizes 60000,600000)."""
+    try:
+        return [positive_int(part) for part in text.split(",")]
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers of at least 1") from None
+
+
+def run_main(main) -> None:
+    """Run a benchmark's main() and exit with its status; a HarnessError (a bad shard set,
+    an unknown preset) is its one line on stderr, as the harness prints it, not a traceback."""
+    from harness.errors import HarnessError
+
+    try:
+        status = main()
+    except HarnessError as e:
+        print(f"error: {e}", file=sys.stderr)
+        status = e.exit_status
+    sys.exit(status or 0)
 
 
 def make_log(name: str):

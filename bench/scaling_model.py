@@ -33,6 +33,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from common import positive_float, positive_int
+
 GRADIENT_BYTES = 838_858 * 4
 FABRICS = {
     "nvlink": {"bandwidth_gb_s": 150.0, "hop_latency_us": 3.0},
@@ -78,8 +80,8 @@ def table(step_ms: float, batch: int) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--step-ms", type=float, required=True, help="measured time of one training step on one GPU, ms")
-    parser.add_argument("--batch", type=int, default=100, help="images per GPU per step (default 100, the lenet preset)")
+    parser.add_argument("--step-ms", type=positive_float, required=True, help="measured time of one training step on one GPU, ms")
+    parser.add_argument("--batch", type=positive_int, default=100, help="images per GPU per step (default 100, the lenet preset)")
     parser.add_argument("--markdown", action="store_true", help="print a Markdown table instead of JSON")
     args = parser.parse_args()
     rows = table(args.step_ms, args.batch)

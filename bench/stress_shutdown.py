@@ -32,10 +32,30 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import hardware, harness_code, make_log, mnist_dir, versions
+from common import hardware, harness_code, make_log, mnist_dir, positive_int, run_main, versions
 
 log = make_log("stress")
 ABORT = re.compile(r"terminate called|exitcode\s*:\s*-6")
+
+
+KINDS = ("plain", "restart")
+
+
+def run_kinds(text: str) -> list[str]:
+    """argparse type of --kinds: comma-separated run kinds, each plain or restart."""
+    kinds = text.split(",")
+    unknown = [kind for kind in kinds if kind not in KINDS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"{', '.join(map(repr, unknown))}: the run kinds are {' and '.join(KINDS)}")
+    return kinds
+
+
+def at_least_4(text: str) -> int:
+    """argparse type of --steps: a checkpoint and a sync point every steps // 4."""
+    steps = positive_int(text)
+    if steps < 4:
+        raise argparse.ArgumentTypeError(f"{text!r}: at least 4 (a checkpoint every steps // 4)")
+    return steps
 
 
 def run_once(kind: str, shards: Path, work: Path, steps: int, env: dict) -> dict:
@@ -63,9 +83,9 @@ def run_once(kind: str, shards: Path, work: Path, steps: int, env: dict) -> dict
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs", type=int, default=100, help="runs in all, alternating plain and restart (default 100)")
-    parser.add_argument("--steps", type=int, default=40, help="training steps per run (default 40)")
-    parser.add_argument("--kinds", default="plain,restart", help="run kinds to alternate (default plain,restart)")
+    parser.add_argument("--runs", type=positive_int, default=100, help="runs in all, alternating plain and restart (default 100)")
+    parser.add_argument("--steps", type=at_least_4, default=40, help="training steps per run (default 40)")
+    parser.add_argument("--kinds", type=run_kinds, default="plain,restart", help="run kinds to alternate (default plain,restart)")
     parser.add_argument("--keep-failed", type=Path, help="copy the rank logs of runs that aborted or failed here")
     parser.add_argument("--live-package", action="store_true", help="use the checkout's harness, not a snapshot")
     args = parser.parse_args()
@@ -82,8 +102,7 @@ def main() -> None:
         pack(load_source(source), shards)
         results = []
         for i in range(args.runs):
-            kinds = args.kinds.split(",")
-            kind = kinds[i % len(kinds)]
+            kind = args.kinds[i % len(args.kinds)]
             results.append(run_once(kind, shards, work, args.steps, env))
             r = results[-1]
             if args.keep_failed and (r["returncode"] or r["aborted"]):
@@ -101,7 +120,7 @@ def main() -> None:
             "unfinished": sum(r["kind"] == kind and not r["finished"] for r in results),
             "restarted": sum(r["kind"] == kind and r["attempts"] > 1 for r in results),
         }
-        for kind in ("plain", "restart")
+        for kind in KINDS
     }
     record = {
         "benchmark": "stress_shutdown",
@@ -122,4 +141,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

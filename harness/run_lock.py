@@ -60,3 +60,6 @@ class RunDirLock:
         if self.fd is not None:
             os.close(self.fd)  # releases the lock
             self.fd = None
+
+    def __del__(self) -> None:  # a run that failed before closing its outputs, in a process that goes on (a notebook, a test)
+        self.release()

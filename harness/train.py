@@ -164,7 +164,11 @@ class Trainer:
         if self.outputs:
             # The lines of epochs this run will redo go; with nothing left to train (a run
             # stopped at its last step), the last one, a partial epoch's at --max-steps, stays.
-            self.outputs.keep_epochs(self.progress.epoch + (0 if self.training_left() else 1))
+            try:
+                self.outputs.keep_epochs(self.progress.epoch + (0 if self.training_left() else 1))
+            except BaseException:
+                self.outputs.close()  # its writer thread, and the run directory's lock
+                raise
 
     def resumes_another_run(self) -> bool:
         """--resume names a checkpoint from outside RUN_DIR/checkpoints."""

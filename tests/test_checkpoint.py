@@ -515,7 +515,7 @@ def test_a_run_into_a_directory_another_run_is_writing_to_is_refused_before_it_w
     (run_dir / "summary.json").unlink()  # as while the first run trains
     (run_dir / "checkpoints" / ".step-00000015.pt.tmp-99999").write_bytes(b"being written")
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys; from harness.run_lock import RunDirLock; RunDirLock(sys.argv[1]); print('locked', flush=True); sys.stdin.read()",
+        [sys.executable, "-c", "import sys; from harness.run_lock import RunDirLock; lock = RunDirLock(sys.argv[1]); print('locked', flush=True); sys.stdin.read()",
          str(run_dir)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline() == "locked\n"

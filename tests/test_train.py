@@ -28,6 +28,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from harness.config import load_preset
 from harness.models import first_layer_weights, lenet
 from harness.report import filters_figure
+from harness.run_lock import LOCK_NAME
 from harness.tensorboard import tile_grid
 
 SCALAR_TAGS = {"train/loss", "train/lr", "train/samples_per_s", "val/loss", "val/accuracy"}
@@ -218,14 +219,19 @@ def test_rerunning_a_finished_run_changes_nothing(lenet_run, mnist_shards, tmp_p
     metrics.jsonl was replaced by an equal copy, a new inode and time)."""
     run_dir = tmp_path / "run"
     shutil.copytree(lenet_run[0], run_dir)
-    before = snapshot(run_dir)
-    written = {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in run_dir.rglob("*") if p.is_file()}
+    before = run_files(run_dir)
+    written = {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in run_dir.rglob("*") if p.is_file() and p.name != LOCK_NAME}
     result = run_cli("train", "--preset", "lenet", "--shards", mnist_shards, "--run-dir", run_dir, "--epochs", "1", "--device", "cpu")
     assert result.returncode == 0, result.stderr
     assert "this run has finished (summary.json); nothing to train, no file rewritten" in result.stdout
     assert "wrote " not in result.stdout  # a last line "wrote RUN_DIR" contradicted the one above
-    assert snapshot(run_dir) == before
-    assert {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in run_dir.rglob("*") if p.is_file()} == written
+    assert run_files(run_dir) == before
+    assert {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in run_dir.rglob("*") if p.is_file() and p.name != LOCK_NAME} == written
+
+
+def run_files(run_dir: Path) -> dict[str, bytes]:
+    """The run's files, not its lock file, which names whichever process held it last."""
+    return {name: content for name, content in snapshot(run_dir).items() if name != LOCK_NAME}
 
 
 def test_a_finished_run_with_a_diverged_test_loss_is_still_finished(lenet_run, mnist_shards, tmp_path):
@@ -238,11 +244,11 @@ def test_a_finished_run_with_a_diverged_test_loss_is_still_finished(lenet_run, m
     written["test_loss"] = float("inf")  # what a run whose logits overflowed float32 writes
     written["final"]["val_loss"] = float("nan")
     (run_dir / "summary.json").write_text(json.dumps(written))
-    before = snapshot(run_dir)
+    before = run_files(run_dir)
     result = run_cli("train", "--preset", "lenet", "--shards", mnist_shards, "--run-dir", run_dir, "--epochs", "1", "--device", "cpu")
     assert result.returncode == 0, result.stderr
     assert "this run has finished (summary.json); nothing to train, no file rewritten" in result.stdout
-    assert snapshot(run_dir) == before
+    assert run_files(run_dir) == before
     report = run_cli("report", run_dir)
     assert report.returncode == 0, report.stderr
 

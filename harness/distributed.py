@@ -241,6 +241,25 @@ def env_int(name: str, default: int, least: int | None = None) -> int:
     return value
 
 
+def check_launcher_variables(rank: int, world_size: int, launched: bool) -> None:
+    """RANK in range, and under a launcher (or with WORLD_SIZE > 1) every variable of the
+    env:// rendezvous, with a store address that can be."""
+    env = os.environ
+    if not 0 <= rank < world_size:  # a stray RANK export, say, which would make this process take another's slices
+        raise HarnessError(
+            f"RANK={rank} with WORLD_SIZE={world_size}{'' if 'WORLD_SIZE' in env else ' (unset)'}: a rank is 0 to WORLD_SIZE-1; "
+            "start the ranks with torchrun, or unset RANK for one process"
+        )
+    if launched or world_size > 1:
+        missing = [name for name in LAUNCHER_VARIABLES if name not in env]
+        if missing:
+            raise HarnessError(
+                f"WORLD_SIZE={world_size} is set but {' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not: start the ranks with torchrun "
+                f"(or another launcher that sets {', '.join(LAUNCHER_VARIABLES)}), or unset WORLD_SIZE for one process"
+            )
+        check_store_address(env["MASTER_ADDR"], env["MASTER_PORT"])
+
+
 def check_store_address(host: str, port: str) -> None:
     """MASTER_ADDR:MASTER_PORT, where rank 0's store listens: a port, on a host whose name
     resolves. torch reported a malformed port as a failed join (exit 1, advice about start
@@ -273,19 +292,7 @@ def init_distributed(
     # for one rank, so that path is the same at every size; a plain `python -m harness`
     # has none.
     launched = "MASTER_ADDR" in env and "WORLD_SIZE" in env
-    if not 0 <= ctx.rank < world_size:  # a stray RANK export, say, which would make this process take another's slices
-        raise HarnessError(
-            f"RANK={ctx.rank} with WORLD_SIZE={world_size}{'' if 'WORLD_SIZE' in env else ' (unset)'}: a rank is 0 to WORLD_SIZE-1; "
-            "start the ranks with torchrun, or unset RANK for one process"
-        )
-    if launched or world_size > 1:
-        missing = [name for name in LAUNCHER_VARIABLES if name not in env]
-        if missing:
-            raise HarnessError(
-                f"WORLD_SIZE={world_size} is set but {' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not: start the ranks with torchrun "
-                f"(or another launcher that sets {', '.join(LAUNCHER_VARIABLES)}), or unset WORLD_SIZE for one process"
-            )
-        check_store_address(env["MASTER_ADDR"], env["MASTER_PORT"])
+    check_launcher_variables(ctx.rank, world_size, launched)
     note_job_rank(ctx.rank if world_size > 1 else None)
     if launched and not dist.is_initialized():
         # torch.distributed.nn.functional binds `group.WORLD` as default arguments when it

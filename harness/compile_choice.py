@@ -4,8 +4,12 @@ device, world size, augmentation and SyncBatchNorm."""
 
 from __future__ import annotations
 
-from harness import distributed
+from typing import TYPE_CHECKING
+
 from harness.errors import AgreedError
+
+if TYPE_CHECKING:
+    from harness import distributed
 
 GRAPHED_MODES = ("cuda-graph", "cuda-graph-inductor")  # --compile values that capture the whole step (harness/cuda_graph.py)
 

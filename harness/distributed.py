@@ -243,7 +243,7 @@ def env_int(name: str, default: int, least: int | None = None) -> int:
 
 def check_launcher_variables(rank: int, world_size: int, launched: bool) -> None:
     """RANK in range, and under a launcher (or with WORLD_SIZE > 1) every variable of the
-    env:// rendezvous, with a store address that can be."""
+    env:// rendezvous set, with a well-formed port on a host whose name resolves."""
     env = os.environ
     if not 0 <= rank < world_size:  # a stray RANK export, say, which would make this process take another's slices
         raise HarnessError(
@@ -265,7 +265,7 @@ def check_store_address(host: str, port: str) -> None:
     resolves. torch reported a malformed port as a failed join (exit 1, advice about start
     times), and a name that does not resolve only after --timeout, under some forty lines
     of its C++ log that never said so."""
-    if not (port.isdigit() and 1 <= int(port) <= 65535):
+    if not (port.isascii() and port.isdecimal() and 1 <= int(port) <= 65535):  # isdigit alone takes "²"
         raise HarnessError(f"MASTER_PORT={port!r} is not a port number (1 to 65535): the port of rank 0's store, which the launcher sets")
     try:
         socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)

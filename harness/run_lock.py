@@ -1,6 +1,7 @@
 """One run at a time in a run directory.
 
 Rank 0 holds an exclusive lock (flock) on RUN_DIR/lock from before its first write there
+(but a stop record written when a signal stops the run while it opens its shard set)
 until the run ends. A second run started into the same directory (the same command
 twice, a sweep that reuses a name) is refused before it writes anything: without the
 lock it resumed from the first run's checkpoint, removed that run's unfinished writes,
@@ -8,11 +9,13 @@ set its newer checkpoints aside and wrote a second event file, whose purge hid p
 the first run's curves in TensorBoard, before the two collided at a checkpoint's step.
 
 The lock belongs to the process: it goes when the process ends, however it ends (a
-SIGKILL, a node lost, torchrun restarting the group), so a requeued or restarted run
-never waits on a stale one, and the file itself stays (removing it would race a run
-that has just opened it). On NFS the kernel maps flock to the server's byte-range
-locks, which other clients see; a filesystem without locks (Lustre mounted without
-`flock`) gets a warning and no lock.
+SIGKILL, torchrun restarting the group, a job's end), so a requeued or restarted run does
+not wait on it, and the file itself stays (removing it would race a run that has just
+opened it). On NFS the kernel maps flock to the server's byte-range locks, which other
+clients see; the lock of a node that was lost lasts until the server lets it go (NFSv4:
+its lease, about 90 s): a run started sooner is refused, naming that node. Lustre
+mounted with `localflock` keeps locks per node, unseen by the others, with no error to
+tell; a filesystem without locks (Lustre without `flock`) gets a warning and no lock.
 """
 
 from __future__ import annotations
@@ -33,10 +36,12 @@ HOLDER_MAX_BYTES = 200  # "pid N on HOST"; the file is read back only to name th
 
 
 class RunDirLock:
+    fd: int | None = None  # the lock file's descriptor, while the lock is held
+
     def __init__(self, run_dir: Path):
         path = Path(run_dir) / LOCK_NAME
-        try:
-            self.fd: int | None = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        try:  # 0o666 less the umask: another member of a group sharing the directory may take it next
+            self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666)
         except OSError as e:
             raise HarnessError(f"{path}: cannot open the run directory's lock file ({e.strerror or e}); move it, or pick a new --run-dir") from None
         try:

@@ -1,5 +1,4 @@
-"""The files a run leaves in RUN_DIR (rank 0 only), its console lines, and where RUN_DIR is
-when --run-dir is not given.
+"""The files a run leaves in RUN_DIR (rank 0 only), and its console lines.
 
 metrics.jsonl  one JSON object per epoch
 model.pt       final weights (a state dict)
@@ -13,28 +12,21 @@ events.out.tfevents.*  TensorBoard (see tensorboard.py)
 
 from __future__ import annotations
 
-import itertools
 import json
 import logging
-import os
-import re
 import sys
-import time
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from harness.atomic import remove_interrupted_writes, tensor_snapshot, torch_save_atomic, write_json_atomic, write_text_atomic
 from harness.background import BackgroundWriter
 from harness.checkpoint import CHECKPOINT_DIR, save_checkpoint, set_aside_checkpoints_after
 from harness.data.manifest import MANIFEST_NAME
+from harness.default_run_dir import forget_restart_record
 from harness.errors import HarnessError
 from harness.evaluate import EvalResult, class_report, format_report
 from harness.run_files import REPORT_DIR, SUMMARY_SCHEMA, read_metrics, read_run_json
 from harness.run_lock import RunDirLock
 from harness.tensorboard import TensorBoardLog, weight_snapshot
-
-if TYPE_CHECKING:
-    from harness.distributed import DistContext
 
 log = logging.getLogger("harness")
 
@@ -96,74 +88,6 @@ def check_writable(directory: Path, what: str) -> None:
         raise HarnessError(f"{directory}: {what} is not writable ({e.strerror or e})") from None
 
 
-def default_run_dir(name: str, ctx: DistContext) -> Path:
-    """runs/NAME-slurm-JOBID in a Slurm job (a requeued job keeps its id, so it resumes
-    there), else runs/NAME-YYYYMMDD-HHMMSS, rank 0's clock on every rank, created by rank 0
-    here; with -2, -3, ... added where another run took that name (two runs started in
-    the same second, a sweep say, used to share one directory and fail at its end).
-    After torchrun restarts the group (--max-restarts), the directory its first attempt
-    chose (see restart_record)."""
-    job_id = os.environ.get("SLURM_JOB_ID")
-    if job_id:
-        return Path("runs") / f"{name}-slurm-{job_id}"
-    # The ranks start at different moments: they take rank 0's choice, as two ints.
-    stamp, n = ctx.gather(list(earlier_attempts_run_dir(name) or claim_run_dir(name)) if ctx.is_main else [0, 0])[0]
-    return run_dir_named(name, str(stamp), n)
-
-
-def restart_record() -> Path | None:
-    """Where torchrun's first attempt records the run directory it chose, for the attempts
-    after a restart, which would otherwise take the clock of their own start and begin
-    again from step 0 in a new directory: runs/.torchrun-RUN_ID.json. None where no restart
-    can come (no torchrun, or --max-restarts 0). torchrun's run id is a fresh UUID on one
-    node; across nodes it is --rdzv-id, which names the job (launch/multinode.sh: RDZV_ID)."""
-    run_id = os.environ.get("TORCHELASTIC_RUN_ID", "")
-    if not run_id or os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") in ("", "0"):
-        return None
-    return Path("runs") / f".torchrun-{re.sub(r'[^A-Za-z0-9_.-]', '_', run_id)[:100]}.json"
-
-
-def earlier_attempts_run_dir(name: str) -> tuple[int, int] | None:
-    """(stamp, n) of the run directory an earlier attempt of this torchrun chose, if this
-    is a restarted attempt and that directory is there."""
-    record = restart_record()
-    if record is None or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") in ("", "0"):
-        return None
-    try:
-        chosen = json.loads(record.read_text())
-        stamp, n = int(chosen["stamp"]), int(chosen["n"])
-    except (OSError, ValueError, KeyError, TypeError):  # the first attempt died before writing it, say
-        return None
-    if chosen.get("name") != name or not run_dir_named(name, str(stamp), n).is_dir():
-        return None
-    return stamp, n
-
-
-def run_dir_named(name: str, stamp: str, n: int) -> Path:
-    return Path("runs") / f"{name}-{stamp[:8]}-{stamp[8:]}{f'-{n}' if n > 1 else ''}"
-
-
-def claim_run_dir(name: str) -> tuple[int, int]:
-    """(stamp, n) of the first of run_dir_named(name, now, 1, 2, ...) that this process
-    creates (recorded for torchrun's restarts); or of the first, uncreated, if creating it fails for another reason than its
-    existence, which RunOutputs then reports."""
-    stamp = time.strftime("%Y%m%d%H%M%S")
-    for n in itertools.count(1):
-        try:
-            run_dir_named(name, stamp, n).mkdir(parents=True)
-        except FileExistsError:
-            continue
-        except OSError:
-            return int(stamp), 1
-        record = restart_record()
-        if record is not None:
-            try:
-                write_json_atomic(record, {"name": name, "stamp": int(stamp), "n": n})
-            except OSError as e:
-                log.warning(f"{record}: not written ({e.strerror or e}); a restarted attempt would start over in a new directory")
-        return int(stamp), n
-
-
 def write_stop_record(run_dir: Path, step: int, signal_name: str) -> None:
     """The run stopped on a signal at `step`, its newest checkpoint's (or a fresh run's 0:
     a signal during start-up stops it before training). Under torchrun the exit status 75
@@ -179,15 +103,19 @@ class RunOutputs:
         `from_another_run`: that step's checkpoint is another run directory's (--resume
         PATH), so RUN_DIR starts a run and must hold none, as for a fresh start."""
         self.run_dir, self.lock = prepare_run_dir(run_dir, resuming=resumed_at is not None and not from_another_run)
-        leftovers = [p for d in (self.run_dir, self.run_dir / CHECKPOINT_DIR) for p in remove_interrupted_writes(d)]
-        if leftovers:
-            log.info(f"removed {len(leftovers)} temporary file(s) of writes an earlier attempt did not finish: {', '.join(p.name for p in leftovers)}")
-        set_aside_checkpoints_after(self.run_dir, resumed_at or 0)
-        # TensorBoard hides events at or after purge_step that earlier event files hold,
-        # so steps redone after a resume are not shown twice. The checkpoint a run resumes
-        # from was written after its step's events, which the resumed run does not log
-        # again: they stay.
-        self.tensorboard = TensorBoardLog(self.run_dir, purge_step=resumed_at + 1 if resumed_at else 0)
+        try:
+            leftovers = [p for d in (self.run_dir, self.run_dir / CHECKPOINT_DIR) for p in remove_interrupted_writes(d)]
+            if leftovers:
+                log.info(f"removed {len(leftovers)} temporary file(s) of writes an earlier attempt did not finish: {', '.join(p.name for p in leftovers)}")
+            set_aside_checkpoints_after(self.run_dir, resumed_at or 0)
+            # TensorBoard hides events at or after purge_step that earlier event files hold,
+            # so steps redone after a resume are not shown twice. The checkpoint a run resumes
+            # from was written after its step's events, which the resumed run does not log
+            # again: they stay.
+            self.tensorboard = TensorBoardLog(self.run_dir, purge_step=resumed_at + 1 if resumed_at else 0)
+        except BaseException:
+            self.lock.release()
+            raise
         # Checkpoint files and weight images are written off the training thread.
         self.background = BackgroundWriter()
         self.checkpoint_job: int | None = None  # the background writer's number of the last checkpoint
@@ -242,10 +170,10 @@ class RunOutputs:
     def close(self, wait: bool = True) -> None:
         """Let the background writer finish (a failed run still lands the checkpoint being
         written); `wait=False`: not (an interrupted run ends at once). Then the run
-        directory is another run's to take."""
-        try:
-            self.background.close(wait)
-        finally:
+        directory is another run's to take; not while a write may go on (`wait=False`):
+        the lock goes as the process ends."""
+        self.background.close(wait)
+        if wait:
             self.lock.release()
 
     def stopped(self, step: int, signal_name: str) -> None:
@@ -267,6 +195,7 @@ class RunOutputs:
         (self.run_dir / STOPPED).unlink(missing_ok=True)  # an earlier attempt's stop is over
         self.pictures(model.state_dict(), test.confusion, summary.get("before_training"), step)
         self.tensorboard.close()
+        forget_restart_record(self.run_dir)
 
     def pictures(self, state: dict, confusion, before_training: dict | None, step: int) -> None:
         """The report's pictures (harness.report), as PNG files in RUN_DIR/report/ and in TensorBoard."""

@@ -16,6 +16,7 @@ from harness.stopping import STOP_SIGNALS, StopRequest, agreed_signal
 
 log = logging.getLogger("harness")
 
+
 class Stopped(Exception):
     """Raised on every rank after a stop signal was honoured: checkpointed, or before the first step."""
 

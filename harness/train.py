@@ -44,7 +44,8 @@ from harness.evaluate import EvalResult, evaluate
 from harness.models import buffers_restored, build_model, parameter_checksum
 from harness.normalize import Normalizer, make_loss, stats_used
 from harness.optimizer import build_optimizer, load_optimizer_state, make_schedule
-from harness.run_outputs import RunOutputs, default_run_dir, read_summary, setup_logging, write_stop_record
+from harness.default_run_dir import default_run_dir, remove_if_unused
+from harness.run_outputs import RunOutputs, read_summary, setup_logging, write_stop_record
 from harness.stopping import EXIT_STOPPED, StopRequest
 from harness.sync_point import Stopped, agree_at_sync_point, signal_any_rank_got, stop_every_rank
 from harness.testhooks import Fault, diverge_rank_rng, save_rank_files
@@ -52,6 +53,8 @@ from harness.testhooks import Fault, diverge_rank_rng, save_rank_files
 log = logging.getLogger("harness")
 
 START_UP_STOP = "before training, with nothing new to checkpoint"  # how a stop during start-up is logged
+
+
 class ProgressBar(tqdm):
     monitor_interval = 0  # tqdm's monitor thread is not needed here; nothing extra left running at exit
 
@@ -365,14 +368,12 @@ class Trainer:
     # --- the loop ---------------------------------------------------------------------------------
 
     def fit(self) -> dict:
-        finished = self.summary_written_before() if not self.training_left() else None
-        if finished is not None:
-            log.info(f"{self.run_dir}: this run has finished (summary.json); nothing to train, no file rewritten")
-            if self.outputs:
-                self.outputs.close()
-            return finished
         interrupted = False
         try:
+            finished = self.summary_written_before() if not self.training_left() else None
+            if finished is not None:
+                log.info(f"{self.run_dir}: this run has finished (summary.json); nothing to train, no file rewritten")
+                return finished
             self.log_start()
             # Before the compile, which can outlast a launcher's grace period; also where a
             # stop that cut start-up's downloads short stops the run (see build_data).
@@ -811,8 +812,7 @@ def train(config: TrainConfig, shards: str | Path, run_dir: Path | None, resume:
     finally:
         distributed.shutdown(ctx)
         if named_here and ctx.is_main and run_dir is not None:
-            with contextlib.suppress(OSError):  # not empty: the run wrote something, which stays
-                run_dir.rmdir()  # a run refused at start-up leaves no empty directory behind
+            remove_if_unused(run_dir)  # a run refused at start-up leaves no empty directory behind
     raise failure  # outside the except block, so no frame keeps the failed collective's traceback
 
 

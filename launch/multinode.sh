@@ -10,9 +10,12 @@
 # arguments go on with an option). RDZV_ID names the job (default harness); SHARDS as in
 # dev.sh (every node needs the shards at that path). RUN_DIR: default runs/PRESET-<rank
 # 0's start time>, the harness's own, which every node takes from rank 0 (a date on each
-# node would differ); give RUN_DIR to resume a run. RDZV_TIMEOUT: how long a node waits
-# for the others to join, in seconds (default 600, torchrun's own), before torchrun gives
-# up with a RendezvousTimeoutError.
+# node would differ); give RUN_DIR to resume a run. RDZV_TIMEOUT: how long the node at
+# HOST, which hosts the rendezvous, waits for the others to join, in seconds (default
+# 600, torchrun's own), before torchrun gives up with a RendezvousTimeoutError. The other
+# nodes give up sooner if HOST's rendezvous is not up (c10d's read_timeout, 60 s, and
+# torchrun's retries: 140 s measured on loopback); read_timeout is left as it is, since
+# it also bounds every store call of a running job.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source launch/env.sh
@@ -39,7 +42,7 @@ if [ -n "${RUN_DIR:-}" ]; then RUN_DIR_OPTION=(--run-dir "$RUN_DIR"); fi
 # connect (pytorch/pytorch#135712); a separate store per attempt avoids that.
 export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
 # Said now: until every node has joined, torchrun prints nothing.
-echo "launch/multinode.sh: waiting up to ${RDZV_TIMEOUT} s (RDZV_TIMEOUT) for $NNODES node(s) to join at $RDZV_ENDPOINT" >&2
+echo "launch/multinode.sh: waiting up to ${RDZV_TIMEOUT} s (RDZV_TIMEOUT) for $NNODES node(s) to join at $RDZV_ENDPOINT (less, about 2 min, on a node not at that address while the rendezvous there is not up)" >&2
 exec torchrun --nnodes="$NNODES" --nproc-per-node="$NPROC_PER_NODE" \
   --rdzv-backend=c10d --rdzv-endpoint="$RDZV_ENDPOINT" --rdzv-id="${RDZV_ID:-harness}" --rdzv-conf="join_timeout=$RDZV_TIMEOUT" \
   -m harness train --preset "$PRESET" --shards "${SHARDS:-shards}" "${RUN_DIR_OPTION[@]}" "$@"

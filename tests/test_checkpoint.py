@@ -526,7 +526,11 @@ def test_a_run_into_a_directory_another_run_is_writing_to_is_refused_before_it_w
         assert "wait for it to end, or pick a new --run-dir" in result.stderr and "Traceback" not in result.stderr
         assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
     finally:
-        holder.communicate(timeout=30)
+        try:
+            holder.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            holder.kill()
+            raise
     # The lock goes with its process: the same command now resumes.
     result = run(train_command(shards, run_dir, *SMALL_RUN, "--max-steps", "15", "--checkpoint-every", "5"))
     assert result.returncode == 0 and "resuming from" in result.stdout + result.stderr, result.stderr[-2000:]
@@ -545,3 +549,33 @@ def test_a_filesystem_without_file_locks_gets_a_warning_and_no_lock(tmp_path, mo
         _, lock = prepare_run_dir(tmp_path, resuming=False)
     assert lock.fd is None
     assert f"{tmp_path / 'lock'}: no file locks on this filesystem (No locks available); a second run started into" in caplog.text
+
+
+def test_a_lock_file_that_cannot_be_opened_is_one_line(tmp_path, capsys):
+    """A directory named `lock` in RUN_DIR (or another user's lock file): one error naming
+    it, and no "Exception ignored" traceback from the half-made lock after it."""
+    import subprocess
+    import sys
+
+    (tmp_path / "lock").mkdir()
+    with pytest.raises(HarnessError, match=f"^{tmp_path / 'lock'}: cannot open the run directory's lock file \\(Is a directory\\); move it, or pick a new --run-dir$"):
+        prepare_run_dir(tmp_path, resuming=False)
+    result = subprocess.run([sys.executable, "-c", "import sys; from harness.run_lock import RunDirLock; RunDirLock(sys.argv[1])", str(tmp_path)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1 and result.stderr.count("Traceback") == 1 and "Exception ignored" not in result.stderr, result.stderr
+
+
+def test_a_default_run_directory_refused_at_start_up_is_removed_with_its_lock(tmp_path, monkeypatch):
+    """A run without --run-dir that fails after rank 0 locked its new directory (another
+    rank's error, say) left runs/NAME-.../lock behind: the directory was no longer empty."""
+    from harness.default_run_dir import remove_if_unused
+
+    monkeypatch.chdir(tmp_path)
+    run_dir, _ = prepare_run_dir(Path("runs/lenet-20261129-120000"), resuming=False)
+    assert [p.name for p in run_dir.iterdir()] == ["lock"]
+    remove_if_unused(run_dir)
+    assert list((tmp_path / "runs").iterdir()) == []
+    run_dir.mkdir()
+    (run_dir / "metrics.jsonl").write_text("{}\n")  # the run wrote something: it stays
+    remove_if_unused(run_dir)
+    assert (run_dir / "metrics.jsonl").exists()

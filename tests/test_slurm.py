@@ -238,6 +238,7 @@ def test_resume_among_the_options_is_for_the_first_attempt_only(tmp_path, restar
     ({"MAX_REQUEUES": "many"}, "slurm/train.sbatch: MAX_REQUEUES is a number, got 'many'"),
     ({"RDZV_PORT": "abc"}, "slurm/train.sbatch: RDZV_PORT is a port number (1 to 65535), got 'abc'"),
     ({"RDZV_PORT": "99999"}, "slurm/train.sbatch: RDZV_PORT is a port number (1 to 65535), got '99999'"),
+    ({"RDZV_PORT": "1" * 20}, f"slurm/train.sbatch: RDZV_PORT is a port number (1 to 65535), got '{'1' * 20}'"),  # no bash overflow message
     ({"SLURM_SUBMIT_DIR": "/"}, "slurm/train.sbatch: submitted from /, which has no launch/env.sh: run sbatch from the checkout's root"),
 ])
 def test_a_bad_setting_or_submit_directory_is_one_line_before_srun(tmp_path, env, line):
@@ -276,7 +277,7 @@ def test_a_rendezvous_port_in_use_is_refused_before_srun(tmp_path):
         listener.listen()
         port = listener.getsockname()[1]
         result, srun_args = run_script_with_stubs(tmp_path, "--max-steps", "2", env={"RDZV_PORT": str(port)})
-    assert (result.returncode, result.stderr.strip(), srun_args) == (2, f"slurm/train.sbatch: RDZV_PORT {port} is in use on node1: set RDZV_PORT to a free port", [])
+    assert (result.returncode, result.stderr.strip(), srun_args) == (2, f"slurm/train.sbatch: RDZV_PORT {port} on node1: in use; set RDZV_PORT to a free port", [])
 
 
 def test_sbatch_two_ranks(slurm_job_name, quick_shards, tmp_path):

@@ -253,6 +253,25 @@ def test_a_finished_run_with_a_diverged_test_loss_is_still_finished(lenet_run, m
     assert report.returncode == 0, report.stderr
 
 
+def test_a_restarted_attempt_takes_only_its_own_agents_record(tmp_path, monkeypatch):
+    """The record is keyed by torchrun's run id, which need not be unique (multinode.sh's
+    default RDZV_ID, torchrun's "none"): a restarted attempt whose first attempt died before
+    choosing a directory took another job's, and resumed or "finished" that job's run."""
+    from harness import default_run_dir as module
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "harness")
+    monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "3")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
+    stamp, n = module.claim_run_dir("lenet")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    assert module.earlier_attempts_run_dir("lenet") == (stamp, n)  # this process's agent: the same torchrun
+    assert module.earlier_attempts_run_dir("mlp") is None
+    monkeypatch.setattr(module, "torchrun_agent", lambda: "node7:4242:123456")  # another job's torchrun, same run id
+    assert module.earlier_attempts_run_dir("lenet") is None
+    monkeypatch.undo()
+
+
 def test_train_help_lists_every_option():
     """`harness train --help` formats every field's help (a bare % in one used to crash it)."""
     from harness.config import FIELDS, flag
@@ -378,7 +397,7 @@ def test_without_run_dir_a_run_goes_to_runs_preset_timestamp(quick_shards, tmp_p
 def test_every_rank_takes_rank_0s_timestamp_for_the_run_directory(monkeypatch):
     """Ranks start at different moments, possibly in different seconds: the directory's
     name is rank 0's clock, which the gather hands every rank."""
-    from harness.run_outputs import default_run_dir
+    from harness.default_run_dir import default_run_dir
 
     class Rank1:  # its own clock reads a second later than rank 0's
         is_main = False
@@ -396,7 +415,7 @@ def test_runs_started_in_the_same_second_get_directories_of_their_own(monkeypatc
     started from a loop) takes NAME-STAMP-2, a third -3. The runs used to share one
     directory: the second to finish failed at its end, its training lost, and both wrote
     metrics.jsonl. Rank 1 takes rank 0's suffix through the gather."""
-    from harness.run_outputs import default_run_dir
+    from harness.default_run_dir import default_run_dir
 
     class Rank0:
         is_main = True

@@ -20,10 +20,12 @@ tell; a filesystem without locks (Lustre without `flock`) gets a warning and no 
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import logging
 import os
 import socket
+import stat
 from pathlib import Path
 
 from harness.errors import HarnessError
@@ -44,6 +46,9 @@ class RunDirLock:
             self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666)
         except OSError as e:
             raise HarnessError(f"{path}: cannot open the run directory's lock file ({e.strerror or e}); move it, or pick a new --run-dir") from None
+        if not stat.S_ISREG(os.fstat(self.fd).st_mode):  # a FIFO, say: O_NOFOLLOW kept symbolic links out
+            self.release()
+            raise HarnessError(f"{path}: the run directory's lock file is not a regular file; move it, or pick a new --run-dir")
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -58,8 +63,9 @@ class RunDirLock:
             log.warning(f"{path}: no file locks on this filesystem ({e.strerror or e}); a second run started into "
                         f"{run_dir} is not refused until its checkpoints collide with this one's")
             return
-        os.ftruncate(self.fd, 0)
-        os.pwrite(self.fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        with contextlib.suppress(OSError):  # who holds it, for a refused run's message; a full disk must not stop this one
+            os.ftruncate(self.fd, 0)
+            os.pwrite(self.fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
 
     def release(self) -> None:
         if self.fd is not None:

@@ -38,13 +38,13 @@ from harness.cuda_graph import GraphedStep, compile_with_inductor
 from harness.data.manifest import shard_set_sha256
 from harness.data.shard_set import ShardSource, ShardSplit
 from harness.data.stream import MacroBatch, MacroBatchStream
+from harness.default_run_dir import default_run_dir, remove_if_unused
 from harness.device import autocast, set_deterministic
 from harness.errors import AgreedError, HarnessError, OptionParser, given, given_path, run_guarded
 from harness.evaluate import EvalResult, evaluate
 from harness.models import buffers_restored, build_model, parameter_checksum
 from harness.normalize import Normalizer, make_loss, stats_used
 from harness.optimizer import build_optimizer, load_optimizer_state, make_schedule
-from harness.default_run_dir import default_run_dir, remove_if_unused
 from harness.run_outputs import RunOutputs, read_summary, setup_logging, write_stop_record
 from harness.stopping import EXIT_STOPPED, StopRequest
 from harness.sync_point import Stopped, agree_at_sync_point, signal_any_rank_got, stop_every_rank

@@ -553,7 +553,8 @@ def test_a_filesystem_without_file_locks_gets_a_warning_and_no_lock(tmp_path, mo
 
 def test_a_lock_file_that_cannot_be_opened_is_one_line(tmp_path, capsys):
     """A directory named `lock` in RUN_DIR (or another user's lock file): one error naming
-    it, and no "Exception ignored" traceback from the half-made lock after it."""
+    it, and no "Exception ignored" traceback from the half-made lock after it. A FIFO
+    named `lock` alike."""
     import subprocess
     import sys
 
@@ -563,6 +564,10 @@ def test_a_lock_file_that_cannot_be_opened_is_one_line(tmp_path, capsys):
     result = subprocess.run([sys.executable, "-c", "import sys; from harness.run_lock import RunDirLock; RunDirLock(sys.argv[1])", str(tmp_path)],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 1 and result.stderr.count("Traceback") == 1 and "Exception ignored" not in result.stderr, result.stderr
+    (tmp_path / "lock").rmdir()
+    os.mkfifo(tmp_path / "lock")  # opened read-write it does not block, and could not be truncated
+    with pytest.raises(HarnessError, match=f"^{tmp_path / 'lock'}: the run directory's lock file is not a regular file; move it"):
+        prepare_run_dir(tmp_path, resuming=False)
 
 
 def test_a_default_run_directory_refused_at_start_up_is_removed_with_its_lock(tmp_path, monkeypatch):

@@ -52,16 +52,12 @@ def positive_ints(text: str) -> list[int]:
 
 
 def run_main(main) -> None:
-    """Run a benchmark's main() and exit with its status; a HarnessError (a bad shard set,
-    an unknown preset) is its one line on stderr, as the harness prints it, not a traceback."""
-    from harness.errors import HarnessError
+    """Run a benchmark's main() and exit with its status, under the harness's own guard
+    (errors.run_guarded): a HarnessError (a bad shard set, an unknown preset) is one line
+    on stderr, as the harness prints it, not a traceback."""
+    from harness.errors import run_guarded
 
-    try:
-        status = main()
-    except HarnessError as e:
-        print(f"error: {e}", file=sys.stderr)
-        status = e.exit_status
-    sys.exit(status or 0)
+    sys.exit(run_guarded(lambda _: main(), None))
 
 
 def make_log(name: str):

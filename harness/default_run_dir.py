@@ -88,18 +88,27 @@ def torchrun_agent() -> str:
     return f"{socket.gethostname()}:{agent}:{started}"
 
 
+def recorded_choice(record: Path) -> tuple[str, int, int, str] | None:
+    """(name, stamp, n, agent) from a restart record; None if it is missing (the first
+    attempt died before writing it, say) or not one."""
+    try:
+        chosen = json.loads(record.read_text())
+        return str(chosen["name"]), int(chosen["stamp"]), int(chosen["n"]), str(chosen["agent"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def earlier_attempts_run_dir(name: str) -> tuple[int, int] | None:
     """(stamp, n) of the run directory an earlier attempt of this torchrun chose, if this
     is a restarted attempt, the record is its agent's, and that directory is there."""
     record = restart_record()
     if record is None or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") in ("", "0"):
         return None
-    try:
-        chosen = json.loads(record.read_text())
-        stamp, n = int(chosen["stamp"]), int(chosen["n"])
-    except (OSError, ValueError, KeyError, TypeError):  # the first attempt died before writing it, say
+    chosen = recorded_choice(record)
+    if chosen is None:
         return None
-    if chosen.get("agent") != torchrun_agent() or chosen.get("name") != name or not run_dir_named(name, str(stamp), n).is_dir():
+    recorded_name, stamp, n, agent = chosen
+    if (recorded_name, agent) != (name, torchrun_agent()) or not run_dir_named(name, str(stamp), n).is_dir():
         return None  # another job's, with the same run id
     return stamp, n
 
@@ -107,12 +116,12 @@ def earlier_attempts_run_dir(name: str) -> tuple[int, int] | None:
 def forget_restart_record(run_dir: Path) -> None:
     """A finished run's record has nothing left to restart."""
     record = restart_record()
-    if record is None:
-        return
-    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-        chosen = json.loads(record.read_text())
-        if run_dir_named(chosen["name"], str(chosen["stamp"]), int(chosen["n"])) == Path(run_dir):
-            record.unlink()
+    chosen = recorded_choice(record) if record is not None else None
+    if chosen is not None:
+        name, stamp, n, _ = chosen
+        if run_dir_named(name, str(stamp), n) == Path(run_dir):
+            with contextlib.suppress(OSError):
+                record.unlink()
 
 
 def remove_if_unused(run_dir: Path) -> None:

@@ -11,9 +11,10 @@ the first run's curves in TensorBoard, before the two collided at a checkpoint's
 The lock belongs to the process: it goes when the process ends, however it ends (a
 SIGKILL, torchrun restarting the group, a job's end), so a requeued or restarted run does
 not wait on it, and the file itself stays (removing it would race a run that has just
-opened it). On NFS the kernel maps flock to the server's byte-range locks, which other
-clients see; the lock of a node that was lost lasts until the server lets it go (NFSv4:
-its lease, about 90 s): a run started sooner is refused, naming that node. Lustre
+opened it). Tried on a local filesystem; by the documentation, not tried: on NFS the
+kernel maps flock to the server's byte-range locks, which other clients see, and the
+lock of a node that was lost lasts until the server lets it go (NFSv4: the client's
+lease, 90 s by default), so a run started sooner is refused, naming that node; Lustre
 mounted with `localflock` keeps locks per node, unseen by the others, with no error to
 tell; a filesystem without locks (Lustre without `flock`) gets a warning and no lock.
 """

@@ -63,7 +63,7 @@ def _too_large(error: Exception, rows: list[tuple[int, bytes]]) -> str:
     if where and int(where[1]) < len(rows):
         line_no, line = rows[int(where[1])]
         field = int(where[2])
-        shown = line.split(b",")[field - 1].strip().decode("ascii", errors="backslashreplace") if field <= line.count(b",") + 1 else "?"
+        shown = _shown(line.split(b",")[field - 1]) if field <= line.count(b",") + 1 else "?"
         return f"line {line_no}, field {field} ({one_line(shown)}) is not a 64-bit integer"
     return f"a field is not a 64-bit integer ({one_line(error)})"
 
@@ -87,6 +87,10 @@ def _first_non_integer(rows: list[tuple[int, bytes]]) -> str | None:
     for line_no, line in rows:
         for column, text in enumerate(line.split(b","), start=1):
             if not INTEGER_FIELD.fullmatch(text):
-                shown = repr(text.strip())[2:-1]  # the bytes as Python writes them: \xd9\xa3, once escaped
-                return f"line {line_no}, field {column} ('{shown}') is not an integer"
+                return f"line {line_no}, field {column} ('{_shown(text)}') is not an integer"
     return None
+
+
+def _shown(field: bytes) -> str:
+    """A field's bytes as Python writes them (\\xd9\\xa3 for a non-ASCII digit, escaped once)."""
+    return repr(field.strip())[2:-1]

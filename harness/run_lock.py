@@ -1,7 +1,6 @@
 """One run at a time in a run directory.
 
 Rank 0 holds an exclusive lock (flock) on RUN_DIR/lock from before its first write there
-(but a stop record written when a signal stops the run while it opens its shard set)
 until the run ends. A second run started into the same directory (the same command
 twice, a sweep that reuses a name) is refused before it writes anything: without the
 lock it resumed from the first run's checkpoint, removed that run's unfinished writes,

@@ -50,8 +50,7 @@ def prepare_run_dir(run_dir: Path, resuming: bool) -> tuple[Path, RunDirLock]:
     run after an epoch of training (and after its metrics line was written).
     """
     run_dir = Path(run_dir)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise HarnessError(f"{run_dir}: is a file, not a directory; give --run-dir a directory (it is created if missing)")
+    check_is_directory(run_dir)
     if (run_dir / MANIFEST_NAME).exists():  # --run-dir given the --shards value, say
         raise HarnessError(f"{run_dir}: holds a shard set ({MANIFEST_NAME}); a run's files go in a directory of their own")
     if not resuming:
@@ -65,10 +64,7 @@ def prepare_run_dir(run_dir: Path, resuming: bool) -> tuple[Path, RunDirLock]:
         for name in ("model.pt", "test_report.json"):  # a finished run's, left without its summary.json, or put there by hand
             if (run_dir / name).exists():
                 raise HarnessError(f"{run_dir}: holds {name}, which this run would overwrite at its end; pick a new --run-dir, or move the file")
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise HarnessError(f"{run_dir}: run directory is not writable ({e.strerror or e})") from None
+    make_run_dir(run_dir)
     check_writable(run_dir, "run directory")
     for name, holds in ((CHECKPOINT_DIR, "checkpoints"), (REPORT_DIR, "pictures")):  # made in RUN_DIR when first written to
         directory = run_dir / name
@@ -77,6 +73,19 @@ def prepare_run_dir(run_dir: Path, resuming: bool) -> tuple[Path, RunDirLock]:
         if directory.exists():
             check_writable(directory, f"{holds} directory")
     return run_dir, RunDirLock(run_dir)  # before RunOutputs' first change there; a refused run changes nothing
+
+
+def check_is_directory(run_dir: Path) -> None:
+    if run_dir.exists() and not run_dir.is_dir():
+        raise HarnessError(f"{run_dir}: is a file, not a directory; give --run-dir a directory (it is created if missing)")
+
+
+def make_run_dir(run_dir: Path) -> None:
+    check_is_directory(run_dir)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise HarnessError(f"{run_dir}: run directory is not writable ({e.strerror or e})") from None
 
 
 def check_writable(directory: Path, what: str) -> None:
@@ -92,9 +101,23 @@ def write_stop_record(run_dir: Path, step: int, signal_name: str) -> None:
     """The run stopped on a signal at `step`, its newest checkpoint's (or a fresh run's 0:
     a signal during start-up stops it before training). Under torchrun the exit status 75
     does not reach the launcher, so a batch script reads this file to tell such a stop
-    (requeue, resume) from a failure."""
-    Path(run_dir).mkdir(parents=True, exist_ok=True)  # a stop while opening the shard set comes before RunOutputs
+    (requeue, resume) from a failure. The caller holds the run directory's lock."""
     write_json_atomic(Path(run_dir) / STOPPED, {"step": step, "signal": signal_name})
+
+
+def write_start_up_stop_record(run_dir: Path, step: int, signal_name: str) -> None:
+    """write_stop_record for a stop that comes before RunOutputs (while the shard set opens),
+    under the run directory's lock as any other write there: a run started into a
+    directory that another run is writing to is refused here too, as it would have been a
+    moment later, and does not leave its stop record among the other run's files (a batch
+    script would read it as that run's stop)."""
+    run_dir = Path(run_dir)
+    make_run_dir(run_dir)
+    lock = RunDirLock(run_dir)
+    try:
+        write_stop_record(run_dir, step, signal_name)
+    finally:
+        lock.release()
 
 
 class RunOutputs:

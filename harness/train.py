@@ -45,7 +45,7 @@ from harness.evaluate import EvalResult, evaluate
 from harness.models import buffers_restored, build_model, parameter_checksum
 from harness.normalize import Normalizer, make_loss, stats_used
 from harness.optimizer import build_optimizer, load_optimizer_state, make_schedule
-from harness.run_outputs import RunOutputs, read_summary, setup_logging, write_stop_record
+from harness.run_outputs import RunOutputs, read_summary, setup_logging, write_start_up_stop_record
 from harness.stopping import EXIT_STOPPED, StopRequest
 from harness.sync_point import Stopped, agree_at_sync_point, signal_any_rank_got, stop_every_rank
 from harness.testhooks import Fault, diverge_rank_rng, save_rank_files
@@ -780,7 +780,7 @@ def open_shards(ctx: distributed.DistContext, location: str | Path, cache_dir: P
         return source
     newest = list_checkpoints(run_dir)
     step = marker_step(newest[0]) if newest else 0
-    stop_every_rank(ctx, step, reason, START_UP_STOP, lambda: write_stop_record(run_dir, step, reason))
+    stop_every_rank(ctx, step, reason, START_UP_STOP, lambda: write_start_up_stop_record(run_dir, step, reason))
 
 
 def train(config: TrainConfig, shards: str | Path, run_dir: Path | None, resume: str = "auto", name: str = "",

@@ -584,3 +584,32 @@ def test_a_default_run_directory_refused_at_start_up_is_removed_with_its_lock(tm
     (run_dir / "metrics.jsonl").write_text("{}\n")  # the run wrote something: it stays
     remove_if_unused(run_dir)
     assert (run_dir / "metrics.jsonl").exists()
+
+
+def test_a_stop_while_the_shard_set_opens_writes_nothing_into_a_directory_another_run_holds(shards, tmp_path, monkeypatch):
+    """A second run into a busy RUN_DIR, stopped by a SIGTERM while it opened its shard set
+    (before RunOutputs takes the lock), wrote its stopped.json among the first run's files,
+    where train.sbatch would read it as that run's stop. Now it is refused there as it
+    would have been a moment later, and writes nothing."""
+    import signal
+
+    from harness.distributed import DistContext
+    from harness.run_lock import RunDirLock
+    from harness.stopping import StopRequest
+    from harness.train import open_shards
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    holder = RunDirLock(run_dir)  # another open file of the lock: refused as another process's would be
+    monkeypatch.setattr(signal, "signal", lambda *args: None)  # this test's process keeps its own handlers
+    stop_request = StopRequest()
+    stop_request.signal_name = "SIGTERM"
+    with pytest.raises(HarnessError, match="another run is writing to it"):
+        open_shards(DistContext(), shards, None, None, stop_request, run_dir)
+    assert not (run_dir / "stopped.json").exists()
+    holder.release()
+    from harness.sync_point import Stopped
+
+    with pytest.raises(Stopped):  # with the directory free, the stop is recorded as before
+        open_shards(DistContext(), shards, None, None, stop_request, run_dir)
+    assert json.loads((run_dir / "stopped.json").read_text()) == {"step": 0, "signal": "SIGTERM"}

@@ -128,15 +128,17 @@ def signals_held():
     there a handler's exception can land inside a C++ callback of torch's extension
     (torch._C._c10d_init), where it aborts the process (SIGABRT, a core dump) instead of
     unwinding: a review saw it 5 times in 100 signals sent 0.3-0.4 s into `harness show`.
-    A signal the process ignores (SIGINT in a background job) stays ignored."""
+    A signal the process ignores (SIGINT in a background job) stays ignored. Yields the
+    signal numbers noted so far: a caller that handles them itself takes them (empties
+    the list) before leaving."""
+    noted: list[int] = []
     if threading.current_thread() is not threading.main_thread():
-        yield
+        yield noted
         return
-    noted = []
     held = [s for s in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(s) not in (signal.SIG_IGN, None)]  # None: set outside Python
     previous = {s: signal.signal(s, lambda signum, frame: noted.append(signum)) for s in held}
     try:
-        yield
+        yield noted
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)

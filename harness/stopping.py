@@ -28,11 +28,15 @@ class StopRequest:
     thread next runs Python code: a rank blocked in a collective gets it when the
     collective returns or times out, after --timeout at most.)"""
 
-    def __init__(self):
+    def __init__(self, noted_before: list[int] | tuple[int, ...] = ()):
+        """`noted_before`: signal numbers that came before (while `harness train` imported
+        torch: see errors.signals_held), handled now as they would have been then."""
         self.signal_name: str | None = None
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, self._record)
         signal.signal(signal.SIGINT, self._interrupt)
+        for signum in noted_before:
+            (self._interrupt if signum == signal.SIGINT else self._record)(signum, None)
 
     def _record(self, signum, frame) -> None:
         self.signal_name = signal.Signals(signum).name

@@ -784,14 +784,14 @@ def open_shards(ctx: distributed.DistContext, location: str | Path, cache_dir: P
 
 
 def train(config: TrainConfig, shards: str | Path, run_dir: Path | None, resume: str = "auto", name: str = "",
-          cache_dir: Path | None = None, cache_limit_gb: float | None = None) -> dict:
+          cache_dir: Path | None = None, cache_limit_gb: float | None = None, stop_request: StopRequest | None = None) -> dict:
     """Train on this process's rank (or alone); rank 0's summary, {} on the others.
     `shards` is a directory or a URL (its files cached in `cache_dir`, at most
     `cache_limit_gb`). Without a `run_dir`, the run goes to default_run_dir(`name`, or
-    the model's name)."""
+    the model's name). `stop_request`: the process's signal handlers, if installed before."""
     # First: from here on a SIGTERM (Slurm's preemption or time limit) is a stop to honour,
     # not the end of the process, through joining the process group and all of start-up.
-    stop_request = StopRequest()
+    stop_request = stop_request or StopRequest()
     ctx = distributed.init_distributed(config.device, config.timeout, config.rank0_timeout, config.backend)
     named_here = run_dir is None
     try:
@@ -858,7 +858,8 @@ def run_from_args(args: argparse.Namespace) -> int:
     except HarnessError as e:  # from the command line and the launcher's environment, alike on every rank of a node
         raise AgreedError(str(e)) from None
     try:
-        train(config, args.shards, args.run_dir, args.resume, name=args.preset or "", cache_dir=args.shard_cache, cache_limit_gb=args.shard_cache_limit_gb)
+        train(config, args.shards, args.run_dir, args.resume, name=args.preset or "", cache_dir=args.shard_cache,
+              cache_limit_gb=args.shard_cache_limit_gb, stop_request=getattr(args, "stop_request", None))  # harness.cli's, if started so
     except Stopped:
         return EXIT_STOPPED
     return 0

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import time
 
+import psutil
 import pytest
 import torch
 from helpers import (PAUSE, ROOT, SMALL_RUN, checkpointed_run, checksum, kill_tree, run, run_cli, scalar_steps, signal_tree, start_and_signal, summary,
@@ -135,6 +136,50 @@ def test_sigterm_during_start_up_stops_before_training_for_a_requeue(quick_shard
     assert result.returncode == 0, result.stderr[-3000:]
     assert summary(run_dir)["steps"] == 300 and not (run_dir / "stopped.json").exists()
     assert checksum(run_dir) == reference[nproc]
+
+
+def catches(pid: int, sig: int) -> bool:
+    """Whether the process has a handler for `sig` (the kernel's SigCgt mask)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            mask = next(int(line.split()[1], 16) for line in f if line.startswith("SigCgt:"))
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return bool(mask >> (sig - 1) & 1)
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_sigterm_while_a_rank_imports_torch_stops_it_for_a_requeue(quick_shards, tmp_path, nproc):
+    """The launchers start a rank as `python -m harness train`, which imports torch (1.5-2.5 s
+    on a 2-core Xeon) before its stop handling is set up. A SIGTERM then (Slurm's, in an
+    attempt's first seconds) ended the rank with `terminated` and no stop record: the job
+    was reported failed, not requeued. Now the signal is held through the import and is a
+    stop, as one later in start-up: every rank stops before its first step."""
+    run_dir = tmp_path / "run"
+    cmd = checkpointed_run(quick_shards, run_dir, nproc=nproc)
+    cmd[cmd.index("harness.train") : cmd.index("harness.train") + 1] = ["harness", "train"]  # as the launchers start it
+    process = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        def ranks() -> list[int]:
+            if nproc == 1:
+                return [process.pid]
+            children = psutil.Process(process.pid).children()
+            return [p.pid for p in children if "harness" in " ".join(p.cmdline())]
+
+        # Each rank holds SIGTERM from the moment it starts importing torch (signals_held):
+        # the signal comes then, 1.5 s or more before the import ends.
+        wait_for(lambda: (len(ranks()) == nproc and all(catches(pid, signal.SIGTERM) for pid in ranks())) or process.poll() is not None,
+                 60, "every rank's import")
+        signal_tree(process, signal.SIGTERM)
+        output = process.communicate(timeout=120)[0]
+    finally:
+        kill_tree(process)
+    assert "SIGTERM: stopped at step 0 before training, with nothing new to checkpoint" in output, output[-3000:]
+    assert "terminated" not in output.splitlines(), output[-3000:]
+    if nproc == 1:
+        assert process.returncode == EXIT_STOPPED, output[-3000:]
+    assert json.loads((run_dir / "stopped.json").read_text()) == {"step": 0, "signal": "SIGTERM"}
+    assert ckpt.list_checkpoints(run_dir) == []
 
 
 def test_a_stop_at_an_epochs_end_waits_for_its_validation_and_checkpoint(shards, tmp_path):

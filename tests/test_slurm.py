@@ -18,6 +18,7 @@ import re
 import signal
 import socket
 import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -278,6 +279,29 @@ def test_a_rendezvous_port_in_use_is_refused_before_srun(tmp_path):
         port = listener.getsockname()[1]
         result, srun_args = run_script_with_stubs(tmp_path, "--max-steps", "2", env={"RDZV_PORT": str(port)})
     assert (result.returncode, result.stderr.strip(), srun_args) == (2, f"slurm/train.sbatch: RDZV_PORT {port} on node1: in use; set RDZV_PORT to a free port", [])
+
+
+def test_a_run_directory_another_run_is_writing_to_is_refused_before_srun(tmp_path):
+    """Two jobs given one RUN_DIR: the second's script removed the first run's stopped.json
+    before its own run was refused (RUN_DIR/lock), so the first job, stopping, was reported
+    failed and not requeued. Now the script sees the lock held and leaves the file."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "stopped.json").write_text('{"signal": "SIGTERM", "step": 7}')
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from harness.run_lock import RunDirLock; lock = RunDirLock(sys.argv[1]); print('locked', flush=True); sys.stdin.read()",
+         str(run_dir)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        result, srun_args = run_script_with_stubs(tmp_path, "--max-steps", "2")
+    finally:
+        holder.communicate(timeout=30)
+    line = (f"slurm/train.sbatch: RUN_DIR {run_dir}: another run is writing to it (its lock file names pid {holder.pid} on {socket.gethostname()}); "
+            "wait for it to end, or set another RUN_DIR")
+    assert (result.returncode, result.stderr.strip(), srun_args) == (2, line, [])
+    assert (run_dir / "stopped.json").exists()
+    result, srun_args = run_script_with_stubs(tmp_path, "--max-steps", "2")  # the lock is free: the attempt starts, its record gone
+    assert srun_args and not (run_dir / "stopped.json").exists()
 
 
 def test_sbatch_two_ranks(slurm_job_name, quick_shards, tmp_path):

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """A large MNIST-like source directory, made locally: MNIST's training images shifted.
 
-    python bench/make_large_mnist.py --images 600000 OUT_DIR
+    MNIST_DIR=../shared/mnist python bench/make_large_mnist.py --images 600000 OUT_DIR
 
 The training split is MNIST's 60,000 images repeated with deterministic shifts (copy k
 moves every digit by the k-th of the 48 non-zero (dx, dy) in -3..3 x -3..3, filling with

@@ -334,7 +334,8 @@ class DifferentExperiment(HarnessError):
 def load_newest_valid(run_dir: Path, fits=None) -> tuple[Path, dict] | None:
     """The newest checkpoint that verifies (and, given `fits`, a function that raises
     HarnessError for a state this run cannot use, fits); each newer one that does not is
-    skipped with a warning naming it."""
+    skipped with a warning naming it, but a DifferentExperiment from `fits` is raised: the
+    run is refused."""
     for marker in list_checkpoints(run_dir):
         try:
             state = load_verified(marker)

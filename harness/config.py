@@ -84,8 +84,8 @@ class TrainConfig:
     weight_decay: float = option(0.0, "L2 weight decay")
     lr_decay: float = option(1.0, "learning rate multiplied by this after every epoch (exponential schedule)")
     lr_schedule: str = option(
-        "exponential", "exponential: x lr_decay after every epoch; onecycle: per step, up linearly to lr over the first "
-        "25% of the run's steps, then down linearly to 0 at its end"
+        "exponential", "exponential: x lr_decay after every epoch; onecycle: per step, up linearly from lr/25 to lr over "
+        "the first 25% of the run's steps, then down linearly to lr/250,000 (about 0) at its end"
     )
     augment_rotate: float = option(0.0, "augmentation on the device: rotate each training image by up to this many degrees either way")
     augment_scale: float = option(0.0, "augmentation: scale each training image by a factor in [1 - x, 1 + x]")
@@ -120,7 +120,7 @@ class TrainConfig:
         "cuda-graph: the whole step as one CUDA graph (one rank on a GPU); "
         "cuda-graph-inductor: the same, of the kernels torch.compile's inductor fuses for the step; "
         "torch.compile the model with this mode (default, reduce-overhead: CUDA graphs, max-autotune); "
-        "gpu: cuda-graph-inductor for one rank on a GPU, reduce-overhead for several (eager with --batch-norm), eager on the CPU; "
+        "gpu: cuda-graph-inductor for one rank on a GPU (reduce-overhead with augmentation), reduce-overhead for several (eager with --batch-norm), eager on the CPU; "
         "'' = eager"
     )
     channels_last: bool = option(False, "channels-last memory layout for the CNN's activations")
@@ -175,7 +175,7 @@ MAX_WAIT_SECONDS = 7 * 24 * 3600.0
 
 MAX_SEED = 2**64 - 1  # torch.manual_seed's range
 MAX_THREADS = 4096  # torch.set_num_threads takes a C int; far more threads than any node's cores
-# The largest preset model, lenet's, has 838,858 parameters, and the presets' MLPs 2 hidden
+# The largest preset model, fast's LeNet with BatchNorm, has 841,002 parameters, and the presets' MLPs 2 hidden
 # layers. A config may ask for about 1,200 times that, 10**9 parameters (4 GB of float32),
 # in up to 1,000 hidden layers: beyond that train refuses the config, and predict a run's.
 MAX_PARAMETERS = 10**9

@@ -42,7 +42,7 @@ def prepare_run_dir(run_dir: Path, resuming: bool) -> tuple[Path, RunDirLock]:
     checkpoints, which are there to resume from. A run killed before its first checkpoint
     leaves only TensorBoard events and perhaps the first epoch's metrics line: a fresh
     start there is its restart (a batch script's rerun, torchrun's --max-restarts), and
-    drops both (Trainer's keep_epochs, TensorBoard's purge). A fresh start is refused
+    drops both (RunOutputs.keep_epochs, TensorBoard's purge). A fresh start is refused
     too where it would overwrite a model.pt or test_report.json at its end.
 
     The directories the run writes in are checked now, not when its first checkpoint or

@@ -10,8 +10,9 @@ from __future__ import annotations
 import os
 import signal
 
-# sysexits' EX_TEMPFAIL: "temporary failure, the user is invited to retry".
-# Launch scripts resubmit or requeue on it; the run resumes from its checkpoint.
+# sysexits' EX_TEMPFAIL: "temporary failure, the user is invited to retry": run again and
+# the run resumes from its checkpoint. A process run alone exits with it; under torchrun
+# the status is lost, so slurm/train.sbatch requeues on RUN_DIR/stopped.json instead.
 EXIT_STOPPED = 75
 
 # The signals a stop can come from, in the order a stop names them when the ranks got

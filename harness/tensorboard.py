@@ -101,7 +101,7 @@ class TensorBoardLog:
 
 
 def weight_snapshot(model: torch.nn.Module) -> list[tuple[str, np.ndarray]]:
-    """The first layers' weights (LeNet: 9 KB), copied on the training thread, which goes on
+    """The first layers' weights (LeNet: 33 KB), copied on the training thread, which goes on
     changing them; tiling them into images and encoding those is left to the background
     writer (`TensorBoardLog.weight_images`). With the tiling on the training thread, an
     epoch end's outputs (RunOutputs.epoch) took 4.4-12.4 ms there on a 2-core Xeon; with

@@ -67,7 +67,7 @@ class Progress:
     macro: int = 0  # macro-batch of that epoch in progress
     step_in_macro: int = 0  # next step inside that macro-batch
     step: int = 0  # optimizer steps done in all
-    epoch_loss_sum: float = 0.0  # per-rank mean losses, summed over ranks and steps
+    epoch_loss_sum: float = 0.0  # each step's loss (the ranks' mean), summed over the epoch's steps
     epoch_steps: int = 0
     epoch_seconds: float = 0.0  # training time of the epoch in progress
     best_val: float = float("inf")  # early stopping: best validation loss so far
@@ -788,7 +788,8 @@ def train(config: TrainConfig, shards: str | Path, run_dir: Path | None, resume:
     """Train on this process's rank (or alone); rank 0's summary, {} on the others.
     `shards` is a directory or a URL (its files cached in `cache_dir`, at most
     `cache_limit_gb`). Without a `run_dir`, the run goes to default_run_dir(`name`, or
-    the model's name). `stop_request`: the process's signal handlers, if installed before."""
+    the model's name). `resume`: as for Trainer. `stop_request`: the process's signal
+    handlers, if installed before."""
     # First: from here on a SIGTERM (Slurm's preemption or time limit) is a stop to honour,
     # not the end of the process, through joining the process group and all of start-up.
     stop_request = stop_request or StopRequest()
@@ -841,7 +842,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument(
         "--run-dir", type=run_dir_option,
         help="where metrics, TensorBoard events and checkpoints go "
-        "(default runs/PRESET-YYYYMMDD-HHMMSS; in a Slurm job runs/PRESET-slurm-JOBID)",
+        "(default runs/PRESET-YYYYMMDD-HHMMSS, the model's name without --preset; in a Slurm job runs/PRESET-slurm-JOBID)",
     )
     parser.add_argument(
         "--resume", type=resume_option, default="auto",

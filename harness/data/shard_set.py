@@ -136,7 +136,7 @@ class ShardSplit:
     """One split of a shard set, restricted to sample indices [start, stop).
 
     `verify=True` checks the SHA-256 of every shard of the split here; a distributed run
-    passes False and has each rank hash a share of them (Trainer.build_data)."""
+    passes False and has each rank hash a share of them (Trainer.verify_train_shards)."""
 
     def __init__(self, shards: ShardSource | str | Path, split: str, start: int = 0, stop: int | None = None, verify: bool = True):
         self.source = shards if isinstance(shards, ShardSource) else ShardSource(shards)

@@ -19,6 +19,10 @@ EXIT_STOPPED = 75
 # different ones.
 STOP_SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1")
 
+# Set by harness.torchrun to the signal that came before it started the ranks: each rank
+# starts with that stop requested.
+SIGNAL_BEFORE_START = "HARNESS_SIGNAL_BEFORE_START"
+
 
 class StopRequest:
     """Set by SIGTERM (Slurm's warning before preemption or the time limit), SIGUSR1
@@ -31,11 +35,14 @@ class StopRequest:
 
     def __init__(self, noted_before: list[int] | tuple[int, ...] = ()):
         """`noted_before`: signal numbers that came before (while `harness train` imported
-        torch: see errors.signals_held), handled now as they would have been then."""
+        torch: see errors.signals_held), handled now as they would have been then; so is
+        one that came to harness.torchrun before it started this rank."""
         self.signal_name: str | None = None
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, self._record)
         signal.signal(signal.SIGINT, self._interrupt)
+        if os.environ.get(SIGNAL_BEFORE_START) in STOP_SIGNALS:
+            self.signal_name = os.environ[SIGNAL_BEFORE_START]
         for signum in noted_before:
             (self._interrupt if signum == signal.SIGINT else self._record)(signum, None)
 

@@ -182,6 +182,30 @@ def test_sigterm_while_a_rank_imports_torch_stops_it_for_a_requeue(quick_shards,
     assert ckpt.list_checkpoints(run_dir) == []
 
 
+def test_sigterm_before_torchrun_starts_the_ranks_stops_them_as_they_start(quick_shards, tmp_path):
+    """slurm/train.sbatch starts torchrun as `python -m harness.torchrun`. torchrun sets its
+    SIGTERM handler only as it starts the ranks (after the rendezvous, which on several
+    nodes waits for every node): a SIGTERM before that killed it on the spot (status -15,
+    no output), with no stop record, and the job was reported failed. Now the ranks start
+    with that stop requested and stop before training, leaving the record."""
+    run_dir = tmp_path / "run"
+    cmd = checkpointed_run(quick_shards, run_dir, nproc=2)
+    cmd[cmd.index("torch.distributed.run")] = "harness.torchrun"
+    cmd[cmd.index("harness.train") : cmd.index("harness.train") + 1] = ["harness", "train"]
+    process = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        # Its handler is set as it starts; importing torch alone then takes over 0.5 s anywhere.
+        wait_for(lambda: catches(process.pid, signal.SIGTERM) or process.poll() is not None, 60, "harness.torchrun's handler")
+        assert psutil.Process(process.pid).children() == [], "torchrun started the ranks before the signal"
+        process.send_signal(signal.SIGTERM)
+        output = process.communicate(timeout=120)[0]
+    finally:
+        kill_tree(process)
+    assert output.count("SIGTERM: stopped at step 0 before training, with nothing new to checkpoint") == 1, output[-3000:]
+    assert json.loads((run_dir / "stopped.json").read_text()) == {"step": 0, "signal": "SIGTERM"}
+    assert "exitcode: 75" in output  # the ranks' status, as torchrun reports it
+
+
 def test_a_stop_at_an_epochs_end_waits_for_its_validation_and_checkpoint(shards, tmp_path):
     """A SIGTERM during an epoch's last step stops the run after that epoch's validation,
     with the epoch's checkpoint: a step is checkpointed once, in the state a resume

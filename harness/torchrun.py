@@ -10,8 +10,15 @@ preemption) ended with no stop record, and slurm/train.sbatch reported it failed
 requeueing it. Here a handler from this process's start notes the signal in the
 environment the ranks will inherit (HARNESS_SIGNAL_BEFORE_START); each rank then starts
 with that stop requested and stops before training, as on a signal during its start-up
-(harness.train.train), leaving the stop record a batch script requeues on. Everything
-else is torchrun's own, its SIGTERM handler once it has one.
+(harness.train.train), leaving the stop record a batch script requeues on.
+
+When the ranks fail, torchrun exits with status 1 whatever they exited with; this exits
+with the status of the rank torchrun saw fail first (its "root cause"): 75 when the ranks
+stopped on a signal, 2 for a refused option or input, 1 for a failure, 128+N for a rank
+killed by signal N, as a shell reports a process. It prints torchrun's account of the
+failed ranks without the traceback that leads to it. When torchrun itself gets a signal
+once the ranks run (its handler ends them with it, and waits for them), one line and
+128+N, where torchrun printed a traceback and exited 1. Everything else is torchrun's own.
 """
 
 from __future__ import annotations
@@ -29,12 +36,30 @@ def note_for_the_ranks(signum, frame) -> None:
     os.environ[SIGNAL_BEFORE_START] = signal.Signals(signum).name
 
 
-def main() -> None:
+def main() -> int:
     os.environ.pop(SIGNAL_BEFORE_START, None)  # one from a caller's environment is not this job's
     signal.signal(signal.SIGTERM, note_for_the_ranks)
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun
 
-    torchrun()
+    try:
+        torchrun()
+    except ChildFailedError as e:
+        print(e, file=sys.stderr)
+        return first_failure_status(e)
+    except SignalException as e:
+        name = signal.Signals(e.sigval).name
+        print(f"harness.torchrun: {name}: sent to the ranks, which have ended (a stop leaves RUN_DIR/stopped.json)", file=sys.stderr)
+        return 128 + int(e.sigval)
+    return 0
+
+
+def first_failure_status(error) -> int:
+    """The exit status of the rank torchrun saw fail first, as a shell would report it."""
+    _, failure = error.get_first_failure()
+    status = failure.exitcode
+    return status if 0 < status < 256 else 128 - status if -64 < status < 0 else 1
 
 
 if __name__ == "__main__":

@@ -43,6 +43,8 @@ if [ -n "${RUN_DIR:-}" ]; then RUN_DIR_OPTION=(--run-dir "$RUN_DIR"); fi
 export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
 # Said now: until every node has joined, torchrun prints nothing.
 echo "launch/multinode.sh: waiting up to ${RDZV_TIMEOUT} s (RDZV_TIMEOUT) for $NNODES node(s) to join at $RDZV_ENDPOINT (less, about 2 min, on a node not at that address while the rendezvous there is not up)" >&2
-exec torchrun --nnodes="$NNODES" --nproc-per-node="$NPROC_PER_NODE" \
+# harness.torchrun: torchrun, passing the ranks' exit status on (75 for a stop, 2 for bad
+# input) and honouring a SIGTERM that comes before it has started them.
+exec python3 -m harness.torchrun --nnodes="$NNODES" --nproc-per-node="$NPROC_PER_NODE" \
   --rdzv-backend=c10d --rdzv-endpoint="$RDZV_ENDPOINT" --rdzv-id="${RDZV_ID:-harness}" --rdzv-conf="join_timeout=$RDZV_TIMEOUT" \
   -m harness train --preset "$PRESET" --shards "${SHARDS:-shards}" "${RUN_DIR_OPTION[@]}" "$@"

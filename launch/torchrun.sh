@@ -17,5 +17,7 @@ if [ -n "${RUN_DIR:-}" ]; then RUN_DIR_OPTION=(--run-dir "$RUN_DIR"); fi
 # elastic restart workers can then read the previous attempt's addresses and fail to
 # connect (pytorch/pytorch#135712); a separate store per attempt avoids that.
 export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
-exec torchrun --standalone --nproc_per_node="$N" -m harness train \
+# harness.torchrun: torchrun, passing the ranks' exit status on (75 for a stop, 2 for bad
+# input) and honouring a SIGTERM that comes before it has started them.
+exec python3 -m harness.torchrun --standalone --nproc_per_node="$N" -m harness train \
   --preset "$PRESET" --shards "${SHARDS:-shards}" "${RUN_DIR_OPTION[@]}" "$@"

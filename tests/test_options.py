@@ -127,6 +127,28 @@ def test_launcher_process_count_checked(script, args):
     assert "Traceback" not in result.stderr
 
 
+def test_a_refused_option_under_the_torchrun_launcher_exits_2(shards, tmp_path):
+    """torchrun exits 1 when ranks fail, whatever their status: a refused option reached the
+    shell as 1, and with a traceback. launch/torchrun.sh starts it as harness.torchrun,
+    which passes the first failed rank's status on."""
+    env = {**os.environ, "SHARDS": str(shards), "RUN_DIR": str(tmp_path / "run")}
+    result = subprocess.run(["bash", str(ROOT / "launch" / "torchrun.sh"), "2", "lenet", "--batch-size", "7", "--device", "cpu"],
+                            capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "error: --batch-size 7 is not divisible by the world size 2" in result.stdout + result.stderr
+    assert "exitcode  : 2" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(("exitcode", "status"), [(2, 2), (75, 75), (1, 1), (-9, 137), (-15, 143)])
+def test_harness_torchrun_reports_the_first_failed_ranks_status(exitcode, status):
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    from harness.torchrun import first_failure_status
+
+    failure = ProcessFailure(local_rank=0, pid=1, exitcode=exitcode, error_file="")
+    assert first_failure_status(ChildFailedError("harness", {0: failure})) == status
+
+
 @pytest.mark.parametrize(("args", "env", "problem"), [
     (["0", "127.0.0.1:29400", "1"], {}, "NNODES is the number of nodes, got '0'"),
     (["2", "127.0.0.1", "1"], {}, "HOST:PORT (RDZV_ENDPOINT) is the rendezvous' address, got '127.0.0.1'"),

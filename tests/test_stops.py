@@ -203,7 +203,8 @@ def test_sigterm_before_torchrun_starts_the_ranks_stops_them_as_they_start(quick
         kill_tree(process)
     assert output.count("SIGTERM: stopped at step 0 before training, with nothing new to checkpoint") == 1, output[-3000:]
     assert json.loads((run_dir / "stopped.json").read_text()) == {"step": 0, "signal": "SIGTERM"}
-    assert "exitcode: 75" in output  # the ranks' status, as torchrun reports it
+    assert "exitcode: 75" in output and "Traceback" not in output  # the ranks' status, as torchrun reports it
+    assert process.returncode == EXIT_STOPPED  # passed on (plain torchrun's would be 1)
 
 
 def test_a_stop_at_an_epochs_end_waits_for_its_validation_and_checkpoint(shards, tmp_path):

@@ -1,5 +1,6 @@
-"""torchrun, for batch scripts: a SIGTERM that comes before torchrun has started the ranks
-stops them as they start, instead of killing torchrun.
+"""torchrun, as the launchers start it: a SIGTERM that comes before torchrun has started the
+ranks stops them as they start, instead of killing torchrun; and the ranks' exit status
+is passed on.
 
     python -m harness.torchrun [torchrun's options] -m harness train [options]
 

@@ -120,14 +120,17 @@ def main(argv: list[str] | None = None) -> int:
 def parse_and_run(argv: list[str] | None) -> int:
     # The command is the first argument (the top level has no options of its own but -h).
     training = (sys.argv[1:] if argv is None else argv)[:1] == ["train"]
+    stop_request = None
     with signals_held() as noted:  # until torch is imported: see signals_held
         parser = build_parser()
         if training:
             # A rank honours a stop signal through all of its start-up (harness.train.train),
             # so one that came while it imported torch is a stop too, not its end: under a
-            # launcher, that ended the rank with no stop record (a job not requeued).
-            noted_before, noted[:] = noted[:], []
-    stop_request = StopRequest(noted_before) if training else None
+            # launcher, that ended the rank with no stop record (a job not requeued). Its
+            # handlers first, then the noted signals: none falls between the two.
+            stop_request = StopRequest()
+            stop_request.replay(noted)
+            noted.clear()
     args, unknown = parser.parse_known_args(argv)
     args.stop_request = stop_request
     if unknown:  # the command's usage, not the top level's (argparse's own would show `harness {pack,train,...}`)

@@ -129,19 +129,24 @@ def signals_held():
     (torch._C._c10d_init), where it aborts the process (SIGABRT, a core dump) instead of
     unwinding: a review saw it 5 times in 100 signals sent 0.3-0.4 s into `harness show`.
     A signal the process ignores (SIGINT in a background job) stays ignored. Yields the
-    signal numbers noted so far: a caller that handles them itself takes them (empties
-    the list) before leaving."""
+    signal numbers noted so far: a caller that handles them itself installs its own
+    handlers within (they are left in place), then takes the noted ones (empties the list)."""
     noted: list[int] = []
     if threading.current_thread() is not threading.main_thread():
         yield noted
         return
+
+    def note(signum, frame) -> None:
+        noted.append(signum)
+
     held = [s for s in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(s) not in (signal.SIG_IGN, None)]  # None: set outside Python
-    previous = {s: signal.signal(s, lambda signum, frame: noted.append(signum)) for s in held}
+    previous = {s: signal.signal(s, note) for s in held}
     try:
         yield noted
     finally:
         for s, handler in previous.items():
-            signal.signal(s, handler)
+            if signal.getsignal(s) is note:  # not where the caller has set its own
+                signal.signal(s, handler)
     if noted:
         raise KeyboardInterrupt if noted[0] == signal.SIGINT else Terminated
 

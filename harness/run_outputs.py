@@ -50,9 +50,7 @@ def prepare_run_dir(run_dir: Path, resuming: bool) -> tuple[Path, RunDirLock]:
     run after an epoch of training (and after its metrics line was written).
     """
     run_dir = Path(run_dir)
-    check_is_directory(run_dir)
-    if (run_dir / MANIFEST_NAME).exists():  # --run-dir given the --shards value, say
-        raise HarnessError(f"{run_dir}: holds a shard set ({MANIFEST_NAME}); a run's files go in a directory of their own")
+    check_run_dir_path(run_dir)
     if not resuming:
         checkpoints = any((run_dir / CHECKPOINT_DIR).glob("step-*"))  # committed ones (a write's temporary file is .step-*)
         for name, refused in (("metrics.jsonl", checkpoints), ("summary.json", True)):
@@ -75,13 +73,16 @@ def prepare_run_dir(run_dir: Path, resuming: bool) -> tuple[Path, RunDirLock]:
     return run_dir, RunDirLock(run_dir)  # before RunOutputs' first change there; a refused run changes nothing
 
 
-def check_is_directory(run_dir: Path) -> None:
+def check_run_dir_path(run_dir: Path) -> None:
+    """A directory, or nothing yet, and not a shard set's."""
     if run_dir.exists() and not run_dir.is_dir():
         raise HarnessError(f"{run_dir}: is a file, not a directory; give --run-dir a directory (it is created if missing)")
+    if (run_dir / MANIFEST_NAME).exists():  # --run-dir given the --shards value, say
+        raise HarnessError(f"{run_dir}: holds a shard set ({MANIFEST_NAME}); a run's files go in a directory of their own")
 
 
 def make_run_dir(run_dir: Path) -> None:
-    check_is_directory(run_dir)
+    check_run_dir_path(run_dir)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:

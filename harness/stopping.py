@@ -19,8 +19,8 @@ EXIT_STOPPED = 75
 # different ones.
 STOP_SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1")
 
-# Set by harness.torchrun to the signal that came before it started the ranks: each rank
-# starts with that stop requested.
+# Set by harness.torchrun to "SIGNAL:PID" for a signal that came before it (process PID)
+# started the ranks: each rank it started (its child) starts with that stop requested.
 SIGNAL_BEFORE_START = "HARNESS_SIGNAL_BEFORE_START"
 
 
@@ -33,17 +33,21 @@ class StopRequest:
     thread next runs Python code: a rank blocked in a collective gets it when the
     collective returns or times out, after --timeout at most.)"""
 
-    def __init__(self, noted_before: list[int] | tuple[int, ...] = ()):
-        """`noted_before`: signal numbers that came before (while `harness train` imported
-        torch: see errors.signals_held), handled now as they would have been then; so is
-        one that came to harness.torchrun before it started this rank."""
+    def __init__(self):
+        """A signal that came to harness.torchrun before it started this rank is requested
+        at once."""
         self.signal_name: str | None = None
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, self._record)
         signal.signal(signal.SIGINT, self._interrupt)
-        if os.environ.get(SIGNAL_BEFORE_START) in STOP_SIGNALS:
-            self.signal_name = os.environ[SIGNAL_BEFORE_START]
-        for signum in noted_before:
+        name, _, launcher = os.environ.pop(SIGNAL_BEFORE_START, "").partition(":")  # not for this rank's own children
+        if name in STOP_SIGNALS and launcher == str(os.getppid()):  # set by this rank's own launcher, not inherited from further up
+            self.signal_name = name
+
+    def replay(self, signals: list[int]) -> None:
+        """Signals that came before this existed (while `harness train` imported torch:
+        see errors.signals_held), handled as they would have been then."""
+        for signum in signals:
             (self._interrupt if signum == signal.SIGINT else self._record)(signum, None)
 
     def _record(self, signum, frame) -> None:

@@ -32,13 +32,24 @@ from harness.stopping import SIGNAL_BEFORE_START
 
 
 def note_for_the_ranks(signum, frame) -> None:
-    # Only an assignment: the handler may run while torch's import is in C++ code, where
-    # an exception would abort the process (errors.signals_held).
-    os.environ[SIGNAL_BEFORE_START] = signal.Signals(signum).name
+    """The first SIGTERM: for the ranks, which start with it requested (and stop at once);
+    a second one ends this process, as a SIGTERM did (a node left waiting for the others
+    at the rendezvous, up to RDZV_TIMEOUT, can still be ended so)."""
+    # Assignments and os.write only: the handler may run while torch's import is in C++
+    # code, where an exception would abort the process (errors.signals_held).
+    if os.environ.get(SIGNAL_BEFORE_START):
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+        return
+    os.environ[SIGNAL_BEFORE_START] = f"{signal.Signals(signum).name}:{os.getpid()}"
+    os.write(2, b"harness.torchrun: SIGTERM before the ranks have started: they will stop as they start; SIGTERM again to end now\n")
 
 
 def main() -> int:
-    os.environ.pop(SIGNAL_BEFORE_START, None)  # one from a caller's environment is not this job's
+    # Set now, empty, so that the handler replaces a variable rather than adds one (which
+    # can move the environment's array while another thread reads it); an inherited value
+    # is not this job's.
+    os.environ[SIGNAL_BEFORE_START] = ""
     signal.signal(signal.SIGTERM, note_for_the_ranks)
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError

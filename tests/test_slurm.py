@@ -284,7 +284,8 @@ def test_a_rendezvous_port_in_use_is_refused_before_srun(tmp_path):
 def test_a_run_directory_another_run_is_writing_to_is_refused_before_srun(tmp_path):
     """Two jobs given one RUN_DIR: the second's script removed the first run's stopped.json
     before its own run was refused (RUN_DIR/lock), so the first job, stopping, was reported
-    failed and not requeued. Now the script sees the lock held and leaves the file."""
+    failed and not requeued. Now the script sees the lock held, and refuses; and it never
+    removes a stop record, but counts one only if its own attempt wrote it."""
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     (run_dir / "stopped.json").write_text('{"signal": "SIGTERM", "step": 7}')
@@ -300,8 +301,10 @@ def test_a_run_directory_another_run_is_writing_to_is_refused_before_srun(tmp_pa
             "wait for it to end, or set another RUN_DIR")
     assert (result.returncode, result.stderr.strip(), srun_args) == (2, line, [])
     assert (run_dir / "stopped.json").exists()
-    result, srun_args = run_script_with_stubs(tmp_path, "--max-steps", "2")  # the lock is free: the attempt starts, its record gone
-    assert srun_args and not (run_dir / "stopped.json").exists()
+    # The lock is free: the attempt starts, and fails; the record from before is not its stop.
+    result, srun_args = run_script_with_stubs(tmp_path, "--max-steps", "2")
+    assert srun_args and "job 4242: training failed (srun exit status 1); not requeued" in result.stderr
+    assert (run_dir / "stopped.json").exists() and not (tmp_path / "out" / "requeued").exists()
 
 
 def test_sbatch_two_ranks(slurm_job_name, quick_shards, tmp_path):

@@ -58,7 +58,12 @@ class StopRequest:
             raise KeyboardInterrupt
         self._record(signum, frame)
         # os.write, not logging or print: a handler can run while they hold their locks.
-        os.write(2, b"SIGINT: stopping at the next sync point with a checkpoint; Ctrl-C again to stop at once\n")
+        # Under a launcher (LOCAL_RANK set) once per node, and without the advice: torchrun
+        # turns a second Ctrl-C into a SIGTERM to the ranks, which stops them the same way.
+        if "LOCAL_RANK" not in os.environ:
+            os.write(2, b"SIGINT: stopping at the next sync point with a checkpoint; Ctrl-C again to stop at once\n")
+        elif os.environ["LOCAL_RANK"] == "0":
+            os.write(2, b"SIGINT: stopping at the next sync point with a checkpoint\n")
 
     @property
     def requested(self) -> bool:

@@ -11,15 +11,20 @@ preemption) ended with no stop record, and slurm/train.sbatch reported it failed
 requeueing it. Here a handler from this process's start notes the signal in the
 environment the ranks will inherit (HARNESS_SIGNAL_BEFORE_START); each rank then starts
 with that stop requested and stops before training, as on a signal during its start-up
-(harness.train.train), leaving the stop record a batch script requeues on.
+(harness.train.train), leaving the stop record a batch script requeues on. (The variable
+stays in torchrun's environment: with --max-restarts, each restart's ranks stop so again,
+until the restarts are spent; the launchers give none.)
 
 When the ranks fail, torchrun exits with status 1 whatever they exited with; this exits
 with the status of the rank torchrun saw fail first (its "root cause"): 75 when the ranks
 stopped on a signal, 2 for a refused option or input, 1 for a failure, 128+N for a rank
 killed by signal N, as a shell reports a process. It prints torchrun's account of the
-failed ranks without the traceback that leads to it. When torchrun itself gets a signal
-once the ranks run (its handler ends them with it, and waits for them), one line and
-128+N, where torchrun printed a traceback and exited 1. Everything else is torchrun's own.
+failed ranks without the traceback that leads to it, or, for a stop or a refusal, which
+the ranks have explained in one line, one line. When torchrun itself gets a signal once
+the ranks run (its handler passes it on and waits for them), one line and 128+N, where
+torchrun printed a traceback and exited 1: the ranks' status is not known then. A Ctrl-C
+before torchrun has its handler is `interrupted` and 130, not a traceback. Everything
+else is torchrun's own.
 """
 
 from __future__ import annotations
@@ -28,7 +33,8 @@ import os
 import signal
 import sys
 
-from harness.stopping import SIGNAL_BEFORE_START
+from harness.errors import HarnessError
+from harness.stopping import EXIT_STOPPED, SIGNAL_BEFORE_START
 
 
 def note_for_the_ranks(signum, frame) -> None:
@@ -42,7 +48,8 @@ def note_for_the_ranks(signum, frame) -> None:
         os.kill(os.getpid(), signum)
         return
     os.environ[SIGNAL_BEFORE_START] = f"{signal.Signals(signum).name}:{os.getpid()}"
-    os.write(2, b"harness.torchrun: SIGTERM before the ranks have started: they will stop as they start; SIGTERM again to end now\n")
+    os.write(2, b"harness.torchrun: SIGTERM before the ranks have started (once every node has joined): they will stop "
+                b"as they start; another SIGTERM before then ends this at once\n")
 
 
 def main() -> int:
@@ -51,18 +58,31 @@ def main() -> int:
     # is not this job's.
     os.environ[SIGNAL_BEFORE_START] = ""
     signal.signal(signal.SIGTERM, note_for_the_ranks)
+    interrupted: list[int] = []
+    signal.signal(signal.SIGINT, lambda signum, frame: interrupted.append(signum))  # held through torch's import (errors.signals_held)
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun
 
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
+        if interrupted:
+            raise KeyboardInterrupt
         torchrun()
+    except KeyboardInterrupt:  # Ctrl-C before torchrun has its handler (the import, the rendezvous)
+        print("interrupted", file=sys.stderr)
+        return 128 + signal.SIGINT
     except ChildFailedError as e:
-        print(e, file=sys.stderr)
-        return first_failure_status(e)
+        status = first_failure_status(e)
+        if status in (EXIT_STOPPED, HarnessError.exit_status):  # the ranks have said why, in one line
+            print(f"harness.torchrun: the ranks exited with status {status} ({'stopped' if status == EXIT_STOPPED else 'refused'})", file=sys.stderr)
+        else:
+            print(e, file=sys.stderr)  # torchrun's account of the failed ranks, without its traceback
+        return status
     except SignalException as e:
         name = signal.Signals(e.sigval).name
-        print(f"harness.torchrun: {name}: sent to the ranks, which have ended (a stop leaves RUN_DIR/stopped.json)", file=sys.stderr)
+        print(f"harness.torchrun: {name}: passed on to the ranks, which have ended; their last lines say whether they stopped "
+              "(and left stopped.json in the run directory) or finished", file=sys.stderr)
         return 128 + int(e.sigval)
     return 0
 

@@ -136,7 +136,7 @@ def test_a_refused_option_under_the_torchrun_launcher_exits_2(shards, tmp_path):
                             capture_output=True, text=True, timeout=120, env=env)
     assert result.returncode == 2, result.stderr[-3000:]
     assert "error: --batch-size 7 is not divisible by the world size 2" in result.stdout + result.stderr
-    assert "exitcode  : 2" in result.stderr and "Traceback" not in result.stderr
+    assert "harness.torchrun: the ranks exited with status 2 (refused)" in result.stderr and "Traceback" not in result.stderr
 
 
 @pytest.mark.parametrize(("exitcode", "status"), [(2, 2), (75, 75), (1, 1), (-9, 137), (-15, 143)])

@@ -100,9 +100,10 @@ def check_writable(directory: Path, what: str) -> None:
 
 def write_stop_record(run_dir: Path, step: int, signal_name: str) -> None:
     """The run stopped on a signal at `step`, its newest checkpoint's (or a fresh run's 0:
-    a signal during start-up stops it before training). Under torchrun the exit status 75
-    does not reach the launcher, so a batch script reads this file to tell such a stop
-    (requeue, resume) from a failure. The caller holds the run directory's lock."""
+    a signal during start-up stops it before training). Under a launcher the exit status
+    75 need not reach a batch script (a torchrun signalled too exits with its own), so the
+    script reads this file to tell such a stop (requeue, resume) from a failure. The
+    caller holds the run directory's lock."""
     write_json_atomic(Path(run_dir) / STOPPED, {"step": step, "signal": signal_name})
 
 

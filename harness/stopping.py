@@ -11,8 +11,9 @@ import os
 import signal
 
 # sysexits' EX_TEMPFAIL: "temporary failure, the user is invited to retry": run again and
-# the run resumes from its checkpoint. A process run alone exits with it; under torchrun
-# the status is lost, so slurm/train.sbatch requeues on RUN_DIR/stopped.json instead.
+# the run resumes from its checkpoint. A process run alone exits with it, and so does
+# harness.torchrun when the ranks alone got the signal; a torchrun signalled too exits
+# otherwise, so slurm/train.sbatch requeues on RUN_DIR/stopped.json instead.
 EXIT_STOPPED = 75
 
 # The signals a stop can come from, in the order a stop names them when the ranks got

@@ -50,7 +50,6 @@ def prepare_run_dir(run_dir: Path, resuming: bool) -> tuple[Path, RunDirLock]:
     run after an epoch of training (and after its metrics line was written).
     """
     run_dir = Path(run_dir)
-    check_run_dir_path(run_dir)
     if not resuming:
         checkpoints = any((run_dir / CHECKPOINT_DIR).glob("step-*"))  # committed ones (a write's temporary file is .step-*)
         for name, refused in (("metrics.jsonl", checkpoints), ("summary.json", True)):

@@ -28,12 +28,13 @@ def pick_device(requested: str, local_rank: int) -> torch.device:
     if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        raise HarnessError(f"--device {requested} was asked for but CUDA is not available")
+        # Every rank of a node meets this alike: each node's first rank prints it.
+        raise AgreedError(f"--device {requested} was asked for but CUDA is not available")
     visible = torch.cuda.device_count()
     if requested.startswith("cuda:"):
         index = int(requested.split(":", 1)[1])
         if index >= visible:
-            raise HarnessError(f"--device {requested}: this process sees {visible} GPU(s)")
+            raise AgreedError(f"--device {requested}: this process sees {visible} GPU(s)")
         torch.cuda.set_device(index)
         return torch.device("cuda", index)
     if local_rank >= visible:

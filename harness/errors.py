@@ -36,6 +36,11 @@ class OptionParser(argparse.ArgumentParser):
         printed = prints_what_every_rank_meets()
         self.exit(EXIT_USAGE, f"error: {self.prog}: {message} ({self.prog} --help lists the options)\n" if printed else None)
 
+    def print_help(self, file=None) -> None:
+        # Likewise --help: `launch/torchrun.sh 4 --help` printed the 60 lines four times.
+        if prints_what_every_rank_meets():
+            super().print_help(file)
+
 
 def given(text: str, hint: str = "") -> str:
     """argparse type of an option that names a file, directory, URL or preset: not empty.

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from helpers import free_port
 
 from harness.checkpoint import checkpoint_to_resume
@@ -137,6 +138,20 @@ def test_a_refused_option_under_the_torchrun_launcher_exits_2(shards, tmp_path):
     assert result.returncode == 2, result.stderr[-3000:]
     assert "error: --batch-size 7 is not divisible by the world size 2" in result.stdout + result.stderr
     assert "harness.torchrun: the ranks exited with status 2 (refused)" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="--device cuda is refused only where CUDA is absent")
+def test_help_and_a_missing_gpu_are_printed_once_per_node_under_the_torchrun_launcher(shards, tmp_path):
+    """Every rank parses the same command line and meets a missing GPU alike: two ranks
+    printed `--help`'s 60 lines twice, and the CUDA error twice."""
+    env = {**os.environ, "SHARDS": str(shards), "RUN_DIR": str(tmp_path / "run")}
+    launcher = ["bash", str(ROOT / "launch" / "torchrun.sh"), "2"]
+    result = subprocess.run([*launcher, "--help"], capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("usage: harness train") == 1 and "--resume" in result.stdout, result.stdout
+    result = subprocess.run([*launcher, "--device", "cuda"], capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert (result.stdout + result.stderr).count("error: --device cuda was asked for but CUDA is not available") == 1, result.stderr
 
 
 @pytest.mark.parametrize(("exitcode", "status"), [(2, 2), (75, 75), (1, 1), (-9, 137), (-15, 143)])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import io
@@ -209,6 +210,24 @@ def kill_tree(process: subprocess.Popen) -> None:
     if process.poll() is None:
         signal_tree(process, signal.SIGKILL)
         process.wait()
+
+
+@contextlib.contextmanager
+def lock_held_by_another_process(run_dir: Path):
+    """Another process holds `run_dir`'s lock (RunDirLock) within; yields that process.
+    It lets go when its stdin closes, and is killed if it has not ended 30 s after."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from harness.run_lock import RunDirLock; lock = RunDirLock(sys.argv[1]); print('locked', flush=True); sys.stdin.read()",
+         str(run_dir)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        yield holder
+    finally:
+        try:
+            holder.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            kill_tree(holder)
+            raise
 
 
 def run_cli(*args, timeout: float = 600, env: dict | None = None, cwd: Path = ROOT) -> subprocess.CompletedProcess:

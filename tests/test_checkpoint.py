@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import SMALL_RUN, Payload, checkpointed_run, checksum, run, scalar_events, summary, tiny_training_objects, train_command, train_ok, write_source
+from helpers import SMALL_RUN, Payload, checkpointed_run, checksum, lock_held_by_another_process, run, scalar_events, summary, tiny_training_objects, train_command, train_ok, write_source
 
 from harness import checkpoint as ckpt
 from harness.atomic import write_bytes_atomic
@@ -507,30 +507,17 @@ def test_a_run_into_a_directory_another_run_is_writing_to_is_refused_before_it_w
     first run's curves in TensorBoard, and failed only when the two met at a checkpoint's
     step. A process holding the lock stands in for the first run here, with an
     unfinished write and checkpoints that such a resume would have moved."""
-    import subprocess
-    import sys
-
     run_dir = tmp_path / "run"
     train_ok(shards, run_dir, *SMALL_RUN, "--max-steps", "10", "--checkpoint-every", "5")
     (run_dir / "summary.json").unlink()  # as while the first run trains
     (run_dir / "checkpoints" / ".step-00000015.pt.tmp-99999").write_bytes(b"being written")
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys; from harness.run_lock import RunDirLock; lock = RunDirLock(sys.argv[1]); print('locked', flush=True); sys.stdin.read()",
-         str(run_dir)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline() == "locked\n"
+    with lock_held_by_another_process(run_dir) as holder:
         before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
         result = run(train_command(shards, run_dir, *SMALL_RUN, "--max-steps", "15", "--checkpoint-every", "5"))
         assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
         assert f"error: {run_dir}: another run is writing to it (its lock file names pid {holder.pid} on " in result.stderr
         assert "wait for it to end, or pick a new --run-dir" in result.stderr and "Traceback" not in result.stderr
         assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
-    finally:
-        try:
-            holder.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            holder.kill()
-            raise
     # The lock goes with its process: the same command now resumes.
     result = run(train_command(shards, run_dir, *SMALL_RUN, "--max-steps", "15", "--checkpoint-every", "5"))
     assert result.returncode == 0 and "resuming from" in result.stdout + result.stderr, result.stderr[-2000:]

@@ -18,14 +18,13 @@ import re
 import signal
 import socket
 import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import final_weights, max_param_diff, summary, train_ok
+from helpers import final_weights, lock_held_by_another_process, max_param_diff, summary, train_ok
 from test_distributed import FIFTY_STEPS_TOLERANCE
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -289,14 +288,8 @@ def test_a_run_directory_another_run_is_writing_to_is_refused_before_srun(tmp_pa
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     (run_dir / "stopped.json").write_text('{"signal": "SIGTERM", "step": 7}')
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys; from harness.run_lock import RunDirLock; lock = RunDirLock(sys.argv[1]); print('locked', flush=True); sys.stdin.read()",
-         str(run_dir)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT)
-    try:
-        assert holder.stdout.readline() == "locked\n"
+    with lock_held_by_another_process(run_dir) as holder:
         result, srun_args = run_script_with_stubs(tmp_path, "--max-steps", "2")
-    finally:
-        holder.communicate(timeout=30)
     line = (f"slurm/train.sbatch: RUN_DIR {run_dir}: another run is writing to it (its lock file names pid {holder.pid} on {socket.gethostname()}); "
             "wait for it to end, or set another RUN_DIR")
     assert (result.returncode, result.stderr.strip(), srun_args) == (2, line, [])

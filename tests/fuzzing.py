@@ -10,8 +10,9 @@ both splits for shard sets, `load_newest_valid` (what `--resume auto` does) for
 checkpoints. The invariant, checked for every case:
 
 - it is accepted, and what was read equals an independent decoding of the mutated input
-  (tarfile + np.load(allow_pickle=False), gzip + struct, a plain CSV split): no
-  unchecked byte is trained on; or
+  (tarfile + np.load(allow_pickle=False), gzip + struct, a plain CSV split; for a
+  checkpoint, its marker's size, SHA-256 and step recomputed, and torch.load's state
+  compared bit for bit): no unchecked byte is trained on; or
 - it is refused with exactly one stderr line `error: ...` that names a file of the input
   (for checkpoints: a warning naming the skipped file, and the previous one is used);
 - and never a Python traceback or any other exception, never more than CASE_TIMEOUT_S
@@ -24,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import gzip
+import hashlib
 import io
 import json
 import logging
@@ -492,8 +494,6 @@ def mutate_checkpoint(rng, run_dir: Path) -> Path:
         return marker
     pt.write_bytes(mutate_bytes(rng, pt.read_bytes()) if rng.random() < 0.8 else pickle.dumps(Payload(run_dir / "payload-ran")))
     if rng.random() < 0.8:  # resealed: the bytes reach torch.load
-        import hashlib
-
         payload = pt.read_bytes()
         meta = json.loads(marker.read_text())
         marker.write_text(json.dumps({**meta, "bytes": len(payload), "sha256": hashlib.sha256(payload).hexdigest()}))
@@ -526,9 +526,51 @@ def check_markers(kind: str, seeds: Seeds, case_dir: Path, rng) -> str:
         return "failure: no checkpoint was found, though step 1 is intact"
     step = found[1]["loop"]["step"]
     if step == 2:
-        return "accepted" if not records.messages else f"failure: step 2 used after warnings {records.messages}"
+        if records.messages:
+            return f"failure: step 2 used after warnings {records.messages}"
+        return independently_verified_checkpoint(run_dir / "checkpoints" / "step-00000002.json", found[1])
     named = [m for m in records.messages if "skipping checkpoint" in m and mutated.stem in m]
     return "refused_by_name" if step == 1 and named else f"refused_other: step {step}, warnings {records.messages}"
+
+
+def independently_verified_checkpoint(marker: Path, loaded: dict) -> str:
+    """"accepted" if the (mutated) marker is a well-formed record of its .pt's size, SHA-256
+    and step, and `loaded` is what torch.load alone reads from that .pt; else the failure."""
+    try:
+        meta = json.loads(marker.read_bytes())
+    except ValueError:
+        return "failure: accepted a marker that is not JSON"
+    payload = marker.with_suffix(".pt").read_bytes()
+    expected = {"file": marker.with_suffix(".pt").name, "bytes": len(payload), "sha256": hashlib.sha256(payload).hexdigest(), "step": 2}
+    if not isinstance(meta, dict) or any(meta.get(key) != value or type(meta.get(key)) is not type(value) for key, value in expected.items()):
+        return f"failure: accepted a marker that does not record its checkpoint ({meta!r:.200})"
+    if type(meta.get("epoch")) is not int or meta["epoch"] < 0:
+        return f"failure: accepted a marker whose epoch is {meta.get('epoch')!r:.50}"
+    decoded = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+    difference = first_difference(decoded, loaded)
+    return "accepted" if difference is None else f"failure: the loaded state differs from the file at {difference}"
+
+
+def first_difference(a, b, where: str = "state") -> str | None:
+    """Where two loaded states first differ (types, keys, values; tensors bit for bit), or None."""
+    if type(a) is not type(b):
+        return f"{where} ({type(a).__name__} against {type(b).__name__})"
+    if isinstance(a, torch.Tensor):
+        def as_bytes(t):  # bit for bit: a mutated value may be a NaN, which torch.equal finds unequal to itself
+            return t.detach().contiguous().reshape(-1).view(torch.uint8)
+
+        same = a.dtype == b.dtype and a.shape == b.shape and torch.equal(as_bytes(a), as_bytes(b))
+        return None if same else where
+    if isinstance(a, dict):
+        if list(a) != list(b):
+            return f"{where} (keys)"
+        return next((d for k in a if (d := first_difference(a[k], b[k], f"{where}[{k!r}]"))), None)
+    if isinstance(a, (list, tuple)):
+        if len(a) != len(b):
+            return f"{where} (length)"
+        return next((d for i, (x, y) in enumerate(zip(a, b)) if (d := first_difference(x, y, f"{where}[{i}]"))), None)
+    same = a == b or (isinstance(a, float) and a != a and b != b)  # NaN, as a mutated float may be
+    return None if same else where
 
 
 class _ListHandler(logging.Handler):

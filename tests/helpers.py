@@ -8,12 +8,14 @@ import hashlib
 import io
 import json
 import os
+import queue
 import re
 import signal
 import socket
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 from pathlib import Path
 
@@ -228,6 +230,37 @@ def lock_held_by_another_process(run_dir: Path):
         except subprocess.TimeoutExpired:
             kill_tree(holder)
             raise
+
+
+class LineReader:
+    """A child's output pipe, read line by line on a thread, so that a test waits for a line
+    with a deadline: a process that stalls without a word fails the test in `timeout`
+    seconds, not at pytest-timeout's limit. `readline` returns "" at the end of output."""
+
+    def __init__(self, stream):
+        self.lines: queue.Queue[str] = queue.Queue()
+        self.thread = threading.Thread(target=self._read, args=(stream,), daemon=True)
+        self.thread.start()
+
+    def _read(self, stream) -> None:
+        for line in stream:
+            self.lines.put(line)
+        self.lines.put("")
+
+    def readline(self, timeout: float) -> str:
+        try:
+            return self.lines.get(timeout=timeout)
+        except queue.Empty:
+            raise AssertionError(f"no output line within {timeout} s") from None
+
+    def rest(self, timeout: float) -> str:
+        """All output up to its end (the process, and whatever shares its pipe, has ended)."""
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), f"the output did not end within {timeout} s"
+        lines = []
+        while not self.lines.empty() and (line := self.lines.get_nowait()):
+            lines.append(line)
+        return "".join(lines)
 
 
 def run_cli(*args, timeout: float = 600, env: dict | None = None, cwd: Path = ROOT) -> subprocess.CompletedProcess:

@@ -191,6 +191,7 @@ def test_the_captured_update_is_the_eager_update(preset):
         pairs += [(eager.optimizer.state[p]["momentum_buffer"], graphed.optimizer.state[q]["momentum_buffer"]) for p, q in pairs]
         # the update wrote into the buffers made before it (a graph holds their addresses)
         assert all(graphed.optimizer.state[q]["momentum_buffer"] is b for q, b in zip(graphed.model.parameters(), buffers))
+    assert len(pairs) == len(list(eager.model.parameters())) * (2 if eager.group["momentum"] else 1)
     assert all(torch.equal(a, b) for a, b in pairs)
     assert not torch.equal(pairs[0][0], next(graphed_step(preset).model.parameters()))  # the weights moved
 
@@ -205,7 +206,8 @@ def test_the_update_uses_a_loaded_checkpoints_buffers_and_its_schedules_lr():
     step = graphed_step("lenet")
     step.optimizer.load_state_dict(source.optimizer.state_dict())  # as Trainer.restore does
     loaded = [step.optimizer.state[p]["momentum_buffer"] for p in step.model.parameters()]
-    assert all(b is a for a, b in zip(loaded, step.create_momentum_buffers()))
+    made = step.create_momentum_buffers()
+    assert len(made) == len(loaded) == len(list(step.model.parameters())) and all(b is a for a, b in zip(loaded, made))
     assert all(a.abs().sum() > 0 for a in loaded)
     step.optimizer.param_groups[0]["lr"] = 0.5  # the schedule's next lr
     step.sync_lr()

@@ -597,4 +597,6 @@ def test_a_rank_0_that_beats_but_never_finishes_fails_after_rank0_timeout():
     with _heartbeat(store, "harness/main/1/beat", interval=0.05), pytest.raises(CommunicationError) as error:
         waiting._wait_for_main(store, "harness/main/1", "validation")
     assert str(error.value) == "rank 0's validation took longer than --rank0-timeout 0.3 s"
+    # Gives up at --rank0-timeout 0.3 s though the beats go on; 5 s: a wait for the 10 s
+    # --timeout, or one that beats kept alive, would exceed it.
     assert 0.3 < time.monotonic() - started < 5

@@ -45,13 +45,16 @@ def test_unit_is_pixels_over_255(images, stats):
 def test_standardize_gives_the_training_set_zero_mean_unit_std(images, stats):
     x = Normalizer("standardize", stats, CPU)(images).double()
     expected = (images.double() / 255 - stats["mean"]) / stats["std"]
+    # float32 against float64 arithmetic on values up to ~3: 1e-5 is ~50 float32 ulps. The
+    # mean and std: rounding, with wide headroom; the test set's statistics instead of the
+    # training set's would move the mean by 6e-3.
     assert torch.allclose(x[:, 0], expected, atol=1e-5)
     assert abs(x.mean().item()) < 1e-5 and abs(x.std().item() - 1) < 1e-3
 
 
 def test_unit_minus_pixel_mean_centres_every_pixel(images, stats):
     x = Normalizer("unit_minus_pixel_mean", stats, CPU)(images).double()
-    assert torch.allclose(x[:, 0], images.double() / 255 - images.double().mean(0) / 255, atol=1e-6)
+    assert torch.allclose(x[:, 0], images.double() / 255 - images.double().mean(0) / 255, atol=1e-6)  # float32 on values in [-1, 1]
     assert x.mean(0).abs().max().item() < 1e-6
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import free_port
+from helpers import free_port, run
 
 from harness.checkpoint import checkpoint_to_resume
 from harness.cli import build_parser as build_cli_parser
@@ -133,8 +133,7 @@ def test_a_refused_option_under_the_torchrun_launcher_exits_2(shards, tmp_path):
     shell as 1, and with a traceback. launch/torchrun.sh starts it as harness.torchrun,
     which passes the first failed rank's status on."""
     env = {**os.environ, "SHARDS": str(shards), "RUN_DIR": str(tmp_path / "run")}
-    result = subprocess.run(["bash", str(ROOT / "launch" / "torchrun.sh"), "2", "lenet", "--batch-size", "7", "--device", "cpu"],
-                            capture_output=True, text=True, timeout=120, env=env)
+    result = run(["bash", ROOT / "launch" / "torchrun.sh", "2", "lenet", "--batch-size", "7", "--device", "cpu"], timeout=120, env=env)
     assert result.returncode == 2, result.stderr[-3000:]
     assert "error: --batch-size 7 is not divisible by the world size 2" in result.stdout + result.stderr
     assert "harness.torchrun: the ranks exited with status 2 (refused)" in result.stderr and "Traceback" not in result.stderr
@@ -146,10 +145,10 @@ def test_help_and_a_missing_gpu_are_printed_once_per_node_under_the_torchrun_lau
     printed `--help`'s 60 lines twice, and the CUDA error twice."""
     env = {**os.environ, "SHARDS": str(shards), "RUN_DIR": str(tmp_path / "run")}
     launcher = ["bash", str(ROOT / "launch" / "torchrun.sh"), "2"]
-    result = subprocess.run([*launcher, "--help"], capture_output=True, text=True, timeout=120, env=env)
+    result = run([*launcher, "--help"], timeout=120, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("usage: harness train") == 1 and "--resume" in result.stdout, result.stdout
-    result = subprocess.run([*launcher, "--device", "cuda"], capture_output=True, text=True, timeout=120, env=env)
+    result = run([*launcher, "--device", "cuda"], timeout=120, env=env)
     assert result.returncode == 2, result.stderr[-3000:]
     assert (result.stdout + result.stderr).count("error: --device cuda was asked for but CUDA is not available") == 1, result.stderr
 
@@ -188,8 +187,8 @@ def test_a_node_whose_partners_never_join_says_so_and_gives_up_after_rdzv_timeou
     node is at the rendezvous' address, so it hosts it: the timeout that applies.)"""
     port = free_port()
     started = time.monotonic()
-    result = subprocess.run(["bash", str(ROOT / "launch" / "multinode.sh"), "2", f"127.0.0.1:{port}", "1", "--max-steps", "2"],
-                            capture_output=True, text=True, timeout=120, env={**os.environ, "RDZV_TIMEOUT": "3", "SHARDS": str(tmp_path)})
+    result = run(["bash", ROOT / "launch" / "multinode.sh", "2", f"127.0.0.1:{port}", "1", "--max-steps", "2"], timeout=120,
+                 env={"RDZV_TIMEOUT": "3", "SHARDS": str(tmp_path)})
     assert result.stderr.startswith(f"launch/multinode.sh: waiting up to 3 s (RDZV_TIMEOUT) for 2 node(s) to join at 127.0.0.1:{port} (")
     assert result.returncode != 0 and "RendezvousTimeoutError" in result.stderr, result.stderr[-3000:]
     assert time.monotonic() - started < 60  # 3 s, and torchrun's start-up and shutdown
@@ -208,8 +207,7 @@ def test_launchers_take_options_without_a_preset(script, tmp_path):
     directory here shows that the options reached the harness."""
     command, env = {"dev": (["launch/dev.sh"], {}), "torchrun": (["launch/torchrun.sh", "1"], {})}.get(script) or \
         multinode_alone(free_port(), script == "multinode-environment")
-    result = subprocess.run(["bash", str(ROOT / command[0]), *command[1:], "--max-steps", "3"], capture_output=True, text=True, timeout=120,
-                            env={**os.environ, "SHARDS": str(tmp_path / "none"), **env})
+    result = run(["bash", ROOT / command[0], *command[1:], "--max-steps", "3"], timeout=120, env={"SHARDS": str(tmp_path / "none"), **env})
     output = result.stdout + result.stderr
     assert result.returncode != 0 and f"error: {tmp_path / 'none'}: shard directory not found" in output, output[-3000:]
     assert "expected one argument" not in output

@@ -185,14 +185,14 @@ def mount_point(tmp_path):
     directory.mkdir()
     if shutil.which("mount") is None:
         pytest.skip("no mount command")
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32m", "tmpfs", str(directory)], check=False, capture_output=True, text=True)
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32m", "tmpfs", str(directory)], check=False, capture_output=True, text=True, timeout=30)
     if result.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip() or result.returncode}")
     try:
         assert directory.stat().st_dev != tmp_path.stat().st_dev
         yield directory
     finally:
-        subprocess.run(["umount", str(directory)], check=True)
+        subprocess.run(["umount", str(directory)], check=True, timeout=30)
 
 
 def test_pack_into_a_mount_point(source, tmp_path, mount_point, capsys):

@@ -236,6 +236,7 @@ def test_predict_shard_images(run_dir, mnist_shards, test_digits, capsys):
     assert [r["label"] for r in rows] == labels[:12].tolist()
     assert [r["predicted"] for r in rows] == independent_classes(run_dir, mnist_shards, images[:12]).tolist()
     for row in rows:
+        # Printed to 6 decimals (predict.py): ten roundings of at most 5e-7 each.
         assert sum(row["probabilities"]) == pytest.approx(1, abs=1e-4) and len(row["probabilities"]) == 10
         assert row["predicted"] == int(np.argmax(row["probabilities"]))
     status, text, _ = cli(capsys, "predict", run_dir, "--shards", mnist_shards, "--index", "0")

@@ -32,7 +32,8 @@ def test_sigkill_then_resume_is_bitwise_exact(quick_shards, tmp_path, reference)
     assert checksum(run_dir) == reference[1]
     # The split of the loop's time is this process's: the epoch's steps before the kill are not in it.
     parts = summary(run_dir)["loop_seconds_by_part"]
-    assert parts["other"] > -0.01 and sum(parts.values()) == pytest.approx(summary(run_dir)["total_seconds"], abs=0.01), parts
+    # Rounded to 1e-4 s each (loop_breakdown): five parts sum to the total within 2.5e-4.
+    assert parts["other"] >= -1e-3 and sum(parts.values()) == pytest.approx(summary(run_dir)["total_seconds"], abs=1e-3), parts
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in metrics] == [1]
     # Steps logged before the kill and redone after it are shown once (purge_step).

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import select
 import signal
 import socket
 import subprocess
@@ -119,8 +120,11 @@ def submit(name: str, shards: Path, run_dir: Path, output: Path, *train_args: st
 
 
 def job_id_of(proc: subprocess.Popen) -> str:
-    line = proc.stdout.readline().strip()  # --parsable prints the id at once, before --wait waits
+    # --parsable prints the id at once, before --wait waits: a minute covers a busy controller.
+    line = proc.stdout.readline().strip() if select.select([proc.stdout], [], [], 60)[0] else ""
     if not line:
+        if proc.poll() is None:
+            proc.kill()
         proc.wait(timeout=60)
         pytest.fail(f"sbatch failed (exit {proc.returncode}): {proc.stderr.read()}")
     return line.split(";")[0]

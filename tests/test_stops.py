@@ -14,7 +14,7 @@ import time
 import psutil
 import pytest
 import torch
-from helpers import (PAUSE, ROOT, SMALL_RUN, checkpointed_run, checksum, free_port, kill_tree, run, run_cli, scalar_steps, signal_tree, start_and_signal, summary,
+from helpers import (PAUSE, ROOT, SMALL_RUN, LineReader, checkpointed_run, checksum, free_port, kill_tree, run, run_cli, scalar_steps, signal_tree, start_and_signal, summary,
                      train_command, train_ok, wait_for)
 
 from harness import checkpoint as ckpt
@@ -113,14 +113,15 @@ def test_sigterm_during_start_up_stops_before_training_for_a_requeue(quick_shard
     run_dir = tmp_path / "run"
     process = subprocess.Popen(checkpointed_run(quick_shards, run_dir, nproc=nproc), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    output = []
+    output, reader = [], LineReader(process.stdout)
     try:
-        for line in process.stdout:  # EOF if the run ends without the line
+        while line := reader.readline(timeout=120):  # "" if the run ends without the line
             output.append(line)
             if line.startswith("run directory "):  # rank 0's first line, once every rank has joined
                 signal_tree(process, signal.SIGTERM)
                 break
-        output.append(process.communicate(timeout=120)[0])
+        process.wait(timeout=120)
+        output.append(reader.rest(timeout=30))
     finally:
         if process.poll() is None:
             signal_tree(process, signal.SIGKILL)
@@ -227,9 +228,10 @@ def test_a_second_sigterm_ends_harness_torchrun_while_it_waits_for_the_other_nod
     try:
         poll_until(lambda: catches(process.pid, signal.SIGTERM) or process.poll() is not None, 60, "harness.torchrun's handler")
         process.send_signal(signal.SIGTERM)
-        line = process.stderr.readline()
+        reader = LineReader(process.stderr)
+        line = reader.readline(timeout=30)
         while line.startswith(("W", "I", " ", "*")):  # torchrun's own log lines
-            line = process.stderr.readline()
+            line = reader.readline(timeout=30)
         assert line == ("harness.torchrun: SIGTERM before the ranks have started (once every node has joined): they will stop "
                         "as they start; another SIGTERM before then ends this at once\n")
         time.sleep(1.0)

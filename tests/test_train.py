@@ -133,12 +133,14 @@ def test_metrics_jsonl_contract(lenet_run):
     # The rate is the epoch's images over its measured training time, and that time lies
     # inside the wall time the test measured around the whole command.
     assert 0 < row["epoch_seconds"] < wall
+    # Two float64 operations apart (rounding ~1e-16); a miscount by one 100-image step is 1.7e-4.
     assert row["train_samples_per_s"] * row["epoch_seconds"] == pytest.approx(LENET_STEPS * 100, rel=1e-6)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert row["epoch_seconds"] < summary["total_seconds"] < wall
     # The loop's time by part: the one epoch's steps, and parts that add up to the total.
     parts = summary["loop_seconds_by_part"]
     assert parts.keys() == {"steps", "validation", "epoch_outputs", "checkpoints", "other"}
+    # The parts are rounded to 1e-4 s (loop_breakdown): 5e-5 each, 2.5e-4 for the sum of five.
     assert parts["steps"] == pytest.approx(row["epoch_seconds"], abs=1e-4)
     assert min(parts["validation"], parts["epoch_outputs"], parts["checkpoints"]) > 0 and parts["other"] >= -1e-3
     assert sum(parts.values()) == pytest.approx(summary["total_seconds"], abs=1e-3)
@@ -356,6 +358,8 @@ def test_holdout_validation_and_early_stopping(mnist_shards, mnist_dir, tmp_path
         holdout = torch.from_numpy(read_idx_gz(mnist_dir / "train-images-idx3-ubyte.gz")[50000:].copy()).float().div(255)
         labels = torch.from_numpy(read_idx_gz(mnist_dir / "train-labels-idx1-ubyte.gz")[50000:].astype(np.int64))
         loss = torch.nn.functional.cross_entropy(model(holdout.unsqueeze(1)), labels).item()
+    # float32 sums in another order (the harness's batches against one batch here): ~1e-7
+    # relative; a loss on the wrong images or weights differs by far more than 1e-5.
     assert metrics[-1]["val_loss"] == pytest.approx(loss, rel=1e-5)
     report = json.loads((run_dir / "test_report.json").read_text())
     assert report["set"] == "test" and [c["support"] for c in report["classes"]] == MNIST_TEST_HISTOGRAM

@@ -29,15 +29,20 @@ else is torchrun's own.
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import sys
+from collections.abc import Callable
 
 from harness.errors import HarnessError
 from harness.stopping import EXIT_STOPPED, SIGNAL_BEFORE_START
 
 
-def note_for_the_ranks(signum, frame) -> None:
+EXPLAINED = {EXIT_STOPPED: "stopped", HarnessError.exit_status: "refused"}  # statuses whose ranks print why, in one line
+
+
+def note_for_the_ranks(name: str, signum, frame) -> None:
     """The first SIGTERM: for the ranks, which start with it requested (and stop at once);
     a second one ends this process, as a SIGTERM did (a node left waiting for the others
     at the rendezvous, up to RDZV_TIMEOUT, can still be ended so)."""
@@ -48,40 +53,51 @@ def note_for_the_ranks(signum, frame) -> None:
         os.kill(os.getpid(), signum)
         return
     os.environ[SIGNAL_BEFORE_START] = f"{signal.Signals(signum).name}:{os.getpid()}"
-    os.write(2, b"harness.torchrun: SIGTERM before the ranks have started (once every node has joined): they will stop "
+    os.write(2, name.encode() + b": SIGTERM before the ranks have started (once every node has joined): they will stop "
                 b"as they start; another SIGTERM before then ends this at once\n")
 
 
 def main() -> int:
+    def start_torchrun() -> None:
+        from torch.distributed.run import main as torchrun
+
+        torchrun()
+
+    return run_launcher(start_torchrun, "harness.torchrun")
+
+
+def run_launcher(start: Callable[[], object], name: str) -> int:
+    """Run a launcher that starts the ranks through torchrun's elastic agent (`start`: torchrun's
+    main, or accelerate launch's), with the SIGTERM and exit-status handling above; `name`
+    leads its lines."""
     # Set now, empty, so that the handler replaces a variable rather than adds one (which
     # can move the environment's array while another thread reads it); an inherited value
     # is not this job's.
     os.environ[SIGNAL_BEFORE_START] = ""
-    signal.signal(signal.SIGTERM, note_for_the_ranks)
+    signal.signal(signal.SIGTERM, functools.partial(note_for_the_ranks, name))
     interrupted: list[int] = []
     signal.signal(signal.SIGINT, lambda signum, frame: interrupted.append(signum))  # held through torch's import (errors.signals_held)
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.run import main as torchrun
 
     signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         if interrupted:
             raise KeyboardInterrupt
-        torchrun()
+        start()
     except KeyboardInterrupt:  # Ctrl-C before torchrun has its handler (the import, the rendezvous)
         print("interrupted", file=sys.stderr)
         return 128 + signal.SIGINT
     except ChildFailedError as e:
         status = first_failure_status(e)
-        if status in (EXIT_STOPPED, HarnessError.exit_status):  # the ranks have said why, in one line
-            print(f"harness.torchrun: the ranks exited with status {status} ({'stopped' if status == EXIT_STOPPED else 'refused'})", file=sys.stderr)
+        if status in EXPLAINED:  # the ranks have said why, in one line
+            print(f"{name}: the ranks exited with status {status} ({EXPLAINED[status]})", file=sys.stderr)
         else:
             print(e, file=sys.stderr)  # torchrun's account of the failed ranks, without its traceback
         return status
     except SignalException as e:
-        name = signal.Signals(e.sigval).name
-        print(f"harness.torchrun: {name}: passed on to the ranks, which have ended; their last lines say whether they stopped "
+        signame = signal.Signals(e.sigval).name
+        print(f"{name}: {signame}: passed on to the ranks, which have ended; their last lines say whether they stopped "
               "(and left stopped.json in the run directory) or finished", file=sys.stderr)
         return 128 + int(e.sigval)
     return 0

@@ -9,6 +9,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source launch/env.sh
+if [[ ${1:-} == -h || ${1:-} == --help ]]; then
+  echo "usage: launch/accelerate.sh N [PRESET] [options...]; the options are harness train's:"
+  exec python3 -m harness train --help
+fi
 N=${1:-}
 [[ $N =~ ^[1-9][0-9]*$ ]] || { echo "launch/accelerate.sh: N is the number of processes, got '$N' (usage: launch/accelerate.sh N [PRESET] [options...])" >&2; exit 2; }
 shift
@@ -19,6 +23,8 @@ if [ -n "${RUN_DIR:-}" ]; then RUN_DIR_OPTION=(--run-dir "$RUN_DIR"); fi
 # accelerate starts torchrun: as in launch/torchrun.sh, a store per attempt keeps an
 # elastically restarted group from reading the last attempt's addresses (pytorch/pytorch#135712).
 export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
-exec accelerate launch --config_file launch/accelerate.yaml --num_processes "$N" \
+# harness.accelerate_launch: accelerate launch, passing the ranks' exit status on (75 for a
+# stop, 2 for bad input) and honouring a SIGTERM that comes before the ranks start.
+exec python3 -m harness.accelerate_launch --config_file launch/accelerate.yaml --num_processes "$N" \
   ${MAIN_PROCESS_PORT:+--main_process_port "$MAIN_PROCESS_PORT"} \
   -m harness train --preset "$PRESET" --shards "${SHARDS:-shards}" "${RUN_DIR_OPTION[@]}" "$@"

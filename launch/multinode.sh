@@ -20,6 +20,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source launch/env.sh
 usage="usage: launch/multinode.sh NNODES HOST:PORT NPROC_PER_NODE [PRESET] [options...]"
+if [[ ${1:-} == -h || ${1:-} == --help ]]; then
+  echo "$usage"; echo "(or with NNODES, RDZV_ENDPOINT and NPROC_PER_NODE set: launch/multinode.sh [PRESET] [options...]); the options are harness train's:"
+  exec python3 -m harness train --help
+fi
 if [[ ${1:-} =~ ^[0-9]+$ ]]; then
   [ $# -ge 3 ] || { echo "launch/multinode.sh: NNODES, HOST:PORT and NPROC_PER_NODE go together ($usage)" >&2; exit 2; }
   NNODES=$1 RDZV_ENDPOINT=$2 NPROC_PER_NODE=$3

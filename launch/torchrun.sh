@@ -6,6 +6,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source launch/env.sh
+if [[ ${1:-} == -h || ${1:-} == --help ]]; then
+  echo "usage: launch/torchrun.sh N [PRESET] [options...]; the options are harness train's:"
+  exec python3 -m harness train --help
+fi
 N=${1:-}
 [[ $N =~ ^[1-9][0-9]*$ ]] || { echo "launch/torchrun.sh: N is the number of processes, got '$N' (usage: launch/torchrun.sh N [PRESET] [options...])" >&2; exit 2; }
 shift

@@ -128,15 +128,25 @@ def test_launcher_process_count_checked(script, args):
     assert "Traceback" not in result.stderr
 
 
-def test_a_refused_option_under_the_torchrun_launcher_exits_2(shards, tmp_path):
+@pytest.mark.parametrize(("script", "wrapper"), [("torchrun.sh", "harness.torchrun"), ("accelerate.sh", "harness.accelerate_launch")])
+def test_a_refused_option_under_a_launcher_exits_2_in_one_line(shards, tmp_path, script, wrapper):
     """torchrun exits 1 when ranks fail, whatever their status: a refused option reached the
-    shell as 1, and with a traceback. launch/torchrun.sh starts it as harness.torchrun,
-    which passes the first failed rank's status on."""
-    env = {**os.environ, "SHARDS": str(shards), "RUN_DIR": str(tmp_path / "run")}
-    result = run(["bash", ROOT / "launch" / "torchrun.sh", "2", "lenet", "--batch-size", "7", "--device", "cpu"], timeout=120, env=env)
+    shell as 1, and with a traceback (accelerate launch: some forty lines). The launchers
+    start them through harness.torchrun's handling, which passes the first failed rank's
+    status on."""
+    env = {"SHARDS": str(shards), "RUN_DIR": str(tmp_path / "run"), "MAIN_PROCESS_PORT": str(free_port())}
+    result = run(["bash", ROOT / "launch" / script, "2", "lenet", "--batch-size", "7", "--device", "cpu"], timeout=120, env=env)
     assert result.returncode == 2, result.stderr[-3000:]
     assert "error: --batch-size 7 is not divisible by the world size 2" in result.stdout + result.stderr
-    assert "harness.torchrun: the ranks exited with status 2 (refused)" in result.stderr and "Traceback" not in result.stderr
+    assert f"{wrapper}: the ranks exited with status 2 (refused)" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("script", ["torchrun.sh", "accelerate.sh", "multinode.sh"])
+def test_a_launchers_help_is_its_usage_and_harness_trains_options(script):
+    """`launch/torchrun.sh --help` was refused as a process count of '--help'."""
+    result = run(["bash", ROOT / "launch" / script, "--help"], timeout=60)
+    assert result.returncode == 0 and result.stdout.startswith(f"usage: launch/{script} "), result.stdout[:300] + result.stderr[-2000:]
+    assert result.stdout.count("usage: harness train") == 1 and "--resume" in result.stdout
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="--device cuda is refused only where CUDA is absent")

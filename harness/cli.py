@@ -100,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", type=given_path, metavar="RUN_DIR_OR_CHECKPOINT", help="a run directory, its model.pt, or a checkpoint (step-N.pt)")
     p.add_argument("images", type=Path, nargs="*", metavar="IMAGE", help="PNG or JPEG pictures of one digit each (any size, colour, polarity)")
     p.add_argument("--shards", type=given, help="classify images of this shard set, a directory or URL (with --index)")
-    p.add_argument("--split", default="test", choices=("train", "test"), help="split of --shards (default test)")
+    p.add_argument("--split", choices=("train", "test"), help="split of --shards (default test)")
     p.add_argument("--index", type=int, nargs="+", metavar="N", help="image numbers in the split")
     p.add_argument("--json", action="store_true", help="print the predictions as one JSON object")
     p.set_defaults(function=cmd_predict, parser=p)

@@ -168,12 +168,20 @@ def predictions(names: list[str], images: np.ndarray, trained: Trained, labels: 
     ]
 
 
-def shard_images(shards: str | Path, split: str, indices: list[int]) -> tuple[list[str], np.ndarray, list[int]]:
+def shard_images(shards: str | Path, split: str, indices: list[int]) -> tuple[list[str], np.ndarray, list[int], list[dict]]:
+    """The split's images at `indices`, and an error for each index outside it: as for
+    image files, one bad index does not cost the others their predictions."""
     from harness.data.shard_set import ShardSplit, check_indices
 
     images, labels = ShardSplit(shards, split).load_all()
-    check_indices(shards, split, indices, len(labels))
-    return [f"{split}[{i}]" for i in indices], images[indices], [int(labels[i]) for i in indices]
+    inside, errors = [], []
+    for i in indices:
+        try:
+            check_indices(shards, split, [i], len(labels))
+            inside.append(i)
+        except HarnessError as e:
+            errors.append({"input": f"{split}[{i}]", "error": str(e)})
+    return [f"{split}[{i}]" for i in inside], images[inside], [int(labels[i]) for i in inside], errors
 
 
 def file_images(paths: list[Path]) -> tuple[list[str], np.ndarray, list[None], list[dict]]:
@@ -201,14 +209,15 @@ def format_prediction(row: dict) -> str:
 
 def run_predict(args) -> int:
     if bool(args.images) == (args.index is not None):
-        given = "both" if args.images else "neither"
+        given = "both" if args.images else "--shards but no --index" if args.shards else "neither"
         raise HarnessError(f"give image files, or --shards DIR --index N (one of the two; {given} given)")
+    if args.images and args.split is not None:
+        raise HarnessError("--split: chooses the split of --shards DIR --index N, not used for image files")
     trained = load_trained(args.model, args.shards)
-    errors = []
     if args.images:
         names, images, labels, errors = file_images(args.images)
     else:
-        names, images, labels = shard_images(args.shards, args.split, args.index)
+        names, images, labels, errors = shard_images(args.shards, args.split or "test", args.index)
     for error in errors:
         print(f"error: {error['error']}", file=sys.stderr)
     rows = predictions(names, images, trained, labels)  # [] when no picture could be read

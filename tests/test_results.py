@@ -321,7 +321,21 @@ def test_predict_errors_are_clear(run_dir, tmp_path, capsys):
     status, _, err = cli(capsys, "predict", tmp_path, tmp_path / "blank.png")
     assert status == 2 and "neither model.pt nor a valid checkpoint" in err
     status, _, err = cli(capsys, "predict", run_dir)
-    assert status == 2 and "give image files, or --shards DIR --index N" in err
+    assert status == 2 and "give image files, or --shards DIR --index N (one of the two; neither given)" in err
+    status, _, err = cli(capsys, "predict", run_dir, "--shards", tmp_path)
+    assert status == 2 and "(one of the two; --shards but no --index given)" in err
+    status, _, err = cli(capsys, "predict", run_dir, tmp_path / "blank.png", "--split", "train")
+    assert status == 2 and err == "error: --split: chooses the split of --shards DIR --index N, not used for image files\n"
+
+
+def test_an_index_outside_the_split_costs_the_others_nothing(run_dir, mnist_shards, capsys):
+    """As a bad picture among several: `--index 9999 10000 --json` printed no JSON at all,
+    and no prediction for 9999, only the error."""
+    status, out, err = cli(capsys, "predict", run_dir, "--shards", mnist_shards, "--index", "9999", "10000", "--json")
+    printed = json.loads(out)
+    assert status == 2 and [r["input"] for r in printed["predictions"]] == ["test[9999]"]
+    line = f"{mnist_shards}: --index 10000 is outside the test split's 10000 images"
+    assert printed["errors"] == [{"input": "test[10000]", "error": line}] and err == f"error: {line}\n"
 
 
 def test_a_bad_picture_among_several_costs_the_others_nothing(run_dir, test_digits, tmp_path, capsys):

@@ -738,7 +738,9 @@ def test_test_report_with_a_negative_count_is_refused(tmp_path):
 def test_an_index_outside_the_split_is_refused(shards, capsys, index):
     """--index outside the split is refused, below it too (-1 would classify the last image
     as test[-1]), by predict and show alike."""
-    with pytest.raises(HarnessError, match=f"--index {index} is outside the test split's 50 images"):
-        predict_command.shard_images(shards, "test", [index])
+    names, images, labels, errors = predict_command.shard_images(shards, "test", [index, 3])
+    _, all_labels = ShardSplit(shards, "test").load_all()
+    assert (names, labels, len(images)) == (["test[3]"], [int(all_labels[3])], 1)  # the index inside is still read
+    assert errors == [{"input": f"test[{index}]", "error": f"{shards}: --index {index} is outside the test split's 50 images"}]
     rc, _, err = cli(capsys, "show", "--shards", shards, "--split", "test", "--index", str(index))
     assert_one_error(rc, err, f"{shards}: --index {index} is outside the test split's 50 images")

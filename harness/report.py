@@ -26,6 +26,9 @@ from harness.run_files import REPORT_DIR, SUMMARY_SCHEMA, TEST_REPORT_SCHEMA, lo
 from harness.validation import existing_directory
 
 PICTURES = ("training_curves", "filters", "confusion_matrix")
+# What a run directory holds, one or more of them from its start on (checkpoints/ and
+# stopped.json: a run stopped before its first epoch's end).
+RUN_FILES = ("metrics.jsonl", "summary.json", "model.pt", "test_report.json", "stopped.json", "checkpoints/")
 FILTERS_WIDTH = 10.0  # inches; at 100 dpi, 1,000 pixels
 
 
@@ -52,8 +55,11 @@ def curves_figure(metrics: list[dict], before_training: dict | None = None) -> F
     for axes in (losses, accuracy):
         axes.grid(alpha=0.3)
         axes.legend()
-        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+        # min_n_ticks=1: with one or two epochs shown, their own ticks (by default the locator
+        # gave up on integers there and ticked 0.72, 0.80, ...).
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
         axes.set_xlim(min(epochs) - 0.3, max(epochs) + 0.3)
+    accuracy.set_ylim(top=min(accuracy.get_ylim()[1], 100.5))  # not up to 103%, around a single point
     return figure
 
 
@@ -221,13 +227,17 @@ def drawing_problem(weights: torch.Tensor) -> str | None:
 def write_report(run_dir: Path) -> tuple[list[Path], list[str]]:
     """Draw a finished (or running) run's pictures into RUN_DIR/report/: (written, skipped reasons)."""
     run_dir = existing_directory(Path(run_dir), "run directory", "give the run directory (the one holding metrics.jsonl)")
-    metrics = read_metrics(run_dir)
-    summary = read_run_json(run_dir / "summary.json", SUMMARY_SCHEMA, "run summary") if (run_dir / "summary.json").is_file() else {}
+    if not any((run_dir / name.rstrip("/")).exists() for name in RUN_FILES):
+        raise HarnessError(f"{run_dir}: not a run directory (it holds none of {', '.join(RUN_FILES)})")
+    metrics = read_metrics(run_dir) if (run_dir / "metrics.jsonl").exists() else []
+    finished = (run_dir / "summary.json").is_file()
+    summary = read_run_json(run_dir / "summary.json", SUMMARY_SCHEMA, "run summary") if finished else {}
     state = load_weights(run_dir / "model.pt") if (run_dir / "model.pt").is_file() else None
     report = read_run_json(run_dir / "test_report.json", TEST_REPORT_SCHEMA, "test report") if (run_dir / "test_report.json").is_file() else None
     figures = run_figures(metrics, state, report and report["confusion"], summary.get("before_training"))
-    why_not = {"training_curves": "metrics.jsonl holds no epoch yet", "filters": "no model.pt (the run has not finished)",
-               "confusion_matrix": "no test_report.json (the run has not finished)"}
+    why = "" if finished else " (the run has not finished)"  # with summary.json, a file is missing for another reason
+    why_not = {"training_curves": "metrics.jsonl holds no epoch yet" if (run_dir / "metrics.jsonl").exists() else f"no metrics.jsonl{why}",
+               "filters": f"no model.pt{why}", "confusion_matrix": f"no test_report.json{why}"}
     skipped = []
     for name in (name for name in PICTURES if name not in figures):
         skipped.append(f"{name}: {why_not[name]}")

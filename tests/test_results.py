@@ -29,6 +29,7 @@ import pytest
 import torch
 from helpers import MNIST_TEST_HISTOGRAM, cli, final_weights, run_cli, train_ok
 from PIL import Image
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 
 from harness import predict as predict_module
 from harness.digit_image import load_digit, mnist_style
@@ -206,13 +207,47 @@ def test_report_of_a_run_with_no_epoch_yet_says_so(tmp_path, capsys):
     assert (tmp_path / "report" / "training_curves.png").read_bytes() == b"earlier"
 
 
+def test_report_of_a_finished_run_missing_files_or_of_one_stopped_early(run_dir, tmp_path, capsys):
+    """A finished run's missing model.pt was said to be a run that had not finished, and a
+    missing metrics.jsonl refused the whole report; a run stopped in its first epoch (a
+    checkpoint and stopped.json) was called not a run directory."""
+    import shutil
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(run_dir, damaged)
+    shutil.rmtree(damaged / "report", ignore_errors=True)
+    (damaged / "metrics.jsonl").unlink()
+    (damaged / "model.pt").unlink()
+    status, out, _ = cli(capsys, "report", damaged)
+    assert status == 0 and sorted(p.name for p in (damaged / "report").iterdir()) == ["confusion_matrix.png"], out
+    assert "skipped training_curves: no metrics.jsonl\n" in out and "skipped filters: no model.pt\n" in out, out
+    stopped = tmp_path / "stopped"
+    (stopped / "checkpoints").mkdir(parents=True)
+    (stopped / "stopped.json").write_text('{"signal": "SIGINT", "step": 300}')
+    status, out, _ = cli(capsys, "report", stopped)
+    assert status == 0 and out.splitlines() == [
+        "skipped training_curves: no metrics.jsonl (the run has not finished)", "skipped filters: no model.pt (the run has not finished)",
+        "skipped confusion_matrix: no test_report.json (the run has not finished)"], out
+
+
+def test_the_curves_of_one_epoch_are_ticked_at_that_epoch():
+    """One epoch's curves were ticked at 0.72, 0.80, ... 1.28, and the accuracy axis ran to 103%."""
+    figure = curves_figure([{"epoch": 1, "train_loss": 0.3, "val_loss": 0.1, "val_accuracy": 0.9849}])
+    FigureCanvasAgg(figure).draw()
+    for axes in figure.axes:
+        assert [t for t in axes.get_xticks() if axes.get_xlim()[0] <= t <= axes.get_xlim()[1]] == [1]
+    assert figure.axes[1].get_ylim()[1] <= 100.5
+
+
 def test_report_errors_are_clear(tmp_path, capsys):
     assert cli(capsys, "report", tmp_path / "missing")[::2] == (2, f"error: {tmp_path / 'missing'}: run directory not found\n")
     (tmp_path / "model.pt").write_bytes(b"")  # a file of the run, given for the run
     message = f"error: {tmp_path / 'model.pt'}: not a directory; give the run directory (the one holding metrics.jsonl)\n"
     assert cli(capsys, "report", tmp_path / "model.pt")[::2] == (2, message)
+    (tmp_path / "model.pt").unlink()
     status, _, err = cli(capsys, "report", tmp_path)
-    assert status == 2 and err.startswith(f"error: {tmp_path}: no metrics.jsonl")
+    assert status == 2 and err == (f"error: {tmp_path}: not a run directory (it holds none of metrics.jsonl, summary.json, model.pt, "
+                                   "test_report.json, stopped.json, checkpoints/)\n")
 
 
 # --- predict --------------------------------------------------------------------------------------

@@ -24,7 +24,8 @@ the ranks have explained in one line, one line. When torchrun itself gets a sign
 the ranks run (its handler passes it on and waits for them), one line and 128+N, where
 torchrun printed a traceback and exited 1: the ranks' status is not known then. A Ctrl-C
 before torchrun has its handler is `interrupted` and 130, not a traceback. Everything
-else is torchrun's own.
+else is torchrun's own. harness.accelerate_launch runs accelerate launch, which starts
+the ranks through torchrun's agent too, the same way (run_launcher).
 """
 
 from __future__ import annotations

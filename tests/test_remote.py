@@ -109,12 +109,18 @@ def test_transient_failures_are_retried(server, shards, tmp_path, kind):
     assert cache_listing(tmp_path / "cache") == ([path.name], [])
 
 
-def test_a_connection_that_always_drops_fails_after_the_attempts(server, shards, tmp_path):
+def test_a_connection_that_always_drops_fails_after_the_attempts(server, shards, tmp_path, caplog):
+    """Each failed attempt but the last is a warning as it happens (a server that never
+    answered was five minutes of silence before its error), then one error."""
     shard = train_shards(shards)[0]
     server.fail(shard["name"], "drop")
     start = time.monotonic()
-    with pytest.raises(HarnessError) as error:
+    with pytest.raises(HarnessError) as error, caplog.at_level("WARNING", logger="harness"):
         fetch(remote(server.url, tmp_path / "cache", attempts=4), shard)
+    url = server.url + shard["name"]
+    retries = [r.getMessage() for r in caplog.records]
+    assert [m.split(" (attempt ")[1] for m in retries] == [f"{n} of 4; trying again in {0.01 * 2 ** (n - 1):g} s)" for n in (1, 2, 3)]
+    assert all(m.startswith(f"{url}: ") and "ended after" in m for m in retries), retries
     message = str(error.value)
     assert message.startswith(server.url + shard["name"] + ": ") and "after 4 attempts" in message, message
     assert f"ended after {shard['bytes'] // 2} of {shard['bytes']} bytes" in message, message

@@ -13,8 +13,8 @@ cache under `--shard-cache-limit-gb`.
 
 Networks fail: a refused or dropped connection, a timeout, HTTP 5xx or 429 (and a
 command that exits non-zero) are retried with exponential backoff; a wrong size, a wrong
-digest or another HTTP 4xx would only fail again, so they fail at once. Every failure is
-one HarnessError naming the URL (or command).
+digest or another HTTP 4xx would only fail again, so they fail at once. Each retry is
+a warning line; every failure is one HarnessError naming the URL (or command).
 
 The ranks on one node share a cache directory: a per-shard `flock` makes one of them
 download a shard while the others wait and then find it cached. They wait as long as the
@@ -31,6 +31,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import http.client
+import logging
 import os
 import re
 import select
@@ -49,6 +50,8 @@ from harness.data.download import CHUNK, Watchdog, open_watched
 from harness.data.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES
 from harness.errors import HarnessError
 from harness.validation import one_line
+
+log = logging.getLogger("harness")
 
 PIPE = "pipe:"
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]*$")  # a plain file name: no '/', no leading '.'
@@ -347,7 +350,12 @@ class RemoteShards:
             if not failure.transient:
                 raise HarnessError(f"{url}: {one_line(failure)} (after {attempt} attempt{'s' * (attempt > 1)}; not retried)")
             if attempt < self.attempts:
-                self.cancelled.wait(self.backoff_s * 2 ** (attempt - 1))
+                # Said at once: a server that never answers costs minutes over all the
+                # attempts (each waits up to timeout_s for the connection, the headers and
+                # the first bytes), which were silent before.
+                delay = self.backoff_s * 2 ** (attempt - 1)
+                log.warning(f"{url}: {one_line(failure)} (attempt {attempt} of {self.attempts}; trying again in {delay:g} s)")
+                self.cancelled.wait(delay)
         raise HarnessError(f"{url}: {one_line(failure)} (after {self.attempts} attempt{'s' * (self.attempts > 1)})")
 
     def _attempt(self, url: str, target: Path, cap: int, sha256: str | None) -> None:

@@ -36,7 +36,7 @@ from harness.compile_choice import GRAPHED_MODES, compile_mode, compiler_unusabl
 from harness.config import TrainConfig, add_config_options, build_config, preset_names
 from harness.cuda_graph import GraphedStep, compile_with_inductor
 from harness.data.manifest import shard_set_sha256
-from harness.data.shard_set import ShardSource, ShardSplit
+from harness.data.shard_set import ShardSource, ShardSplit, names_a_url
 from harness.data.stream import MacroBatch, MacroBatchStream
 from harness.default_run_dir import default_run_dir, remove_if_unused
 from harness.device import autocast, set_deterministic
@@ -799,8 +799,6 @@ def train(config: TrainConfig, shards: str | Path, run_dir: Path | None, resume:
         setup_logging(ctx.rank)
         run_dir = run_dir or default_run_dir(name or config.model, ctx)
         log.info(f"run directory {run_dir}")
-        if cache_limit_gb is not None and not (math.isfinite(cache_limit_gb) and cache_limit_gb > 0):
-            raise AgreedError(f"--shard-cache-limit-gb {cache_limit_gb}: give a positive number of gigabytes")
         limit = None if cache_limit_gb is None else int(cache_limit_gb * 1e9)
         source = open_shards(ctx, shards, cache_dir, limit, stop_request, run_dir)
         summary = Trainer(config, source, run_dir, ctx, resume, stop_request).fit()
@@ -821,6 +819,16 @@ def run_dir_option(text: str) -> Path:
     return Path(given(text, "give a directory, or leave --run-dir out"))
 
 
+def positive_gigabytes(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{text!r}: give a positive number of gigabytes")
+    return value
+
+
 def resume_option(text: str) -> str:
     return given(text, "give auto, never, or a checkpoint's step-N.pt")
 
@@ -838,7 +846,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
         "and shards are fetched into --shard-cache",
     )
     parser.add_argument("--shard-cache", type=given_path, help="shards from a URL are kept in its shards/ folder (default ~/.cache/mnist-harness, or $HARNESS_CACHE)")
-    parser.add_argument("--shard-cache-limit-gb", type=float, help="evict least recently used cached shards beyond this size (default: no limit)")
+    parser.add_argument("--shard-cache-limit-gb", type=positive_gigabytes, help="evict least recently used cached shards beyond this size (default: no limit)")
     parser.add_argument(
         "--run-dir", type=run_dir_option,
         help="where metrics, TensorBoard events and checkpoints go "
@@ -856,6 +864,9 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
 def run_from_args(args: argparse.Namespace) -> int:
     try:
         config = build_config(args.preset, args)
+        cache_options = [o for o, v in (("--shard-cache", args.shard_cache), ("--shard-cache-limit-gb", args.shard_cache_limit_gb)) if v is not None]
+        if cache_options and not names_a_url(args.shards):  # ignored before, silently
+            raise HarnessError(f"{' and '.join(cache_options)}: for shards from a URL; --shards {args.shards} is a local directory")
     except HarnessError as e:  # from the command line and the launcher's environment, alike on every rank of a node
         raise AgreedError(str(e)) from None
     try:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import free_port, run
+from helpers import cli, free_port, run
 
 from harness.checkpoint import checkpoint_to_resume
 from harness.cli import build_parser as build_cli_parser
@@ -346,3 +346,19 @@ def test_an_empty_run_dir_is_refused(capsys, tmp_path, monkeypatch, given):
     err = capsys.readouterr().err
     assert exit.value.code == 2 and err.startswith("error: harness train: argument --run-dir: empty (an unset shell variable?)"), err
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(("args", "line"), [
+    (["--shard-cache-limit-gb", "0"], "error: harness train: argument --shard-cache-limit-gb: '0': give a positive number of gigabytes"),
+    (["--shard-cache-limit-gb", "nan"], "error: harness train: argument --shard-cache-limit-gb: 'nan': give a positive number of gigabytes"),
+    (["--shard-cache", "cache"], "error: --shard-cache: for shards from a URL; --shards {shards} is a local directory"),
+    (["--shard-cache", "c", "--shard-cache-limit-gb", "1"], "error: --shard-cache and --shard-cache-limit-gb: for shards from a URL; --shards {shards} is a local directory"),
+])
+def test_shard_cache_options_are_checked_before_the_run_starts(shards, capsys, args, line):
+    """A bad cache limit was refused after the run had named its directory (a second line,
+    for a directory it never made); with a local shard directory both options were ignored."""
+    try:
+        status, out, err = cli(capsys, "train", "--shards", str(shards), "--max-steps", "1", *args)
+    except SystemExit as e:  # argparse's error ends the process (the harness's parser, as any)
+        status, (out, err) = e.code, capsys.readouterr()
+    assert (status, out) == (2, "") and err.startswith(line.format(shards=shards)) and err.count("\n") == 1, err

@@ -32,6 +32,12 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("HARNESS_CACHE") or Path.home() / ".cache" / "mnist-harness")
 
 
+def names_a_url(location: str | Path) -> bool:
+    """Whether ShardSource fetches `location` into the cache: a URL written as text (only if
+    no such local path exists: a directory named `pipe:cat` is a directory)."""
+    return isinstance(location, str) and is_remote(location) and not os.path.lexists(location)
+
+
 class ShardSource:
     """A shard set's manifest and shard files, from a directory or through a cache from a URL
     (`remote.is_remote`: https://, http://, gs://, sftp://, ftps://, scp:// or
@@ -47,7 +53,7 @@ class ShardSource:
         # exists: a directory named `pipe:cat` is a directory.
         if isinstance(location, str) and location.startswith("file://") and not os.path.lexists(location):
             location = location[len("file://") :]  # file:///data/shards is /data/shards
-        if isinstance(location, str) and is_remote(location) and not os.path.lexists(location):
+        if names_a_url(location):
             self.remote = RemoteShards(self.location, Path(cache_dir or default_cache_dir()), cache_limit_bytes)
             with self.remote.fetches_cancelled_when(cancel_when), self.remote.fetched_manifest() as fetched:
                 try:

@@ -83,6 +83,14 @@ def existing_directory(path: Path, what: str, hint: str) -> Path:
     return path
 
 
+def missing_or_not_a_file(path: Path) -> str:
+    """What is wrong with a path where a regular file was wanted and none was found: it is
+    missing, or a directory or something else stands there (a user would look for the file)."""
+    if not os.path.lexists(path):
+        return "is missing"
+    return "is a directory, not a file" if os.path.isdir(path) else "is not a regular file"
+
+
 def open_regular_file(path):
     """`path` opened for reading in binary, if it is a regular file; OSError otherwise. It is
     opened without blocking, then checked: open() of a FIFO would wait for a writer forever,

@@ -280,6 +280,21 @@ def test_missing_manifest(shards, capsys):
     assert_one_error(rc, err, str(shards / "manifest.json"), "manifest not found")
 
 
+def test_a_directory_where_the_manifest_or_a_shard_belongs_is_called_one(shards, capsys):
+    """Both were reported missing: a user looking for the file found it there."""
+    import json
+
+    shard = shards / json.loads((shards / "manifest.json").read_text())["splits"]["test"]["shards"][0]["name"]
+    shard.unlink()
+    shard.mkdir()
+    rc, _, err = cli(capsys, "show", "--shards", shards, "--split", "test", "--index", "0")
+    assert_one_error(rc, err, f"{shard}: shard listed in manifest.json is a directory, not a file")
+    (shards / "manifest.json").unlink()
+    (shards / "manifest.json").mkdir()
+    rc, _, err = cli(capsys, "show", "--shards", shards, "--index", "0")
+    assert_one_error(rc, err, f"{shards / 'manifest.json'}: is a directory, not a file; a shard set's manifest is a JSON file")
+
+
 def test_shard_directory_missing(tmp_path, capsys):
     rc, _, err = cli(capsys, "show", "--shards", tmp_path / "nowhere", "--index", "0")
     assert_one_error(rc, err, "nowhere", "not found")
@@ -291,7 +306,7 @@ def test_shards_that_name_a_file_or_an_unknown_url_scheme(shards, capsys):
     rc, _, err = cli(capsys, "show", "--shards", shards / "manifest.json", "--index", "0")
     assert_one_error(rc, err, f"{shards / 'manifest.json'}: is a file; --shards names the shard directory")
     rc, _, err = cli(capsys, "show", "--shards", "s3://bucket/mnist/", "--index", "0")
-    assert_one_error(rc, err, "--shards s3://bucket/mnist/: no reader for s3:// locations", "'pipe:aws s3 cp s3://BUCKET/PATH/{name} -'")
+    assert_one_error(rc, err, "--shards s3://bucket/mnist/: no reader for s3:// locations", "https://, http://,", "file:// URL", "'pipe:aws s3 cp s3://BUCKET/PATH/{name} -'")
 
 
 def test_manifest_not_json(shards, capsys):

@@ -15,12 +15,13 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 from pathlib import Path
 
 from harness.data.blocks import max_shard_bytes
 from harness.data.sources import IMAGE_SHAPE, NUM_CLASSES
 from harness.errors import HarnessError
-from harness.validation import first_violation, read_json_file
+from harness.validation import first_violation, missing_or_not_a_file, read_json_file
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -102,8 +103,10 @@ def load_manifest(shard_dir: Path) -> dict:
         raise HarnessError(f"{shard_dir}: is a file; --shards names the shard directory (the one holding {MANIFEST_NAME})")
     if not shard_dir.is_dir():
         raise HarnessError(f"{shard_dir}: shard directory not found (run `harness pack` first)")
-    if not path.is_file():
+    if not os.path.lexists(path):
         raise HarnessError(f"{path}: manifest not found; {shard_dir} holds no packed shard set (run `harness pack`)")
+    if not path.is_file():
+        raise HarnessError(f"{path}: {missing_or_not_a_file(path)}; a shard set's manifest is a JSON file")
     manifest = read_json_file(path, MAX_MANIFEST_BYTES, "manifest")
     version = manifest.get("format_version") if isinstance(manifest, dict) else None
     if isinstance(manifest, dict) and version != FORMAT_VERSION:

@@ -25,6 +25,7 @@ from harness.data.records import IndexedBlock, index_shard, read_rows
 from harness.data.remote import COMMAND_SCHEMES, RemoteShards, is_remote
 from harness.data.sources import sha256_of
 from harness.errors import HarnessError
+from harness.validation import missing_or_not_a_file
 
 
 def default_cache_dir() -> Path:
@@ -64,7 +65,7 @@ class ShardSource:
             if isinstance(location, str) and re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", location) and not os.path.lexists(location):
                 raise HarnessError(
                     f"--shards {location}: no reader for {location.split('://')[0]}:// locations; give a directory, an "
-                    f"{', '.join(('https://', *COMMAND_SCHEMES))} URL, or 'pipe:COMMAND {{name}}' (e.g. 'pipe:aws s3 cp s3://BUCKET/PATH/{{name}} -')"
+                    f"{', '.join(('https://', 'http://', *COMMAND_SCHEMES, 'file://'))} URL, or 'pipe:COMMAND {{name}}' (e.g. 'pipe:aws s3 cp s3://BUCKET/PATH/{{name}} -')"
                 )
             self.directory = Path(location)
             self.manifest = load_manifest(self.directory)
@@ -101,9 +102,9 @@ class ShardSource:
             path = self.shard_path(split, i)
             try:
                 return open(path, "rb", buffering=0)
-            except FileNotFoundError:
+            except (FileNotFoundError, IsADirectoryError):
                 if not self.remote or attempt == 2:
-                    raise HarnessError(f"{path}: shard listed in {MANIFEST_NAME} is missing") from None
+                    raise HarnessError(f"{path}: shard listed in {MANIFEST_NAME} {missing_or_not_a_file(path)}") from None
             except OSError as e:
                 raise HarnessError(f"{path}: cannot be opened ({e.strerror or e})") from None
 
@@ -117,7 +118,7 @@ class ShardSource:
         for shard in shards:
             path = self.directory / shard["name"]
             if not path.is_file():
-                raise HarnessError(f"{path}: shard listed in {MANIFEST_NAME} is missing")
+                raise HarnessError(f"{path}: shard listed in {MANIFEST_NAME} {missing_or_not_a_file(path)}")
             size = path.stat().st_size
             if size != shard["bytes"]:
                 raise HarnessError(f"{path}: shard is {size} bytes; {MANIFEST_NAME} records {shard['bytes']} (corrupt or truncated)")

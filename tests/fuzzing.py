@@ -323,7 +323,8 @@ def reference_csv(directory: Path) -> dict | None:
     arrays = {}
     for name, split in (("mnist_train.csv", "train"), ("mnist_test.csv", "test")):
         lines = [line.removesuffix(b"\r") for line in (directory / name).read_bytes().split(b"\n")]
-        if lines and not re.fullmatch(rb"[ \t]*[+-]?[0-9]+[ \t]*", lines[0].split(b",")[0]):
+        first = lines[0].split(b",") if lines else []
+        if len(first) == 785 and not any(re.fullmatch(rb"[ \t]*[+-]?[0-9]+[ \t]*", field) for field in first):  # a header
             lines = lines[1:]
         rows = [line.split(b",") for line in lines if line.strip(b" \t")]
         if not rows or any(len(r) != 785 or not all(re.fullmatch(rb"[ \t]*[+-]?[0-9]+[ \t]*", f) for f in r) for r in rows):

@@ -5,13 +5,17 @@ from __future__ import annotations
 import hashlib
 import http.server
 import json
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import idx_bytes, run_cli
+from helpers import ROOT, assert_one_error, cli, idx_bytes, run_cli, wait_for
 
 from harness.cli import main as cli_main
 from harness.data.download import MIRRORS, MNIST_FILES, MNIST_MD5, MNIST_SHA256, Published, download_mnist
@@ -304,3 +308,93 @@ def test_pack_into_existing_shards_refuses_before_downloading(mirror, generated,
     assert rc == 2 and "already holds shards" in capsys.readouterr().err
     assert mirror.requests == []
     assert (out / "manifest.json").read_text() == "{}"
+
+
+# --- partial files, and the options checked before a download ---------------------------------------
+
+
+def part_files(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir() if ".part-" in p.name)
+
+
+def start_slow_pack(mirror, mnist_dir: Path, download_dir: Path, out: Path) -> subprocess.Popen:
+    """`harness pack --source download` from a mirror that trickles the first file (a byte
+    every 50 ms), once its part file is there. SIGINT as from a terminal (see test_pack)."""
+    url = mirror.serve("slow", {name: (mnist_dir / name).read_bytes() for name in MNIST_MD5})
+    mirror.server.slow.add("/slow/train-images-idx3-ubyte.gz")
+    command = [sys.executable, "-m", "harness", "pack", "--source", "download", "--mirror", url, "--download-dir", str(download_dir), "--out", str(out)]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **NO_PROXY},
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        wait_for(lambda: (download_dir.is_dir() and part_files(download_dir)) or process.poll() is not None, 120, "the part file")
+        assert process.poll() is None, process.communicate()
+    except BaseException:
+        process.kill()
+        process.wait()
+        raise
+    return process
+
+
+@pytest.mark.parametrize("sig,status,line", [(signal.SIGTERM, 143, "terminated"), (signal.SIGINT, 130, "interrupted")], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_during_a_download_leaves_no_part_file(mirror, mnist_dir, tmp_path, sig, status, line):
+    """Ctrl-C or a SIGTERM mid-download ends the pack with one line and 128 + the signal,
+    and removes its part file (it was removed only for a failed download, and piled up)."""
+    download_dir = tmp_path / "dl"
+    process = start_slow_pack(mirror, mnist_dir, download_dir, tmp_path / "out")
+    try:
+        process.send_signal(sig)
+        _, err = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert (process.returncode, err.strip().splitlines()[-1:]) == (status, [line]), err[-3000:]
+    assert part_files(download_dir) == [] and not (tmp_path / "out").exists()
+
+
+def test_part_files_of_dead_processes_are_removed_a_live_ones_kept(mirror, mnist_dir, tmp_path, capsys):
+    """A SIGKILLed download leaves its part file (nothing runs to remove it): the next
+    download into the directory removes it, and says so. One of a process that still runs
+    (another pack downloading into the same directory) is left alone."""
+    download_dir = tmp_path / "dl"
+    process = start_slow_pack(mirror, mnist_dir, download_dir, tmp_path / "out")
+    process.kill()
+    process.communicate(timeout=60)
+    killed = f".train-images-idx3-ubyte.gz.part-{process.pid}"
+    assert part_files(download_dir) == [killed]
+    live = download_dir / f".t10k-images-idx3-ubyte.gz.part-{os.getppid()}"  # pytest's parent runs
+    live.write_bytes(b"being downloaded")
+    not_ours = download_dir / ".notes.txt.part-1"  # not a file the download writes
+    not_ours.write_bytes(b"keep")
+    url = mirror.serve("fast", {name: (mnist_dir / name).read_bytes() for name in MNIST_MD5})
+    download_mnist(download_dir, mirrors=[url], timeout_s=10)
+    assert capsys.readouterr().out == f"removed 1 partial download(s) of processes that no longer run: {killed}\n"
+    assert part_files(download_dir) == sorted([live.name, not_ours.name])
+    assert sorted(p.name for p in download_dir.iterdir() if not p.name.startswith(".")) == sorted(MNIST_MD5)
+
+
+def test_download_dir_that_is_a_file_is_refused_before_downloading(mirror, generated, tmp_path, capsys):
+    """It was the OS's `File exists` (status 1); now one error naming the option, status 2."""
+    files, _ = generated
+    url = mirror.serve("m", files)
+    (tmp_path / "some-file").write_text("not a directory\n")
+    for download_dir, problem in ((tmp_path / "some-file", "not a directory"), (tmp_path / "some-file" / "dl", f"{tmp_path / 'some-file'} is not a directory")):
+        rc, _, err = cli(capsys, "pack", "--source", "download", "--mirror", url, "--download-dir", download_dir, "--out", tmp_path / "out")
+        assert_one_error(rc, err, f"--download-dir {download_dir}: {problem}")
+    assert mirror.requests == [] and sorted(p.name for p in tmp_path.iterdir()) == ["some-file"]
+
+
+@pytest.mark.parametrize("url", ["127.0.0.1:18081", "localhost:8080/mnist/", "ftp://127.0.0.1/mnist/", "http:///mnist/", "http://[::1/mnist/"])
+def test_mirror_that_is_not_a_url_is_refused_before_the_download_dir_is_made(tmp_path, capsys, url):
+    """It was urllib's `unknown url type: 127.0.0.1` on every file, after --download-dir was made."""
+    rc, _, err = cli(capsys, "pack", "--source", "download", "--mirror", url, "--download-dir", tmp_path / "dl", "--out", tmp_path / "out")
+    assert_one_error(rc, err, f"--mirror {url}: not an http://, https:// or file:// URL")
+    assert sorted(tmp_path.iterdir()) == []
+
+
+def test_a_file_url_mirror_is_read(generated, tmp_path):
+    """file:// mirrors (a local copy of one) are read as http ones are, and checked alike."""
+    files, table = generated
+    (tmp_path / "copy").mkdir()
+    for name, body in files.items():
+        (tmp_path / "copy" / name).write_bytes(body)
+    dest = download_mnist(tmp_path / "dl", mirrors=[(tmp_path / "copy").as_uri() + "/"], files=table, timeout_s=10)
+    assert {p.name: p.read_bytes() for p in dest.iterdir()} == files

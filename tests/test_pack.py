@@ -475,6 +475,36 @@ def test_a_signal_during_a_pack_leaves_nothing_behind(mnist_dir, tmp_path, sig, 
     assert sorted(p.name for p in tmp_path.iterdir()) == [], "the pack left files behind"
 
 
+@pytest.mark.parametrize("existing", [False, True], ids=["new-dir", "existing-dir"])
+def test_a_killed_pack_s_temporary_directory_is_removed_by_the_next_pack(mnist_dir, source, tmp_path, capsys, existing):
+    """SIGKILL ends a pack with no cleanup: its .packing-PID directory (74 MB, inside --out
+    when it exists, else .NAME.packing-PID beside it) was kept by every later pack, which
+    exited 0 without a word. The next pack removes it and says so; that of a pack that
+    still runs (it may be packing into the same place) is left alone."""
+    out = tmp_path / "shards"
+    if existing:
+        out.mkdir()
+    where, prefix = (out, ".packing-") if existing else (tmp_path, ".shards.packing-")
+    command = [sys.executable, "-m", "harness", "pack", "--source", str(mnist_dir), "--out", str(out), "--shard-size", "5000"]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: list(where.glob(f"{prefix}*/train-000001.tar")) or process.poll() is not None, 120, "the second shard")
+        assert process.poll() is None, "the pack ended before the kill"
+    finally:
+        process.kill()
+        process.communicate(timeout=60)
+    killed = f"{prefix}{process.pid}"
+    assert temp_dirs(where) == [killed]
+    live = where / f"{prefix}{os.getppid()}"  # pytest's parent runs
+    live.mkdir()
+    (live / "train-000000.tar").write_bytes(b"being written")
+    rc, stdout, err = cli(capsys, "pack", "--source", source, "--out", out, "--shard-size", "200", "--block-size", "50")
+    assert rc == 0, err
+    assert stdout.splitlines()[0] == f"removed 1 temporary folder(s) of packs that did not finish: {killed}"
+    assert temp_dirs(where) == [live.name] and (live / "train-000000.tar").read_bytes() == b"being written"
+    assert len(ShardSplit(out, "train").load_all()[1]) == 530
+
+
 @pytest.mark.parametrize("sig,status,line", [(signal.SIGTERM, 143, "terminated"), (signal.SIGINT, 130, "interrupted")], ids=["SIGTERM", "SIGINT"])
 def test_a_signal_while_a_command_imports_torch_is_one_line(monkeypatch, capsys, sig, status, line):
     """The `harness` command's parser imports torch (1.5-2.5 s). A Ctrl-C then printed an

@@ -6,7 +6,7 @@ import hashlib
 
 import numpy as np
 import pytest
-from helpers import MNIST_SHA256, MNIST_TEST_HISTOGRAM, MNIST_TRAIN_HISTOGRAM, write_idx
+from helpers import MNIST_SHA256, MNIST_TEST_HISTOGRAM, MNIST_TRAIN_HISTOGRAM, assert_one_error, cli, write_idx
 
 from harness.data.csv_source import read_csv
 from harness.data.idx import read_idx
@@ -153,6 +153,54 @@ def test_csv_header_is_the_first_line_that_is_not_blank(tmp_path, header):
 
 
 @pytest.mark.parametrize(
+    "first,problem",
+    [("garbage,row", "line 1 has 2 fields; expected 785 (label and 784 pixels)"), ("x" + ",0" * 784, "line 1, field 1 ('x') is not an integer"),
+     ("label" + ",0" * 784, "line 1, field 1 ('label') is not an integer")],
+    ids=["two-words", "mistyped-label", "header-word-then-pixels"],
+)
+def test_a_bad_first_line_is_a_data_line_not_a_header(tmp_path, first, problem):
+    """Only the first field was looked at: a first line that was not an integer there was
+    dropped as a header, and a 300-image file packed 299 without a word. A header has a
+    row's 785 fields and no integer among them; any other first line is data."""
+    images, labels = random_split(300, seed=12)
+    path = tmp_path / "mnist_train.csv"
+    write_csv(path, images, labels, header=False)
+    path.write_text("\n".join([first, *path.read_text().splitlines()[1:]]) + "\n")
+    with pytest.raises(HarnessError) as raised:
+        read_csv(path)
+    assert str(raised.value) == f"{path}: {problem}"
+
+
+@pytest.mark.parametrize("header", ["label," + ",".join(f"{r}x{c}" for r in range(1, 29) for c in range(1, 29)), ' "label" ' + ",px" * 784],
+                         ids=["row-x-column", "quoted-and-spaced"])
+def test_other_headers_are_headers(tmp_path, header):
+    """A header by its look, whatever its names: 785 fields, none an integer."""
+    images, labels = random_split(6, seed=13)
+    path = tmp_path / "digits.csv"
+    write_csv(path, images, labels, header=False)
+    path.write_text(header + "\n" + path.read_text())
+    pixels, got_labels = read_csv(path)
+    np.testing.assert_array_equal(pixels, images.reshape(6, 784))
+    np.testing.assert_array_equal(got_labels, labels)
+
+
+@pytest.mark.parametrize("bad,shown", [("0\r", "'0\\r'"), (" 7x ", "' 7x '"), ("1" * 5000 + "x", "'" + "1" * 200 + "...'")],
+                         ids=["carriage-return", "spaces", "long-field"])
+def test_a_bad_field_is_shown_as_it_is(tmp_path, bad, shown):
+    """Line 4 ending in `0\\r\\r\\n` (one \\r is a line end's): the field is `0\\r`, and was
+    shown stripped, as the valid '0'. Long fields are cut, as other quoted values are."""
+    images, labels = random_split(5, seed=14)
+    path = tmp_path / "digits.csv"
+    write_csv(path, images, labels, header=False)
+    lines = path.read_text().splitlines()
+    lines[3] = lines[3].rsplit(",", 1)[0] + "," + bad
+    path.write_bytes("\r\n".join(lines).encode() + b"\r\n")
+    with pytest.raises(HarnessError) as raised:
+        read_csv(path)
+    assert str(raised.value) == f"{path}: line 4, field 785 ({shown}) is not an integer"
+
+
+@pytest.mark.parametrize(
     "header,names", [(True, ("mnist_train.csv", "mnist_test.csv")), (False, ("train.csv", "test.csv"))], ids=["mnist_-header", "plain-no-header"]
 )
 def test_load_source_csv(tmp_path, header, names):
@@ -207,6 +255,23 @@ def test_synthetic_idx_dataset_packs_and_loads(tmp_path):
 
 
 # --- real MNIST ------------------------------------------------------------------------------------
+
+
+def test_damage_deep_inside_a_gzip_idx_is_corrupt_gzip_data(mnist_dir, tmp_path, capsys):
+    """Compressed bytes 2000-2003 of MNIST's train labels overwritten: gzip decompresses a
+    whole buffer to give the header, so the damage is met there. It was reported as an
+    `unreadable header`; the header is fine, the gzip data is corrupt."""
+    source = tmp_path / "src"
+    source.mkdir()
+    for name in MNIST_SHA256:
+        (source / name).write_bytes((mnist_dir / name).read_bytes())
+    path = source / "train-labels-idx1-ubyte.gz"
+    damaged = bytearray(path.read_bytes())
+    damaged[2000:2004] = b"XXXX"
+    path.write_bytes(damaged)
+    rc, _, err = cli(capsys, "pack", "--source", source, "--out", tmp_path / "out")
+    line = assert_one_error(rc, err, f"{path}: gzip data is corrupt or truncated (")
+    assert "header" not in line and not (tmp_path / "out").exists()
 
 
 def test_real_mnist_loads(mnist_dir):

@@ -3,7 +3,8 @@
 The format as read here: an optional UTF-8 byte order mark at the start (dropped; some
 spreadsheet programs write one); lines end in "\\n" (a "\\r" before it is dropped), so a
 line number in an error is the one an editor shows; an optional header row (the first
-line that is not blank, when its first field is not an integer); blank lines skipped;
+line that is not blank, when it has 785 fields and none of them is an integer: a line
+of numbers with one bad field is a data line, reported as such); blank lines skipped;
 every other line exactly 785 fields, each a decimal integer with an optional sign and
 optional spaces or tabs around it. Rows are checked against that before numpy parses
 them, so that numpy's own, more lenient reading of whitespace never decides what is
@@ -20,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from harness.errors import HarnessError
-from harness.validation import one_line
+from harness.validation import MAX_MESSAGE, one_line
 
 INTEGER_FIELD = re.compile(rb"[ \t]*[+-]?[0-9]+[ \t]*")
 FIELD_CHARACTERS = b"0123456789+- \t,"
@@ -32,8 +33,8 @@ def read_csv(path: Path, num_pixels: int = 784, num_classes: int = 10) -> tuple[
     path = Path(path)
     if not path.is_file():
         raise HarnessError(f"{path}: file not found")
-    rows = data_rows(path)
     expected_fields = num_pixels + 1
+    rows = data_rows(path, expected_fields)
     for line_no, line in rows:
         fields = line.count(b",") + 1
         if fields != expected_fields:
@@ -68,18 +69,26 @@ def _too_large(error: Exception, rows: list[tuple[int, bytes]]) -> str:
     return f"a field is not a 64-bit integer ({one_line(error)})"
 
 
-def data_rows(path: Path) -> list[tuple[int, bytes]]:
+def data_rows(path: Path, expected_fields: int) -> list[tuple[int, bytes]]:
     """(file line number, line) of every data row: the header and blank lines left out."""
     # A byte order mark is not part of the first field: left there, it would make the first
     # data row of a header-less file look like a header, and that image would be lost.
     content = path.read_bytes().removeprefix(codecs.BOM_UTF8)
     lines = [line.removesuffix(b"\r") for line in content.split(b"\n")]
     rows = [(n, line) for n, line in enumerate(lines, start=1) if line.strip(b" \t")]
-    if rows and not INTEGER_FIELD.fullmatch(rows[0][1].split(b",")[0]):
+    if rows and _is_header(rows[0][1], expected_fields):
         rows = rows[1:]  # a header row such as `label,pixel0,...`
     if not rows:
         raise HarnessError(f"{path}: no data rows")
     return rows
+
+
+def _is_header(line: bytes, expected_fields: int) -> bool:
+    """Whether a first line is a header: a row's number of fields, none of them an integer.
+    Only the first field was looked at: `garbage,row`, or an image whose label was mistyped,
+    was dropped as a header, and the pack had one image fewer without a word."""
+    fields = line.split(b",")
+    return len(fields) == expected_fields and not any(INTEGER_FIELD.fullmatch(field) for field in fields)
 
 
 def _first_non_integer(rows: list[tuple[int, bytes]]) -> str | None:
@@ -92,5 +101,8 @@ def _first_non_integer(rows: list[tuple[int, bytes]]) -> str | None:
 
 
 def _shown(field: bytes) -> str:
-    """A field's bytes as Python writes them (\\xd9\\xa3 for a non-ASCII digit, escaped once)."""
-    return repr(field.strip())[2:-1]
+    """A field's bytes as Python writes them (\\xd9\\xa3 for a non-ASCII digit, escaped once),
+    all of them: stripped, a field of `0\\r` was shown as a valid '0'. Cut at MAX_MESSAGE
+    characters: a field can be megabytes."""
+    shown = repr(field)[2:-1]
+    return shown if len(shown) <= MAX_MESSAGE else shown[:MAX_MESSAGE] + "..."

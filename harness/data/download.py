@@ -14,10 +14,13 @@ from __future__ import annotations
 import hashlib
 import http.client
 import os
+import re
 import socket
+import stat
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -177,7 +180,11 @@ def download_mnist(
     bytes never hangs the download).
     """
     dest = Path(dest)
+    check_download_options(dest, mirrors)
     dest.mkdir(parents=True, exist_ok=True)
+    removed = remove_dead_downloads(dest, files)
+    if removed:
+        print(f"removed {len(removed)} partial download(s) of processes that no longer run: {', '.join(removed)}", flush=True)
     for name, published in files.items():
         target = dest / name
         if target.is_file() and published.problem(target.stat().st_size, digests_of(target)) is None:
@@ -194,24 +201,87 @@ def download_mnist(
     return dest
 
 
+def check_download_options(dest: Path, mirrors) -> None:
+    """Refuse a --download-dir that is a file (or lies under one) and a --mirror that is not a
+    URL the download reads, before anything is created: the first was the OS's `File exists`
+    (status 1), the second urllib's `unknown url type` once the folder had been made."""
+    for path in (dest, *dest.parents):
+        if path.exists():
+            if not path.is_dir():
+                raise HarnessError(f"--download-dir {dest}: {'' if path == dest else f'{path} is '}not a directory")
+            break
+    for mirror in mirrors:
+        try:
+            url = urllib.parse.urlsplit(mirror)
+            usable = url.scheme in ("http", "https", "file") and (url.scheme == "file" or bool(url.hostname))
+        except ValueError:  # an unclosed [IPv6 address, say
+            usable = False
+        if not usable:
+            raise HarnessError(f"--mirror {mirror}: not an http://, https:// or file:// URL")
+
+
+PART_NAME = re.compile(r"\.(.+)\.part-([0-9]+)")  # fetch_checked's temporary files: .NAME.part-PID
+
+
+def remove_dead_downloads(dest: Path, files) -> list[str]:
+    """Remove the part files that downloads killed mid-way (SIGKILL, the OOM killer) left in
+    `dest`: those of processes no longer running here, and an earlier one's with this PID.
+    A live process's is left alone: another pack may be downloading into the same directory.
+    Returns the names removed."""
+    removed = []
+    for path in sorted(dest.glob(".*.part-*")):
+        match = PART_NAME.fullmatch(path.name)
+        if not match or match[1] not in files:
+            continue
+        pid = int(match[2])
+        try:
+            if (pid == os.getpid() or not process_running(pid)) and stat.S_ISREG(path.lstat().st_mode):
+                path.unlink()
+                removed.append(path.name)
+        except FileNotFoundError:  # removed by another process meanwhile
+            pass
+    return removed
+
+
+def process_running(pid: int) -> bool:
+    """Whether a process with this PID runs on this machine (another user's too: signal 0
+    to it is refused, not failed). Only the PID is checked: a process on another machine
+    sharing the directory is not seen."""
+    if pid <= 0:  # kill(0) would ask about this process group
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except OverflowError:  # no PID is that large
+        return False
+    return True
+
+
 def fetch_checked(url: str, target: Path, published: Published, timeout_s: float, deadline_s: float) -> str | None:
     """Download `url` to `target` if it is the published file; otherwise what was wrong."""
     tmp = target.with_name(f".{target.name}.part-{os.getpid()}")
     deadline = time.monotonic() + deadline_s
-    with Watchdog(deadline) as watchdog:
-        try:
-            with open_watched(url, timeout_s, watchdog) as response, open(tmp, "wb") as out:
-                problem, size, digests = _stream(response, out, published, deadline, deadline_s)
-            problem = problem or published.problem(size, digests)
-        except (urllib.error.URLError, http.client.HTTPException, OSError, TimeoutError, ValueError) as e:
-            problem = str(e)
-    if problem and watchdog.fired:  # whatever the cut read raised, or the short file it left
-        problem = f"took longer than {deadline_s:g} s; stopped reading"
-    if problem:
+    try:
+        with Watchdog(deadline) as watchdog:
+            try:
+                with open_watched(url, timeout_s, watchdog) as response, open(tmp, "wb") as out:
+                    problem, size, digests = _stream(response, out, published, deadline, deadline_s)
+                problem = problem or published.problem(size, digests)
+            except (urllib.error.URLError, http.client.HTTPException, OSError, TimeoutError, ValueError) as e:
+                problem = str(e)
+        if problem and watchdog.fired:  # whatever the cut read raised, or the short file it left
+            problem = f"took longer than {deadline_s:g} s; stopped reading"
+        if problem:
+            return problem
+        os.replace(tmp, target)
+        return None
+    finally:
+        # Whatever ended it (a problem, Ctrl-C, the harness's Terminated): no part file is
+        # left behind. After the rename there is none.
         tmp.unlink(missing_ok=True)
-        return problem
-    os.replace(tmp, target)
-    return None
 
 
 def _stream(response, out, published: Published, deadline: float, deadline_s: float) -> tuple[str | None, int, dict]:

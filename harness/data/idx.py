@@ -77,11 +77,14 @@ def idx_dims(path: Path, ndim: int) -> tuple[int, ...]:
     path = Path(path)
     if not path.is_file():
         raise HarnessError(f"{path}: file not found")
+    compressed = _is_gzip(path)
     try:
-        with gzip.open(path, "rb") if _is_gzip(path) else open(path, "rb") as stream:
+        with gzip.open(path, "rb") if compressed else open(path, "rb") as stream:
             return _read_header(stream, path, ndim)
     except (OSError, EOFError, zlib.error) as e:
-        raise HarnessError(f"{path}: unreadable header ({e})") from None
+        # gzip decompresses a whole buffer to give the header: damage far past it fails here.
+        problem = "gzip data is corrupt or truncated" if compressed else "unreadable header"
+        raise HarnessError(f"{path}: {problem} ({e})") from None
 
 
 def _is_gzip(path: Path) -> bool:

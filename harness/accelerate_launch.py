@@ -1,22 +1,21 @@
-"""`accelerate launch`, as launch/accelerate.sh starts it: with harness.torchrun's handling
-of a SIGTERM before the ranks start, of the ranks' exit status, and of a refusal, a stop or
-a signal in one line.
+"""accelerate launch, as launch/accelerate.sh starts it: accelerate's options unchanged,
+with harness.launcher's handling of a SIGTERM before the ranks start and of the ranks'
+exit status.
 
     python -m harness.accelerate_launch [accelerate launch's options] -m harness train [options]
 
 With launch/accelerate.yaml (MULTI_GPU, also for one process and on a CPU-only machine)
-accelerate starts the ranks through torchrun's elastic agent, and let its ChildFailedError
-end it with a traceback and status 1: a refused option, which the ranks explain in one
-line, was followed by some forty lines. (accelerate's single-process mode, without
-torchrun, is not for this: there the first SIGTERM would only be noted for ranks that
-have already started.)
+accelerate starts the ranks through torchrun's elastic agent, whose ChildFailedError would
+otherwise end it with a traceback and status 1 after the ranks' one-line refusal.
+accelerate's single-process mode, which starts the process itself, is not for this: there
+a first SIGTERM would only be noted for ranks that have already started.
 """
 
 from __future__ import annotations
 
 import sys
 
-from harness.torchrun import run_launcher
+from harness.launcher import run_launcher
 
 
 def start_accelerate() -> None:

@@ -63,8 +63,6 @@ def cmd_report(args) -> int:
 def cmd_predict(args) -> int:
     from harness.predict import run_predict
 
-    if args.index is not None and args.shards is None:
-        raise HarnessError("--index needs --shards DIR")
     return run_predict(args)
 
 

@@ -37,7 +37,7 @@ class OptionParser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"error: {self.prog}: {message} ({self.prog} --help lists the options)\n" if printed else None)
 
     def print_help(self, file=None) -> None:
-        # Likewise --help: `launch/torchrun.sh 4 --help` printed the 60 lines four times.
+        # Likewise --help, which every rank of a node would print.
         if prints_what_every_rank_meets():
             super().print_help(file)
 

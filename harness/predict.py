@@ -208,6 +208,8 @@ def format_prediction(row: dict) -> str:
 
 
 def run_predict(args) -> int:
+    if args.index is not None and args.shards is None:
+        raise HarnessError("--index needs --shards DIR")
     if bool(args.images) == (args.index is not None):
         given = "both" if args.images else "--shards but no --index" if args.shards else "neither"
         raise HarnessError(f"give image files, or --shards DIR --index N (one of the two; {given} given)")

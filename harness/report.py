@@ -22,13 +22,20 @@ from PIL import Image
 
 from harness.errors import HarnessError
 from harness.models import first_layer_weights
-from harness.run_files import REPORT_DIR, SUMMARY_SCHEMA, TEST_REPORT_SCHEMA, load_torch_file, model_state, read_metrics, read_run_json
+from harness.run_files import (
+    REPORT_DIR,
+    RUN_FILES,
+    SUMMARY_SCHEMA,
+    TEST_REPORT_SCHEMA,
+    holds_a_run,
+    load_torch_file,
+    model_state,
+    read_metrics,
+    read_run_json,
+)
 from harness.validation import existing_directory
 
 PICTURES = ("training_curves", "filters", "confusion_matrix")
-# What a run directory holds, one or more of them from its start on (checkpoints/ and
-# stopped.json: a run stopped before its first epoch's end).
-RUN_FILES = ("metrics.jsonl", "summary.json", "model.pt", "test_report.json", "stopped.json", "checkpoints/")
 FILTERS_WIDTH = 10.0  # inches; at 100 dpi, 1,000 pixels
 
 
@@ -227,9 +234,9 @@ def drawing_problem(weights: torch.Tensor) -> str | None:
 def write_report(run_dir: Path) -> tuple[list[Path], list[str]]:
     """Draw a finished (or running) run's pictures into RUN_DIR/report/: (written, skipped reasons)."""
     run_dir = existing_directory(Path(run_dir), "run directory", "give the run directory (the one holding metrics.jsonl)")
-    if not any((run_dir / name.rstrip("/")).exists() for name in RUN_FILES):
+    if not holds_a_run(run_dir):
         raise HarnessError(f"{run_dir}: not a run directory (it holds none of {', '.join(RUN_FILES)})")
-    metrics = read_metrics(run_dir) if (run_dir / "metrics.jsonl").exists() else []
+    metrics = read_metrics(run_dir)
     finished = (run_dir / "summary.json").is_file()
     summary = read_run_json(run_dir / "summary.json", SUMMARY_SCHEMA, "run summary") if finished else {}
     state = load_weights(run_dir / "model.pt") if (run_dir / "model.pt").is_file() else None

@@ -6,14 +6,26 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import torch
 
-from harness.checkpoint import load_tensors_only
+from harness.checkpoint import CHECKPOINT_DIR, load_tensors_only
 from harness.config import FLOAT32_MAX
 from harness.errors import HarnessError
-from harness.validation import first_violation, read_json_file
+from harness.run_lock import LOCK_NAME
+from harness.validation import first_violation, missing_or_not_a_file, read_json_file
+
+STOPPED = "stopped.json"  # a stopped run's record: {"step": N, "signal": "SIGTERM"}
+# What a run directory holds, one or more of them from the run's start on (the lock and
+# TensorBoard's event file first; a checkpoint, stopped.json, metrics.jsonl later).
+RUN_FILES = (LOCK_NAME, "events.out.tfevents.*", "metrics.jsonl", "summary.json", "model.pt", "test_report.json", STOPPED, f"{CHECKPOINT_DIR}/")
+
+def holds_a_run(run_dir: Path) -> bool:
+    """Whether `run_dir` holds any of RUN_FILES: a run's directory, finished or not."""
+    return any(any(run_dir.glob(name.rstrip("/"))) for name in RUN_FILES)
+
 
 RUN_JSON_MAX_BYTES = 64 << 20  # a summary or test report is a few kB, metrics.jsonl ~300 bytes an epoch
 # Counts are drawn as floats (axis limits, colour scales): these bounds keep them finite,
@@ -59,11 +71,14 @@ def check_run_json(path: Path, value, schema: dict) -> dict:
 
 
 def read_metrics(run_dir: Path, whole_lines_only: bool = False) -> list[dict]:
-    """RUN_DIR's metrics.jsonl, each line checked. `whole_lines_only`: a last line without
-    its newline (a crash or a full disk cut its write short) is left out, not refused."""
+    """RUN_DIR's metrics.jsonl, each line checked; [] without one (no epoch has ended yet).
+    `whole_lines_only`: a last line without its newline (a crash or a full disk cut its
+    write short) is left out, not refused."""
     path = run_dir / "metrics.jsonl"
+    if not os.path.lexists(path):
+        return []
     if not path.is_file():
-        raise HarnessError(f"{run_dir}: no metrics.jsonl: not a run directory, or the run has not finished an epoch")
+        raise HarnessError(f"{path}: {missing_or_not_a_file(path)}; a run's metrics are a file of JSON lines")
     try:
         if path.stat().st_size > RUN_JSON_MAX_BYTES:
             raise HarnessError(f"{path}: larger than {RUN_JSON_MAX_BYTES} bytes; not a run's metrics")

@@ -24,13 +24,12 @@ from harness.data.manifest import MANIFEST_NAME
 from harness.default_run_dir import forget_restart_record
 from harness.errors import HarnessError
 from harness.evaluate import EvalResult, class_report, format_report
-from harness.run_files import REPORT_DIR, SUMMARY_SCHEMA, read_metrics, read_run_json
+from harness.run_files import REPORT_DIR, STOPPED, SUMMARY_SCHEMA, read_metrics, read_run_json
 from harness.run_lock import RunDirLock
 from harness.tensorboard import TensorBoardLog, weight_snapshot
 
 log = logging.getLogger("harness")
 
-STOPPED = "stopped.json"
 
 
 def prepare_run_dir(run_dir: Path, resuming: bool) -> tuple[Path, RunDirLock]:
@@ -227,7 +226,7 @@ class RunOutputs:
         # import, which the other ranks, and runs that stop or fail, need not pay.
         from harness.report import render, run_figures, save_pictures
 
-        metrics = read_metrics(self.run_dir) if (self.run_dir / "metrics.jsonl").exists() else []
+        metrics = read_metrics(self.run_dir)
         pictures = render(run_figures(metrics, state, confusion.numpy(), before_training))
         self.tensorboard.pictures(pictures, step)
         saved = save_pictures(pictures, self.run_dir)

@@ -11,8 +11,8 @@ import os
 import signal
 
 # sysexits' EX_TEMPFAIL: "temporary failure, the user is invited to retry": run again and
-# the run resumes from its checkpoint. A process run alone exits with it, and so does
-# harness.torchrun when the ranks alone got the signal; a torchrun signalled too exits
+# the run resumes from its checkpoint. A process run alone exits with it, and so do the
+# launchers (harness.launcher) when the ranks alone got the signal; a torchrun signalled too exits
 # otherwise, so slurm/train.sbatch requeues on RUN_DIR/stopped.json instead.
 EXIT_STOPPED = 75
 
@@ -20,7 +20,7 @@ EXIT_STOPPED = 75
 # different ones.
 STOP_SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1")
 
-# Set by harness.torchrun to "SIGNAL:PID" for a signal that came before it (process PID)
+# Set by the launchers (harness.launcher) to "SIGNAL:PID" for a signal that came before it (process PID)
 # started the ranks: each rank it started (its child) starts with that stop requested.
 SIGNAL_BEFORE_START = "HARNESS_SIGNAL_BEFORE_START"
 
@@ -35,7 +35,7 @@ class StopRequest:
     collective returns or times out, after --timeout at most.)"""
 
     def __init__(self):
-        """A signal that came to harness.torchrun before it started this rank is requested
+        """A signal that came to the launcher (harness.launcher) before it started this rank is requested
         at once."""
         self.signal_name: str | None = None
         for sig in (signal.SIGTERM, signal.SIGUSR1):

@@ -36,7 +36,7 @@ from harness.compile_choice import GRAPHED_MODES, compile_mode, compiler_unusabl
 from harness.config import TrainConfig, add_config_options, build_config, preset_names
 from harness.cuda_graph import GraphedStep, compile_with_inductor
 from harness.data.manifest import shard_set_sha256
-from harness.data.shard_set import ShardSource, ShardSplit, names_a_url
+from harness.data.shard_set import ShardSource, ShardSplit, is_a_local_directory
 from harness.data.stream import MacroBatch, MacroBatchStream
 from harness.default_run_dir import default_run_dir, remove_if_unused
 from harness.device import autocast, set_deterministic
@@ -272,7 +272,7 @@ class Trainer:
         if problem:
             raise HarnessError(problem)
         if found:
-            raise HarnessError(f"stopping: rank {found[0]} found a training shard that does not match manifest.json (its error names it)")
+            raise HarnessError(f"stopping: rank {found[0]} found a problem with a training shard (its error names it)")
         if any(row[1:] != gathered[0][1:] for row in gathered):
             raise AgreedError(f"{shards.url('manifest.json')}: the ranks read different manifests (was the shard set replaced while the job started?)")
 
@@ -798,9 +798,9 @@ def train(config: TrainConfig, shards: str | Path, run_dir: Path | None, resume:
     try:
         setup_logging(ctx.rank)
         run_dir = run_dir or default_run_dir(name or config.model, ctx)
-        log.info(f"run directory {run_dir}")
         limit = None if cache_limit_gb is None else int(cache_limit_gb * 1e9)
         source = open_shards(ctx, shards, cache_dir, limit, stop_request, run_dir)
+        log.info(f"run directory {run_dir}")  # once the shard set is open: a run refused for it has none
         summary = Trainer(config, source, run_dir, ctx, resume, stop_request).fit()
         ctx.barrier()  # every rank tears the process group down together
         return summary
@@ -820,11 +820,13 @@ def run_dir_option(text: str) -> Path:
 
 
 def positive_gigabytes(text: str) -> float:
+    """argparse type of --shard-cache-limit-gb: a number of gigabytes that is at least a byte
+    (checked here, with the other options, not once the run has started)."""
     try:
         value = float(text)
     except ValueError:
         value = math.nan
-    if not (math.isfinite(value) and value > 0):
+    if not (math.isfinite(value) and int(value * 1e9) >= 1):
         raise argparse.ArgumentTypeError(f"{text!r}: give a positive number of gigabytes")
     return value
 
@@ -865,7 +867,7 @@ def run_from_args(args: argparse.Namespace) -> int:
     try:
         config = build_config(args.preset, args)
         cache_options = [o for o, v in (("--shard-cache", args.shard_cache), ("--shard-cache-limit-gb", args.shard_cache_limit_gb)) if v is not None]
-        if cache_options and not names_a_url(args.shards):  # ignored before, silently
+        if cache_options and is_a_local_directory(args.shards):
             raise HarnessError(f"{' and '.join(cache_options)}: for shards from a URL; --shards {args.shards} is a local directory")
     except HarnessError as e:  # from the command line and the launcher's environment, alike on every rank of a node
         raise AgreedError(str(e)) from None

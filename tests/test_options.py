@@ -167,7 +167,7 @@ def test_help_and_a_missing_gpu_are_printed_once_per_node_under_the_torchrun_lau
 def test_harness_torchrun_reports_the_first_failed_ranks_status(exitcode, status):
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
 
-    from harness.torchrun import first_failure_status
+    from harness.launcher import first_failure_status
 
     failure = ProcessFailure(local_rank=0, pid=1, exitcode=exitcode, error_file="")
     assert first_failure_status(ChildFailedError("harness", {0: failure})) == status
@@ -351,12 +351,17 @@ def test_an_empty_run_dir_is_refused(capsys, tmp_path, monkeypatch, given):
 @pytest.mark.parametrize(("args", "line"), [
     (["--shard-cache-limit-gb", "0"], "error: harness train: argument --shard-cache-limit-gb: '0': give a positive number of gigabytes"),
     (["--shard-cache-limit-gb", "nan"], "error: harness train: argument --shard-cache-limit-gb: 'nan': give a positive number of gigabytes"),
+    (["--shard-cache-limit-gb", "1e-10"], "error: harness train: argument --shard-cache-limit-gb: '1e-10': give a positive number of gigabytes"),
     (["--shard-cache", "cache"], "error: --shard-cache: for shards from a URL; --shards {shards} is a local directory"),
+    (["s3"], "error: --shards s3://bucket/mnist/: no reader for s3:// locations"),
     (["--shard-cache", "c", "--shard-cache-limit-gb", "1"], "error: --shard-cache and --shard-cache-limit-gb: for shards from a URL; --shards {shards} is a local directory"),
 ])
 def test_shard_cache_options_are_checked_before_the_run_starts(shards, capsys, args, line):
     """A bad cache limit was refused after the run had named its directory (a second line,
-    for a directory it never made); with a local shard directory both options were ignored."""
+    for a directory it never made; 1e-10 GB, no byte, passed a check of > 0); with a local
+    shard directory both options were ignored. An unknown scheme keeps its own error."""
+    if args == ["s3"]:
+        shards, args = "s3://bucket/mnist/", ["--shard-cache", "c"]
     try:
         status, out, err = cli(capsys, "train", "--shards", str(shards), "--max-steps", "1", *args)
     except SystemExit as e:  # argparse's error ends the process (the harness's parser, as any)

@@ -221,6 +221,12 @@ def test_report_of_a_finished_run_missing_files_or_of_one_stopped_early(run_dir,
     status, out, _ = cli(capsys, "report", damaged)
     assert status == 0 and sorted(p.name for p in (damaged / "report").iterdir()) == ["confusion_matrix.png"], out
     assert "skipped training_curves: no metrics.jsonl\n" in out and "skipped filters: no model.pt\n" in out, out
+    running = tmp_path / "running"  # in its first epoch: the lock and TensorBoard's event file
+    running.mkdir()
+    (running / "lock").write_text("")
+    (running / "events.out.tfevents.1.host.2.0").write_bytes(b"")
+    status, out, _ = cli(capsys, "report", running)
+    assert status == 0 and "skipped training_curves: no metrics.jsonl (the run has not finished)" in out, out
     stopped = tmp_path / "stopped"
     (stopped / "checkpoints").mkdir(parents=True)
     (stopped / "stopped.json").write_text('{"signal": "SIGINT", "step": 300}')
@@ -246,8 +252,8 @@ def test_report_errors_are_clear(tmp_path, capsys):
     assert cli(capsys, "report", tmp_path / "model.pt")[::2] == (2, message)
     (tmp_path / "model.pt").unlink()
     status, _, err = cli(capsys, "report", tmp_path)
-    assert status == 2 and err == (f"error: {tmp_path}: not a run directory (it holds none of metrics.jsonl, summary.json, model.pt, "
-                                   "test_report.json, stopped.json, checkpoints/)\n")
+    assert status == 2 and err == (f"error: {tmp_path}: not a run directory (it holds none of lock, events.out.tfevents.*, metrics.jsonl, "
+                                   "summary.json, model.pt, test_report.json, stopped.json, checkpoints/)\n")
 
 
 # --- predict --------------------------------------------------------------------------------------

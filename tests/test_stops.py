@@ -105,7 +105,7 @@ def test_a_second_ctrl_c_does_not_wait_for_a_checkpoint_write_in_progress(shards
 
 @pytest.mark.parametrize("nproc", [1, 2])
 def test_sigterm_during_start_up_stops_before_training_for_a_requeue(quick_shards, tmp_path, reference, nproc):
-    """A SIGTERM to every process of the job as soon as rank 0 has joined the process group
+    """A SIGTERM to every process of the job as soon as rank 0 has opened the shard set
     (Slurm's preemption can come at any time): the ranks finish starting up, agree to stop
     before their first step, and leave stopped.json for train.sbatch to requeue on. Before,
     the signal killed the ranks outright and the job was not requeued. The rerun trains
@@ -117,7 +117,7 @@ def test_sigterm_during_start_up_stops_before_training_for_a_requeue(quick_shard
     try:
         while line := reader.readline(timeout=120):  # "" if the run ends without the line
             output.append(line)
-            if line.startswith("run directory "):  # rank 0's first line, once every rank has joined
+            if line.startswith("run directory "):  # rank 0's first line, once the ranks have opened the shards
                 signal_tree(process, signal.SIGTERM)
                 break
         process.wait(timeout=120)
@@ -256,7 +256,7 @@ def test_ctrl_c_before_torchrun_starts_the_ranks_is_one_line():
         _, err = process.communicate(timeout=30)
     finally:
         kill_tree(process)
-    assert (process.returncode, err.splitlines()[-1:]) == (130, ["interrupted"]), err[-3000:]
+    assert (process.returncode, err.splitlines()[-1:]) == (130, ["harness.torchrun: interrupted"]), err[-3000:]
     assert "Traceback" not in err
 
 

@@ -71,8 +71,8 @@ def _too_large(error: Exception, rows: list[tuple[int, bytes]]) -> str:
 
 def data_rows(path: Path, expected_fields: int) -> list[tuple[int, bytes]]:
     """(file line number, line) of every data row: the header and blank lines left out."""
-    # A byte order mark is not part of the first field: left there, it would make the first
-    # data row of a header-less file look like a header, and that image would be lost.
+    # A byte order mark (some spreadsheet programs write one) is not part of the first
+    # field: left there, the first row of a header-less file would fail as not an integer.
     content = path.read_bytes().removeprefix(codecs.BOM_UTF8)
     lines = [line.removesuffix(b"\r") for line in content.split(b"\n")]
     rows = [(n, line) for n, line in enumerate(lines, start=1) if line.strip(b" \t")]
@@ -85,8 +85,8 @@ def data_rows(path: Path, expected_fields: int) -> list[tuple[int, bytes]]:
 
 def _is_header(line: bytes, expected_fields: int) -> bool:
     """Whether a first line is a header: a row's number of fields, none of them an integer.
-    Only the first field was looked at: `garbage,row`, or an image whose label was mistyped,
-    was dropped as a header, and the pack had one image fewer without a word."""
+    Any other first line is data and checked as such: a damaged first row (`garbage,row`, a
+    mistyped label) is an error, not an image dropped without a word."""
     fields = line.split(b",")
     return len(fields) == expected_fields and not any(INTEGER_FIELD.fullmatch(field) for field in fields)
 
@@ -102,7 +102,7 @@ def _first_non_integer(rows: list[tuple[int, bytes]]) -> str | None:
 
 def _shown(field: bytes) -> str:
     """A field's bytes as Python writes them (\\xd9\\xa3 for a non-ASCII digit, escaped once),
-    all of them: stripped, a field of `0\\r` was shown as a valid '0'. Cut at MAX_MESSAGE
-    characters: a field can be megabytes."""
+    all of them, unstripped: a stray `\\r` or space is what is wrong with a field like `0\\r`.
+    Cut at MAX_MESSAGE characters: a field can be megabytes."""
     shown = repr(field)[2:-1]
     return shown if len(shown) <= MAX_MESSAGE else shown[:MAX_MESSAGE] + "..."

@@ -203,8 +203,8 @@ def download_mnist(
 
 def check_download_options(dest: Path, mirrors) -> None:
     """Refuse a --download-dir that is a file (or lies under one) and a --mirror that is not a
-    URL the download reads, before anything is created: the first was the OS's `File exists`
-    (status 1), the second urllib's `unknown url type` once the folder had been made."""
+    URL the download reads, before anything is created: bad options, named as such (exit 2),
+    not the OS's or urllib's errors once the folder has been made."""
     for path in (dest, *dest.parents):
         if path.exists():
             if not path.is_dir():

@@ -352,7 +352,7 @@ class RemoteShards:
             if attempt < self.attempts:
                 # Said at once: a server that never answers costs minutes over all the
                 # attempts (each waits up to timeout_s for the connection, the headers and
-                # the first bytes), which were silent before.
+                # the first bytes), and a user should see why the run is waiting.
                 delay = self.backoff_s * 2 ** (attempt - 1)
                 log.warning(f"{url}: {one_line(failure)} (attempt {attempt} of {self.attempts}; trying again in {delay:g} s)")
                 self.cancelled.wait(delay)

@@ -33,10 +33,20 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("HARNESS_CACHE") or Path.home() / ".cache" / "mnist-harness")
 
 
+URL_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+
+
 def names_a_url(location: str | Path) -> bool:
     """Whether ShardSource fetches `location` into the cache: a URL written as text (only if
     no such local path exists: a directory named `pipe:cat` is a directory)."""
     return isinstance(location, str) and is_remote(location) and not os.path.lexists(location)
+
+
+def is_a_local_directory(location: str | Path) -> bool:
+    """Whether ShardSource reads `location` as a directory: not a URL it fetches, nor one with
+    a scheme it has no reader for (which it refuses by name). file:// URLs are directories."""
+    text = str(location)
+    return not names_a_url(location) and (os.path.lexists(text) or text.startswith("file://") or not URL_SCHEME.match(text))
 
 
 class ShardSource:
@@ -62,7 +72,7 @@ class ShardSource:
                 except HarnessError as e:  # name the URL, not the fetched copy
                     raise HarnessError(str(e).replace(str(fetched / MANIFEST_NAME), self.url(MANIFEST_NAME))) from None
         else:
-            if isinstance(location, str) and re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", location) and not os.path.lexists(location):
+            if isinstance(location, str) and URL_SCHEME.match(location) and not os.path.lexists(location):
                 raise HarnessError(
                     f"--shards {location}: no reader for {location.split('://')[0]}:// locations; give a directory, an "
                     f"{', '.join(('https://', 'http://', *COMMAND_SCHEMES, 'file://'))} URL, or 'pipe:COMMAND {{name}}' (e.g. 'pipe:aws s3 cp s3://BUCKET/PATH/{{name}} -')"

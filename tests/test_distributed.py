@@ -179,7 +179,7 @@ def test_a_damaged_shard_found_by_one_rank_stops_both_at_start_up(tmp_path):
     assert result.returncode != 0
     damaged_line = next(line for line in output.splitlines() if "train-000001.tar: SHA-256 differs from manifest.json" in line)
     assert damaged_line.startswith(f"error: rank 1: {damaged}"), damaged_line  # the rank's own error says which rank met it
-    assert "error: rank 0: stopping: rank 1 found a training shard that does not match manifest.json" in output
+    assert "error: rank 0: stopping: rank 1 found a problem with a training shard (its error names it)" in output
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 

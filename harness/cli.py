@@ -38,10 +38,12 @@ def cmd_pack(args) -> int:
 
 
 def cmd_show(args) -> int:
-    from harness.data.shard_set import ShardSource, ShardSplit, check_indices
+    from harness.data.shard_set import ShardSource, ShardSplit, index_problem
 
     source = ShardSource(args.shards)  # once: from a URL, opening it fetches the manifest
-    check_indices(args.shards, args.split, [args.index], len(ShardSplit(source, args.split)))
+    problem = index_problem(args.shards, args.split, args.index, len(ShardSplit(source, args.split)))
+    if problem:
+        raise HarnessError(problem)
     images, labels = ShardSplit(source, args.split, args.index, args.index + 1).load_all()
     print(f"{args.split}[{args.index}]  label {int(labels[0])}")
     for row in images[0]:

@@ -171,16 +171,12 @@ def predictions(names: list[str], images: np.ndarray, trained: Trained, labels: 
 def shard_images(shards: str | Path, split: str, indices: list[int]) -> tuple[list[str], np.ndarray, list[int], list[dict]]:
     """The split's images at `indices`, and an error for each index outside it: as for
     image files, one bad index does not cost the others their predictions."""
-    from harness.data.shard_set import ShardSplit, check_indices
+    from harness.data.shard_set import ShardSplit, index_problem
 
     images, labels = ShardSplit(shards, split).load_all()
-    inside, errors = [], []
-    for i in indices:
-        try:
-            check_indices(shards, split, [i], len(labels))
-            inside.append(i)
-        except HarnessError as e:
-            errors.append({"input": f"{split}[{i}]", "error": str(e)})
+    problems = {i: index_problem(shards, split, i, len(labels)) for i in indices}
+    inside = [i for i in indices if not problems[i]]
+    errors = [{"input": f"{split}[{i}]", "error": problems[i]} for i in indices if problems[i]]
     return [f"{split}[{i}]" for i in inside], images[inside], [int(labels[i]) for i in inside], errors
 
 

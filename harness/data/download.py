@@ -16,7 +16,6 @@ import http.client
 import os
 import re
 import socket
-import stat
 import threading
 import time
 import urllib.error
@@ -27,6 +26,7 @@ from pathlib import Path
 from typing import Self
 
 from harness.errors import HarnessError
+from harness.leftovers import remove_dead_leftovers
 
 MIRRORS = (
     "https://ossci-datasets.s3.amazonaws.com/mnist/",
@@ -182,7 +182,8 @@ def download_mnist(
     dest = Path(dest)
     check_download_options(dest, mirrors)
     dest.mkdir(parents=True, exist_ok=True)
-    removed = remove_dead_downloads(dest, files)
+    # fetch_checked's part files, .NAME.part-PID, of the files this download writes
+    removed = remove_dead_leftovers(dest, re.compile(rf"\.({'|'.join(map(re.escape, files))})\.part-([0-9]+)"))
     if removed:
         print(f"removed {len(removed)} partial download(s) of processes that no longer run: {', '.join(removed)}", flush=True)
     for name, published in files.items():
@@ -218,46 +219,6 @@ def check_download_options(dest: Path, mirrors) -> None:
             usable = False
         if not usable:
             raise HarnessError(f"--mirror {mirror}: not an http://, https:// or file:// URL")
-
-
-PART_NAME = re.compile(r"\.(.+)\.part-([0-9]+)")  # fetch_checked's temporary files: .NAME.part-PID
-
-
-def remove_dead_downloads(dest: Path, files) -> list[str]:
-    """Remove the part files that downloads killed mid-way (SIGKILL, the OOM killer) left in
-    `dest`: those of processes no longer running here, and an earlier one's with this PID.
-    A live process's is left alone: another pack may be downloading into the same directory.
-    Returns the names removed."""
-    removed = []
-    for path in sorted(dest.glob(".*.part-*")):
-        match = PART_NAME.fullmatch(path.name)
-        if not match or match[1] not in files:
-            continue
-        pid = int(match[2])
-        try:
-            if (pid == os.getpid() or not process_running(pid)) and stat.S_ISREG(path.lstat().st_mode):
-                path.unlink()
-                removed.append(path.name)
-        except FileNotFoundError:  # removed by another process meanwhile
-            pass
-    return removed
-
-
-def process_running(pid: int) -> bool:
-    """Whether a process with this PID runs on this machine (another user's too: signal 0
-    to it is refused, not failed). Only the PID is checked: a process on another machine
-    sharing the directory is not seen."""
-    if pid <= 0:  # kill(0) would ask about this process group
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    except OverflowError:  # no PID is that large
-        return False
-    return True
 
 
 def fetch_checked(url: str, target: Path, published: Published, timeout_s: float, deadline_s: float) -> str | None:

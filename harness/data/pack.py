@@ -31,10 +31,10 @@ import numpy as np
 
 from harness import __version__
 from harness.atomic import fsync_dir, write_json_atomic
-from harness.data.download import process_running
 from harness.data.manifest import FORMAT_VERSION, MANIFEST_NAME, MAX_BLOCK_SIZE, MAX_BLOCKS_PER_SHARD, manifest_problem
 from harness.data.sources import IMAGE_SHAPE, Dataset, sha256_of
 from harness.errors import HarnessError, SystemRefused
+from harness.leftovers import remove_dead_leftovers
 
 DEFAULT_BLOCK_SIZE = 1000
 DEFAULT_SHARD_SIZE = 10000  # images per shard: six train shards and one test shard for MNIST
@@ -215,35 +215,14 @@ def _make_temp_dir(out_dir: Path) -> Path:
         tmp = out_dir.parent / f".{out_dir.name}.packing-{os.getpid()}"
     try:
         tmp.parent.mkdir(parents=True, exist_ok=True)
-        removed = _remove_dead_packs(tmp)
+        prefix = tmp.name.removesuffix(str(os.getpid()))  # ".packing-" or ".NAME.packing-"
+        removed = remove_dead_leftovers(tmp.parent, re.compile(re.escape(prefix) + "([0-9]+)"))
         tmp.mkdir()
     except OSError as e:
         raise HarnessError(f"{out_dir}: cannot create a temporary directory in {tmp.parent} ({_reason(e)})") from None
     if removed:
         print(f"removed {len(removed)} temporary folder(s) of packs that did not finish: {', '.join(removed)}", flush=True)
     return tmp
-
-
-def _remove_dead_packs(tmp: Path) -> list[str]:
-    """Remove the temporary directories, named as `tmp` but for their PID, that packs killed
-    mid-way (SIGKILL, the OOM killer) left: those of processes no longer running here, and
-    an earlier one's with this PID. A live process's is left alone: it may be packing into
-    the same --out. Returns the names removed."""
-    prefix = tmp.name[: -len(str(os.getpid()))]  # ".packing-" or ".NAME.packing-"
-    removed = []
-    try:
-        entries = sorted(tmp.parent.iterdir())
-    except PermissionError:  # a parent this user may write but not list: none can be found
-        entries = []
-    for path in entries:
-        pid = path.name.removeprefix(prefix)
-        if pid == path.name or not re.fullmatch("[0-9]+", pid) or (int(pid) != os.getpid() and process_running(int(pid))):
-            continue
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path, ignore_errors=True)
-            if not path.exists():
-                removed.append(path.name)
-    return removed
 
 
 def _publish(tmp: Path, out_dir: Path) -> None:

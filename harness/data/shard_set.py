@@ -142,11 +142,9 @@ class ShardSource:
                 raise HarnessError(f"{path}: SHA-256 differs from {MANIFEST_NAME} (shard is corrupt)")
 
 
-def check_indices(location, split: str, indices: list[int], total: int) -> None:
-    """`harness show` and `harness predict`: each --index a sample of the split."""
-    for i in indices:
-        if not 0 <= i < total:
-            raise HarnessError(f"{location}: --index {i} is outside the {split} split's {total} images")
+def index_problem(location, split: str, i: int, total: int) -> str | None:
+    """`harness show` and `harness predict`: why --index `i` is not a sample of the split."""
+    return None if 0 <= i < total else f"{location}: --index {i} is outside the {split} split's {total} images"
 
 
 class ShardSplit:

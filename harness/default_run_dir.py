@@ -48,11 +48,14 @@ def claim_run_dir(name: str) -> tuple[int, int]:
     fails for another reason than its existence, which RunOutputs then reports."""
     stamp = time.strftime("%Y%m%d%H%M%S")
     for n in itertools.count(1):
+        candidate = run_dir_named(name, stamp, n)
         try:
-            run_dir_named(name, stamp, n).mkdir(parents=True)
-        except FileExistsError:
-            continue
+            candidate.mkdir(parents=True)
         except OSError:
+            # FileExistsError from `runs` itself (a dangling symlink, say) would come for
+            # every n: only a taken name is a reason to try the next one.
+            if os.path.lexists(candidate):
+                continue
             return int(stamp), 1
         record = restart_record()
         if record is not None:

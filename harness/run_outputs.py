@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -84,6 +85,12 @@ def make_run_dir(run_dir: Path) -> None:
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
+        # `runs` linked to a scratch filesystem that is gone or not mounted here: mkdir's
+        # "File exists" would not say which.
+        dangling = next((p for p in (*reversed(run_dir.parents), run_dir) if p.is_symlink() and not p.exists()), None)
+        if dangling is not None:
+            raise HarnessError(f"{dangling}: a symbolic link to {os.readlink(dangling)}, which does not exist; "
+                               f"the run directory {run_dir} cannot be made there") from None
         raise HarnessError(f"{run_dir}: run directory is not writable ({e.strerror or e})") from None
 
 

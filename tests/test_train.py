@@ -398,6 +398,19 @@ def test_without_run_dir_a_run_goes_to_runs_preset_timestamp(quick_shards, tmp_p
     assert "wrote runs/lenet-slurm-4242" in result.stdout
 
 
+def test_a_dangling_runs_link_is_one_clear_error(quick_shards, tmp_path):
+    """`runs` linked to a scratch filesystem that is gone: choosing runs/lenet-STAMP used to
+    take mkdir's "File exists" as a taken name and try -2, -3, ... for ever, ignoring
+    SIGTERM. Now one error names the link, with or without --run-dir under it."""
+    (tmp_path / "runs").symlink_to(tmp_path / "purged-scratch" / "runs")
+    for run_dir in ((), ("--run-dir", "runs/mine")):
+        result = run_cli("train", "--preset", "lenet", "--shards", quick_shards, "--max-steps", "2", "--device", "cpu", *run_dir,
+                         cwd=tmp_path, timeout=120)  # the loop ran until killed; a run this short starts in seconds
+        assert result.returncode == 2, result.stdout + result.stderr
+        assert f"error: runs: a symbolic link to {tmp_path}/purged-scratch/runs, which does not exist" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["runs"]
+
+
 def test_every_rank_takes_rank_0s_timestamp_for_the_run_directory(monkeypatch):
     """Ranks start at different moments, possibly in different seconds: the directory's
     name is rank 0's clock, which the gather hands every rank."""

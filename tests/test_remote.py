@@ -651,6 +651,54 @@ def test_a_cancel_cuts_a_pipe_fetch_waiting_for_output(tmp_path):
     assert_a_cancel_ends_the_fetch(remote("pipe:sleep 60; cat /nonexistent/{name}", tmp_path / "cache", attempts=1, timeout_s=60.0))
 
 
+@pytest.fixture
+def unanswered_url():
+    """A URL whose server never completes a connection, like a host behind a firewall that
+    drops connection requests: a loopback listener that never accepts, its backlog filled
+    first, after which the kernel drops further SYNs (tcp_abort_on_overflow=0, the default)."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    address, fillers = listener.getsockname(), []
+    for _ in range(3):  # a backlog of 0 still queues one; the connects past it wait
+        filler = socket.socket()
+        filler.setblocking(False)
+        filler.connect_ex(address)
+        fillers.append(filler)
+    time.sleep(0.2)
+    probe = socket.socket()
+    probe.settimeout(1.0)
+    with pytest.raises(TimeoutError):  # the URL is unanswered, or the tests below test nothing
+        probe.connect(address)
+    probe.close()
+    yield f"http://127.0.0.1:{address[1]}/set/"
+    for sock in (*fillers, listener):
+        sock.close()
+
+
+def test_a_cancel_cuts_a_fetch_still_connecting(unanswered_url, tmp_path):
+    """A stopping run's close ends a fetch whose connection is not made yet at once: the
+    connect waited for the whole timeout (60 s by default) for each of the host's
+    addresses, so a SIGTERM at start-up outlasted torchrun's 30 s grace and left no
+    stop record to requeue by."""
+    assert_a_cancel_ends_the_fetch(remote(unanswered_url, tmp_path / "cache", attempts=1, timeout_s=60.0))
+
+
+def test_a_connect_that_outlasts_the_deadline_is_cut_there(unanswered_url, tmp_path):
+    """The deadline bounds the connect too, for the shard cache and for pack's download."""
+    from harness.data.download import Published, fetch_checked
+
+    shard_set = remote(unanswered_url, tmp_path / "cache", attempts=1, timeout_s=60.0, deadline_s=1.0)
+    started = time.monotonic()
+    with pytest.raises(HarnessError, match=r"train-000000\.tar: took longer than 1 s; stopped reading \(after 1 attempt\)"):
+        shard_set.shard_path("train-000000.tar", 100, "0" * 64)
+    assert time.monotonic() - started < 5  # 1 s, polled every 0.05 s; the connect alone would take 60
+    started = time.monotonic()
+    problem = fetch_checked(unanswered_url + "x.gz", tmp_path / "x.gz", Published(100, "0" * 64, "0" * 32), timeout_s=60, deadline_s=1)
+    assert problem == "took longer than 1 s; stopped reading"
+    assert time.monotonic() - started < 5
+
+
 @pytest.mark.parametrize("dripping_server", [BODY_DRIP], indirect=True, ids=["body"])
 def test_a_manifest_cut_at_the_deadline_is_not_taken_as_whole(dripping_server, tmp_path):
     """A read from the socket the watchdog shut ends like a whole body. A shard's size shows

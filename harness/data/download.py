@@ -11,10 +11,12 @@ come first; the plain-http one is a last resort whose bytes must match the same 
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import http.client
 import os
 import re
+import selectors
 import socket
 import threading
 import time
@@ -118,6 +120,70 @@ class Watchdog:
         for sock in self._sockets:
             sock.close()
 
+    def connect(self, address: tuple[str, int], timeout: float | None, source_address=None) -> socket.socket:
+        """socket.create_connection(address, timeout, source_address), watched, and cut at
+        once by the deadline or a cancel while it looks the name up or connects: to a host
+        that drops connection requests (a firewall, a network that is down) each address
+        took the whole timeout, deaf to a stopping run's cancel."""
+        host, port = address
+        if not isinstance(timeout, (int, float)):  # http.client's "the socket module's default"
+            timeout = socket.getdefaulttimeout()
+        infos = self._unless_cut(lambda: socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM), f"looking up {host}")
+        error: OSError = OSError(f"no address found for {host}")
+        for family, kind, proto, _, sockaddr in infos:
+            sock = socket.socket(family, kind, proto)
+            try:
+                if source_address:
+                    sock.bind(source_address)
+                self._connect(sock, sockaddr, timeout)
+                sock.settimeout(timeout)
+                return self.watch(sock)
+            except OSError as e:
+                sock.close()
+                if self.fired:
+                    raise
+                error = e
+        raise error
+
+    def _connect(self, sock: socket.socket, sockaddr, timeout: float | None) -> None:
+        """A non-blocking connect, waited for in slices of 0.05 s between which the cut is looked at."""
+        sock.setblocking(False)
+        waiting = sock.connect_ex(sockaddr)
+        give_up = None if timeout is None else time.monotonic() + timeout
+        with selectors.DefaultSelector() as selector:
+            selector.register(sock, selectors.EVENT_WRITE)
+            while waiting in (errno.EINPROGRESS, errno.EALREADY, errno.EWOULDBLOCK, errno.EINTR):
+                self._raise_if_cut(f"connecting to {sockaddr[0]}")
+                if give_up is not None and time.monotonic() > give_up:
+                    raise TimeoutError("timed out")  # what socket.create_connection raises
+                if selector.select(0.05):
+                    waiting = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if waiting:
+            raise OSError(waiting, os.strerror(waiting))
+
+    def _unless_cut(self, call, doing: str):
+        """call() on a daemon thread (a name lookup cannot be interrupted), waited for until the cut."""
+        outcome: dict = {}
+
+        def run() -> None:
+            try:
+                outcome["value"] = call()
+            except BaseException as e:  # handed to the caller
+                outcome["error"] = e
+
+        thread = threading.Thread(target=run, name="harness-name-lookup", daemon=True)
+        thread.start()
+        while thread.is_alive():
+            self._raise_if_cut(doing)
+            thread.join(0.05)
+        if "error" in outcome:
+            raise outcome["error"]
+        return outcome["value"]
+
+    def _raise_if_cut(self, doing: str) -> None:
+        if self.fired:  # the callers tell a cut from other failures by `fired`
+            raise OSError(f"stopped {doing} ({'cancelled' if self.fired == 'cancelled' else 'past the deadline'})")
+
     def watch(self, sock: socket.socket) -> socket.socket:
         with self._lock:
             self._sockets.append(socket.socket(fileno=os.dup(sock.fileno())))
@@ -143,15 +209,14 @@ def _cut(sock: socket.socket) -> None:
 
 
 def open_watched(url: str, timeout_s: float, watchdog: Watchdog):
-    """urllib.request.urlopen(url, timeout=timeout_s), its connections (redirects too) handed
-    to `watchdog` as they are made, before the TLS handshake and the headers."""
+    """urllib.request.urlopen(url, timeout=timeout_s), its connections (redirects too) made
+    by `watchdog`, which cuts them, and the connecting, at its deadline or a cancel."""
 
     def watched(connection_class):
         class Connection(connection_class):
             def __init__(self, *args, **kwargs):
                 super().__init__(*args, **kwargs)
-                create = self._create_connection
-                self._create_connection = lambda *a, **k: watchdog.watch(create(*a, **k))
+                self._create_connection = watchdog.connect
 
         return Connection
 

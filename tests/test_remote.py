@@ -180,17 +180,23 @@ def test_cache_limit_evicts_the_least_recently_used(server, shards, tmp_path):
 
 def test_eviction_never_touches_files_the_cache_did_not_write(server, shards, tmp_path):
     """A user's own files in the cache folder (say `--shard-cache .` beside a packed set)
-    are neither counted nor evicted; the cache's shards are."""
+    are neither counted nor evicted; the cache's shards are. Nor are a user's .part files
+    (a browser's unfinished download): any name ending in .part was taken for a dead
+    process's part file and removed."""
     first, second, _ = train_shards(shards)
     cache = tmp_path / "cache"
     (cache / "shards" / "mine").mkdir(parents=True)
     own = cache / "shards" / "train-000000.tar"
     own.write_bytes(bytes(10 * first["bytes"]))
+    own_parts = [cache / "shards" / name for name in ("movie.mkv.part", f".{'0' * 64}.part", ".notes.txt.part")]
+    for part in own_parts:
+        part.write_bytes(b"mine")
     shard_set = remote(server.url, cache, cache_limit_bytes=first["bytes"] + 1)
     fetch(shard_set, first)
     fetch(shard_set, second)  # evicts the first cached shard, not the user's files
     assert own.stat().st_size == 10 * first["bytes"] and (cache / "shards" / "mine").is_dir()
-    assert cache_listing(cache)[0] == sorted(["mine", own.name, shard_set.cached_path(second["name"], second["sha256"]).name])
+    assert all(part.read_bytes() == b"mine" for part in own_parts)
+    assert cache_listing(cache)[0] == sorted(["mine", "movie.mkv.part", own.name, shard_set.cached_path(second["name"], second["sha256"]).name])
 
 
 def test_a_dead_process_part_file_is_removed_to_make_room(server, shards, tmp_path):

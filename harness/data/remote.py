@@ -100,6 +100,13 @@ def part_path(cached: Path) -> Path:
     return cached.with_name(f".{cached.name}.part")
 
 
+def _is_part_file(path: Path) -> bool:
+    """One of part_path's files: the cache's shards/ folder may hold a user's own .part files
+    (--shard-cache ~, say), which are not the cache's to remove."""
+    name = path.name
+    return name.startswith(".") and name.endswith(".part") and bool(CACHED_NAME.match(name[1 : -len(".part")])) and path.is_file()
+
+
 class RemoteShards:
     """The shard set at `base`, cached in `cache_dir` (see the module docstring).
 
@@ -315,7 +322,7 @@ class RemoteShards:
             try:
                 if CACHED_NAME.match(path.name) and path.is_file():
                     cached.append((path, path.stat()))
-                elif path.name.endswith(".part") and path != own_part:
+                elif _is_part_file(path) and path != own_part:
                     with open(path.with_name(path.name[: -len(".part")] + ".lock"), "ab") as lock:
                         try:
                             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -28,7 +28,7 @@ def write_bytes_atomic(path: Path, payload: bytes) -> None:
     path = Path(path)
     tmp = temporary_path(path)
     try:
-        with open(tmp, "wb") as f:
+        with os.fdopen(create_new(tmp), "wb") as f:
             f.write(payload)
             f.flush()
             os.fsync(f.fileno())
@@ -36,6 +36,14 @@ def write_bytes_atomic(path: Path, payload: bytes) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def create_new(path: Path) -> int:
+    """A file descriptor, open for writing, of a new, empty file at `path`, whatever was there:
+    an earlier process's leftover of that name is removed first, and a symbolic link there
+    (a run directory from someone else may hold one) is removed, not written through."""
+    path.unlink(missing_ok=True)
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o666)
 
 
 def remove_interrupted_writes(directory: Path) -> list[Path]:

@@ -8,6 +8,7 @@ pyplot: no global figure state and no display needed.
 
 from __future__ import annotations
 
+import io
 import math
 import reprlib
 from pathlib import Path
@@ -20,6 +21,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from PIL import Image
 
+from harness.atomic import write_bytes_atomic
 from harness.errors import HarnessError
 from harness.models import first_layer_weights
 from harness.run_files import (
@@ -175,9 +177,9 @@ def save_pictures(pictures: dict[str, np.ndarray], run_dir: Path) -> list[Path]:
     paths = []
     for name, pixels in pictures.items():
         path = out / f"{name}.png"
-        tmp = path.with_suffix(".png.tmp")
-        Image.fromarray(pixels).save(tmp, format="PNG")
-        tmp.replace(path)  # a reader never sees half a picture
+        png = io.BytesIO()
+        Image.fromarray(pixels).save(png, format="PNG")
+        write_bytes_atomic(path, png.getvalue())  # a reader never sees half a picture; a link there is replaced, not written through
         paths.append(path)
     return paths
 

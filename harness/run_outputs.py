@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 from harness.atomic import remove_interrupted_writes, tensor_snapshot, torch_save_atomic, write_json_atomic, write_text_atomic
@@ -96,9 +97,9 @@ def make_run_dir(run_dir: Path) -> None:
 
 def check_writable(directory: Path, what: str) -> None:
     try:
-        probe = directory / ".write-test"
-        probe.write_text("")
-        probe.unlink()
+        fd, probe = tempfile.mkstemp(dir=directory, prefix=".write-test-")  # a new name: nothing there is written through
+        os.close(fd)
+        os.unlink(probe)
     except OSError as e:
         raise HarnessError(f"{directory}: {what} is not writable ({e.strerror or e})") from None
 
@@ -154,6 +155,9 @@ class RunOutputs:
         """Drop metrics lines of epochs after the checkpoint (they will be redone). A line is
         written before its epoch's checkpoint, so one cut short by a crash is one of those."""
         path = self.run_dir / "metrics.jsonl"
+        if path.is_symlink():  # a run directory from someone else: epoch() would append to whatever it names
+            raise HarnessError(f"{path}: is a symbolic link; a run appends its epochs' lines to a file of its own: "
+                               "put the file itself there, or pick a new --run-dir")
         if path.exists():
             kept = [entry for entry in read_metrics(self.run_dir, whole_lines_only=True) if entry["epoch"] <= completed] if completed else []
             text = "".join(json.dumps(entry) + "\n" for entry in kept)
@@ -161,7 +165,8 @@ class RunOutputs:
                 write_text_atomic(path, text)
 
     def epoch(self, metrics: dict, epochs: int, model, step: int) -> None:
-        with open(self.run_dir / "metrics.jsonl", "a") as f:
+        metrics_file = os.open(self.run_dir / "metrics.jsonl", os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o666)
+        with os.fdopen(metrics_file, "a") as f:
             f.write(json.dumps(metrics) + "\n")
         self.tensorboard.scalars(step, {"val/loss": metrics["val_loss"], "val/accuracy": metrics["val_accuracy"]})
         weights = weight_snapshot(model)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import os
 import queue
 import re
 import subprocess
@@ -191,6 +192,25 @@ def test_report_of_an_unfinished_run_draws_the_curves(run_dir, tmp_path, capsys)
     status, out, _ = cli(capsys, "report", unfinished)
     assert status == 0 and sorted(p.name for p in (unfinished / "report").iterdir()) == ["training_curves.png"]
     assert "skipped filters: no model.pt" in out and "skipped confusion_matrix: no test_report.json" in out
+
+
+def test_report_replaces_links_in_someone_elses_run_and_writes_through_none(run_dir, tmp_path, capsys):
+    """A run directory from someone else may hold symbolic links where the pictures or their
+    temporary files go: each picture replaces the link, and what it pointed to is left as
+    it was (the temporary file had a fixed name, training_curves.png.tmp, and PIL wrote
+    the picture through a link there)."""
+    theirs, victim = tmp_path / "theirs", tmp_path / "victim.txt"
+    (theirs / "report").mkdir(parents=True)
+    (theirs / "metrics.jsonl").write_bytes((run_dir / "metrics.jsonl").read_bytes())
+    victim.write_text("precious")
+    for name in ("training_curves.png", "training_curves.png.tmp", f".training_curves.png.tmp-{os.getpid()}"):
+        (theirs / "report" / name).symlink_to(victim)
+    status, _, err = cli(capsys, "report", theirs)
+    assert status == 0, err
+    assert victim.read_text() == "precious"
+    picture = theirs / "report" / "training_curves.png"
+    assert not picture.is_symlink() and Image.open(picture).format == "PNG"
+    assert not (theirs / "report" / f".training_curves.png.tmp-{os.getpid()}").exists()
 
 
 def test_report_of_a_run_with_no_epoch_yet_says_so(tmp_path, capsys):

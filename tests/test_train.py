@@ -411,6 +411,27 @@ def test_a_dangling_runs_link_is_one_clear_error(quick_shards, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["runs"]
 
 
+def test_a_run_writes_through_no_link_in_its_directory(quick_shards, tmp_path):
+    """A run directory from someone else may hold symbolic links where the run writes. The
+    writability probe (.write-test, whose fixed name truncated what a link there named) now
+    has a fresh name; a metrics.jsonl link, which the epochs' lines would be appended
+    through, is refused."""
+    run_dir, victim = tmp_path / "run", tmp_path / "victim.txt"
+    run_dir.mkdir()
+    victim.write_text("precious")
+    (run_dir / "metrics.jsonl").symlink_to(victim)
+    (run_dir / ".write-test").symlink_to(victim)
+    args = ("--preset", "lenet", "--shards", quick_shards, "--run-dir", run_dir, "--max-steps", "2", "--device", "cpu")
+    result = run_cli("train", *args)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert f"error: {run_dir}/metrics.jsonl: is a symbolic link" in result.stderr
+    assert victim.read_text() == "precious"
+    (run_dir / "metrics.jsonl").unlink()
+    result = run_cli("train", *args)
+    assert result.returncode == 0, result.stderr
+    assert victim.read_text() == "precious" and summary(run_dir)["steps"] == 2
+
+
 def test_every_rank_takes_rank_0s_timestamp_for_the_run_directory(monkeypatch):
     """Ranks start at different moments, possibly in different seconds: the directory's
     name is rank 0's clock, which the gather hands every rank."""

@@ -74,9 +74,10 @@ def write_checkpoint(run_dir: Path, payload: bytes, step: int, epoch: int, keep:
     return path
 
 
-def set_aside_checkpoints_after(run_dir: Path, step: int) -> Path | None:
+def set_aside_checkpoints_after(run_dir: Path, step: int, start: str = "") -> Path | None:
     """Move the checkpoints of steps after `step`, the one a run starts from (0: a fresh
-    start), into checkpoints/set-aside-TIME/, and say so. They are from a run this one does
+    start, or one from another run's checkpoint), into checkpoints/set-aside-TIME/, and say
+    so (`start`: how this run starts, for that line). They are from a run this one does
     not continue: damaged ones the resume skipped, or newer ones when --resume named an
     older checkpoint. Left in place, they would outrank the new checkpoints (resume and
     pruning go by step number); moved, nothing is lost. Returns that folder, or None."""
@@ -99,7 +100,7 @@ def set_aside_checkpoints_after(run_dir: Path, step: int) -> Path | None:
     except OSError as e:
         raise HarnessError(f"{aside}: could not set aside the checkpoints after step {step} ({e.strerror or e})") from None
     names = sorted({p.with_suffix("").name for p in later})
-    start = f"continues from step {step}" if step else "starts afresh"
+    start = start or (f"continues from step {step}" if step else "starts afresh")
     log.warning(f"moved checkpoint(s) {', '.join(names)} to {aside}: this run {start}, not from them")
     return aside
 

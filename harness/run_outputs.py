@@ -138,7 +138,12 @@ class RunOutputs:
             leftovers = [p for d in (self.run_dir, self.run_dir / CHECKPOINT_DIR) for p in remove_interrupted_writes(d)]
             if leftovers:
                 log.info(f"removed {len(leftovers)} temporary file(s) of writes an earlier attempt did not finish: {', '.join(p.name for p in leftovers)}")
-            set_aside_checkpoints_after(self.run_dir, resumed_at or 0)
+            # From another run's checkpoint, RUN_DIR's own checkpoints are none of this run's:
+            # all go aside (left, --keep-checkpoints would prune them among the new ones).
+            if from_another_run:
+                set_aside_checkpoints_after(self.run_dir, 0, start=f"continues from another run's step {resumed_at}")
+            else:
+                set_aside_checkpoints_after(self.run_dir, resumed_at or 0)
             # TensorBoard hides events at or after purge_step that earlier event files hold,
             # so steps redone after a resume are not shown twice. The checkpoint a run resumes
             # from was written after its step's events, which the resumed run does not log

@@ -131,6 +131,26 @@ def test_another_runs_checkpoint_does_not_overwrite_a_run_or_finish_with_nothing
     assert "resuming from" in train_ok(shards, finished, *SMALL_RUN, "--resume", own).stdout and summary(finished)["steps"] == 30
 
 
+def test_another_runs_checkpoint_sets_aside_every_checkpoint_the_directory_held(shards, tmp_path):
+    """RUN_DIR holds checkpoints and no metrics (a run stopped before its first epoch's end):
+    --resume with another run's step-20 set aside only those after step 20, and the older
+    ones, none of this run's, were pruned by --keep-checkpoints among the new ones. All go
+    aside now, and come back byte for byte."""
+    other, stopped = tmp_path / "other", tmp_path / "stopped"
+    train_ok(shards, other, *SMALL_RUN)
+    train_ok(shards, tmp_path / "earlier", *SMALL_RUN, "--max-steps", "10", "--seed", "1")
+    (stopped / "checkpoints").mkdir(parents=True)
+    for path in (tmp_path / "earlier" / "checkpoints").glob("step-*"):
+        shutil.copy(path, stopped / "checkpoints" / path.name)
+    own = {p.name: p.read_bytes() for p in (stopped / "checkpoints").iterdir()}
+    result = train_ok(shards, stopped, *SMALL_RUN, "--keep-checkpoints", "1", "--resume", other / "checkpoints" / "step-00000020.pt")
+    assert "moved checkpoint(s) step-00000010 to" in result.stdout + result.stderr
+    assert "this run continues from another run's step 20, not from them" in result.stdout + result.stderr
+    (aside,) = (stopped / "checkpoints").glob("set-aside-*")
+    assert {p.name: p.read_bytes() for p in aside.iterdir()} == own
+    assert sorted(p.name for p in (stopped / "checkpoints").glob("step-*")) == ["step-00000030.json", "step-00000030.pt"]
+
+
 def test_resume_from_a_missing_checkpoint_is_a_clear_error(quick_shards, tmp_path):
     missing = tmp_path / "checkpoints" / "step-00000100.pt"
     result = run(checkpointed_run(quick_shards, tmp_path / "run", "--resume", missing))

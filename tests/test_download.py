@@ -291,6 +291,10 @@ def test_present_correct_file_is_not_downloaded_again(mirror, generated, tmp_pat
     (dest / "train-labels-idx1-ubyte.gz").write_bytes(b"a stale, wrong file")  # wrong MD5: fetched again
     download_mnist(dest, mirrors=[url], files=table, timeout_s=10)
     assert sorted(mirror.requests) == sorted(f"/m/{n}" for n in files if n != "t10k-images-idx3-ubyte.gz")
+    # ... and kept, moved aside: it may be a user's own file of that name (Fashion-MNIST's, say)
+    (aside,) = dest.glob("train-labels-idx1-ubyte.gz.set-aside-*")
+    assert aside.read_bytes() == b"a stale, wrong file"
+    aside.unlink()
     assert {p.name: p.read_bytes() for p in dest.iterdir()} == files
     # A second run finds everything in place and asks the server for nothing.
     count = len(mirror.requests)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import http.client
+import itertools
 import os
 import re
 import selectors
@@ -287,7 +288,10 @@ def check_download_options(dest: Path, mirrors) -> None:
 
 
 def fetch_checked(url: str, target: Path, published: Published, timeout_s: float, deadline_s: float) -> str | None:
-    """Download `url` to `target` if it is the published file; otherwise what was wrong."""
+    """Download `url` to `target` if it is the published file; otherwise what was wrong. A
+    file already at `target` (download_mnist keeps one that is the published file) is moved
+    aside, not overwritten: a --download-dir may hold a user's own file of that name
+    (Fashion-MNIST's files have MNIST's names)."""
     tmp = target.with_name(f".{target.name}.part-{os.getpid()}")
     deadline = time.monotonic() + deadline_s
     try:
@@ -302,12 +306,29 @@ def fetch_checked(url: str, target: Path, published: Published, timeout_s: float
             problem = f"took longer than {deadline_s:g} s; stopped reading"
         if problem:
             return problem
+        _set_aside(target)
         os.replace(tmp, target)
         return None
     finally:
         # Whatever ended it (a problem, Ctrl-C, the harness's Terminated): no part file is
         # left behind. After the rename there is none.
         tmp.unlink(missing_ok=True)
+
+
+def _set_aside(target: Path) -> None:
+    """Rename a file at `target` to NAME.set-aside-TIME (-2, -3, ...: a name of its own), and say so."""
+    if not os.path.lexists(target):
+        return
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for n in itertools.count(1):
+        aside = target.with_name(f"{target.name}.set-aside-{stamp}{f'-{n}' if n > 1 else ''}")
+        if not os.path.lexists(aside):
+            break
+    try:
+        os.rename(target, aside)
+    except OSError as e:
+        raise HarnessError(f"{target}: is not the published file, and cannot be moved aside to {aside.name} ({e.strerror or e}); move it") from None
+    print(f"{target}: not the published file; moved to {aside.name}, and the published one downloaded in its place", flush=True)
 
 
 def _stream(response, out, published: Published, deadline: float, deadline_s: float) -> tuple[str | None, int, dict]:

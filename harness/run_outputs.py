@@ -41,9 +41,10 @@ def prepare_run_dir(run_dir: Path, resuming: bool) -> tuple[Path, RunDirLock]:
     A fresh start in a directory that already holds a run's results would mix two runs, so
     it is refused: a finished run (summary.json), or epoch results (metrics.jsonl) beside
     checkpoints, which are there to resume from. A run killed before its first checkpoint
-    leaves only TensorBoard events and perhaps the first epoch's metrics line: a fresh
+    leaves only TensorBoard events and perhaps its first epochs' metrics lines: a fresh
     start there is its restart (a batch script's rerun, torchrun's --max-restarts), and
-    drops both (RunOutputs.keep_epochs, TensorBoard's purge). A fresh start is refused
+    drops both (RunOutputs.keep_epochs, TensorBoard's purge); more metrics lines than such
+    a run leaves are refused, not dropped. A fresh start is refused
     too where it would overwrite a model.pt or test_report.json at its end.
 
     The directories the run writes in are checked now, not when its first checkpoint or
@@ -59,6 +60,8 @@ def prepare_run_dir(run_dir: Path, resuming: bool) -> tuple[Path, RunDirLock]:
                     f"{run_dir}: already holds a run ({name} exists) that this one would not continue "
                     "(--resume never, another run's checkpoint, or no valid checkpoint to resume from); pick a new --run-dir"
                 )
+        if not checkpoints:
+            refuse_more_than_a_killed_first_epoch(run_dir)
         for name in ("model.pt", "test_report.json"):  # a finished run's, left without its summary.json, or put there by hand
             if (run_dir / name).exists():
                 raise HarnessError(f"{run_dir}: holds {name}, which this run would overwrite at its end; pick a new --run-dir, or move the file")
@@ -71,6 +74,21 @@ def prepare_run_dir(run_dir: Path, resuming: bool) -> tuple[Path, RunDirLock]:
         if directory.exists():
             check_writable(directory, f"{holds} directory")
     return run_dir, RunDirLock(run_dir)  # before RunOutputs' first change there; a refused run changes nothing
+
+
+def refuse_more_than_a_killed_first_epoch(run_dir: Path) -> None:
+    """A fresh start with no checkpoint drops metrics.jsonl's lines, as the restart of a run
+    killed before its first checkpoint: that leaves the lines of its first two epochs at
+    most (the first epoch's checkpoint is written in the background while the second
+    trains; the second's waits for it). More is a run whose checkpoints were deleted (to
+    free space, say), or a file of someone else's: refused, not emptied."""
+    epochs = [entry["epoch"] for entry in read_metrics(run_dir, whole_lines_only=True)]
+    if epochs not in ([], [1], [1, 2]):
+        raise HarnessError(
+            f"{run_dir}: its metrics.jsonl holds {len(epochs)} epoch line(s) (up to epoch {max(epochs)}) and there is no checkpoint "
+            "to resume from: more than a run killed before its first checkpoint leaves, and a fresh start would drop them; "
+            "pick a new --run-dir, or move the file"
+        )
 
 
 def check_run_dir_path(run_dir: Path) -> None:

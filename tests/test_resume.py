@@ -151,6 +151,28 @@ def test_another_runs_checkpoint_sets_aside_every_checkpoint_the_directory_held(
     assert sorted(p.name for p in (stopped / "checkpoints").glob("step-*")) == ["step-00000030.json", "step-00000030.pt"]
 
 
+def test_metrics_of_more_than_a_first_epoch_without_checkpoints_are_refused_not_emptied(shards, tmp_path):
+    """A fresh start with no checkpoint takes RUN_DIR for a run killed before its first
+    checkpoint, which leaves two metrics lines at most (see the test above), and drops
+    them. Three epochs' lines (a run whose checkpoints were deleted to free space) were
+    emptied too, silently: refused."""
+    earlier = tmp_path / "earlier"
+    train_ok(shards, earlier, *SMALL_RUN)
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    lines = (earlier / "metrics.jsonl").read_bytes()
+    (kept / "metrics.jsonl").write_bytes(lines)
+    result = run(train_command(shards, kept, *SMALL_RUN))
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+        f"error: {kept}: its metrics.jsonl holds 3 epoch line(s) (up to epoch 3) and there is no checkpoint to resume from: "
+        "more than a run killed before its first checkpoint leaves, and a fresh start would drop them; pick a new --run-dir, or move the file"
+    ], result.stderr[-3000:]
+    assert (kept / "metrics.jsonl").read_bytes() == lines
+    (kept / "metrics.jsonl").write_bytes(lines.splitlines(keepends=True)[0])  # what a run killed before its first checkpoint leaves
+    train_ok(shards, kept, *SMALL_RUN)
+    assert [json.loads(line)["epoch"] for line in (kept / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+
+
 def test_resume_from_a_missing_checkpoint_is_a_clear_error(quick_shards, tmp_path):
     missing = tmp_path / "checkpoints" / "step-00000100.pt"
     result = run(checkpointed_run(quick_shards, tmp_path / "run", "--resume", missing))

@@ -13,9 +13,14 @@ if [ -n "${VIRTUAL_ENV:-}" ]; then
   PYTHON="$VIRTUAL_ENV/bin/python"
 else
   if [ ! -x .venv/bin/python ]; then
+    if [ -e .venv ] && [ ! -d .venv ]; then  # a file of its own (some shell plugins keep one)
+      echo "error: .venv exists and is not a directory: move it or remove it, then run again" >&2
+      exit 1
+    fi
     command -v python3 >/dev/null || { echo "error: python3 not found: install Python 3.11 or newer" >&2; exit 1; }
+    made_here=$([ -e .venv ] && echo no || echo yes)  # a broken environment is repaired in place, and kept if that fails
     python3 -m venv .venv || {
-      rm -rf .venv
+      [ "$made_here" = no ] || rm -rf .venv  # what the failed command made
       echo "error: python3 -m venv failed: install the venv module (Debian/Ubuntu: apt install python3-venv)" >&2
       exit 1
     }

@@ -128,6 +128,20 @@ def test_launcher_process_count_checked(script, args):
     assert "Traceback" not in result.stderr
 
 
+def test_setup_leaves_a_venv_file_alone(tmp_path):
+    """launch/setup.sh ran `python3 -m venv .venv`, which fails on a .venv file (some shell
+    plugins keep one), and then removed it. A file there is refused now, untouched (and
+    .venv is removed only when the failed command made it)."""
+    (tmp_path / "launch").mkdir()
+    (tmp_path / "launch" / "setup.sh").write_bytes((ROOT / "launch" / "setup.sh").read_bytes())
+    (tmp_path / ".venv").write_text("mine")
+    env = {k: v for k, v in os.environ.items() if k != "VIRTUAL_ENV"}
+    result = subprocess.run(["bash", str(tmp_path / "launch" / "setup.sh")], capture_output=True, text=True, timeout=60, env=env)
+    assert result.returncode == 1
+    assert result.stderr.strip() == "error: .venv exists and is not a directory: move it or remove it, then run again"
+    assert (tmp_path / ".venv").read_text() == "mine"
+
+
 @pytest.mark.parametrize(("script", "wrapper"), [("torchrun.sh", "harness.torchrun"), ("accelerate.sh", "harness.accelerate_launch")])
 def test_a_refused_option_under_a_launcher_exits_2_in_one_line(shards, tmp_path, script, wrapper):
     """torchrun exits 1 when ranks fail, whatever their status: a refused option reached the

@@ -52,6 +52,9 @@ def prepare_run_dir(run_dir: Path, resuming: bool) -> tuple[Path, RunDirLock]:
     run after an epoch of training (and after its metrics line was written).
     """
     run_dir = Path(run_dir)
+    if (run_dir / "metrics.jsonl").is_symlink():  # a run directory from someone else: epoch() would append to what it names
+        raise HarnessError(f"{run_dir / 'metrics.jsonl'}: is a symbolic link; a run appends its epochs' lines to a file of its own: "
+                           "put the file itself there, or pick a new --run-dir")
     if not resuming:
         checkpoints = any((run_dir / CHECKPOINT_DIR).glob("step-*"))  # committed ones (a write's temporary file is .step-*)
         for name, refused in (("metrics.jsonl", checkpoints), ("summary.json", True)):
@@ -61,7 +64,7 @@ def prepare_run_dir(run_dir: Path, resuming: bool) -> tuple[Path, RunDirLock]:
                     "(--resume never, another run's checkpoint, or no valid checkpoint to resume from); pick a new --run-dir"
                 )
         if not checkpoints:
-            refuse_more_than_a_killed_first_epoch(run_dir)
+            refuse_more_metrics_than_a_killed_run_leaves(run_dir)
         for name in ("model.pt", "test_report.json"):  # a finished run's, left without its summary.json, or put there by hand
             if (run_dir / name).exists():
                 raise HarnessError(f"{run_dir}: holds {name}, which this run would overwrite at its end; pick a new --run-dir, or move the file")
@@ -76,7 +79,7 @@ def prepare_run_dir(run_dir: Path, resuming: bool) -> tuple[Path, RunDirLock]:
     return run_dir, RunDirLock(run_dir)  # before RunOutputs' first change there; a refused run changes nothing
 
 
-def refuse_more_than_a_killed_first_epoch(run_dir: Path) -> None:
+def refuse_more_metrics_than_a_killed_run_leaves(run_dir: Path) -> None:
     """A fresh start with no checkpoint drops metrics.jsonl's lines, as the restart of a run
     killed before its first checkpoint: that leaves the lines of its first two epochs at
     most (the first epoch's checkpoint is written in the background while the second
@@ -178,9 +181,6 @@ class RunOutputs:
         """Drop metrics lines of epochs after the checkpoint (they will be redone). A line is
         written before its epoch's checkpoint, so one cut short by a crash is one of those."""
         path = self.run_dir / "metrics.jsonl"
-        if path.is_symlink():  # a run directory from someone else: epoch() would append to whatever it names
-            raise HarnessError(f"{path}: is a symbolic link; a run appends its epochs' lines to a file of its own: "
-                               "put the file itself there, or pick a new --run-dir")
         if path.exists():
             kept = [entry for entry in read_metrics(self.run_dir, whole_lines_only=True) if entry["epoch"] <= completed] if completed else []
             text = "".join(json.dumps(entry) + "\n" for entry in kept)

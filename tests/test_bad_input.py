@@ -491,7 +491,7 @@ def test_report_where_a_file_is_in_the_way_is_one_error(tmp_path, capsys):
     assert (rc, err) == (2, f"error: {tmp_path / 'report'}: is a file where the pictures go; move it\n"), err
     assert (tmp_path / "report").read_text() == "notes\n"
     (tmp_path / "report").unlink()
-    in_the_way = tmp_path / "report" / "training_curves.png.tmp"
+    in_the_way = tmp_path / "report" / f".training_curves.png.tmp-{os.getpid()}"  # atomic.temporary_path's name, in this process
     in_the_way.mkdir(parents=True)
     rc, out, err = cli(capsys, "report", tmp_path)
     assert (rc, err) == (1, f"error: {in_the_way}: Is a directory\n"), err

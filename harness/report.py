@@ -44,15 +44,20 @@ FILTERS_WIDTH = 10.0  # inches; at 100 dpi, 1,000 pixels
 # --- figures --------------------------------------------------------------------------------------
 
 
-def curves_figure(metrics: list[dict], before_training: dict | None = None) -> Figure:
+LOSS_LABELS = {"cross_entropy": "cross-entropy loss (mean per image)", "mse": "squared error (mean per output)"}
+
+
+def curves_figure(metrics: list[dict], before_training: dict | None = None, loss: str | None = None) -> Figure:
     """Training and validation loss per epoch, and the validation accuracy. The test accuracy of
-    the initial weights goes in the title, not on the axis, where ~10% would squash the curve."""
+    the initial weights goes in the title, not on the axis, where ~10% would squash the curve.
+    `loss`: the run's --loss, which says what a loss value is (plain "loss" when unknown:
+    a run that has not finished has no summary.json to say)."""
     epochs = [m["epoch"] for m in metrics]
     figure = Figure(figsize=(10, 3.8), layout="constrained")
     losses, accuracy = figure.subplots(1, 2)
     losses.plot(epochs, [m["train_loss"] for m in metrics], "o-", label="training")
     losses.plot(epochs, [m["val_loss"] for m in metrics], "s-", label="validation")
-    losses.set(xlabel="epoch", ylabel="loss (mean per image)", title="loss")
+    losses.set(xlabel="epoch", ylabel=LOSS_LABELS.get(loss, "loss") if isinstance(loss, str) else "loss", title="loss")
     if all(m["train_loss"] > 0 and m["val_loss"] > 0 for m in metrics):
         losses.set_yscale("log")
     accuracy.plot(epochs, [100 * m["val_accuracy"] for m in metrics], "o-", color="C2", label="validation")
@@ -145,11 +150,12 @@ def confusion_figure(confusion: np.ndarray) -> Figure:
     return figure
 
 
-def run_figures(metrics: list[dict], state: dict | None, confusion, before_training: dict | None = None) -> dict[str, Figure]:
+def run_figures(metrics: list[dict], state: dict | None, confusion, before_training: dict | None = None,
+                loss: str | None = None) -> dict[str, Figure]:
     """The pictures of a run, by name; those whose data is missing are left out."""
     figures = {}
     if metrics:
-        figures["training_curves"] = curves_figure(metrics, before_training)
+        figures["training_curves"] = curves_figure(metrics, before_training, loss)
     if state is not None:
         figures["filters"] = filters_figure(first_layer_weights(state))
     if confusion is not None:
@@ -243,7 +249,7 @@ def write_report(run_dir: Path) -> tuple[list[Path], list[str]]:
     summary = read_run_json(run_dir / "summary.json", SUMMARY_SCHEMA, "run summary") if finished else {}
     state = load_weights(run_dir / "model.pt") if (run_dir / "model.pt").is_file() else None
     report = read_run_json(run_dir / "test_report.json", TEST_REPORT_SCHEMA, "test report") if (run_dir / "test_report.json").is_file() else None
-    figures = run_figures(metrics, state, report and report["confusion"], summary.get("before_training"))
+    figures = run_figures(metrics, state, report and report["confusion"], summary.get("before_training"), summary.get("config", {}).get("loss"))
     why = "" if finished else " (the run has not finished)"  # with summary.json, a file is missing for another reason
     why_not = {"training_curves": "metrics.jsonl holds no epoch yet" if (run_dir / "metrics.jsonl").exists() else f"no metrics.jsonl{why}",
                "filters": f"no model.pt{why}", "confusion_matrix": f"no test_report.json{why}"}

@@ -251,18 +251,18 @@ class RunOutputs:
         torch_save_atomic(model.state_dict(), self.run_dir / "model.pt")
         write_json_atomic(self.run_dir / "summary.json", summary)
         (self.run_dir / STOPPED).unlink(missing_ok=True)  # an earlier attempt's stop is over
-        self.pictures(model.state_dict(), test.confusion, summary.get("before_training"), step)
+        self.pictures(model.state_dict(), test.confusion, summary, step)
         self.tensorboard.close()
         forget_restart_record(self.run_dir)
 
-    def pictures(self, state: dict, confusion, before_training: dict | None, step: int) -> None:
+    def pictures(self, state: dict, confusion, summary: dict, step: int) -> None:
         """The report's pictures (harness.report), as PNG files in RUN_DIR/report/ and in TensorBoard."""
         # Imported here, by the one process that draws, at the end: matplotlib takes 0.3 s to
         # import, which the other ranks, and runs that stop or fail, need not pay.
         from harness.report import render, run_figures, save_pictures
 
         metrics = read_metrics(self.run_dir)
-        pictures = render(run_figures(metrics, state, confusion.numpy(), before_training))
+        pictures = render(run_figures(metrics, state, confusion.numpy(), summary.get("before_training"), summary["config"]["loss"]))
         self.tensorboard.pictures(pictures, step)
         saved = save_pictures(pictures, self.run_dir)
         log.info(f"pictures: {', '.join(str(p) for p in saved)}")

@@ -40,7 +40,7 @@ def tile_grid(weights: np.ndarray, upscale: int = 1, pad: int = 1) -> np.ndarray
 
 
 # TensorBoard tags of the pictures harness.report draws at the end of a run.
-PICTURE_TAGS = {"training_curves": "report/training_curves", "filters": "report/filters", "confusion_matrix": "val/confusion_matrix"}
+PICTURE_TAGS = {"training_curves": "report/training_curves", "filters": "report/filters", "confusion_matrix": "test/confusion_matrix"}
 
 
 # Events a stalled disk may hold up before an add_* call waits for it. SummaryWriter's
@@ -93,7 +93,7 @@ class TensorBoardLog:
             self.writer.add_image(PICTURE_TAGS[name], pixels, step, dataformats="HWC")
 
     def class_report(self, report: str, step: int) -> None:
-        self.writer.add_text("val/class_report", "    " + report.replace("\n", "\n    "), step)
+        self.writer.add_text("test/class_report", "    " + report.replace("\n", "\n    "), step)
 
     def close(self) -> None:
         if self._writer is not None:

@@ -97,6 +97,10 @@ def test_report_figures_hold_the_runs_numbers(run_dir):
     assert [list(line.get_ydata()) for line in losses.lines] == [[m["train_loss"] for m in rows], [m["val_loss"] for m in rows]]
     assert list(accuracy.lines[0].get_ydata()) == [100 * m["val_accuracy"] for m in rows]
     assert "before training" in accuracy.get_title()
+    # The loss axis says what a value is: MSE averages over the 10 outputs, not per image.
+    assert losses.get_ylabel() == "loss"  # not given the run's --loss
+    assert curves_figure(rows, None, "mse").axes[0].get_ylabel() == "squared error (mean per output)"
+    assert curves_figure(rows, None, "cross_entropy").axes[0].get_ylabel() == "cross-entropy loss (mean per image)"
     confusion = np.array(json.loads((run_dir / "test_report.json").read_text())["confusion"])
     axes = confusion_figure(confusion).axes[0]
     # every non-zero cell is labelled with its count at its place: x = predicted class, y = true class
@@ -579,8 +583,8 @@ def test_tensorboard_server_serves_the_runs_scalars_and_pictures(run_dir):
         logged = [p[1] for p in server.json("/data/plugin/scalars/scalars", run=run, tag="train/loss")]
         assert logged == [100, 200, 300, 400, 468, 568, 668, 768, 868, 936]
         images = server.json("/data/plugin/images/tags").get(run, {})
-        assert {"val/confusion_matrix", "report/training_curves", "report/filters", "weights/layer1"} <= images.keys(), images
-        for tag, png in (("val/confusion_matrix", "confusion_matrix.png"), ("report/training_curves", "training_curves.png")):
+        assert {"test/confusion_matrix", "report/training_curves", "report/filters", "weights/layer1"} <= images.keys(), images
+        for tag, png in (("test/confusion_matrix", "confusion_matrix.png"), ("report/training_curves", "training_curves.png")):
             entry = server.json("/data/plugin/images/images", run=run, tag=tag, sample=0)[-1]
             assert entry["step"] == summary["steps"]
             served = server.get("/data/plugin/images/individualImage?" + entry["query"])

@@ -152,7 +152,7 @@ def test_tensorboard_reader_finds_every_tag(lenet_run):
     events.Reload()
     tags = events.Tags()
     assert SCALAR_TAGS <= set(tags["scalars"]), tags["scalars"]
-    assert {"weights/conv1", "weights/conv2", "val/confusion_matrix"} <= set(tags["images"]), tags["images"]
+    assert {"weights/conv1", "weights/conv2", "test/confusion_matrix"} <= set(tags["images"]), tags["images"]
     # train/loss is logged every 100 steps and at the end of each macro-batch.
     assert len(events.Scalars("train/loss")) == LENET_STEPS // 100 + (LENET_STEPS % 100 != 0)
     metrics = json.loads((run_dir / "metrics.jsonl").read_text())
@@ -170,7 +170,7 @@ def test_report_pictures_of_the_cnn(lenet_run):
     assert titles == ["conv1: 16 filters, 3x3", "conv2: 32 filters (columns) x 16 input channels (rows), 4x4"]
     events = EventAccumulator(str(run_dir), size_guidance={"images": 0})
     events.Reload()
-    confusion = events.Images("val/confusion_matrix")[-1]
+    confusion = events.Images("test/confusion_matrix")[-1]
     with Image.open(run_dir / "report" / "confusion_matrix.png") as png:
         assert (confusion.width, confusion.height) == png.size and png.size != (200, 200)
     with Image.open(run_dir / "report" / "filters.png") as png:

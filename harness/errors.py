@@ -53,7 +53,9 @@ def given(text: str, hint: str = "") -> str:
 
 
 def given_path(text: str) -> Path:
-    return Path(given(text))
+    """A path option, `~` expanded: one that reaches the harness unexpanded (quoted, or from
+    a variable set in a file) made a folder named `~` in the working directory."""
+    return Path(given(text)).expanduser()
 
 
 class AgreedError(HarnessError):

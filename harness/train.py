@@ -816,7 +816,7 @@ def train(config: TrainConfig, shards: str | Path, run_dir: Path | None, resume:
 
 
 def run_dir_option(text: str) -> Path:
-    return Path(given(text, "give a directory, or leave --run-dir out"))
+    return Path(given(text, "give a directory, or leave --run-dir out")).expanduser()  # as given_path
 
 
 def positive_gigabytes(text: str) -> float:

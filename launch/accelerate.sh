@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Data-parallel run under `accelerate launch`, with the config in launch/accelerate.yaml.
 #   launch/accelerate.sh N [PRESET] [extra `harness train` options...]
-# Environment: SHARDS, RUN_DIR as in torchrun.sh; MAIN_PROCESS_PORT (default the config's
+# Environment: PRESET, SHARDS, RUN_DIR as in torchrun.sh; MAIN_PROCESS_PORT (default the config's
 # 29500; when it is taken, accelerate warns and picks a free port itself).
 # The same config works on a CPU-only machine: accelerate starts N processes through
 # torchrun and the harness picks gloo when there is no CUDA. (accelerate's own --cpu /
@@ -16,7 +16,11 @@ fi
 N=${1:-}
 [[ $N =~ ^[1-9][0-9]*$ ]] || { echo "launch/accelerate.sh: N is the number of processes, got '$N' (usage: launch/accelerate.sh N [PRESET] [options...])" >&2; exit 2; }
 shift
-PRESET=lenet
+if [ -n "${MAIN_PROCESS_PORT:-}" ] && ! { [[ $MAIN_PROCESS_PORT =~ ^[0-9]+$ ]] && [ "$MAIN_PROCESS_PORT" -ge 1 ] && [ "$MAIN_PROCESS_PORT" -le 65535 ]; }; then
+  echo "launch/accelerate.sh: MAIN_PROCESS_PORT is a port from 1 to 65535, got '$MAIN_PROCESS_PORT'" >&2
+  exit 2
+fi
+PRESET=${PRESET:-lenet}  # the environment's, as for slurm/train.sbatch; the first argument wins
 if [ $# -gt 0 ] && [[ $1 != -* ]]; then PRESET=$1; shift; fi
 RUN_DIR_OPTION=()
 if [ -n "${RUN_DIR:-}" ]; then RUN_DIR_OPTION=(--run-dir "$RUN_DIR"); fi

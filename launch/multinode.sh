@@ -6,7 +6,7 @@
 # HOST:PORT (RDZV_ENDPOINT): where the rendezvous listens, on one of the nodes. The
 # rendezvous numbers the nodes itself (torchrun ignores a node rank under c10d), so rank 0,
 # which prints the progress and writes the run's files, may be on any of them.
-# NPROC_PER_NODE defaults to 1 in the second form; PRESET to lenet (also when the
+# NPROC_PER_NODE defaults to 1 in the second form; PRESET to $PRESET, else lenet (also when the
 # arguments go on with an option). RDZV_ID names the job (default harness); SHARDS as in
 # dev.sh (every node needs the shards at that path). RUN_DIR: default runs/PRESET-<rank
 # 0's start time>, the harness's own, which every node takes from rank 0 (a date on each
@@ -33,11 +33,18 @@ NNODES=${NNODES:-}
 RDZV_ENDPOINT=${RDZV_ENDPOINT:-}
 NPROC_PER_NODE=${NPROC_PER_NODE:-1}
 [[ $NNODES =~ ^[1-9][0-9]*$ ]] || { echo "launch/multinode.sh: NNODES is the number of nodes, got '$NNODES' ($usage)" >&2; exit 2; }
-[[ $RDZV_ENDPOINT =~ ^.+:[0-9]+$ ]] || { echo "launch/multinode.sh: HOST:PORT (RDZV_ENDPOINT) is the rendezvous' address, got '$RDZV_ENDPOINT' ($usage)" >&2; exit 2; }
+[[ $RDZV_ENDPOINT =~ ^(.+):([0-9]+)$ ]] && [ "${BASH_REMATCH[2]}" -ge 1 ] 2>/dev/null && [ "${BASH_REMATCH[2]}" -le 65535 ] 2>/dev/null ||
+  { echo "launch/multinode.sh: HOST:PORT (RDZV_ENDPOINT) is the rendezvous' address, a port from 1 to 65535, got '$RDZV_ENDPOINT' ($usage)" >&2; exit 2; }
+# A host that does not resolve: torchrun's retries took two silent minutes, then a traceback.
+python3 -c 'import socket, sys
+try:
+    socket.getaddrinfo(sys.argv[1], None)
+except OSError as e:
+    sys.exit(f"launch/multinode.sh: HOST:PORT (RDZV_ENDPOINT) {sys.argv[2]}: host {sys.argv[1]} not found ({e.strerror or e})")' "${RDZV_ENDPOINT%:*}" "$RDZV_ENDPOINT" || exit 2
 [[ $NPROC_PER_NODE =~ ^[1-9][0-9]*$ ]] || { echo "launch/multinode.sh: NPROC_PER_NODE is the number of ranks per node, got '$NPROC_PER_NODE' ($usage)" >&2; exit 2; }
 RDZV_TIMEOUT=${RDZV_TIMEOUT:-600}
 [[ $RDZV_TIMEOUT =~ ^[1-9][0-9]*$ ]] || { echo "launch/multinode.sh: RDZV_TIMEOUT is the seconds a node waits for the others, got '$RDZV_TIMEOUT'" >&2; exit 2; }
-PRESET=lenet
+PRESET=${PRESET:-lenet}  # the environment's, as for slurm/train.sbatch; the first argument wins
 if [ $# -gt 0 ] && [[ $1 != -* ]]; then PRESET=$1; shift; fi
 RUN_DIR_OPTION=()
 if [ -n "${RUN_DIR:-}" ]; then RUN_DIR_OPTION=(--run-dir "$RUN_DIR"); fi

@@ -11,6 +11,7 @@ cd "$(dirname "$0")/.."
 TORCH_VERSION=${TORCH_VERSION:-2.13.0}
 if [ -n "${VIRTUAL_ENV:-}" ]; then
   PYTHON="$VIRTUAL_ENV/bin/python"
+  [ -x "$PYTHON" ] || { echo "error: VIRTUAL_ENV=$VIRTUAL_ENV has no bin/python: deactivate it (or unset VIRTUAL_ENV), then run again" >&2; exit 1; }
 else
   if [ ! -x .venv/bin/python ]; then
     if [ -e .venv ] && [ ! -d .venv ]; then  # a file of its own (some shell plugins keep one)

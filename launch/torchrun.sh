@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Data-parallel run on one node: N processes (one per GPU, or gloo workers on the CPU).
 #   launch/torchrun.sh N [PRESET] [extra `harness train` options...]
-# PRESET defaults to lenet (also when the argument after N is an option). Environment:
+# PRESET defaults to the environment's PRESET, else lenet (also when the argument after N is an option). Environment:
 # SHARDS (default shards), RUN_DIR (default: the harness's runs/PRESET-<rank 0's timestamp>).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,7 +13,7 @@ fi
 N=${1:-}
 [[ $N =~ ^[1-9][0-9]*$ ]] || { echo "launch/torchrun.sh: N is the number of processes, got '$N' (usage: launch/torchrun.sh N [PRESET] [options...])" >&2; exit 2; }
 shift
-PRESET=lenet
+PRESET=${PRESET:-lenet}  # the environment's, as for slurm/train.sbatch; the first argument wins
 if [ $# -gt 0 ] && [[ $1 != -* ]]; then PRESET=$1; shift; fi
 RUN_DIR_OPTION=()
 if [ -n "${RUN_DIR:-}" ]; then RUN_DIR_OPTION=(--run-dir "$RUN_DIR"); fi

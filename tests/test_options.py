@@ -3,6 +3,7 @@ HarnessError, or argparse's, each one line and status 2), not a traceback or a s
 
 import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -189,7 +190,10 @@ def test_harness_torchrun_reports_the_first_failed_ranks_status(exitcode, status
 
 @pytest.mark.parametrize(("args", "env", "problem"), [
     (["0", "127.0.0.1:29400", "1"], {}, "NNODES is the number of nodes, got '0'"),
-    (["2", "127.0.0.1", "1"], {}, "HOST:PORT (RDZV_ENDPOINT) is the rendezvous' address, got '127.0.0.1'"),
+    (["2", "127.0.0.1", "1"], {}, "HOST:PORT (RDZV_ENDPOINT) is the rendezvous' address, a port from 1 to 65535, got '127.0.0.1'"),
+    (["2", "127.0.0.1:99999", "1"], {}, "HOST:PORT (RDZV_ENDPOINT) is the rendezvous' address, a port from 1 to 65535, got '127.0.0.1:99999'"),
+    # a typo'd host: torchrun's retries took two silent minutes, then a traceback
+    (["2", "nonexistent.invalid:29400", "1"], {}, "HOST:PORT (RDZV_ENDPOINT) nonexistent.invalid:29400: host nonexistent.invalid not found"),
     (["2", "127.0.0.1:29400", "0"], {}, "NPROC_PER_NODE is the number of ranks per node, got '0'"),
     (["2", "127.0.0.1:29400"], {}, "NNODES, HOST:PORT and NPROC_PER_NODE go together"),
     (["lenet", "--epochs", "1"], {}, "NNODES is the number of nodes, got ''"),
@@ -203,6 +207,46 @@ def test_multinode_launcher_checks_its_numbers(args, env, problem):
     result = subprocess.run(["bash", str(ROOT / "launch" / "multinode.sh"), *args], capture_output=True, text=True, timeout=60, env=env)
     assert result.returncode == 2 and result.stderr.startswith(f"launch/multinode.sh: {problem}"), result.stderr
     assert "Traceback" not in result.stderr
+
+
+def launcher_without_venv_vars(script: str, *args, env: dict | None = None, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    env = {**{k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PRESET", "MAIN_PROCESS_PORT")}, **(env or {})}
+    return subprocess.run(["bash", str(ROOT / script), *args], capture_output=True, text=True, timeout=120, env=env, cwd=cwd)
+
+
+def test_launcher_environment_mistakes_are_one_line_each(tmp_path):
+    """Found by an audit of the variables the scripts read: each was a traceback, a silence
+    or a wrong default; each is one line now (and PRESET is the scripts' default, as for
+    slurm/train.sbatch, where it used to be ignored)."""
+    other = tmp_path / "other-venv"  # an active environment without the harness's packages
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(other)], check=True, timeout=120)
+    result = launcher_without_venv_vars("launch/dev.sh", "--max-steps", "2", env={"VIRTUAL_ENV": str(other)})
+    assert result.returncode == 1 and result.stderr.startswith(f"error: the active virtual environment {other} lacks torch"), result.stderr
+    result = launcher_without_venv_vars("launch/dev.sh", "--max-steps", "2", env={"PRESET": "no-such-preset"})
+    assert result.returncode == 2 and "error: unknown preset 'no-such-preset'" in result.stderr, result.stderr
+    result = launcher_without_venv_vars("launch/accelerate.sh", "2", env={"MAIN_PROCESS_PORT": "99999"})
+    assert (result.returncode, result.stderr) == (2, "launch/accelerate.sh: MAIN_PROCESS_PORT is a port from 1 to 65535, got '99999'\n")
+    result = launcher_without_venv_vars("slurm/train.sbatch", env={"SLURM_JOB_ID": ""})  # run with bash, not sbatch
+    assert result.returncode == 2 and result.stderr.startswith("slurm/train.sbatch: not in a Slurm batch job"), result.stderr
+    (tmp_path / "launch").mkdir()
+    (tmp_path / "launch" / "setup.sh").write_bytes((ROOT / "launch" / "setup.sh").read_bytes())
+    result = subprocess.run(["bash", str(tmp_path / "launch" / "setup.sh")], capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "VIRTUAL_ENV": str(tmp_path / "gone")})
+    assert (result.returncode, result.stderr) == (1, f"error: VIRTUAL_ENV={tmp_path / 'gone'} has no bin/python: deactivate it (or unset VIRTUAL_ENV), then run again\n")
+
+
+def test_a_path_with_a_literal_tilde_is_the_home_directory(monkeypatch):
+    """A `~` that reaches the harness unexpanded (quoted, or from a file of variables) made a
+    folder named `~` in the working directory, and `wrote ~/runs/x` looked like home."""
+    from harness.data.shard_set import default_cache_dir
+    from harness.errors import given_path
+    from harness.train import run_dir_option
+
+    assert given_path("~/shards") == run_dir_option("~/shards") == Path.home() / "shards"
+    monkeypatch.setenv("HARNESS_CACHE", "~/cache")
+    assert default_cache_dir() == Path.home() / "cache"
+    monkeypatch.setenv("HARNESS_CACHE", " ")  # blank: unset, not a folder named ' '
+    assert default_cache_dir() == Path.home() / ".cache" / "mnist-harness"
 
 
 def test_a_node_whose_partners_never_join_says_so_and_gives_up_after_rdzv_timeout(tmp_path):

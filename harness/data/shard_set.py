@@ -29,8 +29,10 @@ from harness.validation import missing_or_not_a_file
 
 
 def default_cache_dir() -> Path:
-    """$HARNESS_CACHE, else ~/.cache/mnist-harness: the shards go into its shards/ folder."""
-    return Path(os.environ.get("HARNESS_CACHE") or Path.home() / ".cache" / "mnist-harness")
+    """$HARNESS_CACHE (`~` expanded; blank is unset), else ~/.cache/mnist-harness: the shards
+    go into its shards/ folder."""
+    given = os.environ.get("HARNESS_CACHE", "")
+    return Path(given if given.strip() else Path.home() / ".cache" / "mnist-harness").expanduser()
 
 
 URL_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")

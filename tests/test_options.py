@@ -220,7 +220,8 @@ def test_launcher_environment_mistakes_are_one_line_each(tmp_path):
     slurm/train.sbatch, where it used to be ignored)."""
     other = tmp_path / "other-venv"  # an active environment without the harness's packages
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(other)], check=True, timeout=120)
-    result = launcher_without_venv_vars("launch/dev.sh", "--max-steps", "2", env={"VIRTUAL_ENV": str(other)})
+    activated = {"VIRTUAL_ENV": str(other), "PATH": f"{other / 'bin'}{os.pathsep}{os.environ['PATH']}"}  # as its bin/activate does
+    result = launcher_without_venv_vars("launch/dev.sh", "--max-steps", "2", env=activated)
     assert result.returncode == 1 and result.stderr.startswith(f"error: the active virtual environment {other} lacks torch"), result.stderr
     result = launcher_without_venv_vars("launch/dev.sh", "--max-steps", "2", env={"PRESET": "no-such-preset"})
     assert result.returncode == 2 and "error: unknown preset 'no-such-preset'" in result.stderr, result.stderr

@@ -38,7 +38,7 @@ NPROC_PER_NODE=${NPROC_PER_NODE:-1}
 # A host that does not resolve: torchrun's retries took two silent minutes, then a traceback.
 python3 -c 'import socket, sys
 try:
-    socket.getaddrinfo(sys.argv[1], None)
+    socket.getaddrinfo(sys.argv[1].removeprefix("[").removesuffix("]"), None)  # [IPv6]:PORT too
 except OSError as e:
     sys.exit(f"launch/multinode.sh: HOST:PORT (RDZV_ENDPOINT) {sys.argv[2]}: host {sys.argv[1]} not found ({e.strerror or e})")' "${RDZV_ENDPOINT%:*}" "$RDZV_ENDPOINT" || exit 2
 [[ $NPROC_PER_NODE =~ ^[1-9][0-9]*$ ]] || { echo "launch/multinode.sh: NPROC_PER_NODE is the number of ranks per node, got '$NPROC_PER_NODE' ($usage)" >&2; exit 2; }

@@ -23,7 +23,8 @@ With --inductor it times only the step as `--compile cuda-graph-inductor` captur
 kernel choice and with max_autotune (Triton templates for the convolutions and matmuls,
 benchmarked at compile time), alternated, at the lenet preset's batch; and how long each
 compile took. The question it answers: whether a faster step than 0.216 ms (the H200's
-lenet run on 2026-11-28) is there to take.
+lenet run on 2026-11-28) is there to take. Before that, the harness's own GraphedStep
+with inductor, its update compiled (as it is) against the fused SGD kernel (as it was).
 
 Usage: python bench/gpu_step_probe.py [--inductor] > probe.json   (needs a CUDA GPU)
 """
@@ -36,12 +37,15 @@ import json
 import os
 import sys
 import time
+import types
 
 import torch
 from common import capture_step
 
+from harness.cuda_graph import GraphedStep, compile_with_inductor, foreach_sgd
 from harness.device import CUBLAS_DETERMINISTIC_WORKSPACE, autocast, set_deterministic
 from harness.models import lenet
+from harness.normalize import Normalizer, make_loss
 
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_DETERMINISTIC_WORKSPACE)  # before cuBLAS starts
 DEVICE = torch.device("cuda")
@@ -126,15 +130,23 @@ def top_kernels(batch: int) -> list[dict]:
 
 def optimizer_update_us() -> dict:
     """Device microseconds of one momentum-SGD update of LeNet's 838,858 parameters, from
-    the profiler's kernel times over 100 updates: the fused kernel the harness uses (18-26
-    us per step in the H200's eager profile, among the step's largest), the foreach
-    kernels, and two elementwise kernels over one flat vector of the same size, which
-    only the memory traffic bounds (the yardstick for the other two)."""
+    the profiler's kernel times over 100 updates: the fused kernel the harness's eager and
+    plain CUDA-graph steps use (18-26 us per step in the H200's eager profile, among the
+    step's largest), the foreach kernels, inductor's kernels compiled from them (the
+    update of the harness's inductor step), and two elementwise kernels over one flat
+    vector of the same size, which only the memory traffic bounds (the yardstick)."""
     results = {}
-    for how in ("fused", "foreach", "flat"):
+    for how in ("fused", "foreach", "compiled", "flat"):
         torch.manual_seed(0)
         model = lenet().to(DEVICE)
-        if how == "flat":
+        if how == "compiled":  # as GraphedStep's with inductor: SGD's foreach functions, compiled, the lr a tensor
+            params = list(model.parameters())
+            grads, buffers = [torch.randn_like(p) for p in params], [torch.zeros_like(p) for p in params]
+            lr, sgd = torch.tensor(0.01, device=DEVICE), compile_with_inductor(foreach_sgd)
+
+            def update(params=params, grads=grads, buffers=buffers, lr=lr, sgd=sgd) -> None:
+                sgd(params, grads, buffers, lr, weight_decay=0.0, momentum=0.9, dampening=0.0, nesterov=False, maximize=False)
+        elif how == "flat":
             size = sum(p.numel() for p in model.parameters())
             weights, gradient, momentum = (torch.randn(size, device=DEVICE) for _ in range(3))
 
@@ -229,6 +241,36 @@ def inductor_steps(rounds: int = 3) -> dict:
     return results
 
 
+def harness_update_steps(rounds: int = 3) -> dict:
+    """The lenet step as GraphedStep captures it with inductor (batch 100, fp32, 60,000
+    resident random images), its update compiled from SGD's foreach functions (`compiled`,
+    the harness's since 2026-11-29) against the fused SGD kernel after inductor's forward
+    and backward (`fused`, the harness's before): ms per replay, `rounds` alternated."""
+    set_deterministic(False)
+    rows, batch = 60_000, 100
+    results = {"graphed_step_ms": {"compiled": [], "fused": []}}
+    steps = {}  # each GraphedStep holds the tensors its graph replays on
+    for how in ("compiled", "fused"):
+        torch.manual_seed(0)
+        model = lenet().to(DEVICE)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, fused=True)
+        stream = types.SimpleNamespace(global_batch=batch, resident=True, data=range(rows), macro_size=rows, most_steps_per_macro=rows // batch)
+        step = GraphedStep(model, optimizer, Normalizer("unit", {}, DEVICE), make_loss("cross_entropy"), "fp32", stream, DEVICE,
+                           compile_with_inductor)
+        if how == "fused":
+            step.update = step.fused_update
+        step.images.copy_(torch.randint(0, 256, (rows, 28, 28), dtype=torch.uint8, device=DEVICE))
+        step.labels.copy_(torch.randint(0, 10, (rows,), device=DEVICE))
+        step.order.copy_(torch.randperm(rows, device=DEVICE))
+        step.capture()
+        steps[how] = step
+    for _ in range(rounds):
+        for how, step in steps.items():
+            step.step.zero_()  # 550 replays, under the 600 global batches of its macro-batch
+            results["graphed_step_ms"][how].append(round(steady_step_ms(step), 4))
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--inductor", action="store_true", help="time only inductor's step, default against max_autotune")
@@ -239,7 +281,11 @@ def main() -> None:
               "cudnn": torch.backends.cudnn.version(), "graphed_step_ms": {}, "first_step_ms": {}, "eager_top_kernels": {}}
     if args.inductor:
         record = {key: record[key] for key in ("gpu", "torch", "cuda", "cudnn")}
-        record["inductor"] = inductor_steps()
+        for part, measure in (("harness_update", harness_update_steps), ("inductor", inductor_steps)):
+            try:
+                record[part] = measure()
+            except Exception as e:  # the other part's figures are kept
+                record[part] = f"failed: {type(e).__name__}: {str(e)[:300]}"
         print(json.dumps(record, indent=1))
         return
     combinations = [(*c, False) for c in itertools.product((True, False), ("fp32", "bf16"), (False, True), (100, 512))]

@@ -19,10 +19,14 @@ docs/gpu-h200-2026-11-27).
 `--compile cuda-graph-inductor` captures the same step with the kernels torch.compile's
 inductor generates for it instead of PyTorch's own. The convolutions and matrix products
 stay cuDNN's and cuBLAS's calls (as inductor's CPU code shows); the rest (the gather and
-normalisation, ReLU and pooling, the loss, the backward's pointwise work and bias
-gradients) fuses into fewer Triton kernels, which is what a step this small needs: on an
-H200 LeNet's autotuned step ran 1.33x faster (README, "On a GPU"). Its results are close
-to the eager step's, not bitwise equal.
+normalisation, ReLU and pooling, the loss and its write into `losses`, the step counter,
+the backward's pointwise work and bias gradients) fuses into fewer Triton kernels, which
+is what a step this small needs: on an H200 LeNet's autotuned step ran 1.33x faster
+(README, "On a GPU"). Inductor also compiles the update, from PyTorch's foreach SGD
+functions, into kernels that spread over the whole GPU: the fused SGD kernel took 13.4 us
+of the 0.2 ms step and a plain update of one flat vector 5.7 us on an H200
+(docs/gpu-h200-2026-11-28/check/probe.json). Its results are close to the eager step's,
+not bitwise equal.
 
 One rank only: DDP all-reduces gradients from Python hooks that run during backward,
 which a replayed backward would not call.
@@ -33,6 +37,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+from torch.optim.sgd import sgd  # SGD's update as a function (torch.optim deletes its module name)
 
 from harness.data.stream import MacroBatch, MacroBatchStream
 from harness.device import autocast
@@ -56,6 +61,16 @@ def compile_with_inductor(batch_loss: Callable[[], torch.Tensor]) -> Callable[[]
     return torch.compile(batch_loss, fullgraph=True, dynamic=False, options=options)
 
 
+def foreach_sgd(params: list[torch.Tensor], grads: list[torch.Tensor], buffers: list, lr: torch.Tensor, **hyper) -> None:
+    """SGD's update with PyTorch's foreach functions, as a function of its tensors and
+    hyperparameters (compiled, a schedule's lr in the group would be a guard: a recompile
+    at each change). Traced, SGD multiplies by the lr tensor rather than reading it back
+    to the host. The gradients are scratch that the next replay overwrites: Nesterov
+    momentum and weight decay are added into them in place."""
+    with torch.no_grad():  # a block, not the decorator, which dynamo's full graph refuses
+        sgd(params, grads, buffers, lr=lr, foreach=True, **hyper)
+
+
 class GraphedStep:
     """Static copies of the current macro-batch, a step counter and the lr on the device, and the graph."""
 
@@ -63,8 +78,9 @@ class GraphedStep:
                  precision: str, stream: MacroBatchStream, device: torch.device,
                  compiler: Callable[[Callable], Callable] | None = None):
         """`optimizer`: SGD over the model's parameters, one parameter group (fused on a GPU).
-        `compiler` (e.g. `compile_with_inductor`) compiles `eager_batch_loss` (the gather,
-        normalisation, forward and loss) before capture; None captures PyTorch's own kernels."""
+        `compiler` (e.g. `compile_with_inductor`) compiles `recorded_batch_loss` (the gather,
+        normalisation, forward, loss and its record) and `foreach_sgd` before capture;
+        None captures PyTorch's own kernels, and the optimizer's fused update."""
         if len(optimizer.param_groups) != 1:
             raise ValueError("GraphedStep captures an optimizer with one parameter group")
         self.model, self.optimizer, self.normalize, self.loss_fn, self.precision = model, optimizer, normalize, loss_fn, precision
@@ -84,7 +100,9 @@ class GraphedStep:
         self.source: torch.Tensor | None = None  # the macro-batch images last copied in
         self.graph: torch.cuda.CUDAGraph | None = None
         self.loss: torch.Tensor | None = None  # written by every replay
-        self.batch_loss = compiler(self.eager_batch_loss) if compiler else self.eager_batch_loss
+        self.batch_loss = compiler(self.recorded_batch_loss) if compiler else self.recorded_batch_loss
+        self.update = self.foreach_update if compiler else self.fused_update
+        self.sgd = compiler(foreach_sgd) if compiler else foreach_sgd
 
     def load(self, macro: MacroBatch, first_step: int) -> None:
         """Make the next replay train on global batch `first_step` of `macro`. Copies on the
@@ -105,6 +123,16 @@ class GraphedStep:
         with autocast(self.device, self.precision, cache=False):
             return self.loss_fn(self.model(self.normalize(images)), labels)
 
+    def recorded_batch_loss(self) -> torch.Tensor:
+        """The loss, also written into its step's slot of `losses`; advances the step counter."""
+        loss = self.eager_batch_loss()
+        # Two small kernels, also with deterministic algorithms on (index_copy_ then sorts
+        # its index: some ten kernels), and no host sync: capturable. Compiled, they fuse
+        # into the loss's kernels.
+        torch.where(self.slots == self.step, loss.detach().to(self.losses.dtype), self.losses, out=self.losses)
+        self.step.add_(1)
+        return loss
+
     @property
     def group(self) -> dict:
         """The optimizer's parameter group, looked up each time: loading a checkpoint
@@ -116,22 +144,33 @@ class GraphedStep:
         `losses`, and advances the step counter."""
         loss = self.batch_loss()
         loss.backward()
-        # Two small kernels, also with deterministic algorithms on (index_copy_ then sorts
-        # its index: some ten kernels), and no host sync: capturable.
-        torch.where(self.slots == self.step, loss.detach().to(self.losses.dtype), self.losses, out=self.losses)
-        self.step.add_(1)
         return loss
 
     def training_step(self) -> torch.Tensor:
         """The captured work: forward, backward and the optimizer's update, at the lr in self.lr."""
         loss = self.forward_backward()
+        self.update()
+        return loss
+
+    def fused_update(self) -> None:
+        """The optimizer's own step: its fused kernel, which reads the lr from the device."""
         group = self.group
-        group["lr"] = self.lr  # the fused kernel then reads the lr from the device
+        group["lr"] = self.lr
         try:
             self.optimizer.step()
         finally:
             group["lr"] = self.lr_value
-        return loss
+
+    def foreach_update(self) -> None:
+        """The same update with PyTorch's foreach SGD functions (`foreach_sgd`), which
+        inductor compiles: it has no lowering of the fused kernel, which it would call as it
+        is. The momentum buffers are the optimizer's own (create_momentum_buffers made them,
+        or a checkpoint loaded them), updated in place, so its state_dict holds them."""
+        group = self.group
+        params = group["params"]
+        buffers = [self.optimizer.state[p].get("momentum_buffer") for p in params]
+        hyper = {name: group[name] for name in ("weight_decay", "momentum", "dampening", "nesterov", "maximize")}
+        self.sgd(params, [p.grad for p in params], buffers, self.lr, **hyper)
 
     def create_momentum_buffers(self) -> list[torch.Tensor]:
         """SGD's momentum buffers, made now (zeros) where the optimizer has none yet, so that

@@ -177,6 +177,9 @@ def render(figures: dict[str, Figure]) -> dict[str, np.ndarray]:
 
 def save_pictures(pictures: dict[str, np.ndarray], run_dir: Path) -> list[Path]:
     out = Path(run_dir) / REPORT_DIR
+    if out.is_symlink():  # a run directory from someone else: the pictures would replace what the link's directory holds
+        raise HarnessError(f"{out}: is a symbolic link; the pictures go in a directory of the run's own, "
+                           "and would replace files in the one the link names: put a real one there")
     if out.exists() and not out.is_dir():
         raise HarnessError(f"{out}: is a file where the pictures go; move it")
     out.mkdir(exist_ok=True)

@@ -52,9 +52,7 @@ def prepare_run_dir(run_dir: Path, resuming: bool) -> tuple[Path, RunDirLock]:
     run after an epoch of training (and after its metrics line was written).
     """
     run_dir = Path(run_dir)
-    if (run_dir / "metrics.jsonl").is_symlink():  # a run directory from someone else: epoch() would append to what it names
-        raise HarnessError(f"{run_dir / 'metrics.jsonl'}: is a symbolic link; a run appends its epochs' lines to a file of its own: "
-                           "put the file itself there, or pick a new --run-dir")
+    refuse_links_where_the_run_writes(run_dir)
     if not resuming:
         checkpoints = any((run_dir / CHECKPOINT_DIR).glob("step-*"))  # committed ones (a write's temporary file is .step-*)
         for name, refused in (("metrics.jsonl", checkpoints), ("summary.json", True)):
@@ -77,6 +75,19 @@ def prepare_run_dir(run_dir: Path, resuming: bool) -> tuple[Path, RunDirLock]:
         if directory.exists():
             check_writable(directory, f"{holds} directory")
     return run_dir, RunDirLock(run_dir)  # before RunOutputs' first change there; a refused run changes nothing
+
+
+def refuse_links_where_the_run_writes(run_dir: Path) -> None:
+    """A run directory from someone else (or copied with its links) may hold a symbolic
+    link where the run appends its epochs' lines, or where it writes, prunes
+    (--keep-checkpoints) and sets aside checkpoints, or writes its pictures: the run would
+    change what the link names, another run's checkpoints, say. Refused, naming it."""
+    for name, what in (("metrics.jsonl", "appends its epochs' lines to a file"),
+                       (CHECKPOINT_DIR, "writes, prunes and sets aside its checkpoints in a directory"),
+                       (REPORT_DIR, "writes its pictures in a directory")):
+        if (run_dir / name).is_symlink():
+            raise HarnessError(f"{run_dir / name}: is a symbolic link; a run {what} of its own, and would change what the link names: "
+                               "put a real one there, or pick a new --run-dir")
 
 
 def refuse_more_metrics_than_a_killed_run_leaves(run_dir: Path) -> None:

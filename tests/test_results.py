@@ -217,6 +217,20 @@ def test_report_replaces_links_in_someone_elses_run_and_writes_through_none(run_
     assert not (theirs / "report" / f".training_curves.png.tmp-{os.getpid()}").exists()
 
 
+def test_report_refuses_a_report_directory_that_is_a_link(run_dir, tmp_path, capsys):
+    """A `report` link in someone else's run directory: the pictures would replace files
+    of the same names in the directory it names. One error, and that directory as it was."""
+    theirs, victim = tmp_path / "theirs", tmp_path / "victim"
+    theirs.mkdir()
+    victim.mkdir()
+    (victim / "training_curves.png").write_text("precious")
+    (theirs / "metrics.jsonl").write_bytes((run_dir / "metrics.jsonl").read_bytes())
+    (theirs / "report").symlink_to(victim, target_is_directory=True)
+    status, _, err = cli(capsys, "report", theirs)
+    assert status == 2 and f"error: {theirs}/report: is a symbolic link" in err, err
+    assert [p.name for p in victim.iterdir()] == ["training_curves.png"] and (victim / "training_curves.png").read_text() == "precious"
+
+
 def test_report_of_a_run_with_no_epoch_yet_says_so(tmp_path, capsys):
     """An empty metrics.jsonl (a run in its first epoch) drew no curves and said nothing."""
     (tmp_path / "metrics.jsonl").write_text("")

@@ -415,7 +415,8 @@ def test_a_run_writes_through_no_link_in_its_directory(quick_shards, tmp_path):
     """A run directory from someone else may hold symbolic links where the run writes. The
     writability probe (.write-test, whose fixed name truncated what a link there named) now
     has a fresh name; a metrics.jsonl link, which the epochs' lines would be appended
-    through, is refused."""
+    through, is refused, and so are links where the checkpoints go (a run pruned and set
+    aside another run's checkpoints through one) and the pictures."""
     run_dir, victim = tmp_path / "run", tmp_path / "victim.txt"
     run_dir.mkdir()
     victim.write_text("precious")
@@ -427,6 +428,16 @@ def test_a_run_writes_through_no_link_in_its_directory(quick_shards, tmp_path):
     assert f"error: {run_dir}/metrics.jsonl: is a symbolic link" in result.stderr
     assert victim.read_text() == "precious"
     (run_dir / "metrics.jsonl").unlink()
+    theirs = tmp_path / "theirs"
+    (theirs / "checkpoints").mkdir(parents=True)
+    (theirs / "checkpoints" / "step-00000007.pt").write_text("another run's checkpoint")
+    for name in ("checkpoints", "report"):
+        (run_dir / name).symlink_to(theirs / name, target_is_directory=True)
+        result = run_cli("train", *args)
+        assert result.returncode == 2, result.stdout + result.stderr
+        assert f"error: {run_dir}/{name}: is a symbolic link; a run writes" in result.stderr
+        (run_dir / name).unlink()
+    assert [p.name for p in theirs.rglob("*")] == ["checkpoints", "step-00000007.pt"]
     result = run_cli("train", *args)
     assert result.returncode == 0, result.stderr
     assert victim.read_text() == "precious" and summary(run_dir)["steps"] == 2

@@ -99,6 +99,29 @@ class Progress:
         self.epoch_loss_sum, self.epoch_steps, self.epoch_seconds = 0.0, 0, 0.0
 
 
+def position_problem(loop: dict, stream: MacroBatchStream) -> str | None:
+    """Where a saved loop position does not fit this run's epochs, as `field: problem`; None
+    if it fits. The layout (batch, macro-batch and split sizes) cannot change on resume, so
+    a position is a macro-batch of an epoch, a step inside it, and the step count they make:
+    a checkpoint's position is data from a file, and one out of range trained from rows
+    outside a block, or wrote an epoch's line with no steps in it."""
+    epoch, macro, step_in_macro = loop["epoch"], loop["macro"], loop["step_in_macro"]
+    if epoch < 0:
+        return f"loop.epoch: {epoch}; not an epoch"
+    if not 0 <= macro < stream.macro_batches_per_epoch:
+        return f"loop.macro: {macro}; an epoch here has macro-batches 0 to {stream.macro_batches_per_epoch - 1}"
+    steps_in_macro = min(stream.macro_steps, stream.steps_per_epoch - macro * stream.macro_steps)
+    if not 0 <= step_in_macro < steps_in_macro:
+        return f"loop.step_in_macro: {step_in_macro}; macro-batch {macro} here has steps 0 to {steps_in_macro - 1}"
+    in_epoch = macro * stream.macro_steps + step_in_macro
+    if loop["step"] != epoch * stream.steps_per_epoch + in_epoch:
+        return (f"loop.step: {loop['step']}; epoch {epoch + 1}, macro-batch {macro}, step {step_in_macro} is step "
+                f"{epoch * stream.steps_per_epoch + in_epoch} ({stream.steps_per_epoch} steps an epoch)")
+    if not 0 <= loop["epoch_steps"] <= in_epoch:
+        return f"loop.epoch_steps: {loop['epoch_steps']}; the epoch's position is {in_epoch} steps in"
+    return None
+
+
 class LossWindow:
     """Per-step losses since the last sync point, kept on the device (no host sync per step).
 
@@ -316,7 +339,7 @@ class Trainer:
 
     def check_state(self, state: dict, path: Path) -> None:
         """HarnessError naming `path` if a loaded checkpoint does not fit this run's objects."""
-        problem = state_mismatch(state, self.model, self.optimizer, self.scheduler, self.progress.state_dict())
+        problem = state_mismatch(state, self.model, self.optimizer, self.scheduler, self.progress.state_dict()) or position_problem(state["loop"], self.stream)
         if problem:
             raise HarnessError(f"{path}: does not fit this run's model and optimizer ({problem})")
 

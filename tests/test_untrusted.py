@@ -15,6 +15,7 @@ import os
 import pickle
 import shutil
 import tarfile
+import types
 import zipfile
 from pathlib import Path
 
@@ -34,6 +35,7 @@ from harness.data.stream import MacroBatchStream, ShardSplit
 from harness.errors import HarnessError
 from harness.models import build_model
 from harness.run_files import TEST_REPORT_SCHEMA, read_run_json
+from harness.train import position_problem
 
 
 def manifest_of(shards: Path) -> dict:
@@ -533,6 +535,42 @@ def test_crafted_checkpoint_contents_are_skipped_with_a_warning(tmp_path, caplog
     if fails_to_load:
         rc, _, err = cli(capsys, "predict", pt, tmp_path / "digit.png")
         assert_one_error(rc, err, str(pt))
+
+
+LAYOUT = types.SimpleNamespace(steps_per_epoch=25, macro_steps=10, macro_batches_per_epoch=3)  # macro-batches of 10, 10 and 5 steps
+
+
+@pytest.mark.parametrize(("edit", "fragment"), [
+    ({"macro": -1}, "loop.macro: -1; an epoch here has macro-batches 0 to 2"),
+    ({"macro": 3}, "loop.macro: 3; an epoch here has macro-batches 0 to 2"),
+    ({"step_in_macro": -3}, "loop.step_in_macro: -3; macro-batch 1 here has steps 0 to 9"),
+    ({"macro": 2, "step_in_macro": 5, "step": 75}, "loop.step_in_macro: 5; macro-batch 2 here has steps 0 to 4"),
+    ({"epoch": 10**15}, "loop.step: 63; epoch 1000000000000001, macro-batch 1, step 3 is step 25000000000000013 (25 steps an epoch)"),
+    ({"epoch": -1, "step": -12}, "loop.epoch: -1; not an epoch"),
+    ({"epoch_steps": 14}, "loop.epoch_steps: 14; the epoch's position is 13 steps in"),
+])
+def test_a_checkpoints_loop_position_must_be_one_of_this_runs_steps(edit, fragment):
+    """A crafted position trained from rows outside a block (a negative macro-batch), divided
+    by zero (a negative step), wrote an epoch's line with no steps in it (a macro-batch past
+    the epoch's), or finished a run untrained (an epoch 10^15 in): the audit's cases. Each
+    is named now; a position a run writes (epoch 3, macro-batch 1, step 3: step 63) fits."""
+    position = {"epoch": 2, "macro": 1, "step_in_macro": 3, "step": 63, "epoch_steps": 13}
+    assert position_problem(position, LAYOUT) is None
+    assert position_problem({**position, "epoch_steps": 0}, LAYOUT) is None  # the steps its windows counted: at most the position's
+    assert position_problem({**position, **edit}, LAYOUT) == fragment
+
+
+def test_a_crafted_loop_position_is_one_error_naming_the_checkpoint(quick_shards, tmp_path):
+    """End to end, through the checks a resumed run makes: a checkpoint of this run's with
+    its macro-batch set to -1 (marker resealed) is one error naming the file and the field."""
+    source = tmp_path / "source"
+    train = ("--preset", "lenet", "--shards", quick_shards, "--device", "cpu", "--max-steps", "20", "--checkpoint-every", "10")
+    assert run_cli("train", *train, "--run-dir", source).returncode == 0
+    state = torch.load(source / "checkpoints" / "step-00000020.pt", weights_only=True)
+    state["loop"]["macro"] = -1
+    pt = crafted_checkpoint(tmp_path / "crafted", state, 20)
+    result = run_cli("train", *train, "--max-steps", "30", "--run-dir", tmp_path / "run", "--resume", pt)
+    assert_one_error(result.returncode, result.stderr, str(pt), "loop.macro: -1; an epoch here has macro-batches 0 to 0")
 
 
 def test_a_checkpoint_or_model_that_would_run_code_is_refused_without_torchs_advice(small_run, tmp_path, caplog, capsys):

@@ -226,6 +226,26 @@ def digest_ints(text: str) -> list[int]:
     return list(hashlib.sha256(text.encode()).digest()[:8])
 
 
+def refuse_different_options(ctx: DistContext, options: dict[str, object]) -> None:
+    """Every rank must be started with the same options (one command line on every node).
+    Nothing else compares them, and ranks given different ones trained wrongly in silence
+    (another --seed or --batch-size: some images twice, others not at all; another --lr:
+    weights that drift apart), or failed with a traceback or a misleading timeout (another
+    --hidden, --log-every or --max-steps). One digest an option, so the error names those
+    that differ; the first collective after joining, so that no other one runs out of
+    step. An AgreedError: every rank finds the same."""
+    if not ctx.distributed:
+        return
+    names = sorted(options)
+    digests = [int.from_bytes(hashlib.sha256(repr(options[name]).encode()).digest()[:7], "big") for name in names]
+    gathered = ctx.gather(digests)
+    differ = [name for i, name in enumerate(names) if any(row[i] != gathered[0][i] for row in gathered)]
+    if differ:
+        ranks = [rank for rank, row in enumerate(gathered) if row != gathered[0]]
+        raise AgreedError(f"the ranks were started with different options: {', '.join(differ)} on rank(s) "
+                          f"{', '.join(map(str, ranks))} differ from rank 0's; start every rank with the same command line")
+
+
 def env_int(name: str, default: int, least: int | None = None) -> int:
     """A launcher variable as an int; a malformed one (a stray export) is one error naming it."""
     text = os.environ.get(name)

@@ -279,14 +279,17 @@ class Trainer:
             self.graphed = GraphedStep(self.model, self.optimizer, self.normalize, self.train_loss_fn, config.precision, self.stream, ctx.device, compiler)
 
     def verify_train_shards(self) -> None:
-        """Rank r checks the SHA-256 of training shards r, r+W, r+2W, ... (together the
-        ranks read the split once, not W times), and every rank learns whether any shard
-        differs, so that all of them stop at start-up, the finder with the shard's name."""
+        """A node's local rank l of L checks the SHA-256 of training shards l, l+L, l+2L, ...:
+        together a node's ranks check every shard once, since each node may read a copy of
+        its own (a node-local copy damaged on one node was trained on when rank r of the job
+        checked shards r, r+W, ... only). Every rank learns whether any shard differs, so
+        that all of them stop at start-up, the finder with the shard's name."""
         ctx, shards = self.ctx, self.shards
         problem = ""
         try:
             with self.unless_stopped():
-                shards.check("train", list(range(ctx.rank, len(shards.shards("train")), ctx.world_size)))
+                local = ctx.local_world_size
+                shards.check("train", list(range(ctx.local_rank % local, len(shards.shards("train")), local)))
         except (HarnessError, OSError) as e:  # whatever it is, every rank must reach the gather
             problem = str(e)
         manifest = distributed.digest_ints(json.dumps(shards.manifest, sort_keys=True))
@@ -820,6 +823,7 @@ def train(config: TrainConfig, shards: str | Path, run_dir: Path | None, resume:
     named_here = run_dir is None
     try:
         setup_logging(ctx.rank)
+        distributed.refuse_different_options(ctx, run_options(config, run_dir, resume, name))
         run_dir = run_dir or default_run_dir(name or config.model, ctx)
         limit = None if cache_limit_gb is None else int(cache_limit_gb * 1e9)
         source = open_shards(ctx, shards, cache_dir, limit, stop_request, run_dir)
@@ -836,6 +840,18 @@ def train(config: TrainConfig, shards: str | Path, run_dir: Path | None, resume:
         if named_here and ctx.is_main and run_dir is not None:
             remove_if_unused(run_dir)  # a run refused at start-up leaves no empty directory behind
     raise failure  # outside the except block, so no frame keeps the failed collective's traceback
+
+
+# May differ between ranks: a node's cores, and the device (whose kind the ranks compare
+# themselves: distributed.check_same_device_type).
+PER_RANK_OPTIONS = ("threads", "device")
+
+
+def run_options(config: TrainConfig, run_dir: Path | None, resume: str, name: str) -> dict[str, object]:
+    """What every rank of a run must be given alike, by option name. Not --shards: nodes may
+    each have a copy, wherever, and the ranks compare the manifests they read."""
+    options = {"--" + key.replace("_", "-"): value for key, value in dataclasses.asdict(config).items() if key not in PER_RANK_OPTIONS}
+    return {**options, "--run-dir": str(run_dir or ""), "--resume": resume, "--preset": name}
 
 
 def run_dir_option(text: str) -> Path:

@@ -29,9 +29,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -456,6 +458,52 @@ def test_ranks_on_different_kinds_of_device_stop_with_one_clear_error(tmp_path):
     )
     for rank in (0, 1):
         assert f"rank {rank}: ranks are on different kinds of device (rank 0: cpu, rank 1: cuda)" in result.stdout
+
+
+def two_nodes(shards: tuple[Path, Path], run_dir: Path, *args, rank_args: tuple[tuple, tuple] = ((), ())) -> list[tuple[int, str]]:
+    """Two ranks started by hand as two nodes' launchers would start them (one rank each,
+    each with its own command line and its own --shards): [(exit status, stderr)] by rank."""
+    port, processes = free_port(), []
+    for rank in (0, 1):
+        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        command = train_command(shards[rank], run_dir, *args, *rank_args[rank])
+        processes.append(subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    try:
+        stderrs = [process.communicate(timeout=120)[1] for process in processes]
+        return [(process.returncode, stderr) for process, stderr in zip(processes, stderrs)]
+    finally:
+        for process in processes:
+            kill_tree(process)
+
+
+def test_ranks_started_with_different_options_stop_with_one_clear_error(quick_shards, tmp_path):
+    """Another --lr and --seed on the second node, and another --threads, which may differ:
+    both ranks stop at start-up, naming the options that differ, and nothing is trained or
+    written. Before, they trained (the seed: some images twice, others never) and exited 0."""
+    ended = two_nodes((quick_shards, quick_shards), tmp_path / "run", "--preset", "lenet", "--max-steps", "5", "--timeout", "60",
+                      rank_args=(("--lr", "0.01", "--seed", "0", "--threads", "1"), ("--lr", "0.5", "--seed", "1", "--threads", "2")))
+    expected = ("error: the ranks were started with different options: --lr, --seed on rank(s) 1 differ from rank 0's; "
+                "start every rank with the same command line")
+    for status, stderr in ended:
+        assert status == 2 and stderr.strip().splitlines() == [expected], stderr  # each node's LOCAL_RANK 0 prints it
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_shard_damaged_in_one_nodes_copy_stops_every_rank(quick_shards, tmp_path):
+    """Nodes may read copies of their own. The second node's copy of train-000000.tar has
+    bytes changed in place (its size, and so its blocks' layout, unchanged): that node
+    hashes every shard, finds it, and every rank stops at start-up. Before, rank r of the
+    job hashed shards r, r+W, ... only: shard 0 was rank 0's to check, in its own good copy,
+    and rank 1 trained on the damaged one."""
+    copy = tmp_path / "copy"
+    shutil.copytree(quick_shards, copy)
+    with open(copy / "train-000000.tar", "r+b") as shard:
+        shard.seek(4_000_000)
+        shard.write(bytes(1000))
+    ended = two_nodes((quick_shards, copy), tmp_path / "run", "--preset", "lenet", "--max-steps", "5", "--timeout", "60")
+    assert ended[1][0] == 2 and f"error: rank 1: {copy}/train-000000.tar: SHA-256 differs from manifest.json" in ended[1][1], ended[1][1]
+    assert ended[0][0] == 2 and "stopping: rank 1 found a problem with a training shard" in ended[0][1], ended[0][1]
 
 
 def test_a_rank_whose_partners_never_come_gets_one_clear_error(quick_shards, tmp_path):

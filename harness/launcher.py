@@ -23,8 +23,9 @@ failed ranks without the traceback that leads to it, or, for a stop or a refusal
 the ranks have explained in one line, one line. When torchrun itself gets a signal once
 the ranks run (its handler passes it on and waits for them), one line and 128+N where
 torchrun prints a traceback and exits 1: the ranks' status is not known then. A Ctrl-C
-before torchrun has its handler is one line and 130, not a traceback. Everything else is
-the launcher's own.
+before torchrun has its handler is one line and 130, not a traceback; so is a lost or
+timed-out rendezvous (the node hosting it ended, or a node never joined), with status 1.
+Everything else is the launcher's own.
 """
 
 from __future__ import annotations
@@ -70,6 +71,9 @@ def run_launcher(start: Callable[[], object], name: str) -> int:
     signal.signal(signal.SIGINT, lambda signum, frame: interrupted.append(signum))  # held through torch's import (errors.signals_held)
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.rendezvous.api import RendezvousError
+
+    from harness.distributed import first_line  # with torch, whose import the handlers above come before
 
     signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
@@ -86,12 +90,23 @@ def run_launcher(start: Callable[[], object], name: str) -> int:
         else:
             print(e, file=sys.stderr)  # torchrun's account of the failed ranks, without its traceback
         return status
+    except RendezvousError as e:  # torchrun's traceback, some 60 lines, ended in one of these
+        print(f"{name}: {type(e).__name__}: {first_line(e)}; {RENDEZVOUS_ADVICE.get(type(e).__name__, RENDEZVOUS_ADVICE[''])}", file=sys.stderr)
+        return 1
     except SignalException as e:
         signame = signal.Signals(e.sigval).name
         print(f"{name}: {signame}: passed on to the ranks, which have ended; their last lines say whether they stopped "
               "(and left stopped.json in the run directory) or finished", file=sys.stderr)
         return 128 + int(e.sigval)
     return 0
+
+
+RENDEZVOUS_ADVICE = {  # by the rendezvous error's class name
+    "RendezvousTimeoutError": "not every node joined within the rendezvous' join timeout (launch/multinode.sh: RDZV_TIMEOUT)",
+    "RendezvousConnectionError": "the node that hosts the rendezvous (at --rdzv-endpoint) has ended or cannot be reached; "
+                                 "its log, and the ranks' lines above, say why",
+    "": "see the other nodes' logs",
+}
 
 
 def first_failure_status(error) -> int:

@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -504,6 +505,40 @@ def test_a_shard_damaged_in_one_nodes_copy_stops_every_rank(quick_shards, tmp_pa
     ended = two_nodes((quick_shards, copy), tmp_path / "run", "--preset", "lenet", "--max-steps", "5", "--timeout", "60")
     assert ended[1][0] == 2 and f"error: rank 1: {copy}/train-000000.tar: SHA-256 differs from manifest.json" in ended[1][1], ended[1][1]
     assert ended[0][0] == 2 and "stopping: rank 1 found a problem with a training shard" in ended[0][1], ended[0][1]
+
+
+def test_a_node_that_loses_the_rendezvous_host_says_so_in_one_line(quick_shards, tmp_path):
+    """Two nodes' harness.torchrun (as launch/multinode.sh starts them), the one hosting the
+    rendezvous SIGKILLed, with its rank, once training has begun: the other's rank says it
+    may say it lost contact, and its harness.torchrun, whose agent finds the rendezvous store gone,
+    says that in one line and exits 1. It printed some 60 lines: c10d's warnings and a
+    traceback ending in RendezvousConnectionError."""
+    port, run_dir = free_port(), tmp_path / "run"
+    command = [sys.executable, "-m", "harness.torchrun", "--nnodes=2", "--nproc-per-node=1", "--rdzv-backend=c10d",
+               f"--rdzv-endpoint=127.0.0.1:{port}", "-m", "harness", "train", "--shards", str(quick_shards), "--run-dir", str(run_dir),
+               "--preset", "lenet", "--epochs", "1", "--threads", "1", "--timeout", "30"]
+    env = {**os.environ, "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}  # as launch/multinode.sh sets it
+    host = subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    other = None
+    try:
+        wait_for(lambda: port_is_open(port) or host.poll() is not None, 60, "the first node's rendezvous store")
+        other = subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        wait_for(lambda: any(run_dir.glob("events.out.tfevents.*")) or other.poll() is not None, 120, "training to start")
+        os.killpg(host.pid, signal.SIGKILL)
+        _, err = other.communicate(timeout=120)
+    finally:
+        kill_tree(host)
+        if other:
+            kill_tree(other)
+    assert other.returncode == 1 and "Traceback" not in err, err[-3000:]
+    assert err.strip().splitlines()[-1].startswith("harness.torchrun: RendezvousConnectionError: "), err[-3000:]
+    assert err.strip().splitlines()[-1].endswith("the node that hosts the rendezvous (at --rdzv-endpoint) has ended or cannot be reached; "
+                                                 "its log, and the ranks' lines above, say why"), err[-3000:]
+
+
+def port_is_open(port: int) -> bool:
+    with socket.socket() as probe:
+        return probe.connect_ex(("127.0.0.1", port)) == 0
 
 
 def test_a_rank_whose_partners_never_come_gets_one_clear_error(quick_shards, tmp_path):

@@ -259,7 +259,8 @@ def test_a_node_whose_partners_never_join_says_so_and_gives_up_after_rdzv_timeou
     result = run(["bash", ROOT / "launch" / "multinode.sh", "2", f"127.0.0.1:{port}", "1", "--max-steps", "2"], timeout=120,
                  env={"RDZV_TIMEOUT": "3", "SHARDS": str(tmp_path)})
     assert result.stderr.startswith(f"launch/multinode.sh: waiting up to 3 s (RDZV_TIMEOUT) for 2 node(s) to join at 127.0.0.1:{port} (")
-    assert result.returncode != 0 and "RendezvousTimeoutError" in result.stderr, result.stderr[-3000:]
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines()[-1].startswith("harness.torchrun: RendezvousTimeoutError: "), result.stderr[-3000:]
     assert time.monotonic() - started < 60  # 3 s, and torchrun's start-up and shutdown
 
 

@@ -1,4 +1,7 @@
-"""Rank 0's file writes (checkpoint files, TensorBoard weight images) on one background thread.
+"""Background threads: rank 0's file writes (BackgroundWriter), and the macro-batch
+reader's executor (DaemonExecutor).
+
+Rank 0's file writes (checkpoint files, TensorBoard weight images) go on one background thread.
 
 On a GPU the training thread only launches work, so whatever it spends writing,
 hashing and fsyncing files at the end of an epoch the GPU spends idle: on an H200
@@ -14,8 +17,11 @@ from __future__ import annotations
 
 import collections
 import logging
+import queue
 import threading
+import weakref
 from collections.abc import Callable
+from concurrent.futures import Future
 
 log = logging.getLogger("harness")
 
@@ -103,3 +109,50 @@ class BackgroundWriter:
                 with self._changed:
                     self._done += 1
                     self._changed.notify_all()
+
+
+class DaemonExecutor:
+    """concurrent.futures' one-thread executor (submit returns a Future; jobs run in order),
+    on a daemon thread. ThreadPoolExecutor's threads are joined when the interpreter exits,
+    so a macro-batch load stuck reading from a hung filesystem kept a failed or stopped
+    rank from ending, SIGTERM or not (a FIFO in place of a shard stood in for the hung
+    file); `shutdown` here waits a bounded time, and the process can end without it. As
+    ThreadPoolExecutor's, the thread ends once the executor is garbage (its jobs done)."""
+
+    def __init__(self, name: str):
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=_run_jobs, args=(self._jobs,), name=name, daemon=True)  # no reference to self
+        self._thread.start()
+        weakref.finalize(self, self._jobs.put, None)
+
+    def submit(self, fn: Callable, *args) -> Future:
+        future: Future = Future()
+        self._jobs.put((future, fn, args))
+        return future
+
+    def shutdown(self, wait_s: float) -> bool:
+        """Cancel the jobs not begun and wait up to `wait_s` for the one running; whether the
+        thread has ended."""
+        while True:
+            try:
+                job = self._jobs.get_nowait()
+            except queue.Empty:
+                break
+            if job is not None:
+                job[0].cancel()
+        self._jobs.put(None)
+        self._thread.join(wait_s)
+        return not self._thread.is_alive()
+
+
+def _run_jobs(jobs: queue.SimpleQueue) -> None:
+    """DaemonExecutor's thread: each (future, fn, args) in turn, until a None."""
+    while (job := jobs.get()) is not None:
+        future, fn, args = job
+        job = None  # nothing of a finished job is held while the next is awaited
+        if future.set_running_or_notify_cancel():
+            try:
+                future.set_result(fn(*args))
+            except BaseException as e:
+                future.set_exception(e)
+        future = fn = args = None

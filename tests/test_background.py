@@ -1,12 +1,15 @@
-"""Rank 0's background writer: order, errors, a bounded queue."""
+"""Rank 0's background writer (order, errors, a bounded queue) and the reader's daemon executor."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
+import time
 
 import pytest
 
-from harness.background import BackgroundWriter
+from harness.background import BackgroundWriter, DaemonExecutor
 
 WAIT = 10  # seconds: far above the microseconds these hand-offs take; only bounds a broken test
 
@@ -130,3 +133,54 @@ def test_the_first_error_of_several_is_the_one_raised():
     with pytest.raises(OSError, match="first"):
         writer.wait()
     writer.close()
+
+
+def test_the_daemon_executor_runs_jobs_in_order_with_their_results_and_errors():
+    ran, executor = [], DaemonExecutor("test-reader")
+    first, release, started = blocked_job(ran, "first")
+    done = [executor.submit(first), executor.submit(lambda: ran.append("second") or 2), executor.submit(lambda: 1 / 0)]
+    assert started.wait(WAIT) and ran == []
+    release.set()
+    assert done[1].result(WAIT) == 2 and ran == ["first", "second"]
+    with pytest.raises(ZeroDivisionError):
+        done[2].result(WAIT)
+    assert executor.shutdown(WAIT)
+
+
+def test_the_daemon_executors_shutdown_waits_a_bounded_time_for_a_stuck_job():
+    """A job stuck for good (a read from a hung filesystem): shutdown cancels the queued
+    ones and returns after its bound, saying the thread has not ended."""
+    ran, executor = [], DaemonExecutor("test-reader")
+    stuck, release, started = blocked_job(ran, "stuck")
+    executor.submit(stuck)
+    queued = executor.submit(lambda: ran.append("queued"))
+    assert started.wait(WAIT)
+    began = time.monotonic()
+    assert executor.shutdown(0.2) is False
+    assert time.monotonic() - began < 5 and queued.cancelled()
+    release.set()  # (the thread ends, having run nothing more)
+    assert ran == [] or ran == ["stuck"]
+
+
+def test_a_process_ends_while_its_reader_is_stuck():
+    """ThreadPoolExecutor's threads are joined when the interpreter exits: a rank whose
+    reader was stuck on a hung shard file never ended, even on SIGTERM. A daemon thread is not."""
+    code = ("import threading\nfrom harness.background import DaemonExecutor\n"
+            "executor, started = DaemonExecutor('reader'), threading.Event()\n"
+            "executor.submit(lambda: started.set() or threading.Event().wait())\n"
+            "started.wait(10)\nprint(executor.shutdown(0.2))\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert (result.returncode, result.stdout) == (0, "False\n"), result.stderr
+
+
+def test_the_daemon_executors_thread_ends_with_the_executor():
+    """As ThreadPoolExecutor's: a stream never closed leaves no thread behind once it is garbage."""
+    import gc
+
+    executor = DaemonExecutor("test-garbage")
+    thread = executor._thread
+    assert executor.submit(lambda: 3).result(WAIT) == 3
+    del executor
+    gc.collect()
+    thread.join(WAIT)
+    assert not thread.is_alive()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -332,6 +333,25 @@ def test_the_next_epoch_is_loaded_while_this_one_trains(data, monkeypatch, macro
     assert [(e, i) for _, e, i in loads] == [(e, i) for e in range(3) for i in range(per_epoch)]  # each once, in order
     assert loads[0][0] == "MainThread" and all(name.startswith("harness-reader") for name, _, _ in loads[1:])
     assert not [t for t in threading.enumerate() if t.name.startswith("harness-reader")]  # close() ended it
+
+
+def test_close_does_not_wait_for_ever_for_a_load_stuck_on_a_hung_filesystem(data, monkeypatch, caplog):
+    """A load ahead that never ends (a shard on a hung filesystem): close() waits its bound,
+    then says so and returns, so that a failed or stopped rank can end."""
+    import harness.data.stream as stream_module
+
+    shards, _ = data
+    stream = MacroBatchStream(ShardSplit(shards, "train"), 64, 700, seed=5, device=CPU, prefetch=True)
+    hung, release = threading.Event(), threading.Event()
+    monkeypatch.setattr(stream, "_load", lambda epoch, index: hung.set() or release.wait(60))
+    monkeypatch.setattr(stream_module, "READER_CLOSE_WAIT_S", 0.2)
+    stream.prepare(0, 0, give_up=hung.is_set)  # returns once the load has begun (and hung)
+    began = time.monotonic()
+    with caplog.at_level("WARNING", logger="harness"):
+        stream.close()
+    assert time.monotonic() - began < 5
+    assert "the reader thread is still loading a macro-batch after 0.2 s (is the shards' filesystem hung?)" in caplog.text
+    release.set()
 
 
 def test_a_macro_batch_loaded_ahead_but_not_asked_for_is_dropped(data, monkeypatch):

@@ -17,17 +17,22 @@ resident on its device (one copy per run), since each epoch's slices touch all o
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from concurrent import futures
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
 import torch
 
+from harness.background import DaemonExecutor
 from harness.data.shard_set import ShardSplit
 from harness.errors import HarnessError
+
+log = logging.getLogger("harness")
+READER_CLOSE_WAIT_S = 10.0  # a macro-batch from local files loads in well under a second; a download is cut at once
 
 
 def seeded_generator(*key: int) -> np.random.Generator:
@@ -100,7 +105,7 @@ class MacroBatchStream:
         self.prefetch = (device.type == "cuda") if prefetch is None else prefetch
         self._split: tuple[torch.Tensor, torch.Tensor] | None = None  # the resident split, loaded on first use
         self._copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-        self._reader: ThreadPoolExecutor | None = None  # the reader thread, started when first needed
+        self._reader: DaemonExecutor | None = None  # the reader thread, started when first needed
         # (epoch, index, macro-batch) next to train: loading on the reader thread (or loaded), or not yet begun (None).
         self._ahead: tuple[int, int, MacroBatch | Future[MacroBatch] | None] | None = None
 
@@ -287,14 +292,19 @@ class MacroBatchStream:
 
     def _submit(self, epoch: int, index: int) -> Future[MacroBatch]:
         if self._reader is None:
-            self._reader = ThreadPoolExecutor(1, thread_name_prefix="harness-reader")
+            self._reader = DaemonExecutor("harness-reader")
         return self._reader.submit(self._load, epoch, index)
 
     def close(self) -> None:
         """Stop the reader thread: a load not begun is dropped, and one under way is cut
-        short where it downloads a shard (one from local files is quick to finish)."""
+        short where it downloads a shard; one from local files is quick to finish, and is
+        waited for READER_CLOSE_WAIT_S at most (a hung filesystem: the process then ends
+        without it)."""
         self._ahead = None
         if self._reader is not None:
             with self.data.source.fetches_cancelled():
-                self._reader.shutdown(wait=True, cancel_futures=True)
+                ended = self._reader.shutdown(wait_s=READER_CLOSE_WAIT_S)
+            if not ended:
+                log.warning(f"the reader thread is still loading a macro-batch after {READER_CLOSE_WAIT_S:g} s "
+                            "(is the shards' filesystem hung?): not waiting for it")
             self._reader = None

@@ -33,6 +33,11 @@ NOISE_FLOOR = 0.2  # ink below this fraction of the strongest is paper texture, 
 # (34 MB a float64 array) whatever the picture's size.
 MAX_SIDE = 2048
 
+# Raster formats Pillow decodes itself (JPEG's opener takes phones' multi-picture JPEGs
+# too). Not every format it opens: an EPS file is rendered by running Ghostscript on its
+# PostScript, which is code from the file.
+PICTURE_FORMATS = ("PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP", "PPM")
+
 
 def read_image(path: Path) -> Image.Image:
     """Decode an image file (PNG, JPEG or any format Pillow reads); one clear error otherwise."""
@@ -52,7 +57,8 @@ def read_image(path: Path) -> Image.Image:
             # picture would be read as it lies, perhaps on its side, with the warning printed
             # beside its prediction. Such a file is damaged: an error, below.
             warnings.filterwarnings("error", module=r"PIL\.TiffImagePlugin")
-            with Image.open(file) as image:
+            Image.init()  # its plugins, so that OPEN lists what this Pillow build opens
+            with Image.open(file, formats=[f for f in PICTURE_FORMATS if f in Image.OPEN]) as image:
                 if max(image.size) > MAX_SIDE:
                     image.draft(None, (MAX_SIDE, MAX_SIDE))  # a big JPEG decodes at 1/2, 1/4 or 1/8 scale
                 image.load()
@@ -64,7 +70,7 @@ def read_image(path: Path) -> Image.Image:
     except UserWarning as e:  # only the EXIF parser's are raised
         raise exif_damaged(path, one_line(e)) from None
     except UnidentifiedImageError:  # Pillow's message names the open file by its descriptor, "name=3"
-        raise HarnessError(f"{path}: not a readable image (Pillow recognises no image format in it)") from None
+        raise HarnessError(f"{path}: not a readable image (Pillow recognises none of {', '.join(PICTURE_FORMATS)} in it)") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise HarnessError(f"{path}: not a readable image ({type(e).__name__}: {e})") from None
 
@@ -108,6 +114,10 @@ def shrink(image: Image.Image) -> Image.Image:
     return image.reduce(factor)
 
 
+class NonFinitePixels(ValueError):
+    """A floating-point picture holds NaN or infinite values (Pillow's extrema skip NaN)."""
+
+
 def greys(image: Image.Image) -> Image.Image:
     """The picture's grey levels as an 8-bit (L) image, shrunk. Pillow's convert("L") clips
     deeper greys at 255, so those are scaled here, by the full range their values follow so
@@ -128,6 +138,8 @@ def greys(image: Image.Image) -> Image.Image:
     else:
         return shrink(image.convert("L"))
     levels = np.asarray(shrink(image), dtype=np.float64)
+    if not np.isfinite(levels).all():  # a box average with a NaN or infinite pixel in it is one too
+        raise NonFinitePixels
     scale = 255 / (high - low) if high > low else 0.0
     return Image.fromarray(np.round((levels - low) * scale).astype(np.uint8), "L")
 
@@ -192,6 +204,8 @@ def mnist_style(image: Image.Image, name: str = "image") -> np.ndarray:
         return _mnist_style(image, name)
     except MemoryError:
         raise HarnessError(f"{name}: not enough memory to convert the {image.width}x{image.height} picture") from None
+    except NonFinitePixels:
+        raise HarnessError(f"{name}: a floating-point picture holding NaN or infinite values, which are no grey level") from None
 
 
 def _mnist_style(image: Image.Image, name: str) -> np.ndarray:

@@ -143,6 +143,11 @@ def check_weights_fit(saved: SavedModel) -> None:
     parameters = sum(t.numel() for t in expected.values())
     if parameters > MAX_PARAMETERS:
         raise HarnessError(f"{saved.described_in}: its config's {config.model} model has {parameters:,} parameters; predict builds at most {MAX_PARAMETERS:,}")
+    # A run never saves such weights (it refuses a non-finite state): they would predict
+    # NaN probabilities, and --json would print NaN, which is not JSON.
+    broken = next((name for name, t in saved.state.items() if t.is_floating_point() and not torch.isfinite(t).all()), None)
+    if broken is not None:
+        raise HarnessError(f"{saved.weights}: weights {broken} hold NaN or infinite values")
 
 
 @torch.no_grad()

@@ -234,6 +234,8 @@ def drawing_problem(weights: torch.Tensor) -> str | None:
         return f"have {weights.numel()} elements in a storage of {weights.untyped_storage().nbytes()} bytes (an expanded tensor)"
     if max(h, w) > MAX_KERNEL:
         return f"are {h}x{w} kernels; filters of 28x28 images are at most {MAX_KERNEL}x{MAX_KERNEL}"
+    if not torch.isfinite(weights).all():  # a run never saves such weights (it refuses a non-finite state)
+        return "hold NaN or infinite values"
     height, width = grid_shape(weights.shape)
     if height * width > MAX_GRID_CELLS:
         return f"would be drawn as {height}x{width} cells; at most {MAX_GRID_CELLS} are drawn"

@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -159,3 +160,18 @@ def test_an_opaque_rgba_picture_is_read_by_its_grey_levels(tmp_path):
     Image.fromarray(canvas, "RGBA").save(tmp_path / "opaque.png")
     Image.fromarray(canvas[..., :3], "RGB").save(tmp_path / "rgb.png")
     assert np.array_equal(load_digit(tmp_path / "opaque.png"), load_digit(tmp_path / "rgb.png"))
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")], ids=["nan", "inf", "minus-inf"])
+def test_a_float_picture_with_a_pixel_that_is_not_finite_is_one_error(tmp_path, value):
+    """One NaN or infinite pixel in a float TIFF of a clear digit gave numpy's warnings and
+    "no digit found (the picture is blank...)"; Pillow's extrema skip a NaN mid-picture."""
+    pixels = np.zeros((40, 40), np.float32)
+    pixels[10:30, 18:22] = 1.0
+    pixels[20, 5] = value
+    path = tmp_path / "digit.tif"
+    Image.fromarray(pixels, "F").save(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # and no numpy warning on the way
+        with pytest.raises(HarnessError, match=r"digit.tif: a floating-point picture holding NaN or infinite values, which are no grey level$"):
+            load_digit(path)

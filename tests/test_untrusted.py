@@ -682,6 +682,41 @@ def test_predict_refuses_weights_whose_storage_does_not_hold_them(small_run, tmp
     assert_one_error(rc, err, str(pt), "weights do not fit", "storage holds 4 of its 6734508720128 bytes")
 
 
+@pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_weights_that_are_not_finite_are_refused_by_predict_and_report(small_run, tmp_path, capsys, value):
+    """A run never saves them (it refuses a non-finite state before a checkpoint): predict
+    printed `probability nan` and exit 0, and `--json` printed NaN, which is not JSON;
+    report drew them."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(small_run, run_dir)
+    shutil.rmtree(run_dir / "checkpoints")
+    weights = torch.load(run_dir / "model.pt", weights_only=True)
+    first = next(iter(weights))
+    weights[first].view(-1)[5] = value
+    torch.save(weights, run_dir / "model.pt")
+    rc, out, err = cli(capsys, "predict", run_dir, "--shards", small_run.parent / "shards", "--index", "0", "--json")
+    assert_one_error(rc, err, str(run_dir / "model.pt"), f"weights {first} hold NaN or infinite values")
+    assert out == ""
+    rc, _, err = cli(capsys, "report", run_dir)
+    assert_one_error(rc, err, "model.pt", "hold NaN or infinite values")
+
+
+def test_predict_does_not_render_postscript(small_run, tmp_path, capsys, monkeypatch):
+    """Pillow opens EPS files by running Ghostscript on their PostScript, which is code from
+    the file: where gs was installed, predict got as far as calling it (and ended in a
+    traceback). predict opens raster formats only."""
+    from PIL import EpsImagePlugin
+
+    calls = []
+    monkeypatch.setattr(EpsImagePlugin, "Ghostscript", lambda *args, **kwargs: calls.append(args))
+    monkeypatch.setattr(EpsImagePlugin, "has_ghostscript", lambda: True)
+    eps = tmp_path / "digit.eps"
+    eps.write_text("%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 28 28\n0 0 moveto 28 28 lineto stroke\nshowpage\n%%EOF\n")
+    rc, _, err = cli(capsys, "predict", small_run, eps)
+    assert_one_error(rc, err, str(eps), "not a readable image (Pillow recognises none of PNG, JPEG")
+    assert calls == []
+
+
 def test_predict_builds_models_of_a_bounded_size(small_run, capsys, monkeypatch):
     """Weights that fill the file as their config asks are refused past MAX_PARAMETERS too:
     here, a bound lowered below the small run's 12,730."""

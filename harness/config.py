@@ -200,16 +200,28 @@ def config_from_saved(saved, where: str) -> TrainConfig:
     keep their defaults; fields this version does not know are ignored."""
     if not isinstance(saved, dict):
         raise HarnessError(f"{where}: its config is not a mapping")
-    values = {name: value for name, value in saved.items() if name in FIELDS}
-    for name, value in values.items():
-        if not _of_type(value, TYPES[name]):
-            raise HarnessError(f"{where}: config.{name} is {reprlib.repr(value)}, not of type {getattr(TYPES[name], '__name__', TYPES[name])}")
-    config = TrainConfig(**values)
+    config = TrainConfig(**typed_values({name: value for name, value in saved.items() if name in FIELDS}, f"{where}: config."))
     try:
         config.validate()
     except HarnessError as e:
         raise HarnessError(f"{where}: its config: {e}") from None
     return config
+
+
+def typed_values(values: dict, where: str) -> dict:
+    """`values` checked against TrainConfig's field types, the integers given for float
+    fields made floats (so that validate's bounds apply to them: an integer of 400 digits
+    overflowed in the model); HarnessError naming `where` + the field otherwise."""
+    typed = {}
+    for name, value in values.items():
+        kind = TYPES[name]
+        if not _of_type(value, kind):
+            raise HarnessError(f"{where}{name} is {reprlib.repr(value)}, not of type {getattr(kind, '__name__', kind)}")
+        try:
+            typed[name] = float(value) if kind is float else value
+        except OverflowError:
+            raise HarnessError(f"{where}{name} is {reprlib.repr(value)}, too large for a float") from None
+    return typed
 
 
 def _of_type(value, kind) -> bool:
@@ -234,14 +246,19 @@ def preset_names() -> list[str]:
 
 
 def load_preset(name: str) -> dict:
-    path = resources.files("harness.presets") / f"{name}.toml"
-    if not path.is_file():
+    """A preset's values by field, type-checked. A name only, not a path (`../x` named a
+    TOML file anywhere, and the default run directory runs/../x-TIME, outside runs/)."""
+    if name not in preset_names():
         raise HarnessError(f"unknown preset '{name}' (choose from {', '.join(preset_names())})")
-    values = tomllib.loads(path.read_text())
+    path = resources.files("harness.presets") / f"{name}.toml"
+    try:
+        values = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:  # an edited checkout's
+        raise HarnessError(f"preset {path.name}: not a TOML file ({str(e).splitlines()[0]})") from None
     unknown = set(values) - set(FIELDS)
     if unknown:
         raise HarnessError(f"preset {path.name}: unknown field(s) {', '.join(sorted(unknown))}")
-    return values
+    return typed_values(values, f"preset {path.name}: ")
 
 
 # --- command-line options -------------------------------------------------------------------------

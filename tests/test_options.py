@@ -427,3 +427,42 @@ def test_shard_cache_options_are_checked_before_the_run_starts(shards, capsys, a
     except SystemExit as e:  # argparse's error ends the process (the harness's parser, as any)
         status, (out, err) = e.code, capsys.readouterr()
     assert (status, out) == (2, "") and err.startswith(line.format(shards=shards)) and err.count("\n") == 1, err
+
+
+def test_a_preset_is_a_name_and_its_values_are_type_checked(tmp_path, monkeypatch):
+    """--preset ../../x read a TOML file anywhere (and named the default run directory
+    runs/../../x-TIME); a preset's values went unchecked (epochs = "one" was a traceback).
+    A checkout's own preset files are checked as a run's saved config is."""
+    from importlib import resources
+
+    from harness import config as config_module
+    from harness.errors import HarnessError
+
+    with pytest.raises(HarnessError, match=r"^unknown preset '\.\./\.\./lenet' \(choose from fast, lenet"):
+        config_module.load_preset("../../lenet")
+    presets = tmp_path / "presets"
+    presets.mkdir()
+    monkeypatch.setattr(resources, "files", lambda package: presets)
+    for text, message in [('epochs = "one"', "preset bad.toml: epochs is 'one', not of type int"),
+                          ("lr = 1\nepochs =", "preset bad.toml: not a TOML file (Invalid value (at end of document))"),
+                          ("lr = 1\n\xff", "preset bad.toml: not a TOML file ("),
+                          ("hidden = [1.5]", "preset bad.toml: hidden is [1.5], not of type list")]:
+        (presets / "bad.toml").write_bytes(text.encode("latin-1"))
+        with pytest.raises(HarnessError) as refused:
+            config_module.load_preset("bad")
+        assert str(refused.value).startswith(message), str(refused.value)
+    (presets / "good.toml").write_text("lr = 1\nepochs = 2\n")
+    assert config_module.load_preset("good") == {"lr": 1.0, "epochs": 2} and type(config_module.load_preset("good")["lr"]) is float
+
+
+def test_a_saved_configs_integer_for_a_float_field_is_bounded_as_a_float():
+    """summary.json is JSON: an integer of 400 digits for --leaky-slope passed as an int (the
+    float bound applied to floats only), and overflowed in the model's leaky_relu."""
+    from harness.config import config_from_saved
+    from harness.errors import HarnessError
+
+    with pytest.raises(HarnessError, match=r"^summary.json: config.leaky_slope is 1000.*, too large for a float$"):
+        config_from_saved({"leaky_slope": 10**400}, "summary.json")
+    with pytest.raises(HarnessError, match=r"^summary.json: its config: --lr must be a finite number of at most 3.4e\+38"):
+        config_from_saved({"lr": 10**39}, "summary.json")
+    assert type(config_from_saved({"lr": 1}, "summary.json").lr) is float

@@ -64,7 +64,7 @@ def read_run_json(path: Path, schema: dict, what: str) -> dict:
 
 def check_run_json(path: Path, value, schema: dict) -> dict:
     """`value`, read from `path`, checked against `schema`; HarnessError naming the file and field."""
-    problem = first_violation(schema, value)
+    problem = first_violation(schema, value) or fraction_problem(value, schema)
     if problem:
         raise HarnessError(f"{path}: {problem}")
     return value
@@ -94,11 +94,24 @@ def read_metrics(run_dir: Path, whole_lines_only: bool = False) -> list[dict]:
             entry = parse_metrics_line(line)
         except ValueError as e:
             raise HarnessError(f"{path}: line {number}: {e}") from None
-        problem = first_violation(METRICS_LINE_SCHEMA, entry) or loss_problem(entry)
+        problem = first_violation(METRICS_LINE_SCHEMA, entry) or fraction_problem(entry, METRICS_LINE_SCHEMA) or loss_problem(entry)
         if problem:
             raise HarnessError(f"{path}: line {number}: {problem}")
         metrics.append(entry)
     return metrics
+
+
+def fraction_problem(value, schema: dict, field: str = "") -> str | None:
+    """A NaN where `schema` has a FRACTION (an accuracy), which the schema passes (every
+    comparison with NaN is false) and no run writes (an accuracy is a count's share); None
+    if there is none. `value` conforms to `schema` otherwise."""
+    if schema is FRACTION:
+        return f"{field}: {value} is not a fraction from 0 to 1" if not math.isfinite(value) else None
+    if isinstance(value, dict):
+        for name, inner in schema.get("properties", {}).items():
+            if name in value and (problem := fraction_problem(value[name], inner, f"{field}.{name}".lstrip("."))):
+                return problem
+    return None
 
 
 def loss_problem(entry: dict) -> str | None:

@@ -433,7 +433,12 @@ def test_predict_checks_a_runs_config_before_building_its_model(small_run, tmp_p
     ("test_report.json", '{"set": "test"}', "test_report.json: 'confusion' is a required property"),
     ("test_report.json", '{"confusion": [[1, 2], [3, 4]]}', "test_report.json: confusion: [[1, 2], [3, 4]] is too short"),
     ("summary.json", "[1]", "summary.json: [1] is not of type 'object'"),
-], ids=["metrics-line-fields", "metrics-line-array", "metrics-accuracy", "report-no-confusion", "report-small-confusion", "summary-array"])
+    # NaN passes the schema's bounds (every comparison with it is false); report drew "best nan%"
+    ("metrics.jsonl", '{"epoch": 1, "train_loss": NaN, "val_loss": NaN, "val_accuracy": NaN}\n', "line 1: val_accuracy: nan is not a fraction from 0 to 1"),
+    ("summary.json", '{"before_training": {"test_loss": 2.3, "test_accuracy": NaN}}',
+     "summary.json: before_training.test_accuracy: nan is not a fraction from 0 to 1"),
+], ids=["metrics-line-fields", "metrics-line-array", "metrics-accuracy", "report-no-confusion", "report-small-confusion", "summary-array",
+        "metrics-nan-accuracy", "summary-nan-accuracy"])
 def test_report_checks_a_runs_files_before_drawing(small_run, tmp_path, capsys, name, text, fragment):
     run_dir = tmp_path / "run"
     shutil.copytree(small_run, run_dir)

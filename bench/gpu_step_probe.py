@@ -26,7 +26,8 @@ compile took. The question it answers: whether a faster step than 0.216 ms (the 
 lenet run on 2026-11-28) is there to take. Before that, the harness's own GraphedStep
 with inductor, its update compiled (as it is) against the fused SGD kernel (as it was).
 
-Usage: python bench/gpu_step_probe.py [--inductor] > probe.json   (needs a CUDA GPU)
+Usage: python bench/gpu_step_probe.py > probe.json   (needs a CUDA GPU)
+       python bench/gpu_step_probe.py --inductor > inductor.jsonl   (one JSON line a part)
 """
 
 from __future__ import annotations
@@ -280,13 +281,14 @@ def main() -> None:
     record = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "cuda": torch.version.cuda,
               "cudnn": torch.backends.cudnn.version(), "graphed_step_ms": {}, "first_step_ms": {}, "eager_top_kernels": {}}
     if args.inductor:
-        record = {key: record[key] for key in ("gpu", "torch", "cuda", "cudnn")}
+        # One JSON line a part, as it ends: a call cut off by its time limit keeps the parts before.
+        header = {key: record[key] for key in ("gpu", "torch", "cuda", "cudnn")}
         for part, measure in (("harness_update", harness_update_steps), ("inductor", inductor_steps)):
             try:
-                record[part] = measure()
+                result = measure()
             except Exception as e:  # the other part's figures are kept
-                record[part] = f"failed: {type(e).__name__}: {str(e)[:300]}"
-        print(json.dumps(record, indent=1))
+                result = f"failed: {type(e).__name__}: {str(e)[:300]}"
+            print(json.dumps({**header, part: result}), flush=True)
         return
     combinations = [(*c, False) for c in itertools.product((True, False), ("fp32", "bf16"), (False, True), (100, 512))]
     combinations += [(deterministic, "fp32", False, 256, batch_norm) for deterministic in (False, True) for batch_norm in (False, True)]

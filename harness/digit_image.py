@@ -33,14 +33,14 @@ NOISE_FLOOR = 0.2  # ink below this fraction of the strongest is paper texture, 
 # (34 MB a float64 array) whatever the picture's size.
 MAX_SIDE = 2048
 
-# Raster formats Pillow decodes itself (JPEG's opener takes phones' multi-picture JPEGs
-# too). Not every format it opens: an EPS file is rendered by running Ghostscript on its
-# PostScript, which is code from the file.
-PICTURE_FORMATS = ("PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP", "PPM")
+# Formats Pillow opens that predict does not: it renders an EPS file by running
+# Ghostscript on the file's PostScript, which is code from the file.
+NOT_READ = {"EPS": "Pillow renders it by running Ghostscript on the file's PostScript, which is code from the file"}
+EPS_STARTS = (b"%!PS", b"\xc5\xd0\xd3\xc6")  # PostScript text, and the DOS EPS binary header
 
 
 def read_image(path: Path) -> Image.Image:
-    """Decode an image file (PNG, JPEG or any format Pillow reads); one clear error otherwise."""
+    """Decode an image file (PNG, JPEG or any format Pillow reads, EPS aside); one clear error otherwise."""
     try:
         file = open_regular_file(path)  # open() of a FIFO would wait for a writer for ever
     except FileNotFoundError:
@@ -58,7 +58,7 @@ def read_image(path: Path) -> Image.Image:
             # beside its prediction. Such a file is damaged: an error, below.
             warnings.filterwarnings("error", module=r"PIL\.TiffImagePlugin")
             Image.init()  # its plugins, so that OPEN lists what this Pillow build opens
-            with Image.open(file, formats=[f for f in PICTURE_FORMATS if f in Image.OPEN]) as image:
+            with Image.open(file, formats=[f for f in Image.OPEN if f not in NOT_READ]) as image:
                 if max(image.size) > MAX_SIDE:
                     image.draft(None, (MAX_SIDE, MAX_SIDE))  # a big JPEG decodes at 1/2, 1/4 or 1/8 scale
                 image.load()
@@ -70,9 +70,19 @@ def read_image(path: Path) -> Image.Image:
     except UserWarning as e:  # only the EXIF parser's are raised
         raise exif_damaged(path, one_line(e)) from None
     except UnidentifiedImageError:  # Pillow's message names the open file by its descriptor, "name=3"
-        raise HarnessError(f"{path}: not a readable image (Pillow recognises none of {', '.join(PICTURE_FORMATS)} in it)") from None
+        if file_starts_with(path, EPS_STARTS):
+            raise HarnessError(f"{path}: an EPS file, which predict does not read ({NOT_READ['EPS']})") from None
+        raise HarnessError(f"{path}: not a readable image (Pillow recognises no image format in it)") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise HarnessError(f"{path}: not a readable image ({type(e).__name__}: {e})") from None
+
+
+def file_starts_with(path: Path, starts: tuple[bytes, ...]) -> bool:
+    try:
+        with open_regular_file(path) as file:
+            return file.read(max(map(len, starts))).startswith(starts)
+    except OSError:
+        return False
 
 
 def check_grey_conversion(image: Image.Image, path: Path) -> None:

@@ -26,7 +26,7 @@ from harness.data.manifest import MANIFEST_NAME
 from harness.default_run_dir import forget_restart_record
 from harness.errors import HarnessError
 from harness.evaluate import EvalResult, class_report, format_report
-from harness.run_files import REPORT_DIR, STOPPED, SUMMARY_SCHEMA, read_metrics, read_run_json
+from harness.run_files import REPORT_DIR, RUN_FILES, STOPPED, SUMMARY_SCHEMA, read_metrics, read_run_json
 from harness.run_lock import RunDirLock
 from harness.tensorboard import TensorBoardLog, weight_snapshot
 
@@ -79,15 +79,21 @@ def prepare_run_dir(run_dir: Path, resuming: bool) -> tuple[Path, RunDirLock]:
 
 def refuse_links_where_the_run_writes(run_dir: Path) -> None:
     """A run directory from someone else (or copied with its links) may hold a symbolic
-    link where the run appends its epochs' lines, or where it writes, prunes
-    (--keep-checkpoints) and sets aside checkpoints, or writes its pictures: the run would
-    change what the link names, another run's checkpoints, say. Refused, naming it."""
-    for name, what in (("metrics.jsonl", "appends its epochs' lines to a file"),
-                       (CHECKPOINT_DIR, "writes, prunes and sets aside its checkpoints in a directory"),
-                       (REPORT_DIR, "writes its pictures in a directory")):
+    link where the run writes, and the run would change what the link names: the file its
+    epochs' lines are appended to, the pictures' directory (report replaced files there),
+    or a checkpoints directory in another run's directory, whose checkpoints it resumed
+    from, pruned (--keep-checkpoints) and set aside. Each is refused, naming it. A
+    checkpoints link elsewhere (scratch space for big checkpoints) is the run's own."""
+    for name, what in (("metrics.jsonl", "appends its epochs' lines to a file"), (REPORT_DIR, "writes its pictures in a directory")):
         if (run_dir / name).is_symlink():
             raise HarnessError(f"{run_dir / name}: is a symbolic link; a run {what} of its own, and would change what the link names: "
                                "put a real one there, or pick a new --run-dir")
+    link = run_dir / CHECKPOINT_DIR
+    owner = link.resolve().parent if link.is_symlink() else None
+    # A run's other files (its lock and event file come first): any folder holding the link's target holds a `checkpoints`.
+    if owner is not None and owner != run_dir.resolve() and any(any(owner.glob(name)) for name in RUN_FILES if name != f"{CHECKPOINT_DIR}/"):
+        raise HarnessError(f"{link}: is a symbolic link into {owner}, another run's directory; this run would resume from, prune and "
+                           "set aside that run's checkpoints: link a directory of this run's own, or pick a new --run-dir")
 
 
 def refuse_more_metrics_than_a_killed_run_leaves(run_dir: Path) -> None:

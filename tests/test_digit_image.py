@@ -175,3 +175,14 @@ def test_a_float_picture_with_a_pixel_that_is_not_finite_is_one_error(tmp_path, 
         warnings.simplefilter("error")  # and no numpy warning on the way
         with pytest.raises(HarnessError, match=r"digit.tif: a floating-point picture holding NaN or infinite values, which are no grey level$"):
             load_digit(path)
+
+
+@pytest.mark.parametrize("suffix", [".tga", ".ico", ".pcx"])
+def test_formats_beyond_png_and_jpeg_are_read(tmp_path, suffix):
+    """predict refuses EPS alone (Pillow runs Ghostscript on it); a first fix allowed a short
+    list of formats and refused others Pillow reads, such as these."""
+    pixels = np.zeros((28, 28), np.uint8)
+    pixels[6:22, 12:16] = 255
+    path = tmp_path / f"digit{suffix}"
+    Image.fromarray(pixels).save(path)
+    assert load_digit(path).max() == 255

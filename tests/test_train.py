@@ -415,8 +415,9 @@ def test_a_run_writes_through_no_link_in_its_directory(quick_shards, tmp_path):
     """A run directory from someone else may hold symbolic links where the run writes. The
     writability probe (.write-test, whose fixed name truncated what a link there named) now
     has a fresh name; a metrics.jsonl link, which the epochs' lines would be appended
-    through, is refused, and so are links where the checkpoints go (a run pruned and set
-    aside another run's checkpoints through one) and the pictures."""
+    through, is refused, and so are a link where the pictures go and one that leads the
+    checkpoints into another run's directory (a run pruned and set aside that run's
+    checkpoints through one); a checkpoints link to scratch space is the run's own."""
     run_dir, victim = tmp_path / "run", tmp_path / "victim.txt"
     run_dir.mkdir()
     victim.write_text("precious")
@@ -431,16 +432,22 @@ def test_a_run_writes_through_no_link_in_its_directory(quick_shards, tmp_path):
     theirs = tmp_path / "theirs"
     (theirs / "checkpoints").mkdir(parents=True)
     (theirs / "checkpoints" / "step-00000007.pt").write_text("another run's checkpoint")
-    for name in ("checkpoints", "report"):
+    (theirs / "metrics.jsonl").write_text("")
+    (theirs / "report").mkdir()
+    for name, message in (("checkpoints", f"is a symbolic link into {theirs}, another run's directory"), ("report", "is a symbolic link; a run writes")):
         (run_dir / name).symlink_to(theirs / name, target_is_directory=True)
         result = run_cli("train", *args)
         assert result.returncode == 2, result.stdout + result.stderr
-        assert f"error: {run_dir}/{name}: is a symbolic link; a run writes" in result.stderr
+        assert f"error: {run_dir}/{name}: {message}" in result.stderr
         (run_dir / name).unlink()
-    assert [p.name for p in theirs.rglob("*")] == ["checkpoints", "step-00000007.pt"]
+    assert sorted(p.name for p in theirs.rglob("*")) == ["checkpoints", "metrics.jsonl", "report", "step-00000007.pt"]
+    scratch = tmp_path / "scratch" / "checkpoints"  # big checkpoints on another filesystem: the run's own
+    scratch.mkdir(parents=True)
+    (run_dir / "checkpoints").symlink_to(scratch, target_is_directory=True)
     result = run_cli("train", *args)
     assert result.returncode == 0, result.stderr
     assert victim.read_text() == "precious" and summary(run_dir)["steps"] == 2
+    assert [p.name for p in scratch.glob("step-*.pt")] == ["step-00000002.pt"]
 
 
 def test_every_rank_takes_rank_0s_timestamp_for_the_run_directory(monkeypatch):

@@ -709,7 +709,7 @@ def test_weights_that_are_not_finite_are_refused_by_predict_and_report(small_run
 def test_predict_does_not_render_postscript(small_run, tmp_path, capsys, monkeypatch):
     """Pillow opens EPS files by running Ghostscript on their PostScript, which is code from
     the file: where gs was installed, predict got as far as calling it (and ended in a
-    traceback). predict opens raster formats only."""
+    traceback). predict opens every other format Pillow opens."""
     from PIL import EpsImagePlugin
 
     calls = []
@@ -718,7 +718,7 @@ def test_predict_does_not_render_postscript(small_run, tmp_path, capsys, monkeyp
     eps = tmp_path / "digit.eps"
     eps.write_text("%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 28 28\n0 0 moveto 28 28 lineto stroke\nshowpage\n%%EOF\n")
     rc, _, err = cli(capsys, "predict", small_run, eps)
-    assert_one_error(rc, err, str(eps), "not a readable image (Pillow recognises none of PNG, JPEG")
+    assert_one_error(rc, err, str(eps), "an EPS file, which predict does not read (Pillow renders it by running Ghostscript")
     assert calls == []
 
 

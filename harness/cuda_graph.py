@@ -6,9 +6,10 @@ graph, the step is a single `replay()`: this rank's slice of the global batch, g
 on the device by a step counter that lives on the device too, then normalisation,
 forward, loss and backward into gradients that stay at fixed addresses.
 
-The optimizer's update (fused SGD, one kernel) is captured too, after the backward, and
-so is the write of the step's loss into the training loop's window (`losses`), so a
-training step is one `replay()` and no Python optimizer code runs per step. The graph
+The write of the step's loss into the training loop's window (`losses`) is captured
+too, and so is the optimizer's update after the backward (fused SGD, one kernel; with
+inductor, its compiled foreach SGD), so a training step is one `replay()` and no Python
+optimizer code runs per step. The graph
 reads the learning rate from a float32 tensor on the device, which `__call__` refills
 whenever the schedule has changed it; the Trainer keeps the lr a float32 value on a GPU
 in every mode, so the eager update uses the same number. The captured kernels are those
@@ -65,8 +66,8 @@ def foreach_sgd(params: list[torch.Tensor], grads: list[torch.Tensor], buffers: 
     """SGD's update with PyTorch's foreach functions, as a function of its tensors and
     hyperparameters (compiled, a schedule's lr in the group would be a guard: a recompile
     at each change). Traced, SGD multiplies by the lr tensor rather than reading it back
-    to the host. The gradients are scratch that the next replay overwrites: Nesterov
-    momentum and weight decay are added into them in place."""
+    to the host. The gradients are scratch that the next replay overwrites (Nesterov
+    momentum is added into them in place)."""
     with torch.no_grad():  # a block, not the decorator, which dynamo's full graph refuses
         sgd(params, grads, buffers, lr=lr, foreach=True, **hyper)
 
@@ -114,7 +115,7 @@ class GraphedStep:
         self.order[: len(macro.order)].copy_(macro.order)
         self.step.fill_(first_step)
 
-    def eager_batch_loss(self) -> torch.Tensor:
+    def gathered_batch_loss(self) -> torch.Tensor:
         """The loss on the global batch that the device step counter points at."""
         positions = self.step * self.global_batch + self.offsets
         index = self.order.index_select(0, positions)
@@ -125,7 +126,7 @@ class GraphedStep:
 
     def recorded_batch_loss(self) -> torch.Tensor:
         """The loss, also written into its step's slot of `losses`; advances the step counter."""
-        loss = self.eager_batch_loss()
+        loss = self.gathered_batch_loss()
         # Two small kernels, also with deterministic algorithms on (index_copy_ then sorts
         # its index: some ten kernels), and no host sync: capturable. Compiled, they fuse
         # into the loss's kernels.
@@ -171,6 +172,9 @@ class GraphedStep:
         buffers = [self.optimizer.state[p].get("momentum_buffer") for p in params]
         hyper = {name: group[name] for name in ("weight_decay", "momentum", "dampening", "nesterov", "maximize")}
         self.sgd(params, [p.grad for p in params], buffers, self.lr, **hyper)
+        # The optimizer has stepped, as PyTorch's lr schedulers note through its step(): without
+        # this, the schedule's first step warned that it came before any optimizer step.
+        self.optimizer._opt_called = True
 
     def create_momentum_buffers(self) -> list[torch.Tensor]:
         """SGD's momentum buffers, made now (zeros) where the optimizer has none yet, so that

@@ -116,6 +116,21 @@ def test_every_presets_step_compiles_once_as_one_graph_with_the_eager_results(pr
     assert counter.frame_count == 1
 
 
+def test_the_compiled_update_leaves_the_schedule_nothing_to_warn_about():
+    """The compiled update never calls optimizer.step(), through which PyTorch's schedulers
+    note that the optimizer has stepped: every run with inductor's graph warned, at the
+    schedule's first step, that it came before the optimizer's."""
+    import warnings
+
+    step = graphed_step("lenet", lambda f: torch.compile(f, backend="aot_eager", fullgraph=True, dynamic=False))
+    schedule = torch.optim.lr_scheduler.ExponentialLR(step.optimizer, gamma=0.9)
+    step.create_momentum_buffers()
+    step.training_step()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        schedule.step()
+
+
 def test_compile_with_inductor_asks_for_no_cuda_graphs_and_deterministic_kernels(monkeypatch):
     """The options go to this one compile, not to inductor's process-wide config: no CUDA
     graphs of inductor's own (GraphedStep captures the whole step), and with deterministic

@@ -232,18 +232,24 @@ def refuse_different_options(ctx: DistContext, options: dict[str, object]) -> No
     (another --seed or --batch-size: some images twice, others not at all; another --lr:
     weights that drift apart), or failed with a traceback or a misleading timeout (another
     --hidden, --log-every or --max-steps). One digest an option, so the error names those
-    that differ; the first collective after joining, so that no other one runs out of
-    step. An AgreedError: every rank finds the same."""
+    that differ; right after joining, before any collective that differing options could
+    put out of step. First the options' names, so that harness versions with different
+    options are an error too, not gathers of different lengths. An AgreedError: every
+    rank finds the same."""
     if not ctx.distributed:
         return
     names = sorted(options)
+    named = ctx.gather(digest_ints(repr(names)))
+    if any(row != named[0] for row in named):
+        raise AgreedError("the ranks run versions of the harness with different options: install the same version on every node")
     digests = [int.from_bytes(hashlib.sha256(repr(options[name]).encode()).digest()[:7], "big") for name in names]
     gathered = ctx.gather(digests)
     differ = [name for i, name in enumerate(names) if any(row[i] != gathered[0][i] for row in gathered)]
     if differ:
         ranks = [rank for rank, row in enumerate(gathered) if row != gathered[0]]
+        accelerate = " (under accelerate, ACCELERATE_MIXED_PRECISION sets --precision)" if "--precision" in differ else ""
         raise AgreedError(f"the ranks were started with different options: {', '.join(differ)} on rank(s) "
-                          f"{', '.join(map(str, ranks))} differ from rank 0's; start every rank with the same command line")
+                          f"{', '.join(map(str, ranks))} differ from rank 0's; start every rank with the same command line{accelerate}")
 
 
 def env_int(name: str, default: int, least: int | None = None) -> int:

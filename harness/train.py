@@ -823,7 +823,7 @@ def train(config: TrainConfig, shards: str | Path, run_dir: Path | None, resume:
     named_here = run_dir is None
     try:
         setup_logging(ctx.rank)
-        distributed.refuse_different_options(ctx, run_options(config, run_dir, resume, name))
+        distributed.refuse_different_options(ctx, run_options(config, name))
         run_dir = run_dir or default_run_dir(name or config.model, ctx)
         limit = None if cache_limit_gb is None else int(cache_limit_gb * 1e9)
         source = open_shards(ctx, shards, cache_dir, limit, stop_request, run_dir)
@@ -847,11 +847,13 @@ def train(config: TrainConfig, shards: str | Path, run_dir: Path | None, resume:
 PER_RANK_OPTIONS = ("threads", "device")
 
 
-def run_options(config: TrainConfig, run_dir: Path | None, resume: str, name: str) -> dict[str, object]:
-    """What every rank of a run must be given alike, by option name. Not --shards: nodes may
-    each have a copy, wherever, and the ranks compare the manifests they read."""
+def run_options(config: TrainConfig, name: str) -> dict[str, object]:
+    """What every rank of a run must be given alike, by option name; `name` (the preset's)
+    names the default run directory. Not --shards, --run-dir or --resume: a path may read
+    differently on each node (another mount point), and the ranks compare what they find
+    there, the manifests and the checkpoint they resume from."""
     options = {"--" + key.replace("_", "-"): value for key, value in dataclasses.asdict(config).items() if key not in PER_RANK_OPTIONS}
-    return {**options, "--run-dir": str(run_dir or ""), "--resume": resume, "--preset": name}
+    return {**options, "--preset": name}
 
 
 def run_dir_option(text: str) -> Path:

@@ -47,6 +47,7 @@ from helpers import (
     max_weight_diff,
     ranks_ended_with_harness_errors,
     run,
+    signal_tree,
     summary,
     train_command,
     train_ok,
@@ -491,6 +492,26 @@ def test_ranks_started_with_different_options_stop_with_one_clear_error(quick_sh
     assert not (tmp_path / "run").exists()
 
 
+def test_harness_versions_with_different_options_are_one_error_not_a_mismatched_gather(tmp_path):
+    """Nodes with different harness versions have different sets of options: their digests
+    would be gathered as lists of different lengths (a gloo abort, or garbage). The names
+    are compared first (rank 1 has an option more here)."""
+    result = two_rank_probe(
+        tmp_path,
+        "from harness import distributed\n"
+        "from harness.errors import AgreedError\n"
+        "ctx = distributed.init_distributed('cpu', 60)\n"
+        "options = {'--lr': 0.1, **({'--new-option': 1} if ctx.rank == 1 else {})}\n"
+        "try:\n"
+        "    distributed.refuse_different_options(ctx, options)\n"
+        "except AgreedError as e:\n"
+        "    print(f'rank {ctx.rank}: {e}')\n"
+        "distributed.shutdown(ctx)\n",
+    )
+    for rank in (0, 1):
+        assert f"rank {rank}: the ranks run versions of the harness with different options" in result.stdout
+
+
 def test_a_shard_damaged_in_one_nodes_copy_stops_every_rank(quick_shards, tmp_path):
     """Nodes may read copies of their own. The second node's copy of train-000000.tar has
     bytes changed in place (its size, and so its blocks' layout, unchanged): that node
@@ -509,10 +530,10 @@ def test_a_shard_damaged_in_one_nodes_copy_stops_every_rank(quick_shards, tmp_pa
 
 def test_a_node_that_loses_the_rendezvous_host_says_so_in_one_line(quick_shards, tmp_path):
     """Two nodes' harness.torchrun (as launch/multinode.sh starts them), the one hosting the
-    rendezvous SIGKILLed, with its rank, once training has begun: the other's rank says it
-    may say it lost contact, and its harness.torchrun, whose agent finds the rendezvous store gone,
-    says that in one line and exits 1. It printed some 60 lines: c10d's warnings and a
-    traceback ending in RendezvousConnectionError."""
+    rendezvous SIGKILLed with its rank once training has begun (a node that died): the
+    other's harness.torchrun, whose agent finds the rendezvous store gone, says so in one
+    line and exits 1 (its rank may first say it lost contact). It printed some 60 lines:
+    c10d's warnings and a traceback ending in RendezvousConnectionError."""
     port, run_dir = free_port(), tmp_path / "run"
     command = [sys.executable, "-m", "harness.torchrun", "--nnodes=2", "--nproc-per-node=1", "--rdzv-backend=c10d",
                f"--rdzv-endpoint=127.0.0.1:{port}", "-m", "harness", "train", "--shards", str(quick_shards), "--run-dir", str(run_dir),
@@ -524,7 +545,8 @@ def test_a_node_that_loses_the_rendezvous_host_says_so_in_one_line(quick_shards,
         wait_for(lambda: port_is_open(port) or host.poll() is not None, 60, "the first node's rendezvous store")
         other = subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         wait_for(lambda: any(run_dir.glob("events.out.tfevents.*")) or other.poll() is not None, 120, "training to start")
-        os.killpg(host.pid, signal.SIGKILL)
+        signal_tree(host, signal.SIGKILL)  # the agent and its rank, which torchrun starts in a session of its own
+        host.wait()
         _, err = other.communicate(timeout=120)
     finally:
         kill_tree(host)

@@ -124,8 +124,11 @@ class DaemonExecutor:
         self._thread = threading.Thread(target=_run_jobs, args=(self._jobs,), name=name, daemon=True)  # no reference to self
         self._thread.start()
         weakref.finalize(self, self._jobs.put, None)
+        self._shut = False
 
     def submit(self, fn: Callable, *args) -> Future:
+        if not self._thread.is_alive() or self._shut:  # as ThreadPoolExecutor's: a job no thread would run
+            raise RuntimeError("cannot submit a job after shutdown")
         future: Future = Future()
         self._jobs.put((future, fn, args))
         return future
@@ -133,6 +136,7 @@ class DaemonExecutor:
     def shutdown(self, wait_s: float) -> bool:
         """Cancel the jobs not begun and wait up to `wait_s` for the one running; whether the
         thread has ended."""
+        self._shut = True
         while True:
             try:
                 job = self._jobs.get_nowait()

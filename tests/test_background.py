@@ -145,6 +145,8 @@ def test_the_daemon_executor_runs_jobs_in_order_with_their_results_and_errors():
     with pytest.raises(ZeroDivisionError):
         done[2].result(WAIT)
     assert executor.shutdown(WAIT)
+    with pytest.raises(RuntimeError, match="after shutdown"):  # as ThreadPoolExecutor: no future that never completes
+        executor.submit(lambda: 4)
 
 
 def test_the_daemon_executors_shutdown_waits_a_bounded_time_for_a_stuck_job():

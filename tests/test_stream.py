@@ -354,6 +354,27 @@ def test_close_does_not_wait_for_ever_for_a_load_stuck_on_a_hung_filesystem(data
     release.set()
 
 
+def test_a_load_that_outlasts_close_stops_before_its_device_copy(data, monkeypatch):
+    """A slow read that ends after close() stopped waiting for it: its macro-batch is not
+    copied to the device, so that a process ending then does not end inside that copy."""
+    import harness.data.stream as stream_module
+
+    shards, _ = data
+    stream = MacroBatchStream(ShardSplit(shards, "train"), 64, 700, seed=5, device=CPU, prefetch=True)
+    reading, release, copies = threading.Event(), threading.Event(), []
+    assemble = stream._assemble
+    monkeypatch.setattr(stream, "_assemble", lambda epoch, index: reading.set() or release.wait(60) and assemble(epoch, index))
+    monkeypatch.setattr(stream, "_to_device", lambda *args: copies.append(args))
+    monkeypatch.setattr(stream_module, "READER_CLOSE_WAIT_S", 0.2)
+    stream.prepare(0, 0, give_up=reading.is_set)
+    loading = stream._ahead[2]
+    stream.close()
+    release.set()
+    with pytest.raises(stream_module.LoadCancelled):
+        loading.result(timeout=30)
+    assert copies == []
+
+
 def test_a_macro_batch_loaded_ahead_but_not_asked_for_is_dropped(data, monkeypatch):
     """A load ahead that the caller does not take (training stopped early, or went on
     elsewhere) is not used: the stream loads what is asked for. A load that failed on the

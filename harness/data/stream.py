@@ -40,6 +40,10 @@ def seeded_generator(*key: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([int(k) for k in key]))
 
 
+class LoadCancelled(Exception):
+    """A load the closed stream no longer wants (no one takes its result)."""
+
+
 @dataclass
 class MacroBatch:
     """One rank's part of a macro-batch: its slices of `steps` consecutive global batches."""
@@ -104,6 +108,7 @@ class MacroBatchStream:
         # with the compute for them), so only a GPU prefetches by default.
         self.prefetch = (device.type == "cuda") if prefetch is None else prefetch
         self._split: tuple[torch.Tensor, torch.Tensor] | None = None  # the resident split, loaded on first use
+        self._closing = False  # close() has begun: a load still running stops before its device copy
         self._copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self._reader: DaemonExecutor | None = None  # the reader thread, started when first needed
         # (epoch, index, macro-batch) next to train: loading on the reader thread (or loaded), or not yet begun (None).
@@ -176,6 +181,7 @@ class MacroBatchStream:
         starts), rather than in the first epoch."""
         if self.resident and self._split is None:
             images, labels = self.data.load_all()
+            self._stop_if_closing()
             self._split = (torch.from_numpy(images).to(self.device), torch.from_numpy(labels).long().to(self.device))
 
     def _resident_batch(self, epoch: int) -> MacroBatch:
@@ -235,7 +241,18 @@ class MacroBatchStream:
         return copies, ready
 
     def _load(self, epoch: int, index: int) -> MacroBatch:
-        return self._resident_batch(epoch) if self.resident else self._to_device(epoch, index, self._assemble(epoch, index))
+        if self.resident:
+            return self._resident_batch(epoch)
+        host = self._assemble(epoch, index)
+        self._stop_if_closing()
+        return self._to_device(epoch, index, host)
+
+    def _stop_if_closing(self) -> None:
+        """Between a load's reading and its copy to the device: a load that outlasted
+        close()'s wait goes no further, so that the process does not end with the reader
+        thread inside a device copy."""
+        if self._closing:
+            raise LoadCancelled("the stream was closed while this macro-batch loaded")
 
     def prepare(self, epoch: int, start_index: int = 0, give_up: Callable[[], bool] = lambda: False) -> None:
         """Load the macro-batch that `epoch(epoch, start_index)` starts with now, before the
@@ -301,6 +318,7 @@ class MacroBatchStream:
         waited for READER_CLOSE_WAIT_S at most (a hung filesystem: the process then ends
         without it)."""
         self._ahead = None
+        self._closing = True
         if self._reader is not None:
             with self.data.source.fetches_cancelled():
                 ended = self._reader.shutdown(wait_s=READER_CLOSE_WAIT_S)

@@ -110,12 +110,11 @@ def position_problem(loop: dict, stream: MacroBatchStream) -> str | None:
         return f"loop.epoch: {epoch}; not an epoch"
     if not 0 <= macro < stream.macro_batches_per_epoch:
         return f"loop.macro: {macro}; an epoch here has macro-batches 0 to {stream.macro_batches_per_epoch - 1}"
-    steps_in_macro = min(stream.macro_steps, stream.steps_per_epoch - macro * stream.macro_steps)
-    if not 0 <= step_in_macro < steps_in_macro:
-        return f"loop.step_in_macro: {step_in_macro}; macro-batch {macro} here has steps 0 to {steps_in_macro - 1}"
+    if not 0 <= step_in_macro < stream.steps_in(macro):
+        return f"loop.step_in_macro: {step_in_macro}; macro-batch {macro} here has steps 0 to {stream.steps_in(macro) - 1}"
     in_epoch = macro * stream.macro_steps + step_in_macro
     if loop["step"] != epoch * stream.steps_per_epoch + in_epoch:
-        return (f"loop.step: {loop['step']}; epoch {epoch + 1}, macro-batch {macro}, step {step_in_macro} is step "
+        return (f"loop.step: {loop['step']}; the position (epoch {epoch}, macro {macro}, step_in_macro {step_in_macro}) is step "
                 f"{epoch * stream.steps_per_epoch + in_epoch} ({stream.steps_per_epoch} steps an epoch)")
     if not 0 <= loop["epoch_steps"] <= in_epoch:
         return f"loop.epoch_steps: {loop['epoch_steps']}; the epoch's position is {in_epoch} steps in"
@@ -344,7 +343,7 @@ class Trainer:
         """HarnessError naming `path` if a loaded checkpoint does not fit this run's objects."""
         problem = state_mismatch(state, self.model, self.optimizer, self.scheduler, self.progress.state_dict()) or position_problem(state["loop"], self.stream)
         if problem:
-            raise HarnessError(f"{path}: does not fit this run's model and optimizer ({problem})")
+            raise HarnessError(f"{path}: does not fit this run's model, optimizer or epochs ({problem})")
 
     def restore(self) -> None:
         found = checkpoint_to_resume(self.ctx, self.run_dir, self.resume, self.config, self.shard_set, fits=self.check_state)

@@ -240,7 +240,7 @@ def test_resume_auto_skips_malformed_newest_checkpoints(tmp_path):
     result = train_ok(shards, run_dir, *args, "--max-steps", "6")
     output = result.stdout + result.stderr
     assert "skipping checkpoint" in output and "step-00000004.json" in output and "'bytes' is a required property" in output
-    assert f"step-00000003.pt: does not fit this run's model and optimizer (model.{first_weight}: a torch.float32 tensor of shape (3, 3)" in output
+    assert f"step-00000003.pt: does not fit this run's model, optimizer or epochs (model.{first_weight}: a torch.float32 tensor of shape (3, 3)" in output
     assert f"resuming from {run_dir / 'checkpoints' / 'step-00000002.pt'} (epoch 1, step 2)" in output
     assert summary(run_dir)["steps"] == 6
     (aside,) = (run_dir / "checkpoints").glob("set-aside-*")  # the skipped ones, kept for a look

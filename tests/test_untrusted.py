@@ -542,7 +542,8 @@ def test_crafted_checkpoint_contents_are_skipped_with_a_warning(tmp_path, caplog
         assert_one_error(rc, err, str(pt))
 
 
-LAYOUT = types.SimpleNamespace(steps_per_epoch=25, macro_steps=10, macro_batches_per_epoch=3)  # macro-batches of 10, 10 and 5 steps
+LAYOUT = types.SimpleNamespace(steps_per_epoch=25, macro_steps=10, macro_batches_per_epoch=3,  # macro-batches of 10, 10 and 5 steps
+                                steps_in=lambda index: min(10, 25 - 10 * index))
 
 
 @pytest.mark.parametrize(("edit", "fragment"), [
@@ -550,7 +551,7 @@ LAYOUT = types.SimpleNamespace(steps_per_epoch=25, macro_steps=10, macro_batches
     ({"macro": 3}, "loop.macro: 3; an epoch here has macro-batches 0 to 2"),
     ({"step_in_macro": -3}, "loop.step_in_macro: -3; macro-batch 1 here has steps 0 to 9"),
     ({"macro": 2, "step_in_macro": 5, "step": 75}, "loop.step_in_macro: 5; macro-batch 2 here has steps 0 to 4"),
-    ({"epoch": 10**15}, "loop.step: 63; epoch 1000000000000001, macro-batch 1, step 3 is step 25000000000000013 (25 steps an epoch)"),
+    ({"epoch": 10**15}, "loop.step: 63; the position (epoch 1000000000000000, macro 1, step_in_macro 3) is step 25000000000000013 (25 steps an epoch)"),
     ({"epoch": -1, "step": -12}, "loop.epoch: -1; not an epoch"),
     ({"epoch_steps": 14}, "loop.epoch_steps: 14; the epoch's position is 13 steps in"),
 ])

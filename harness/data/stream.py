@@ -145,10 +145,13 @@ class MacroBatchStream:
                 yield shard, b, lo + skip, hi
                 skip = 0
 
+    def steps_in(self, index: int) -> int:
+        """Global batches in macro-batch `index` of an epoch (the last may hold fewer)."""
+        return min(self.macro_steps, self.steps_per_epoch - index * self.macro_steps)
+
     def _macro_range(self, index: int) -> tuple[int, int]:
         """(images to skip, images in) macro-batch `index`."""
-        first_step = index * self.macro_steps
-        return first_step * self.global_batch, min(self.macro_steps, self.steps_per_epoch - first_step) * self.global_batch
+        return index * self.macro_steps * self.global_batch, self.steps_in(index) * self.global_batch
 
     def _rank_positions(self, epoch: int, index: int, size: int) -> np.ndarray:
         """Positions in macro-batch `index`'s image sequence of this rank's rows, in step

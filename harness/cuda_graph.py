@@ -170,6 +170,8 @@ class GraphedStep:
         group = self.group
         params = group["params"]
         buffers = [self.optimizer.state[p].get("momentum_buffer") for p in params]
+        if group["momentum"] and any(b is None for b in buffers):  # the function would make them, in a list of its own, and lose them
+            raise RuntimeError("GraphedStep.foreach_update: create_momentum_buffers() first (capture() does)")
         hyper = {name: group[name] for name in ("weight_decay", "momentum", "dampening", "nesterov", "maximize")}
         self.sgd(params, [p.grad for p in params], buffers, self.lr, **hyper)
         # The optimizer has stepped, as PyTorch's lr schedulers note through its step(): without

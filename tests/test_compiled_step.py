@@ -131,6 +131,15 @@ def test_the_compiled_update_leaves_the_schedule_nothing_to_warn_about():
         schedule.step()
 
 
+def test_the_compiled_update_refuses_to_run_without_the_optimizers_momentum_buffers():
+    """SGD's function makes missing buffers in a list of its own: the optimizer would never
+    hold them, and every step would start its momentum afresh. capture() makes them first;
+    without them the update refuses, rather than train without momentum."""
+    step = graphed_step("lenet", lambda f: torch.compile(f, backend="aot_eager", fullgraph=True, dynamic=False))
+    with pytest.raises(RuntimeError, match=r"create_momentum_buffers\(\) first"):
+        step.training_step()
+
+
 def test_compile_with_inductor_asks_for_no_cuda_graphs_and_deterministic_kernels(monkeypatch):
     """The options go to this one compile, not to inductor's process-wide config: no CUDA
     graphs of inductor's own (GraphedStep captures the whole step), and with deterministic

@@ -52,10 +52,11 @@ def given(text: str, hint: str = "") -> str:
     return text
 
 
-def given_path(text: str) -> Path:
+def given_path(text: str, hint: str = "") -> Path:
     """A path option, `~` expanded: one that reaches the harness unexpanded (quoted, or from
-    a variable set in a file) made a folder named `~` in the working directory."""
-    return Path(given(text)).expanduser()
+    a variable set in a file) made a folder named `~` in the working directory. `hint`: as
+    for `given`."""
+    return Path(given(text, hint)).expanduser()
 
 
 class AgreedError(HarnessError):

@@ -25,6 +25,7 @@ from harness.atomic import write_bytes_atomic
 from harness.errors import HarnessError
 from harness.models import first_layer_weights
 from harness.run_files import (
+    PICTURES_GO,
     REPORT_DIR,
     RUN_FILES,
     SUMMARY_SCHEMA,
@@ -34,6 +35,7 @@ from harness.run_files import (
     model_state,
     read_metrics,
     read_run_json,
+    refuse_link,
 )
 from harness.validation import existing_directory
 
@@ -177,9 +179,7 @@ def render(figures: dict[str, Figure]) -> dict[str, np.ndarray]:
 
 def save_pictures(pictures: dict[str, np.ndarray], run_dir: Path) -> list[Path]:
     out = Path(run_dir) / REPORT_DIR
-    if out.is_symlink():  # a run directory from someone else: the pictures would replace what the link's directory holds
-        raise HarnessError(f"{out}: is a symbolic link; the pictures go in a directory of the run's own, "
-                           "and would replace files in the one the link names: put a real one there")
+    refuse_link(out, PICTURES_GO)  # a run directory from someone else: the pictures would replace files where it points
     if out.exists() and not out.is_dir():
         raise HarnessError(f"{out}: is a file where the pictures go; move it")
     out.mkdir(exist_ok=True)

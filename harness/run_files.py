@@ -22,6 +22,14 @@ STOPPED = "stopped.json"  # a stopped run's record: {"step": N, "signal": "SIGTE
 # TensorBoard's event file first; a checkpoint, stopped.json, metrics.jsonl later).
 RUN_FILES = (LOCK_NAME, "events.out.tfevents.*", "metrics.jsonl", "summary.json", "model.pt", "test_report.json", STOPPED, f"{CHECKPOINT_DIR}/")
 
+def refuse_link(path: Path, what: str) -> None:
+    """A run directory from someone else may hold a symbolic link where a run writes (`what`:
+    what it writes there): writing would change what the link names. HarnessError naming it."""
+    if path.is_symlink():
+        raise HarnessError(f"{path}: is a symbolic link; a run {what} of its own, and would change what the link names: "
+                           "put a real one there")
+
+
 def holds_a_run(run_dir: Path) -> bool:
     """Whether `run_dir` holds any of RUN_FILES: a run's directory, finished or not."""
     return any(any(run_dir.glob(name.rstrip("/"))) for name in RUN_FILES)
@@ -42,6 +50,7 @@ METRICS_LINE_SCHEMA = {
                    "val_accuracy": FRACTION},
 }
 REPORT_DIR = "report"  # the pictures of a run (harness.report)
+PICTURES_GO = "writes its pictures in a directory"  # for refuse_link
 SUMMARY_SCHEMA = {
     "type": "object",
     "properties": {"config": {"type": "object"}, "steps": {"type": "integer", "minimum": 0},

@@ -26,7 +26,7 @@ from harness.data.manifest import MANIFEST_NAME
 from harness.default_run_dir import forget_restart_record
 from harness.errors import HarnessError
 from harness.evaluate import EvalResult, class_report, format_report
-from harness.run_files import REPORT_DIR, RUN_FILES, STOPPED, SUMMARY_SCHEMA, read_metrics, read_run_json
+from harness.run_files import PICTURES_GO, REPORT_DIR, RUN_FILES, STOPPED, SUMMARY_SCHEMA, read_metrics, read_run_json, refuse_link
 from harness.run_lock import RunDirLock
 from harness.tensorboard import TensorBoardLog, weight_snapshot
 
@@ -84,10 +84,8 @@ def refuse_links_where_the_run_writes(run_dir: Path) -> None:
     or a checkpoints directory in another run's directory, whose checkpoints it resumed
     from, pruned (--keep-checkpoints) and set aside. Each is refused, naming it. A
     checkpoints link elsewhere (scratch space for big checkpoints) is the run's own."""
-    for name, what in (("metrics.jsonl", "appends its epochs' lines to a file"), (REPORT_DIR, "writes its pictures in a directory")):
-        if (run_dir / name).is_symlink():
-            raise HarnessError(f"{run_dir / name}: is a symbolic link; a run {what} of its own, and would change what the link names: "
-                               "put a real one there, or pick a new --run-dir")
+    refuse_link(run_dir / "metrics.jsonl", "appends its epochs' lines to a file")
+    refuse_link(run_dir / REPORT_DIR, PICTURES_GO)
     link = run_dir / CHECKPOINT_DIR
     owner = link.resolve().parent if link.is_symlink() else None
     # A run's other files (its lock and event file come first): any folder holding the link's target holds a `checkpoints`.

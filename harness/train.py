@@ -33,7 +33,7 @@ from harness.allocator import keep_freed_memory
 from harness.augment import RandomAffine
 from harness.checkpoint import CHECKPOINT_DIR, checkpoint_to_resume, list_checkpoints, marker_step, state_mismatch
 from harness.compile_choice import GRAPHED_MODES, compile_mode, compiler_unusable
-from harness.config import TrainConfig, add_config_options, build_config, preset_names
+from harness.config import TrainConfig, add_config_options, build_config, flag, preset_names
 from harness.cuda_graph import GraphedStep, compile_with_inductor
 from harness.data.manifest import shard_set_sha256
 from harness.data.shard_set import ShardSource, ShardSplit, is_a_local_directory
@@ -851,12 +851,12 @@ def run_options(config: TrainConfig, name: str) -> dict[str, object]:
     names the default run directory. Not --shards, --run-dir or --resume: a path may read
     differently on each node (another mount point), and the ranks compare what they find
     there, the manifests and the checkpoint they resume from."""
-    options = {"--" + key.replace("_", "-"): value for key, value in dataclasses.asdict(config).items() if key not in PER_RANK_OPTIONS}
+    options = {f"--{flag(key)}": value for key, value in dataclasses.asdict(config).items() if key not in PER_RANK_OPTIONS}
     return {**options, "--preset": name}
 
 
 def run_dir_option(text: str) -> Path:
-    return Path(given(text, "give a directory, or leave --run-dir out")).expanduser()  # as given_path
+    return given_path(text, "give a directory, or leave --run-dir out")
 
 
 def positive_gigabytes(text: str) -> float:
